@@ -1,0 +1,1 @@
+"""The ``pollama`` command line: thin clients of the HTTP API, plus ``serve``."""

@@ -1,0 +1,51 @@
+"""What every client command shares: settings, the API client, error reporting."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from pollama.client import Client
+from pollama.config import Settings, load_settings
+from pollama.errors import PollamaError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings() -> Settings:
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = load_settings()
+    assert isinstance(root.obj, Settings)
+    return root.obj
+
+
+def client() -> Client:
+    s = settings()
+    return Client(s.host.url, api_key=s.api_key or None)
+
+
+def fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+def reports_errors(func: F) -> F:
+    """Print domain errors as Ollama's CLI does (``Error: <message>``, exit 1)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PollamaError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

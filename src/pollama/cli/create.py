@@ -1,0 +1,155 @@
+"""``pollama create``: read a Modelfile, upload its files as blobs, ask the server to create.
+
+The server never opens a path we give it: every local file named by FROM or ADAPTER is
+hashed here, uploaded with ``HEAD``/``POST /api/blobs/<digest>`` (skipped when the server
+already has it), and referred to in ``files``/``adapters`` by digest (spec §4.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pollama.cli.common import client, reports_errors
+from pollama.cli.progress import ProgressDisplay
+from pollama.client import Client
+from pollama.errors import InvalidRequest
+from pollama.modelfile import Modelfile
+from pollama.names import ModelName
+
+_HASH_CHUNK = 1 << 20
+
+
+def _expand(value: str, base: Path) -> Path:
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base / path
+
+
+def _looks_like_path(value: str) -> bool:
+    """A FROM value that cannot be a model name is a path the user mistyped."""
+    return value.startswith((".", "/", "~", "\\")) or value.lower().endswith(".gguf")
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The GGUF files a FROM path stands for: the file itself, or a folder's *.gguf."""
+    if path.is_dir():
+        found = sorted(p for p in path.glob("*.gguf") if p.is_file())
+        if not found:
+            raise InvalidRequest(f"no GGUF files found in directory '{path}'")
+        return found
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise InvalidRequest(f"'{path}' is not a regular file")
+    return [path]
+
+
+def _digest(path: Path, display: ProgressDisplay) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _upload(api: Client, paths: list[Path], display: ProgressDisplay) -> dict[str, str]:
+    """Upload files, returning the ``files`` map (basename, or path relative to the root)."""
+    root = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else None
+    mapping: dict[str, str] = {}
+    for path in paths:
+        digest = _digest(path, display)
+        title = f"copying file {digest}"
+        total = path.stat().st_size
+        if not api.blob_exists(digest):
+            api.push_blob(digest, path, lambda done, total, t=title: display.bar(t, t, done, total))
+        display.bar(title, title, total, total)
+        key = path.relative_to(root).as_posix() if root else path.name
+        mapping[key] = digest
+    return mapping
+
+
+def build_request(
+    api: Client, modelfile: Modelfile, base: Path, display: ProgressDisplay, quantize: str | None
+) -> dict[str, Any]:
+    fields = modelfile.to_create_fields()
+    request: dict[str, Any] = {}
+    model_paths: list[Path] = []
+    for value in fields.froms:
+        path = _expand(value, base)
+        if path.exists():
+            model_paths += _model_files(path)
+        elif _looks_like_path(value):
+            raise InvalidRequest(
+                f"FROM '{value}': file not found (relative paths start from the Modelfile's "
+                f"folder, {base})"
+            )
+        elif len(fields.froms) == 1:
+            request["from"] = value
+        else:
+            raise InvalidRequest(f"FROM '{value}' is neither a file nor a directory")
+    if model_paths:
+        request["files"] = _upload(api, model_paths, display)
+    if fields.adapters:
+        adapter_paths: list[Path] = []
+        for value in fields.adapters:
+            path = _expand(value, base)
+            if not path.exists():
+                raise InvalidRequest(f"ADAPTER '{value}' does not exist")
+            adapter_paths += _model_files(path)
+        request["adapters"] = _upload(api, adapter_paths, display)
+    for key in ("template", "system", "renderer", "parser", "requires"):
+        value = getattr(fields, key)
+        if value is not None:
+            request[key] = value
+    if fields.license:
+        request["license"] = fields.license
+    if fields.parameters:
+        request["parameters"] = fields.parameters
+    if fields.messages:
+        request["messages"] = fields.messages
+    if quantize:
+        request["quantize"] = quantize
+    return request
+
+
+@click.command()
+@click.argument("model")
+@click.option(
+    "-f", "--file", "file", default=None, help='Name of the Modelfile (default "Modelfile")'
+)
+@click.option(
+    "-q", "--quantize", default=None, help="Quantize model to this level (e.g. q4_K_M, q8_0)"
+)
+@reports_errors
+def create(model: str, file: str | None, quantize: str | None) -> None:
+    """Create a model from a Modelfile."""
+    ModelName.parse(model)
+    if file is None:
+        path = Path("Modelfile")
+        text = path.read_text(encoding="utf-8") if path.is_file() else "FROM ."
+        base = Path.cwd()
+    else:
+        path = Path(file)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise InvalidRequest(
+                f"open {file}: {exc.strerror.lower() if exc.strerror else exc}"
+            ) from None
+        text = raw  # type: ignore[assignment]
+        base = path.resolve().parent
+    modelfile = Modelfile.parse(text)
+    for warning in modelfile.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    api = client()
+    api.heartbeat()
+    with ProgressDisplay() as display:
+        display.status("gathering model components")
+        request = build_request(api, modelfile, base, display, quantize)
+        request["model"] = model
+        for item in api.create(request):
+            display.handle(item)

@@ -1,0 +1,619 @@
+"""Settings, read once from the ``OLLAMA_*`` environment variables with Ollama's rules.
+
+Ollama reads its environment lazily through ``envconfig`` getters; pollama reads it once,
+into a frozen :class:`Settings` that ``main`` builds and passes down (``create_app(settings)``,
+the scheduler, the store). No module here holds state.
+
+Value rules, as in Go's ``envconfig.Var`` and friends:
+
+* surrounding whitespace, then ``"``/``'`` quotes, are stripped; an empty result means unset;
+* booleans use ``strconv.ParseBool`` (``1 t T TRUE true True 0 f F FALSE false False``) and
+  **any other non-empty value counts as true**;
+* counts are unsigned decimal integers; anything else logs a warning and keeps the default;
+* ``OLLAMA_KEEP_ALIVE`` and ``OLLAMA_LOAD_TIMEOUT`` take a Go duration (``5m``, ``1h30m``)
+  or integer seconds; unparsable values keep the default. A negative keep-alive (and a
+  load timeout <= 0) means forever, stored as :data:`FOREVER_SECONDS` (``math.inf``);
+* ``OLLAMA_HOST`` is parsed like Go ``envconfig.Host`` into a :class:`HostAddress`.
+
+Each field's ``description`` is the text ``pollama serve --help`` prints (Ollama's own
+wording where Ollama has the variable); :func:`describe_env` and :func:`env_help` render it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pollama.format import NANOSECONDS_PER_SECOND, parse_go_duration_ns
+
+__all__ = [
+    "CLIENT_ENV_VARS",
+    "DEFAULT_PORT",
+    "FOREVER_SECONDS",
+    "RUN_ENV_VARS",
+    "SERVE_ENV_VARS",
+    "HostAddress",
+    "Settings",
+    "describe_env",
+    "env_help",
+    "go_parse_bool",
+    "load_settings",
+    "parse_host",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 11434
+FOREVER_SECONDS = math.inf
+"""What "keep loaded forever" is stored as. Go stores ``time.Duration(math.MaxInt64)``
+(about 292 years); code that turns a keep-alive into a date must treat ``inf`` as "never
+expires" (``ollama ps`` shows ``Forever`` for anything over 20 years away)."""
+
+# The variables each command's --help lists, in Ollama's order (cmd/cmd.go). Ollama's serve
+# list also names LLAMA_ARG_FIT and LLAMA_ARG_FIT_TARGET, which tune its llama-server
+# subprocess; pollama runs llama.cpp in-process in its worker and has no use for them.
+SERVE_ENV_VARS: tuple[str, ...] = (
+    "OLLAMA_DEBUG",
+    "OLLAMA_HOST",
+    "OLLAMA_CONTEXT_LENGTH",
+    "OLLAMA_KEEP_ALIVE",
+    "OLLAMA_MAX_LOADED_MODELS",
+    "OLLAMA_MAX_TRANSFER_STREAMS",
+    "OLLAMA_MAX_QUEUE",
+    "OLLAMA_MODELS",
+    "OLLAMA_NUM_PARALLEL",
+    "OLLAMA_NO_CLOUD",
+    "OLLAMA_NOPRUNE",
+    "OLLAMA_ORIGINS",
+    "OLLAMA_SCHED_SPREAD",
+    "OLLAMA_FLASH_ATTENTION",
+    "OLLAMA_KV_CACHE_TYPE",
+    "OLLAMA_LLM_LIBRARY",
+    "OLLAMA_GPU_OVERHEAD",
+    "OLLAMA_IGPU_ENABLE",
+    "OLLAMA_LOAD_TIMEOUT",
+)
+RUN_ENV_VARS: tuple[str, ...] = ("OLLAMA_EDITOR", "OLLAMA_HOST", "OLLAMA_NOHISTORY")
+CLIENT_ENV_VARS: tuple[str, ...] = ("OLLAMA_HOST",)
+
+
+# -- Go value parsing ------------------------------------------------------------------------
+
+
+def _go_var(raw: str) -> str:
+    """Go ``envconfig.Var``: trim whitespace, then any run of ``"``/``'`` at either end."""
+    return raw.strip().strip("\"'")
+
+
+_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def go_parse_bool(text: str) -> bool | None:
+    """Go ``strconv.ParseBool``; None when the text is not one of its spellings."""
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def _env_bool(text: str) -> bool:
+    """Ollama's rule: a non-empty value that ParseBool rejects counts as true."""
+    parsed = go_parse_bool(text)
+    return True if parsed is None else parsed
+
+
+_UINT_RE = re.compile(r"[0-9]+")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def _go_parse_uint(text: str) -> int | None:
+    """Go ``strconv.ParseUint(s, 10, 64)``: plain decimal digits, below 2**64."""
+    if _UINT_RE.fullmatch(text) is None or int(text) >= 2**64:
+        return None
+    return int(text)
+
+
+def _go_parse_int(text: str, bits: int = 64) -> int | None:
+    """Go ``strconv.ParseInt(s, 10, bits)``: optional sign and decimal digits, in range."""
+    if _INT_RE.fullmatch(text) is None:
+        return None
+    value = int(text)
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        return None
+    return value
+
+
+def _parse_duration_setting(text: str) -> float | None:
+    """A Go duration, else integer seconds (Go KeepAlive/LoadTimeout); None if neither."""
+    try:
+        return parse_go_duration_ns(text) / NANOSECONDS_PER_SECOND
+    except ValueError:
+        pass
+    seconds = _go_parse_int(text)
+    return None if seconds is None else float(seconds)
+
+
+def _parse_log_level(text: str) -> int | None:
+    """Go ``envconfig.LogLevel`` as a slog level: true/1 = DEBUG (-4), n = -4*n (2 = TRACE)."""
+    if go_parse_bool(text):
+        return -4
+    number = _go_parse_int(text)
+    if number:
+        return -4 * number
+    return 0
+
+
+# -- OLLAMA_HOST -----------------------------------------------------------------------------
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_host_port(hostport: str) -> tuple[str, str] | None:
+    """Go ``net.SplitHostPort``; None where Go returns an error."""
+    colon = hostport.rfind(":")
+    if colon < 0:
+        return None
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0 or end + 1 != colon:
+            return None
+        host, inner_start, inner_end = hostport[1:end], 1, end + 1
+    else:
+        host = hostport[:colon]
+        if ":" in host:
+            return None
+        inner_start = inner_end = 0
+    if "[" in hostport[inner_start:] or "]" in hostport[inner_end:]:
+        return None
+    return host, hostport[colon + 1 :]
+
+
+def _parse_ip(text: str) -> str | None:
+    """Go ``net.ParseIP(text).String()``, or None when ``text`` is not an IP address."""
+    if "%" in text:  # Go's ParseIP rejects zones
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    """Where the server listens and clients connect (``OLLAMA_HOST``).
+
+    ``host`` has no brackets; ``""`` means every interface (from ``:8080``). ``path`` is the
+    part after the first ``/`` of a ``scheme://host/path`` value, without its leading slash.
+    """
+
+    scheme: str = "http"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    path: str = ""
+
+    def __str__(self) -> str:
+        """Go's ``envconfig.Host().String()``: ``http://127.0.0.1:11434``, ``http://:8080``."""
+        return self._format(self.host)
+
+    def _format(self, host: str) -> str:
+        suffix = "/" + self.path if self.path else ""
+        return f"{self.scheme}://{_join_host_port(host, self.port)}{suffix}"
+
+    @property
+    def connect_host(self) -> str:
+        """The host a client dials: unspecified bind addresses become loopback (Go
+        ``ConnectableHost``); an empty host, which Go's dialer takes as the local machine,
+        becomes ``127.0.0.1`` too."""
+        if self.host == "":
+            return "127.0.0.1"
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:
+            return self.host
+        if address.is_unspecified:
+            return "127.0.0.1" if address.version == 4 else "::1"
+        return self.host
+
+    @property
+    def url(self) -> str:
+        """Base URL for clients, e.g. ``http://127.0.0.1:11434`` (no trailing slash)."""
+        return self._format(self.connect_host)
+
+    @property
+    def bind_host(self) -> str:
+        """The address the server binds; an empty host binds every IPv4 interface."""
+        return self.host or "0.0.0.0"
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the host is this machine: ``localhost`` or a loopback or unspecified IP
+        (Go ``cmd.isLocalhost``; an empty host does not count, as in Go)."""
+        if self.host == "localhost":
+            return True
+        ip = _parse_ip(self.host)
+        if ip is None:
+            return False
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or address.is_unspecified
+
+    @property
+    def netloc(self) -> str:
+        """``host:port`` as Go's ``url.Host`` holds it (IPv6 in brackets)."""
+        return _join_host_port(self.host, self.port)
+
+
+def parse_host(value: str) -> HostAddress:
+    """Parse an ``OLLAMA_HOST`` value exactly as Go ``envconfig.Host`` does.
+
+    Forms: ``""`` (``127.0.0.1:11434``), ``host``, ``:port``, ``host:port``, ``[v6]:port``,
+    bare ``::1``, ``scheme://host[:port][/path]``. Without a port, ``http://`` means 80,
+    ``https://`` 443, no scheme 11434. The literal ``ollama.com`` is
+    ``https://ollama.com:443``. A port that is not a number in 0-65535 logs a warning and
+    falls back to the default port.
+    """
+    text = _go_var(value).strip()
+    default_port = str(DEFAULT_PORT)
+    scheme, sep, hostport = text.partition("://")
+    if not sep:
+        scheme, hostport = "http", text
+        if text == "ollama.com":
+            scheme, hostport = "https", "ollama.com:443"
+    elif scheme == "http":
+        default_port = "80"
+    elif scheme == "https":
+        default_port = "443"
+    hostport, _, path = hostport.partition("/")
+    split = _split_host_port(hostport)
+    if split is None:
+        host, port_text = "127.0.0.1", default_port
+        ip = _parse_ip(hostport.strip("[]"))
+        if ip is not None:
+            host = ip
+        elif hostport:
+            host = hostport
+    else:
+        host, port_text = split
+    port = _go_parse_int(port_text, bits=32)
+    if port is None or not 0 <= port <= 65535:
+        log.warning("invalid port, using default: port=%s default=%s", port_text, default_port)
+        port = int(default_port)
+    return HostAddress(scheme=scheme, host=host, port=port, path=path)
+
+
+# -- the settings ----------------------------------------------------------------------------
+
+
+def _env(name: str, default: Any = None, description: str = "", **kwargs: Any) -> Any:
+    """A settings field read from the environment variable ``name``."""
+    return Field(default, description=description, json_schema_extra={"env": name}, **kwargs)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
+
+
+# How each kind of field turns a (stripped, non-empty) environment string into a value;
+# None means "invalid: keep the default".
+_STRING_PARSERS: dict[str, Callable[[str], Any]] = {
+    "host": parse_host,
+    "origins": _split_list,
+    "remotes": lambda s: _split_list(s.strip()),
+    "experiment": lambda s: tuple(part.strip() for part in s.split(",") if part.strip()),
+    "keep_alive": _parse_duration_setting,
+    "load_timeout": _parse_duration_setting,
+    "log_level": _parse_log_level,
+    "num_parallel": _go_parse_uint,
+    "max_loaded_models": _go_parse_uint,
+    "max_queue": _go_parse_uint,
+    "context_length": _go_parse_uint,
+    "gpu_overhead": _go_parse_uint,
+    "max_transfer_streams": _go_parse_uint,
+}
+_BOOL_FIELDS = frozenset({
+    "flash_attention", "noprune", "nohistory", "sched_spread", "igpu_enable", "vulkan",
+    "go_template", "debug_log_requests", "no_cloud", "auth",
+})  # fmt: skip
+
+
+class Settings(BaseSettings):
+    """Every ``OLLAMA_*`` setting pollama honours, with Ollama's defaults.
+
+    Build it once (``Settings()`` reads ``os.environ``; :func:`load_settings` takes any
+    mapping) and pass it down; it is frozen. Keyword arguments override the environment:
+    ``Settings(num_parallel=4)``.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", validate_default=False)
+
+    host: HostAddress = _env(
+        "OLLAMA_HOST", HostAddress(), "IP Address for the ollama server (default 127.0.0.1:11434)"
+    )
+    origins: tuple[str, ...] = _env(
+        "OLLAMA_ORIGINS", (), "A comma separated list of allowed origins"
+    )
+    models: Path = _env("OLLAMA_MODELS", None, "The path to the models directory")
+    keep_alive: float = _env(
+        "OLLAMA_KEEP_ALIVE",
+        300.0,
+        'The duration that models stay loaded in memory (default "5m")',
+    )
+    num_parallel: int = _env("OLLAMA_NUM_PARALLEL", 1, "Maximum number of parallel requests")
+    max_loaded_models: int = _env(
+        "OLLAMA_MAX_LOADED_MODELS", 0, "Maximum number of loaded models per GPU"
+    )
+    max_queue: int = _env("OLLAMA_MAX_QUEUE", 512, "Maximum number of queued requests")
+    context_length: int = _env(
+        "OLLAMA_CONTEXT_LENGTH",
+        0,
+        "Context length to use unless otherwise specified (default: 4k/32k/256k based on VRAM)",
+    )
+    log_level: int = _env(
+        "OLLAMA_DEBUG", 0, "Show additional debug information (e.g. OLLAMA_DEBUG=1)"
+    )
+    flash_attention: bool | None = _env("OLLAMA_FLASH_ATTENTION", None, "Enabled flash attention")
+    kv_cache_type: str = _env(
+        "OLLAMA_KV_CACHE_TYPE", "", "Quantization type for the K/V cache (default: f16)"
+    )
+    noprune: bool = _env("OLLAMA_NOPRUNE", False, "Do not prune model blobs on startup")
+    load_timeout: float = _env(
+        "OLLAMA_LOAD_TIMEOUT",
+        300.0,
+        'How long to allow model loads to stall before giving up (default "5m")',
+    )
+    nohistory: bool = _env("OLLAMA_NOHISTORY", False, "Do not preserve readline history")
+    gpu_overhead: int = _env(
+        "OLLAMA_GPU_OVERHEAD", 0, "Reserve a portion of VRAM per GPU (bytes)"
+    )
+    sched_spread: bool = _env(
+        "OLLAMA_SCHED_SPREAD", False, "Always schedule model across all GPUs"
+    )
+    llm_library: str = _env(
+        "OLLAMA_LLM_LIBRARY", "", "Set LLM library to bypass autodetection"
+    )
+    igpu_enable: bool | None = _env("OLLAMA_IGPU_ENABLE", None, "Enable integrated GPUs")
+    vulkan: bool = _env("OLLAMA_VULKAN", True, "Enable Vulkan support")
+    go_template: bool = _env(
+        "OLLAMA_GO_TEMPLATE", True, "Enable Modelfile TEMPLATE based rendering when available"
+    )
+    debug_log_requests: bool = _env(
+        "OLLAMA_DEBUG_LOG_REQUESTS",
+        False,
+        "Log inference request bodies and replay curl commands to a temp directory",
+    )
+    max_transfer_streams: int = _env(
+        "OLLAMA_MAX_TRANSFER_STREAMS",
+        4,
+        "Maximum parallel transfer streams for safetensors model pulls/pushes (default 4)",
+    )
+    no_cloud: bool = _env(
+        "OLLAMA_NO_CLOUD",
+        False,
+        "Disable Ollama cloud features (remote inference and web search)",
+    )
+    remotes: tuple[str, ...] = _env(
+        "OLLAMA_REMOTES",
+        ("ollama.com",),
+        'Allowed hosts for remote models (default "ollama.com")',
+    )
+    editor: str = _env(
+        "OLLAMA_EDITOR", "", "Path to editor for interactive prompt editing (Ctrl+G)"
+    )
+    auth: bool = _env(
+        "OLLAMA_AUTH", False, "Sign client requests to the server with the local identity key"
+    )
+    api_key: str | None = _env(
+        "OLLAMA_API_KEY", None, "API key clients send as 'Authorization: Bearer <key>'", repr=False
+    )
+    experiment: tuple[str, ...] = _env(
+        "OLLAMA_EXPERIMENT", (), "A comma separated list of experimental features to enable"
+    )
+    user_home: Path = _env(
+        "HOME", None, "The user's home directory; ~/.ollama holds keys, history and models"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments first, then the environment read with Ollama's rules; no dotenv
+        or secret files (Ollama reads neither)."""
+        environ = _ENVIRON_OVERRIDE.get()
+        source = _OllamaEnvSource(settings_cls, os.environ if environ is None else environ)
+        return (init_settings, source)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_strings(cls, data: Any) -> Any:
+        """Turn raw strings into values with Go's parsers; invalid ones keep the default."""
+        if not isinstance(data, Mapping):
+            return data
+        values = dict(data)
+        for name, value in data.items():
+            if not isinstance(value, str) or name not in cls.model_fields:
+                continue
+            parsed: Any
+            if name in _BOOL_FIELDS:
+                parsed = _env_bool(value)
+            elif name in _STRING_PARSERS:
+                parsed = _STRING_PARSERS[name](value)
+            else:
+                continue
+            if parsed is None:
+                log.warning(
+                    "invalid environment variable, using default: key=%s value=%s",
+                    _env_name(cls.model_fields[name]) or name,
+                    value,
+                )
+                del values[name]
+            else:
+                values[name] = parsed
+        if values.get("user_home") in (None, ""):
+            values["user_home"] = Path.home()
+        if values.get("models") in (None, ""):
+            values["models"] = Path(values["user_home"]) / ".ollama" / "models"
+        return values
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_forever(cls, value: float) -> float:
+        return FOREVER_SECONDS if value < 0 else value
+
+    @field_validator("load_timeout")
+    @classmethod
+    def _load_timeout_forever(cls, value: float) -> float:
+        return FOREVER_SECONDS if value <= 0 else value
+
+    # -- derived values --------------------------------------------------------------------
+
+    @property
+    def home(self) -> Path:
+        """``~/.ollama``: the identity key pair, REPL history and ``server.json`` live here,
+        whatever ``OLLAMA_MODELS`` says."""
+        return self.user_home / ".ollama"
+
+    @property
+    def history_path(self) -> Path:
+        """``~/.ollama/history``, the REPL history file."""
+        return self.home / "history"
+
+    @property
+    def debug(self) -> bool:
+        """Whether debug logging (or more) is on."""
+        return self.log_level <= -4
+
+    @property
+    def python_log_level(self) -> int:
+        """``log_level`` (a Go slog level) as a ``logging`` level: INFO 20, DEBUG 10, TRACE 5,
+        WARN 30, ERROR 40."""
+        if self.log_level <= -8:
+            return 5
+        return max(1, logging.INFO + self.log_level * 5 // 2)
+
+    def allowed_origins(self) -> list[str]:
+        """``OLLAMA_ORIGINS`` plus Ollama's built-in origins, in Go ``AllowedOrigins`` order."""
+        origins = list(self.origins)
+        for origin in ("localhost", "127.0.0.1", "0.0.0.0"):
+            origins += [
+                f"http://{origin}",
+                f"https://{origin}",
+                f"http://{origin}:*",
+                f"https://{origin}:*",
+            ]
+        origins += ["app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*"]
+        return origins
+
+    def cloud_disabled(self) -> bool:
+        """Go ``envconfig.NoCloud``: ``OLLAMA_NO_CLOUD`` or ``disable_ollama_cloud`` in
+        ``~/.ollama/server.json`` (a missing or malformed file counts as not disabled)."""
+        if self.no_cloud:
+            return True
+        try:
+            data = json.loads((self.home / "server.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and data.get("disable_ollama_cloud") is True
+
+    def experiment_enabled(self, name: str) -> bool:
+        """Whether ``name`` is listed in ``OLLAMA_EXPERIMENT``."""
+        return name in self.experiment
+
+
+def _env_name(field: FieldInfo) -> str | None:
+    extra = field.json_schema_extra
+    if isinstance(extra, dict):
+        name = extra.get("env")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _read_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The raw, Var-stripped string of every set variable, keyed by field name."""
+    values: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        env_name = _env_name(field)
+        if env_name is None or env_name not in environ:
+            continue
+        raw = environ[env_name]
+        value = raw if env_name == "HOME" else _go_var(raw)
+        if value:
+            values[name] = value
+    return values
+
+
+class _OllamaEnvSource(PydanticBaseSettingsSource):
+    """Reads each field's variable from a mapping with Ollama's stripping rules."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._read().get(field_name), field_name, False
+
+    def _read(self) -> dict[str, str]:
+        return _read_environment(self._environ)
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._read())
+
+
+# Set only while load_settings() builds one Settings from a caller's mapping instead of
+# os.environ (pydantic-settings builds its sources in a classmethod, so the mapping cannot
+# travel on the instance). It never outlives that call.
+_ENVIRON_OVERRIDE: ContextVar[Mapping[str, str] | None] = ContextVar(
+    "pollama_settings_environ", default=None
+)
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``) plus keyword overrides.
+
+    Only ``env`` is read: variables in ``os.environ`` are ignored when a mapping is given,
+    which is what tests want.
+    """
+    token = _ENVIRON_OVERRIDE.set(env)
+    try:
+        return Settings(**overrides)
+    finally:
+        _ENVIRON_OVERRIDE.reset(token)
+
+
+def describe_env(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """(variable, description) for each named variable (default :data:`SERVE_ENV_VARS`),
+    from the field descriptions; names pollama does not know are left out."""
+    names = SERVE_ENV_VARS if names is None else names
+    by_env = {_env_name(field): field.description or "" for field in Settings.model_fields.values()}
+    return [(name, by_env[name]) for name in names if name in by_env]
+
+
+def env_help(names: Iterable[str] | None = None) -> str:
+    """The ``Environment Variables:`` block Ollama appends to a command's help
+    (``      %-27s   %s`` per variable)."""
+    lines = ["", "Environment Variables:"]
+    lines += [f"      {name:<27}   {description}" for name, description in describe_env(names)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""The domain error tree.
+
+Every failure a caller can act on is one of these classes. They carry no HTTP knowledge:
+``pollama.server.errors`` maps each class to a status code and body, in one table, for
+each protocol. Code never classifies an error by matching its message text; it catches
+the class.
+
+    PollamaError
+    ├── InvalidRequest            bad input the caller can fix (400)
+    │   ├── InvalidModelName
+    │   ├── InvalidDigest
+    │   ├── DigestMismatch
+    │   ├── ModelfileError        carries the 1-based line number
+    │   ├── GGUFError             a file that is not a well-formed GGUF
+    │   ├── InvalidOption         a runtime/Modelfile parameter of the wrong name or type
+    │   ├── TemplateError         a Go template that does not parse
+    │   └── UnsupportedQuantization
+    ├── NotFound                  (404)
+    │   ├── ModelNotFound
+    │   └── BlobNotFound
+    ├── AlreadyExists             (409) a write would overwrite something the caller owns
+    ├── ServerBusy                (503) the pending queue is full
+    └── InternalError             (500) a bug or an environment failure, never the caller's fault
+"""
+
+from __future__ import annotations
+
+
+class PollamaError(Exception):
+    """Base of every error pollama raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(PollamaError):
+    """The request is malformed or asks for something impossible; the caller can fix it."""
+
+
+class InvalidModelName(InvalidRequest):
+    """A model name that does not follow Ollama's grammar (see ``pollama.names``)."""
+
+
+class InvalidDigest(InvalidRequest):
+    """A digest that is not ``sha256:`` (or ``sha256-``) followed by 64 lowercase hex digits."""
+
+    def __init__(self, message: str = "invalid digest format") -> None:
+        super().__init__(message)
+
+
+class DigestMismatch(InvalidRequest):
+    """Uploaded or downloaded bytes whose sha256 differs from the digest they were sent under."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f'digest mismatch, expected "{expected}", got "{actual}"')
+        self.expected = expected
+        self.actual = actual
+
+
+class ModelfileError(InvalidRequest):
+    """A Modelfile that does not parse; ``line`` is 1-based (0 when not tied to a line)."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(f"(line {line}): {message}" if line else message)
+        self.line = line
+        self.reason = message
+
+
+class GGUFError(InvalidRequest):
+    """A file that is not a well-formed GGUF; the message names the file and the problem."""
+
+
+class InvalidOption(InvalidRequest):
+    """An option (request ``options`` or Modelfile ``PARAMETER``) with a bad name or value."""
+
+
+class TemplateError(InvalidRequest):
+    """A prompt template that does not parse or cannot be executed."""
+
+
+class UnsupportedQuantization(InvalidRequest):
+    """A quantization type we cannot produce, or a source file we cannot quantize."""
+
+
+class NotFound(PollamaError):
+    """The named thing does not exist."""
+
+
+class ModelNotFound(NotFound):
+    """No manifest exists for the model name."""
+
+
+class BlobNotFound(NotFound):
+    """No blob exists for the digest."""
+
+
+class AlreadyExists(PollamaError):
+    """The operation would replace something that already exists."""
+
+
+class ServerBusy(PollamaError):
+    """The scheduler's pending queue is full."""
+
+    def __init__(
+        self, message: str = "server busy, please try again.  maximum pending requests exceeded"
+    ) -> None:
+        super().__init__(message)
+
+
+class InternalError(PollamaError):
+    """An unexpected failure on the server side (disk, subprocess, bug)."""

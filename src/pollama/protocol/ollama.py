@@ -1,0 +1,151 @@
+"""Pydantic models of Ollama's native API (``/api/*``), in the field order of its docs.
+
+Requests ignore unknown fields, as Ollama does. Responses are dumped with
+``exclude_none`` where Ollama's Go structs say ``omitempty``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OllamaModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+
+
+class Message(OllamaModel):
+    role: str
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+
+class CreateRequest(OllamaModel):
+    model: str = ""
+    name: str = ""  # deprecated spelling of ``model``
+    stream: bool | None = None
+    quantize: str | None = None
+    quantization: str | None = None  # deprecated spelling of ``quantize``
+    from_: str | None = Field(default=None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[Message] | None = None
+    renderer: str | None = None
+    parser: str | None = None
+    requires: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.model or self.name
+
+    @property
+    def quantize_type(self) -> str:
+        return (self.quantize or self.quantization or "").strip()
+
+
+class ProgressResponse(OllamaModel):
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+class ModelRequest(OllamaModel):
+    """``/api/show`` and ``/api/delete``: ``model`` with the deprecated ``name`` fallback."""
+
+    model: str = ""
+    name: str = ""
+    verbose: bool = False
+    system: str | None = None
+    template: str | None = None
+    options: dict[str, Any] | None = None
+
+    @property
+    def target(self) -> str:
+        return self.model or self.name
+
+
+class CopyRequest(OllamaModel):
+    source: str = ""
+    destination: str = ""
+
+
+class ModelDetails(OllamaModel):
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class ListModel(OllamaModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+    capabilities: list[str] | None = None
+
+
+class ListResponse(OllamaModel):
+    models: list[ListModel]
+
+
+class TensorInfo(OllamaModel):
+    name: str
+    type: str
+    shape: list[int]
+
+
+class ShowResponse(OllamaModel):
+    license: str | None = None
+    modelfile: str
+    parameters: str | None = None
+    template: str | None = None
+    system: str | None = None
+    renderer: str | None = None
+    parser: str | None = None
+    details: ModelDetails
+    messages: list[Message] | None = None
+    requires: str | None = None
+    model_info: dict[str, Any]
+    projector_info: dict[str, Any] | None = None
+    tensors: list[TensorInfo] | None = None
+    capabilities: list[str] | None = None
+    modified_at: str
+
+
+class VersionResponse(OllamaModel):
+    version: str
+
+
+class GarbageItem(OllamaModel):
+    path: str  # relative to the models directory
+    size: int
+    kind: str
+
+
+class PurgeRequest(OllamaModel):
+    """pollama's own ``/api/purge``: list (``dry_run``) or remove unneeded store files."""
+
+    dry_run: bool = True
+    # When removing, only these paths (from an earlier dry run) are removed, so the user
+    # confirms exactly what goes.
+    paths: list[str] | None = None
+
+
+class PurgeResponse(OllamaModel):
+    items: list[GarbageItem]
+    total: int
+    freed: int

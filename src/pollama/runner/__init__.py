@@ -1,0 +1,1 @@
+"""Everything that imports ``llama_cpp`` lives here, and runs in child processes."""

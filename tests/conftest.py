@@ -1,0 +1,138 @@
+"""Shared fixtures: an isolated home and models folder, an in-process app, real servers.
+
+Every test runs with ``HOME`` and ``OLLAMA_MODELS`` in its own temp folder and no
+``OLLAMA_*`` variables from the caller's environment (httpx's ``clean_environ`` idea).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from pollama.config import Settings, load_settings
+from pollama.server.app import create_app
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in list(os.environ):
+        if key.startswith("OLLAMA_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("OLLAMA_MODELS", str(home / ".ollama" / "models"))
+    return home
+
+
+@pytest.fixture
+def settings(isolated_env: Path) -> Settings:
+    return load_settings()
+
+
+@pytest.fixture
+def models_dir(settings: Settings) -> Path:
+    return settings.models
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[TestClient]:
+    """The app in-process, lifespan included."""
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    host: str  # the OLLAMA_HOST value for clients
+    env: dict[str, str]
+    models: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def cli(
+        self, *args: str, input: str | None = None, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``pollama ARGS`` as a subprocess pointed at this server."""
+        result = subprocess.run(
+            [sys.executable, "-m", "pollama", *args],
+            env=self.env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"pollama {args} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+def start_server(home: Path, extra_env: dict[str, str] | None = None) -> RunningServer:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
+    env.update(
+        {
+            "HOME": str(home),
+            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            "OLLAMA_MODELS": str(home / ".ollama" / "models"),
+            **(extra_env or {}),
+        }
+    )
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pollama", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start:\n{log.read_text()}") from None
+            time.sleep(0.1)
+    return RunningServer(url, env["OLLAMA_HOST"], env, Path(env["OLLAMA_MODELS"]), proc, log)
+
+
+def stop_server(server: RunningServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture
+def server(isolated_env: Path) -> Iterator[RunningServer]:
+    """A real ``pollama serve`` process on a free loopback port."""
+    running = start_server(isolated_env)
+    yield running
+    stop_server(running)
+
+
+def tree_snapshot(root: Path) -> set[str]:
+    """Every path under ``root`` (to prove that a failed request wrote nothing)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
