@@ -46,6 +46,8 @@ def test_root_and_version(api: TestClient) -> None:
     assert api.head("/").status_code == 200
     assert "version" in api.get("/api/version").json()
     assert api.get("/api/tags").json() == {"models": []}
+    assert api.head("/api/tags").status_code == 200
+    assert api.head("/api/version").status_code == 200
 
 
 def test_unknown_route_and_method(api: TestClient) -> None:
@@ -279,3 +281,27 @@ def test_purge_lists_then_removes(api: TestClient, models_dir: Path, tiny: Path)
     ).json()
     assert done["freed"] == listed["total"]
     assert not partial.exists() and api.head(f"/api/blobs/{digest}").status_code == 404
+
+
+def test_create_with_quantize(api: TestClient, tmp_path: Path) -> None:
+    source = write_tiny_model(tmp_path / "f32.gguf", n_embd=256, chat_template=CHATML)
+    digest = upload(api, source)
+    statuses = create(
+        api, {"model": "q", "files": {"f32.gguf": digest}, "quantize": "q4_K_M"}
+    )
+    texts = [s["status"] for s in statuses]
+    assert "quantizing F32 model to Q4_K_M" in texts
+    assert texts.index("verifying conversion") > texts.index("quantizing F32 model to Q4_K_M")
+    bars = [s for s in statuses if s["status"].startswith("quantizing")]
+    assert bars[-1]["completed"] == bars[-1]["total"] > 0
+    assert bars[-1]["digest"] == "0000000000000000000"
+    entry = api.get("/api/tags").json()["models"][0]
+    assert entry["details"]["quantization_level"] == "Q4_K_M"
+    assert entry["size"] < source.stat().st_size
+
+    # A model that is already quantized cannot be quantized again.
+    statuses = create(api, {"model": "qq", "from": "q", "quantize": "q8_0"})
+    assert statuses[-1] == {
+        "error": "quantization is only supported for F16, BF16 and F32 models"
+    }
+    assert [m["name"] for m in api.get("/api/tags").json()["models"]] == ["q:latest"]

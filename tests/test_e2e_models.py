@@ -195,3 +195,13 @@ def test_cli_purge(server: RunningServer, tmp_path: Path) -> None:
     assert "unreferenced blob" in result.stdout and "freed 2 KB" in result.stdout
     assert not orphan.exists()
     assert server.cli("purge", "--yes", check=True).stdout.strip() == "nothing to purge"
+
+
+def test_cli_create_quantized(server: RunningServer, tmp_path: Path) -> None:
+    write_tiny_model(tmp_path / "f32.gguf", n_embd=256)
+    mf = _modelfile(tmp_path, "FROM f32.gguf\n")
+    result = server.cli("create", "small", "-q", "q8_0", "-f", str(mf), check=True)
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("quantizing F32 model to Q8_0 100%") for line in lines)
+    assert "verifying conversion" in lines and lines[-1] == "success"
+    assert "quantization        Q8_0" in server.cli("show", "small", check=True).stdout

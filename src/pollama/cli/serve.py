@@ -12,7 +12,7 @@ from pollama.config import SERVE_ENV_VARS, env_help
 from pollama.server.app import create_app
 
 
-@click.command(epilog=env_help(SERVE_ENV_VARS))
+@click.command(epilog="\b" + env_help(SERVE_ENV_VARS))
 @reports_errors
 def serve() -> None:
     """Start pollama."""
