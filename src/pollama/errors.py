@@ -14,13 +14,17 @@ the class.
     │   ├── GGUFError             a file that is not a well-formed GGUF
     │   ├── InvalidOption         a runtime/Modelfile parameter of the wrong name or type
     │   ├── TemplateError         a Go template that does not parse
-    │   └── UnsupportedQuantization
+    │   ├── UnsupportedQuantization
+    │   ├── ContextOverflow       a prompt that cannot fit the context window
+    │   └── CapabilityMissing     the model cannot do what was asked (tools, vision…)
     ├── NotFound                  (404)
     │   ├── ModelNotFound
     │   └── BlobNotFound
     ├── AlreadyExists             (409) a write would overwrite something the caller owns
     ├── ServerBusy                (503) the pending queue is full
+    ├── InsufficientMemory        (507→500) loading would not fit in free memory
     └── InternalError             (500) a bug or an environment failure, never the caller's fault
+        └── RunnerCrashed         the model's worker process died
 """
 
 from __future__ import annotations
@@ -86,6 +90,14 @@ class UnsupportedQuantization(InvalidRequest):
     """A quantization type we cannot produce, or a source file we cannot quantize."""
 
 
+class ContextOverflow(InvalidRequest):
+    """A prompt that does not fit the context window even after truncation."""
+
+
+class CapabilityMissing(InvalidRequest):
+    """The model lacks a capability the request needs (tools, insert, vision, thinking…)."""
+
+
 class NotFound(PollamaError):
     """The named thing does not exist."""
 
@@ -111,5 +123,20 @@ class ServerBusy(PollamaError):
         super().__init__(message)
 
 
+class InsufficientMemory(PollamaError):
+    """Loading the model would need more memory than is free; says how much of each."""
+
+
 class InternalError(PollamaError):
     """An unexpected failure on the server side (disk, subprocess, bug)."""
+
+
+class RunnerCrashed(InternalError):
+    """The worker process of a loaded model exited while requests were using it."""
+
+    def __init__(self, detail: str = "") -> None:
+        message = (
+            "model runner has unexpectedly stopped, this may be due to resource limitations "
+            "or an internal error, check pollama server logs for details"
+        )
+        super().__init__(f"{message}: {detail}" if detail else message)

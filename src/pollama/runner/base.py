@@ -1,0 +1,134 @@
+"""The runner interface: what the scheduler and the inference service need from a model.
+
+A runner is one loaded model. ``SubprocessRunner`` (``runner/process.py``) runs it in a
+worker process (``runner/worker.py``); ``FakeRunner`` (``runner/fake.py``) replays scripted
+output for scheduler tests. Both satisfy :class:`Runner`. Nothing here imports ``llama_cpp``.
+
+The types below are also the payloads of the worker protocol (``runner/protocol.py``), so
+they are plain dataclasses of JSON-able values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides how a model is loaded; a change means a reload.
+
+    ``num_ctx`` is per sequence (Ollama's meaning); the context holds
+    ``num_ctx * num_parallel`` tokens.
+    """
+
+    model_path: str
+    num_ctx: int
+    num_parallel: int = 1
+    num_batch: int = 512
+    num_thread: int = 0  # 0 = the CPUs this process may use
+    flash_attention: bool | None = None  # None = llama.cpp's auto
+    kv_cache_type: str = "f16"  # f16 | q8_0 | q4_0
+    use_mmap: bool | None = None
+    adapters: tuple[str, ...] = ()
+    embedding: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapters"] = list(self.adapters)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadSpec:
+        return cls(**{**data, "adapters": tuple(data.get("adapters") or ())})
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Runtime options of one request, already merged and validated (Ollama's names)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_last_n: int = 64
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = -1
+    num_predict: int = -1
+    num_keep: int = 4
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SamplingOptions:
+        known = {k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None}
+        if "stop" in known:
+            known["stop"] = tuple(known["stop"])
+        return cls(**known)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One generation: a prompt (text, tokenized by the worker with special tokens parsed)
+    or ready tokens, plus sampling options."""
+
+    prompt: str = ""
+    tokens: list[int] | None = None
+    add_special: bool = True  # add BOS etc. when tokenizing ``prompt``
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    return_tokens: bool = False  # put prompt + output tokens in the final chunk (``context``)
+
+
+@dataclass
+class CompletionChunk:
+    """A piece of output; the last one has ``done=True`` and the counts and timings."""
+
+    text: str = ""
+    done: bool = False
+    done_reason: str = ""  # stop | length | "" (cancelled)
+    prompt_eval_count: int = 0  # every prompt token, cached ones included (Ollama's count)
+    prompt_cached: int = 0  # of which were already in the KV cache
+    prompt_eval_duration_ns: int = 0
+    eval_count: int = 0
+    eval_duration_ns: int = 0
+    tokens: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What a loaded worker reports about itself."""
+
+    pid: int
+    n_ctx: int  # per sequence, as loaded
+    n_ctx_train: int
+    n_parallel: int
+    n_vocab: int
+    memory_bytes: int  # weights + KV cache + compute buffers, as estimated after load
+    load_duration_ns: int
+
+
+class Runner(Protocol):
+    """A loaded model. Ten methods at most: keep it small."""
+
+    spec: LoadSpec
+
+    async def start(self) -> RunnerInfo: ...
+
+    def completion(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]: ...
+
+    async def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    async def detokenize(self, tokens: list[int]) -> str: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,86 @@
+"""The worker protocol: newline-delimited JSON over a socket pair.
+
+The server starts ``python -m pollama.runner.worker --fd N --spec JSON`` with one end of a
+``socket.socketpair()`` passed as fd N. The worker loads the model, then sends ``ready`` (or
+``fatal`` and exits). After that the server sends operations, each with an ``id`` it chose,
+and the worker answers with messages carrying the same ``id``:
+
+server → worker
+    {"op": "completion", "id": 1, "request": {prompt, tokens, add_special, options, return_tokens}}
+    {"op": "cancel", "id": 1}              stop that completion within one decode step
+    {"op": "tokenize", "id": 2, "text": "...", "add_special": true}
+    {"op": "detokenize", "id": 3, "tokens": [...]}
+    {"op": "shutdown"}
+
+worker → server
+    {"type": "ready", "info": {RunnerInfo fields}}
+    {"type": "fatal", "message": "..."}    loading failed; the worker exits
+    {"id": 1, "type": "chunk", "text": "..."}
+    {"id": 1, "type": "done", CompletionChunk fields except text}
+    {"id": 2, "type": "result", "tokens": [...]} / {"id": 3, "type": "result", "text": "..."}
+    {"id": 1, "type": "error", "kind": "invalid" | "internal", "message": "..."}
+
+What must stay true: every completion ends with exactly one ``done`` or ``error`` message
+(a cancelled one too, with ``done_reason`` ""), and the worker never writes anything else to
+the socket. A closed socket means the worker died: every open request fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from pollama.runner.base import CompletionChunk, CompletionRequest, RunnerInfo, SamplingOptions
+
+MAX_LINE = 64 << 20
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    value = json.loads(line)
+    if not isinstance(value, dict):
+        raise ValueError("protocol message is not an object")
+    return value
+
+
+def request_to_json(request: CompletionRequest) -> dict[str, Any]:
+    return {
+        "prompt": request.prompt,
+        "tokens": request.tokens,
+        "add_special": request.add_special,
+        "options": request.options.to_json(),
+        "return_tokens": request.return_tokens,
+    }
+
+
+def request_from_json(data: dict[str, Any]) -> CompletionRequest:
+    options = dict(data.get("options") or {})
+    options["stop"] = tuple(options.get("stop") or ())
+    return CompletionRequest(
+        prompt=str(data.get("prompt") or ""),
+        tokens=list(data["tokens"]) if data.get("tokens") is not None else None,
+        add_special=bool(data.get("add_special", True)),
+        options=SamplingOptions(**options),
+        return_tokens=bool(data.get("return_tokens", False)),
+    )
+
+
+def done_to_json(chunk: CompletionChunk) -> dict[str, Any]:
+    data = asdict(chunk)
+    data.pop("text")
+    data.pop("done")
+    return data
+
+
+def done_from_json(data: dict[str, Any]) -> CompletionChunk:
+    fields = {k: data[k] for k in CompletionChunk.__dataclass_fields__ if k in data}
+    fields.pop("text", None)
+    return CompletionChunk(done=True, **fields)
+
+
+def info_from_json(data: dict[str, Any]) -> RunnerInfo:
+    return RunnerInfo(**{k: data[k] for k in RunnerInfo.__dataclass_fields__})
