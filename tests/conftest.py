@@ -48,7 +48,8 @@ def models_dir(settings: Settings) -> Path:
 @pytest.fixture
 def api(settings: Settings) -> Iterator[TestClient]:
     """The app in-process, lifespan included."""
-    with TestClient(create_app(settings)) as client:
+    # A Host the server answers (TestClient's default "testserver" is refused: DNS rebinding).
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:11434") as client:
         yield client
 
 
@@ -136,3 +137,23 @@ def server(isolated_env: Path) -> Iterator[RunningServer]:
 def tree_snapshot(root: Path) -> set[str]:
     """Every path under ``root`` (to prove that a failed request wrote nothing)."""
     return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+MODEL = "smollm2:135m"
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real server with the real default model, shared by the end-to-end modules.
+
+    Four parallel sequences and a queue of ten, so concurrency and queue limits show.
+    """
+    from pollama.default_model import default_modelfile
+
+    home = tmp_path_factory.mktemp("model-home")
+    running = start_server(home, {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_MAX_QUEUE": "10"})
+    modelfile = home / "Modelfile"
+    modelfile.write_text(default_modelfile())
+    running.cli("create", MODEL, "-f", str(modelfile), check=True)
+    yield running
+    stop_server(running)

@@ -35,7 +35,7 @@ def test_quickstart_starts_server_and_registers_default_model(isolated_env: Path
             capture_output=True,
             text=True,
             timeout=300,
-            stdin=subprocess.DEVNULL,
+            input="What is the capital of France?",
         )
         assert result.returncode == 0, result.stderr
         assert "started pollama server" in result.stderr
@@ -48,6 +48,9 @@ def test_quickstart_starts_server_and_registers_default_model(isolated_env: Path
         assert "embedding length    576" in out
         assert "quantization        Q4_1" in out
         assert "  Capabilities\n    completion" in out
+        # Then it answered what stdin held, and exited.
+        answer = out.split("  Parameters\n", 1)[1].split("\n\n", 1)[1]
+        assert answer.strip()
 
         # Second run: the server answers and the model is there; nothing is created again.
         again = subprocess.run(
@@ -56,6 +59,7 @@ def test_quickstart_starts_server_and_registers_default_model(isolated_env: Path
             capture_output=True,
             text=True,
             timeout=120,
+            input="Hi",
         )
         assert again.returncode == 0
         assert "started" not in again.stderr and "success" not in again.stderr

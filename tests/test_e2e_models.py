@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import ollama
 import pytest
 
-from conftest import RunningServer, tree_snapshot
+from conftest import RunningServer, free_port, tree_snapshot
 from ggufgen import write_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -169,20 +171,39 @@ def test_cli_create_errors(server: RunningServer, tmp_path: Path) -> None:
     assert all(p.startswith("blobs") or p == "manifests" for p in blobs_left)
 
 
-def test_cli_server_down_message(tmp_path: Path, server: RunningServer) -> None:
-    env = dict(server.env, OLLAMA_HOST="127.0.0.1:9")  # nothing listens on the discard port
-    result = subprocess.run(
-        [sys.executable, "-m", "pollama", "list"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+def test_cli_starts_a_server_when_none_answers(isolated_env: Path) -> None:
+    """Client commands start ``pollama serve`` in the background, say so in one line, and
+    leave it running; a server that cannot start is a clear one-line error."""
+    home = isolated_env
+    port, broken_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
+    env.update(HOME=str(home), OLLAMA_HOST=f"127.0.0.1:{port}",
+               OLLAMA_MODELS=str(home / ".ollama" / "models"))
+
+    def pollama(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pollama", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=90)
+
+    log = home / ".ollama" / "logs" / "server.log"
+    try:
+        first = pollama("list")
+        assert first.returncode == 0, first.stderr
+        assert first.stderr == (f"started pollama server in the background at "
+                                f"http://127.0.0.1:{port} (log: {log})\n")
+        assert first.stdout.split() == ["NAME", "ID", "SIZE", "MODIFIED"]
+        second = pollama("list")
+        assert second.returncode == 0 and second.stderr == ""
+    finally:
+        pid = int((home / ".ollama" / "logs" / "server.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+    broken = pollama("list", OLLAMA_HOST=f"127.0.0.1:{broken_port}",
+                     OLLAMA_MODELS="/dev/null/models")
+    assert broken.returncode == 1
+    assert broken.stderr.startswith(
+        f"Error: could not start pollama server at http://127.0.0.1:{broken_port}: "
+        "'pollama serve' exited with code "
     )
-    assert result.returncode == 1
-    assert (
-        result.stderr.strip()
-        == "Error: could not connect to pollama server, run 'pollama serve' to start it"
-    )
+    assert broken.stderr.endswith(f"; see {log}\n") and broken.stderr.count("\n") == 1
 
 
 def test_cli_purge(server: RunningServer, tmp_path: Path) -> None:

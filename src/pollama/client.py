@@ -93,7 +93,7 @@ class Client:
 
     def _stream(self, method: str, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
-            with self._http.stream(method, path, json=body) as response:
+            with self._http.stream(method, path, json=body, timeout=None) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise ResponseError(_error_text(response), response.status_code)
@@ -170,4 +170,24 @@ class Client:
         return result
 
     def generate(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Stream ``POST /api/generate`` (an empty prompt answers one load/unload object)."""
         return self._stream("POST", "/api/generate", {**body, "stream": True})
+
+    def chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        return self._stream("POST", "/api/chat", {**body, "stream": True})
+
+    def ps(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/api/ps").json()["models"])
+
+    def pull(self, model: str, *, insecure: bool = False) -> Iterator[dict[str, Any]]:
+        """Stream the progress of ``POST /api/pull``."""
+        return self._stream("POST", "/api/pull", {"model": model, "insecure": insecure})
+
+    def push(self, model: str, *, insecure: bool = False) -> Iterator[dict[str, Any]]:
+        """Stream the progress of ``POST /api/push``."""
+        return self._stream("POST", "/api/push", {"model": model, "insecure": insecure})
+
+    def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/embed``: ``{"model", "embeddings": [[...]], ...}``."""
+        result: dict[str, Any] = self._request("POST", "/api/embed", json=body, timeout=None).json()
+        return result

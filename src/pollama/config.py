@@ -85,6 +85,20 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "OLLAMA_GPU_OVERHEAD",
     "OLLAMA_IGPU_ENABLE",
     "OLLAMA_LOAD_TIMEOUT",
+    # pollama's own (security and operations; see keys.py, server/security.py, limits.py)
+    "POLLAMA_KEYS_FILE",
+    "POLLAMA_ALLOW_NO_AUTH",
+    "POLLAMA_ALLOWED_HOSTS",
+    "POLLAMA_MAX_BODY_SIZE",
+    "POLLAMA_MAX_UPLOADS",
+    "POLLAMA_CLIENT_TIMEOUT",
+    "POLLAMA_MAX_CONNECTIONS",
+    "POLLAMA_ACCESS_LOG",
+    "POLLAMA_LOG_PROMPTS",
+    # pollama's own (registry transfers; see registry/hosts.py, registry/download.py)
+    "POLLAMA_REGISTRY_HOSTS",
+    "POLLAMA_PULL_STALL_TIMEOUT",
+    "POLLAMA_SERVE_REGISTRY",
 )
 RUN_ENV_VARS: tuple[str, ...] = ("OLLAMA_EDITOR", "OLLAMA_HOST", "OLLAMA_NOHISTORY")
 CLIENT_ENV_VARS: tuple[str, ...] = ("OLLAMA_HOST",)
@@ -328,10 +342,18 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "context_length": _go_parse_uint,
     "gpu_overhead": _go_parse_uint,
     "max_transfer_streams": _go_parse_uint,
+    "allowed_hosts": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
+    "max_body_size": _go_parse_uint,
+    "max_uploads": _go_parse_uint,
+    "client_timeout": _parse_duration_setting,
+    "max_connections": _go_parse_uint,
+    "registry_hosts": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
+    "pull_stall_timeout": _parse_duration_setting,
 }
 _BOOL_FIELDS = frozenset({
     "flash_attention", "noprune", "nohistory", "sched_spread", "igpu_enable", "vulkan",
-    "go_template", "debug_log_requests", "no_cloud", "auth",
+    "go_template", "debug_log_requests", "no_cloud", "auth", "allow_no_auth", "log_prompts",
+    "serve_registry",
 })  # fmt: skip
 
 
@@ -427,6 +449,51 @@ class Settings(BaseSettings):
     experiment: tuple[str, ...] = _env(
         "OLLAMA_EXPERIMENT", (), "A comma separated list of experimental features to enable"
     )
+    # -- pollama's own: exposing the server safely, and operating it ---------------------
+    keys_file: Path | None = _env(
+        "POLLAMA_KEYS_FILE", None,
+        "API keys file (hashes only; default ~/.ollama/api_keys.json); see 'pollama keys'",
+    )
+    allow_no_auth: bool = _env(
+        "POLLAMA_ALLOW_NO_AUTH", False,
+        "Serve on a non-loopback address without API keys (only on a network you trust)",
+    )
+    allowed_hosts: tuple[str, ...] = _env(
+        "POLLAMA_ALLOWED_HOSTS", (),
+        "Extra Host header names to answer, comma separated ('*.example.com'; '*' = any)",
+    )
+    max_body_size: int = _env(
+        "POLLAMA_MAX_BODY_SIZE", 64 << 20, "Largest request body in bytes, blob uploads aside",
+    )
+    max_uploads: int = _env("POLLAMA_MAX_UPLOADS", 4, "Maximum concurrent blob uploads")
+    client_timeout: float = _env(
+        "POLLAMA_CLIENT_TIMEOUT", 30.0,
+        'Time allowed for request headers, and between body chunks (default "30s")',
+    )
+    max_connections: int = _env(
+        "POLLAMA_MAX_CONNECTIONS", 1024, "Maximum open connections; more get 503",
+    )
+    access_log: str = _env(
+        "POLLAMA_ACCESS_LOG", "-",
+        "Where JSON access-log lines go: '-' stderr (default), a file path, or 'off'",
+    )
+    log_prompts: bool = _env(
+        "POLLAMA_LOG_PROMPTS", False, "Include prompts and outputs in the access log",
+    )
+    registry_hosts: tuple[str, ...] = _env(
+        "POLLAMA_REGISTRY_HOSTS",
+        ("registry.ollama.ai", "ollama.com", "hf.co", "huggingface.co", "modelscope.cn"),
+        "Registry hosts pull/push may reach without --insecure, comma separated "
+        "('reg.lan:5000', '*.example.com', '*'); listed hosts may have private addresses",
+    )
+    pull_stall_timeout: float = _env(
+        "POLLAMA_PULL_STALL_TIMEOUT", 30.0,
+        'Retry a download part that receives no bytes for this long (default "30s")',
+    )
+    serve_registry: bool = _env(
+        "POLLAMA_SERVE_REGISTRY", False,
+        "Serve this store's models to other machines over the registry protocol (/v2/)",
+    )
     user_home: Path = _env(
         "HOME", None, "The user's home directory; ~/.ollama holds keys, history and models"
     )
@@ -483,7 +550,7 @@ class Settings(BaseSettings):
     def _keep_alive_forever(cls, value: float) -> float:
         return FOREVER_SECONDS if value < 0 else value
 
-    @field_validator("load_timeout")
+    @field_validator("load_timeout", "pull_stall_timeout")
     @classmethod
     def _load_timeout_forever(cls, value: float) -> float:
         return FOREVER_SECONDS if value <= 0 else value
@@ -495,6 +562,11 @@ class Settings(BaseSettings):
         """``~/.ollama``: the identity key pair, REPL history and ``server.json`` live here,
         whatever ``OLLAMA_MODELS`` says."""
         return self.user_home / ".ollama"
+
+    @property
+    def api_keys_path(self) -> Path:
+        """The API keys file: ``POLLAMA_KEYS_FILE``, else ``~/.ollama/api_keys.json``."""
+        return self.keys_file if self.keys_file is not None else self.home / "api_keys.json"
 
     @property
     def history_path(self) -> Path:

@@ -12,6 +12,11 @@ past the end of the file). What must stay true:
   the configured caps *and* against the bytes actually left in the file, so a claimed 2^64
   string length costs nothing. Reads go through one cursor that never reads past the end.
 * Loops are bounded by counts that were checked the same way, so no input can hang the reader.
+* What the parsed header may cost in memory is bounded whatever the file's size: the header
+  (metadata and tensor table) may span at most ``max_header`` bytes, and all metadata arrays
+  together may hold at most ``max_elements`` elements (each costs a Python object pointer or
+  more, so per-array caps alone would let a large file of many arrays amplify into many
+  times its size in memory: CVE-2025-0315, unbounded allocation).
 * Every tensor has a known ggml type, at most four dimensions, an element count and byte size
   that fit in int64, an offset aligned to ``general.alignment``, and a data range inside the
   file that overlaps no other tensor.
@@ -32,6 +37,8 @@ from pollama.errors import GGUFError
 
 __all__ = [
     "DEFAULT_MAX_ARRAY",
+    "DEFAULT_MAX_ELEMENTS",
+    "DEFAULT_MAX_HEADER",
     "DEFAULT_MAX_KV",
     "DEFAULT_MAX_STRING",
     "DEFAULT_MAX_TENSORS",
@@ -51,6 +58,12 @@ DEFAULT_MAX_STRING: Final = 16 << 20
 """Bytes in one string value (Ollama's ``MaxStringLength``); chat templates are ~100 KB."""
 DEFAULT_MAX_ARRAY: Final = 16 << 20
 """Elements in one metadata value, nested arrays counted together; vocabularies are ~256 K."""
+DEFAULT_MAX_ELEMENTS: Final = 1 << 23
+"""Elements in all metadata arrays together. The largest real tokenizers (262 K tokens with
+scores, types and merges) hold about 1.3 M."""
+DEFAULT_MAX_HEADER: Final = 256 << 20
+"""Bytes from the start of the file to the end of the tensor table. Real headers are a few
+MB (the vocabulary) to a few tens of MB."""
 
 _MAGIC: Final = b"GGUF"
 _MAX_DIMS: Final = 4  # GGML_MAX_DIMS
@@ -259,6 +272,8 @@ class _Caps:
     kv: int
     string: int
     array: int
+    elements: int = DEFAULT_MAX_ELEMENTS
+    header: int = DEFAULT_MAX_HEADER
 
 
 def read_gguf(
@@ -269,6 +284,8 @@ def read_gguf(
     max_kv: int = DEFAULT_MAX_KV,
     max_string: int = DEFAULT_MAX_STRING,
     max_array: int = DEFAULT_MAX_ARRAY,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_header: int = DEFAULT_MAX_HEADER,
 ) -> GGUFInfo:
     """Read and validate a GGUF file's header, metadata and tensor table.
 
@@ -277,7 +294,7 @@ def read_gguf(
     before any read), so the call neither blocks nor reads unbounded input.
     """
     name = display_name if display_name is not None else os.path.basename(os.fspath(path))
-    caps = _Caps(max_tensors, max_kv, max_string, max_array)
+    caps = _Caps(max_tensors, max_kv, max_string, max_array, max_elements, max_header)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
@@ -305,9 +322,10 @@ class _Cursor:
     left of the file before touching the buffer, and never reads more than ``max(n, 1 MiB)``.
     """
 
-    def __init__(self, fp: BinaryIO, size: int, name: str) -> None:
+    def __init__(self, fp: BinaryIO, size: int, name: str, limit: int | None = None) -> None:
         self.fp = fp
         self.size = size
+        self.limit = size if limit is None else limit  # the header must end before it
         self.name = name
         self.pos = 0
         self.buf = b""
@@ -323,10 +341,15 @@ class _Cursor:
                 f"truncated file: {what} at byte {self.pos} needs {n} bytes but the file "
                 f"ends at byte {self.size}"
             )
+        if n > self.limit - self.pos:
+            raise self.fail(
+                f"header too large: {what} at byte {self.pos} ends past the limit of "
+                f"{self.limit} bytes for metadata and tensor table"
+            )
         start = self.pos - self.base
         if start + n > len(self.buf):
             self.fp.seek(self.pos)
-            want = min(max(n, _CHUNK), self.size - self.pos)
+            want = min(max(n, _CHUNK), min(self.size, self.limit) - self.pos)
             data = self.fp.read(want)
             if data is None or len(data) < n:
                 raise self.fail(f"file changed while reading {what} at byte {self.pos}")
@@ -357,9 +380,10 @@ class _Parser:
     """One pass over the header; holds the cursor and the caps so helpers stay short."""
 
     def __init__(self, fp: BinaryIO, size: int, name: str, caps: _Caps) -> None:
-        self.cur = _Cursor(fp, size, name)
+        self.cur = _Cursor(fp, size, name, caps.header)
         self.caps = caps
         self.fail = self.cur.fail
+        self.elements_left = caps.elements
 
     def parse(self) -> GGUFInfo:
         version, n_tensors, n_kv = self._header()
@@ -451,7 +475,13 @@ class _Parser:
                 f"metadata key {key!r} has an array of {count} elements, more than the "
                 f"limit of {self.caps.array}"
             )
+        if count > self.elements_left:
+            raise self.fail(
+                f"metadata arrays hold more than {self.caps.elements} elements in all "
+                f"(at {key!r})"
+            )
         budget[0] -= count
+        self.elements_left -= count
         scalar = _SCALARS.get(sub)
         if scalar is not None:
             return self._scalar_array(scalar, count, key)

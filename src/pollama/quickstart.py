@@ -1,4 +1,4 @@
-"""``make run``: start a server if needed, register the default model, then use it.
+"""``make run``: start a server if needed, register the default model, then chat with it.
 
 Everything goes through the real CLI and HTTP API, exactly as a user would type it.
 """
@@ -41,7 +41,11 @@ def main() -> int:
             code = _pollama("create", DEFAULT_MODEL, "-f", str(modelfile))
             if code:
                 return code
-    return _pollama("show", DEFAULT_MODEL)
+        code = _pollama("show", DEFAULT_MODEL)
+        if code:
+            return code
+    # A chat on a terminal; with piped stdin, one answer to what it holds.
+    return _pollama("run", DEFAULT_MODEL)
 
 
 if __name__ == "__main__":

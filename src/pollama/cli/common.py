@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
+from pollama.cli.autostart import ensure_server, server_log_path
 from pollama.client import Client
 from pollama.config import Settings, load_settings
 from pollama.errors import PollamaError
@@ -25,8 +26,19 @@ def settings() -> Settings:
     return root.obj
 
 
-def client() -> Client:
+def client(*, autostart: bool = True) -> Client:
+    """The API client for this command; first, once per command, start a background server
+    when none answers (``cli.autostart``). ``autostart=False`` only reports, as ``-v`` does."""
     s = settings()
+    root = click.get_current_context().find_root()
+    if autostart and not root.meta.get("pollama.server_checked"):
+        if ensure_server(s):
+            click.echo(
+                f"started pollama server in the background at {s.host.url} "
+                f"(log: {server_log_path(s)})",
+                err=True,
+            )
+        root.meta["pollama.server_checked"] = True
     return Client(s.host.url, api_key=s.api_key or None)
 
 

@@ -7,7 +7,10 @@ import click
 from pollama import __version__
 from pollama.cli.common import client
 from pollama.cli.create import create
+from pollama.cli.keys import keys
 from pollama.cli.models import cp, list_models, purge, rm, show
+from pollama.cli.registry import pubkey, pull, push
+from pollama.cli.run import ps, run, stop
 from pollama.cli.serve import serve
 from pollama.errors import PollamaError
 
@@ -16,7 +19,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     if not value or ctx.resilient_parsing:
         return
     try:
-        server_version = client().version()
+        server_version = client(autostart=False).version()
         click.echo(f"pollama version is {__version__} (Ollama API {server_version})")
     except PollamaError:
         click.echo("Warning: could not connect to a running pollama instance")
@@ -40,12 +43,19 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(create)
+cli.add_command(run)
+cli.add_command(stop)
+cli.add_command(pull)
+cli.add_command(push)
 cli.add_command(show)
 cli.add_command(list_models)
 cli.add_command(list_models, name="ls")
+cli.add_command(ps)
 cli.add_command(cp)
 cli.add_command(rm)
 cli.add_command(purge)
+cli.add_command(pubkey)
+cli.add_command(keys)
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ import logging
 import click
 import uvicorn
 
-from pollama.cli.common import reports_errors, settings
+from pollama.cli.common import fail, reports_errors, settings
 from pollama.config import SERVE_ENV_VARS, env_help
 from pollama.server.app import create_app
+from pollama.server.limits import guarded_h11_protocol
+from pollama.server.security import bind_refusal
 
 
 @click.command(epilog="\b" + env_help(SERVE_ENV_VARS))
@@ -17,10 +19,14 @@ from pollama.server.app import create_app
 def serve() -> None:
     """Start pollama."""
     s = settings()
+    logging.addLevelName(5, "TRACE")
     logging.basicConfig(
-        level=logging.DEBUG if s.debug else logging.INFO,
+        level=s.python_log_level,  # OLLAMA_DEBUG: 1 = DEBUG, 2 = TRACE, as Ollama
         format="time=%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)s",
     )
+    refusal = bind_refusal(s)
+    if refusal is not None:
+        fail(refusal)
     app = create_app(s)
     click.echo(
         f"pollama listening on {s.host.bind_host}:{s.host.port} (models: {s.models})", err=True
@@ -31,4 +37,12 @@ def serve() -> None:
         port=s.host.port,
         log_level="warning",
         timeout_graceful_shutdown=5,
+        # Slow clients (server/limits.py): a deadline for headers, idle kept-alive
+        # connections closed after 5s, 16 KiB of headers at most, a connection cap (503).
+        http=guarded_h11_protocol(s.client_timeout),
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,
+        limit_concurrency=s.max_connections or None,
+        server_header=False,
+        access_log=False,  # pollama writes its own (server/access_log.py)
     )

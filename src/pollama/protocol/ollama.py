@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class OllamaModel(BaseModel):
@@ -23,6 +23,11 @@ class Message(OllamaModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None
     tool_call_id: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _lowercase_role(cls, value: str) -> str:
+        return value.lower()
 
 
 class CreateRequest(OllamaModel):
@@ -149,3 +154,64 @@ class PurgeResponse(OllamaModel):
     items: list[GarbageItem]
     total: int
     freed: int
+
+
+class GenerateRequest(OllamaModel):
+    model: str = ""
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool | None = None
+    raw: bool = False
+    format: Any = None
+    keep_alive: Any = None
+    images: list[str] | None = None
+    options: dict[str, Any] | None = None
+    think: bool | str | None = None
+    truncate: bool | None = None
+    shift: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class ChatRequest(OllamaModel):
+    model: str = ""
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    stream: bool | None = None
+    format: Any = None
+    keep_alive: Any = None
+    options: dict[str, Any] | None = None
+    think: bool | str | None = None
+    truncate: bool | None = None
+    shift: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class Metrics(OllamaModel):
+    """The timing fields of a final chunk, in nanoseconds (omitted when zero)."""
+
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ProcessModel(OllamaModel):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class ProcessResponse(OllamaModel):
+    models: list[ProcessModel]

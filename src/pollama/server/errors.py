@@ -60,6 +60,16 @@ def error_response(exc: BaseException) -> JSONResponse:
     return ollama_error(message_for(exc), status)
 
 
+def openai_error_response(exc: BaseException) -> JSONResponse:
+    """OpenAI's error object, with the same status as the native error (spec §3.1)."""
+    status = status_for(exc)
+    if status >= 500:
+        log.error("request failed", exc_info=exc)
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    body = {"error": {"message": message_for(exc), "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
 def ollama_error(message: str, status: int) -> JSONResponse:
     return JSONResponse(
         {"error": message}, status_code=status, media_type="application/json; charset=utf-8"

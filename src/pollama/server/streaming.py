@@ -67,3 +67,33 @@ async def progress_response(iterator: Iterator[Any], *, stream: bool) -> Respons
                 await run_in_threadpool(close)
 
     return StreamingResponse(body(), media_type=NDJSON)
+
+
+async def event_stream(
+    events: AsyncIterator[Any], render: Any, *, media_type: str = NDJSON
+) -> Response:
+    """Stream an async iterator through ``render(item) -> bytes``, Ollama's error rules.
+
+    The first item is produced before the response starts, so an error in loading the model
+    or building the prompt gets its real status code.
+    """
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = _END
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
+
+    async def body() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            while item is not _END:
+                yield render(item)
+                item = await anext(events, _END)
+        except Exception as exc:  # noqa: BLE001
+            error_response(exc)
+            yield _line({"error": message_for(exc)})
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(body(), media_type=media_type)

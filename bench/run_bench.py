@@ -1,0 +1,488 @@
+"""pollama vs the engine's own speed (plain loop) vs llama.cpp's llama-server, in one run.
+
+Same GGUF, same thread count, flash attention off and on, 1/2/4/8 concurrent streams;
+follow-up chat TTFT (warm prefix cache vs cold); resident memory with the model loaded.
+Writes ``bench/results/<YYYY-MM-DD>-<cpu>.md`` (quick mode: ``bench/.build/quick.md``) and
+the raw numbers next to it under ``bench/.build/results/``.
+
+Run with the project's venv after ``bench/build_llama_server.sh``::
+
+    .venv/bin/python bench/run_bench.py            # the full run (~5 minutes)
+    .venv/bin/python bench/run_bench.py --quick    # a fast sanity run
+    .venv/bin/python bench/run_bench.py --only pollama --streams 1 4
+
+pollama's parts are skipped with a clear message when its server cannot generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, TypeVar
+
+import _clients as cl
+import _procs
+import httpx
+from _report import render
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUILD = BENCH / ".build"
+LOGS = BUILD / "logs"
+MiB = 1024 * 1024
+PROMPT = (
+    "Write a long, detailed story about a lighthouse keeper who finds a mysterious map "
+    "washed up on the shore. Describe the keeper, the island, the weather and the journey."
+)
+ENGINES = ("llama-server", "plain", "pollama")
+
+sys.path.insert(0, str(ROOT / "src"))
+
+
+# --- machine and model facts ----------------------------------------------------------------
+
+
+def cpu_info() -> tuple[str, str, str]:
+    """(model name, short slug for file names, notable SIMD flags)."""
+    name, flags = platform.processor() or "unknown CPU", ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == (platform.processor() or "unknown CPU"):
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = value
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if
+            f in flags.split()]
+    short = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$|\d+-Core", "", name)
+    slug = re.sub(r"[^a-z0-9]+", "-", short.lower()).strip("-") or "cpu"
+    return name, slug, " ".join(simd) or "no AVX2"
+
+
+def kv_bytes_per_token(model: Path) -> int:
+    """F16 K+V bytes per token of context, from the GGUF's attention shape."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(model).fields
+
+    def get(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    arch = get("general.architecture")
+    n_layer = int(get(f"{arch}.block_count"))
+    n_head = int(get(f"{arch}.attention.head_count"))
+    n_head_kv = int(get(f"{arch}.attention.head_count_kv") or n_head)
+    n_embd = int(get(f"{arch}.embedding_length"))
+    k_dim = int(get(f"{arch}.attention.key_length") or n_embd // n_head)
+    v_dim = int(get(f"{arch}.attention.value_length") or n_embd // n_head)
+    return n_layer * n_head_kv * (k_dim + v_dim) * 2
+
+
+def llama_server_bin() -> Path:
+    return BUILD / "llama-server"
+
+
+def llama_server_version() -> str:
+    try:
+        out = subprocess.run([str(llama_server_bin()), "--version"], capture_output=True,
+                             text=True, timeout=30)
+    except OSError:
+        return "not built"
+    m = re.search(r"version: (\S+) \(build (\d+), commit (\w+)\)", out.stdout + out.stderr)
+    return f"{m.group(1)} (llama.cpp commit {m.group(3)})" if m else "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+# --- the chat used for follow-up TTFT -------------------------------------------------------
+
+_TOPICS = ["a vegetable garden", "a week in Lisbon", "learning the cello", "a home network",
+           "baking sourdough", "a beginner's telescope"]
+_WORDS = ("soil light water season plan budget morning evening practice patience step "
+          "detail routine weather schedule choice tool habit friend balance market street "
+          "window corner river hill note sound rhythm recipe flour oven crust lens night").split()
+
+
+def chat_history(turns: int = 6, seed: int = 7) -> list[dict[str, str]]:
+    """A deterministic multi-turn chat of roughly 1,000 tokens, ending with a user message."""
+    rnd = random.Random(seed)
+
+    def paragraph(n: int) -> str:
+        sentences = []
+        for _ in range(n):
+            words = rnd.sample(_WORDS, 9)
+            sentences.append(f"The {words[0]} and the {words[1]} matter because every "
+                             f"{words[2]} changes the {words[3]}, so keep a {words[4]} for "
+                             f"the {words[5]}, the {words[6]} and the {words[7]} {words[8]}.")
+        return " ".join(sentences)
+
+    messages = [{"role": "system", "content": "You are a helpful, concise assistant."}]
+    for t in range(turns):
+        topic = _TOPICS[t % len(_TOPICS)]
+        messages.append({"role": "user", "content": f"Tell me how to get started with {topic}."})
+        if t < turns - 1:
+            messages.append({"role": "assistant", "content": paragraph(5)})
+    return messages
+
+
+FOLLOW_UP = "Thanks. Summarise all of that in three short bullet points."
+
+
+# --- engines ---------------------------------------------------------------------------------
+
+
+class LlamaServer:
+    name = "llama-server"
+
+    def __init__(self, model: Path, threads: int) -> None:
+        self.model, self.threads = model, threads
+
+    @contextmanager
+    def serve(self, parallel: int, fa: bool) -> Iterator[tuple[_procs.Server, str]]:
+        port = _procs.free_port()
+        cmd = [str(llama_server_bin()), "-m", str(self.model), "-t", str(self.threads),
+               "-tb", str(self.threads), "-np", str(parallel), "-c", str(4096 * parallel),
+               "--flash-attn", "on" if fa else "off", "--host", "127.0.0.1",
+               "--port", str(port), "--no-webui"]
+        with _procs.Server(self.name, cmd, os.environ, LOGS / f"llama-server-{port}.log",
+                           ROOT) as srv:
+            base = f"http://127.0.0.1:{port}"
+            srv.wait_ready(f"{base}/health", timeout=120)
+            yield srv, base
+
+    async def warm_up(self, base: str) -> None:
+        async with httpx.AsyncClient(timeout=120) as c:
+            await cl.llama_completion(c, base, "Hello", 2)
+
+    def generate(self, base: str, prompt: str, n_predict: int) -> cl.StreamFn:
+        return lambda c, _i: cl.llama_completion(c, base, prompt, n_predict)
+
+    def chat(self, base: str, messages: list[dict[str, str]], n: int) -> cl.StreamFn:
+        return lambda c, _i: cl.llama_chat(c, base, messages, n)
+
+
+class Pollama:
+    name = "pollama"
+    model_name = "bench"
+
+    def __init__(self, model: Path, threads: int, home: Path) -> None:
+        self.model, self.threads, self.home = model, threads, home
+        self.created = False
+
+    def _env(self, port: int, parallel: int, fa: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
+        env.update(
+            HOME=str(self.home / "home"),
+            OLLAMA_MODELS=str(self.home / "models"),
+            OLLAMA_HOST=f"127.0.0.1:{port}",
+            OLLAMA_NUM_PARALLEL=str(parallel),
+            OLLAMA_FLASH_ATTENTION="1" if fa else "0",
+            OLLAMA_CONTEXT_LENGTH="4096",
+            OLLAMA_KEEP_ALIVE="30m",
+            PYTHONPATH=str(ROOT / "src"),
+        )
+        (self.home / "home").mkdir(parents=True, exist_ok=True)
+        return env
+
+    @contextmanager
+    def serve(self, parallel: int, fa: bool) -> Iterator[tuple[_procs.Server, str]]:
+        port = _procs.free_port()
+        env = self._env(port, parallel, fa)
+        cmd = [sys.executable, "-m", "pollama", "serve"]
+        try:
+            srv = _procs.Server(self.name, cmd, env, LOGS / f"pollama-{port}.log", ROOT)
+        except OSError as e:
+            raise cl.Unavailable(f"cannot start pollama: {e}") from e
+        with srv:
+            base = f"http://127.0.0.1:{port}"
+            try:
+                srv.wait_ready(f"{base}/api/version", timeout=60)
+            except RuntimeError as e:
+                raise cl.Unavailable(f"pollama serve did not come up: {e}") from e
+            if not self.created:
+                self._create(env)
+            yield srv, base
+
+    def _create(self, env: dict[str, str]) -> None:
+        modelfile = self.home / "Modelfile"
+        modelfile.write_text(f"FROM {self.model}\n")
+        out = subprocess.run([sys.executable, "-m", "pollama", "create", self.model_name,
+                              "-f", str(modelfile)], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        if out.returncode != 0:
+            raise cl.Unavailable("pollama create failed: "
+                                 + (out.stderr or out.stdout).strip()[-400:])
+        self.created = True
+
+    def options(self, n_predict: int) -> dict[str, Any]:
+        return {"num_predict": n_predict, "temperature": 0, "seed": 1,
+                "num_thread": self.threads}
+
+    async def warm_up(self, base: str) -> None:
+        async with httpx.AsyncClient(timeout=300) as c:
+            await cl.pollama_generate(c, base, self.model_name, "Hello", self.options(2))
+
+    def generate(self, base: str, prompt: str, n_predict: int) -> cl.StreamFn:
+        opts = self.options(n_predict)
+        return lambda c, _i: cl.pollama_generate(c, base, self.model_name, prompt, opts)
+
+    def chat(self, base: str, messages: list[dict[str, str]], n: int) -> cl.StreamFn:
+        opts = self.options(n)
+        return lambda c, _i: cl.pollama_chat(c, base, self.model_name, messages, opts)
+
+
+Engine = LlamaServer | Pollama
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def bracket(fn: Callable[[], T]) -> tuple[T, float]:
+    """Run ``fn`` and return its value and the CPU share others used meanwhile."""
+    a = _procs.cpu_snapshot()
+    value = fn()
+    return value, _procs.foreign_load(a, _procs.cpu_snapshot())
+
+
+def clean(fn: Callable[[], tuple[T, float]], label: str, args: argparse.Namespace
+          ) -> tuple[T, float]:
+    """Retry ``fn`` (which reports others' CPU share) until the machine was quiet enough."""
+    for attempt in range(1, args.attempts + 1):
+        waited = _procs.wait_quiet(args.max_foreign, patience=args.patience)
+        if waited >= args.max_foreign:
+            print(f"    {label}: machine still busy ({waited:.0%} by others), measuring anyway",
+                  flush=True)
+        value, load = fn()
+        if load <= args.max_foreign or attempt == args.attempts:
+            return value, load
+        print(f"    {label}: others used {load:.0%} of the CPUs meanwhile, measuring again",
+              flush=True)
+    raise AssertionError("unreachable")
+
+
+def _run_streams(engine: Engine, base: str, prompts: list[str], n_predict: int
+                 ) -> tuple[cl.RunSummary, float]:
+    def one(c: httpx.AsyncClient, i: int) -> Awaitable[cl.StreamResult]:
+        return engine.generate(base, prompts[i], n_predict)(c, i)
+
+    return bracket(lambda: asyncio.run(cl.concurrent(len(prompts), one)))
+
+
+def measure_throughput(engine: Engine, args: argparse.Namespace, fa: bool,
+                       results: dict[str, Any], budget: Callable[[int], int]) -> None:
+    for n in args.streams:
+        with engine.serve(n, fa) as (srv, base):
+            asyncio.run(engine.warm_up(base))
+            best: tuple[cl.RunSummary, float] | None = None
+            for r in range(args.repeat):
+                prompts = [f"Story {r}-{i + 1}. {PROMPT}" for i in range(n)]
+                got = clean(partial(_run_streams, engine, base, prompts, args.n_predict),
+                            f"{engine.name} N={n}", args)
+                if best is None or got[0].aggregate_tok_s > best[0].aggregate_tok_s:
+                    best = got
+            mem = _procs.tree_memory(srv.pid)
+        assert best is not None
+        summary, load = best
+        results["throughput"].append({"engine": engine.name, "fa": fa, **asdict(summary),
+                                      "foreign_load": round(load, 3)})
+        results["memory"].append({"engine": engine.name, "fa": fa, "streams": n,
+                                  **asdict(mem), "budget": budget(n)})
+        print(f"  {engine.name:12s} FA {'on ' if fa else 'off'} N={n}: "
+              f"{summary.per_stream_tok_s:6.1f}/stream {summary.aggregate_tok_s:6.1f} agg "
+              f"{summary.wall_tok_s:6.1f} wall, TTFT {summary.ttft_s:.3f}s, "
+              f"RSS {mem.rss / MiB:.0f} MiB, others {load:.0%}", flush=True)
+
+
+def _plain_once(args: argparse.Namespace, fa: bool, n: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / "plain_loop.py"), "--model", str(args.model),
+           "--threads", str(args.threads), "--n-predict", str(args.n_predict),
+           "--flash-attn", "on" if fa else "off", "--streams", str(n)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"plain_loop failed: {out.stderr[-1000:]}")
+    return dict(json.loads(out.stdout.splitlines()[-1]))
+
+
+def measure_plain(args: argparse.Namespace, fa: bool, results: dict[str, Any]) -> None:
+    for n in args.streams:
+        best: tuple[dict[str, Any], float] | None = None
+        for _ in range(args.repeat):
+            got = clean(partial(bracket, partial(_plain_once, args, fa, n)), f"plain N={n}", args)
+            if best is None or got[0]["aggregate_tok_s"] > best[0]["aggregate_tok_s"]:
+                best = got
+        assert best is not None
+        r, load = best
+        results["throughput"].append({
+            "engine": "plain", "fa": fa, "streams": n, "per_stream_tok_s": r["per_stream_tok_s"],
+            "aggregate_tok_s": r["aggregate_tok_s"], "wall_tok_s": r["wall_tok_s"],
+            "ttft_s": r["prefill_s"], "tokens": n * r["n_predict"],
+            "step_ms_median": r["step_ms_median"], "sample_ms_per_token": r["sample_ms_per_token"],
+            "foreign_load": round(load, 3),
+        })
+        print(f"  {'plain':12s} FA {'on ' if fa else 'off'} N={n}: "
+              f"{r['per_stream_tok_s']:6.1f}/stream {r['aggregate_tok_s']:6.1f} agg "
+              f"{r['wall_tok_s']:6.1f} wall, step {r['step_ms_median']:.1f} ms, "
+              f"others {load:.0%}", flush=True)
+
+
+def measure_followup(engine: Engine, args: argparse.Namespace, fa: bool,
+                     results: dict[str, Any]) -> None:
+    history = chat_history()
+    follow: list[dict[str, str]] = []
+    history_tokens = 0
+
+    async def one(base: str, messages: list[dict[str, str]], n: int) -> cl.StreamResult:
+        async with httpx.AsyncClient(timeout=600) as c:
+            return await engine.chat(base, messages, n)(c, 0)
+
+    def warm_once() -> tuple[cl.StreamResult, float]:
+        nonlocal follow, history_tokens
+        with engine.serve(1, fa) as (_srv, base):
+            asyncio.run(engine.warm_up(base))
+            first = asyncio.run(one(base, history, 32))
+            history_tokens = first.prompt_tokens
+            follow = [*history, {"role": "assistant", "content": first.text},
+                      {"role": "user", "content": FOLLOW_UP}]
+            return bracket(lambda: asyncio.run(one(base, follow, 8)))
+
+    def cold_once() -> tuple[cl.StreamResult, float]:
+        with engine.serve(1, fa) as (_srv, base):
+            asyncio.run(engine.warm_up(base))
+            return bracket(lambda: asyncio.run(one(base, follow, 8)))
+
+    warm, load_w = clean(warm_once, f"{engine.name} follow-up warm", args)
+    cold, load_c = clean(cold_once, f"{engine.name} follow-up cold", args)
+    results["followup"].append({
+        "engine": engine.name, "fa": fa, "history_tokens": history_tokens,
+        "ttft_cold": round(cold.ttft, 4), "ttft_warm": round(warm.ttft, 4),
+        "prompt_cold": cold.prompt_tokens, "prompt_warm": warm.prompt_tokens,
+        "foreign_load": round(max(load_w, load_c), 3),
+    })
+    print(f"  {engine.name:12s} FA {'on ' if fa else 'off'} follow-up TTFT: cold "
+          f"{cold.ttft:.3f}s ({cold.prompt_tokens} tok) warm {warm.ttft:.3f}s "
+          f"({warm.prompt_tokens} tok), others {max(load_w, load_c):.0%}", flush=True)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="GGUF (default: pollama's default model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--fa", choices=["off", "on"], nargs="+", default=["off", "on"])
+    ap.add_argument("--n-predict", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=2, help="repeats per point, best kept")
+    ap.add_argument("--only", choices=ENGINES, nargs="+", default=list(ENGINES))
+    ap.add_argument("--no-followup", action="store_true")
+    ap.add_argument("--max-foreign", type=float, default=0.10,
+                    help="retry a measurement when other processes used more than this share "
+                         "of the CPUs during it (the machines are shared)")
+    ap.add_argument("--attempts", type=int, default=4, help="tries per measurement")
+    ap.add_argument("--patience", type=float, default=120.0,
+                    help="seconds to wait for a quiet machine before each measurement")
+    ap.add_argument("--quick", action="store_true", help="1 and 2 streams, 32 tokens, 1 repeat")
+    ap.add_argument("--out", type=Path, help="markdown output path")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.streams, args.n_predict, args.repeat = [1, 2], 32, 1
+    if args.model is None:
+        from pollama.default_model import default_gguf_path
+
+        args.model = default_gguf_path()
+    args.model = args.model.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cpu, cpu_slug, simd = cpu_info()
+    today = dt.date.today().isoformat()
+    if "llama-server" in args.only and not llama_server_bin().exists():
+        print("llama-server is not built: run bench/build_llama_server.sh", file=sys.stderr)
+        return 2
+    from pollama import __version__ as pollama_version
+
+    meta = {
+        "date": today, "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "cpu_flags": simd,
+        "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "model_name": args.model.name, "model_bytes": args.model.stat().st_size,
+        "threads": args.threads, "n_predict": args.n_predict, "streams": args.streams,
+        "fa_modes": [m == "on" for m in args.fa], "quick": args.quick,
+        "max_foreign": args.max_foreign,
+        "llama_cpp_python": version("llama_cpp_python"),
+        "llama_server_version": llama_server_version(), "pollama": pollama_version,
+        "pollama_commit": git_commit(), "python": platform.python_version(),
+        "command": shlex.join(["python", "bench/run_bench.py", *(argv or sys.argv[1:])]),
+    }
+    results: dict[str, Any] = {"meta": meta, "throughput": [], "memory": [], "followup": [],
+                               "skipped": {}}
+    kv_tok = kv_bytes_per_token(args.model)
+    budget = lambda n: meta["model_bytes"] + kv_tok * 4096 * n + 150 * MiB  # noqa: E731
+    print(f"{cpu} ({meta['cores']} cores), {args.model.name}, KV {kv_tok} B/token", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="pollama-bench-") as tmp:
+        engines: dict[str, Engine] = {
+            "llama-server": LlamaServer(args.model, args.threads),
+            "pollama": Pollama(args.model, args.threads, Path(tmp)),
+        }
+        for mode in args.fa:
+            fa = mode == "on"
+            for name in args.only:
+                if name in results["skipped"]:
+                    continue
+                try:
+                    if name == "plain":
+                        measure_plain(args, fa, results)
+                        continue
+                    measure_throughput(engines[name], args, fa, results, budget)
+                    if not args.no_followup:
+                        measure_followup(engines[name], args, fa, results)
+                except (cl.Unavailable, httpx.HTTPError) as e:
+                    if name != "pollama":
+                        raise
+                    reason = f"{type(e).__name__}: {e}".strip()[:600]
+                    results["skipped"][name] = reason
+                    print(f"  pollama skipped: {reason}", flush=True)
+
+    out = args.out or (BUILD / "quick.md" if args.quick
+                       else BENCH / "results" / f"{today}-{cpu_slug}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results))
+    raw = BUILD / "results" / (out.stem + ".json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out} (raw: {raw})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

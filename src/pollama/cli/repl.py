@@ -1,0 +1,721 @@
+"""The interactive chat of ``pollama run`` (Ollama's ``cmd/interactive.go``, spec §1.3).
+
+:class:`Repl` reads lines from a :class:`LineReader` (a prompt_toolkit prompt on a terminal,
+a scripted list in tests), runs the ``/`` commands with Ollama's exact output, and sends
+everything else as the next user message through ``/api/chat`` with the whole history.
+
+Where this deliberately differs from Ollama, so that a session is never lost:
+
+* an error from the server (a 400 for ``think`` or ``format``, an in-stream error, a server
+  that dies mid-answer) prints one ``error: ...`` line and returns to the prompt, and the
+  unanswered question is taken back out of the history;
+* Ctrl+C during an answer keeps the part already shown as the assistant's message (it was
+  seen, so the model should see it too); with nothing shown yet, the question is dropped;
+* when the server has gone away, the next question starts it again (local hosts only).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from prompt_toolkit import PromptSession
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import History
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+
+from pollama.cli.models import format_show
+from pollama.cli.progress import WaitSpinner
+from pollama.cli.render import AnswerDisplay, print_summary
+from pollama.client import Client, ResponseError, ServerUnreachable
+from pollama.errors import InvalidModelName, InvalidOption
+from pollama.format import go_float, go_quote
+from pollama.names import ModelName
+from pollama.protocol.options import format_params
+
+HISTORY_LIMIT = 100
+
+USAGE = """Available Commands:
+  /set            Set session variables
+  /show           Show model information
+  /load <model>   Load a session or model
+  /save <model>   Save your current session
+  /clear          Clear session context
+  /bye            Exit
+  /?, /help       Help for a command
+  /? shortcuts    Help for keyboard shortcuts
+
+Use \"\"\" to begin a multi-line message.
+"""
+USAGE_MULTIMODAL = "Use /path/to/file to include .jpg, .png, .webp images, or .wav audio files.\n"
+USAGE_SET = """Available Commands:
+  /set parameter ...     Set a parameter
+  /set system <string>   Set system message
+  /set history           Enable history
+  /set nohistory         Disable history
+  /set wordwrap          Enable wordwrap
+  /set nowordwrap        Disable wordwrap
+  /set format json       Enable JSON mode
+  /set noformat          Disable formatting
+  /set verbose           Show LLM stats
+  /set quiet             Disable LLM stats
+  /set think             Enable thinking
+  /set nothink           Disable thinking
+
+"""
+USAGE_SHORTCUTS = """Available keyboard shortcuts:
+  Ctrl + a            Move to the beginning of the line (Home)
+  Ctrl + e            Move to the end of the line (End)
+   Alt + b            Move back (left) one word
+   Alt + f            Move forward (right) one word
+  Ctrl + k            Delete the sentence after the cursor
+  Ctrl + u            Delete the sentence before the cursor
+  Ctrl + w            Delete the word before the cursor
+
+  Ctrl + l            Clear the screen
+  Ctrl + g            Open default editor to compose a prompt
+  Ctrl + c            Stop the model from responding
+  Ctrl + d            Exit pollama (/bye)
+
+"""
+USAGE_SHOW = """Available Commands:
+  /show info         Show details for this model
+  /show license      Show model license
+  /show modelfile    Show Modelfile for this model
+  /show parameters   Show parameters for this model
+  /show system       Show system message
+  /show template     Show prompt template
+
+"""
+USAGE_PARAMETERS = """Available Parameters:
+  /set parameter seed <int>             Random number seed
+  /set parameter num_predict <int>      Max number of tokens to predict
+  /set parameter top_k <int>            Pick from top k num of tokens
+  /set parameter top_p <float>          Pick token based on sum of probabilities
+  /set parameter min_p <float>          Pick token based on top token probability * min_p
+  /set parameter num_ctx <int>          Set the context size
+  /set parameter temperature <float>    Set creativity level
+  /set parameter repeat_penalty <float> How strongly to penalize repetitions
+  /set parameter repeat_last_n <int>    Set how far back to look for repetitions
+  /set parameter num_gpu <int>          The number of layers to send to the GPU
+  /set parameter stop <string> <string> ...   Set the stop parameters
+
+"""
+
+
+@dataclass
+class Session:
+    """Ollama's ``runOptions``: everything a chat request and ``/save`` are built from."""
+
+    model: str
+    parent_model: str = ""
+    loaded_messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    word_wrap: bool = True
+    format: str = ""
+    system: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    capabilities: list[str] = field(default_factory=list)
+    keep_alive: str | None = None
+    think: bool | str | None = None
+    think_explicit: bool = False
+    hide_thinking: bool = False
+    verbose: bool = False
+
+    def copy(self) -> Session:
+        return copy.deepcopy(self)
+
+    @property
+    def multimodal(self) -> bool:
+        return "vision" in self.capabilities or "audio" in self.capabilities
+
+    def apply_show(self, info: dict[str, Any]) -> None:
+        """Take what ``/api/show`` says about the model (Go ``applyShowResponseToRunOptions``
+        plus ``inferThinkingOption``): thinking models think unless the user said otherwise."""
+        self.parent_model = str((info.get("details") or {}).get("parent_model") or "")
+        self.loaded_messages = list(info.get("messages") or [])
+        self.capabilities = list(info.get("capabilities") or [])
+        if not self.think_explicit:
+            self.think = True if "thinking" in self.capabilities else None
+
+    def request_fields(self) -> dict[str, Any]:
+        """The optional fields every generate/chat request carries (omitted when unset)."""
+        body: dict[str, Any] = {}
+        if self.format:
+            body["format"] = "json" if self.format == "json" else json.loads(self.format)
+        if self.options:
+            body["options"] = self.options
+        if self.think is not None:
+            body["think"] = self.think
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        return body
+
+
+def go_print_value(value: Any) -> str:
+    """Go ``%v`` of a typed option value: ``0.7``, ``42``, ``true``, ``[a b]``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return go_float(value)
+    if isinstance(value, list | tuple):
+        return "[" + " ".join(go_print_value(v) for v in value) + "]"
+    return str(value)
+
+
+def load_model(api: Client, session: Session) -> None:
+    """Ollama's ``loadOrUnloadModel``: an empty generate loads the model (and fails early
+    for a ``think`` the model cannot do), with a spinner on stderr meanwhile."""
+    body: dict[str, Any] = {"model": session.model}
+    if session.keep_alive is not None:
+        body["keep_alive"] = session.keep_alive
+    if session.think is not None:
+        body["think"] = session.think
+    spinner = WaitSpinner()
+    try:
+        for _ in api.generate(body):
+            pass
+    finally:
+        spinner.stop()
+
+
+class Interrupted(Exception):
+    """Ctrl+C at the prompt."""
+
+
+class EditRequested(Exception):
+    """Ctrl+G at the prompt: compose the message in an editor."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class LineReader(Protocol):
+    """Where the REPL's lines come from. ``read`` raises EOFError (Ctrl+D on an empty line),
+    :class:`Interrupted` or :class:`EditRequested`."""
+
+    alt: bool
+    prefill: str
+    history_enabled: bool
+
+    def read(self) -> str: ...
+
+
+class ScriptedReader:
+    """Lines from a list, then EOF (tests, and a model's scripted demo)."""
+
+    def __init__(self, lines: Iterable[str | BaseException]) -> None:
+        self._lines = list(lines)
+        self.alt = False
+        self.prefill = ""
+        self.history_enabled = True
+
+    def read(self) -> str:
+        if not self._lines:
+            raise EOFError
+        item = self._lines.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class OllamaHistory(History):
+    """``~/.ollama/history``, Ollama's format: one line per entry, the last 100, rewritten
+    whole (through a temp file) after each entry. Disabled history still recalls entries in
+    the session but writes nothing, as Ollama's ``HistoryDisable``."""
+
+    def __init__(self, path: Path, *, enabled: bool = True) -> None:
+        super().__init__()
+        self.path = path
+        self.enabled = enabled
+        self._entries: list[str] = []
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        self._entries = [ln.strip() for ln in text.splitlines() if ln.strip()][-HISTORY_LIMIT:]
+
+    def load_history_strings(self) -> Iterable[str]:
+        return list(reversed(self._entries))
+
+    def store_string(self, string: str) -> None:
+        self._entries.append(string)
+        del self._entries[:-HISTORY_LIMIT]
+        if not self.enabled:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(entry + "\n" for entry in self._entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # history is a convenience; a read-only home must not end the chat
+
+
+class TerminalReader:
+    """A prompt_toolkit prompt that behaves like Ollama's readline: ``>>> `` / ``... ``,
+    the grey placeholder, emacs keys, Ctrl+J for a newline, Ctrl+G for the editor."""
+
+    def __init__(self, history_path: Path, *, history_enabled: bool) -> None:
+        self.alt = False
+        self.prefill = ""
+        self.history = OllamaHistory(history_path, enabled=history_enabled)
+        keys = KeyBindings()
+
+        @keys.add("c-c")
+        def _interrupt(event: KeyPressEvent) -> None:
+            event.app.exit(exception=Interrupted())
+
+        @keys.add("c-g")
+        def _edit(event: KeyPressEvent) -> None:
+            event.app.exit(exception=EditRequested(event.current_buffer.text))
+
+        @keys.add("c-j")
+        def _newline(event: KeyPressEvent) -> None:
+            event.current_buffer.insert_text("\n")
+
+        self._session: PromptSession[str] = PromptSession(
+            history=self.history, key_bindings=keys, multiline=False,
+            prompt_continuation="... ", enable_open_in_editor=False,
+        )
+
+    @property
+    def history_enabled(self) -> bool:
+        return self.history.enabled
+
+    @history_enabled.setter
+    def history_enabled(self, value: bool) -> None:
+        self.history.enabled = value
+
+    def read(self) -> str:
+        placeholder = "Press Enter to send" if self.alt else "Send a message (/? for help)"
+        default, self.prefill = self.prefill, ""
+        return self._session.prompt(
+            "... " if self.alt else ">>> ",
+            placeholder=FormattedText([("fg:#8a8a8a", placeholder)]),
+            default=default,
+        )
+
+
+def edit_in_editor(text: str, editor: str) -> str:
+    """Ollama's ``editInExternalEditor``: ``OLLAMA_EDITOR``, ``VISUAL``, ``EDITOR``, ``vi``."""
+    command = editor or os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    args = shlex.split(command)
+    if not args or shutil.which(args[0]) is None:
+        name = args[0] if args else command
+        raise OSError(
+            f"editor {go_quote(name)} not found, set OLLAMA_EDITOR to the path of your "
+            "preferred editor"
+        )
+    fd, path = tempfile.mkstemp(prefix="ollama-prompt-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if subprocess.call([*args, path]) != 0:
+            raise OSError("editor exited with error")
+        return Path(path).read_text(encoding="utf-8").rstrip("\n")
+    finally:
+        os.unlink(path)
+
+
+class Repl:
+    """One interactive session. ``handle`` runs one line; ``run`` loops until /bye or EOF."""
+
+    def __init__(
+        self,
+        api: Client,
+        session: Session,
+        reader: LineReader,
+        *,
+        editor: str = "",
+        list_models: Callable[[str | None], None] | None = None,
+        restart_server: Callable[[], bool] | None = None,
+    ) -> None:
+        self.api = api
+        self.session = session
+        self.reader = reader
+        self.editor = editor
+        self.list_models = list_models
+        self.restart_server = restart_server
+        self._sb: list[str] = []
+        self._multiline: str | None = None  # None, "prompt" or "system"
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            try:
+                line = self.reader.read()
+            except EOFError:
+                print()
+                return
+            except Interrupted:
+                print("Use Ctrl + d or /bye to exit.")
+                self._reset_input()
+                continue
+            except EditRequested as req:
+                self._reset_input()
+                try:
+                    content = edit_in_editor(req.text, self.editor)
+                except OSError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    continue
+                if content.strip():
+                    self.reader.prefill = content
+                continue
+            if not self.handle(line):
+                return
+
+    def _reset_input(self) -> None:
+        self._sb.clear()
+        self._multiline = None
+        self.reader.alt = False
+
+    def handle(self, line: str) -> bool:
+        """Run one input line; False means leave the session."""
+        if self._multiline is not None:
+            before, ended = _cut_suffix(line, '"""')
+            self._sb.append(before)
+            if not ended:
+                self._sb.append("\n")
+                self.reader.alt = True
+                return True
+            if self._multiline == "system":
+                self._set_system("".join(self._sb), replace_last=False)
+                self._sb.clear()
+            self._multiline = None
+            self.reader.alt = False
+        elif line.startswith('"""'):
+            text, ended = _cut_suffix(line[3:], '"""')
+            self._sb.append(text)
+            if not ended:
+                self._sb.append("\n")
+                self._multiline = "prompt"
+                self.reader.alt = True
+        elif "\n" in line:
+            self._sb.append(line)  # pasted or Ctrl+J text is a message, never a command
+        elif line.startswith("/"):
+            return self._command(line)
+        else:
+            self._sb.append(line)
+        text = "".join(self._sb)
+        if self._multiline is None and text.strip():
+            self._sb.clear()
+            self.send(text)
+        elif self._multiline is None:
+            self._sb.clear()
+        return True
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _command(self, line: str) -> bool:
+        args = line.split()
+        if line.startswith("/list"):
+            if self.list_models is not None:
+                self.list_models(args[1] if len(args) > 1 else None)
+        elif line.startswith("/load"):
+            self._load(args)
+        elif line.startswith("/save"):
+            self._save(args)
+        elif line.startswith("/clear"):
+            self.session.messages = []
+            if self.session.system:
+                self.session.messages.append({"role": "system", "content": self.session.system})
+            print("Cleared session context")
+        elif line.startswith("/set"):
+            self._set(args)
+        elif line.startswith("/show"):
+            self._show(args)
+        elif line.startswith(("/help", "/?")):
+            topic = args[1] if len(args) > 1 else None
+            if topic is None:
+                usage = USAGE + (USAGE_MULTIMODAL if self.session.multimodal else "") + "\n"
+                _err(usage)
+            elif topic in ("set", "/set"):
+                _err(USAGE_SET)
+            elif topic in ("show", "/show"):
+                _err(USAGE_SHOW)
+            elif topic in ("shortcut", "shortcuts"):
+                _err(USAGE_SHORTCUTS)
+        elif line.startswith(("/exit", "/bye")):
+            return False
+        else:
+            print(f"Unknown command '{args[0]}'. Type /? for help")
+        return True
+
+    def _load(self, args: list[str]) -> None:
+        if len(args) != 2:
+            print("Usage:\n  /load <modelname>")
+            return
+        original = self.session.copy()
+        s = self.session
+        s.model, s.messages, s.loaded_messages = args[1], [], []
+        print(f"Loading model '{s.model}'")
+        try:
+            s.apply_show(self.api.show(s.model))
+            load_model(self.api, s)
+        except ResponseError as exc:
+            self.session = original
+            if exc.status_code == 404:
+                print(f"Couldn't find model '{args[1]}'")
+            else:
+                print(f"error: {exc}")
+        except ServerUnreachable as exc:
+            self.session = original
+            print(f"error: {exc}")
+
+    def _save(self, args: list[str]) -> None:
+        if len(args) != 2:
+            print("Usage:\n  /save <modelname>")
+            return
+        name = args[1]
+        if not ModelName.is_valid(name):
+            print(f"error: The model name '{name}' is invalid")
+            return
+        s = self.session
+        parent = s.parent_model if ModelName.is_valid(s.parent_model) else ""
+        request: dict[str, Any] = {"model": name, "from": parent or s.model}
+        if s.system:
+            request["system"] = s.system
+        if s.options:
+            request["parameters"] = s.options
+        messages = s.loaded_messages + s.messages
+        if messages:
+            request["messages"] = messages
+        try:
+            for _ in self.api.create(request):
+                pass
+        except ResponseError as exc:
+            if isinstance(exc, InvalidModelName) or "invalid model name" in str(exc):
+                print(f"error: The model name '{name}' is invalid")
+            else:
+                print(f"error: {exc}")
+            return
+        print(f"Created new model '{name}'")
+
+    def _set(self, args: list[str]) -> None:
+        s = self.session
+        if len(args) < 2:
+            _err(USAGE_SET)
+            return
+        what = args[1]
+        if what == "history":
+            self.reader.history_enabled = True
+        elif what == "nohistory":
+            self.reader.history_enabled = False
+        elif what in ("wordwrap", "nowordwrap"):
+            s.word_wrap = what == "wordwrap"
+            print(f"Set '{what}' mode.")
+        elif what in ("verbose", "quiet"):
+            s.verbose = what == "verbose"
+            print(f"Set '{what}' mode.")
+        elif what in ("think", "nothink"):
+            level = args[2] if what == "think" and len(args) > 2 else ""
+            s.think = (level or True) if what == "think" else False
+            s.think_explicit = True
+            if "thinking" not in s.capabilities:
+                _err(f"warning: model {go_quote(s.model)} does not support thinking output\n")
+            print(f"Set 'think' mode to '{level}'." if level else f"Set '{what}' mode.")
+        elif what == "format":
+            if len(args) < 3 or args[2] != "json":
+                print("Invalid or missing format. For 'json' mode use '/set format json'")
+            else:
+                s.format = "json"
+                print("Set format to 'json' mode.")
+        elif what == "noformat":
+            s.format = ""
+            print("Disabled format.")
+        elif what == "parameter":
+            if len(args) < 4:
+                _err(USAGE_PARAMETERS)
+                return
+            try:
+                value = format_params({args[2]: args[3:]})[args[2]]
+            except InvalidOption as exc:
+                print(f"Couldn't set parameter: {go_quote(str(exc))}")
+                return
+            print(f"Set parameter '{args[2]}' to '{', '.join(args[3:])}'")
+            s.options[args[2]] = value
+        elif what == "system":
+            if len(args) < 3:
+                _err(USAGE_SET)
+                return
+            text = " ".join(args[2:])
+            if text.startswith('"""'):
+                text, ended = _cut_suffix(text[3:], '"""')
+                if not ended:
+                    # Ollama loses the line break after the first line; keep it
+                    self._sb.append(text + "\n" if text else "")
+                    self._multiline = "system"
+                    self.reader.alt = True
+                    return
+            self._set_system(text, replace_last=True)
+        else:
+            print(f"Unknown command '/set {what}'. Type /? for help")
+
+    def _set_system(self, text: str, *, replace_last: bool) -> None:
+        """Ollama replaces a trailing system message for a one-line ``/set system`` but
+        appends one for the multi-line form; both are kept as they are."""
+        s = self.session
+        s.system = text
+        message = {"role": "system", "content": text}
+        if replace_last and s.messages and s.messages[-1].get("role") == "system":
+            s.messages[-1] = message
+        else:
+            s.messages.append(message)
+        print("Set system message.")
+
+    def _show(self, args: list[str]) -> None:
+        s = self.session
+        if len(args) < 2:
+            _err(USAGE_SHOW)
+            return
+        extra: dict[str, Any] = {}
+        if s.system:
+            extra["system"] = s.system
+        if s.options:
+            extra["options"] = s.options
+        try:
+            info = self.api.show(s.model, **extra)
+        except (ResponseError, ServerUnreachable):
+            print("error: couldn't get model")
+            return
+        what = args[1]
+        if what == "info":
+            _err(format_show(info))
+        elif what == "license":
+            print(info.get("license") or "No license was specified for this model.")
+        elif what == "modelfile":
+            print(info.get("modelfile", ""))
+        elif what == "parameters":
+            print("Model defined parameters:")
+            params = info.get("parameters") or ""
+            if not params:
+                print("  No additional parameters were specified for this model.")
+            for ln in params.split("\n") if params else []:
+                print(f"  {ln}")
+            print()
+            if s.options:
+                print("User defined parameters:")
+                for key, value in s.options.items():
+                    print(f"  {key:<30} {go_print_value(value)}")
+                print()
+        elif what == "system":
+            if s.system or info.get("system"):
+                print((s.system or info.get("system", "")) + "\n")
+            else:
+                print("No system message was specified for this model.")
+        elif what == "template":
+            print(info.get("template") or "No prompt template was specified for this model.")
+        else:
+            print(f"Unknown command '/show {what}'. Type /? for help")
+
+    # -- a chat turn ---------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        """Ask the model; the answer joins the history (see the module docstring)."""
+        s = self.session
+        s.messages.append({"role": "user", "content": text})
+        answer = self.chat()
+        if answer is None:
+            s.messages.pop()
+        else:
+            s.messages.append(answer)
+
+    def chat(self, *, retry: bool = True) -> dict[str, Any] | None:
+        s = self.session
+        body = {"model": s.model, "messages": s.messages, **s.request_fields()}
+        out = sys.stdout
+        display = AnswerDisplay(out, wrap=s.word_wrap and _isatty(out), plain=False,
+                                hide_thinking=s.hide_thinking)
+        spinner = WaitSpinner()
+        final: dict[str, Any] = {}
+        stream = self.api.chat(body)
+        try:
+            for item in stream:
+                message = item.get("message") or {}
+                if message.get("content") or not s.hide_thinking:
+                    spinner.stop()
+                display.feed(str(message.get("content") or ""), str(message.get("thinking") or ""),
+                             message.get("tool_calls"))
+                if item.get("done"):
+                    final = item
+        except KeyboardInterrupt:
+            spinner.stop()
+            display.finish()
+            out.write("\n\n" if display.wrote else "\n")
+            out.flush()
+            if not (display.content or display.thinking):
+                return None
+            return _assistant(display)
+        except ServerUnreachable as exc:
+            spinner.stop()
+            if retry and not display.wrote and self.restart_server and self.restart_server():
+                return self.chat(retry=False)
+            print(f"error: {exc}")
+            return None
+        except ResponseError as exc:
+            return self._failed(spinner, display, str(exc))
+        except (httpx.TransportError, json.JSONDecodeError) as exc:
+            return self._failed(
+                spinner, display,
+                f"the pollama server closed the connection before the answer was complete "
+                f"({type(exc).__name__})",
+            )
+        finally:
+            stream.close()
+            spinner.stop()
+        display.finish()
+        out.write("\n\n")
+        out.flush()
+        if s.verbose and final:
+            print_summary(final)
+        return _assistant(display)
+
+    @staticmethod
+    def _failed(spinner: WaitSpinner, display: AnswerDisplay, message: str) -> None:
+        spinner.stop()
+        display.finish()
+        if display.wrote:
+            sys.stdout.write("\n")
+        print(f"error: {message}")
+        return None
+
+
+def _assistant(display: AnswerDisplay) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": display.content}
+    if display.thinking:
+        message["thinking"] = display.thinking
+    return message
+
+
+def _cut_suffix(text: str, suffix: str) -> tuple[str, bool]:
+    if text.endswith(suffix):
+        return text[: -len(suffix)], True
+    return text, False
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,1 @@
+"""The inference service: resolve the model, build the prompt, schedule, stream."""

@@ -1,0 +1,408 @@
+"""From a request to the prompt text the model sees: Ollama's ``chatPrompt`` and generate rules.
+
+Protocol-neutral: the routes translate their wire request into plain message dicts (Ollama's
+``api.Message`` shape) and call :func:`build_chat_prompt` or :func:`build_generate_prompt`.
+
+Which template renders (spec §9.1, :func:`prompt_template_for`): a request ``template``
+override; else the model's Go ``TEMPLATE`` layer unless ``OLLAMA_GO_TEMPLATE`` is false or,
+with that variable unset, the GGUF Jinja template grants more (``prefer_jinja_template``);
+else the GGUF ``tokenizer.chat_template`` rendered in the sandbox (what Ollama's llama-server
+``--jinja`` path does); else ``{{ .Prompt }}``.
+
+Truncation keeps Ollama's rule (``server/prompt.go``): drop the oldest messages one at a
+time, always keeping every system message and the last message, until the rendered prompt
+(plus ``image_tokens`` per image) fits ``num_ctx``. Unlike Ollama, nothing is silent: the
+result says how many messages were dropped, and a prompt that cannot fit even at its minimum
+raises ``ContextOverflow`` naming both token counts instead of being cut by the runner.
+
+Images become ``[img-N]`` markers in their message's content (N counts the images sent, from
+0): a literal ``[img]`` is replaced, otherwise the marker is prefixed (``imageTaggedMessages``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pollama.errors import CapabilityMissing, ContextOverflow, InvalidRequest
+from pollama.gguf import GGUFInfo
+from pollama.store.models import LocalModel
+from pollama.template import (
+    DEFAULT_TEMPLATE,
+    NamedTemplate,
+    Template,
+    jinja_capabilities,
+    named_template,
+    named_templates,
+    prefer_jinja_template,
+    render_prompt,
+    template_capabilities,
+)
+from pollama.template.jinja import JinjaChatTemplate
+
+__all__ = [
+    "PromptResult",
+    "PromptTemplate",
+    "TokenCounter",
+    "build_chat_prompt",
+    "build_generate_prompt",
+    "default_stop_words",
+    "prompt_template_for",
+    "tag_images",
+]
+
+TokenCounter = Callable[[str], Awaitable[int]]
+"""Counts the tokens the model's tokenizer makes of a prompt (special tokens parsed)."""
+
+
+@functools.cache
+def _named_by_text() -> dict[str, NamedTemplate]:
+    found: dict[str, NamedTemplate] = {}
+    for name in named_templates():
+        named = named_template(name)
+        if named is not None:
+            found.setdefault(named.template.strip(), named)
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _go_template(text: str) -> PromptTemplate:
+    """Parsed Go templates, by text: every request of a model renders with the same one."""
+    return PromptTemplate(go=Template.parse(text), named=_named_by_text().get(text.strip()))
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The template one request renders with: a Go template or a GGUF Jinja chat template.
+
+    Exactly one of ``go`` and ``jinja`` is set. ``named`` is the built-in template whose text
+    the Go template is (its stop words are the defaults), when it is one.
+    """
+
+    go: Template | None = None
+    jinja: JinjaChatTemplate | None = None
+    named: NamedTemplate | None = None
+
+    @classmethod
+    def from_go(cls, text: str) -> PromptTemplate:
+        """Parse a Go template (``TemplateError`` if it does not parse)."""
+        return _go_template(text)
+
+    @classmethod
+    def from_jinja(cls, jinja: JinjaChatTemplate) -> PromptTemplate:
+        return cls(jinja=jinja)
+
+    @classmethod
+    def default(cls) -> PromptTemplate:
+        """``{{ .Prompt }}``: the prompt passes through verbatim."""
+        return cls.from_go(DEFAULT_TEMPLATE)
+
+    @property
+    def kind(self) -> str:
+        """``"go"`` or ``"jinja"``."""
+        return "jinja" if self.jinja is not None else "go"
+
+    @property
+    def text(self) -> str:
+        """The template source (what ``/api/show`` reports as ``template``)."""
+        if self.jinja is not None:
+            return self.jinja.text
+        return self.go.text if self.go is not None else DEFAULT_TEMPLATE
+
+    def capabilities(self) -> set[str]:
+        """``tools``/``insert``/``thinking`` as this template grants them (spec §10.4)."""
+        if self.jinja is not None:
+            return jinja_capabilities(self.jinja.text)
+        return template_capabilities(self._go())
+
+    def _go(self) -> Template:
+        return self.go if self.go is not None else Template.parse(DEFAULT_TEMPLATE)
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        think: bool | str | None = None,
+    ) -> str:
+        """Render a conversation ending where the model answers (``TemplateError`` on failure)."""
+        if self.jinja is not None:
+            return self.jinja.render(messages, tools=tools, think=think)
+        return render_prompt(self._go(), messages=messages, tools=tools, think=think)
+
+    def render_fill_in_middle(
+        self, prompt: str, suffix: str, *, think: bool | str | None = None
+    ) -> str:
+        """Execute the Go template with ``.Prompt`` and ``.Suffix`` only."""
+        return render_prompt(self._go(), prompt=prompt, suffix=suffix, think=think)
+
+
+def prompt_template_for(
+    model: LocalModel | None,
+    info: GGUFInfo | None,
+    *,
+    go_template_enabled: bool = True,
+    go_template_explicit: bool = False,
+    override: str | None = None,
+) -> PromptTemplate:
+    """The template a request for ``model`` renders with (spec §9.1, priorities 3–4).
+
+    ``go_template_enabled`` is ``OLLAMA_GO_TEMPLATE`` (default true); ``go_template_explicit``
+    says the variable is set at all, which turns off the "prefer the richer Jinja template"
+    rule. ``override`` is a request's ``template`` (always a Go template). With Go templates
+    disabled and no GGUF chat template, the model's Go template is still used (Ollama's
+    llama-server would fall back to its own built-in format).
+    """
+    if override:
+        return PromptTemplate.from_go(override)
+    go_text = model.template() if model is not None else None
+    chat_text = info.chat_template if info is not None else None
+    go = PromptTemplate.from_go(go_text) if go_text else None
+    jinja = (
+        PromptTemplate.from_jinja(JinjaChatTemplate.from_gguf(info.kv, chat_text))
+        if info is not None and chat_text
+        else None
+    )
+    if go is not None and go_template_enabled:
+        prefer = (
+            jinja is not None
+            and not go_template_explicit
+            and prefer_jinja_template(jinja.text, jinja.capabilities(), go.go, go.capabilities())
+        )
+        if not prefer:
+            return go
+    if jinja is not None:
+        return jinja
+    return go if go is not None else PromptTemplate.default()
+
+
+def default_stop_words(params: Mapping[str, Any], template: PromptTemplate | None) -> list[str]:
+    """Stop strings for a request whose options and Modelfile set no ``stop``.
+
+    The model's ``stop`` parameter wins; else a built-in Go template's stop list (chatml:
+    ``<|im_start|>``, ``<|im_end|>``); else, for a Jinja template, the texts of the GGUF's
+    end-of-generation tokens. llama.cpp stops at those tokens by itself, so this matters most
+    for Go templates whose model emits the end marker as text.
+    """
+    stop = params.get("stop")
+    if isinstance(stop, str) and stop:
+        return [stop]
+    if isinstance(stop, list | tuple) and stop:
+        return [str(s) for s in stop]
+    if template is None:
+        return []
+    if template.jinja is not None:
+        return list(template.jinja.end_tokens)
+    if template.named is not None and template.named.stop:
+        return list(template.named.stop)
+    return []
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """The rendered prompt and what was done to fit it."""
+
+    prompt: str
+    truncated: bool
+    messages_dropped: int
+    """Non-system messages left out, oldest first."""
+    prompt_tokens: int
+    """Tokens of ``prompt`` as counted (plus ``image_tokens`` per image)."""
+    images: list[Any] = field(default_factory=list)
+    """The images sent with the prompt, in ``[img-N]`` order."""
+
+
+def _role(msg: Mapping[str, Any]) -> str:
+    return str(msg.get("role") or "").lower()
+
+
+def tag_images(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Ollama's ``imageTaggedMessages``: ``[img-N]`` markers in content, images in order."""
+    out: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for msg in messages:
+        item = dict(msg)
+        content = str(item.get("content") or "")
+        prefix = ""
+        for image in item.get("images") or []:
+            tag = f"[img-{len(images)}]"
+            images.append(image)
+            if "[img]" in content:
+                content = content.replace("[img]", tag, 1)
+            else:
+                prefix += tag
+        item["content"] = prefix + content
+        out.append(item)
+    return out, images
+
+
+_PROMPT_ADVICE = "shorten the prompt or increase num_ctx"
+
+
+def _overflow(tokens: int, num_ctx: int, advice: str) -> ContextOverflow:
+    return ContextOverflow(
+        f"prompt has {tokens} tokens but the context window (num_ctx) is {num_ctx} tokens; "
+        + advice
+    )
+
+
+async def _fit(
+    template: PromptTemplate,
+    msgs: list[dict[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    think: bool | str | None,
+    num_ctx: int,
+    count_tokens: TokenCounter,
+    truncate: bool,
+    prefix: str = "",
+    image_tokens: int = 0,
+    advice: str | None = None,
+) -> PromptResult:
+    """``chatPrompt``: render, and drop the oldest non-system messages until it fits."""
+    last = len(msgs) - 1
+    # Starting just after a system message renders the same list as starting on it: skip.
+    starts = [i for i in range(last + 1) if i == 0 or _role(msgs[i - 1]) != "system"]
+    if not truncate or not starts:
+        starts = [0]
+    tokens = 0
+    for start in starts:
+        kept_system = [m for m in msgs[:start] if _role(m) == "system"]
+        tagged, images = tag_images(msgs[start:])
+        prompt = prefix + template.render(kept_system + tagged, tools=tools, think=think)
+        tokens = await count_tokens(prompt) + image_tokens * len(images)
+        if tokens <= num_ctx:
+            dropped = start - len(kept_system)
+            return PromptResult(prompt, dropped > 0, dropped, tokens, images)
+    if advice is None:
+        advice = "shorten the messages or increase num_ctx"
+        if truncate and len(msgs) > 1:
+            advice = (
+                "the last message does not fit even with all older messages dropped; "
+                "shorten it or increase num_ctx"
+            )
+    raise _overflow(tokens, num_ctx, advice)
+
+
+async def build_chat_prompt(
+    template: PromptTemplate,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    system_default: str | None,
+    model_messages: Sequence[Mapping[str, Any]] = (),
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    think: bool | str | None = None,
+    num_ctx: int,
+    count_tokens: TokenCounter,
+    truncate: bool = True,
+    image_tokens: int = 0,
+) -> PromptResult:
+    """The prompt for a chat request (``/api/chat`` and the ``/v1`` chat routes).
+
+    ``msgs = model_messages + messages``, with the model's SYSTEM (``system_default``) first
+    when the request's first message is not a system message. ``image_tokens`` is what one
+    image costs in the window (Ollama counts 768 for projector models, 0 otherwise).
+    Raises ``ContextOverflow`` when even system messages plus the last message do not fit,
+    or when ``truncate`` is false and the whole conversation does not.
+    """
+    msgs = [dict(m) for m in (*model_messages, *messages)]
+    if messages and _role(messages[0]) != "system" and system_default:
+        msgs.insert(0, {"role": "system", "content": system_default})
+    return await _fit(
+        template,
+        msgs,
+        tools=tools,
+        think=think,
+        num_ctx=num_ctx,
+        count_tokens=count_tokens,
+        truncate=truncate,
+        image_tokens=image_tokens,
+    )
+
+
+async def _single(
+    prompt: str, images: list[Any], num_ctx: int, count: TokenCounter, image_tokens: int
+) -> PromptResult:
+    tokens = await count(prompt) + image_tokens * len(images)
+    if tokens > num_ctx:
+        raise _overflow(tokens, num_ctx, _PROMPT_ADVICE)
+    return PromptResult(prompt, False, 0, tokens, images)
+
+
+async def build_generate_prompt(
+    template: PromptTemplate,
+    *,
+    prompt: str,
+    system: str | None = None,
+    system_default: str | None = None,
+    model_messages: Sequence[Mapping[str, Any]] = (),
+    suffix: str | None = None,
+    raw: bool = False,
+    context_text: str | None = None,
+    template_override: str | None = None,
+    images: Sequence[Any] | None = None,
+    think: bool | str | None = None,
+    num_ctx: int,
+    count_tokens: TokenCounter,
+    truncate: bool = True,
+    model_name: str = "",
+    image_tokens: int = 0,
+) -> PromptResult:
+    """The prompt for ``/api/generate`` (and ``/v1/completions``), spec §2.3.
+
+    * ``raw``: ``prompt`` verbatim; combined with ``template_override``, ``system`` or a
+      context it is ``InvalidRequest("raw mode does not support template, system, or
+      context")``.
+    * ``suffix``: the template (the override if given) runs with ``.Prompt`` and ``.Suffix``
+      only; ``template`` must reference ``.Suffix``, else ``CapabilityMissing("<model_name>
+      does not support insert")``.
+    * otherwise ``[system or system_default] + model_messages (only without a context) +
+      user prompt`` is rendered directly by the override, or like a chat (with truncation of
+      the Modelfile MESSAGEs) by ``template``.
+
+    ``context_text`` is the detokenized ``context`` of an earlier response, prepended to the
+    rendered prompt; None means the request has no context (an empty ``context`` list
+    should be passed as None). A prompt that cannot fit raises ``ContextOverflow``.
+    """
+    images = list(images or [])
+    if raw:
+        if template_override or system or context_text is not None:
+            raise InvalidRequest("raw mode does not support template, system, or context")
+        return await _single(prompt, images, num_ctx, count_tokens, image_tokens)
+
+    prefix = context_text or ""
+    direct = PromptTemplate.from_go(template_override) if template_override else None
+    if suffix:
+        if "insert" not in template.capabilities():
+            raise CapabilityMissing(f"{model_name} does not support insert")
+        text = (direct or template).render_fill_in_middle(prompt, suffix, think=think)
+        return await _single(prefix + text, images, num_ctx, count_tokens, image_tokens)
+
+    msgs: list[dict[str, Any]] = []
+    if system or system_default:
+        msgs.append({"role": "system", "content": system or system_default})
+    if context_text is None:
+        msgs.extend(dict(m) for m in model_messages)
+    user: dict[str, Any] = {"role": "user", "content": prompt}
+    if images:
+        user["images"] = images
+    msgs.append(user)
+
+    if direct is not None:
+        tagged, sent = tag_images(msgs)
+        text = direct.render(tagged, think=think)
+        return await _single(prefix + text, sent, num_ctx, count_tokens, image_tokens)
+    return await _fit(
+        template,
+        msgs,
+        tools=[],
+        think=think,
+        num_ctx=num_ctx,
+        count_tokens=count_tokens,
+        truncate=truncate,
+        prefix=prefix,
+        image_tokens=image_tokens,
+        advice=_PROMPT_ADVICE,
+    )

@@ -1,0 +1,635 @@
+"""Resumable, verified, shared blob downloads (spec §6.2, Ollama's ``server/download.go``).
+
+A blob is fetched in up to 16 ranged parts in parallel into ``<blob>-partial`` in the store,
+with each part's progress recorded in ``<blob>-partial-<N>`` as Ollama records it
+(``{"N","Offset","Size","Completed"}``), so a download interrupted by a cancelled request, a
+killed server or a reboot continues from the bytes on disk, and Ollama and pollama can each
+resume the other's. What must stay true:
+
+* **Nothing unverified gets a blob's name.** The data is hashed in file order while it is
+  written (a hasher follows the contiguous completed prefix, reading back what the parts
+  wrote), and ``-partial`` is renamed to the blob only when the sha256 equals the digest.
+  A mismatch deletes the partial data and its part files, nothing else.
+* **A part file never claims bytes that are not on disk.** Counters move only after
+  ``pwrite`` returns, and a checkpoint ``fdatasync``\\ s the data before it writes the part
+  files (atomically), so even a power cut leaves a state that resumes correctly.
+* **A stall is not a failure.** A part that receives nothing for ``stall_timeout`` seconds
+  is retried at once from where it stopped, without using up a retry; other errors retry
+  with exponential backoff, and an attempt that made progress resets the count.
+* **One download per digest per process.** Pulls of the same blob follow one download; it is
+  cancelled (keeping its progress) when the last follower goes away. An exclusive ``flock``
+  on the partial file keeps a second process from writing the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import secrets
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from pollama.registry.client import RegistrySession
+from pollama.registry.errors import BlobDigestMismatch, InsufficientDiskSpace, RegistryError
+from pollama.store.blobs import PARTIAL_SUFFIX, TEMP_PREFIX, BlobStore
+
+log = logging.getLogger(__name__)
+
+_FLUSH_BYTES = 1 << 20
+_HASH_CHUNK = 8 << 20
+_MAX_PART_FILE = 4096
+T = TypeVar("T")
+
+
+@dataclass
+class TransferOptions:
+    """Tunables of downloads and uploads; the defaults are Ollama's."""
+
+    stall_timeout: float = 30.0
+    max_retries: int = 6
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    max_stalls: int = 20
+    max_parts: int = 16
+    min_part_size: int = 100_000_000
+    max_part_size: int = 1_000_000_000
+    checkpoint_interval: float = 2.0
+    progress_interval: float = 0.06
+
+    def backoff(self, tries: int) -> float:
+        """``base * 2^(tries-1)`` capped, jittered 0.5-1.5x against thundering herds."""
+        delay = min(self.backoff_base * 2 ** (tries - 1), self.backoff_max)
+        return delay * (0.5 + random.random())
+
+    def plan(self, total: int) -> list[tuple[int, int]]:
+        """(offset, size) of each part: ``total / max_parts`` clamped to the size bounds."""
+        size = min(max(total // self.max_parts, self.min_part_size), self.max_part_size)
+        return [(offset, min(size, total - offset)) for offset in range(0, total, size)]
+
+
+@dataclass
+class Part:
+    n: int
+    offset: int
+    size: int
+    completed: int = 0
+
+    @property
+    def start(self) -> int:
+        return self.offset + self.completed
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    @property
+    def done(self) -> bool:
+        return self.completed >= self.size
+
+    def to_json(self, completed: int) -> bytes:
+        doc = {"N": self.n, "Offset": self.offset, "Size": self.size, "Completed": completed}
+        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+class PartStalled(Exception):
+    """No bytes arrived for the stall timeout."""
+
+
+class ShortRead(Exception):
+    """The response ended before the part was complete (a dropped connection)."""
+
+
+class DirectURLExpired(Exception):
+    """A CDN refused the direct URL (expired signature): resolve it again."""
+
+
+def _retryable(exc: RegistryError) -> bool:
+    return exc.status_code in (0, 408, 429) or exc.status_code >= 500
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _hash_range(fd: int, hasher: hashlib._Hash, start: int, end: int) -> None:
+    while start < end:
+        chunk = os.pread(fd, min(_HASH_CHUNK, end - start), start)
+        if not chunk:
+            raise OSError(errno.EIO, "partial download is shorter than its recorded progress")
+        hasher.update(chunk)
+        start += len(chunk)
+
+
+class BlobDownload:
+    """The download of one blob; :meth:`follow` it, the task runs on its own."""
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        digest: str,
+        size: int,
+        session: RegistrySession,
+        opts: TransferOptions,
+        previous: BlobDownload | None = None,
+    ) -> None:
+        self.blobs = blobs
+        self.digest = digest
+        self.path = blobs.path(digest)
+        self.partial = Path(str(self.path) + PARTIAL_SUFFIX)
+        self.total = size
+        self.completed = 0
+        self.parts: list[Part] = []
+        self.opts = opts
+        self.session = session.acquire()
+        self.refs = 0
+        self.abandoned = False
+        self._previous = previous
+        self._fd = -1
+        self._direct: httpx.URL | None = None
+        self._direct_lock = asyncio.Lock()
+        self._progressed = asyncio.Event()
+        self._state_lock = threading.Lock()
+        # File work runs in threads that outlive a cancelled await; the descriptor is closed
+        # only once none is running, so a late pwrite can never hit a reused descriptor.
+        self._io_cond = threading.Condition()
+        self._io_busy = 0
+        self._finished = False
+        self._saved: dict[int, int] = {}
+        self._active_paths: set[Path] = set()
+        self.task: asyncio.Task[None] = asyncio.create_task(self._run(), name=f"pull {digest}")
+
+    # -- following --------------------------------------------------------------------------
+
+    async def follow(self) -> AsyncIterator[tuple[int, int]]:
+        """(total, completed) now and every progress interval until done; raises its error.
+
+        Leaving early (a client that went away) drops this follower; the last one to leave
+        cancels the download, which keeps what it has on disk for the next pull.
+        """
+        self.refs += 1
+        try:
+            yield self.total, self.completed
+            while True:
+                done, _ = await asyncio.wait({self.task}, timeout=self.opts.progress_interval)
+                if done:
+                    break
+                yield self.total, self.completed
+            self.task.result()
+            yield self.total, self.total
+        finally:
+            self.refs -= 1
+            if self.refs == 0 and not self.task.done():
+                self.abandoned = True
+                self.task.cancel()
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _part_path(self, n: int) -> Path:
+        return self.partial.with_name(f"{self.partial.name}-{n}")
+
+    def _part_files(self) -> list[Path]:
+        pattern = glob.escape(str(self.partial)) + "-*"
+        return [Path(p) for p in glob.glob(pattern) if p[len(str(self.partial)) + 1 :].isdigit()]
+
+    def _load_parts(self, data_size: int) -> list[Part] | None:
+        """The recorded parts, or None when there are none, they do not add up, or the data
+        file is shorter than what they claim."""
+        files = self._part_files()
+        if not files:
+            return None
+        parts: list[Part] = []
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    doc = json.loads(f.read(_MAX_PART_FILE))
+                values = [doc["N"], doc["Offset"], doc["Size"], doc["Completed"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                return None
+            parts.append(Part(*values))
+        parts.sort(key=lambda p: p.n)
+        offset = 0
+        for index, part in enumerate(parts):
+            if part.n != index or part.offset != offset or part.size <= 0:
+                return None
+            if not 0 <= part.completed <= part.size or part.start > data_size:
+                return None
+            offset += part.size
+        return parts if offset == self.total else None
+
+    def _discard(self) -> None:
+        for path in [*self._part_files(), self.partial]:
+            path.unlink(missing_ok=True)
+
+    def _write_part(self, part: Part, completed: int) -> None:
+        tmp = self.blobs.dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        with open(tmp, "wb") as f:
+            f.write(part.to_json(completed))
+        os.replace(tmp, self._part_path(part.n))
+
+    def _checkpoint(self) -> None:
+        """Make the recorded progress durable: data first, then the part files."""
+        with self._state_lock:
+            if self._finished or self._fd < 0:
+                return
+            snapshot = [(p, p.completed) for p in self.parts]
+            changed = [(p, c) for p, c in snapshot if self._saved.get(p.n) != c]
+            if not changed:
+                return
+            os.fdatasync(self._fd)
+            for part, completed in changed:
+                self._write_part(part, completed)
+                self._saved[part.n] = completed
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.checkpoint_interval)
+            await self._io(self._checkpoint)
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        if self._previous is not None and not self._previous.task.done():
+            await asyncio.wait({self._previous.task})  # let it save its progress first
+        self._previous = None
+        try:
+            await self._prepare()
+            await self._download()
+        finally:
+            if self._fd >= 0:
+                try:
+                    self._checkpoint()
+                except OSError as exc:
+                    log.warning("could not save the progress of %s: %s", self.digest, exc)
+                self._close_fd()
+            self.blobs.active.difference_update(self._active_paths)
+            await self.session.release()
+
+    async def _prepare(self) -> None:
+        """Lock the partial file, then resume its recorded parts or plan new ones."""
+        self.blobs.ensure()
+        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RegistryError(
+                f"{self.digest} is being downloaded by another process; try again when it ends"
+            ) from None
+        self._fd = fd
+        self._active_paths = {self.partial}
+        self.blobs.active.add(self.partial)
+        parts = await asyncio.to_thread(self._load_parts, os.fstat(fd).st_size)
+        if parts is None:
+            for path in await asyncio.to_thread(self._part_files):
+                path.unlink(missing_ok=True)
+            self.total = await self._remote_size()
+            parts = [Part(n, off, size) for n, (off, size) in enumerate(self.opts.plan(self.total))]
+            for part in parts:
+                await asyncio.to_thread(self._write_part, part, 0)
+        else:
+            done = sum(p.completed for p in parts)
+            log.info("resuming %s from %d bytes", self.digest[7:19], done)
+        self.parts = parts
+        self._saved = {p.n: p.completed for p in parts}
+        self.completed = sum(p.completed for p in parts)
+        paths = {self._part_path(p.n) for p in parts}
+        self._active_paths |= paths
+        self.blobs.active.update(paths)
+        if os.fstat(fd).st_size != self.total:
+            os.ftruncate(fd, self.total)
+        if parts:
+            log.info("downloading %s in %d part(s)", self.digest[7:19], len(parts))
+
+    async def _remote_size(self) -> int:
+        """``HEAD`` the blob (Ollama does); its length must agree with the manifest's."""
+        url = self.session.url("blobs", self.digest)
+
+        async def head() -> int | None:
+            async with self.session.stream("HEAD", url) as response:
+                length = response.headers.get("content-length", "")
+                return int(length) if length.isdigit() else None
+
+        length = await self._with_retries(head, "HEAD")
+        if length is None:
+            return self.total
+        if self.total and length != self.total:
+            raise RegistryError(
+                f"registry reports {length} bytes for {self.digest}, the manifest {self.total}"
+            )
+        return length
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Retry a small request on transport errors and 5xx/408/429, with backoff."""
+        tries = 0
+        while True:
+            try:
+                return await call()
+            except (httpx.TransportError, RegistryError) as exc:
+                if isinstance(exc, RegistryError) and not _retryable(exc):
+                    raise
+                tries += 1
+                if tries > self.opts.max_retries:
+                    raise RegistryError(
+                        f"{what} {self.digest[7:19]}: max retries exceeded: {exc}"
+                    ) from exc
+                await asyncio.sleep(self.opts.backoff(tries))
+
+    async def _direct_url(self) -> httpx.URL:
+        """Where the bytes are: the blob URL, or the first cross-host redirect (a CDN)."""
+        async with self._direct_lock:
+            if self._direct is not None:
+                return self._direct
+
+            async def resolve() -> httpx.URL:
+                url = self.session.url("blobs", self.digest)
+                # One byte is enough to learn where the data is (Ollama asks for all of it).
+                headers = {"Accept-Encoding": "identity", "Range": "bytes=0-0"}
+                response = await self.session.send(
+                    "GET", url, headers=headers, same_host_only=True, ok_statuses=(416,)
+                )
+                await response.aclose()
+                location = response.headers.get("location")
+                if response.status_code in (301, 302, 303, 307, 308) and location:
+                    return self.session.redirect_target(response.url, location)
+                if response.status_code not in (200, 206, 416):
+                    raise RegistryError(f"unexpected status code {response.status_code}")
+                return response.url
+
+            self._direct = await self._with_retries(resolve, "GET")
+            return self._direct
+
+    async def _download(self) -> None:
+        sem = asyncio.Semaphore(self.opts.max_parts)
+        workers = [
+            asyncio.create_task(self._download_part(p, sem)) for p in self.parts if not p.done
+        ]
+        hasher = asyncio.create_task(self._hash_in_order())
+        checkpointer = asyncio.create_task(self._checkpoint_loop())
+        try:
+            pending = set(workers)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+            actual = await hasher
+        finally:
+            for task in (*workers, hasher, checkpointer):
+                task.cancel()
+            await asyncio.gather(*workers, hasher, checkpointer, return_exceptions=True)
+        await asyncio.to_thread(self._finish, actual)
+
+    def _finish(self, actual: str) -> None:
+        """Publish the verified blob, or delete the bad data (and only that)."""
+        with self._state_lock:
+            self._finished = True
+        if actual != self.digest:
+            self._close_fd()
+            self._discard()
+            raise BlobDigestMismatch(self.digest, actual)
+        os.fsync(self._fd)
+        self._close_fd()
+        os.chmod(self.partial, 0o644)
+        os.replace(self.partial, self.path)
+        for path in self._part_files():
+            path.unlink(missing_ok=True)
+
+    def _guarded(self, fn: Callable[..., T], *args: object) -> T:
+        with self._io_cond:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the download was closed")
+            self._io_busy += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._io_cond:
+                self._io_busy -= 1
+                self._io_cond.notify_all()
+
+    def _pwrite(self, data: bytes | bytearray, offset: int) -> None:
+        _pwrite_all(self._fd, data, offset)
+
+    def _hash_range(self, hasher: hashlib._Hash, start: int, end: int) -> None:
+        _hash_range(self._fd, hasher, start, end)
+
+    async def _io(self, fn: Callable[..., T], *args: object) -> T:
+        """Run file work on the open descriptor in a thread (see ``_close_fd``)."""
+        return await asyncio.to_thread(self._guarded, fn, *args)
+
+    def _close_fd(self) -> None:
+        with self._io_cond:
+            self._io_cond.wait_for(lambda: self._io_busy == 0, timeout=60)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def _frontier(self) -> int:
+        """End of the contiguous completed prefix of the file."""
+        frontier = 0
+        for part in self.parts:
+            if not part.done:
+                return part.start
+            frontier = part.end
+        return frontier
+
+    async def _hash_in_order(self) -> str:
+        hasher = hashlib.sha256()
+        hashed = 0
+        while True:
+            self._progressed.clear()
+            frontier = self._frontier()
+            if frontier > hashed:
+                await self._io(self._hash_range, hasher, hashed, frontier)
+                hashed = frontier
+                continue
+            if hashed >= self.total:
+                return f"sha256:{hasher.hexdigest()}"
+            await self._progressed.wait()
+
+    async def _download_part(self, part: Part, sem: asyncio.Semaphore) -> None:
+        async with sem:
+            tries = stalls = 0
+            while not part.done:
+                before = part.completed
+                try:
+                    await self._fetch_part(part, await self._direct_url())
+                except (PartStalled, httpx.ReadTimeout):
+                    stalls = 0 if part.completed > before else stalls + 1
+                    log.info(
+                        "%s part %d stalled; retrying. If this persists, press ctrl-c to exit, "
+                        "then 'pollama pull' to find a faster connection.",
+                        self.digest[7:19],
+                        part.n,
+                    )
+                    if stalls > self.opts.max_stalls:
+                        raise RegistryError(
+                            f"download of {self.digest[7:19]} keeps stalling"
+                        ) from None
+                    continue
+                except DirectURLExpired:
+                    self._direct = None
+                    exc: Exception = RegistryError("the download URL was refused")
+                except (httpx.TransportError, ShortRead) as err:
+                    exc = err
+                except RegistryError as err:
+                    if not _retryable(err):
+                        raise
+                    exc = err
+                else:
+                    continue
+                tries = 1 if part.completed > before else tries + 1
+                if tries > self.opts.max_retries:
+                    raise RegistryError(f"max retries exceeded: {_describe(exc)}")
+                delay = self.opts.backoff(tries)
+                log.info(
+                    "%s part %d attempt %d failed: %s, retrying in %.1fs",
+                    self.digest[7:19],
+                    part.n,
+                    tries,
+                    _describe(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _fetch_part(self, part: Part, url: httpx.URL) -> None:
+        """One attempt at the rest of a part. Received bytes are written in order, one buffer
+        in flight while the next is read; whatever arrived before an error is kept."""
+        same_host = self.session.is_registry_host(url)
+        headers = {"Range": f"bytes={part.start}-{part.end - 1}", "Accept-Encoding": "identity"}
+        ok = () if same_host else (401, 403)
+        response = await self.session.send("GET", url, headers=headers, ok_statuses=ok)
+        buffer = bytearray()
+        writing: asyncio.Task[None] | None = None
+        received = part.start  # where the next byte of the body belongs
+        stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
+        try:
+            skip = self._check_part_response(response, part)
+            chunks = response.aiter_raw()
+            while received < part.end:
+                try:
+                    async with asyncio.timeout(stall):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise PartStalled() from None
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                chunk = chunk[: part.end - received]
+                buffer += chunk
+                received += len(chunk)
+                if len(buffer) >= _FLUSH_BYTES:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.create_task(self._flush(part, bytes(buffer)))
+                    buffer = bytearray()
+        finally:
+            if writing is not None:  # let the write in flight land before anything else
+                await asyncio.gather(writing, return_exceptions=True)
+            if buffer and writing is None or (writing is not None and not writing.exception()):
+                if buffer:  # bytes that arrived are good: keep them for the retry
+                    try:
+                        self._write(part, buffer)
+                    except Exception as exc:  # noqa: BLE001 - the original error matters more
+                        log.warning("could not keep %d bytes of %s: %s", len(buffer),
+                                    self.digest, exc)
+            await response.aclose()
+        if writing is not None and writing.exception() is not None:
+            raise writing.exception()  # type: ignore[misc]
+        if not part.done:
+            raise ShortRead(f"connection closed at {part.start} of part {part.n}")
+
+    @staticmethod
+    def _check_part_response(response: httpx.Response, part: Part) -> int:
+        """Bytes to skip at the start of the body (a server that ignored the Range)."""
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        if encoding not in ("", "identity"):
+            raise RegistryError(f"blob sent with Content-Encoding {encoding!r}", 400)
+        if response.status_code == 206:
+            content_range = response.headers.get("content-range", "")
+            if content_range and not content_range.startswith(f"bytes {part.start}-"):
+                raise RegistryError(f"unexpected Content-Range {content_range!r}")
+            return 0
+        if response.status_code == 200:
+            return part.start
+        if response.status_code in (401, 403):
+            raise DirectURLExpired()
+        raise RegistryError(f"unexpected status code {response.status_code}")
+
+    async def _flush(self, part: Part, data: bytes) -> None:
+        try:
+            await self._io(self._pwrite, data, part.start)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
+        self._advance(part, len(data))
+
+    def _write(self, part: Part, data: bytearray) -> None:
+        try:
+            _pwrite_all(self._fd, data, part.start)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
+        self._advance(part, len(data))
+
+    def _advance(self, part: Part, count: int) -> None:
+        part.completed += count
+        self.completed += count
+        self._progressed.set()
+
+    def _disk_error(self, exc: OSError) -> Exception:
+        if exc.errno == errno.ENOSPC:
+            return InsufficientDiskSpace(f"no space left on device while downloading {self.digest}")
+        return exc
+
+
+class DownloadManager:
+    """The downloads in flight in this process, by digest, so pulls share them."""
+
+    def __init__(self) -> None:
+        self._active: dict[str, BlobDownload] = {}
+
+    def get(
+        self,
+        blobs: BlobStore,
+        digest: str,
+        size: int,
+        session: RegistrySession,
+        opts: TransferOptions,
+    ) -> BlobDownload:
+        current = self._active.get(digest)
+        if current is not None and not current.abandoned and not current.task.done():
+            return current
+        download = BlobDownload(blobs, digest, size, session, opts, previous=current)
+        self._active[digest] = download
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            if self._active.get(digest) is download:
+                del self._active[digest]
+
+        download.task.add_done_callback(forget)
+        return download
+
+    def active(self) -> list[str]:
+        return sorted(self._active)

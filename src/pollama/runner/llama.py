@@ -1,0 +1,425 @@
+"""The one module that calls llama.cpp (through ``llama_cpp``'s low-level ctypes bindings).
+
+Everything version-specific lives here, so a bump of ``llama-cpp-python`` (pinned at 0.3.36)
+touches one file: context-parameter fields, the ``llama_memory_*`` names, the five-argument
+``llama_sampler_init_penalties``, the ``flash_attn_type`` enum and ``load_mode``. The
+wrappers are thin and typed; the scheduling logic is in ``runner/engine.py``.
+
+What must stay true:
+
+* Only the worker process imports this module (principle 3 of the design notes); importing it
+  loads the shared libraries.
+* A :class:`Context` and its :class:`Batch`/:class:`SamplerChain` objects are used by one
+  thread (the engine loop). The vocabulary functions (:meth:`Model.tokenize`,
+  :meth:`Model.detokenize`, :meth:`Model.token_to_piece`, :meth:`Model.is_eog`) only read
+  the model's immutable vocabulary, so other threads may call them while a decode runs
+  (``llama-server`` tokenizes in its HTTP threads the same way); ctypes releases the GIL
+  during every C call.
+* Pointers returned by llama.cpp are freed exactly once, by ``close()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as lc
+import numpy as np
+import numpy.typing as npt
+
+from pollama.errors import InternalError, InvalidOption
+
+__all__ = [
+    "Batch",
+    "Context",
+    "ContextParams",
+    "LogSink",
+    "Model",
+    "SamplerChain",
+    "backend_init",
+    "kv_cache_types",
+]
+
+KV_CACHE_TYPES: dict[str, int] = {
+    "f16": lc.GGML_TYPE_F16,
+    "f32": lc.GGML_TYPE_F32,
+    "q8_0": lc.GGML_TYPE_Q8_0,
+    "q4_0": lc.GGML_TYPE_Q4_0,
+}
+DEFAULT_SEED = lc.LLAMA_DEFAULT_SEED  # llama.cpp picks a random seed for this value
+
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line)
+_LOG_INFO, _LOG_WARN, _LOG_CONT = 2, 3, 5
+_BUFFER_SIZE = re.compile(rb"buffer size =\s*([0-9.]+) MiB")
+
+
+class LogSink:
+    """llama.cpp's log: warnings and errors to stderr (everything when ``verbose``), never
+    stdout; also sums the ``... buffer size = N MiB`` lines that llama.cpp prints while
+    loading weights and creating a context, which is the most exact memory figure it gives.
+
+    The ctypes callback must outlive every llama.cpp call, so this object is kept for the
+    life of the process.
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.buffer_bytes = 0
+        self.last_error = ""
+        self._level = 0
+        self._callback = lc.llama_log_callback(self._log)
+        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _log(self, level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+        if text is None:
+            return
+        if level != _LOG_CONT:
+            self._level = level
+        match = _BUFFER_SIZE.search(text)
+        if match:
+            self.buffer_bytes += int(float(match.group(1)) * (1 << 20))
+        if self._level > _LOG_WARN and text.strip():
+            self.last_error = text.decode("utf-8", "replace").strip()
+        if self.verbose or self._level >= _LOG_WARN:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def backend_init() -> None:
+    lc.llama_backend_init()
+
+
+def kv_cache_types(name: str, flash_attention: bool | None) -> tuple[int, int, str]:
+    """``(type_k, type_v, warning)`` for an ``OLLAMA_KV_CACHE_TYPE`` value.
+
+    llama.cpp refuses a quantized V cache without flash attention. As Ollama does, a quantized
+    cache with flash attention explicitly off falls back to f16 (the warning says so); with
+    flash attention on auto, the caller must turn it on (see :func:`flash_attn_type`).
+    """
+    key = (name or "f16").lower()
+    if key not in KV_CACHE_TYPES:
+        raise InvalidOption(
+            f"unsupported kv cache type {name!r}; use one of {', '.join(KV_CACHE_TYPES)}"
+        )
+    kind = KV_CACHE_TYPES[key]
+    quantized = key not in ("f16", "f32")
+    if quantized and flash_attention is False:
+        warning = f"kv cache type {key} needs flash attention, which is off: using f16"
+        return lc.GGML_TYPE_F16, lc.GGML_TYPE_F16, warning
+    return kind, kind, ""
+
+
+def flash_attn_type(flash_attention: bool | None, kv_cache_type: str) -> int:
+    """The ``flash_attn_type`` enum; auto becomes on when the KV cache is quantized."""
+    if flash_attention is None:
+        if (kv_cache_type or "f16").lower() in ("q8_0", "q4_0"):
+            return lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        return lc.LLAMA_FLASH_ATTN_TYPE_AUTO
+    return lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
+class Model:
+    """A loaded ``llama_model`` and its vocabulary."""
+
+    def __init__(self, path: str, *, use_mmap: bool | None = None, vocab_only: bool = False):
+        params = lc.llama_model_default_params()
+        if use_mmap is not None:
+            params.load_mode = lc.LLAMA_LOAD_MODE_MMAP if use_mmap else lc.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        ptr = lc.llama_model_load_from_file(path.encode(), params)
+        if not ptr:
+            raise InternalError(f"llama.cpp could not load the model file {path}")
+        self.ptr: ctypes.c_void_p | None = ptr
+        self.vocab = lc.llama_model_get_vocab(ptr)
+        self.n_vocab: int = lc.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = lc.llama_model_n_ctx_train(ptr)
+        self.n_layer: int = lc.llama_model_n_layer(ptr)
+        self.n_embd: int = lc.llama_model_n_embd(ptr)
+        self.n_head: int = lc.llama_model_n_head(ptr)
+        self.n_head_kv: int = lc.llama_model_n_head_kv(ptr)
+        self.size_bytes: int = lc.llama_model_size(ptr)
+        self.has_decoder: bool = lc.llama_model_has_decoder(ptr)
+        self.add_bos: bool = lc.llama_vocab_get_add_bos(self.vocab)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (lc.llama_token * size)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, parse_special)
+            if n >= 0:
+                return buf[:n]
+            if -n <= size:  # an overflow of int32 in llama.cpp, not a short buffer
+                raise InternalError("tokenization failed: text too long")
+            size = -n
+
+    def token_to_piece(self, token: int, special: bool = True) -> bytes:
+        """The bytes of one token (cached: the vocabulary never changes)."""
+        key = (token, special)
+        piece = self._pieces.get(key)
+        if piece is None:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = lc.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+                if n >= 0:
+                    piece = buf.raw[:n]
+                    break
+                size = -n
+            self._pieces[key] = piece
+        return piece
+
+    def detokenize(
+        self, tokens: Sequence[int], remove_special: bool = False, unparse_special: bool = True
+    ) -> bytes:
+        arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
+        size = max(64, len(tokens) * 8)
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = lc.llama_detokenize(
+                self.vocab, arr, len(tokens), buf, size, remove_special, unparse_special
+            )
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    """What :class:`Context` needs; ``n_ctx`` is the total over all sequences."""
+
+    n_ctx: int
+    n_seq_max: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 2
+    flash_attn_type: int = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
+    type_k: int = lc.GGML_TYPE_F16
+    type_v: int = lc.GGML_TYPE_F16
+    kv_unified: bool = False
+    embeddings: bool = False
+
+
+class Context:
+    """A ``llama_context`` (the KV cache and compute buffers) over a :class:`Model`."""
+
+    def __init__(self, model: Model, params: ContextParams) -> None:
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = params.n_ctx
+        cp.n_seq_max = params.n_seq_max
+        cp.n_batch = params.n_batch
+        cp.n_ubatch = params.n_ubatch
+        cp.n_threads = params.n_threads
+        cp.n_threads_batch = params.n_threads
+        cp.flash_attn_type = params.flash_attn_type
+        cp.type_k = params.type_k
+        cp.type_v = params.type_v
+        cp.kv_unified = params.kv_unified
+        cp.embeddings = params.embeddings
+        cp.no_perf = True
+        ptr = lc.llama_init_from_model(model.ptr, cp)
+        if not ptr:
+            raise InternalError("llama.cpp could not create a context for the model")
+        self.ptr: ctypes.c_void_p | None = ptr
+        self.model = model
+        self.memory = lc.llama_get_memory(ptr)
+        self.n_ctx: int = lc.llama_n_ctx(ptr)
+        self.n_ctx_seq: int = lc.llama_n_ctx_seq(ptr)
+        self.n_seq_max: int = lc.llama_n_seq_max(ptr)
+        self.n_batch: int = lc.llama_n_batch(ptr)
+        self._adapters: list[ctypes.c_void_p] = []
+
+    def decode(self, batch: Batch) -> int:
+        """0 ok; 1 no KV room; 2 aborted; negative: invalid batch or fatal (llama.h)."""
+        return int(lc.llama_decode(self.ptr, batch.struct))
+
+    def logits(self, row: int) -> npt.NDArray[np.float32]:
+        """A view (no copy) of the logits of batch row ``row``, valid until the next decode."""
+        ptr = lc.llama_get_logits_ith(self.ptr, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
+        lc.llama_set_n_threads(self.ptr, n_threads, n_threads_batch)
+
+    def warmup(self) -> None:
+        """Touch every weight once (llama.cpp's own warm-up), so the first request does not
+        pay for page faults."""
+        lc.llama_set_warmup(self.ptr, True)
+        batch = Batch(1)
+        bos = lc.llama_vocab_bos(self.model.vocab)
+        batch.add(bos if bos >= 0 else 0, 0, 0, True)
+        self.decode(batch)
+        lc.llama_set_warmup(self.ptr, False)
+        self.seq_rm(-1, -1, -1)
+        lc.llama_synchronize(self.ptr)
+
+    # KV cache (llama_memory_*)
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        """Drop ``seq``'s cells in [p0, p1); False if a partial removal is unsupported."""
+        return bool(lc.llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        lc.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        lc.llama_memory_seq_keep(self.memory, seq)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(lc.llama_memory_seq_pos_max(self.memory, seq))
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self.memory, True)
+
+    def set_lora(self, paths: Sequence[str], scale: float = 1.0) -> None:
+        """Load LoRA adapters and apply them to this context (loading fails loudly)."""
+        for path in paths:
+            adapter = lc.llama_adapter_lora_init(self.model.ptr, path.encode())
+            if not adapter:
+                raise InternalError(f"llama.cpp could not load the adapter {path}")
+            self._adapters.append(adapter)
+        if not self._adapters:
+            return
+        n = len(self._adapters)
+        arr = (lc.llama_adapter_lora_p_ctypes * n)(*self._adapters)
+        scales = (ctypes.c_float * n)(*([scale] * n))
+        if lc.llama_set_adapters_lora(self.ptr, arr, n, scales) != 0:
+            raise InternalError("llama.cpp could not apply the LoRA adapters")
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_free(self.ptr)
+            self.ptr = None
+        for adapter in self._adapters:
+            lc.llama_adapter_lora_free(adapter)
+        self._adapters.clear()
+
+
+class Batch:
+    """A ``llama_batch`` whose arrays are numpy buffers owned here (one sequence id per row).
+
+    Filling numpy arrays avoids per-element ctypes calls for prompt chunks, and one batch is
+    reused for every decode, so the loop allocates nothing per step.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        seq_ptr = ctypes.POINTER(lc.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (seq_ptr * capacity)(
+            *(ctypes.cast(base + 4 * i, seq_ptr) for i in range(capacity))
+        )
+        self.struct = lc.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(lc.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_ptr)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.struct.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> int:
+        """Append one row; returns its index (the ``row`` for logits and sampling)."""
+        i = self.n_tokens
+        self.token[i] = token
+        self.pos[i] = pos
+        self.seq[i] = seq
+        self.logits[i] = output
+        self.n_tokens = i + 1
+        self.struct.n_tokens = i + 1
+        return i
+
+    def add_run(self, tokens: Sequence[int], pos0: int, seq: int, output_last: bool) -> int:
+        """Append consecutive tokens of one sequence; returns the row of the last one."""
+        i, n = self.n_tokens, len(tokens)
+        end = i + n
+        self.token[i:end] = tokens
+        self.pos[i:end] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        self.seq[i:end] = seq
+        self.logits[i:end] = 0
+        self.logits[end - 1] = output_last
+        self.n_tokens = end
+        self.struct.n_tokens = end
+        return end - 1
+
+
+class SamplerChain:
+    """A ``llama_sampler`` chain; samplers run in the order they are added."""
+
+    def __init__(self) -> None:
+        params = lc.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.ptr: ctypes.c_void_p | None = lc.llama_sampler_chain_init(params)
+
+    def _add(self, sampler: ctypes.c_void_p) -> None:
+        lc.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it from now on
+
+    def add_penalties(
+        self, n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float
+    ) -> None:
+        self._add(lc.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence))
+
+    def add_top_k(self, k: int) -> None:
+        self._add(lc.llama_sampler_init_top_k(k))
+
+    def add_typical(self, p: float) -> None:
+        self._add(lc.llama_sampler_init_typical(p, 1))
+
+    def add_top_p(self, p: float) -> None:
+        self._add(lc.llama_sampler_init_top_p(p, 1))
+
+    def add_min_p(self, p: float) -> None:
+        self._add(lc.llama_sampler_init_min_p(p, 1))
+
+    def add_temp(self, t: float) -> None:
+        self._add(lc.llama_sampler_init_temp(t))
+
+    def add_dist(self, seed: int) -> None:
+        self._add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def add_greedy(self) -> None:
+        self._add(lc.llama_sampler_init_greedy())
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Sample from batch row ``row``'s logits and accept the token into the chain."""
+        return int(lc.llama_sampler_sample(self.ptr, ctx.ptr, row))
+
+    def accept(self, token: int) -> None:
+        lc.llama_sampler_accept(self.ptr, token)
+
+    def close(self) -> None:
+        if self.ptr:
+            lc.llama_sampler_free(self.ptr)
+            self.ptr = None

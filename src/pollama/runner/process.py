@@ -1,0 +1,462 @@
+"""``SubprocessRunner``: a loaded model in its own worker process (``runner/worker.py``).
+
+The server end of the protocol in ``runner/protocol.py``. The worker gets one end of a
+``socket.socketpair()`` as an inherited fd; its stdout and stderr (llama.cpp's log, Python
+tracebacks) come back on one pipe, are written to the server's log line by line, and the
+last lines are kept so that a crash can say why.
+
+What must stay true:
+
+* one reader task owns the socket's read side and routes each message by ``id`` to the
+  queue of the request that sent it; messages for requests that are gone are dropped;
+* a completion whose consumer stops early (client gone, ``aclose()``, cancellation) sends
+  ``cancel``, so the worker frees the slot within one decode step;
+* when the worker dies (EOF on the socket: exit, segfault, abort, ``kill -9``), every open
+  request raises :class:`RunnerCrashed` carrying the worker's last error line (or its exit
+  status), every later call raises it at once, and :attr:`alive` is False;
+* :meth:`close` always reaps the process: ``shutdown``, a short wait, then SIGKILL.
+
+The worker runs in its own session so that a terminal's Ctrl-C reaches only the server,
+which then closes its workers in order; a worker whose server vanished sees EOF and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from pollama.config import Settings
+from pollama.errors import InternalError, InvalidRequest, RunnerCrashed
+from pollama.runner.base import CompletionChunk, CompletionRequest, LoadSpec, RunnerInfo
+from pollama.runner.protocol import (
+    MAX_LINE,
+    decode,
+    done_from_json,
+    encode,
+    info_from_json,
+    request_to_json,
+)
+
+__all__ = ["SubprocessRunner", "subprocess_factory"]
+
+_default_log = logging.getLogger("pollama.runner.worker")
+_ERROR_LINE = re.compile(
+    r"error|exception|fatal|abort|assert|panic|failed|terminate|out of memory|killed",
+    re.IGNORECASE,
+)
+_EXIT_GRACE = 2.0  # after EOF, how long a worker may take to exit before it is killed
+_OUTPUT_GRACE = 1.0  # after exit, how long to wait for the rest of its output
+
+
+@dataclass(frozen=True)
+class _Gone:
+    """Queued to every open request when the worker dies."""
+
+    detail: str
+
+
+Message = dict[str, Any] | _Gone
+
+
+class SubprocessRunner:
+    """A :class:`~pollama.runner.base.Runner` backed by ``python -m pollama.runner.worker``.
+
+    ``command`` replaces ``[python, "-m", "pollama.runner.worker"]`` (tests run a fake
+    worker); ``--fd N --spec JSON`` are appended to it. ``load_timeout`` bounds
+    :meth:`start` (``OLLAMA_LOAD_TIMEOUT``; ``inf`` waits forever); ``close_timeout`` is how
+    long :meth:`close` lets the worker exit on its own before killing it.
+    """
+
+    def __init__(
+        self,
+        spec: LoadSpec,
+        *,
+        python: str = sys.executable,
+        command: Sequence[str] | None = None,
+        load_timeout: float = 300.0,
+        close_timeout: float = 5.0,
+        env: Mapping[str, str] | None = None,
+        log: logging.Logger = _default_log,
+        output_lines: int = 50,
+    ) -> None:
+        self.spec = spec
+        default = [python, "-m", "pollama.runner.worker"]
+        self._argv = list(command) if command is not None else default
+        self._load_timeout = load_timeout
+        self._close_timeout = close_timeout
+        self._env = dict(env) if env is not None else None
+        self._log = log
+        self._tail: deque[str] = deque(maxlen=max(output_lines, 1))
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._router: asyncio.Task[None] | None = None
+        self._requests: dict[int, asyncio.Queue[Message]] = {}
+        self._ids = itertools.count(1)
+        self._ready = False
+        self._eof = False  # the socket closed: the worker is gone or going
+        self._gone: asyncio.Future[str] | None = None  # the crash detail, once known
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        self.info: RunnerInfo | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        proc = self._proc
+        return (
+            self._ready
+            and not self._eof
+            and not self._closing
+            and proc is not None
+            and proc.returncode is None
+        )
+
+    @property
+    def output_tail(self) -> list[str]:
+        """The worker's last output lines (stdout and stderr), oldest first."""
+        return list(self._tail)
+
+    async def start(self) -> RunnerInfo:
+        """Spawn the worker and wait for ``ready``. Raises :class:`InternalError` with the
+        worker's message on ``fatal``, with its last error line when it exits first, and
+        after ``load_timeout``; the process is reaped in every failure case."""
+        if self._proc is not None:
+            raise RuntimeError("runner already started")
+        loop = asyncio.get_running_loop()
+        self._gone = loop.create_future()
+        parent, child = socket.socketpair()
+        try:
+            argv = [
+                *self._argv,
+                "--fd",
+                str(child.fileno()),
+                "--spec",
+                json.dumps(self.spec.to_json(), separators=(",", ":")),
+            ]
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(child.fileno(),),
+                    env=self._env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                parent.close()
+                raise InternalError(f"failed to start the model runner: {exc}") from exc
+        finally:
+            child.close()
+        self._pump = loop.create_task(self._pump_output())
+        self._log.debug("started model runner pid %s for %s", self._proc.pid, self.spec.model_path)
+        try:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    sock=parent, limit=MAX_LINE
+                )
+            except BaseException:
+                parent.close()
+                raise
+            timeout = None if self._load_timeout == float("inf") else self._load_timeout
+            try:
+                message = await asyncio.wait_for(self._read_message(), timeout)
+            except TimeoutError:
+                raise InternalError("timed out waiting for llama runner to start") from None
+            self.info = await self._handshake(message)
+        except BaseException:
+            await asyncio.shield(self._teardown(kill=True))
+            raise
+        self._ready = True
+        self._router = loop.create_task(self._route())
+        return self.info
+
+    async def _handshake(self, message: dict[str, Any] | None) -> RunnerInfo:
+        if message is None:
+            await self._wait_exit()
+            raise InternalError(f"llama runner process has terminated: {self._crash_detail()}")
+        kind = message.get("type")
+        if kind == "fatal":
+            await self._wait_exit()
+            raise InternalError(str(message.get("message") or "the model failed to load"))
+        if kind != "ready":
+            raise InternalError(f"unexpected message from the model runner: {kind!r}")
+        try:
+            return info_from_json(message["info"])
+        except (KeyError, TypeError) as exc:
+            raise InternalError(f"malformed ready message from the model runner: {exc}") from exc
+
+    async def close(self) -> None:
+        """Ask the worker to shut down, kill it if it does not exit in ``close_timeout``,
+        and reap it. Open requests fail with :class:`RunnerCrashed`. Idempotent."""
+        self._closing = True
+        if self._proc is None:
+            return
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
+        proc = self._proc
+        assert proc is not None
+        if proc.returncode is None and not self._eof:
+            self._send_nowait({"op": "shutdown"})
+            with suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), self._close_timeout)
+        await self._teardown(kill=True)
+
+    async def _teardown(self, *, kill: bool) -> None:
+        """Kill (if asked and still running) and reap the worker, let the router fail open
+        requests, drain the output pump and close the socket."""
+        proc = self._proc
+        if proc is not None:
+            if kill and proc.returncode is None:
+                with suppress(ProcessLookupError):
+                    proc.kill()
+            await proc.wait()
+        if self._writer is not None:
+            self._writer.close()
+            with suppress(OSError):
+                await self._writer.wait_closed()
+        if self._router is not None:
+            await self._router
+        else:
+            self._fail_all(self._crash_detail())
+        if self._pump is not None:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), _OUTPUT_GRACE)
+            self._pump.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._pump
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def completion(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+        """Text chunks, then the done chunk. Stopping early sends ``cancel`` (use
+        ``contextlib.aclosing`` so that happens at once rather than at garbage collection)."""
+        rid, queue = await self._open()
+        finished = False
+        try:
+            await self._send({"op": "completion", "id": rid, "request": request_to_json(request)})
+            while True:
+                message = await self._next(queue)
+                kind = message.get("type")
+                if kind == "chunk":
+                    yield CompletionChunk(text=str(message.get("text") or ""))
+                elif kind == "done":
+                    finished = True
+                    yield done_from_json(message)
+                    return
+                else:
+                    finished = True
+                    raise self._unexpected(message)
+        finally:
+            self._requests.pop(rid, None)
+            if not finished and self.alive:
+                self._send_nowait({"op": "cancel", "id": rid})
+
+    async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        result = await self._call({"op": "tokenize", "text": text, "add_special": add_special})
+        tokens = result.get("tokens")
+        if not isinstance(tokens, list):
+            raise InternalError("malformed tokenize result from the model runner")
+        return [int(t) for t in tokens]
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        result = await self._call({"op": "detokenize", "tokens": list(tokens)})
+        return str(result.get("text") or "")
+
+    async def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        rid, queue = await self._open()
+        try:
+            await self._send({**message, "id": rid})
+            reply = await self._next(queue)
+            if reply.get("type") != "result":
+                raise self._unexpected(reply)
+            return reply
+        finally:
+            self._requests.pop(rid, None)
+
+    async def _open(self) -> tuple[int, asyncio.Queue[Message]]:
+        if not self._ready:
+            raise RuntimeError("runner not started")
+        if not self.alive:
+            raise RunnerCrashed(await self._detail())
+        rid = next(self._ids)
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._requests[rid] = queue
+        return rid, queue
+
+    async def _next(self, queue: asyncio.Queue[Message]) -> dict[str, Any]:
+        message = await queue.get()
+        if isinstance(message, _Gone):
+            raise RunnerCrashed(message.detail)
+        return message
+
+    async def _detail(self) -> str:
+        if self._gone is None:
+            return ""
+        return await asyncio.shield(self._gone)
+
+    @staticmethod
+    def _unexpected(message: dict[str, Any]) -> Exception:
+        if message.get("type") == "error":
+            text = str(message.get("message") or "the model runner reported an error")
+            return InvalidRequest(text) if message.get("kind") == "invalid" else InternalError(text)
+        return InternalError(f"unexpected message from the model runner: {message.get('type')!r}")
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        """Write and wait for the buffer to drain. A broken socket is not reported here:
+        the router sees EOF and fails the request through its queue."""
+        if self._send_nowait(message) and self._writer is not None:
+            with suppress(ConnectionError):
+                await self._writer.drain()
+
+    def _send_nowait(self, message: dict[str, Any]) -> bool:
+        writer = self._writer
+        if writer is None or writer.is_closing() or self._eof:
+            return False
+        try:
+            writer.write(encode(message))
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    # -- background tasks --------------------------------------------------------------------
+
+    async def _read_message(self) -> dict[str, Any] | None:
+        """The next protocol message, or None at EOF. A malformed or oversized line is a
+        protocol violation: :class:`InternalError`."""
+        assert self._reader is not None
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                raise InternalError("the model runner sent a truncated message") from None
+            return None
+        except asyncio.LimitOverrunError:
+            raise InternalError("the model runner sent an oversized message") from None
+        except ConnectionError:
+            return None
+        try:
+            return decode(line)
+        except ValueError as exc:
+            raise InternalError(f"the model runner sent an invalid message: {exc}") from None
+
+    async def _route(self) -> None:
+        """Deliver messages to their requests until EOF, then fail whatever is still open."""
+        violation = ""
+        try:
+            while (message := await self._read_message()) is not None:
+                rid = message.get("id")
+                queue = self._requests.get(rid) if isinstance(rid, int) else None
+                if queue is not None:
+                    queue.put_nowait(message)
+                elif rid is None:
+                    self._log.warning(
+                        "unexpected message from the model runner: %r", message.get("type")
+                    )
+        except InternalError as exc:
+            violation = exc.message
+            self._log.error("model runner pid %s: %s", self.pid, violation)
+        self._eof = True
+        await self._wait_exit()
+        detail = violation or self._crash_detail()
+        if not self._closing:
+            self._log.error("model runner pid %s stopped: %s", self.pid, detail or "no output")
+        self._fail_all(detail)
+
+    def _fail_all(self, detail: str) -> None:
+        self._eof = True
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(detail)
+        for queue in list(self._requests.values()):
+            queue.put_nowait(_Gone(detail))
+
+    async def _wait_exit(self) -> None:
+        """Give a worker whose socket closed a moment to exit, then kill it; collect its last
+        output either way so that the crash detail is complete."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), _EXIT_GRACE)
+            except TimeoutError:
+                with suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._pump is not None and not self._pump.done():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), _OUTPUT_GRACE)
+
+    async def _pump_output(self) -> None:
+        """Copy the worker's output to the log, keeping the last lines for crash reports."""
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over the pipe's limit: skip it
+                continue
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self._tail.append(line)
+                self._log.info("[runner %s] %s", proc.pid, line)
+
+    def _crash_detail(self) -> str:
+        """The worker's last error-looking output line, else how it exited (Go's wording:
+        ``exit status 1``, ``signal: killed``)."""
+        for line in reversed(self._tail):
+            if _ERROR_LINE.search(line):
+                return line
+        proc = self._proc
+        code = proc.returncode if proc is not None else None
+        if code is None:
+            return ""
+        if code < 0:
+            try:
+                name = signal.strsignal(-code) or f"signal {-code}"
+            except ValueError:
+                name = f"signal {-code}"
+            return f"signal: {name.lower()}"
+        return f"exit status {code}"
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "stopped"
+        name = os.path.basename(self.spec.model_path)
+        return f"<SubprocessRunner {name} pid={self.pid} {state}>"
+
+
+def subprocess_factory(
+    settings: Settings, **options: Any
+) -> Callable[[LoadSpec], SubprocessRunner]:
+    """The production ``runner_factory`` for the scheduler: one worker per load, with
+    ``OLLAMA_LOAD_TIMEOUT``; ``options`` go to :class:`SubprocessRunner` (``command``,
+    ``env``, ``close_timeout``...)."""
+
+    def make(spec: LoadSpec) -> SubprocessRunner:
+        return SubprocessRunner(spec, load_timeout=settings.load_timeout, **options)
+
+    return make

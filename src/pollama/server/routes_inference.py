@@ -1,0 +1,176 @@
+"""``/api/generate``, ``/api/chat`` and ``/api/ps``: Ollama's wire format over the one
+inference service (``pollama.inference``)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from pollama.format import rfc3339_local, rfc3339_utc
+from pollama.inference.service import InferenceService
+from pollama.inference.types import InferenceEvent, InferenceRequest
+from pollama.protocol.ollama import ChatRequest, GenerateRequest
+from pollama.scheduler import Scheduler
+from pollama.server.body import parse_body
+from pollama.server.errors import error_response
+from pollama.server.streaming import event_stream
+
+router = APIRouter()
+
+
+def _service(request: Request) -> InferenceService:
+    service: InferenceService = request.app.state.inference
+    return service
+
+
+def _now() -> str:
+    return rfc3339_utc(datetime.now(UTC))
+
+
+def _final_fields(event: InferenceEvent, body: dict[str, Any]) -> None:
+    if event.done_reason:
+        body["done_reason"] = event.done_reason
+    if event.context is not None:
+        body["context"] = event.context
+    m = event.metrics
+    if m is not None:
+        for key in (
+            "total_duration",
+            "load_duration",
+            "prompt_eval_count",
+            "prompt_eval_duration",
+            "eval_count",
+            "eval_duration",
+        ):
+            value = getattr(m, key)
+            if value:
+                body[key] = value
+        if m.prompt_cached:
+            body["prompt_cached_count"] = m.prompt_cached
+    if event.truncation is not None:
+        body["truncated"] = True
+        body["truncated_messages"] = event.truncation.messages_dropped
+        body["num_ctx"] = event.truncation.num_ctx
+
+
+def _generate_body(model: str, event: InferenceEvent) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "created_at": _now(),
+        "response": event.text,
+        "done": event.done,
+    }
+    if event.done:
+        _final_fields(event, body)
+    return body
+
+
+def _chat_body(model: str, event: InferenceEvent) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "created_at": _now(),
+        "message": {"role": "assistant", "content": event.text},
+        "done": event.done,
+    }
+    if event.done:
+        _final_fields(event, body)
+    return body
+
+
+def _line(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: Any) -> Response:
+    service = _service(request)
+    try:
+        prepared = service.prepare(req)
+        if prepared.is_empty:
+            if prepared.keep_alive == 0:
+                await service.unload(prepared)
+                reason = "unload"
+            else:
+                await service.load(prepared)
+                reason = "load"
+            return JSONResponse(shape(req.model, InferenceEvent(done=True, done_reason=reason)))
+    except Exception as exc:  # noqa: BLE001 - one mapping, in server.errors
+        return error_response(exc)
+
+    events = service.stream(prepared)
+    if stream:
+        return await event_stream(events, lambda e: _line(shape(req.model, e)))
+    text: list[str] = []
+    last: InferenceEvent | None = None
+    try:
+        async for event in events:
+            text.append(event.text)
+            last = event
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
+    assert last is not None
+    last.text = "".join(text)
+    return JSONResponse(shape(req.model, last))
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    body = await parse_body(request, GenerateRequest)
+    req = InferenceRequest(
+        model=body.model,
+        kind="generate",
+        prompt=body.prompt,
+        suffix=body.suffix,
+        system=body.system,
+        template=body.template,
+        context=body.context,
+        raw=body.raw,
+        images=body.images,
+        think=body.think,
+        format=body.format,
+        options=body.options or {},
+        keep_alive=body.keep_alive,
+        truncate=body.truncate is not False,
+    )
+    return await _answer(request, req, body.stream is not False, _generate_body)
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    body = await parse_body(request, ChatRequest)
+    req = InferenceRequest(
+        model=body.model,
+        kind="chat",
+        messages=[m.model_dump(exclude_none=True) for m in body.messages],
+        images=[img for m in body.messages for img in (m.images or [])] or None,
+        tools=body.tools,
+        think=body.think,
+        format=body.format,
+        options=body.options or {},
+        keep_alive=body.keep_alive,
+        truncate=body.truncate is not False,
+    )
+    return await _answer(request, req, body.stream is not False, _chat_body)
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> Response:
+    scheduler: Scheduler = request.app.state.scheduler
+    models = []
+    for loaded in scheduler.loaded():
+        models.append(
+            {
+                "name": loaded.name,
+                "model": loaded.name,
+                "size": loaded.size,
+                "digest": loaded.digest,
+                "details": loaded.details,
+                "expires_at": rfc3339_local(loaded.expires_at),
+                "size_vram": 0,
+                "context_length": loaded.context_length,
+            }
+        )
+    return JSONResponse({"models": models})

@@ -1,0 +1,409 @@
+"""Who may call what: the Host, Origin (CORS) and API-key checks, in one ASGI middleware.
+
+One choke point for every route, including routes added after this module was written
+(vLLM's ``--api-key`` covered only some prefixes; spec ``security.md``). The checks run in
+this order, and each refusal is a JSON body that says what to change:
+
+1. **Host** (DNS rebinding, CVE-2024-28224). The ``Host`` header must name this server:
+   empty, ``localhost``, the machine's hostname, ``*.localhost``/``*.local``/``*.internal``,
+   a loopback/private/unspecified IP or one of this machine's own addresses, the bound host,
+   or a name in ``POLLAMA_ALLOWED_HOSTS``. Unlike Ollama, this holds on every bind address,
+   ``0.0.0.0`` included. Else 403.
+2. **Origin**, as Ollama's gin-contrib/cors setup: ``OLLAMA_ORIGINS`` plus the built-in list
+   (``Settings.allowed_origins``), wildcards allowed. A same-origin request (``Origin`` equal
+   to ``http(s)://<Host>``) is not a CORS request. An allowed preflight gets 204 with the
+   CORS headers, before any key is asked for (browsers never send keys on a preflight); a
+   refused Origin gets 403 naming ``OLLAMA_ORIGINS`` (Ollama's 403 is empty). A ``*`` in a
+   pattern matches any run of characters, except that a final ``:*`` matches a port only:
+   ``http://localhost:*`` does not match ``http://localhost.evil.example`` (gin-contrib
+   drops the ``:`` before the ``*``, so Ollama lets any ``localhost.<attacker domain>`` in).
+3. **API key.** Keys are required when any exist (``pollama keys create``), and always when
+   the server is bound to a non-loopback address without ``POLLAMA_ALLOW_NO_AUTH``, so that
+   revoking the last key closes the server instead of opening it. The key comes from
+   ``Authorization: Bearer <key>`` or ``x-api-key`` (Anthropic clients). What a route needs
+   is decided from its method and path template by :func:`permission_for`; routes it does not
+   know that write anything need the ``manage`` scope (fail closed). Only ``/healthz`` and
+   ``/readyz`` are open. A missing or wrong key gets 401, a key without the scope 403, in the
+   error shape of the route's protocol.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pollama.config import Settings
+from pollama.keys import KeyStore, Permission
+from pollama.server.access_log import current_record, route_template
+from pollama.server.refusals import json_error
+
+__all__ = [
+    "PUBLIC_ROUTES",
+    "AccessPolicy",
+    "bind_refusal",
+    "HostGuard",
+    "OriginPolicy",
+    "SecurityMiddleware",
+    "is_loopback_bind",
+    "permission_for",
+]
+
+PUBLIC_ROUTES = frozenset({"/healthz", "/readyz"})
+"""Answered without a key: they say only whether the process is alive and ready."""
+
+_INFERENCE_ROUTES = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
+_READ_ONLY_POSTS = frozenset({"/api/show"})
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def permission_for(method: str, template: str | None) -> Permission | None:
+    """What a request needs: None (open), READ, INFERENCE or MANAGE.
+
+    ``template`` is the matched route's path template (``/api/blobs/{digest}``), or None
+    when no route matches (the answer will be 404/405, so any valid key will do).
+    """
+    if template is None:
+        return Permission.READ
+    if template in PUBLIC_ROUTES and method in _READ_METHODS:
+        return None
+    if template in _INFERENCE_ROUTES or template.startswith("/v1/"):
+        return Permission.INFERENCE
+    if method in _READ_METHODS or (method == "POST" and template in _READ_ONLY_POSTS):
+        return Permission.READ
+    return Permission.MANAGE
+
+
+# -- Host ------------------------------------------------------------------------------------
+
+_LOCAL_TLDS = (".localhost", ".local", ".internal")
+_GO_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+
+def _split_host(value: str) -> str:
+    """The host part of a ``Host`` header, lowercased, without port, brackets or final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        host = value[1:end] if end > 0 else value
+    elif value.count(":") == 1:
+        host = value.partition(":")[0]
+    else:
+        host = value
+    return host[:-1] if host.endswith(".") else host
+
+
+@lru_cache(maxsize=256)
+def _is_own_address(ip: str) -> bool:
+    """Whether ``ip`` is an address of this machine: binding to it succeeds only then."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def is_loopback_bind(host: str) -> bool:
+    """Whether binding ``host`` listens on loopback only (``""`` and ``0.0.0.0`` do not).
+
+    A name counts only if every address it resolves to is loopback.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(a).partition("%")[0]).is_loopback for a in addresses
+    )
+
+
+class HostGuard:
+    """Decides whether a ``Host`` header names this server (see the module docstring)."""
+
+    def __init__(self, bind_host: str, extra: Iterable[str] = ()) -> None:
+        self.names = {"localhost"}
+        try:
+            self.names.add(socket.gethostname().lower())
+        except OSError:  # pragma: no cover
+            pass
+        if bind_host:
+            self.names.add(_split_host(bind_host))
+        self.allow_all = False
+        self.suffixes: list[str] = list(_LOCAL_TLDS)
+        for entry in extra:
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            if entry == "*":
+                self.allow_all = True
+            elif entry.startswith("*."):
+                self.suffixes.append(entry[1:])
+            else:
+                self.names.add(_split_host(entry))
+
+    def allowed(self, header: str) -> bool:
+        if self.allow_all:
+            return True
+        host = _split_host(header)
+        if host == "" or host in self.names or host.endswith(tuple(self.suffixes)):
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback or ip.is_unspecified or any(ip in net for net in _GO_PRIVATE):
+            return True
+        return _is_own_address(str(ip))
+
+
+# -- Origin ----------------------------------------------------------------------------------
+
+_ALLOW_HEADERS = ",".join([
+    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With",
+    # OpenAI compatibility headers (Ollama's list)
+    "Openai-Beta", "X-Stainless-Arch", "X-Stainless-Async", "X-Stainless-Custom-Poll-Interval",
+    "X-Stainless-Helper-Method", "X-Stainless-Lang", "X-Stainless-Os",
+    "X-Stainless-Package-Version", "X-Stainless-Poll-Helper", "X-Stainless-Retry-Count",
+    "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Timeout",
+    # pollama's: Anthropic clients' key and version headers, request ids
+    "X-Api-Key", "Anthropic-Version", "Anthropic-Beta",
+    "Anthropic-Dangerous-Direct-Browser-Access", "X-Request-Id",
+])  # fmt: skip
+_ALLOW_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD"
+_MAX_AGE = str(12 * 3600)
+
+
+class OriginPolicy:
+    """Which ``Origin`` values may make cross-origin requests (``Settings.allowed_origins``)."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.exact: set[str] = set()
+        regexes: list[str] = []
+        self.allow_all = False
+        for raw in patterns:
+            pattern = raw.strip().lower()
+            if not pattern:
+                continue
+            if pattern == "*":
+                self.allow_all = True
+            elif "*" in pattern:
+                port = pattern.endswith(":*")  # "http://localhost:*": any port, nothing else
+                head = pattern[:-2] if port else pattern
+                regex = ".*".join(re.escape(part) for part in head.split("*"))
+                regexes.append(regex + (r":[0-9]{1,5}" if port else ""))
+            else:
+                self.exact.add(pattern)
+        self._wildcard = re.compile("|".join(f"(?:{r})" for r in regexes)) if regexes else None
+
+    def allowed(self, origin: str) -> bool:
+        if self.allow_all:
+            return True
+        origin = origin.strip().lower()
+        if origin in self.exact:
+            return True
+        return self._wildcard is not None and self._wildcard.fullmatch(origin) is not None
+
+    def headers(self, origin: str, preflight: bool) -> list[tuple[bytes, bytes]]:
+        """The CORS headers for an allowed request (gin-contrib/cors, as Ollama sets it up)."""
+        out: list[tuple[bytes, bytes]] = []
+        if preflight:
+            out += [(b"access-control-allow-methods", _ALLOW_METHODS.encode()),
+                    (b"access-control-allow-headers", _ALLOW_HEADERS.encode()),
+                    (b"access-control-max-age", _MAX_AGE.encode())]  # fmt: skip
+        if self.allow_all:
+            out.append((b"access-control-allow-origin", b"*"))
+        else:
+            out.append((b"vary", b"Origin"))
+            if preflight:
+                out += [(b"vary", b"Access-Control-Request-Method"),
+                        (b"vary", b"Access-Control-Request-Headers")]  # fmt: skip
+            out.append((b"access-control-allow-origin", origin.encode("latin-1", "replace")))
+        return out
+
+
+# -- the policy and the middleware -----------------------------------------------------------
+
+
+@dataclass
+class AccessPolicy:
+    """Everything the middleware decides with, built once per app from the settings."""
+
+    keys: KeyStore
+    hosts: HostGuard
+    origins: OriginPolicy
+    keys_always_required: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings, keys: KeyStore | None = None) -> AccessPolicy:
+        bind = settings.host.bind_host
+        return cls(
+            keys=keys or KeyStore(settings.api_keys_path),
+            hosts=HostGuard(settings.host.host, settings.allowed_hosts),
+            origins=OriginPolicy(settings.allowed_origins()),
+            keys_always_required=not settings.allow_no_auth and not is_loopback_bind(bind),
+        )
+
+    def keys_required(self) -> bool:
+        configured, _ = self.keys.state()
+        return configured or self.keys_always_required
+
+
+_HOW_TO_PASS = (
+    "pass it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>'); the pollama and "
+    "ollama CLIs send the key in OLLAMA_API_KEY"
+)
+
+
+def _presented_key(headers: Headers) -> str | None:
+    value = headers.get("authorization")
+    if value:
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return headers.get("x-api-key") or None
+
+
+class SecurityMiddleware:
+    """Host, then Origin, then key (see the module docstring); everything else passes."""
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        method: str = scope["method"]
+        path: str = scope["path"]
+        policy = self.policy
+        record = current_record()
+
+        host = headers.get("host", "")
+        if not policy.hosts.allowed(host):
+            shown = _split_host(host)[:100]
+            if record is not None:
+                record.refused = "host"
+            await json_error(path, 403, "permission_error", (
+                f"host '{shown}' is not allowed: requests must be addressed to this server's "
+                "own address or to localhost (DNS rebinding protection); to serve requests "
+                f"for this name, add it to POLLAMA_ALLOWED_HOSTS (e.g. POLLAMA_ALLOWED_HOSTS="
+                f"{shown}) and restart pollama serve"
+            ))(scope, receive, send)
+            return
+
+        cors: list[tuple[bytes, bytes]] = []
+        origin = headers.get("origin")
+        if origin and origin not in (f"http://{host}", f"https://{host}"):
+            if not policy.origins.allowed(origin):
+                if record is not None:
+                    record.refused = "origin"
+                shown = origin[:200]
+                await json_error(path, 403, "permission_error", (
+                    f"origin '{shown}' is not allowed to call this server from a browser; to "
+                    f"allow it, add it to OLLAMA_ORIGINS (comma-separated, '*' wildcards "
+                    f"allowed, e.g. OLLAMA_ORIGINS={shown}) and restart pollama serve"
+                ))(scope, receive, send)
+                return
+            cors = policy.origins.headers(origin, preflight=method == "OPTIONS")
+        if method == "OPTIONS":
+            await _empty(204, cors)(scope, receive, send)
+            return
+
+        template = record.route if record is not None else route_template(scope)
+        permission = permission_for(method, template)
+        if permission is not None and policy.keys_required():
+            key = policy.keys.authenticate(_presented_key(headers))
+            if key is None:
+                if record is not None:
+                    record.refused = "key"
+                if _presented_key(headers) is not None:
+                    message = "invalid API key: the key sent is not one of this server's keys"
+                else:
+                    message = "unauthorized: this pollama server requires an API key"
+                message += f"; {_HOW_TO_PASS}. Create keys on the server with 'pollama keys create'"
+                await json_error(path, 401, "authentication_error", message, cors + [
+                    (b"www-authenticate", b'Bearer realm="pollama"')
+                ])(scope, receive, send)
+                return
+            if record is not None:
+                record.key_name = key.name
+            if not key.allows(permission):
+                if record is not None:
+                    record.refused = "scope"
+                await json_error(path, 403, "permission_error", (
+                    f"forbidden: the API key '{key.name}' has scope '{key.scope.value}', which "
+                    f"does not allow {method} {path}; use a key created with --scope "
+                    f"{'manage' if permission is Permission.MANAGE else 'inference'} or --scope all"
+                ), cors)(scope, receive, send)
+                return
+
+        if not cors:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+def _empty(status: int, headers: list[tuple[bytes, bytes]]) -> Any:
+    async def app(_scope: Scope, _receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def bind_refusal(settings: Settings, keys: KeyStore | None = None) -> str | None:
+    """Why ``pollama serve`` must not start with these settings, or None.
+
+    It refuses a non-loopback bind with no key configured (unless ``POLLAMA_ALLOW_NO_AUTH``),
+    and a keys file it cannot trust, whatever the bind: either would leave the server open
+    or silently locked. The message gives the ways forward.
+    """
+    keys = keys or KeyStore(settings.api_keys_path)
+    configured, error = keys.state()
+    if error is not None:
+        return f"{error}. Fix or remove the file, or point POLLAMA_KEYS_FILE at another one."
+    bind = settings.host.bind_host
+    if configured or settings.allow_no_auth or is_loopback_bind(bind):
+        return None
+    where = f"[{bind}]:{settings.host.port}" if ":" in bind else f"{bind}:{settings.host.port}"
+    return (
+        f"refusing to listen on {where} without API keys: anyone who can reach this address "
+        "could run, pull and delete models (Ollama servers exposed this way are found and "
+        "abused daily). Either:\n"
+        "  1. create a key, and give it to clients as 'Authorization: Bearer <key>' "
+        "(the pollama and ollama CLIs read OLLAMA_API_KEY):\n"
+        "       pollama keys create --name <who-uses-it>\n"
+        "  2. or, only on a network you trust, allow requests without a key:\n"
+        "       POLLAMA_ALLOW_NO_AUTH=1 pollama serve\n"
+        "  (or bind to loopback only: OLLAMA_HOST=127.0.0.1)"
+    )

@@ -1,0 +1,344 @@
+"""The worker process (``runner/worker.py``) over a real socket pair, with the real default
+model and tiny random-weight models, plus unit tests of the engine's pure pieces.
+
+``WorkerClient`` is a minimal synchronous client of the protocol (the production one is
+``runner/process.py``); ``tests/bench_worker.py`` reuses it to measure tokens per second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ggufgen import write_tiny_model
+
+from pollama.default_model import default_gguf_path
+from pollama.runner.base import LoadSpec
+from pollama.runner.engine import StopMatcher, Utf8Decoder, common_prefix, fair_share
+from pollama.runner.protocol import decode, encode
+
+TIMEOUT = 60.0
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class WorkerClient:
+    """Spawns ``python -m pollama.runner.worker`` on a socket pair; a reader thread routes
+    each message to the queue of its ``id`` (``ready``/``fatal`` to ``control``)."""
+
+    def __init__(self, spec: LoadSpec, env: dict[str, str] | None = None) -> None:
+        self.sock, child = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pollama.runner.worker",
+                "--fd",
+                str(child.fileno()),
+                "--spec",
+                json.dumps(spec.to_json()),
+            ],
+            pass_fds=[child.fileno()],
+            env=env,
+        )
+        child.close()
+        self.control: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.order: list[tuple[Any, str]] = []  # (id, type) of every message, as received
+        self._queues: dict[Any, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._ids = iter(range(1, 1 << 30))
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready = self.control.get(timeout=TIMEOUT)
+
+    def _queue(self, req_id: Any) -> queue.Queue[dict[str, Any]]:
+        with self._lock:
+            return self._queues.setdefault(req_id, queue.Queue())
+
+    def _read(self) -> None:
+        try:
+            with self.sock.makefile("rb") as stream:
+                for line in stream:
+                    message = decode(line)
+                    if "id" not in message:
+                        self.control.put(message)
+                        continue
+                    self.order.append((message["id"], message["type"]))
+                    self._queue(message["id"]).put(message)
+        except OSError:  # reset: the worker exited with our last message unread
+            pass
+        self.control.put({"type": "eof"})
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(encode(message))
+
+    def start(self, prompt: str = "", tokens: list[int] | None = None, **options: Any) -> int:
+        req_id = next(self._ids)
+        return_tokens = bool(options.pop("return_tokens", False))
+        request = {"prompt": prompt, "tokens": tokens, "options": options}
+        request["return_tokens"] = return_tokens
+        self._queue(req_id)
+        self.send({"op": "completion", "id": req_id, "request": request})
+        return req_id
+
+    def next(self, req_id: int, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self._queue(req_id).get(timeout=timeout)
+
+    def finish(self, req_id: int) -> tuple[str, dict[str, Any]]:
+        """All the text of a request and its final message (``done`` or ``error``)."""
+        text = []
+        while True:
+            message = self.next(req_id)
+            if message["type"] == "chunk":
+                text.append(message["text"])
+            else:
+                return "".join(text), message
+
+    def complete(self, prompt: str = "", **options: Any) -> tuple[str, dict[str, Any]]:
+        return self.finish(self.start(prompt, **options))
+
+    def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        req_id = next(self._ids)
+        self._queue(req_id)
+        self.send({**message, "id": req_id})
+        return self.next(req_id)
+
+    def close(self) -> int:
+        try:
+            self.send({"op": "shutdown"})
+        except OSError:
+            pass
+        try:
+            return self.proc.wait(timeout=TIMEOUT)
+        finally:
+            self.sock.close()
+
+
+def smol_spec(**kwargs: Any) -> LoadSpec:
+    return LoadSpec(model_path=str(default_gguf_path()), **{"num_ctx": 1024, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context_length=512)
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[WorkerClient]:
+    """The real model, four slots."""
+    client = WorkerClient(smol_spec(num_parallel=4))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path: Path) -> Iterator[WorkerClient]:
+    """A random-weight model with 64 tokens per slot, two slots."""
+    client = WorkerClient(LoadSpec(model_path=str(tiny_path), num_ctx=64, num_parallel=2))
+    yield client
+    client.close()
+
+
+# -- the engine's pure pieces ------------------------------------------------------------
+
+
+def test_stop_matcher_holds_back_a_possible_stop_and_drops_it() -> None:
+    m = StopMatcher(["</end>", "STOP"])
+    assert m.push("Hello <") == ("Hello ", False)
+    assert m.push("/en") == ("", False)
+    assert m.push("d> tail") == ("", True)
+    m = StopMatcher(["</end>"])
+    assert m.push("a </e") == ("a ", False)
+    assert m.push("x") == ("</ex", False)  # not a stop after all: released
+    assert m.push("ST") == ("ST", False)
+    assert m.flush() == ""
+
+
+def test_stop_matcher_earliest_stop_wins_and_flush_releases() -> None:
+    m = StopMatcher(["bc", "abcd", ""])
+    assert m.push("xxab") == ("xx", False)
+    assert m.push("cd") == ("", True)  # "abcd" starts first
+    m = StopMatcher(["\n\n"])
+    assert m.push("line\n") == ("line", False)
+    assert m.flush() == "\n"
+    assert StopMatcher([]).push("any") == ("any", False)
+
+
+def test_utf8_decoder_holds_incomplete_characters() -> None:
+    d = Utf8Decoder()
+    data = "é🙂".encode()
+    assert d.push(data[:1]) == ""
+    assert d.push(data[1:3]) == "é"
+    assert d.push(data[3:5]) == ""
+    assert d.push(data[5:]) == "🙂"
+    assert d.push(b"\xf0\x9f") == ""
+    assert d.flush() == "\ufffd"
+    assert Utf8Decoder().push(b"\xff ok") == "\ufffd ok"
+
+
+def test_fair_share_and_common_prefix() -> None:
+    assert fair_share(512, [1000]) == [512]
+    assert fair_share(512, [10, 1000, 1000]) == [10, 251, 251]
+    assert fair_share(3, [5, 5, 5, 5]) == [1, 1, 1, 0]
+    assert fair_share(100, [0, 7]) == [0, 7]
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+
+
+# -- the worker with tiny models ---------------------------------------------------------
+
+
+def test_tiny_ready_and_context_full_ends_with_length(tiny: WorkerClient) -> None:
+    info = tiny.ready["info"]
+    assert tiny.ready["type"] == "ready"
+    assert info["pid"] == tiny.proc.pid
+    assert (info["n_ctx"], info["n_ctx_train"], info["n_parallel"]) == (64, 512, 2)
+    assert info["n_vocab"] == 400 and info["memory_bytes"] > 0 and info["load_duration_ns"] > 0
+    text, done = tiny.complete("hello world", temperature=0)
+    assert done["type"] == "done" and done["done_reason"] == "length"
+    # the context holds the prompt and all generated tokens but the last one
+    assert done["prompt_eval_count"] + done["eval_count"] == 64 + 1
+    assert done["eval_duration_ns"] > 0 and done["prompt_eval_duration_ns"] > 0
+
+
+def test_tiny_prompt_longer_than_context_is_invalid(tiny: WorkerClient) -> None:
+    tokens = [300] * 70
+    _, error = tiny.finish(tiny.start(tokens=tokens))
+    assert error["type"] == "error" and error["kind"] == "invalid"
+    assert "70" in error["message"] and "64" in error["message"]
+    _, error = tiny.finish(tiny.start(tokens=[5, 100000]))
+    assert error["kind"] == "invalid"
+
+
+def test_tiny_num_predict_and_return_tokens(tiny: WorkerClient) -> None:
+    tokens = tiny.call({"op": "tokenize", "text": "the cat", "add_special": True})["tokens"]
+    _, done = tiny.complete("the cat", temperature=0.9, seed=3, num_predict=5, return_tokens=True)
+    assert (done["done_reason"], done["eval_count"]) == ("length", 5)
+    assert done["tokens"][: len(tokens)] == tokens and len(done["tokens"]) == len(tokens) + 5
+    _, done = tiny.complete("the cat", num_predict=0)
+    assert (done["done_reason"], done["eval_count"]) == ("length", 0)
+
+
+def test_tiny_cancel_frees_the_slot(tiny_path: Path) -> None:
+    client = WorkerClient(LoadSpec(model_path=str(tiny_path), num_ctx=512, num_parallel=1))
+    try:
+        first = client.start("hello", temperature=0)  # repeats one token, never EOS
+        queued = client.start("world", temperature=1.0, seed=1, num_predict=3)
+        assert client.next(first)["type"] == "chunk"
+        client.send({"op": "cancel", "id": queued})  # still waiting for the only slot
+        client.send({"op": "cancel", "id": first})
+        _, done = client.finish(first)
+        assert done["type"] == "done" and done["done_reason"] == ""
+        _, done = client.finish(queued)
+        assert done["type"] == "done" and done["done_reason"] == "" and done["eval_count"] == 0
+        _, done = client.complete("again", num_predict=4)  # the slot is free again
+        assert (done["done_reason"], done["eval_count"]) == ("length", 4)
+    finally:
+        assert client.close() == 0
+
+
+def test_bad_model_path_is_fatal(tmp_path: Path) -> None:
+    client = WorkerClient(LoadSpec(model_path=str(tmp_path / "missing.gguf"), num_ctx=64))
+    assert client.ready["type"] == "fatal" and "missing.gguf" in client.ready["message"]
+    assert client.close() == 1
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\0" * 64)
+    client = WorkerClient(LoadSpec(model_path=str(junk), num_ctx=64))
+    assert client.ready["type"] == "fatal" and client.ready["message"]
+    assert client.close() == 1
+
+
+def test_worker_exits_when_the_parent_closes_its_socket(tiny_path: Path) -> None:
+    client = WorkerClient(LoadSpec(model_path=str(tiny_path), num_ctx=512))
+    client.start("hello", temperature=0)  # busy generating when the parent goes away
+    time.sleep(0.2)
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.sock.close()
+    assert client.proc.wait(timeout=TIMEOUT) == 0
+
+
+# -- the worker with the real model ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smol_ready_info(smol: WorkerClient) -> None:
+    info = smol.ready["info"]
+    size = os.path.getsize(default_gguf_path())
+    assert (info["n_ctx"], info["n_ctx_train"], info["n_parallel"]) == (1024, 8192, 4)
+    assert info["n_vocab"] == 49152
+    assert size < info["memory_bytes"] < 4 * size + 4096 * 23_040 * 2
+
+
+@pytest.mark.slow
+def test_smol_same_seed_same_text(smol: WorkerClient) -> None:
+    prompt = CHAT.format("Name three colors.")
+    runs = [smol.complete(prompt, temperature=0.9, seed=1234, num_predict=24) for _ in range(2)]
+    assert runs[0][0] == runs[1][0] and runs[0][0]
+    assert runs[1][1]["prompt_cached"] == runs[1][1]["prompt_eval_count"] - 1
+
+
+@pytest.mark.slow
+def test_smol_stop_string_split_across_tokens(smol: WorkerClient) -> None:
+    prompt = CHAT.format("Tell me a story about a dragon.")
+    full, done = smol.complete(prompt, temperature=0, num_predict=30, return_tokens=True)
+    assert done["done_reason"] == "length"
+    pieces = [smol.call({"op": "detokenize", "tokens": [t]})["text"] for t in done["tokens"]]
+    generated = pieces[done["prompt_eval_count"] :]
+    # a stop string made of the end of one token and the start of the next few
+    i = next(i for i in range(4, len(generated)) if len(generated[i - 1]) >= 2)
+    stop = generated[i - 1][-2:] + generated[i] + generated[i + 1]
+    text, done = smol.complete(prompt, temperature=0, num_predict=30, stop=[stop, "zzzz"])
+    assert done["done_reason"] == "stop"
+    assert text == full[: full.index(stop)]
+
+
+@pytest.mark.slow
+def test_smol_four_streams_interleave(smol: WorkerClient) -> None:
+    prompts = ["Write a poem.", "Count to twenty.", "Describe the sea.", "List some fruits."]
+    first = smol.start(CHAT.format(prompts[0]), temperature=0, num_predict=60)
+    for _ in range(3):
+        assert smol.next(first)["type"] == "chunk"
+    others = [smol.start(CHAT.format(p), temperature=0, num_predict=12) for p in prompts[1:]]
+    results = [smol.finish(req) for req in [first, *others]]
+    assert all(done["type"] == "done" for _, done in results)
+    order = smol.order
+    first_done = order.index((first, "done"))
+    assert order.index((others[0], "chunk")) < first_done  # not queued behind the first
+    assert order.index((others[0], "done")) < first_done
+
+
+@pytest.mark.slow
+def test_smol_prompt_cache_on_a_follow_up(tmp_path: Path) -> None:
+    client = WorkerClient(smol_spec(num_parallel=1))
+    try:
+        story = " ".join(f"Fact {i}: the number {i} comes after {i - 1}." for i in range(1, 25))
+        turn1 = CHAT.format(story + " Summarize.")
+        reply, done1 = client.complete(turn1, temperature=0, num_predict=8)
+        turn2 = turn1 + reply + "<|im_end|>\n" + CHAT.format("Thanks. And then?")
+        _, cached = client.complete(turn2, temperature=0, num_predict=4)
+        assert cached["prompt_cached"] >= done1["prompt_eval_count"]
+        client.complete("Unrelated.", num_predict=1)  # overwrites the only slot
+        _, cold = client.complete(turn2, temperature=0, num_predict=4)
+        assert cold["prompt_cached"] < 5
+        assert cached["prompt_eval_duration_ns"] * 2 < cold["prompt_eval_duration_ns"]
+    finally:
+        assert client.close() == 0
+
+
+@pytest.mark.slow
+def test_smol_tokenize_detokenize_round_trip(smol: WorkerClient) -> None:
+    text = "Hello, wörld! 🙂 <|im_end|> tabs\tand\nnewlines"
+    tokens = smol.call({"op": "tokenize", "text": text, "add_special": False})["tokens"]
+    assert 2 in tokens  # <|im_end|> parsed as the special token
+    assert smol.call({"op": "detokenize", "tokens": tokens})["text"] == text
+    bad = smol.call({"op": "detokenize", "tokens": [10**9]})
+    assert bad["type"] == "error" and bad["kind"] == "invalid"
