@@ -181,7 +181,8 @@ class BurstResult:
 
     @property
     def rss_growth(self) -> float:
-        return (self.rss_after_kb - self.rss_idle_kb) / self.rss_idle_kb if self.rss_idle_kb else 0.0
+        idle = self.rss_idle_kb
+        return (self.rss_after_kb - idle) / idle if idle else 0.0
 
 
 async def _burst(url: str, clients: int, num_predict: int, timeout: float) -> BurstResult:

@@ -414,6 +414,22 @@ def test_credentials_are_never_sent_to_a_cdn(store: Store, tmp_path: Path) -> No
         cdn.stop()
 
 
+def test_pubkey_command_creates_and_prints_the_key(isolated_env: Path) -> None:
+    from click.testing import CliRunner
+
+    from pollama.cli.main import cli
+
+    first = CliRunner().invoke(cli, ["pubkey"])
+    assert first.exit_code == 0, first.output
+    key_file = isolated_env / ".ollama" / "id_ed25519"
+    assert f"Couldn't find '{key_file}'. Generated a new private key." in first.output
+    line = first.output.strip().splitlines()[-1]
+    assert line.startswith("ssh-ed25519 AAAA")
+    again = CliRunner().invoke(cli, ["pubkey"])
+    assert again.output.strip() == line
+    assert IdentityKey(isolated_env / ".ollama").public_key() == line
+
+
 def test_identity_key_and_challenge_parsing(tmp_path: Path) -> None:
     key = IdentityKey(tmp_path / ".ollama")
     assert key.ensure() is True

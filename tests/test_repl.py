@@ -13,17 +13,14 @@ from typing import Any
 
 import pytest
 
+from pollama.cli.lineedit import EditRequested, Interrupted, OllamaHistory, ScriptedReader
 from pollama.cli.repl import (
     USAGE,
     USAGE_PARAMETERS,
     USAGE_SET,
     USAGE_SHORTCUTS,
     USAGE_SHOW,
-    EditRequested,
-    Interrupted,
-    OllamaHistory,
     Repl,
-    ScriptedReader,
     Session,
     go_print_value,
 )

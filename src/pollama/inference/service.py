@@ -20,6 +20,7 @@ from pollama.errors import CapabilityMissing, InvalidRequest, ModelNotFound
 from pollama.gguf import GGUFInfo
 from pollama.inference.prompt import (
     PromptResult,
+    PromptTemplate,
     build_chat_prompt,
     build_generate_prompt,
     default_stop_words,
@@ -28,7 +29,7 @@ from pollama.inference.prompt import (
 from pollama.inference.types import InferenceEvent, InferenceRequest, Metrics, Truncation
 from pollama.names import ModelName
 from pollama.protocol.options import coerce_options, merge_options
-from pollama.runner.base import CompletionRequest, LoadSpec, SamplingOptions
+from pollama.runner.base import CompletionRequest, LoadSpec, Runner, SamplingOptions
 from pollama.scheduler import ModelRef, Scheduler, estimate_memory, parse_keep_alive
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
@@ -150,6 +151,57 @@ class InferenceService:
     async def unload(self, p: Prepared) -> None:
         await self.scheduler.expire(p.ref.key)
 
+    async def _build_prompt(
+        self, p: Prepared, runner: Runner
+    ) -> tuple[PromptTemplate, PromptResult]:
+        """Render the request's prompt for the loaded model, truncating a chat to fit."""
+        req = p.request
+
+        async def count_tokens(text: str) -> int:
+            return len(await runner.tokenize(text))
+
+        template = prompt_template_for(
+            p.model, p.info, go_template_enabled=self.settings.go_template
+        )
+        if req.kind == "chat":
+            result = await build_chat_prompt(
+                template,
+                req.messages,
+                system_default=p.model.system(),
+                model_messages=p.model.messages(),
+                tools=req.tools,
+                think=req.think,
+                num_ctx=p.spec.num_ctx,
+                count_tokens=count_tokens,
+                truncate=req.truncate,
+            )
+        else:
+            context_text = await runner.detokenize(req.context) if req.context else None
+            result = await build_generate_prompt(
+                template,
+                prompt=req.prompt,
+                system=req.system,
+                system_default=p.model.system(),
+                model_messages=p.model.messages(),
+                suffix=req.suffix,
+                raw=req.raw,
+                context_text=context_text,
+                template_override=req.template,
+                images=req.images,
+                think=req.think,
+                num_ctx=p.spec.num_ctx,
+                count_tokens=count_tokens,
+                truncate=req.truncate,
+                model_name=str(p.model.name),
+            )
+        return template, result
+
+    async def count_tokens(self, p: Prepared) -> int:
+        """How many tokens the request's prompt has for this model (loads it if needed)."""
+        async with self.scheduler.use(p.ref, p.spec, p.keep_alive) as lease:
+            _template, result = await self._build_prompt(p, lease.runner)
+            return result.prompt_tokens or len(await lease.runner.tokenize(result.prompt))
+
     async def stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
         started = time.monotonic_ns()
         req = p.request
@@ -158,44 +210,7 @@ class InferenceService:
             load_duration = time.monotonic_ns() - started
             runner = lease.runner
 
-            async def count_tokens(text: str) -> int:
-                return len(await runner.tokenize(text))
-
-            template = prompt_template_for(
-                p.model, p.info, go_template_enabled=self.settings.go_template
-            )
-            result: PromptResult
-            if req.kind == "chat":
-                result = await build_chat_prompt(
-                    template,
-                    req.messages,
-                    system_default=p.model.system(),
-                    model_messages=p.model.messages(),
-                    tools=req.tools,
-                    think=req.think,
-                    num_ctx=p.spec.num_ctx,
-                    count_tokens=count_tokens,
-                    truncate=req.truncate,
-                )
-            else:
-                context_text = await runner.detokenize(req.context) if req.context else None
-                result = await build_generate_prompt(
-                    template,
-                    prompt=req.prompt,
-                    system=req.system,
-                    system_default=p.model.system(),
-                    model_messages=p.model.messages(),
-                    suffix=req.suffix,
-                    raw=req.raw,
-                    context_text=context_text,
-                    template_override=req.template,
-                    images=req.images,
-                    think=req.think,
-                    num_ctx=p.spec.num_ctx,
-                    count_tokens=count_tokens,
-                    truncate=req.truncate,
-                    model_name=str(p.model.name),
-                )
+            template, result = await self._build_prompt(p, lease.runner)
             options = dict(p.options)
             if not options.get("stop"):
                 options["stop"] = default_stop_words(p.model.params(), template)

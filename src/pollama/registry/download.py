@@ -547,17 +547,17 @@ class BlobDownload:
                     writing = asyncio.create_task(self._flush(part, bytes(buffer)))
                     buffer = bytearray()
         finally:
+            failed = False
             if writing is not None:  # let the write in flight land before anything else
                 await asyncio.gather(writing, return_exceptions=True)
-            if buffer and writing is None or (writing is not None and not writing.exception()):
-                if buffer:  # bytes that arrived are good: keep them for the retry
-                    try:
-                        self._write(part, buffer)
-                    except Exception as exc:  # noqa: BLE001 - the original error matters more
-                        log.warning("could not keep %d bytes of %s: %s", len(buffer),
-                                    self.digest, exc)
+                failed = writing.cancelled() or writing.exception() is not None
+            if buffer and not failed:  # bytes that arrived are good: keep them for the retry
+                try:
+                    self._write(part, buffer)
+                except Exception as exc:  # noqa: BLE001 - the original error matters more
+                    log.warning("could not keep %d bytes of %s: %s", len(buffer), self.digest, exc)
             await response.aclose()
-        if writing is not None and writing.exception() is not None:
+        if writing is not None and not writing.cancelled() and writing.exception() is not None:
             raise writing.exception()  # type: ignore[misc]
         if not part.done:
             raise ShortRead(f"connection closed at {part.start} of part {part.n}")

@@ -7,15 +7,21 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from pollama.runner.process import subprocess_factory
 from starlette.concurrency import run_in_threadpool
 
 from pollama import __version__
 from pollama.config import Settings
 from pollama.inference.service import InferenceService
 from pollama.runner.base import LoadSpec, Runner
+from pollama.runner.process import subprocess_factory
 from pollama.scheduler import Scheduler
-from pollama.server import routes_inference, routes_models, routes_openai, routes_registry
+from pollama.server import (
+    routes_anthropic,
+    routes_inference,
+    routes_models,
+    routes_openai,
+    routes_registry,
+)
 from pollama.server.errors import install_error_handlers
 from pollama.server.middleware import install_middleware
 from pollama.store import Store
@@ -52,5 +58,6 @@ def create_app(
     app.include_router(routes_registry.router)
     app.include_router(routes_inference.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_anthropic.router)
     install_middleware(app, settings)  # keys, Host/Origin, limits, logs, /metrics
     return app

@@ -1,0 +1,165 @@
+"""Pydantic models of Anthropic's Messages API (``/v1/messages``) and their translation.
+
+Content blocks map onto native messages as Ollama's middleware does (spec §3.7): text blocks
+join into the message content, ``tool_use`` blocks become tool calls, ``tool_result`` blocks
+become ``role: "tool"`` messages, ``thinking`` blocks become the message's thinking.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pollama.errors import InvalidRequest
+from pollama.inference.types import InferenceRequest
+from pollama.protocol.options import OPTIONS
+
+
+class AnthropicModel(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class MessageParam(AnthropicModel):
+    role: str
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(AnthropicModel):
+    model: str = ""
+    max_tokens: int | None = None
+    messages: list[MessageParam] = []
+    system: str | list[dict[str, Any]] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    thinking: dict[str, Any] | None = None
+    metadata: Any = None
+
+    def to_inference(self, *, check_max_tokens: bool = True) -> InferenceRequest:
+        if not self.model:
+            raise InvalidRequest("model is required")
+        if check_max_tokens and (self.max_tokens is None or self.max_tokens <= 0):
+            raise InvalidRequest("max_tokens is required and must be positive")
+        if not self.messages:
+            raise InvalidRequest("messages is required")
+        messages: list[dict[str, Any]] = []
+        system = _system_text(self.system)
+        if system:
+            messages.append({"role": "system", "content": system})
+        for message in self.messages:
+            messages.extend(_native(message))
+        options: dict[str, Any] = {}
+        if self.max_tokens is not None:
+            options["num_predict"] = self.max_tokens
+        for key in ("temperature", "top_p", "top_k"):
+            value = getattr(self, key)
+            if value is not None:
+                options[key] = value
+        if self.stop_sequences:
+            options["stop"] = self.stop_sequences
+        for key, value in (self.model_extra or {}).items():
+            if key in OPTIONS:
+                options[key] = value
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name"),
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema") or {},
+                },
+            }
+            for t in self.tools or []
+        ]
+        think = None
+        if self.thinking:
+            think = self.thinking.get("type") == "enabled"
+        return InferenceRequest(
+            model=self.model,
+            kind="chat",
+            messages=messages,
+            options=options,
+            tools=tools or None,
+            think=think,
+        )
+
+
+def _system_text(system: str | list[dict[str, Any]] | None) -> str:
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    return "".join(str(block.get("text", "")) for block in system if block.get("type") == "text")
+
+
+def _native(message: MessageParam) -> list[dict[str, Any]]:
+    role = message.role.lower()
+    if isinstance(message.content, str):
+        return [{"role": role, "content": message.content}]
+    text: list[str] = []
+    thinking: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    tool_results: list[dict[str, Any]] = []
+    images: list[str] = []
+    for block in message.content:
+        kind = block.get("type")
+        if kind == "text":
+            text.append(str(block.get("text", "")))
+        elif kind == "thinking":
+            thinking.append(str(block.get("thinking", "")))
+        elif kind == "redacted_thinking":
+            continue
+        elif kind == "image":
+            source = block.get("source") or {}
+            if source.get("type") != "base64":
+                raise InvalidRequest("only base64 image sources are supported")
+            images.append(str(source.get("data", "")))
+        elif kind == "tool_use":
+            tool_calls.append(
+                {
+                    "id": block.get("id"),
+                    "function": {"name": block.get("name"), "arguments": block.get("input") or {}},
+                }
+            )
+        elif kind == "tool_result":
+            content = block.get("content")
+            if isinstance(content, list):
+                content = "".join(
+                    str(c.get("text", "")) for c in content if c.get("type") == "text"
+                )
+            tool_results.append(
+                {
+                    "role": "tool",
+                    "content": str(content or ""),
+                    "tool_call_id": block.get("tool_use_id"),
+                }
+            )
+        else:
+            raise InvalidRequest(f"unsupported content block type: {kind!r}")
+    out: list[dict[str, Any]] = list(tool_results)
+    if text or thinking or tool_calls or images or not tool_results:
+        native: dict[str, Any] = {"role": role, "content": "".join(text)}
+        if thinking:
+            native["thinking"] = "".join(thinking)
+        if tool_calls:
+            native["tool_calls"] = tool_calls
+        if images:
+            native["images"] = images
+        out.append(native)
+    return out
+
+
+def stop_reason(done_reason: str, *, tool_use: bool = False) -> str:
+    if tool_use:
+        return "tool_use"
+    return "max_tokens" if done_reason == "length" else "end_turn"
+
+
+def tool_input_json(arguments: Any) -> str:
+    return json.dumps(arguments if arguments is not None else {}, separators=(",", ":"))
