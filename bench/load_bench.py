@@ -261,18 +261,25 @@ class SequentialResult:
     after: dict[str, int] = field(default_factory=dict)
 
 
-def sequential(server: Server, requests: int, *, num_predict: int = 2,
-               warmup: int = 20) -> SequentialResult:  # fmt: skip
-    """``requests`` generations one after another, each on a new connection (as scripts
-    do); /proc counts of the server taken after a warm-up and at the end."""
+def sequential(server: Server, requests: int, *, num_predict: int = 2, warmup: int = 20,
+               generate_every: int = 1) -> SequentialResult:  # fmt: skip
+    """``requests`` requests one after another, each on a new connection (as scripts do):
+    a generation every ``generate_every`` requests, ``/api/show`` and ``/api/tags`` between.
+    /proc counts of the server are taken after a warm-up and at the end."""
     result = SequentialResult(requests)
+    fresh = httpx.Limits(max_keepalive_connections=0)  # a new TCP connection per request
+    http = httpx.Client(base_url=server.url, limits=fresh, timeout=120)
 
     def run(n: int) -> int:
         failures = 0
-        for _ in range(n):
+        for i in range(n):
             try:
-                response = httpx.post(server.url + "/api/generate", json=_body(num_predict),
-                                      timeout=120)  # fmt: skip
+                if i % generate_every == 0:
+                    response = http.post("/api/generate", json=_body(num_predict))
+                elif i % 2:
+                    response = http.post("/api/show", json={"model": MODEL})
+                else:
+                    response = http.get("/api/tags")
                 failures += response.status_code != 200
             except httpx.HTTPError:
                 failures += 1
@@ -286,6 +293,7 @@ def sequential(server: Server, requests: int, *, num_predict: int = 2,
     result.wall_s = time.monotonic() - began
     time.sleep(0.5)
     result.after = {**proc_stats(server.pid), "rss_kb": settle_rss(server.pid, 1.0)}
+    http.close()
     return result
 
 

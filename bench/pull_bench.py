@@ -42,12 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the registry and server helpers of the test suite
 
 from conftest import start_server, stop_server  # noqa: E402
-from registry_helpers import DockerRegistry  # noqa: E402
-
 from pollama.names import ModelName  # noqa: E402
 from pollama.registry import RegistryService, TransferOptions  # noqa: E402
 from pollama.store import Store  # noqa: E402
 from pollama.store.manifests import CONFIG_MEDIA_TYPE, MEDIA_MODEL, Layer, Manifest  # noqa: E402
+from registry_helpers import DockerRegistry  # noqa: E402
 
 MB = 1_000_000
 
@@ -104,6 +103,7 @@ def pull_via_serve(name: ModelName, home: Path) -> float:
     server_home = Path(tempfile.mkdtemp(dir=home))
     server = start_server(server_home)
     try:
+
         def pull() -> None:
             body = {"model": str(name), "insecure": True}
             with httpx.stream("POST", f"{server.url}/api/pull", json=body, timeout=None) as r:
@@ -137,13 +137,22 @@ def main() -> None:
         model = store.blobs.put_file(source)
         config = store.blobs.put_bytes(b'{"model_format":"gguf"}\n')
         name = ModelName.parse(f"{registry.netloc}/library/bench:latest")
-        store.manifests.write(name, Manifest(Layer(CONFIG_MEDIA_TYPE, config.digest, config.size),
-                                             (Layer(MEDIA_MODEL, model.digest, model.size),)))
+        store.manifests.write(
+            name,
+            Manifest(
+                Layer(CONFIG_MEDIA_TYPE, config.digest, config.size),
+                (Layer(MEDIA_MODEL, model.digest, model.size),),
+            ),
+        )
         asyncio.run(drain(RegistryService(store, user_home=home).push(name, insecure=True)))
         hash_once(source)  # warm the page cache for the copy and hash references
 
-        runs: dict[str, list[float]] = {"copy + fsync": [], "sha256": [], "pull, 1 part": [],
-                                         "pull, 16 parts": []}
+        runs: dict[str, list[float]] = {
+            "copy + fsync": [],
+            "sha256": [],
+            "pull, 1 part": [],
+            "pull, 16 parts": [],
+        }
         sixteen = TransferOptions(min_part_size=max(1, size // 16 + 1))
         for _ in range(args.repeat):
             runs["copy + fsync"].append(timed(lambda: copy_once(source, home / "copy.bin")))
@@ -159,15 +168,24 @@ def main() -> None:
 
     copy_s = statistics.median(runs["copy + fsync"])
     rows = []
-    print(f"\nBlob: {what}, {size / MB:.1f} MB; {args.repeat} runs each, median; "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\nBlob: {what}, {size / MB:.1f} MB; {args.repeat} runs each, median; "
+        f"{os.cpu_count()} CPUs\n"
+    )
     print("| measure | seconds | MB/s | vs copy |")
     print("|---|---:|---:|---:|")
     for label, values in runs.items():
         seconds = statistics.median(values)
         rate = size / MB / seconds
-        rows.append({"measure": label, "seconds": seconds, "mb_per_s": rate,
-                     "vs_copy": copy_s / seconds, "runs": values})
+        rows.append(
+            {
+                "measure": label,
+                "seconds": seconds,
+                "mb_per_s": rate,
+                "vs_copy": copy_s / seconds,
+                "runs": values,
+            }
+        )
         print(f"| {label} | {seconds:.3f} | {rate:.0f} | {copy_s / seconds:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

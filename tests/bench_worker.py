@@ -26,7 +26,8 @@ from pollama.default_model import default_gguf_path
 fa, n = int(sys.argv[1]), int(sys.argv[2])
 cb = lc.llama_log_callback(lambda *a: None); lc.llama_log_set(cb, None)
 lc.llama_backend_init()
-model = lc.llama_model_load_from_file(str(default_gguf_path()).encode(), lc.llama_model_default_params())
+mp = lc.llama_model_default_params()
+model = lc.llama_model_load_from_file(str(default_gguf_path()).encode(), mp)
 vocab = lc.llama_model_get_vocab(model)
 cp = lc.llama_context_default_params()
 cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch = 2048 * 4, 4, 512, 512

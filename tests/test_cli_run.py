@@ -151,8 +151,12 @@ def test_embedding_models_print_the_vector(stub: StubServer) -> None:
 
 def test_server_errors_and_lost_connections(stub: StubServer) -> None:
     result = run("smollm2:135m", "error")
-    assert result.exit_code == 1 and result.stdout == "Oops"
+    assert result.exit_code == 1 and result.stdout == "Oops\n"
     assert result.stderr.endswith("Error: boom\n")
+    result = run("smollm2:135m", "die")
+    assert result.exit_code == 1 and result.stdout == "Half an \n"
+    assert result.stderr == ("Error: the pollama server closed the connection before the "
+                             "answer was complete (RemoteProtocolError)\n")
 
 
 def test_run_help_lists_its_environment() -> None:

@@ -16,9 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from ggufgen import write_tiny_model
-from registry_helpers import DockerRegistry, Fault, FaultProxy
 
+from ggufgen import write_tiny_model
 from pollama.names import ModelName
 from pollama.registry import (
     BlobDigestMismatch,
@@ -30,6 +29,7 @@ from pollama.registry import (
 )
 from pollama.store import Store
 from pollama.store.manifests import CONFIG_MEDIA_TYPE, MEDIA_MODEL, MEDIA_PARAMS, Layer, Manifest
+from registry_helpers import DockerRegistry, Fault, FaultProxy
 
 FAST = TransferOptions(
     min_part_size=64 * 1024,
@@ -120,7 +120,10 @@ def test_push_then_pull_gives_the_same_model(
     pushed = run(service(store, tmp_path).push(name, insecure=True))
     hexes = [layer.digest[7:19] for layer in (*manifest.layers, manifest.config)]
     assert statuses(pushed) == [
-        "retrieving manifest", *(f"pushing {h}" for h in hexes), "pushing manifest", "success",
+        "retrieving manifest",
+        *(f"pushing {h}" for h in hexes),
+        "pushing manifest",
+        "success",
     ]
     # The registry holds our manifest byte for byte, so a pull gets the same model ID.
     accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
@@ -132,8 +135,11 @@ def test_push_then_pull_gives_the_same_model(
     assert list(store.blobs.digests()) == []
     pulled = run(service(store, tmp_path).pull(name, insecure=True))
     assert statuses(pulled) == [
-        "pulling manifest", *(f"pulling {h}" for h in hexes),
-        "verifying sha256 digest", "writing manifest", "success",
+        "pulling manifest",
+        *(f"pulling {h}" for h in hexes),
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
     ]
     for item in pulled:
         if "digest" in item:
@@ -178,9 +184,7 @@ _GGUF_CACHE: dict[tuple[Any, ...], Path] = {}
 
 
 @pytest.fixture(scope="module")
-def shared_model(
-    registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory
-) -> Manifest:
+def shared_model(registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     """A model pushed once, straight to the registry, as ``library/shared:latest``."""
     tmp = tmp_path_factory.mktemp("shared")
     scratch = Store(tmp / "models")
@@ -210,8 +214,12 @@ def test_dropped_connections_resume_without_refetching(
     assert proxy.blob_bytes() < 2 * size
     ranges = [r.headers.get("range") for r in proxy.requests if r.method == "GET"]
     # A retried part asks only for what it is missing.
-    assert any(r and not r.startswith("bytes=0-") and r.split("=")[1].split("-")[0] not in
-               {str(o) for o in range(0, size, 64 * 1024)} for r in ranges)
+    assert any(
+        r
+        and not r.startswith("bytes=0-")
+        and r.split("=")[1].split("-")[0] not in {str(o) for o in range(0, size, 64 * 1024)}
+        for r in ranges
+    )
     assert strays(store) == []
 
 
@@ -263,7 +271,9 @@ def test_cancelled_pull_resumes_from_the_bytes_on_disk(
     asyncio.run(pull_part_way())
     assert store.manifests.resolve(name) is None
     partial = [n for n in strays(store) if n.endswith("-partial")]
-    states = [json.loads((store.blobs.dir / n).read_text()) for n in strays(store) if "-partial-" in n]
+    states = [
+        json.loads((store.blobs.dir / n).read_text()) for n in strays(store) if "-partial-" in n
+    ]
     assert partial and states
     saved = sum(s["Completed"] for s in states)
     assert 0 < saved < layer.size
@@ -286,8 +296,11 @@ def test_concurrent_pulls_share_one_download(
     svc = service(store, tmp_path)
 
     async def both() -> list[list[dict[str, Any]]]:
-        return list(await asyncio.gather(collect(svc.pull(name, insecure=True)),
-                                         collect(svc.pull(name, insecure=True))))
+        return list(
+            await asyncio.gather(
+                collect(svc.pull(name, insecure=True)), collect(svc.pull(name, insecure=True))
+            )
+        )
 
     first, second = asyncio.run(both())
     assert first[-1] == second[-1] == {"status": "success"}
@@ -315,8 +328,11 @@ def test_missing_tag_and_registry_errors(proxy: FaultProxy, store: Store, tmp_pa
     name = ModelName.parse(f"{proxy.netloc}/library/nothing-here:latest")
     with pytest.raises(RegistryError, match=r"^pull model manifest: file does not exist$"):
         run(service(store, tmp_path).pull(name, insecure=True))
-    proxy.add(Fault(path="/manifests/", action="reply", method=None,
-                    reply=_reply(500, b"registry on fire")))
+    proxy.add(
+        Fault(
+            path="/manifests/", action="reply", method=None, reply=_reply(500, b"registry on fire")
+        )
+    )
     with pytest.raises(RegistryError, match=r"^pull model manifest: 500: registry on fire$"):
         run(service(store, tmp_path).pull(name, insecure=True))
     missing = ModelName.parse(f"{proxy.netloc}/library/not-local:latest")
@@ -333,8 +349,9 @@ def test_layers_that_cannot_fit_on_disk_are_refused_up_front(
         "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": "sha256:" + "a" * 64, "size": 10},
         "layers": [{"mediaType": MEDIA_MODEL, "digest": "sha256:" + "b" * 64, "size": 10**17}],
     }
-    proxy.add(Fault(path="/manifests/", action="reply",
-                    reply=_reply(200, json.dumps(huge).encode())))
+    proxy.add(
+        Fault(path="/manifests/", action="reply", reply=_reply(200, json.dumps(huge).encode()))
+    )
     name = ModelName.parse(f"{proxy.netloc}/library/huge:latest")
     with pytest.raises(InsufficientDiskSpace, match="not enough disk space"):
         run(service(store, tmp_path).pull(name, insecure=True))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from registry_helpers import DockerRegistry
-from test_registry import make_model
 
 from pollama.config import Settings, load_settings
 from pollama.names import ModelName
 from pollama.server.app import create_app
 from pollama.store import Store
 from pollama.store.manifests import MANIFEST_MEDIA_TYPE
+from registry_helpers import DockerRegistry
+from test_registry import make_model
 
 BASE = "http://127.0.0.1:11434"
 
@@ -53,8 +53,9 @@ def test_pull_and_push_over_the_api(registry: DockerRegistry, tmp_path: Path) ->
         assert api.request("DELETE", "/api/delete", json={"model": str(name)}).status_code == 200
         assert api.get("/api/tags").json()["models"] == []
 
-        response = api.post("/api/pull", json={"model": str(name), "insecure": True,
-                                               "stream": False})
+        response = api.post(
+            "/api/pull", json={"model": str(name), "insecure": True, "stream": False}
+        )
         assert response.status_code == 200
         assert response.json() == {"status": "success"}
         models = api.get("/api/tags").json()["models"]
@@ -174,3 +175,24 @@ def test_v2_is_off_by_default(api: TestClient) -> None:
     response = api.get("/v2/")
     assert response.status_code == 404
     assert "POLLAMA_SERVE_REGISTRY" in response.json()["errors"][0]["message"]
+
+
+def test_settings_reach_the_service(tmp_path: Path) -> None:
+    from pollama.registry import DEFAULT_REGISTRY_HOSTS, RegistryService
+
+    settings = load_settings(
+        {
+            "POLLAMA_PULL_STALL_TIMEOUT": "2s",
+            "POLLAMA_REGISTRY_HOSTS": "reg.lan:5000, *.corp",
+            "HOME": str(tmp_path),
+        }
+    )
+    svc = RegistryService.from_settings(settings, Store(tmp_path / "models"))
+    assert svc.options.stall_timeout == 2.0
+    assert svc.allowed_hosts == ("reg.lan:5000", "*.corp")
+    assert svc.key.path == tmp_path / ".ollama" / "id_ed25519"
+    default = RegistryService.from_settings(load_settings({"HOME": str(tmp_path)}), Store(tmp_path))
+    assert default.options.stall_timeout == 30.0
+    assert "hf.co" in default.allowed_hosts and "modelscope.cn" in default.allowed_hosts
+    # The setting's default and the policy's list of public registries are one list.
+    assert default.allowed_hosts == DEFAULT_REGISTRY_HOSTS

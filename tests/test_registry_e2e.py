@@ -1,7 +1,8 @@
 """End to end: real ``pollama serve`` processes, the real CLI, a real registry.
 
 * create → push → rm → pull gives the same digests, and the model runs;
-* a pull whose server is killed mid-download continues from the bytes on disk;
+* a pull that the client abandons stops; one whose server is killed mid-download continues
+  from the bytes on disk;
 * one pollama pulls a model from another pollama's ``/v2/`` (the LAN case);
 * the CLI's progress, on a terminal (a pty) and not.
 """
@@ -24,15 +25,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import RunningServer, start_server, stop_server
 from ggufgen import write_tiny_model
-from registry_helpers import DockerRegistry, Fault, FaultProxy
-from test_registry import FAST, make_model, run
-
 from pollama.client import Client
+from pollama.keys import KeyStore, Scope
 from pollama.names import ModelName
 from pollama.registry import RegistryService
 from pollama.store import Store
+from registry_helpers import DockerRegistry, Fault, FaultProxy
+from test_registry import FAST, make_model, run
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +93,9 @@ def test_create_push_rm_pull_gives_the_same_model_and_it_runs(
     assert lines[0] == "pulling manifest"
     assert lines[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
     bars = [line for line in lines[1:-3]]
-    assert bars and all(re.fullmatch(r"pulling [0-9a-f]{12}: 100% \d+(\.\d+)? [KMGT]?B", b)
-                        for b in bars), bars
+    assert bars and all(
+        re.fullmatch(r"pulling [0-9a-f]{12}: 100% \d+(\.\d+)? [KMGT]?B", b) for b in bars
+    ), bars
     assert "\x1b" not in pulled.stderr  # plain lines when not on a terminal
     assert tags(origin)[name] == before
     assert sorted(p.name for p in (origin.models / "blobs").iterdir()) == blobs
@@ -102,7 +105,7 @@ def test_create_push_rm_pull_gives_the_same_model_and_it_runs(
     assert out[-1]["done"] is True and out[-1]["eval_count"] > 0
 
 
-def test_a_pull_continues_after_the_server_is_killed(
+def test_a_pull_continues_after_ctrl_c_and_after_the_server_is_killed(
     registry: DockerRegistry, tmp_path: Path, isolated_env: Path
 ) -> None:
     scratch = Store(tmp_path / "scratch")
@@ -116,9 +119,29 @@ def test_a_pull_continues_after_the_server_is_killed(
     via_proxy = f"{proxy.netloc}/library/killed:latest"
     server = start_server(isolated_env)
     try:
+        # A client that goes away (Ctrl+C) stops the download: nobody else follows it.
+        with httpx.stream(
+            "POST",
+            f"{server.url}/api/pull",
+            timeout=30,
+            json={"model": via_proxy, "insecure": True},
+        ) as response:
+            for line in response.iter_lines():
+                if json.loads(line).get("completed", 0) > size // 8:
+                    break
+        time.sleep(0.3)
+        before = proxy.blob_bytes()
+        time.sleep(1.0)
+        assert proxy.blob_bytes() - before < size // 8  # it would be ~size/6 had it gone on
+
+        # Then the server is killed in the middle of the next attempt.
         started = None
-        with httpx.stream("POST", f"{server.url}/api/pull", timeout=30,
-                          json={"model": via_proxy, "insecure": True}) as response:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/api/pull",
+            timeout=30,
+            json={"model": via_proxy, "insecure": True},
+        ) as response:
             for line in response.iter_lines():
                 item = json.loads(line)
                 if item.get("total") == size and item.get("completed"):
@@ -139,8 +162,10 @@ def test_a_pull_continues_after_the_server_is_killed(
         assert "killed" not in " ".join(tags(server))  # never a half-pulled model
         with Client(server.url) as api:
             assert list(api.pull(via_proxy, insecure=True))[-1] == {"status": "success"}
-        assert tags(server)[via_proxy] == hashlib.sha256(
-            (scratch.manifests.path(name)).read_bytes()).hexdigest()
+        assert (
+            tags(server)[via_proxy]
+            == hashlib.sha256((scratch.manifests.path(name)).read_bytes()).hexdigest()
+        )
         again = proxy.blob_bytes() - first
         assert again < size - saved + size // 4  # only what was missing (plus small blobs)
         assert proxy.blob_bytes() < 2 * size
@@ -182,14 +207,31 @@ def test_pull_from_another_pollama_with_progress_on_a_terminal(
     digest = create_model(origin, "lan-model:135m", write_tiny_model(tmp_path / "lan.gguf", seed=4))
     port = origin.url.rsplit(":", 1)[1]
     name = f"127.0.0.1:{port}/library/lan-model:135m"
-    code, output = run_in_pty([sys.executable, "-m", "pollama", "pull", "--insecure", name],
-                              server.env)
+    code, output = run_in_pty(
+        [sys.executable, "-m", "pollama", "pull", "--insecure", name], server.env
+    )
     assert code == 0, output
     assert "pulling manifest" in output and "success" in output
     assert f"pulling {digest[7:19]}:" in output
     assert "100%" in output and "▕" in output and "\x1b[" in output
     assert tags(server)[name] == tags(origin)["lan-model:135m"]
     assert (server.models / "blobs" / digest.replace(":", "-")).is_file()
+    # An origin that requires API keys takes one from the puller's Docker config.json.
+    keys = KeyStore(Path(origin.env["HOME"]) / ".ollama" / "api_keys.json")
+    secret, key = keys.create("lan", Scope.INFERENCE)
+    try:
+        refused = server.cli("pull", "--insecure", name)
+        assert refused.returncode == 1
+        assert "requires an API key" in refused.stderr and "registrytoken" in refused.stderr
+        docker = Path(server.env["HOME"]) / ".docker"
+        docker.mkdir()
+        (docker / "config.json").write_text(
+            json.dumps({"auths": {f"127.0.0.1:{port}": {"registrytoken": secret}}})
+        )
+        with Client(server.url) as api:
+            assert list(api.pull(name, insecure=True))[-1] == {"status": "success"}
+    finally:
+        keys.revoke(key.id)
     # Without --insecure the server refuses plain http to a host it was not told about.
     refused = server.cli("pull", name)
     assert refused.returncode == 1

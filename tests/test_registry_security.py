@@ -20,12 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import tree_snapshot
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from registry_helpers import Fault, FaultProxy, Reply, Request
-from test_registry import FAST, run, service
 
+from conftest import tree_snapshot
 from pollama.errors import InvalidModelName, InvalidRequest
 from pollama.names import ModelName
 from pollama.registry import (
@@ -39,6 +37,8 @@ from pollama.registry.auth import DockerCredentials, parse_challenge, signing_pa
 from pollama.registry.client import RegistrySession
 from pollama.store import Store
 from pollama.store.manifests import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MEDIA_MODEL
+from registry_helpers import Fault, FaultProxy, Reply, Request
+from test_registry import FAST, run, service
 
 GOOD = "sha256:" + "ab" * 32
 
@@ -65,9 +65,14 @@ def manifest_doc(layers: Any, config: Any = None) -> bytes:
 
 
 def serve_manifest(proxy: FaultProxy, body: bytes, headers: dict[str, str] | None = None) -> None:
-    proxy.add(Fault(path="/manifests/", action="reply", times=None,
-                    reply=Reply(200, {"content-type": MANIFEST_MEDIA_TYPE, **(headers or {})},
-                                body)))
+    proxy.add(
+        Fault(
+            path="/manifests/",
+            action="reply",
+            times=None,
+            reply=Reply(200, {"content-type": MANIFEST_MEDIA_TYPE, **(headers or {})}, body),
+        )
+    )
 
 
 # -- host policy -----------------------------------------------------------------------------
@@ -143,14 +148,16 @@ def test_pulls_cannot_reach_private_addresses(
     assert hostile.requests == []
     with pytest.raises(HostNotAllowed, match="private or reserved address"):
         session = RegistrySession(
-            ModelName.parse(f"localhost:{port}/library/x"), policy=HostPolicy(["*"]),
+            ModelName.parse(f"localhost:{port}/library/x"),
+            policy=HostPolicy(["*"]),
             key=IdentityKey(tmp_path),
         )
         asyncio.run(_get(session, session.url("manifests", "latest")))
     # Listing the host explicitly is the user saying it is theirs.
     hostile.add(Fault(path="/", action="reply", method=None, times=None, reply=Reply(404)))
-    exc = pull_error(store, tmp_path, f"localhost:{port}/library/x", insecure=True,
-                     hosts=[f"localhost:{port}"])
+    exc = pull_error(
+        store, tmp_path, f"localhost:{port}/library/x", insecure=True, hosts=[f"localhost:{port}"]
+    )
     assert str(exc) == "pull model manifest: file does not exist"
     assert len(hostile.requests) == 1
 
@@ -167,10 +174,23 @@ def test_redirects_to_metadata_addresses_are_refused(
     hostile: FaultProxy, store: Store, tmp_path: Path
 ) -> None:
     serve_manifest(hostile, manifest_doc([{"mediaType": MEDIA_MODEL, "digest": GOOD, "size": 5}]))
-    hostile.add(Fault(path="/blobs/", action="reply", method="HEAD", times=None,
-                      reply=Reply(200, {"content-length": "5"})))
-    hostile.add(Fault(path="/blobs/", action="reply", times=None, reply=Reply(
-        307, {"location": "http://169.254.169.254/latest/meta-data/iam"})))
+    hostile.add(
+        Fault(
+            path="/blobs/",
+            action="reply",
+            method="HEAD",
+            times=None,
+            reply=Reply(200, {"content-length": "5"}),
+        )
+    )
+    hostile.add(
+        Fault(
+            path="/blobs/",
+            action="reply",
+            times=None,
+            reply=Reply(307, {"location": "http://169.254.169.254/latest/meta-data/iam"}),
+        )
+    )
     exc = pull_error(store, tmp_path, f"{hostile.netloc}/library/x", insecure=True)
     assert isinstance(exc, HostNotAllowed)
     assert "169.254.169.254" in str(exc)
@@ -192,15 +212,23 @@ def test_https_never_redirects_to_http_unless_insecure(tmp_path: Path) -> None:
 
 
 def test_names_and_schemes() -> None:
-    assert ModelName.parse("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M").registry_base_url(
-    ) == "https://hf.co"
+    assert (
+        ModelName.parse("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M").registry_base_url()
+        == "https://hf.co"
+    )
     name = ModelName.parse("modelscope.cn/Qwen/Qwen2.5-3B-Instruct-GGUF")
     assert (name.host, name.namespace, name.model, name.tag) == (
-        "modelscope.cn", "Qwen", "Qwen2.5-3B-Instruct-GGUF", "latest")
+        "modelscope.cn",
+        "Qwen",
+        "Qwen2.5-3B-Instruct-GGUF",
+        "latest",
+    )
     with pytest.raises(InvalidRequest, match="^insecure protocol http$"):
         ModelName.parse("http://reg.lan/library/x").registry_base_url(False)
-    assert ModelName.parse("192.168.1.20:11434/library/smollm2:135m").registry_base_url(
-        True) == "http://192.168.1.20:11434"
+    assert (
+        ModelName.parse("192.168.1.20:11434/library/smollm2:135m").registry_base_url(True)
+        == "http://192.168.1.20:11434"
+    )
     with pytest.raises(InvalidModelName):
         ModelName.parse("reg.lan/library/x@sha256:" + "a" * 64)
 
@@ -246,7 +274,9 @@ def test_hostile_manifests_are_refused_cleanly(
         b"{" + b" " * (5 << 20) + b"}",  # over the size cap
     ],
 )
-def test_malformed_manifests(hostile: FaultProxy, store: Store, tmp_path: Path, body: bytes) -> None:
+def test_malformed_manifests(
+    hostile: FaultProxy, store: Store, tmp_path: Path, body: bytes
+) -> None:
     serve_manifest(hostile, body)
     exc = pull_error(store, tmp_path, f"{hostile.netloc}/library/x", insecure=True)
     assert isinstance(exc, RegistryError)
@@ -354,7 +384,9 @@ def test_docker_logins_answer_basic_challenges_and_stay_on_their_host(
     try:
         exc = pull_error(store, tmp_path, f"{proxy.netloc}/library/x", insecure=True)
         assert isinstance(exc, Unauthorized)
-        docker_login(tmp_path, "elsewhere.example", {"auth": base64.b64encode(b"user:pa55").decode()})
+        docker_login(
+            tmp_path, "elsewhere.example", {"auth": base64.b64encode(b"user:pa55").decode()}
+        )
         exc = pull_error(store, tmp_path, f"{proxy.netloc}/library/x", insecure=True)
         assert isinstance(exc, Unauthorized)
         docker_login(tmp_path, proxy.netloc, {"username": "user", "password": "pa55"})
@@ -391,9 +423,10 @@ def test_credentials_are_never_sent_to_a_cdn(store: Store, tmp_path: Path) -> No
         if request.headers.get("authorization") != "Bearer pollama-key":
             return Reply(401, {}, b"")
         if request.path.endswith("/manifests/latest"):
-            body = manifest_doc([{"mediaType": MEDIA_MODEL, "digest": digest, "size": len(data)}],
-                                {"mediaType": CONFIG_MEDIA_TYPE, "digest": digest,
-                                 "size": len(data)})
+            body = manifest_doc(
+                [{"mediaType": MEDIA_MODEL, "digest": digest, "size": len(data)}],
+                {"mediaType": CONFIG_MEDIA_TYPE, "digest": digest, "size": len(data)},
+            )
             return Reply(200, {"content-type": MANIFEST_MEDIA_TYPE}, body)
         if request.method == "HEAD":
             return Reply(200, {"content-length": str(len(data))})
@@ -403,8 +436,11 @@ def test_credentials_are_never_sent_to_a_cdn(store: Store, tmp_path: Path) -> No
     proxy = FaultProxy(hook=hook)
     try:
         docker_login(tmp_path, proxy.netloc, {"registrytoken": "pollama-key"})
-        items = run(service(store, tmp_path, FAST).pull(
-            ModelName.parse(f"{proxy.netloc}/library/cdn"), insecure=True))
+        items = run(
+            service(store, tmp_path, FAST).pull(
+                ModelName.parse(f"{proxy.netloc}/library/cdn"), insecure=True
+            )
+        )
         assert items[-1] == {"status": "success"}
         assert store.blobs.read_bytes(digest) == data
         assert cdn.requests and all("authorization" not in r.headers for r in cdn.requests)
@@ -442,9 +478,29 @@ def test_identity_key_and_challenge_parsing(tmp_path: Path) -> None:
     public = serialization.load_ssh_public_key(line.encode())
     assert isinstance(public, Ed25519PublicKey)
     public.verify(base64.b64decode(signature), b"payload")
-    c = parse_challenge('Bearer realm="https://r.example/token",service="svc",scope="a:b:pull b:c:push"')
+    c = parse_challenge(
+        'Bearer realm="https://r.example/token",service="svc",scope="a:b:pull b:c:push"'
+    )
     assert (c.scheme, c.realm, c.service, c.scope) == (
-        "bearer", "https://r.example/token", "svc", "a:b:pull b:c:push")
+        "bearer",
+        "https://r.example/token",
+        "svc",
+        "a:b:pull b:c:push",
+    )
     assert parse_challenge('Basic realm="x"').scheme == "basic"
     assert parse_challenge(None).scheme == ""
     assert DockerCredentials.load(tmp_path, {}).basic_header("x") is None
+
+
+def test_redirects_are_capped(hostile: FaultProxy, store: Store, tmp_path: Path) -> None:
+    hostile.add(
+        Fault(
+            path="/manifests/",
+            action="reply",
+            times=None,
+            reply=Reply(302, {"location": "/v2/library/x/manifests/latest"}),
+        )
+    )
+    exc = pull_error(store, tmp_path, f"{hostile.netloc}/library/x", insecure=True)
+    assert str(exc) == "pull model manifest: maximum redirects exceeded (10)"
+    assert len(hostile.requests) == 11

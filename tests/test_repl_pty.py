@@ -106,9 +106,11 @@ class Terminal:
         """The lines an answer occupied: what was drawn between the prompt giving the
         terminal back (bracketed paste off) and the next prompt (bracketed paste on)."""
         raw = self.raw[start:]
-        begin = raw.index("\x1b[?2004l") + len("\x1b[?2004l")
-        end = raw.index("\x1b[?2004h", begin)
-        return [line for line in screen(raw[begin:end].replace("\r", "")) if line.strip()]
+        for drawn in re.findall(r"\x1b\[\?2004l(.*?)\x1b\[\?2004h", raw, re.S):
+            lines = [line for line in screen(drawn.replace("\r", "")) if line.strip()]
+            if lines:  # a resize redraws the prompt with an empty pair first
+                return lines
+        return []
 
     def close(self) -> int:
         """Wait for the command to exit by itself."""

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ggufgen import write_tiny_model
 
+from ggufgen import write_tiny_model
 from pollama.default_model import default_gguf_path
 from pollama.runner.base import LoadSpec
 from pollama.runner.engine import StopMatcher, Utf8Decoder, common_prefix, fair_share
@@ -242,6 +242,24 @@ def test_tiny_cancel_frees_the_slot(tiny_path: Path) -> None:
         assert done["type"] == "done" and done["done_reason"] == "" and done["eval_count"] == 0
         _, done = client.complete("again", num_predict=4)  # the slot is free again
         assert (done["done_reason"], done["eval_count"]) == ("length", 4)
+    finally:
+        assert client.close() == 0
+
+
+def test_tiny_new_conversation_does_not_take_a_cached_slot(tiny_path: Path) -> None:
+    client = WorkerClient(LoadSpec(model_path=str(tiny_path), num_ctx=256, num_parallel=2))
+    try:
+        first = "the cat is blue and the dog is red"
+        _, done = client.complete(first, temperature=0, num_predict=4)
+        assert done["prompt_cached"] == 0
+        # shares only BOS with the first: goes to the empty slot, not the cached one
+        other = " ".join(["yes no why sky"] * 8)
+        _, done = client.complete(other, temperature=0, num_predict=4)
+        assert done["prompt_cached"] == 0
+        _, done = client.complete(first + " and green", temperature=0, num_predict=4)
+        assert done["prompt_cached"] >= len(first.split())
+        _, done = client.complete(other + " no", temperature=0, num_predict=4)
+        assert done["prompt_cached"] >= 16
     finally:
         assert client.close() == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import socket
 import time
@@ -48,6 +49,17 @@ def test_blob_uploads_are_not_capped_by_the_body_size(
     data = b"z" * 5000
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
+
+
+def test_compressed_bodies_are_not_inflated(make_client: Callable[..., TestClient]) -> None:
+    """A gzip bomb as a request body stays a few KB of bytes: nothing decompresses request
+    bodies, so it is refused as what it is (bad JSON), fast and without memory."""
+    bomb = gzip.compress(b"\0" * (50 << 20))
+    assert len(bomb) < 100_000
+    client = make_client()
+    response = client.post("/api/show", content=bomb, headers={
+        "Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert response.status_code == 400
 
 
 def test_every_503_carries_retry_after(make_client: Callable[..., TestClient]) -> None:

@@ -16,7 +16,6 @@ ESCAPES = [
     "{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}",
     "{{ joiner.__init__.__globals__.os.system('touch MARKER') }}",
     "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{{ c }}{% endfor %}",
-    "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.popen('touch MARKER') }}",
     "{{ lipsum.__globals__['os'].popen('touch MARKER').read() }}",
 ]
 

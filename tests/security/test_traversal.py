@@ -53,6 +53,7 @@ def _name_bodies(name: str) -> dict[tuple[str, str], dict[str, Any]]:
         ("POST", "/v1/embeddings"): {"model": name, "input": "hi"},
         ("POST", "/v1/responses"): {"model": name, "input": "hi"},
         ("POST", "/v1/messages"): {"model": name, "max_tokens": 1, "messages": msg},
+        ("POST", "/v1/messages/count_tokens"): {"model": name, "messages": msg},
     }
 
 

@@ -492,6 +492,8 @@ class Repl:
             s.messages.append(answer)
 
     def chat(self, *, retry: bool = True) -> dict[str, Any] | None:
+        """Stream one answer to the history as it stands; None when there is no answer to
+        keep. Answers end with a blank line, then the statistics when verbose (Ollama)."""
         s = self.session
         body = {"model": s.model, "messages": s.messages, **s.request_fields()}
         out = sys.stdout

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import click
+import httpx
 
 from pollama.cli.autostart import ServerNotStarted, ensure_server, server_log_path
 from pollama.cli.common import client, reports_errors, settings
@@ -119,6 +120,19 @@ def generate_once(api: Client, session: Session, prompt: str) -> None:
         out.write("\n")
         out.flush()
         return
+    except ResponseError:
+        display.finish()
+        if display.wrote:
+            out.write("\n")  # the error line must not stick to the answer
+        raise
+    except (httpx.TransportError, json.JSONDecodeError) as exc:
+        display.finish()
+        if display.wrote:
+            out.write("\n")
+        raise InternalError(
+            "the pollama server closed the connection before the answer was complete "
+            f"({type(exc).__name__})"
+        ) from None
     finally:
         stream.close()
         spinner.stop()

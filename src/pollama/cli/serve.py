@@ -11,7 +11,7 @@ from pollama.cli.common import fail, reports_errors, settings
 from pollama.config import SERVE_ENV_VARS, env_help
 from pollama.server.app import create_app
 from pollama.server.limits import guarded_h11_protocol
-from pollama.server.security import bind_refusal
+from pollama.server.security import auth_summary, bind_refusal
 
 
 @click.command(epilog="\b" + env_help(SERVE_ENV_VARS))
@@ -28,6 +28,7 @@ def serve() -> None:
     if refusal is not None:
         fail(refusal)
     app = create_app(s)
+    click.echo(auth_summary(s), err=True)
     click.echo(
         f"pollama listening on {s.host.bind_host}:{s.host.port} (models: {s.models})", err=True
     )

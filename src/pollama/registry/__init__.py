@@ -11,7 +11,6 @@ Modules: ``client`` (one transfer's HTTP session: redirects, auth, byte caps), `
 """
 
 from pollama.registry.auth import DockerCredentials, IdentityKey
-from pollama.registry.download import TransferOptions
 from pollama.registry.errors import (
     BlobDigestMismatch,
     HostNotAllowed,
@@ -22,6 +21,7 @@ from pollama.registry.errors import (
 )
 from pollama.registry.hosts import DEFAULT_REGISTRY_HOSTS, HostPolicy
 from pollama.registry.service import Progress, RegistryService
+from pollama.registry.transfer import TransferOptions
 
 __all__ = [
     "DEFAULT_REGISTRY_HOSTS",

@@ -21,6 +21,8 @@ pulls share outlives the pull that started it.
 from __future__ import annotations
 
 import logging
+import platform
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -49,6 +51,17 @@ MAX_TOKEN_BODY = 1 << 20
 _SHOWN_ERROR_CHARS = 1000
 
 Content = bytes | Callable[[], AsyncIterator[bytes]] | None
+
+OLLAMA_COMPAT_VERSION = "0.33.0"
+"""The Ollama release whose registry behaviour this matches (also in ``/api/version``)."""
+
+
+def user_agent() -> str:
+    """Ollama's ``ollama/<ver> (<arch> <os>) Go/<ver>`` shape, naming pollama at the end:
+    registries may choose what to serve by it (Hugging Face serves Ollama clients GGUF
+    manifests), so it starts as Ollama's does."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    return f"ollama/{OLLAMA_COMPAT_VERSION} ({arch} {sys.platform}) pollama/{__version__}"
 
 
 def _netloc(url: httpx.URL) -> str:
@@ -100,7 +113,7 @@ class RegistrySession:
             transport=transport or guarded_transport(policy),
             timeout=httpx.Timeout(timeout, connect=30.0 if timeout is None else timeout),
             follow_redirects=False,
-            headers={"User-Agent": f"pollama/{__version__} (ollama-compatible)"},
+            headers={"User-Agent": user_agent()},
             trust_env=True,
         )
 
@@ -257,7 +270,14 @@ class RegistrySession:
                 raise Unauthorized()
             self._auth[netloc] = basic
             return
-        if challenge.scheme != "bearer" or not challenge.realm:
+        if challenge.scheme == "bearer" and challenge.realm == "pollama":
+            # Another pollama that requires API keys: it takes one as a Bearer token.
+            raise Unauthorized(
+                f"unauthorized: access denied: the pollama server at {netloc} requires an API "
+                f'key; put one as "registrytoken" for "{netloc}" in the Docker config.json '
+                "(~/.docker/config.json) of the user this server runs as"
+            )
+        if challenge.scheme != "bearer" or not challenge.realm.startswith(("https://", "http://")):
             raise Unauthorized()
         realm = token_url(challenge)
         if _netloc(realm) != netloc:

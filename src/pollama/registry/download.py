@@ -31,18 +31,17 @@ import hashlib
 import json
 import logging
 import os
-import random
 import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
 from pollama.registry.client import RegistrySession
 from pollama.registry.errors import BlobDigestMismatch, InsufficientDiskSpace, RegistryError
+from pollama.registry.transfer import Part, TransferOptions, describe, retryable
 from pollama.store.blobs import PARTIAL_SUFFIX, TEMP_PREFIX, BlobStore
 
 log = logging.getLogger(__name__)
@@ -52,55 +51,7 @@ _HASH_CHUNK = 8 << 20
 _MAX_PART_FILE = 4096
 T = TypeVar("T")
 
-
-@dataclass
-class TransferOptions:
-    """Tunables of downloads and uploads; the defaults are Ollama's."""
-
-    stall_timeout: float = 30.0
-    max_retries: int = 6
-    backoff_base: float = 1.0
-    backoff_max: float = 30.0
-    max_stalls: int = 20
-    max_parts: int = 16
-    min_part_size: int = 100_000_000
-    max_part_size: int = 1_000_000_000
-    checkpoint_interval: float = 2.0
-    progress_interval: float = 0.06
-
-    def backoff(self, tries: int) -> float:
-        """``base * 2^(tries-1)`` capped, jittered 0.5-1.5x against thundering herds."""
-        delay = min(self.backoff_base * 2 ** (tries - 1), self.backoff_max)
-        return delay * (0.5 + random.random())
-
-    def plan(self, total: int) -> list[tuple[int, int]]:
-        """(offset, size) of each part: ``total / max_parts`` clamped to the size bounds."""
-        size = min(max(total // self.max_parts, self.min_part_size), self.max_part_size)
-        return [(offset, min(size, total - offset)) for offset in range(0, total, size)]
-
-
-@dataclass
-class Part:
-    n: int
-    offset: int
-    size: int
-    completed: int = 0
-
-    @property
-    def start(self) -> int:
-        return self.offset + self.completed
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.size
-
-    @property
-    def done(self) -> bool:
-        return self.completed >= self.size
-
-    def to_json(self, completed: int) -> bytes:
-        doc = {"N": self.n, "Offset": self.offset, "Size": self.size, "Completed": completed}
-        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+__all__ = ["BlobDownload", "DownloadManager", "Part", "TransferOptions"]
 
 
 class PartStalled(Exception):
@@ -113,14 +64,6 @@ class ShortRead(Exception):
 
 class DirectURLExpired(Exception):
     """A CDN refused the direct URL (expired signature): resolve it again."""
-
-
-def _retryable(exc: RegistryError) -> bool:
-    return exc.status_code in (0, 408, 429) or exc.status_code >= 500
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -347,7 +290,7 @@ class BlobDownload:
             try:
                 return await call()
             except (httpx.TransportError, RegistryError) as exc:
-                if isinstance(exc, RegistryError) and not _retryable(exc):
+                if isinstance(exc, RegistryError) and not retryable(exc):
                     raise
                 tries += 1
                 if tries > self.opts.max_retries:
@@ -396,9 +339,10 @@ class BlobDownload:
                         raise task.exception()  # type: ignore[misc]
             actual = await hasher
         finally:
-            for task in (*workers, hasher, checkpointer):
+            others: list[asyncio.Task[Any]] = [*workers, hasher, checkpointer]
+            for task in others:
                 task.cancel()
-            await asyncio.gather(*workers, hasher, checkpointer, return_exceptions=True)
+            await asyncio.gather(*others, return_exceptions=True)
         await asyncio.to_thread(self._finish, actual)
 
     def _finish(self, actual: str) -> None:
@@ -494,21 +438,21 @@ class BlobDownload:
                 except (httpx.TransportError, ShortRead) as err:
                     exc = err
                 except RegistryError as err:
-                    if not _retryable(err):
+                    if not retryable(err):
                         raise
                     exc = err
                 else:
                     continue
                 tries = 1 if part.completed > before else tries + 1
                 if tries > self.opts.max_retries:
-                    raise RegistryError(f"max retries exceeded: {_describe(exc)}")
+                    raise RegistryError(f"max retries exceeded: {describe(exc)}")
                 delay = self.opts.backoff(tries)
                 log.info(
                     "%s part %d attempt %d failed: %s, retrying in %.1fs",
                     self.digest[7:19],
                     part.n,
                     tries,
-                    _describe(exc),
+                    describe(exc),
                     delay,
                 )
                 await asyncio.sleep(delay)

@@ -23,14 +23,16 @@ from typing import Any
 
 import httpx
 
+from pollama.config import Settings
 from pollama.errors import InvalidRequest, ModelNotFound, PollamaError
 from pollama.format import human_bytes
 from pollama.names import ModelName
 from pollama.registry.auth import DockerCredentials, IdentityKey
 from pollama.registry.client import RegistrySession
-from pollama.registry.download import DownloadManager, TransferOptions
+from pollama.registry.download import DownloadManager
 from pollama.registry.errors import InsufficientDiskSpace, RegistryError
 from pollama.registry.hosts import DEFAULT_REGISTRY_HOSTS, HostPolicy
+from pollama.registry.transfer import TransferOptions
 from pollama.registry.upload import upload_blob
 from pollama.store import Store
 from pollama.store.blobs import PARTIAL_SUFFIX
@@ -84,7 +86,6 @@ class RegistryService:
         user_home: Path,
         allowed_hosts: Iterable[str] = DEFAULT_REGISTRY_HOSTS,
         options: TransferOptions | None = None,
-        transport_factory: Any = None,
     ) -> None:
         self.store = store
         self.user_home = Path(user_home)
@@ -92,22 +93,20 @@ class RegistryService:
         self.allowed_hosts = tuple(allowed_hosts)
         self.options = options or TransferOptions()
         self.downloads = DownloadManager()
-        # Tests may route sessions through another transport (still policy-checked there).
-        self._transport_factory = transport_factory
 
     @classmethod
-    def from_settings(cls, settings: Any, store: Store) -> RegistryService:
-        stall = float(getattr(settings, "pull_stall_timeout", 30.0))
+    def from_settings(cls, settings: Settings, store: Store) -> RegistryService:
+        """``POLLAMA_REGISTRY_HOSTS`` and ``POLLAMA_PULL_STALL_TIMEOUT``; the key and the
+        Docker config are the user's (``HOME``)."""
         return cls(
             store,
             user_home=settings.user_home,
-            allowed_hosts=getattr(settings, "registry_hosts", DEFAULT_REGISTRY_HOSTS),
-            options=TransferOptions(stall_timeout=stall),
+            allowed_hosts=settings.registry_hosts,
+            options=TransferOptions(stall_timeout=settings.pull_stall_timeout),
         )
 
     def session(self, name: ModelName, insecure: bool) -> RegistrySession:
         policy = HostPolicy(self.allowed_hosts, insecure=insecure)
-        transport = self._transport_factory(policy) if self._transport_factory else None
         timeout = None if self.options.stall_timeout == float("inf") else self.options.stall_timeout
         return RegistrySession(
             name,
@@ -115,7 +114,6 @@ class RegistryService:
             key=self.key,
             credentials=DockerCredentials.load(self.user_home),
             timeout=timeout,
-            transport=transport,
         )
 
     # -- pull ---------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import httpx
 
 from pollama.names import ModelName
 from pollama.registry.client import RegistrySession
-from pollama.registry.download import TransferOptions
 from pollama.registry.errors import RegistryError, RegistryNotFound
+from pollama.registry.transfer import TransferOptions
 from pollama.store.blobs import BlobStore
 from pollama.store.manifests import Layer
 

@@ -59,6 +59,8 @@ class RequestFailed:
     message: str
 
 
+_SLOT_SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
+
 Event = CompletionChunk | RequestFailed
 # Receives a request's events in order; returning False means the consumer is gone, which
 # cancels the request (no more events are sent except its final one).
@@ -334,14 +336,21 @@ class Engine:
 
     def _admit(self) -> None:
         """Give waiting requests free slots: the one with the longest cached prefix of the
-        prompt, ties to the least recently used."""
+        prompt, ties to the least recently used. As in llama-server, a prefix shorter than a
+        tenth of the prompt (a chat template's first tokens) does not count, so that a new
+        conversation takes an empty or the oldest slot rather than another one's cache."""
         while self._waiting:
             free = [slot for slot in self.slots if slot.job is None]
             if not free:
                 return
             job = self._waiting.popleft()
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, job.prompt), -s.last_used))
-            reuse = min(common_prefix(slot.tokens, job.prompt), len(job.prompt) - 1)
+            floor = len(job.prompt) * _SLOT_SIMILARITY
+            scored = []
+            for slot in free:
+                shared = common_prefix(slot.tokens, job.prompt)
+                scored.append((shared if shared > floor else 0, -slot.last_used, shared, slot))
+            _, _, shared, slot = max(scored, key=lambda entry: entry[:2])
+            reuse = min(shared, len(job.prompt) - 1)
             if reuse < len(slot.tokens):
                 if not self.ctx.seq_rm(slot.seq, reuse, -1):
                     self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over

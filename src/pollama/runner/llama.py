@@ -117,7 +117,9 @@ def flash_attn_type(flash_attention: bool | None, kv_cache_type: str) -> int:
         if (kv_cache_type or "f16").lower() in ("q8_0", "q4_0"):
             return lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
         return lc.LLAMA_FLASH_ATTN_TYPE_AUTO
-    return lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return (
+        lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
 
 
 class Model:
@@ -154,12 +156,16 @@ class Model:
             lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         data = text.encode("utf-8")
         size = len(data) + 8
         while True:
             buf = (lc.llama_token * size)()
-            n = lc.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, parse_special)
+            n = lc.llama_tokenize(
+                self.vocab, data, len(data), buf, size, add_special, parse_special
+            )
             if n >= 0:
                 return buf[:n]
             if -n <= size:  # an overflow of int32 in llama.cpp, not a short buffer

@@ -83,7 +83,7 @@ class _ClosingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[union-attr]
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def progress_stream(events: AsyncIterator[Progress], *, stream: bool) -> Response:

@@ -41,13 +41,14 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pollama.config import Settings
-from pollama.keys import KeyStore, Permission
+from pollama.keys import KeyFileError, KeyStore, Permission
 from pollama.server.access_log import current_record, route_template
 from pollama.server.refusals import json_error
 
 __all__ = [
     "PUBLIC_ROUTES",
     "AccessPolicy",
+    "auth_summary",
     "bind_refusal",
     "HostGuard",
     "OriginPolicy",
@@ -407,3 +408,18 @@ def bind_refusal(settings: Settings, keys: KeyStore | None = None) -> str | None
         "       POLLAMA_ALLOW_NO_AUTH=1 pollama serve\n"
         "  (or bind to loopback only: OLLAMA_HOST=127.0.0.1)"
     )
+
+
+def auth_summary(settings: Settings, keys: KeyStore | None = None) -> str:
+    """One line for ``pollama serve`` to print: whether callers need a key."""
+    keys = keys or KeyStore(settings.api_keys_path)
+    try:
+        count = len(keys.keys())
+    except KeyFileError:
+        count = 0
+    if count:
+        return f"API keys required ({count} in {keys.path})"
+    if not is_loopback_bind(settings.host.bind_host):
+        return ("WARNING: no API keys and POLLAMA_ALLOW_NO_AUTH is set: anyone who can reach "
+                "this address can use every route")
+    return "no API keys: loopback callers need none ('pollama keys create' to require one)"
