@@ -223,11 +223,11 @@ async def _burst(url: str, clients: int, num_predict: int, timeout: float) -> Bu
     return result
 
 
-def burst(server: Server, clients: int, *, num_predict: int = 8,
-          timeout: float = 300.0) -> BurstResult:  # fmt: skip
+def burst(server: Server, clients: int, *, num_predict: int = 8, timeout: float = 300.0,
+          warmup: int = 3) -> BurstResult:  # fmt: skip
     """``clients`` simultaneous requests; RSS idle (after a warm-up), peak and settled."""
     with httpx.Client(base_url=server.url, timeout=timeout) as http:
-        for _ in range(3):  # warm up: model loaded, caches filled, thread pool started
+        for _ in range(warmup):  # model loaded, caches filled, thread pool started
             http.post("/api/generate", json=_body(num_predict)).raise_for_status()
     idle = settle_rss(server.pid, 1.0)
     peak = [idle]

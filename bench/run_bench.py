@@ -25,6 +25,7 @@ import platform
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -407,7 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="retry a measurement when other processes used more than this share "
                          "of the CPUs during it (the machines are shared)")
     ap.add_argument("--attempts", type=int, default=4, help="tries per measurement")
-    ap.add_argument("--patience", type=float, default=120.0,
+    ap.add_argument("--patience", type=float, default=900.0,
                     help="seconds to wait for a quiet machine before each measurement")
     ap.add_argument("--quick", action="store_true", help="1 and 2 streams, 32 tokens, 1 repeat")
     ap.add_argument("--out", type=Path, help="markdown output path")
@@ -424,6 +425,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # stop the servers (context managers) when killed, not only on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cpu, cpu_slug, simd = cpu_info()
     today = dt.date.today().isoformat()
     if "llama-server" in args.only and not llama_server_bin().exists():

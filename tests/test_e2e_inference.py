@@ -133,7 +133,9 @@ def test_load_ps_unload(client: ollama.Client, srv: RunningServer) -> None:
         ({"model": MODEL, "prompt": "x", "keep_alive": "3600"}, 400, "keep_alive"),
         ({"model": MODEL, "prompt": "x", "raw": True, "system": "s"}, 400,
          "raw mode does not support template, system, or context"),
-        ({"model": MODEL, "prompt": "x", "format": "json"}, 400, "format"),
+        ({"model": MODEL, "prompt": "x", "format": "xml"}, 400, "invalid format"),
+        ({"model": MODEL, "prompt": "x", "think": True}, 400,
+         f'"{MODEL}" does not support thinking'),
         ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "does not support insert"),
     ],
 )

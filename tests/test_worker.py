@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from ggufgen import write_tiny_model
+from ggufgen import write_gguf, write_tiny_model
 from pollama.default_model import default_gguf_path
 from pollama.runner.base import LoadSpec
 from pollama.runner.engine import StopMatcher, Utf8Decoder, common_prefix, fair_share
@@ -246,6 +247,7 @@ def test_tiny_cancel_frees_the_slot(tiny_path: Path) -> None:
         assert client.close() == 0
 
 
+@pytest.mark.slow
 def test_tiny_new_conversation_does_not_take_a_cached_slot(tiny_path: Path) -> None:
     client = WorkerClient(LoadSpec(model_path=str(tiny_path), num_ctx=256, num_parallel=2))
     try:
@@ -262,6 +264,62 @@ def test_tiny_new_conversation_does_not_take_a_cached_slot(tiny_path: Path) -> N
         assert done["prompt_cached"] >= 16
     finally:
         assert client.close() == 0
+
+
+def write_lora(path: Path, n_embd: int = 64, n_ff: int = 128, rank: int = 4) -> Path:
+    """A LoRA adapter GGUF for ``write_tiny_model``'s defaults (two layers)."""
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for i in range(2):
+        for name, n_out in (("attn_q", n_embd), ("ffn_up", n_ff)):
+            a = rng.normal(0, 1, (rank, n_embd)).astype(np.float32)
+            tensors[f"blk.{i}.{name}.weight.lora_a"] = a
+            tensors[f"blk.{i}.{name}.weight.lora_b"] = rng.normal(0, 1, (n_out, rank)).astype(
+                np.float32
+            )
+    kv = {"general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora"}
+    return write_gguf(path, {**kv, "adapter.lora.alpha": float(rank)}, tensors)
+
+
+@pytest.mark.slow
+def test_tiny_lora_adapter_changes_the_output(tiny_path: Path, tmp_path: Path) -> None:
+    lora = write_lora(tmp_path / "lora.gguf")
+    outputs = []
+    for adapters in ((), (str(lora),)):
+        spec = LoadSpec(model_path=str(tiny_path), num_ctx=64, adapters=adapters)
+        client = WorkerClient(spec)
+        try:
+            outputs.append(client.complete("hello world the cat", temperature=0, num_predict=8))
+        finally:
+            assert client.close() == 0
+    assert outputs[0][0] != outputs[1][0]
+    client = WorkerClient(LoadSpec(str(tiny_path), num_ctx=64, adapters=(str(tmp_path / "no"),)))
+    assert client.ready["type"] == "fatal" and "adapter" in client.ready["message"]
+    assert client.close() == 1
+
+
+@pytest.mark.slow
+def test_tiny_kv_cache_types(tmp_path: Path) -> None:
+    """q8_0 halves the KV cache with flash attention on (or auto); off, or with heads that
+    quantized blocks do not divide, it falls back to f16 instead of failing the load."""
+    model = write_tiny_model(tmp_path / "h32.gguf", n_head=2, context_length=512)  # heads of 32
+    memory = {}
+    for kv, fa in (("f16", True), ("q8_0", True), ("q8_0", None), ("q8_0", False)):
+        client = WorkerClient(
+            LoadSpec(str(model), num_ctx=512, kv_cache_type=kv, flash_attention=fa)
+        )
+        try:
+            memory[kv, fa] = client.ready["info"]["memory_bytes"]
+            _, done = client.complete("hello world", temperature=0, num_predict=4)
+            assert done["eval_count"] == 4
+        finally:
+            assert client.close() == 0
+    assert memory["q8_0", True] < memory["f16", True]
+    assert memory["q8_0", None] == memory["q8_0", True]
+    assert memory["q8_0", False] > memory["q8_0", True]
+    client = WorkerClient(LoadSpec(str(model), num_ctx=64, kv_cache_type="q5_9"))
+    assert client.ready["type"] == "fatal" and "q5_9" in client.ready["message"]
+    assert client.close() == 1
 
 
 def test_bad_model_path_is_fatal(tmp_path: Path) -> None:

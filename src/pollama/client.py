@@ -40,6 +40,11 @@ class ServerUnreachable(PollamaError):
 
 
 def _error_text(response: httpx.Response) -> str:
+    if response.status_code == 401 and not response.content:
+        return (
+            "401 Unauthorized: this server requires an API key; set OLLAMA_API_KEY "
+            "(create one on the server with 'pollama keys create')"
+        )
     try:
         body = response.json()
     except ValueError:

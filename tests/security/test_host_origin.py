@@ -14,12 +14,12 @@ ALLOWED_HOSTS = [
     "", "localhost", "LOCALHOST:11434", "127.0.0.1", "127.0.0.1:11434", "127.9.9.9",
     "[::1]:11434", "::1", "0.0.0.0:11434", "10.1.2.3", "172.16.0.1", "192.168.1.20:80",
     "[fd00::1]", "foo.localhost", "printer.local", "svc.cluster.internal", "localhost.",
-    socket.gethostname(), socket.gethostname().upper(),
+    socket.gethostname(), socket.gethostname().upper(), "ollama:11434", "pollama",
 ]  # fmt: skip
 REFUSED_HOSTS = [
     "evil.example", "evil.example:11434", "localhost.evil.example", "127.0.0.1.nip.io",
-    "8.8.8.8", "[2001:4860:4860::8888]:11434", "internal", "xlocalhost", "169.254.169.254",
-    "my-ollama.example.com",
+    "8.8.8.8", "[2001:4860:4860::8888]:11434", "169.254.169.254", "my-ollama.example.com",
+    "xlocalhost.com", "localhost.evil.example.", "évil",
 ]  # fmt: skip
 
 

@@ -34,9 +34,10 @@ lb = _load_bench()
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lb.Server]:
-    """A real server with the default model: 2 parallel sequences, a queue of 4."""
+    """A real server with the default model: 1 sequence at a time, a queue of 2 (small, so
+    that the test stays short on 2 shared cores; the benchmark runs 200 clients against 32)."""
     home = tmp_path_factory.mktemp("load-home")
-    server = lb.start_server(home, {"OLLAMA_MAX_QUEUE": "4", "OLLAMA_NUM_PARALLEL": "2"})
+    server = lb.start_server(home, {"OLLAMA_MAX_QUEUE": "2", "OLLAMA_NUM_PARALLEL": "1"})
     try:
         lb.ensure_model(server)
         yield server
@@ -57,11 +58,11 @@ def test_burst_against_a_small_queue(loaded: lb.Server) -> None:
     """Every request ends with a response or a 503 with Retry-After; none hangs; memory
     comes back to within 10 % of idle."""
     before = httpx.get(loaded.url + "/metrics").text
-    result = lb.burst(loaded, 24, num_predict=4, timeout=120)
+    result = lb.burst(loaded, 24, num_predict=2, timeout=120, warmup=1)
     assert result.hung == 0 and result.other == {}, result
     assert result.ok + result.busy == 24
-    assert result.busy >= 24 - 2 - 4 - 4  # at most parallel + queue (+ a few finishing early)
-    assert result.ok >= 6 and result.busy_without_retry_after == 0
+    assert result.ok >= 3 and result.busy >= 24 - 3 - 3  # parallel + queue (+ early finishers)
+    assert result.busy_without_retry_after == 0
     assert result.rss_growth <= 0.10, result
     after = httpx.get(loaded.url + "/metrics").text
     busy = (_sample(after, "pollama_http_requests_total", route="/api/generate", status="503")
@@ -72,7 +73,7 @@ def test_burst_against_a_small_queue(loaded: lb.Server) -> None:
 
 
 def test_sequential_requests_leak_nothing(loaded: lb.Server) -> None:
-    result = lb.sequential(loaded, 200, num_predict=1, warmup=20, generate_every=10)
+    result = lb.sequential(loaded, 150, num_predict=1, warmup=30, generate_every=15)
     assert result.failures == 0
     before, after = result.before, result.after
     assert after["fds"] <= before["fds"] + 2, (before, after)
@@ -81,9 +82,9 @@ def test_sequential_requests_leak_nothing(loaded: lb.Server) -> None:
 
 
 def test_killed_workers_give_error_lines_then_recover(loaded: lb.Server) -> None:
-    result = lb.kill_during_streams(loaded, 3)
-    assert result.error_lines == 3 and result.streams_without_error == 0, result
-    assert result.recovered == 3, result
+    result = lb.kill_during_streams(loaded, 2)
+    assert result.error_lines == 2 and result.streams_without_error == 0, result
+    assert result.recovered == 2, result
     assert all("runner" in d for d in result.details)
     assert loaded.process.poll() is None
 
@@ -106,7 +107,7 @@ def test_inference_telemetry_is_wired(loaded: lb.Server) -> None:
     assert _sample(text, "pollama_prompt_tokens_total") > 0
     assert _sample(text, "pollama_inter_token_latency_seconds_count") > 0
     assert _sample(text, "pollama_model_load_seconds_count") >= 1
-    assert _sample(text, "pollama_generations_total", outcome="error") >= 3  # the kills
+    assert _sample(text, "pollama_generations_total", outcome="error") >= 2  # the kills
     lines = [json.loads(x) for x in (loaded.home / "access.log").read_text().splitlines()]
     done = [x for x in lines if x["route"] == "/api/generate" and x["status"] == 200
             and "generated_tokens" in x]

@@ -4,10 +4,27 @@ Every protocol front-end calls this one path (DESIGN principle 1). It is written
 steps so that a front-end can answer a bad request with a real status code before it starts
 streaming: :meth:`InferenceService.prepare` does every check that needs no model loaded,
 then :meth:`stream` (or :meth:`load` / :meth:`unload` for an empty prompt) does the work.
+
+Output is split here, once for every protocol (``inference.parsers``): thinking between the
+template's thinking tags, tool calls after its tool-call tag, content for the rest. The rules
+follow Ollama's ``ChatHandler``:
+
+* a model whose template can think thinks unless ``think`` is false (``think`` absent means
+  true); ``think`` on a model that cannot is refused (dropped for Anthropic's endpoint);
+* ``format`` (None, ``"json"``, a schema) is checked before loading and handed to the worker,
+  which constrains sampling. For a thinking model it applies in two phases (spec §2.8): the
+  reasoning is generated freely, and once the answer starts generation restarts constrained
+  with the reasoning as a prefill. Unlike Ollama, the prefill is the raw text the model wrote
+  through its closing tag (an exact continuation, whatever the template), the restart also
+  happens when the model skips thinking (so the constraint always holds), the first phase's
+  tokens count in ``eval_count`` and in ``num_predict``;
+* a forced tool call (``tool_choice`` required or a named function) prefills the template's
+  tool-call tag and constrains the call's JSON to the tools' schemas.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +33,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from pollama.config import Settings
-from pollama.errors import CapabilityMissing, InvalidRequest, ModelNotFound
+from pollama.errors import CapabilityMissing, InternalError, InvalidRequest, ModelNotFound
 from pollama.gguf import GGUFInfo
+from pollama.inference.parsers import (
+    OutputParser,
+    Parsed,
+    ThinkingParser,
+    ToolCallParser,
+    thinking_tags_for,
+    tool_call_tag_for,
+    tool_names,
+)
 from pollama.inference.prompt import (
     PromptResult,
     PromptTemplate,
@@ -26,7 +52,14 @@ from pollama.inference.prompt import (
     default_stop_words,
     prompt_template_for,
 )
-from pollama.inference.types import InferenceEvent, InferenceRequest, Metrics, Truncation
+from pollama.inference.structured import normalize_format, tool_call_schema
+from pollama.inference.types import (
+    InferenceEvent,
+    InferenceRequest,
+    Metrics,
+    ToolCall,
+    Truncation,
+)
 from pollama.names import ModelName
 from pollama.protocol.options import coerce_options, merge_options
 from pollama.runner.base import CompletionRequest, LoadSpec, Runner, SamplingOptions
@@ -37,6 +70,28 @@ from pollama.store.describe import capabilities, details, model_gguf
 log = logging.getLogger(__name__)
 
 DEFAULT_NUM_CTX = 4096
+THINK_LEVELS = ("high", "medium", "low", "max")
+
+
+def thinks(think: bool | str | None) -> bool:
+    """Ollama's ``ThinkValue.Bool``: true, or a level."""
+    return think is True or think in THINK_LEVELS
+
+
+def check_think(think: Any) -> bool | str | None:
+    """A ``think`` value as Ollama decodes it (``InvalidRequest`` with its message if bad)."""
+    if think is None or isinstance(think, bool):
+        return think
+    if isinstance(think, str) and think in THINK_LEVELS:
+        return think
+    if isinstance(think, str):
+        raise InvalidRequest(
+            f"invalid think value: {json.dumps(think)} "
+            '(must be "high", "medium", "low", "max", true, or false)'
+        )
+    raise InvalidRequest(
+        'think must be a boolean or string ("high", "medium", "low", "max", true, or false)'
+    )
 
 
 @dataclass
@@ -50,6 +105,9 @@ class Prepared:
     spec: LoadSpec
     ref: ModelRef
     keep_alive: float | None
+    think: bool | str | None = None  # after the capability rules (absent → true if it can)
+    format: str | dict[str, Any] | None = None  # normalized (``structured.normalize_format``)
+    tools: list[dict[str, Any]] | None = None  # None when ``tool_choice`` is "none"
 
     @property
     def is_empty(self) -> bool:
@@ -68,11 +126,13 @@ class InferenceService:
     # -- checks ------------------------------------------------------------------------
 
     def prepare(self, req: InferenceRequest) -> Prepared:
+        check_think(req.think)  # a decode error in Ollama: before the model is looked up
         model = self._resolve(req)
         info = model_gguf(model)
         if info is None:
             raise InvalidRequest(f"model '{req.model}' has no weights to run")
-        self._check_capabilities(req, model)
+        think, tools = self._check_capabilities(req, model)
+        fmt = normalize_format(req.format)
         request_options, warnings = coerce_options(req.options or {})
         for warning in warnings:
             log.warning("%s", warning)
@@ -86,7 +146,10 @@ class InferenceService:
             details=details(model).model_dump(),
             estimate_bytes=estimate_memory(info, spec),
         )
-        return Prepared(req, model, info, options, spec, ref, parse_keep_alive(req.keep_alive))
+        return Prepared(
+            req, model, info, options, spec, ref, parse_keep_alive(req.keep_alive),
+            think=think, format=fmt, tools=tools,
+        )
 
     def _resolve(self, req: InferenceRequest) -> LocalModel:
         if not req.model:
@@ -98,7 +161,10 @@ class InferenceService:
             raise ModelNotFound(f"model '{req.model}' not found")
         return model
 
-    def _check_capabilities(self, req: InferenceRequest, model: LocalModel) -> None:
+    def _check_capabilities(
+        self, req: InferenceRequest, model: LocalModel
+    ) -> tuple[bool | str | None, list[dict[str, Any]] | None]:
+        """Refuse what the model cannot do; returns the effective ``think`` and ``tools``."""
         caps = capabilities(model)
         full = str(model.name)
         if "completion" not in caps:
@@ -107,20 +173,31 @@ class InferenceService:
             raise CapabilityMissing(
                 f'"{req.model}" does not support images: it has no vision capability'
             )
-        if req.tools:
+        think = req.think
+        if "thinking" in caps:
+            if think is None:
+                think = True
+        elif thinks(think):
+            if not req.relax_thinking:
+                raise CapabilityMissing(f'"{req.model}" does not support thinking')
+            think = None
+        tools = req.tools or None
+        if req.tool_choice == "none":
+            tools = None
+        if tools:
             if "tools" not in caps:
                 raise CapabilityMissing(f"{full} does not support tools")
-            raise InvalidRequest("tool calling is not supported by this server yet")
-        if req.think not in (None, False):
-            if "thinking" not in caps:
-                raise CapabilityMissing(f'"{req.model}" does not support thinking')
-            raise InvalidRequest("thinking output is not supported by this server yet")
-        if req.format not in (None, ""):
-            raise InvalidRequest(
-                "structured outputs ('format') are not supported by this server yet"
-            )
+            names = tool_names(tools)
+            if req.tool_name is not None and req.tool_name not in names:
+                raise InvalidRequest(
+                    f"tool_choice names the function {json.dumps(req.tool_name)}, "
+                    "which is not in tools"
+                )
+        elif req.tool_choice == "required":
+            raise InvalidRequest("tool_choice requires a call but the request has no tools")
         if req.raw and (req.template or req.system or req.context):
             raise InvalidRequest("raw mode does not support template, system, or context")
+        return think, tools
 
     def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
         num_ctx = (
@@ -169,8 +246,8 @@ class InferenceService:
                 req.messages,
                 system_default=p.model.system(),
                 model_messages=p.model.messages(),
-                tools=req.tools,
-                think=req.think,
+                tools=p.tools,
+                think=p.think,
                 num_ctx=p.spec.num_ctx,
                 count_tokens=count_tokens,
                 truncate=req.truncate,
@@ -188,7 +265,7 @@ class InferenceService:
                 context_text=context_text,
                 template_override=req.template,
                 images=req.images,
-                think=req.think,
+                think=p.think,
                 num_ctx=p.spec.num_ctx,
                 count_tokens=count_tokens,
                 truncate=req.truncate,
@@ -202,6 +279,31 @@ class InferenceService:
             _template, result = await self._build_prompt(p, lease.runner)
             return result.prompt_tokens or len(await lease.runner.tokenize(result.prompt))
 
+    def _output_plan(self, p: Prepared, template: PromptTemplate, prompt: str) -> _Plan:
+        """How this response's output is parsed and constrained (see the module docstring)."""
+        req = p.request
+        forced = bool(p.tools) and req.tool_choice == "required"
+        thinking = None
+        tags = thinking_tags_for(template)
+        if tags is not None and thinks(p.think) and not forced:
+            thinking = ThinkingParser(*tags)
+            if prompt.strip().endswith(tags[0]):
+                thinking.add(tags[0])  # the template prefilled the opening tag
+        tools = None
+        tag = ""
+        if p.tools and req.kind == "chat":
+            tag = tool_call_tag_for(template)
+            tools = ToolCallParser(tag, tool_names(p.tools))
+        fmt = p.format
+        prefill = ""
+        if forced and tools is not None:
+            fmt = tool_call_schema(p.tools or [], req.tool_name)
+            if tag not in ("{", "["):
+                prefill = tag + ("\n" if tag.startswith("<") else "")
+                tools.prime()
+        two_phase = fmt is not None and thinking is not None
+        return _Plan(OutputParser(thinking, tools), fmt, two_phase, prefill)
+
     async def stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
         started = time.monotonic_ns()
         req = p.request
@@ -214,11 +316,6 @@ class InferenceService:
             options = dict(p.options)
             if not options.get("stop"):
                 options["stop"] = default_stop_words(p.model.params(), template)
-            completion = CompletionRequest(
-                prompt=result.prompt,
-                options=SamplingOptions.from_options(options),
-                return_tokens=req.kind == "generate" and not req.raw,
-            )
             truncation = (
                 Truncation(result.messages_dropped, result.prompt_tokens, p.spec.num_ctx)
                 if result.truncated
@@ -230,26 +327,149 @@ class InferenceService:
                     p.spec.num_ctx,
                     result.messages_dropped,
                 )
-            async with aclosing(runner.completion(completion)) as chunks:
-                async for chunk in chunks:
-                    if not chunk.done:
+            plan = self._output_plan(p, template, result.prompt)
+            parser = plan.parser
+            prompt = result.prompt + plan.prefill
+            num_predict = int(options.get("num_predict") or -1)
+            constrained = not plan.two_phase
+            first_tokens = 0  # tokens of an unconstrained first phase
+            earlier = 0  # of those, what the final count must add (once it restarted)
+            raw: list[str] = []
+            prompt_tokens = result.prompt_tokens
+            while True:
+                sampling = dict(options)
+                if num_predict > 0:
+                    sampling["num_predict"] = num_predict - first_tokens
+                completion = CompletionRequest(
+                    prompt=prompt,
+                    options=SamplingOptions.from_options(sampling),
+                    return_tokens=req.kind == "generate" and not req.raw,
+                    format=plan.format if constrained else None,
+                )
+                restart = False
+                async with aclosing(runner.completion(completion)) as chunks:
+                    async for chunk in chunks:
+                        parsed = Parsed()
                         if chunk.text:
-                            yield InferenceEvent(text=chunk.text)
-                        continue
-                    metrics = Metrics(
-                        total_duration=time.monotonic_ns() - started,
-                        load_duration=load_duration,
-                        prompt_eval_count=chunk.prompt_eval_count,
-                        prompt_eval_duration=chunk.prompt_eval_duration_ns,
-                        eval_count=chunk.eval_count,
-                        eval_duration=chunk.eval_duration_ns,
-                        prompt_cached=chunk.prompt_cached,
-                    )
-                    yield InferenceEvent(
-                        text=chunk.text,
-                        done=True,
-                        done_reason=chunk.done_reason,
-                        metrics=metrics,
-                        context=chunk.tokens,
-                        truncation=truncation,
-                    )
+                            parsed = parser.add(chunk.text)
+                            if not constrained:
+                                raw.append(chunk.text)
+                                first_tokens += 0 if chunk.done else 1
+                                if parsed.content and parser.thinking_done:
+                                    # The answer begins: restart it under the constraint.
+                                    parsed.content, restart = "", True
+                        elif not chunk.done:
+                            continue
+                        if (
+                            chunk.done
+                            and not constrained
+                            and parser.thinking_done
+                            and chunk.done_reason == "stop"
+                        ):
+                            # It thought, then stopped: the answer must still come.
+                            first_tokens, restart = chunk.eval_count, True
+                        if not chunk.done or restart:
+                            if parsed:
+                                yield _event(parsed, prompt_tokens)
+                                prompt_tokens = 0
+                            if restart:
+                                break
+                            continue
+                        parsed.extend(parser.finish())
+                        event = _event(parsed, prompt_tokens)
+                        event.done = True
+                        event.done_reason = chunk.done_reason
+                        event.metrics = Metrics(
+                            total_duration=time.monotonic_ns() - started,
+                            load_duration=load_duration,
+                            prompt_eval_count=chunk.prompt_eval_count,
+                            prompt_eval_duration=chunk.prompt_eval_duration_ns,
+                            eval_count=chunk.eval_count + earlier,
+                            eval_duration=chunk.eval_duration_ns,
+                            prompt_cached=chunk.prompt_cached,
+                        )
+                        event.context = chunk.tokens
+                        event.truncation = truncation
+                        yield event
+                if not restart:
+                    return
+                if 0 < num_predict <= first_tokens:
+                    # The budget went on thinking; finish with what the first phase had.
+                    yield self._budget_spent(parser, started, load_duration, first_tokens)
+                    return
+                constrained, earlier = True, first_tokens
+                prompt += _through_closing(
+                    "".join(raw), parser.thinking.closing if parser.thinking else ""
+                )
+                parser.reset_tools()
+
+    @staticmethod
+    def _budget_spent(
+        parser: OutputParser, started: int, load_duration: int, tokens: int
+    ) -> InferenceEvent:
+        event = _event(parser.finish(), 0)
+        event.text = ""  # the unconstrained answer was never shown
+        event.done, event.done_reason = True, "length"
+        event.metrics = Metrics(
+            total_duration=time.monotonic_ns() - started,
+            load_duration=load_duration,
+            eval_count=tokens,
+        )
+        return event
+
+
+@dataclass
+class _Plan:
+    parser: OutputParser
+    format: str | dict[str, Any] | None
+    two_phase: bool
+    prefill: str
+
+
+def _event(parsed: Parsed, prompt_tokens: int) -> InferenceEvent:
+    return InferenceEvent(
+        text=parsed.content,
+        thinking=parsed.thinking,
+        tool_calls=parsed.tool_calls,
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def _through_closing(raw: str, closing: str) -> str:
+    """The first phase's text up to and including the closing tag and the blank after it.
+
+    Empty when the model never closed a thought (it answered at once): the constrained phase
+    then starts from the original prompt.
+    """
+    if not closing:
+        return ""
+    end = raw.find(closing)
+    if end == -1:
+        return ""
+    end += len(closing)
+    while end < len(raw) and raw[end].isspace():
+        end += 1
+    return raw[:end]
+
+
+async def collect(events: AsyncIterator[InferenceEvent]) -> InferenceEvent:
+    """A whole response from its stream (``stream: false``): texts joined, calls gathered.
+
+    The result is the final event (metrics, done reason) with everything before folded in.
+    """
+    text: list[str] = []
+    thinking: list[str] = []
+    calls: list[ToolCall] = []
+    last: InferenceEvent | None = None
+    prompt_tokens = 0
+    async for event in events:
+        text.append(event.text)
+        thinking.append(event.thinking)
+        calls.extend(event.tool_calls)
+        prompt_tokens = prompt_tokens or event.prompt_tokens
+        last = event
+    if last is None:
+        raise InternalError("the model runner ended the response without a final chunk")
+    last.text, last.thinking, last.tool_calls = "".join(text), "".join(thinking), calls
+    last.prompt_tokens = prompt_tokens
+    return last

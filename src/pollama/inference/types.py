@@ -1,13 +1,20 @@
 """The protocol-neutral request and event types of the one inference path.
 
-``/api/generate``, ``/api/chat`` (and later the OpenAI and Anthropic routes) translate their
-wire request into an :class:`InferenceRequest` and translate :class:`InferenceEvent` back.
+``/api/generate``, ``/api/chat``, the OpenAI and the Anthropic routes translate their wire
+request into an :class:`InferenceRequest` and translate :class:`InferenceEvent` back.
+
+An event carries the model's output already split (``inference.parsers``): ``text`` is the
+answer's content, ``thinking`` its reasoning, ``tool_calls`` the calls completed in this
+piece of the stream. Thinking never appears in ``text``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+ToolChoice = Literal["auto", "none", "required"]
 
 
 @dataclass
@@ -28,6 +35,12 @@ class InferenceRequest:
     options: dict[str, Any] = field(default_factory=dict)
     keep_alive: Any = None
     truncate: bool = True
+    # "required" forces a call to one of ``tools`` (to ``tool_name`` alone when set);
+    # "none" answers without tools.
+    tool_choice: ToolChoice = "auto"
+    tool_name: str | None = None
+    # Anthropic's rule: ``think`` on a model that cannot think is dropped, not refused.
+    relax_thinking: bool = False
 
 
 @dataclass
@@ -51,10 +64,42 @@ class Truncation:
 
 
 @dataclass
+class ToolCall:
+    """One parsed call: ``arguments`` is the decoded JSON object, keys in the model's order."""
+
+    id: str
+    index: int
+    name: str
+    arguments: dict[str, Any]
+
+    def arguments_json(self) -> str:
+        """The arguments as a compact JSON string (OpenAI's ``arguments``)."""
+        return json.dumps(self.arguments, ensure_ascii=False, separators=(",", ":"))
+
+    def to_ollama(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "function": {"index": self.index, "name": self.name, "arguments": self.arguments},
+        }
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "index": self.index,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments_json()},
+        }
+
+
+@dataclass
 class InferenceEvent:
     text: str = ""
+    thinking: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
     done: bool = False
     done_reason: str = ""
     metrics: Metrics | None = None
     context: list[int] | None = None
     truncation: Truncation | None = None
+    # The rendered prompt's token count, on the first event (before any metrics exist).
+    prompt_tokens: int = 0

@@ -2,7 +2,11 @@
 
 Content blocks map onto native messages as Ollama's middleware does (spec §3.7): text blocks
 join into the message content, ``tool_use`` blocks become tool calls, ``tool_result`` blocks
-become ``role: "tool"`` messages, ``thinking`` blocks become the message's thinking.
+become ``role: "tool"`` messages (named after the ``tool_use`` they answer), ``thinking``
+blocks become the message's thinking. ``thinking`` ``enabled``/``disabled`` (or
+``output_config.effort``) sets ``think``; a model that cannot think has it dropped, not
+refused, as Ollama does for this endpoint. Beyond Ollama, ``tool_choice`` is honoured
+(``any``/``tool`` force a call, ``none`` answers without tools).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pollama.errors import InvalidRequest
-from pollama.inference.types import InferenceRequest
+from pollama.inference.types import InferenceRequest, ToolChoice
 from pollama.protocol.options import OPTIONS
 
 
@@ -39,6 +43,7 @@ class MessagesRequest(AnthropicModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
     metadata: Any = None
 
     def to_inference(self, *, check_max_tokens: bool = True) -> InferenceRequest:
@@ -52,8 +57,9 @@ class MessagesRequest(AnthropicModel):
         system = _system_text(self.system)
         if system:
             messages.append({"role": "system", "content": system})
+        names = _tool_use_names(self.messages)
         for message in self.messages:
-            messages.extend(_native(message))
+            messages.extend(_native(message, names))
         options: dict[str, Any] = {}
         if self.max_tokens is not None:
             options["num_predict"] = self.max_tokens
@@ -77,17 +83,56 @@ class MessagesRequest(AnthropicModel):
             }
             for t in self.tools or []
         ]
-        think = None
-        if self.thinking:
-            think = self.thinking.get("type") == "enabled"
+        choice, name = _tool_choice(self.tool_choice)
         return InferenceRequest(
             model=self.model,
             kind="chat",
             messages=messages,
             options=options,
             tools=tools or None,
-            think=think,
+            think=self._think(),
+            tool_choice=choice,
+            tool_name=name,
+            relax_thinking=True,
         )
+
+    def _think(self) -> bool | str | None:
+        kind = (self.thinking or {}).get("type")
+        if kind == "enabled":
+            return True
+        if kind == "disabled":
+            return False
+        effort = str((self.output_config or {}).get("effort") or "").strip().lower()
+        effort = "high" if effort == "xhigh" else effort
+        return effort if effort in ("high", "medium", "low", "max") else None
+
+
+def _tool_choice(choice: Any) -> tuple[ToolChoice, str | None]:
+    """Anthropic ``tool_choice`` (auto / any / tool + name / none) → the internal choice."""
+    if not isinstance(choice, dict):
+        return "auto", None
+    kind = choice.get("type")
+    if kind == "any":
+        return "required", None
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("tool_choice of type 'tool' needs a 'name'")
+        return "required", name
+    if kind == "none":
+        return "none", None
+    return "auto", None
+
+
+def _tool_use_names(messages: list[MessageParam]) -> dict[str, str]:
+    """``tool_use`` id → tool name across the conversation, for naming tool results."""
+    names: dict[str, str] = {}
+    for message in messages:
+        if isinstance(message.content, list):
+            for block in message.content:
+                if block.get("type") == "tool_use" and block.get("id"):
+                    names[str(block["id"])] = str(block.get("name") or "")
+    return names
 
 
 def _system_text(system: str | list[dict[str, Any]] | None) -> str:
@@ -98,7 +143,7 @@ def _system_text(system: str | list[dict[str, Any]] | None) -> str:
     return "".join(str(block.get("text", "")) for block in system if block.get("type") == "text")
 
 
-def _native(message: MessageParam) -> list[dict[str, Any]]:
+def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]]:
     role = message.role.lower()
     if isinstance(message.content, str):
         return [{"role": role, "content": message.content}]
@@ -121,6 +166,10 @@ def _native(message: MessageParam) -> list[dict[str, Any]]:
                 raise InvalidRequest("only base64 image sources are supported")
             images.append(str(source.get("data", "")))
         elif kind == "tool_use":
+            if not block.get("id"):
+                raise InvalidRequest("tool_use block missing required 'id' field")
+            if not block.get("name"):
+                raise InvalidRequest("tool_use block missing required 'name' field")
             tool_calls.append(
                 {
                     "id": block.get("id"),
@@ -133,15 +182,16 @@ def _native(message: MessageParam) -> list[dict[str, Any]]:
                 content = "".join(
                     str(c.get("text", "")) for c in content if c.get("type") == "text"
                 )
-            tool_results.append(
-                {
-                    "role": "tool",
-                    "content": str(content or ""),
-                    "tool_call_id": block.get("tool_use_id"),
-                }
-            )
-        else:
-            raise InvalidRequest(f"unsupported content block type: {kind!r}")
+            result: dict[str, Any] = {
+                "role": "tool",
+                "content": str(content or ""),
+                "tool_call_id": block.get("tool_use_id"),
+            }
+            name = names.get(str(block.get("tool_use_id") or ""))
+            if name:
+                result["tool_name"] = name
+            tool_results.append(result)
+        # Other block types (documents, server tools…) are ignored, as Ollama does.
     out: list[dict[str, Any]] = list(tool_results)
     if text or thinking or tool_calls or images or not tool_results:
         native: dict[str, Any] = {"role": role, "content": "".join(text)}
@@ -156,6 +206,7 @@ def _native(message: MessageParam) -> list[dict[str, Any]]:
 
 
 def stop_reason(done_reason: str, *, tool_use: bool = False) -> str:
+    """Ollama's ``mapStopReason``: a made tool call wins, then the length limit."""
     if tool_use:
         return "tool_use"
     return "max_tokens" if done_reason == "length" else "end_turn"

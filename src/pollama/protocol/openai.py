@@ -3,17 +3,23 @@
 As in vLLM's ``OpenAIBaseModel``, requests allow extra fields: Ollama-specific options
 (``num_ctx``, ``top_k``, ``repeat_penalty``…) sent as extra body fields are honoured, which
 Ollama itself does not allow. Conversions to the one internal request live next to the models.
+
+Beyond Ollama: ``max_completion_tokens`` is read (as ``max_tokens``), ``tool_choice`` is
+honoured (``none`` answers without tools, ``required`` or a named function forces a call),
+and ``/v1/completions`` supports ``echo``. ``logprobs``/``top_logprobs`` are accepted and
+ignored: the worker does not report token probabilities yet.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from pollama.errors import InvalidRequest
-from pollama.inference.types import InferenceRequest
+from pollama.inference.types import InferenceRequest, ToolChoice
 from pollama.protocol.options import OPTIONS
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,9 @@ class ChatCompletionRequest(OpenAIModel):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None
+    reasoning: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     stream: bool = False
@@ -62,14 +70,21 @@ class ChatCompletionRequest(OpenAIModel):
         if not self.messages:
             raise InvalidRequest("[] is too short - 'messages'")
         options = _sampling(self, self.max_completion_tokens or self.max_tokens)
+        effort = (self.reasoning or {}).get("effort") if self.reasoning else None
+        choice, name = _tool_choice(self.tool_choice)
+        messages: list[dict[str, Any]] = []
+        for msg in self.messages:
+            messages.extend(_native_messages(msg, self.messages))
         return InferenceRequest(
             model=self.model,
             kind="chat",
-            messages=[m for msg in self.messages for m in _native_messages(msg)],
+            messages=messages,
             options=options,
             format=_format(self.response_format),
             tools=self.tools,
-            think=_reasoning(self.reasoning_effort),
+            think=_reasoning(effort if effort is not None else self.reasoning_effort),
+            tool_choice=choice,
+            tool_name=name,
         )
 
 
@@ -88,6 +103,8 @@ class CompletionRequest(OpenAIModel):
     logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    n: int | None = None
+    user: str | None = None
 
     def to_inference(self) -> InferenceRequest:
         options = _sampling(self, self.max_tokens)
@@ -131,7 +148,40 @@ def _sampling(
     return options
 
 
-def _native_messages(msg: ChatMessage) -> list[dict[str, Any]]:
+def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI tool calls (``arguments`` a JSON string) in the native shape (an object)."""
+    out = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise InvalidRequest("invalid tool call arguments") from None
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise InvalidRequest("invalid tool call arguments")
+        native: dict[str, Any] = {
+            "function": {"name": str(function.get("name") or ""), "arguments": arguments}
+        }
+        if call.get("id"):
+            native["id"] = str(call["id"])
+        out.append(native)
+    return out
+
+
+def _name_from_call_id(messages: list[ChatMessage], call_id: str) -> str:
+    """The function an earlier assistant message called under ``call_id`` (last one wins)."""
+    for msg in reversed(messages):
+        for call in msg.tool_calls or []:
+            if call.get("id") == call_id:
+                return str((call.get("function") or {}).get("name") or "")
+    return ""
+
+
+def _native_messages(msg: ChatMessage, history: list[ChatMessage]) -> list[dict[str, Any]]:
     """One OpenAI message → native messages (each content part becomes its own, as Ollama)."""
     role = msg.role.lower()
     base: dict[str, Any] = {"role": role}
@@ -139,17 +189,20 @@ def _native_messages(msg: ChatMessage) -> list[dict[str, Any]]:
         base["thinking"] = msg.reasoning
     if msg.tool_call_id:
         base["tool_call_id"] = msg.tool_call_id
-    if msg.name and role == "tool":
-        base["tool_name"] = msg.name
-    if msg.tool_calls:
-        base["tool_calls"] = msg.tool_calls
+    if role == "tool":
+        name = msg.name or (
+            _name_from_call_id(history, msg.tool_call_id) if msg.tool_call_id else ""
+        )
+        if name:
+            base["tool_name"] = name
+    calls = _tool_calls(msg.tool_calls) if msg.tool_calls else None
     content = msg.content
     if content is None:
-        if not msg.tool_calls:
+        if not calls:
             raise InvalidRequest(f"message with role '{role}' has no content")
-        return [{**base, "content": ""}]
+        return [{**base, "content": "", "tool_calls": calls}]
     if isinstance(content, str):
-        return [{**base, "content": content}]
+        return [{**base, "content": content, **({"tool_calls": calls} if calls else {})}]
     out = []
     for part in content:
         kind = part.get("type")
@@ -165,7 +218,33 @@ def _native_messages(msg: ChatMessage) -> list[dict[str, Any]]:
             out.append({**base, "content": "", "images": [url.split(",", 1)[-1]]})
         else:
             raise InvalidRequest(f"invalid message content type: {kind!r}")
+    if calls:
+        if out:
+            out[-1]["tool_calls"] = calls
+        else:
+            out.append({**base, "content": "", "tool_calls": calls})
     return out
+
+
+def _tool_choice(choice: Any) -> tuple[ToolChoice, str | None]:
+    """OpenAI ``tool_choice`` → (auto|none|required, the one function it names)."""
+    if choice is None or choice == "auto":
+        return "auto", None
+    if choice in ("none", "required"):
+        return choice, None
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind == "function":
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else choice.get("name")
+            if isinstance(name, str) and name:
+                return "required", name
+        if kind in ("auto", "none", "required"):  # the Responses-style spelling
+            return kind, None
+        if kind == "allowed_tools":
+            mode = (choice.get("allowed_tools") or {}).get("mode")
+            return ("required" if mode == "required" else "auto"), None
+    raise InvalidRequest(f"invalid tool_choice: {json.dumps(choice)}")
 
 
 def _format(response_format: dict[str, Any] | None) -> Any:
@@ -201,5 +280,8 @@ def _reasoning(effort: str | None) -> bool | str | None:
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-def finish_reason(done_reason: str) -> str:
-    return "length" if done_reason == "length" else "stop"
+def finish_reason(done_reason: str, *, tool_calls: bool = False) -> str:
+    """OpenAI's finish reason: ``tool_calls`` replaces ``stop`` when a call was made."""
+    if done_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"

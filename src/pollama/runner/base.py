@@ -85,6 +85,9 @@ class CompletionRequest:
     add_special: bool = True  # add BOS etc. when tokenizing ``prompt``
     options: SamplingOptions = field(default_factory=SamplingOptions)
     return_tokens: bool = False  # put prompt + output tokens in the final chunk (``context``)
+    # Structured output: None, "json" (any JSON object) or a JSON Schema dict; the worker
+    # constrains sampling with a token mask so the output always parses and validates.
+    format: Any = None
 
 
 @dataclass

@@ -276,7 +276,8 @@ class Engine:
             return
         job = _Job(req_id, emit, prompt, request.options, request.return_tokens)
         job.stops = StopMatcher(request.options.stop)
-        self._command("submit", job)
+        if not self._command("submit", job):
+            emit(RequestFailed("internal", "the model runner is shutting down"))
 
     def cancel(self, req_id: int) -> None:
         self._command("cancel", req_id)
@@ -286,10 +287,13 @@ class Engine:
             self._stopping = True
             self._wake.notify()
 
-    def _command(self, kind: str, value: object) -> None:
+    def _command(self, kind: str, value: object) -> bool:
         with self._wake:
+            if self._stopping:
+                return False
             self._commands.append((kind, value))
             self._wake.notify()
+            return True
 
     # -- the loop thread ---------------------------------------------------------------
 
@@ -315,7 +319,12 @@ class Engine:
                     self._step()
             except Exception as exc:  # a bug must cost the requests in flight, not the worker
                 self._fail_all(f"{type(exc).__name__}: {exc}")
-        for job in list(self._waiting):
+        with self._wake:  # no command can be queued after this
+            for kind, value in self._commands:
+                if kind == "submit" and isinstance(value, _Job):
+                    self._waiting.append(value)
+            self._commands.clear()
+        for job in self._waiting:
             self._finish(job, "")
         self._waiting.clear()
         for slot in self.slots:

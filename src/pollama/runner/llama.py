@@ -91,12 +91,15 @@ def backend_init() -> None:
     lc.llama_backend_init()
 
 
-def kv_cache_types(name: str, flash_attention: bool | None) -> tuple[int, int, str]:
+def kv_cache_types(
+    name: str, flash_attention: bool | None, head_dims: tuple[int, int] = (0, 0)
+) -> tuple[int, int, str]:
     """``(type_k, type_v, warning)`` for an ``OLLAMA_KV_CACHE_TYPE`` value.
 
-    llama.cpp refuses a quantized V cache without flash attention. As Ollama does, a quantized
-    cache with flash attention explicitly off falls back to f16 (the warning says so); with
-    flash attention on auto, the caller must turn it on (see :func:`flash_attn_type`).
+    llama.cpp refuses a quantized V cache without flash attention, and a quantized cache
+    whose blocks (32 values) do not divide the attention head size. As Ollama does, such a
+    setting falls back to f16 with a warning instead of failing the load; with flash attention
+    on auto, :func:`flash_attn_type` turns it on for a quantized cache.
     """
     key = (name or "f16").lower()
     if key not in KV_CACHE_TYPES:
@@ -104,9 +107,13 @@ def kv_cache_types(name: str, flash_attention: bool | None) -> tuple[int, int, s
             f"unsupported kv cache type {name!r}; use one of {', '.join(KV_CACHE_TYPES)}"
         )
     kind = KV_CACHE_TYPES[key]
-    quantized = key not in ("f16", "f32")
-    if quantized and flash_attention is False:
+    if key in ("f16", "f32"):
+        return kind, kind, ""
+    if flash_attention is False:
         warning = f"kv cache type {key} needs flash attention, which is off: using f16"
+        return lc.GGML_TYPE_F16, lc.GGML_TYPE_F16, warning
+    if any(dim % 32 for dim in head_dims):
+        warning = f"kv cache type {key} does not fit head sizes {head_dims}: using f16"
         return lc.GGML_TYPE_F16, lc.GGML_TYPE_F16, warning
     return kind, kind, ""
 
@@ -145,6 +152,16 @@ class Model:
         self.has_decoder: bool = lc.llama_model_has_decoder(ptr)
         self.add_bos: bool = lc.llama_vocab_get_add_bos(self.vocab)
         self._pieces: dict[tuple[int, bool], bytes] = {}
+
+    def head_dims(self) -> tuple[int, int]:
+        """The attention head sizes of K and V (GGUF ``key_length``/``value_length``)."""
+        arch = self.meta("general.architecture") or ""
+        default = self.n_embd // max(1, self.n_head)
+        dims = []
+        for field_ in ("key_length", "value_length"):
+            value = self.meta(f"{arch}.attention.{field_}")
+            dims.append(int(value) if value and value.isdigit() else default)
+        return dims[0], dims[1]
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)

@@ -6,7 +6,8 @@ The server starts ``python -m pollama.runner.worker --fd N --spec JSON`` with on
 and the worker answers with messages carrying the same ``id``:
 
 server → worker
-    {"op": "completion", "id": 1, "request": {prompt, tokens, add_special, options, return_tokens}}
+    {"op": "completion", "id": 1,
+     "request": {prompt, tokens, add_special, options, return_tokens, format}}
     {"op": "cancel", "id": 1}              stop that completion within one decode step
     {"op": "tokenize", "id": 2, "text": "...", "add_special": true}
     {"op": "detokenize", "id": 3, "tokens": [...]}
@@ -54,6 +55,7 @@ def request_to_json(request: CompletionRequest) -> dict[str, Any]:
         "add_special": request.add_special,
         "options": request.options.to_json(),
         "return_tokens": request.return_tokens,
+        "format": request.format,
     }
 
 
@@ -66,6 +68,7 @@ def request_from_json(data: dict[str, Any]) -> CompletionRequest:
         add_special=bool(data.get("add_special", True)),
         options=SamplingOptions(**options),
         return_tokens=bool(data.get("return_tokens", False)),
+        format=data.get("format"),
     )
 
 

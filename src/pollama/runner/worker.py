@@ -90,10 +90,16 @@ class Loaded:
             raise ValueError("num_ctx, num_parallel and num_batch must be positive")
         start = time.perf_counter_ns()
         llama.backend_init()
-        type_k, type_v, warning = llama.kv_cache_types(spec.kv_cache_type, spec.flash_attention)
+        self.model: Model = llama.Model(spec.model_path, use_mmap=spec.use_mmap)
+        try:
+            type_k, type_v, warning = llama.kv_cache_types(
+                spec.kv_cache_type, spec.flash_attention, self.model.head_dims()
+            )
+        except Exception:
+            self.model.close()
+            raise
         if warning:
             _log(warning)
-        self.model: Model = llama.Model(spec.model_path, use_mmap=spec.use_mmap)
         n_batch = max(spec.num_batch, spec.num_parallel)
         params = llama.ContextParams(
             n_ctx=spec.num_ctx * spec.num_parallel,

@@ -53,6 +53,7 @@ from pollama.errors import InternalError, RunnerCrashed, ServerBusy
 from pollama.runner.base import LoadSpec, Runner, RunnerInfo
 from pollama.scheduler.keepalive import expiry_datetime, normalize_keep_alive
 from pollama.scheduler.memory import MemoryProbe, insufficient_memory, system_memory
+from pollama.telemetry import NULL_TELEMETRY, Telemetry
 
 __all__ = ["DEFAULT_MAX_LOADED_MODELS", "Lease", "LoadedModel", "ModelRef", "Scheduler"]
 
@@ -196,8 +197,10 @@ class Scheduler:
         memory_probe: MemoryProbe = system_memory,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _local_now,
+        telemetry: Telemetry = NULL_TELEMETRY,
     ) -> None:
         self._settings = settings
+        self._telemetry = telemetry
         self._factory = runner_factory
         self._probe = memory_probe
         self._clock = clock
@@ -360,7 +363,10 @@ class Scheduler:
         if entry.state is not _State.READY or entry.draining:
             return  # being unloaded already, or a retire() is waiting for this moment
         if self._shut or not entry.runner.alive or entry.keep_alive <= 0:
-            self._begin_unload(entry)
+            reason = (
+                "shutdown" if self._shut else "crashed" if not entry.runner.alive else "requested"
+            )
+            self._begin_unload(entry, reason)
         elif math.isinf(entry.keep_alive):
             entry.idle_deadline = math.inf
         else:
@@ -372,7 +378,7 @@ class Scheduler:
         entry.timer = None
         if entry.refs == 0 and entry.state is _State.READY and not entry.draining:
             log.debug("keep-alive expired, unloading %s", entry.model.name)
-            self._begin_unload(entry)
+            self._begin_unload(entry, "expired")
 
     def _cancel_timer(self, entry: _Entry) -> None:
         if entry.timer is not None:
@@ -393,7 +399,7 @@ class Scheduler:
                     self._ref(entry, ticket.keep_alive)
                     return entry, 0
                 log.debug("reloading %s (spec changed or runner stopped)", ticket.model.name)
-                await self._retire(entry)
+                await self._retire(entry, "reload")
             await self._make_room(ticket)
             if ticket.abandoned:
                 return None
@@ -418,7 +424,7 @@ class Scheduler:
                     )
             victim = self._pick_victim(others)
             log.info("unloading %s to make room for %s", victim.model.name, ticket.model.name)
-            await self._retire(victim)
+            await self._retire(victim, "evicted")
 
     def _pick_victim(self, entries: list[_Entry]) -> _Entry:
         idle = [e for e in entries if e.refs == 0 and e.state is _State.READY]
@@ -435,30 +441,33 @@ class Scheduler:
             info = await runner.start()
         except BaseException:
             log.info("loading %s failed", model.name)
-            await asyncio.shield(self._begin_unload(entry))
+            await asyncio.shield(self._begin_unload(entry, "crashed"))
             raise
         entry.info = info
         entry.state = _State.READY
         load_ns = max(int((self._clock() - started) * 1e9), 0)
         self._ref(entry, None)
         log.info("loaded %s (pid %s) in %.2fs", model.name, info.pid, load_ns / 1e9)
+        self._telemetry.model_loaded(model.name, load_ns / 1e9)
         return entry, load_ns
 
     # -- unloading ---------------------------------------------------------------------------
 
-    async def _retire(self, entry: _Entry) -> None:
+    async def _retire(self, entry: _Entry, reason: str) -> None:
         """Stop new references, wait until nobody holds the runner, then unload it."""
         entry.draining = True
         self._cancel_timer(entry)
         while entry.refs > 0 and entry.closing is None:
             await self._changed.wait()
-        await asyncio.shield(self._begin_unload(entry))
+        await asyncio.shield(self._begin_unload(entry, reason))
 
-    def _begin_unload(self, entry: _Entry) -> asyncio.Task[None]:
+    def _begin_unload(self, entry: _Entry, reason: str) -> asyncio.Task[None]:
         """Forget the runner now (new requests load afresh) and close it in the background;
         idempotent. Callers guarantee ``refs == 0`` except during shutdown."""
         if entry.closing is not None:
             return entry.closing
+        if entry.state is _State.READY:
+            self._telemetry.model_unloaded(entry.model.name, reason)
         self._cancel_timer(entry)
         if self._loaded.get(entry.model.key) is entry:
             del self._loaded[entry.model.key]
@@ -495,7 +504,7 @@ class Scheduler:
         entry.expired = True
         self._cancel_timer(entry)
         if entry.refs == 0 and entry.state is _State.READY and not entry.draining:
-            await asyncio.shield(self._begin_unload(entry))
+            await asyncio.shield(self._begin_unload(entry, "requested"))
 
     # -- status and lifecycle -----------------------------------------------------------------
 
@@ -537,7 +546,7 @@ class Scheduler:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for entry in list(self._loaded.values()):
-            self._begin_unload(entry)
+            self._begin_unload(entry, "shutdown")
         await self._wait_closing()
 
     def _check_open(self) -> None:

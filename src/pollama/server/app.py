@@ -23,6 +23,7 @@ from pollama.server import (
     routes_registry,
 )
 from pollama.server.errors import install_error_handlers
+from pollama.server.metrics import Metrics
 from pollama.server.middleware import install_middleware
 from pollama.store import Store
 
@@ -33,7 +34,10 @@ def create_app(
     settings: Settings, *, runner_factory: Callable[[LoadSpec], Runner] | None = None
 ) -> FastAPI:
     store = Store(settings.models, noprune=settings.noprune)
-    scheduler = Scheduler(settings, runner_factory or subprocess_factory(settings))
+    metrics = Metrics()
+    scheduler = Scheduler(
+        settings, runner_factory or subprocess_factory(settings), telemetry=metrics
+    )
     inference = InferenceService(settings, store, scheduler)
 
     @asynccontextmanager
@@ -47,8 +51,14 @@ def create_app(
         finally:
             await scheduler.shutdown()
 
-    app = FastAPI(title="pollama", version=__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None)
+    app = FastAPI(
+        title="pollama",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        openapi_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.store = store
     app.state.scheduler = scheduler
@@ -59,5 +69,5 @@ def create_app(
     app.include_router(routes_inference.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_anthropic.router)
-    install_middleware(app, settings)  # keys, Host/Origin, limits, logs, /metrics
+    install_middleware(app, settings, metrics=metrics)  # keys, Host/Origin, limits, logs, /metrics
     return app

@@ -53,18 +53,24 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def log_failure(exc: BaseException, status: int) -> None:
+    """Server-side failures are logged with their traceback; a full queue is only a warning."""
+    if status == 503:
+        log.warning("refused: %s", message_for(exc))
+    elif status >= 500:
+        log.error("request failed", exc_info=exc)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     status = status_for(exc)
-    if status >= 500:
-        log.error("request failed", exc_info=exc)
+    log_failure(exc, status)
     return ollama_error(message_for(exc), status)
 
 
 def openai_error_response(exc: BaseException) -> JSONResponse:
     """OpenAI's error object, with the same status as the native error (spec §3.1)."""
     status = status_for(exc)
-    if status >= 500:
-        log.error("request failed", exc_info=exc)
+    log_failure(exc, status)
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
     body = {"error": {"message": message_for(exc), "type": kind, "param": None, "code": None}}
     return JSONResponse(body, status_code=status)

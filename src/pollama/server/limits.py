@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pollama.errors import InvalidRequest
 from pollama.server.access_log import current_record, route_template
 from pollama.server.refusals import json_error
 
@@ -39,12 +40,20 @@ UPLOAD_ROUTES = frozenset({("POST", "/api/blobs/{digest}")})
 RETRY_AFTER_SECONDS = 1
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(InvalidRequest):
+    """Raised from ``receive``. The middleware answers 413 whether the exception reaches it
+    or a route turns it into an error response of its own (that response is replaced). It
+    is an ``InvalidRequest`` so that no route's error mapping can make it a 500."""
+
+    def __init__(self) -> None:
+        super().__init__("request body is too large (POLLAMA_MAX_BODY_SIZE)")
 
 
-class _BodyTimeout(Exception):
-    pass
+class _BodyTimeout(InvalidRequest):
+    """As :class:`_BodyTooLarge`, for a body that stopped arriving (answered with 408)."""
+
+    def __init__(self) -> None:
+        super().__init__("request body stopped arriving (POLLAMA_CLIENT_TIMEOUT)")
 
 
 class LimitsMiddleware:
@@ -82,22 +91,25 @@ class LimitsMiddleware:
         received = 0
         body_done = False
         started = False
+        tripped: _BodyTooLarge | _BodyTimeout | None = None  # a limit hit while reading
         limit = None if upload else self.max_body
         timeout = self.client_timeout
 
         async def guarded_receive() -> Message:
-            nonlocal received, body_done
+            nonlocal received, body_done, tripped
             if body_done:
                 return await receive()
             try:
                 async with asyncio.timeout(timeout):
                     message = await receive()
             except TimeoutError:
-                raise _BodyTimeout from None
+                tripped = _BodyTimeout()
+                raise tripped from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if limit is not None and received > limit:
-                    raise _BodyTooLarge
+                    tripped = _BodyTooLarge()
+                    raise tripped
                 if not message.get("more_body", False):
                     body_done = True
             else:
@@ -106,6 +118,12 @@ class LimitsMiddleware:
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
+            if tripped is not None and not started:
+                # The route turned the limit into an error of its own: answer ours instead.
+                started = True
+                await self._refuse_for(tripped, scope, receive, send)
+            if tripped is not None:
+                return
             if message["type"] == "http.response.start":
                 started = True
                 if message["status"] == 503:
@@ -117,21 +135,25 @@ class LimitsMiddleware:
 
         try:
             await self.app(scope, guarded_receive, guarded_send)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, _BodyTimeout) as exc:
             if started:
                 raise
-            await self._refuse(scope, receive, send, "body_size", 413, "request_too_large",
-                               self._too_large_message())  # fmt: skip
-        except _BodyTimeout:
-            if started:
-                raise
-            await self._refuse(scope, receive, send, "body_timeout", 408, "timeout_error", (
-                f"the request body stopped arriving for {timeout or 0:g}s "
-                "(POLLAMA_CLIENT_TIMEOUT)"
-            ))  # fmt: skip
+            await self._refuse_for(exc, scope, receive, send)
         finally:
             if upload:
                 self.uploads -= 1
+
+    async def _refuse_for(
+        self, exc: _BodyTooLarge | _BodyTimeout, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if isinstance(exc, _BodyTooLarge):
+            await self._refuse(scope, receive, send, "body_size", 413, "request_too_large",
+                               self._too_large_message())  # fmt: skip
+        else:
+            await self._refuse(scope, receive, send, "body_timeout", 408, "timeout_error", (
+                f"the request body stopped arriving for {self.client_timeout or 0:g}s "
+                "(POLLAMA_CLIENT_TIMEOUT)"
+            ))  # fmt: skip
 
     def _too_large_message(self) -> str:
         return (

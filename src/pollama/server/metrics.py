@@ -40,6 +40,7 @@ from pollama.telemetry import Generation
 __all__ = ["MAX_MODEL_LABELS", "Metrics", "router"]
 
 MAX_MODEL_LABELS = 64
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -242,7 +243,8 @@ class Metrics:
     ) -> None:
         self.in_flight.dec()
         label = route or "unmatched"
-        self.requests.labels(label, method if len(method) <= 8 else "other", str(status)).inc()
+        method = method if method in _METHODS else "other"
+        self.requests.labels(label, method, str(status)).inc()
         self.duration.labels(label).observe(seconds)
         if refused:
             self.refused.labels(refused).inc()

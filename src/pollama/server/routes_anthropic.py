@@ -1,6 +1,9 @@
 """Anthropic-compatible routes: ``POST /v1/messages`` and ``/v1/messages/count_tokens``.
 
 Translation only, over the one inference service; errors use Anthropic's error object.
+Thinking comes back as ``thinking`` blocks (with an empty ``signature``: nothing here signs
+it), tool calls as ``tool_use`` blocks whose id is the call's id, and ``stop_reason`` is
+``tool_use`` when a call was made.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from pollama.errors import InvalidRequest
-from pollama.inference.service import InferenceService
+from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent
 from pollama.protocol.anthropic import MessagesRequest, stop_reason
 from pollama.server.errors import message_for, status_for, validation_message
@@ -57,52 +60,127 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {payload}\n\n".encode()
 
 
+def _usage(event: InferenceEvent | None) -> dict[str, int]:
+    m = event.metrics if event else None
+    return {
+        "input_tokens": m.prompt_eval_count if m else 0,
+        "output_tokens": m.eval_count if m else 0,
+    }
+
+
+def _content(event: InferenceEvent) -> list[dict[str, Any]]:
+    """A whole answer's blocks, in Anthropic's order: thinking, text, tool uses."""
+    blocks: list[dict[str, Any]] = []
+    if event.thinking:
+        blocks.append({"type": "thinking", "thinking": event.thinking, "signature": ""})
+    if event.text:
+        blocks.append({"type": "text", "text": event.text})
+    for call in event.tool_calls:
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.name,
+                       "input": call.arguments})
+    return blocks
+
+
+class _Events:
+    """Ollama's ``StreamConverter``: native events → Anthropic's SSE event sequence.
+
+    Blocks open lazily and close when the next kind starts: a thinking block, a text block,
+    then one block per tool use (start, one ``input_json_delta`` with the whole arguments,
+    stop). Invariant: at most one block is open, and ``index`` is the next block's index.
+    """
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.open: str | None = None  # "thinking" | "text"
+        self.thought = False  # a thinking block was closed: later thinking is dropped
+        self.called = False
+
+    def _close(self) -> list[bytes]:
+        if self.open is None:
+            return []
+        if self.open == "thinking":
+            self.thought = True
+        self.open = None
+        self.index += 1
+        return [_event("content_block_stop", {"index": self.index - 1})]
+
+    def _delta(self, kind: str, block: dict[str, Any], delta: dict[str, Any]) -> list[bytes]:
+        out: list[bytes] = []
+        if self.open != kind:
+            out += self._close()
+            self.open = kind
+            out.append(_event("content_block_start", {"index": self.index,
+                                                      "content_block": block}))
+        out.append(_event("content_block_delta", {"index": self.index, "delta": delta}))
+        return out
+
+    def __call__(self, event: InferenceEvent) -> list[bytes]:
+        out: list[bytes] = []
+        if event.thinking and not self.thought:
+            out += self._delta(
+                "thinking",
+                {"type": "thinking", "thinking": "", "signature": ""},
+                {"type": "thinking_delta", "thinking": event.thinking},
+            )
+        if event.text:
+            out += self._delta(
+                "text", {"type": "text", "text": ""}, {"type": "text_delta", "text": event.text}
+            )
+        for call in event.tool_calls:
+            out += self._close()
+            block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": call.arguments_json()}
+            out.append(_event("content_block_start", {"index": self.index,
+                                                      "content_block": block}))
+            out.append(_event("content_block_delta", {"index": self.index, "delta": delta}))
+            out.append(_event("content_block_stop", {"index": self.index}))
+            self.index += 1
+            self.called = True
+        if event.done:
+            out += self._close()
+            reason = stop_reason(event.done_reason or "stop", tool_use=self.called)
+            out.append(_event("message_delta", {
+                "delta": {"stop_reason": reason, "stop_sequence": None},
+                "usage": _usage(event),
+            }))
+            out.append(_event("message_stop", {}))
+        return out
+
+
 @router.post("/messages")
 async def messages(request: Request) -> Response:
     service: InferenceService = request.app.state.inference
     try:
         parsed = await _parse(request)
         prepared = service.prepare(parsed.to_inference())
+        events = service.stream(prepared)
+        first = await anext(events, None) if parsed.stream else None
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return anthropic_error(exc)
     ident = f"msg_{secrets.token_hex(12)}"
-    events = service.stream(prepared)
     if not parsed.stream:
-        parts: list[str] = []
-        last: InferenceEvent | None = None
         try:
-            async for event in events:
-                parts.append(event.text)
-                last = event
+            whole = await collect(events)
         except Exception as exc:  # noqa: BLE001
             return anthropic_error(exc)
-        assert last is not None
-        m = last.metrics
         return JSONResponse(
             {
                 "id": ident,
                 "type": "message",
                 "role": "assistant",
                 "model": parsed.model,
-                "content": [{"type": "text", "text": "".join(parts)}],
-                "stop_reason": stop_reason(last.done_reason),
+                "content": _content(whole),
+                "stop_reason": stop_reason(
+                    whole.done_reason or "stop", tool_use=bool(whole.tool_calls)
+                ),
                 "stop_sequence": None,
-                "usage": {
-                    "input_tokens": m.prompt_eval_count if m else 0,
-                    "output_tokens": m.eval_count if m else 0,
-                },
+                "usage": _usage(whole),
             }
         )
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        first = None
-    except Exception as exc:  # noqa: BLE001
-        return anthropic_error(exc)
 
     async def body() -> AsyncIterator[bytes]:
         event = first
-        final: InferenceEvent | None = None
+        render = _Events()
         yield _event(
             "message_start",
             {
@@ -114,44 +192,22 @@ async def messages(request: Request) -> Response:
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": 0, "output_tokens": 0},
+                    # The prompt's real token count, known before the first token.
+                    "usage": {"input_tokens": first.prompt_tokens if first else 0,
+                              "output_tokens": 0},
                 }
             },
         )
-        yield _event(
-            "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
-        )
         try:
             while event is not None:
-                if event.text:
-                    yield _event(
-                        "content_block_delta",
-                        {"index": 0, "delta": {"type": "text_delta", "text": event.text}},
-                    )
-                if event.done:
-                    final = event
+                for data in render(event):
+                    yield data
                 event = await anext(events, None)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the status is already sent
+            anthropic_error(exc)  # logs server-side failures
             yield _event("error", {"error": {"type": "api_error", "message": message_for(exc)}})
-            return
         finally:
             await events.aclose()  # type: ignore[attr-defined]
-        m = final.metrics if final else None
-        yield _event("content_block_stop", {"index": 0})
-        yield _event(
-            "message_delta",
-            {
-                "delta": {
-                    "stop_reason": stop_reason(final.done_reason if final else "stop"),
-                    "stop_sequence": None,
-                },
-                "usage": {
-                    "input_tokens": m.prompt_eval_count if m else 0,
-                    "output_tokens": m.eval_count if m else 0,
-                },
-            },
-        )
-        yield _event("message_stop", {})
 
     return StreamingResponse(body(), media_type="text/event-stream")
 

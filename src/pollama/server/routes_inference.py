@@ -1,5 +1,10 @@
 """``/api/generate``, ``/api/chat`` and ``/api/ps``: Ollama's wire format over the one
-inference service (``pollama.inference``)."""
+inference service (``pollama.inference``).
+
+Chat chunks carry ``message.thinking`` and ``message.tool_calls`` (each call as soon as it
+parsed, ``arguments`` an object); generate chunks carry ``thinking``. ``logprobs`` are
+accepted but not produced yet (the worker does not report them).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from pollama.errors import InvalidRequest
 from pollama.format import rfc3339_local, rfc3339_utc
-from pollama.inference.service import InferenceService
+from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent, InferenceRequest
 from pollama.protocol.ollama import ChatRequest, GenerateRequest
 from pollama.scheduler import Scheduler
@@ -58,22 +64,25 @@ def _final_fields(event: InferenceEvent, body: dict[str, Any]) -> None:
 
 
 def _generate_body(model: str, event: InferenceEvent) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": model,
-        "created_at": _now(),
-        "response": event.text,
-        "done": event.done,
-    }
+    body: dict[str, Any] = {"model": model, "created_at": _now(), "response": event.text}
+    if event.thinking:
+        body["thinking"] = event.thinking
+    body["done"] = event.done
     if event.done:
         _final_fields(event, body)
     return body
 
 
 def _chat_body(model: str, event: InferenceEvent) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": event.text}
+    if event.thinking:
+        message["thinking"] = event.thinking
+    if event.tool_calls:
+        message["tool_calls"] = [call.to_ollama() for call in event.tool_calls]
     body: dict[str, Any] = {
         "model": model,
         "created_at": _now(),
-        "message": {"role": "assistant", "content": event.text},
+        "message": message,
         "done": event.done,
     }
     if event.done:
@@ -103,22 +112,18 @@ async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: 
     events = service.stream(prepared)
     if stream:
         return await event_stream(events, lambda e: _line(shape(req.model, e)))
-    text: list[str] = []
-    last: InferenceEvent | None = None
     try:
-        async for event in events:
-            text.append(event.text)
-            last = event
+        whole = await collect(events)
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
-    assert last is not None
-    last.text = "".join(text)
-    return JSONResponse(shape(req.model, last))
+    return JSONResponse(shape(req.model, whole))
 
 
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     body = await parse_body(request, GenerateRequest)
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        return error_response(InvalidRequest("top_logprobs must be between 0 and 20"))
     req = InferenceRequest(
         model=body.model,
         kind="generate",
@@ -141,6 +146,8 @@ async def generate(request: Request) -> Response:
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        return error_response(InvalidRequest("top_logprobs must be between 0 and 20"))
     req = InferenceRequest(
         model=body.model,
         kind="chat",

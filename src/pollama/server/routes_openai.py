@@ -3,6 +3,11 @@
 Only translation lives here: request models turn into an ``InferenceRequest``
 (``pollama.protocol.openai``), inference events into OpenAI's chunks and objects, and errors
 into OpenAI's error object (``server.errors.openai_error_response``).
+
+Shapes follow Ollama's ``openai`` package (spec §3.2): reasoning as ``reasoning`` (and, for
+clients of DeepSeek-style servers, also ``reasoning_content``); tool calls whole, with
+``arguments`` a JSON string, never split across chunks; ``finish_reason`` ``tool_calls``
+when a call was made and the model stopped by itself.
 """
 
 from __future__ import annotations
@@ -17,12 +22,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from pollama.errors import InvalidRequest, ModelNotFound, PollamaError
-from pollama.inference.service import InferenceService, Prepared
+from pollama.errors import InvalidRequest, ModelNotFound
+from pollama.inference.service import InferenceService, Prepared, collect
 from pollama.inference.types import InferenceEvent
 from pollama.names import ModelName
 from pollama.protocol.openai import ChatCompletionRequest, CompletionRequest, finish_reason
-from pollama.server.errors import openai_error_response, validation_message
+from pollama.server.errors import (
+    message_for,
+    openai_error_response,
+    status_for,
+    validation_message,
+)
 from pollama.store import Store
 
 router = APIRouter(prefix="/v1")
@@ -47,7 +57,7 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise InvalidRequest(validation_message(exc)) from None
 
 
-def _usage(event: InferenceEvent | None) -> dict[str, int]:
+def _usage(event: InferenceEvent | None) -> dict[str, Any]:
     m = event.metrics if event else None
     prompt = m.prompt_eval_count if m else 0
     completion = m.eval_count if m else 0
@@ -66,166 +76,203 @@ async def _prepare(request: Request, parsed: Any) -> tuple[InferenceService, Pre
     return service, service.prepare(parsed.to_inference())
 
 
-async def _run(
-    request: Request,
-    model_cls: type[BaseModel],
-    chunk: Callable[[str, int, str, InferenceEvent | None, str | None], dict[str, Any]],
-    whole: Callable[[str, int, str, str, InferenceEvent], dict[str, Any]],
-    id_prefix: str,
-) -> Response:
-    try:
-        parsed = await _parse(request, model_cls)
-        service, prepared = await _prepare(request, parsed)
-    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
-        return openai_error_response(exc)
-    ident = f"{id_prefix}-{random.randint(0, 998)}"
-    created = int(time.time())
-    events = service.stream(prepared)
-    if not parsed.stream:
-        parts: list[str] = []
-        last: InferenceEvent | None = None
-        try:
-            async for event in events:
-                parts.append(event.text)
-                last = event
-        except Exception as exc:  # noqa: BLE001
-            return openai_error_response(exc)
-        assert last is not None
-        return JSONResponse(whole(ident, created, parsed.model, "".join(parts), last))
+def _stream_error(exc: BaseException) -> bytes:
+    openai_error_response(exc)  # logs server-side failures
+    kind = "invalid_request_error" if status_for(exc) == 400 else "api_error"
+    body = {"message": message_for(exc), "type": kind, "param": None, "code": None}
+    return _sse({"error": body})
 
-    include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+
+async def _first(events: AsyncIterator[InferenceEvent]) -> InferenceEvent | None:
+    """The first event, before any byte is sent: its errors still get a real status."""
     try:
-        first = await anext(events)
+        return await anext(events)
     except StopAsyncIteration:
-        first = None
-    except Exception as exc:  # noqa: BLE001
-        return openai_error_response(exc)
+        return None
 
-    async def body() -> AsyncIterator[bytes]:
-        event = first
-        final: InferenceEvent | None = None
+
+class _Stream:
+    """An SSE stream of one response: the events, then ``data: [DONE]``."""
+
+    def __init__(
+        self,
+        events: AsyncIterator[InferenceEvent],
+        first: InferenceEvent | None,
+        render: Callable[[InferenceEvent], list[dict[str, Any]]],
+    ) -> None:
+        self.events, self.first, self.render = events, first, render
+
+    async def body(self) -> AsyncIterator[bytes]:
+        event = self.first
         try:
             while event is not None:
-                if event.text:
-                    yield _sse(chunk(ident, created, parsed.model, event, None))
-                if event.done:
-                    final = event
-                event = await anext(events, None)
-            yield _sse(
-                chunk(
-                    ident,
-                    created,
-                    parsed.model,
-                    None,
-                    finish_reason(final.done_reason if final else "stop"),
-                )
-            )
-            if include_usage:
-                yield _sse(
-                    {
-                        "id": ident,
-                        "object": _object(id_prefix),
-                        "created": created,
-                        "model": parsed.model,
-                        "system_fingerprint": "fp_ollama",
-                        "choices": [],
-                        "usage": _usage(final),
-                    }
-                )
-        except PollamaError as exc:
-            yield _sse(
-                {
-                    "error": {
-                        "message": exc.message,
-                        "type": "api_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-            )
+                for data in self.render(event):
+                    yield _sse(data)
+                event = await anext(self.events, None)
+        except Exception as exc:  # noqa: BLE001 - the status is already sent
+            yield _stream_error(exc)
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await self.events.aclose()  # type: ignore[attr-defined]
         yield _sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    def response(self) -> StreamingResponse:
+        return StreamingResponse(self.body(), media_type="text/event-stream")
 
 
-def _object(prefix: str) -> str:
-    return "chat.completion.chunk" if prefix == "chatcmpl" else "text_completion"
+def _message(event: InferenceEvent) -> dict[str, Any]:
+    """The assistant message of a whole chat completion (reasoning under both names)."""
+    message: dict[str, Any] = {"role": "assistant", "content": event.text}
+    if event.thinking:
+        message["reasoning"] = event.thinking
+        message["reasoning_content"] = event.thinking
+    if event.tool_calls:
+        message["tool_calls"] = [call.to_openai() for call in event.tool_calls]
+    return message
 
 
-def _chat_chunk(
-    ident: str, created: int, model: str, event: InferenceEvent | None, finish: str | None
-) -> dict[str, Any]:
-    if finish is not None:
+class _ChatChunks:
+    """Ollama's ``ChatWriter``: native events → ``chat.completion.chunk`` objects.
+
+    The first chunk's delta has the role; an event with both reasoning and content (or
+    calls) becomes two chunks; the metrics-only final event sends no content chunk; then a
+    finish chunk with an empty delta, and the usage chunk when asked for.
+    """
+
+    def __init__(self, ident: str, created: int, model: str, include_usage: bool) -> None:
+        self.base = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_ollama",
+        }
+        self.include_usage = include_usage
+        self.started = False
+        self.called = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {**self.base, "choices": [choice]}
+
+    def _delta(self, event: InferenceEvent, *, thinking: bool, rest: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {}
-    else:
-        delta = {"role": "assistant", "content": event.text if event else ""}
-    return {
-        "id": ident,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+        if not self.started:
+            delta["role"] = "assistant"
+            self.started = True
+        if rest:
+            delta["content"] = event.text
+        if thinking and event.thinking:
+            delta["reasoning"] = event.thinking
+            delta["reasoning_content"] = event.thinking
+        if rest and event.tool_calls:
+            delta["tool_calls"] = [call.to_openai() for call in event.tool_calls]
+            self.called = True
+        return delta
 
-
-def _chat_whole(
-    ident: str, created: int, model: str, text: str, last: InferenceEvent
-) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason(last.done_reason),
-            }
-        ],
-        "usage": _usage(last),
-    }
-
-
-def _text_chunk(
-    ident: str, created: int, model: str, event: InferenceEvent | None, finish: str | None
-) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [{"text": event.text if event else "", "index": 0, "finish_reason": finish}],
-    }
-
-
-def _text_whole(
-    ident: str, created: int, model: str, text: str, last: InferenceEvent
-) -> dict[str, Any]:
-    return {
-        "id": ident,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [{"text": text, "index": 0, "finish_reason": finish_reason(last.done_reason)}],
-        "usage": _usage(last),
-    }
+    def __call__(self, event: InferenceEvent) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        trailer = event.done and not (event.text or event.thinking or event.tool_calls)
+        if not trailer or not self.started:
+            if event.thinking and (event.text or event.tool_calls):
+                out.append(self._chunk(self._delta(event, thinking=True, rest=False)))
+                out.append(self._chunk(self._delta(event, thinking=False, rest=True)))
+            else:
+                out.append(self._chunk(self._delta(event, thinking=True, rest=True)))
+        if event.done:
+            reason = finish_reason(event.done_reason or "stop", tool_calls=self.called)
+            out.append(self._chunk({}, reason))
+            if self.include_usage:
+                out.append({**self.base, "choices": [], "usage": _usage(event)})
+        return out
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await _run(request, ChatCompletionRequest, _chat_chunk, _chat_whole, "chatcmpl")
+    try:
+        parsed = await _parse(request, ChatCompletionRequest)
+        service, prepared = await _prepare(request, parsed)
+        events = service.stream(prepared)
+        first = await _first(events) if parsed.stream else None
+    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
+        return openai_error_response(exc)
+    ident = f"chatcmpl-{random.randint(0, 998)}"
+    created = int(time.time())
+    if parsed.stream:
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        render = _ChatChunks(ident, created, parsed.model, include_usage)
+        return _Stream(events, first, render).response()
+    try:
+        whole = await collect(events)
+    except Exception as exc:  # noqa: BLE001
+        return openai_error_response(exc)
+    return JSONResponse(
+        {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": parsed.model,
+            "system_fingerprint": "fp_ollama",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": _message(whole),
+                    "finish_reason": finish_reason(
+                        whole.done_reason or "stop", tool_calls=bool(whole.tool_calls)
+                    ),
+                }
+            ],
+            "usage": _usage(whole),
+        }
+    )
+
+
+def _text_choice(text: str, finish: str | None) -> dict[str, Any]:
+    return {"text": text, "index": 0, "finish_reason": finish}
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Response:
-    return await _run(request, CompletionRequest, _text_chunk, _text_whole, "cmpl")
+    try:
+        parsed = await _parse(request, CompletionRequest)
+        service, prepared = await _prepare(request, parsed)
+        events = service.stream(prepared)
+        first = await _first(events) if parsed.stream else None
+    except Exception as exc:  # noqa: BLE001
+        return openai_error_response(exc)
+    base = {
+        "id": f"cmpl-{random.randint(0, 998)}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": parsed.model,
+        "system_fingerprint": "fp_ollama",
+    }
+    echo = parsed.prompt if parsed.echo else ""
+    if parsed.stream:
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        pending = [echo]
+
+        def render(event: InferenceEvent) -> list[dict[str, Any]]:
+            text = pending.pop() + event.text if pending else event.text
+            if not text and not event.done:
+                return []
+            finish = (event.done_reason or "stop") if event.done else None
+            chunk: dict[str, Any] = {**base, "choices": [_text_choice(text, finish)]}
+            if include_usage:
+                chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            out = [chunk]
+            if event.done and include_usage:
+                out.append({**base, "choices": [], "usage": _usage(event)})
+            return out
+
+        return _Stream(events, first, render).response()
+    try:
+        whole = await collect(events)
+    except Exception as exc:  # noqa: BLE001
+        return openai_error_response(exc)
+    finish = whole.done_reason or "stop"
+    return JSONResponse(
+        {**base, "choices": [_text_choice(echo + whole.text, finish)], "usage": _usage(whole)}
+    )
 
 
 def _model_object(name: str, created: int, namespace: str) -> dict[str, Any]:

@@ -6,9 +6,10 @@ this order, and each refusal is a JSON body that says what to change:
 
 1. **Host** (DNS rebinding, CVE-2024-28224). The ``Host`` header must name this server:
    empty, ``localhost``, the machine's hostname, ``*.localhost``/``*.local``/``*.internal``,
-   a loopback/private/unspecified IP or one of this machine's own addresses, the bound host,
-   or a name in ``POLLAMA_ALLOWED_HOSTS``. Unlike Ollama, this holds on every bind address,
-   ``0.0.0.0`` included. Else 403.
+   a single-label name (``ollama``: a Compose service), a loopback/private/unspecified IP or
+   one of this machine's own addresses, the bound host, or a name in
+   ``POLLAMA_ALLOWED_HOSTS``. Unlike Ollama, this holds on every bind address, ``0.0.0.0``
+   included. Else 403.
 2. **Origin**, as Ollama's gin-contrib/cors setup: ``OLLAMA_ORIGINS`` plus the built-in list
    (``Settings.allowed_origins``), wildcards allowed. A same-origin request (``Origin`` equal
    to ``http(s)://<Host>``) is not a CORS request. An allowed preflight gets 204 with the
@@ -171,7 +172,10 @@ class HostGuard:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return False
+            # A single-label name ("ollama", a Docker Compose service) is resolved only by
+            # local means (hosts file, search domains, container DNS): no web page can make
+            # its own origin one, which is what rebinding needs.
+            return "." not in host and ":" not in host and host.isascii()
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if ip.is_loopback or ip.is_unspecified or any(ip in net for net in _GO_PRIVATE):

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from pollama.server.errors import error_response, message_for
+from pollama.server.errors import error_response, log_failure, message_for, status_for
 
 NDJSON = "application/x-ndjson"
 _END = object()
@@ -59,7 +59,7 @@ async def progress_response(iterator: Iterator[Any], *, stream: bool) -> Respons
                 yield _line(item)
                 item = await run_in_threadpool(_next, iterator)
         except Exception as exc:  # noqa: BLE001
-            error_response(exc)  # logs server-side failures
+            log_failure(exc, status_for(exc))
             yield _line({"error": message_for(exc)})
         finally:
             close = getattr(iterator, "close", None)
@@ -91,7 +91,7 @@ async def event_stream(
                 yield render(item)
                 item = await anext(events, _END)
         except Exception as exc:  # noqa: BLE001
-            error_response(exc)
+            log_failure(exc, status_for(exc))
             yield _line({"error": message_for(exc)})
         finally:
             await events.aclose()  # type: ignore[attr-defined]
