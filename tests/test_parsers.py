@@ -128,6 +128,13 @@ TOOL_CASES = [
     ("<tool_call>", "Sure <tool_call>{not json", "Sure <tool_call>{not json", []),
     ("<tool_call>", "<tool_call>{\"name\": \"unknown_tool\"}</tool_call>",
      "<tool_call>{\"name\": \"unknown_tool\"}</tool_call>", []),
+    # small Qwen models often drop the marker: a leading JSON call is still a call
+    ("<tool_call>", '\n{"name": "get_temperature", "arguments": {"city": "Rome"}}', "",
+     [("get_temperature", {"city": "Rome"}, 0)]),
+    ("<tool_call>", '{"answer": 4}', '{"answer": 4}', []),
+    ("<tool_call>", '  \n', '  \n', []),
+    ("<tool_call>", 'Use {"name": "add", "arguments": {}}', 'Use {"name": "add", "arguments": {}}',
+     []),
     # Mistral
     ("[TOOL_CALLS]",
      '[TOOL_CALLS] [{"name": "get_temperature", "arguments": {"city": "London"}}, '

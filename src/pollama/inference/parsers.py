@@ -13,11 +13,13 @@ clients see each part as soon as it is unambiguous:
   tag ``{`` or ``[`` any non-blank text before it means "no tool calls in this answer".
 * :class:`OutputParser` chains them: thinking first, then tool calls in what is left.
 
-Two deliberate differences from Ollama, both so that nothing the model wrote is lost:
-:meth:`OutputParser.finish` flushes what the parsers still hold back (a partial tag at the
-very end), and text after a tool-call tag that never parsed as a call is returned as content
-for every tag (Ollama drops it unless the tag is ``{``/``[``). Also, when one chunk carries
-both content and a call, both are kept (Ollama's chat handler keeps only the content).
+Deliberate differences from Ollama, so that nothing the model wrote is lost and small models
+work: :meth:`OutputParser.finish` flushes what the parsers still hold back (a partial tag at
+the very end); text after a tool-call tag that never parsed as a call is returned as content
+for every tag (Ollama drops it unless the tag is ``{``/``[``); when one chunk carries both
+content and a call, both are kept (Ollama's chat handler keeps only the content); and an
+answer that begins with a JSON object naming a tool is a call even without the tag (as
+llama.cpp's Hermes parser, which Ollama's native path uses, accepts).
 
 Which tags a model uses comes from its template (:func:`thinking_tags_for`,
 :func:`tool_call_tag_for`): for a Go template the parse-tree heuristics of
@@ -293,48 +295,61 @@ class ToolCallParser:
     ``add`` returns the calls completed by this chunk and the content that is now safe to
     show; :meth:`finish` returns what is left at the end. Invariant: ``_raw`` holds every
     character since the tag, so an answer in which no call parses can be given back whole.
+
+    Like llama.cpp's Hermes parser (what Ollama's native path runs for Qwen-style Jinja
+    templates), an answer that *starts* with a JSON object is also tried as a call when the
+    tag is a marker such as ``<tool_call>``: small models often drop the marker. It becomes a
+    call only if it names a known tool; otherwise it is content, as with the ``{`` tag.
     """
 
-    def __init__(self, tag: str, tool_names: Sequence[str]) -> None:
+    def __init__(self, tag: str, tool_names: Sequence[str], *, bare_json: bool = True) -> None:
         self.tag = tag or "{"
         self.names = [n for n in dict.fromkeys(tool_names) if n]
+        self.bare_json = bare_json and self.tag not in ("{", "[")
         self.count = 0  # calls parsed so far
-        self._calling = False
+        self._mode = ""  # the tag that opened the calls: self.tag, or "{" for bare JSON
+        self._started = False  # non-blank output seen (a bare JSON call must come first)
         self._done = False
         self._buf = ""
         self._raw = ""
 
     def prime(self) -> None:
         """The prompt already ends with the tag (a forced tool call): start inside a call."""
-        self._calling = True
+        self._mode = self.tag
 
     def add(self, text: str) -> tuple[list[ToolCall], str]:
         if self._done:
             return [], text
         content = ""
-        if self._calling:
-            self._buf += text
+        self._buf += text
+        if self._mode:
             self._raw += text
         else:
-            self._buf += text
-            i, found = self._find_tag()
-            if i == -1:
-                content, self._buf = self._buf, ""
-            else:
-                content, self._buf = self._buf[:i], self._buf[i:]
-            if self.tag in ("{", "[") and content.strip():
-                # Bare-JSON models: text first means this answer has no tool call.
-                self._done = True
-                rest, self._buf = self._buf, ""
-                return [], content + rest
-            if not found:
-                return [], content
-            self._calling = True
-            self._raw = self._buf
+            if self.bare_json and not self._started:
+                lead = self._buf.lstrip()
+                if not lead:
+                    return [], ""  # only blanks so far: wait
+                self._started = True
+                if lead.startswith("{"):
+                    self._mode, self._raw = "{", self._buf
+            if not self._mode:
+                i, found = self._find_tag()
+                if i == -1:
+                    content, self._buf = self._buf, ""
+                else:
+                    content, self._buf = self._buf[:i], self._buf[i:]
+                if self.tag in ("{", "[") and content.strip():
+                    # Bare-JSON models: text first means this answer has no tool call.
+                    self._done = True
+                    rest, self._buf = self._buf, ""
+                    return [], content + rest
+                if not found:
+                    return [], content
+                self._mode, self._raw = self.tag, self._buf
         calls: list[ToolCall] = []
         while (call := self._parse_one()) is not None:
             calls.append(call)
-        if self.tag in ("{", "[") and not calls and _balanced_done(self._buf, self.tag):
+        if self._mode in ("{", "[") and not calls and _balanced_done(self._buf, self._mode):
             # The bracketed value closed without being a call: it was content.
             self._done = True
             self._buf = ""
@@ -347,8 +362,8 @@ class ToolCallParser:
         if self._done:
             return ""
         rest, self._buf = self._buf, ""
-        if not self._calling:
-            return rest  # a partial tag that never completed
+        if not self._mode:
+            return rest  # blanks, or a partial tag that never completed
         return "" if self.count else self._raw
 
     def _find_tag(self) -> tuple[int, bool]:
@@ -410,7 +425,8 @@ class OutputParser:
     def reset_tools(self) -> None:
         """Forget the tool-call state (the answer is being generated again)."""
         if self.tools is not None:
-            self.tools = ToolCallParser(self.tools.tag, self.tools.names)
+            old = self.tools
+            self.tools = ToolCallParser(old.tag, old.names, bare_json=old.bare_json)
 
     def finish(self) -> Parsed:
         thinking, content = self.thinking.finish() if self.thinking else ("", "")

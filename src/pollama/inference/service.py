@@ -66,6 +66,7 @@ from pollama.runner.base import CompletionRequest, LoadSpec, Runner, SamplingOpt
 from pollama.scheduler import ModelRef, Scheduler, estimate_memory, parse_keep_alive
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
+from pollama.telemetry import NULL_TELEMETRY, Telemetry, observe_events
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,17 @@ class Prepared:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, store: Store, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        scheduler: Scheduler,
+        telemetry: Telemetry = NULL_TELEMETRY,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
+        self.telemetry = telemetry
 
     # -- checks ------------------------------------------------------------------------
 
@@ -304,7 +312,13 @@ class InferenceService:
         two_phase = fmt is not None and thinking is not None
         return _Plan(OutputParser(thinking, tools), fmt, two_phase, prefill)
 
-    async def stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
+    def stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
+        """The request's events, reported to telemetry (one measurement for every protocol)."""
+        req = p.request
+        prompt = req.prompt if req.kind == "generate" else json.dumps(req.messages)
+        return observe_events(self.telemetry, p.ref.name, self._stream(p), prompt=prompt)
+
+    async def _stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
         started = time.monotonic_ns()
         req = p.request
         async with self.scheduler.use(p.ref, p.spec, p.keep_alive) as lease:

@@ -38,7 +38,7 @@ def create_app(
     scheduler = Scheduler(
         settings, runner_factory or subprocess_factory(settings), telemetry=metrics
     )
-    inference = InferenceService(settings, store, scheduler)
+    inference = InferenceService(settings, store, scheduler, telemetry=metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

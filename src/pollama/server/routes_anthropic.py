@@ -21,7 +21,7 @@ from pollama.errors import InvalidRequest
 from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent
 from pollama.protocol.anthropic import MessagesRequest, stop_reason
-from pollama.server.errors import message_for, status_for, validation_message
+from pollama.server.errors import log_failure, message_for, status_for, validation_message
 
 router = APIRouter(prefix="/v1")
 
@@ -37,6 +37,7 @@ _ERROR_TYPES = {
 
 def anthropic_error(exc: BaseException) -> JSONResponse:
     status = status_for(exc)
+    log_failure(exc, status)
     body = {
         "type": "error",
         "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message_for(exc)},
@@ -204,8 +205,10 @@ async def messages(request: Request) -> Response:
                     yield data
                 event = await anext(events, None)
         except Exception as exc:  # noqa: BLE001 - the status is already sent
-            anthropic_error(exc)  # logs server-side failures
-            yield _event("error", {"error": {"type": "api_error", "message": message_for(exc)}})
+            status = status_for(exc)
+            log_failure(exc, status)
+            kind = _ERROR_TYPES.get(status, "api_error")
+            yield _event("error", {"error": {"type": kind, "message": message_for(exc)}})
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 

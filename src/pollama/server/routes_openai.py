@@ -28,6 +28,7 @@ from pollama.inference.types import InferenceEvent
 from pollama.names import ModelName
 from pollama.protocol.openai import ChatCompletionRequest, CompletionRequest, finish_reason
 from pollama.server.errors import (
+    log_failure,
     message_for,
     openai_error_response,
     status_for,
@@ -77,8 +78,9 @@ async def _prepare(request: Request, parsed: Any) -> tuple[InferenceService, Pre
 
 
 def _stream_error(exc: BaseException) -> bytes:
-    openai_error_response(exc)  # logs server-side failures
-    kind = "invalid_request_error" if status_for(exc) == 400 else "api_error"
+    status = status_for(exc)
+    log_failure(exc, status)
+    kind = "invalid_request_error" if status == 400 else "api_error"
     body = {"message": message_for(exc), "type": kind, "param": None, "code": None}
     return _sse({"error": body})
 
