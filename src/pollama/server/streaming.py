@@ -35,38 +35,30 @@ def _next(iterator: Iterator[Any]) -> Any:
     return next(iterator, _END)
 
 
+async def _in_threads(iterator: Iterator[Any]) -> AsyncIterator[Any]:
+    """A blocking iterator as an async one: every ``next()`` runs in a worker thread."""
+    try:
+        while (item := await run_in_threadpool(_next, iterator)) is not _END:
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await run_in_threadpool(close)
+
+
 async def progress_response(iterator: Iterator[Any], *, stream: bool) -> Response:
     """Answer a progress iterator as a stream, or as its last item."""
-    if not stream:
-        last: Any = None
-        try:
-            while (item := await run_in_threadpool(_next, iterator)) is not _END:
-                last = item
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-            return error_response(exc)
-        body = last.model_dump(exclude_none=True) if isinstance(last, BaseModel) else last
-        return JSONResponse(body)
-
+    events = _in_threads(iterator)
+    if stream:
+        return await event_stream(events, _line)
+    last: Any = None
     try:
-        first = await run_in_threadpool(_next, iterator)
-    except Exception as exc:  # noqa: BLE001
+        async for item in events:
+            last = item
+    except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
         return error_response(exc)
-
-    async def body() -> AsyncIterator[bytes]:
-        item = first
-        try:
-            while item is not _END:
-                yield _line(item)
-                item = await run_in_threadpool(_next, iterator)
-        except Exception as exc:  # noqa: BLE001
-            log_failure(exc, status_for(exc))
-            yield _line({"error": message_for(exc)})
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                await run_in_threadpool(close)
-
-    return StreamingResponse(body(), media_type=NDJSON)
+    body = last.model_dump(exclude_none=True) if isinstance(last, BaseModel) else last
+    return JSONResponse(body)
 
 
 async def event_stream(
