@@ -76,14 +76,33 @@ class Memory:
     rss: int  # bytes, summed over the process tree
     pss: int  # bytes, proportional share (shared mmap pages counted once)
     processes: int
+    split: dict[str, int]  # RSS bytes by role: "server", "worker", or the program name
+
+
+def _role(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if any("runner.worker" in w for w in words):
+        return "worker"
+    if "serve" in words:
+        return "server"
+    return Path(words[0]).name if words else "?"
 
 
 def tree_memory(pid: int) -> Memory:
     pids = process_tree(pid)
+    split: dict[str, int] = {}
+    for p in pids:
+        role = _role(p)
+        split[role] = split.get(role, 0) + _status_kb(p, "VmRSS") * 1024
     return Memory(
-        rss=sum(_status_kb(p, "VmRSS") for p in pids) * 1024,
+        rss=sum(split.values()),
         pss=sum(_pss_kb(p) for p in pids) * 1024,
         processes=len(pids),
+        split=split,
     )
 
 

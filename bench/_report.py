@@ -78,7 +78,9 @@ def render(results: dict[str, Any]) -> str:
         "early at EOS; rates are per generated token); plain loop: `bench/plain_loop.py` "
         "(one context with `n_seq_max=N`, batched prefill, one `llama_decode` per step, "
         "greedy `llama_sampler` chain per stream). Each prompt has a unique prefix so no "
-        "prefix cache helps. Best of the repeats.",
+        "prefix cache helps. Every measurement starts a fresh server (or loop process); the "
+        "engines are interleaved and their order rotated between repeats, so the machine's "
+        "drift over minutes hits all of them alike; the table keeps the best repeat.",
         "- Follow-up TTFT: a chat with a multi-turn history; request 1 = history, request 2 = "
         "history + the reply + one new user message. *warm*: request 2 right after request 1 "
         "on the same server (`NUM_PARALLEL=1` / `-np 1`); *cold*: request 2 alone on a fresh "
@@ -130,7 +132,7 @@ def _followup(results: dict[str, Any]) -> list[str]:
         "## Follow-up chat turn: time to first token (s)",
         "",
         "| engine | FA | history tokens | TTFT cold | TTFT warm (follow-up) | warm / cold "
-        "| prompt tokens evaluated cold → warm |",
+        "| prompt tokens reported cold → warm ¹ |",
         "|---|---|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
@@ -140,6 +142,9 @@ def _followup(results: dict[str, Any]) -> list[str]:
             f"| {_ratio(row['ttft_warm'], row['ttft_cold'])} "
             f"| {row['prompt_cold']} → {row['prompt_warm']} |"
         )
+    out += ["", "¹ llama-server's `prompt_n` counts only the tokens it evaluated; pollama's "
+            "`prompt_eval_count` includes the cached prefix, as Ollama's does (Ollama reports "
+            "llama-server's `cache_n + prompt_n`), so the TTFT shows the cache hit."]
     ls = {r["fa"]: r for r in rows if r["engine"] == "llama-server"}
     po = {r["fa"]: r for r in rows if r["engine"] == "pollama"}
     for fa in sorted(set(ls) & set(po)):
@@ -159,9 +164,10 @@ def _memory(results: dict[str, Any]) -> list[str]:
     out = [
         "## Resident memory with the model loaded (MiB)",
         "",
-        "| FA | parallel | budget (file + KV + 150) | llama-server RSS | pollama RSS (processes) "
-        "| pollama PSS | pollama within budget | pollama / llama-server |",
-        "|---|--:|--:|--:|--:|--:|---|--:|",
+        "| FA | parallel | budget (file + KV + 150) | llama-server RSS | pollama RSS "
+        "| pollama RSS by process | pollama PSS | pollama RSS within budget "
+        "| pollama / llama-server |",
+        "|---|--:|--:|--:|--:|---|--:|---|--:|",
     ]
     for fa in results["meta"]["fa_modes"]:
         for n in results["meta"]["streams"]:
@@ -171,10 +177,12 @@ def _memory(results: dict[str, Any]) -> list[str]:
                 continue
             budget = (ls or po or {}).get("budget", 0)
             ok = "—" if po is None else ("yes" if po["rss"] <= budget else "**no**")
-            po_rss = "—" if po is None else f"{po['rss'] / MiB:.0f} ({po['processes']})"
+            po_rss = "—" if po is None else f"{po['rss'] / MiB:.0f}"
+            split = "—" if po is None else " + ".join(
+                f"{role} {rss / MiB:.0f}" for role, rss in sorted(po.get("split", {}).items()))
             out.append(
                 f"| {_fa(fa)} | {n} | {budget / MiB:.0f} "
-                f"| {_f(_get(ls, 'rss') and ls['rss'] / MiB, 0)} | {po_rss} "
+                f"| {_f(_get(ls, 'rss') and ls['rss'] / MiB, 0)} | {po_rss} | {split} "
                 f"| {_f(_get(po, 'pss') and po['pss'] / MiB, 0)} | {ok} "
                 f"| {_ratio(_get(po, 'rss'), _get(ls, 'rss'))} |"
             )

@@ -312,60 +312,66 @@ def _run_streams(engine: Engine, base: str, prompts: list[str], n_predict: int
     return bracket(lambda: asyncio.run(cl.concurrent(len(prompts), one)))
 
 
-def measure_point(engine: Engine, args: argparse.Namespace, fa: bool, n: int,
-                  results: dict[str, Any], budget: Callable[[int], int]) -> None:
+class Points:
+    """The best of the repeats for each (engine, FA, streams), and the memory seen."""
+
+    def __init__(self) -> None:
+        self.best: dict[tuple[str, bool, int], dict[str, Any]] = {}
+        self.memory: dict[tuple[str, bool, int], dict[str, Any]] = {}
+
+    def add(self, key: tuple[str, bool, int], row: dict[str, Any]) -> None:
+        if key not in self.best or row["aggregate_tok_s"] > self.best[key]["aggregate_tok_s"]:
+            self.best[key] = row
+
+
+def measure_server(engine: Engine, args: argparse.Namespace, fa: bool, n: int, rep: int,
+                   points: Points, budget: Callable[[int], int]) -> None:
+    """One measurement: a fresh server with N slots, N concurrent streams, its memory."""
     with engine.serve(n, fa) as (srv, base):
         asyncio.run(engine.warm_up(base))
-        best: tuple[cl.RunSummary, float] | None = None
-        for r in range(args.repeat):
-            prompts = [f"Story {r}-{i + 1}. {PROMPT}" for i in range(n)]
-            got = clean(partial(_run_streams, engine, base, prompts, args.n_predict),
-                        f"{engine.name} N={n}", args)
-            if best is None or got[0].aggregate_tok_s > best[0].aggregate_tok_s:
-                best = got
+        prompts = [f"Story {rep}-{i + 1}. {PROMPT}" for i in range(n)]
+        summary, load = clean(partial(_run_streams, engine, base, prompts, args.n_predict),
+                              f"{engine.name} FA {_onoff(fa)} N={n}", args)
         mem = _procs.tree_memory(srv.pid)
-    assert best is not None
-    summary, load = best
-    results["throughput"].append({"engine": engine.name, "fa": fa, **asdict(summary),
-                                  "foreign_load": round(load, 3)})
-    results["memory"].append({"engine": engine.name, "fa": fa, "streams": n,
-                              **asdict(mem), "budget": budget(n)})
-    print(f"  {engine.name:12s} FA {'on ' if fa else 'off'} N={n}: "
+    key = (engine.name, fa, n)
+    points.add(key, {"engine": engine.name, "fa": fa, **asdict(summary),
+                     "foreign_load": round(load, 3)})
+    points.memory[key] = {"engine": engine.name, "fa": fa, "streams": n, **asdict(mem),
+                          "budget": budget(n)}
+    print(f"    {engine.name:12s} FA {_onoff(fa)} N={n} #{rep + 1}: "
           f"{summary.per_stream_tok_s:6.1f}/stream {summary.aggregate_tok_s:6.1f} agg "
-          f"{summary.wall_tok_s:6.1f} wall, TTFT {summary.ttft_s:.3f}s, "
-          f"RSS {mem.rss / MiB:.0f} MiB, others {load:.0%}", flush=True)
+          f"{summary.wall_tok_s:6.1f} wall, RSS {mem.rss / MiB:.0f} MiB, others {load:.0%}",
+          flush=True)
 
 
 def _plain_once(args: argparse.Namespace, fa: bool, n: int) -> dict[str, Any]:
     cmd = [sys.executable, str(BENCH / "plain_loop.py"), "--model", str(args.model),
            "--threads", str(args.threads), "--n-predict", str(args.n_predict),
-           "--flash-attn", "on" if fa else "off", "--streams", str(n)]
+           "--flash-attn", _onoff(fa), "--streams", str(n)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"plain_loop failed: {out.stderr[-1000:]}")
     return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
-def measure_plain(args: argparse.Namespace, fa: bool, results: dict[str, Any]) -> None:
-    for n in args.streams:
-        best: tuple[dict[str, Any], float] | None = None
-        for _ in range(args.repeat):
-            got = clean(partial(bracket, partial(_plain_once, args, fa, n)), f"plain N={n}", args)
-            if best is None or got[0]["aggregate_tok_s"] > best[0]["aggregate_tok_s"]:
-                best = got
-        assert best is not None
-        r, load = best
-        results["throughput"].append({
-            "engine": "plain", "fa": fa, "streams": n, "per_stream_tok_s": r["per_stream_tok_s"],
-            "aggregate_tok_s": r["aggregate_tok_s"], "wall_tok_s": r["wall_tok_s"],
-            "ttft_s": r["prefill_s"], "tokens": n * r["n_predict"],
-            "step_ms_median": r["step_ms_median"], "sample_ms_per_token": r["sample_ms_per_token"],
-            "foreign_load": round(load, 3),
-        })
-        print(f"  {'plain':12s} FA {'on ' if fa else 'off'} N={n}: "
-              f"{r['per_stream_tok_s']:6.1f}/stream {r['aggregate_tok_s']:6.1f} agg "
-              f"{r['wall_tok_s']:6.1f} wall, step {r['step_ms_median']:.1f} ms, "
-              f"others {load:.0%}", flush=True)
+def measure_plain(args: argparse.Namespace, fa: bool, n: int, rep: int, points: Points) -> None:
+    r, load = clean(partial(bracket, partial(_plain_once, args, fa, n)),
+                    f"plain FA {_onoff(fa)} N={n}", args)
+    points.add(("plain", fa, n), {
+        "engine": "plain", "fa": fa, "streams": n, "per_stream_tok_s": r["per_stream_tok_s"],
+        "aggregate_tok_s": r["aggregate_tok_s"], "wall_tok_s": r["wall_tok_s"],
+        "ttft_s": r["prefill_s"], "tokens": n * r["n_predict"],
+        "step_ms_median": r["step_ms_median"], "sample_ms_per_token": r["sample_ms_per_token"],
+        "foreign_load": round(load, 3),
+    })
+    print(f"    {'plain':12s} FA {_onoff(fa)} N={n} #{rep + 1}: "
+          f"{r['per_stream_tok_s']:6.1f}/stream {r['aggregate_tok_s']:6.1f} agg "
+          f"{r['wall_tok_s']:6.1f} wall, step {r['step_ms_median']:.1f} ms, others {load:.0%}",
+          flush=True)
+
+
+def _onoff(fa: bool) -> str:
+    return "on" if fa else "off"
 
 
 def measure_followup(engine: Engine, args: argparse.Namespace, fa: bool,
@@ -444,7 +450,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--fa", choices=["off", "on"], nargs="+", default=["off", "on"])
     ap.add_argument("--n-predict", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=2, help="repeats per point, best kept")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats per point, best kept")
     ap.add_argument("--only", choices=ENGINES, nargs="+", default=list(ENGINES))
     ap.add_argument("--no-followup", action="store_true")
     ap.add_argument("--max-foreign", type=float, default=0.10,
@@ -501,25 +507,31 @@ def main(argv: list[str] | None = None) -> int:
             "pollama": Pollama(args.model, args.threads, Path(tmp)),
         }
         worked: set[str] = set()
+        points = Points()
         for mode in args.fa:
             fa = mode == "on"
-            for name in args.only:
-                if name in results["skipped"]:
-                    continue
-                if name == "plain":
-                    measure_plain(args, fa, results)
-                    continue
-                engine = engines[name]
-                steps: list[tuple[str, Callable[[], None]]] = [
-                    (f"N={n}", partial(measure_point, engine, args, fa, n, results, budget))
-                    for n in args.streams
-                ]
-                if not args.no_followup:
-                    steps.append(("follow-up",
-                                  partial(measure_followup, engine, args, fa, results)))
-                for label, step in steps:
-                    if not guarded(name, f"FA {mode} {label}", step, results, worked):
-                        break
+            for n in args.streams:
+                for rep in range(args.repeat):
+                    # interleave the engines (rotating the order) so that the machine's
+                    # drift over minutes hits all of them alike
+                    order = args.only[rep % len(args.only):] + args.only[:rep % len(args.only)]
+                    for name in order:
+                        if name in results["skipped"]:
+                            continue
+                        if name == "plain":
+                            measure_plain(args, fa, n, rep, points)
+                        else:
+                            guarded(name, f"FA {mode} N={n}", partial(
+                                measure_server, engines[name], args, fa, n, rep, points,
+                                budget), results, worked)
+            if not args.no_followup:
+                for name in args.only:
+                    if name != "plain" and name not in results["skipped"]:
+                        guarded(name, f"FA {mode} follow-up",
+                                partial(measure_followup, engines[name], args, fa, results),
+                                results, worked)
+        results["throughput"] = list(points.best.values())
+        results["memory"] = list(points.memory.values())
 
     out = args.out or (BUILD / "quick.md" if args.quick
                        else BENCH / "results" / f"{today}-{cpu_slug}.md")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from pollama.runner.worker import _tune_threads  # noqa: E402
 from test_worker import CHAT, WorkerClient, smol_spec  # noqa: E402
 
 PLAIN = """
@@ -94,6 +95,7 @@ def four_streams(client: WorkerClient, tokens: int, **options: object) -> float:
 
 
 def main() -> None:
+    _tune_threads()  # the plain loop runs with the worker's OpenMP settings too
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
