@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pollama.inference.types import InferenceRequest
+
 
 class OllamaModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
@@ -176,6 +178,25 @@ class GenerateRequest(OllamaModel):
     top_logprobs: int | None = None
 
 
+    def to_inference(self) -> InferenceRequest:
+        return InferenceRequest(
+            model=self.model,
+            kind="generate",
+            prompt=self.prompt,
+            suffix=self.suffix,
+            system=self.system,
+            template=self.template,
+            context=self.context,
+            raw=self.raw,
+            images=self.images,
+            think=self.think,
+            format=self.format,
+            options=self.options or {},
+            keep_alive=self.keep_alive,
+            truncate=self.truncate is not False,
+        )
+
+
 class ChatRequest(OllamaModel):
     model: str = ""
     messages: list[Message] = Field(default_factory=list)
@@ -189,6 +210,20 @@ class ChatRequest(OllamaModel):
     shift: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+
+    def to_inference(self) -> InferenceRequest:
+        return InferenceRequest(
+            model=self.model,
+            kind="chat",
+            messages=[m.model_dump(exclude_none=True) for m in self.messages],
+            images=[img for m in self.messages for img in (m.images or [])] or None,
+            tools=self.tools,
+            think=self.think,
+            format=self.format,
+            options=self.options or {},
+            keep_alive=self.keep_alive,
+            truncate=self.truncate is not False,
+        )
 
 
 class Metrics(OllamaModel):

@@ -124,22 +124,7 @@ async def generate(request: Request) -> Response:
     body = await parse_body(request, GenerateRequest)
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         return error_response(InvalidRequest("top_logprobs must be between 0 and 20"))
-    req = InferenceRequest(
-        model=body.model,
-        kind="generate",
-        prompt=body.prompt,
-        suffix=body.suffix,
-        system=body.system,
-        template=body.template,
-        context=body.context,
-        raw=body.raw,
-        images=body.images,
-        think=body.think,
-        format=body.format,
-        options=body.options or {},
-        keep_alive=body.keep_alive,
-        truncate=body.truncate is not False,
-    )
+    req = body.to_inference()
     return await _answer(request, req, body.stream is not False, _generate_body)
 
 
@@ -148,18 +133,7 @@ async def chat(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         return error_response(InvalidRequest("top_logprobs must be between 0 and 20"))
-    req = InferenceRequest(
-        model=body.model,
-        kind="chat",
-        messages=[m.model_dump(exclude_none=True) for m in body.messages],
-        images=[img for m in body.messages for img in (m.images or [])] or None,
-        tools=body.tools,
-        think=body.think,
-        format=body.format,
-        options=body.options or {},
-        keep_alive=body.keep_alive,
-        truncate=body.truncate is not False,
-    )
+    req = body.to_inference()
     return await _answer(request, req, body.stream is not False, _chat_body)
 
 
