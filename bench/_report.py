@@ -60,6 +60,12 @@ def render(results: dict[str, Any]) -> str:
         out += [f"Other processes used at most {max(loads):.0%} of the CPUs during any kept "
                 f"measurement (a measurement is retried above {meta['max_foreign']:.0%}; the "
                 "machines are shared).", ""]
+    spreads = sorted(max(r["aggregate_samples"]) / min(r["aggregate_samples"]) - 1
+                     for r in results["throughput"] if len(r.get("aggregate_samples", [])) > 1)
+    if spreads:
+        out += [f"Repeats of one point differ by {spreads[len(spreads) // 2]:.0%} (median; "
+                f"worst {spreads[-1]:.0%}) between best and worst aggregate: read ratios within "
+                "about ±10 % as equal.", ""]
     out += _throughput(results)
     out += _followup(results)
     out += _memory(results)
@@ -83,8 +89,9 @@ def render(results: dict[str, Any]) -> str:
         "drift over minutes hits all of them alike; the table keeps the best repeat.",
         "- Follow-up TTFT: a chat with a multi-turn history; request 1 = history, request 2 = "
         "history + the reply + one new user message. *warm*: request 2 right after request 1 "
-        "on the same server (`NUM_PARALLEL=1` / `-np 1`); *cold*: request 2 alone on a fresh "
-        "server (model loaded by an unrelated warm-up request). TTFT is client-side.",
+        "on the same server (`NUM_PARALLEL=1` / `-np 1`), the median over three chained "
+        "follow-up turns; *cold*: request 2 alone on a fresh server (model loaded by an "
+        "unrelated warm-up request). TTFT is client-side.",
         "- Memory: VmRSS summed over the server process and all its descendants (pollama's "
         "worker processes), after the N-stream runs with the model loaded. Budget = model file "
         "+ F16 KV cache for 4096·N tokens + 150 MiB.",

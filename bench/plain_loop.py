@@ -50,6 +50,8 @@ class PlainResult:
     aggregate_tok_s: float
     wall_tok_s: float
     step_ms_median: float
+    step_ms_p90: float
+    step_ms_max: float
     sample_ms_per_token: float
     threadpool: bool
     poll: int
@@ -204,6 +206,8 @@ class Engine:
             aggregate_tok_s=round(n_predict * streams / decode_s, 2),
             wall_tok_s=round(n_predict * streams / (t2 - t0), 2),
             step_ms_median=round(step_times[len(step_times) // 2] * 1000, 3),
+            step_ms_p90=round(step_times[int(len(step_times) * 0.9)] * 1000, 3),
+            step_ms_max=round(step_times[-1] * 1000, 3),
             sample_ms_per_token=round(sample_s * 1000 / (n_predict * streams), 4),
             threadpool=threadpool,
             poll=poll if threadpool else 0,

@@ -37,6 +37,7 @@ from pollama.runner.base import CompletionChunk, CompletionRequest, SamplingOpti
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
     from pollama.runner.llama import Context, Model, SamplerChain
+    from pollama.runner.tuning import ThreadTuner
 
 __all__ = [
     "Engine",
@@ -229,12 +230,20 @@ class Engine:
     """Runs completions on one context; see the module docstring for the invariants."""
 
     def __init__(
-        self, model: Model, ctx: Context, *, n_ctx: int, n_batch: int, n_parallel: int
+        self,
+        model: Model,
+        ctx: Context,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_parallel: int,
+        tuner: ThreadTuner | None = None,
     ) -> None:
         from pollama.runner.llama import Batch
 
         self.model = model
         self.ctx = ctx
+        self.tuner = tuner
         self.n_ctx = n_ctx  # per slot
         self.n_batch = max(n_batch, n_parallel)
         self.batch = Batch(self.n_batch)
@@ -408,12 +417,21 @@ class Engine:
             chunked.append(job)
         if batch.n_tokens == 0:
             return
+        tuner = self.tuner
+        if tuner is not None:
+            if chunked:
+                tuner.interrupt()
+            else:
+                tuner.threads_for_step(len(decoding))
+        start = time.perf_counter_ns()
         rc = self.ctx.decode(batch)
+        now = time.perf_counter_ns()
         if rc != 0:
             self._decode_failed(rc, decoding + chunked)
             return
+        if tuner is not None and not chunked:
+            tuner.record(len(decoding), (now - start) / 1e9)
         self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
-        now = time.perf_counter_ns()
         for job in decoding:
             assert job.slot is not None
             job.slot.tokens.append(job.pending)

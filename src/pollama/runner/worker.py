@@ -101,12 +101,13 @@ class Loaded:
         if warning:
             _log(warning)
         n_batch = max(spec.num_batch, spec.num_parallel)
+        self.n_threads = _threads(spec)
         params = llama.ContextParams(
             n_ctx=spec.num_ctx * spec.num_parallel,
             n_seq_max=spec.num_parallel,
             n_batch=n_batch,
             n_ubatch=n_batch,
-            n_threads=_threads(spec),
+            n_threads=self.n_threads,
             flash_attn_type=llama.flash_attn_type(spec.flash_attention, spec.kv_cache_type),
             type_k=type_k,
             type_v=type_v,
@@ -221,22 +222,13 @@ def _read_loop(sock: socket.socket, loaded: Loaded, engine: Engine, writer: Writ
         engine.stop()
 
 
-# Spin iterations of an OpenMP thread waiting at a barrier before it sleeps (libgomp's
-# default is 300,000, milliseconds of spinning). ggml runs its graph on OpenMP threads with a
-# barrier after every node; when anything else wants the CPU (the server streaming tokens,
-# another model's worker) a long spin keeps a core busy waiting for a partner thread that is
-# not running. Measured with SmolLM2-135M on 2 cores: idle machine, the same speed as the
-# default within noise; beside one busy thread, the default collapsed to ~5 tok/s and 1,000
-# spins kept ~17-25; two workers generating at once, ~0.5 against ~12 tok/s each.
-_GOMP_SPINCOUNT = "1000"
-
-
 def _tune_threads() -> None:
-    """Environment for the native thread pools; read once when llama.cpp's libraries load,
-    so it must run before the first ``llama_cpp`` import. A user's own setting wins."""
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's pool: never used here
+    """Environment for the native thread pools, read once when llama.cpp's libraries load,
+    so it must run before the first ``llama_cpp`` import. numpy's BLAS pool is never used
+    here; its threads would only compete with ggml's. (OpenMP's spin-wait stays at its
+    default: measured, shorter spins cost ~5 % on an idle machine, and under contention the
+    engine's thread tuner drops to fewer threads instead, see ``runner/tuning.py``.)"""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tune_threads()
     from pollama.runner import llama
     from pollama.runner.engine import Engine
+    from pollama.runner.tuning import ThreadTuner
 
     log = llama.LogSink(verbose=os.environ.get("OLLAMA_DEBUG", "") not in ("", "0", "false"))
     try:
@@ -263,12 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f" ({log.last_error})" if log.last_error and log.last_error not in str(exc) else ""
         writer.send({"type": "fatal", "message": f"{exc}{detail}"})
         return 1
+    tuner = None
+    if spec.num_thread <= 0:  # threads left to us: adapt them to what else runs (tuning.py)
+        ctx = loaded.ctx
+        tuner = ThreadTuner(loaded.n_threads, lambda n: ctx.set_threads(n, n))
     engine = Engine(
         loaded.model,
         loaded.ctx,
         n_ctx=loaded.n_ctx,
         n_batch=loaded.n_batch,
         n_parallel=spec.num_parallel,
+        tuner=tuner,
     )
     writer.on_close.append(engine.stop)
     if not writer.send({"type": "ready", "info": asdict(loaded.info)}):

@@ -1,0 +1,154 @@
+"""Choosing the decode thread count from measured step times (used by ``runner/engine.py``).
+
+ggml runs each graph on OpenMP threads that meet at a barrier after every node, hundreds of
+times per token. On an idle machine all the cores the worker may use are fastest. When
+something else keeps a core busy (another model's worker generating, a CPU-bound neighbour),
+a barrier waits for a partner thread that is not running, and the decode collapses: measured
+with SmolLM2-135M on 2 cores, about 100 tok/s alone, 1-10 tok/s beside one busy process,
+while one thread still made ~45-70. No setting is right for both cases, so the tuner
+measures: when decode steps get much slower than the best seen, it tries fewer threads for a
+few steps and keeps them if they are faster (also once early and then every minute or so,
+in case the neighbour was there from the start); from fewer threads it tries all of them
+again now and then. Tries that fail come less and less often; on an idle machine they cost
+about 0.3 % (four slower steps every minute).
+
+What must stay true: only steps that decode one token per active sequence are measured
+(prompt chunks vary too much), and ``set_threads`` is only called between decodes, from the
+loop thread. The thread count never changes results, only speed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+__all__ = ["ThreadTuner"]
+
+_ALPHA = 0.25  # weight of a new step in the moving average
+_SLOW = 1.5  # a moving average this much above the best seen triggers a probe
+_BETTER = 0.85  # a probe must be this much faster to switch
+_GIVE_UP = 2.0  # a probe step this much slower ends the probe at once (a collapse costs 100 ms)
+_PROBE_STEPS = 4  # the first of them is not counted (the thread team changes)
+_FORGET = 1.002  # the best seen drifts up per step, so a longer context becomes the new normal
+_RETRY_S, _RETRY_MAX_S = 1.0, 16.0  # from fewer threads, how often to try all of them
+_EXPLORE_AFTER = 4  # measured steps before the first try of fewer threads (a busy start)
+_EXPLORE_S, _EXPLORE_MAX_S = 5.0, 60.0  # then how often, when nothing looks slow
+
+
+class ThreadTuner:
+    """Call :meth:`threads_for_step` before a decode-only step and :meth:`record` after it.
+
+    ``n_max`` threads are the normal; the alternative is half of them (one on two cores).
+    With ``n_max`` 1 the tuner does nothing.
+    """
+
+    def __init__(
+        self,
+        n_max: int,
+        set_threads: Callable[[int], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.n_max = n_max
+        self.n_low = max(1, n_max // 2)
+        self.current = n_max
+        self.switches = 0
+        self._set = set_threads
+        self._clock = clock
+        self._ema: dict[tuple[int, int], float] = {}
+        self._best: dict[tuple[int, int], float] = {}
+        self._probe: int | None = None  # the thread count being tried
+        self._probe_rows = 0
+        self._probe_times: list[float] = []
+        self._retry_s = _RETRY_S
+        self._next_retry = 0.0
+        self._explore_s = _EXPLORE_S
+        self._next_explore = 0.0
+        self._measured = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_low < self.n_max
+
+    def threads_for_step(self, rows: int) -> None:
+        """Before a decode-only step of ``rows`` sequences: start a probe if one is due."""
+        if not self.enabled or self._probe is not None:
+            return
+        key = (self.current, rows)
+        if self.current == self.n_max:
+            ema, best = self._ema.get(key), self._best.get(key)
+            if ema is None or best is None:
+                return
+            slow = ema >= _SLOW * best  # slower than before: something else runs
+            due = self._measured >= _EXPLORE_AFTER and self._clock() >= self._next_explore
+            if slow or due:  # (due: it may have been running since we started)
+                self._start_probe(self.n_low, rows)
+        elif self._clock() >= self._next_retry:
+            self._start_probe(self.n_max, rows)
+
+    def record(self, rows: int, seconds: float) -> None:
+        """After a decode-only step of ``rows`` sequences that took ``seconds``."""
+        if not self.enabled:
+            return
+        if self._probe is not None:
+            if rows != self._probe_rows:  # the batch changed shape: the probe is void
+                self._end_probe(switch=False)
+                return
+            self._probe_times.append(seconds)
+            reference = self._ema.get((self.current, rows))
+            if reference is not None and seconds > _GIVE_UP * reference:
+                self._fail_probe(rows, reference)  # clearly worse: do not wait for more steps
+            elif len(self._probe_times) >= _PROBE_STEPS:
+                self._finish_probe(rows)
+            return
+        self._measured += 1
+        key = (self.current, rows)
+        ema = self._ema.get(key)
+        self._ema[key] = seconds if ema is None else ema + _ALPHA * (seconds - ema)
+        best = self._best.get(key)
+        self._best[key] = seconds if best is None else min(best * _FORGET, seconds)
+
+    def interrupt(self) -> None:
+        """A step that is not measured (prompt chunks) came between: drop a running probe."""
+        if self._probe is not None:
+            self._end_probe(switch=False)
+
+    def _start_probe(self, n: int, rows: int) -> None:
+        self._probe, self._probe_rows, self._probe_times = n, rows, []
+        self._set(n)
+
+    def _finish_probe(self, rows: int) -> None:
+        assert self._probe is not None
+        times = sorted(self._probe_times[1:])
+        probed = times[len(times) // 2]
+        reference = self._ema.get((self.current, rows), probed)
+        n = self._probe
+        if probed < _BETTER * reference:
+            self._end_probe(switch=True)
+            self._ema[(n, rows)] = probed
+            self._best[(n, rows)] = min(self._best.get((n, rows), probed), probed)
+            self._retry_s, self._explore_s = _RETRY_S, _EXPLORE_S
+            self._next_retry = self._clock() + self._retry_s
+            self._next_explore = self._clock() + self._explore_s
+            return
+        self._fail_probe(rows, reference)
+
+    def _fail_probe(self, rows: int, reference: float) -> None:
+        n = self._probe
+        self._end_probe(switch=False)
+        if n == self.n_max:  # all threads are still worse: try again later, then less often
+            self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
+            self._next_retry = self._clock() + self._retry_s
+        else:  # fewer threads do not help: this slower pace is the new normal
+            self._best[(self.current, rows)] = reference
+            self._explore_s = min(_EXPLORE_MAX_S, self._explore_s * 2)
+            self._next_explore = self._clock() + self._explore_s
+
+    def _end_probe(self, *, switch: bool) -> None:
+        assert self._probe is not None
+        if switch:
+            self.current = self._probe
+            self.switches += 1
+        else:
+            self._set(self.current)
+        self._probe = None
+        self._probe_times = []
