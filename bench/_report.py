@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MiB = 1024 * 1024
@@ -128,6 +129,19 @@ def _throughput(results: dict[str, Any]) -> list[str]:
                 f"| {_ratio(_get(po, 'wall_tok_s'), _get(ls, 'wall_tok_s'))} "
                 f"| {_ratio(_get(pl, 'aggregate_tok_s'), _get(ls, 'aggregate_tok_s'))} |"
             )
+    out.append("")
+    for label, engine in (("pollama / llama-server", "pollama"), ("plain / llama-server",
+                                                                      "plain")):
+        ratios = []
+        for r in rows:
+            if r["engine"] != engine:
+                continue
+            ref = _find(rows, engine="llama-server", fa=r["fa"], streams=r["streams"])
+            if ref and ref["aggregate_tok_s"]:
+                ratios.append(r["aggregate_tok_s"] / ref["aggregate_tok_s"])
+        if ratios:
+            out.append(f"Geometric mean of {label} (aggregate) over the {len(ratios)} points: "
+                       f"**{math.prod(ratios) ** (1 / len(ratios)):.2f}**" + "  ")
     return [*out, ""]
 
 
