@@ -453,7 +453,7 @@ def test_smol_four_streams_interleave(smol: WorkerClient) -> None:
 def test_smol_prompt_cache_on_a_follow_up(tmp_path: Path) -> None:
     client = WorkerClient(smol_spec(num_parallel=1))
     try:
-        story = " ".join(f"Fact {i}: the number {i} comes after {i - 1}." for i in range(1, 25))
+        story = " ".join(f"Fact {i}: the number {i} comes after {i - 1}." for i in range(1, 17))
         turn1 = CHAT.format(story + " Summarize.")
         reply, done1 = client.complete(turn1, temperature=0, num_predict=8)
         turn2 = turn1 + reply + "<|im_end|>\n" + CHAT.format("Thanks. And then?")

@@ -33,6 +33,8 @@ import numpy.typing as npt
 from pollama.errors import InternalError, InvalidOption
 
 __all__ = [
+    "DEFAULT_SEED",
+    "KV_CACHE_TYPES",
     "Batch",
     "Context",
     "ContextParams",
@@ -40,6 +42,7 @@ __all__ = [
     "Model",
     "SamplerChain",
     "backend_init",
+    "flash_attn_type",
     "kv_cache_types",
 ]
 

@@ -222,12 +222,21 @@ def _read_loop(sock: socket.socket, loaded: Loaded, engine: Engine, writer: Writ
         engine.stop()
 
 
+# Spin iterations of an OpenMP thread waiting at a barrier before it sleeps (libgomp's
+# default is 300,000: milliseconds). ggml meets at a barrier after every graph node; when
+# something else keeps a core busy, a long spin burns the core that the partner thread needs.
+# SmolLM2-135M on 2 cores, idle machine, 8 interleaved rounds: default 96, 3,000 spins 97.5
+# tok/s (noise); beside one busy process: default 0.3-11, 3,000 spins 7-12 tok/s. The thread
+# tuner (``runner/tuning.py``) then moves to fewer threads; this bounds the first steps.
+_GOMP_SPINCOUNT = "3000"
+
+
 def _tune_threads() -> None:
     """Environment for the native thread pools, read once when llama.cpp's libraries load,
-    so it must run before the first ``llama_cpp`` import. numpy's BLAS pool is never used
-    here; its threads would only compete with ggml's. (OpenMP's spin-wait stays at its
-    default: measured, shorter spins cost ~5 % on an idle machine, and under contention the
-    engine's thread tuner drops to fewer threads instead, see ``runner/tuning.py``.)"""
+    so it must run before the first ``llama_cpp`` import. A user's own OpenMP setting wins.
+    numpy's BLAS pool is never used here; its threads would only compete with ggml's."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
