@@ -8,13 +8,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pollama.errors import InvalidRequest, ModelfileError
+from pollama.format import go_float
 from pollama.modelfile import (
     ERR_INVALID_COMMAND,
     ERR_INVALID_ROLE,
     Command,
     CreateFields,
     Modelfile,
-    _go_float,
     _representable,
     render_modelfile,
 )
@@ -678,7 +678,7 @@ def test_render_modelfile_minimal_and_optional_instructions() -> None:
     ],
 )
 def test_go_float_formatting(value: float, text: str) -> None:
-    assert _go_float(value) == text
+    assert go_float(value) == text
 
 
 # --- round trip properties --------------------------------------------------------------------

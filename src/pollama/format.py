@@ -310,21 +310,22 @@ def parse_go_duration(text: str) -> float:
 # -- Go %#v ----------------------------------------------------------------------------------
 
 
-def go_quote(text: str) -> str:
-    """Go ``strconv.Quote``: double-quoted, ``\\"``/``\\\\`` escaped, ``\\n``-style escapes for
-    the C escapes, ``\\xNN`` for other control bytes, ``\\uNNNN``/``\\UNNNNNNNN`` for other
-    non-printable runes; printable Unicode is kept as is."""
+def go_quote(text: str, ascii_only: bool = False) -> str:
+    """Go ``strconv.Quote`` (``QuoteToASCII`` when ``ascii_only``): double-quoted,
+    ``\\"``/``\\\\`` escaped, ``\\n``-style escapes for the C escapes, ``\\xNN`` for other
+    control bytes, ``\\uNNNN``/``\\UNNNNNNNN`` for other non-printable runes; printable Unicode
+    is kept as is. This is the one Go quoting in the project (templates, show, the REPL)."""
     out = ['"']
     for ch in text:
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            ch = "\ufffd"  # Go strings cannot hold surrogates; decoding yields U+FFFD
         code = ord(ch)
         if ch in ('"', "\\"):
             out.append("\\" + ch)
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append("\ufffd")  # Go strings cannot hold surrogates; JSON decoding yields U+FFFD
-        elif ch.isprintable():  # Go IsPrint: letters, marks, numbers, punctuation, symbols, ' '
-            out.append(ch)
         elif ch in _C_ESCAPES:
             out.append(_C_ESCAPES[ch])
+        elif ch.isprintable() and not (ascii_only and code >= 0x80):
+            out.append(ch)  # Go IsPrint: letters, marks, numbers, punctuation, symbols, ' '
         elif code < 0x20 or code == 0x7F:
             out.append(f"\\x{code:02x}")
         elif code < 0x10000:
@@ -346,7 +347,7 @@ _C_ESCAPES = {
 }
 
 
-def go_float(value: float) -> str:
+def go_float(value: float, upper: bool = False) -> str:
     """Go ``%v`` of a float64, i.e. ``strconv.FormatFloat(v, 'g', -1, 64)``.
 
     The shortest digits that round-trip, in ``%e`` form when the decimal exponent is below
@@ -368,7 +369,8 @@ def go_float(value: float) -> str:
     exp = point - 1
     if exp < -4 or exp >= 6:
         mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{sign}{mantissa}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+        letter = "E" if upper else "e"  # %G
+        return f"{sign}{mantissa}{letter}{'-' if exp < 0 else '+'}{abs(exp):02d}"
     if point <= 0:
         return f"{sign}0.{'0' * -point}{digits}"
     if point >= len(digits):

@@ -25,14 +25,13 @@ deprecated parameters are dropped with a warning and never reach the commands.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from pollama.errors import InvalidOption, ModelfileError
+from pollama.format import go_float
 from pollama.protocol.options import DEPRECATED_PARAMETERS, OPTIONS, format_params
 
 __all__ = [
@@ -467,33 +466,8 @@ def _go_value(name: str, value: Any) -> str:
         spec = OPTIONS.get(name)
         if spec is not None and spec.kind == "int" and value.is_integer():
             return str(int(value))
-        return _go_float(value)
+        return go_float(value)
     return str(value)
-
-
-def _go_float(value: float) -> str:
-    """Go's ``%v`` for a float64: ``%g`` with the shortest digits that read back, in exponent
-    form when the decimal exponent is below -4 or at least 6 (``1e-05``, ``1e+06``)."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == 0:
-        return "-0" if math.copysign(1.0, value) < 0 else "0"
-    sign, digits_tuple, exponent = Decimal(repr(value)).normalize().as_tuple()
-    assert isinstance(exponent, int)
-    digits = "".join(map(str, digits_tuple))
-    point = len(digits) + exponent  # position of the decimal point in the digit string
-    exp = point - 1
-    prefix = "-" if sign else ""
-    if exp < -4 or exp >= 6:
-        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{prefix}{mantissa}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
-    if point <= 0:
-        return f"{prefix}0.{'0' * -point}{digits}"
-    if point >= len(digits):
-        return prefix + digits + "0" * (point - len(digits))
-    return f"{prefix}{digits[:point]}.{digits[point:]}"
 
 
 # --- REQUIRES: golang.org/x/mod/semver.IsValid ------------------------------------------------

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from ..format import go_quote
+
 
 class Item(enum.IntEnum):
     """Token kinds; keywords sort after ``KEYWORD`` as in Go."""
@@ -105,33 +107,10 @@ class Token:
         if self.typ > Item.KEYWORD:
             return f"<{self.val}>"
         if len(self.val) > 10:
-            return _go_quote(self.val[:10]) + "..."
-        return _go_quote(self.val)
+            return go_quote(self.val[:10]) + "..."
+        return go_quote(self.val)
 
 
-def _go_quote(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x80:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) < 0x10000:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
 
 
 def _is_space(ch: str) -> bool:
@@ -448,11 +427,11 @@ class _Lexer:
 
     def lex_number(self) -> _State | None:
         if not self._scan_number():
-            self.error(f"bad number syntax: {_go_quote(self.input[self.start : self.pos])}")
+            self.error(f"bad number syntax: {go_quote(self.input[self.start : self.pos])}")
             return None
         if self.peek() in ("+", "-"):
             if not self._scan_number() or self.input[self.pos - 1] != "i":
-                self.error(f"bad number syntax: {_go_quote(self.input[self.start : self.pos])}")
+                self.error(f"bad number syntax: {go_quote(self.input[self.start : self.pos])}")
                 return None
             self.emit(Item.COMPLEX)
         else:

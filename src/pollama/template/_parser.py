@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 from ..errors import TemplateError
+from ..format import go_quote
 from ._lexer import Item, Token, lex
 from ._nodes import (
     ActionNode,
@@ -165,25 +166,21 @@ def number_value(text: str, typ: Item) -> int | float:
     looks_float = ("." in lower or "p" in lower) if is_hex else ("." in lower or "e" in lower)
     if looks_float:
         if is_hex and "p" not in lower:
-            raise ValueError(f"illegal number syntax: {_quote(text)}")
+            raise ValueError(f"illegal number syntax: {go_quote(text)}")
         try:
             return float.fromhex(lower.replace("_", "")) if is_hex else float(text)
         except ValueError:
-            raise ValueError(f"illegal number syntax: {_quote(text)}") from None
+            raise ValueError(f"illegal number syntax: {go_quote(text)}") from None
     value = _parse_int(text)
     if value is None:
         try:
             float(text)
         except ValueError:
-            raise ValueError(f"illegal number syntax: {_quote(text)}") from None
-        raise ValueError(f"integer overflow: {_quote(text)}")
+            raise ValueError(f"illegal number syntax: {go_quote(text)}") from None
+        raise ValueError(f"integer overflow: {go_quote(text)}")
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{text} overflows int")
     return value
-
-
-def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class _ParseError(Exception):
@@ -280,7 +277,7 @@ class _Tree:
         if old is None or _is_empty_tree(old):
             self.defined[name] = root
         elif not _is_empty_tree(root):
-            raise self.errorf(f"template: multiple definition of template {_quote(name)}")
+            raise self.errorf(f"template: multiple definition of template {go_quote(name)}")
 
     def parse_definition(self) -> None:
         context = "define clause"
@@ -508,7 +505,7 @@ class _Tree:
             if isinstance(node, VariableNode):
                 return VariableNode(chain_pos, node.ident + fields)
             if isinstance(node, BoolNode | StringNode | NumberNode | NilNode | DotNode):
-                raise self.errorf(f"unexpected . after term {_quote(str(node))}")
+                raise self.errorf(f"unexpected . after term {go_quote(str(node))}")
             return ChainNode(chain_pos, node, fields)
         return node
 
@@ -517,7 +514,7 @@ class _Tree:
         typ = tok.typ
         if typ == Item.IDENTIFIER:
             if tok.val not in self.funcs:
-                raise self.errorf(f"function {_quote(tok.val)} not defined")
+                raise self.errorf(f"function {go_quote(tok.val)} not defined")
             return IdentifierNode(tok.pos, tok.val)
         if typ == Item.DOT:
             return DotNode(tok.pos)
@@ -550,7 +547,7 @@ class _Tree:
     def use_var(self, tok: Token) -> VariableNode:
         parts = tok.val.split(".")
         if parts[0] not in self.vars:
-            raise self.errorf(f"undefined variable {_quote(parts[0])}")
+            raise self.errorf(f"undefined variable {go_quote(parts[0])}")
         return VariableNode(tok.pos, parts)
 
 

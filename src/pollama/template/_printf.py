@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..format import go_quote
 from ._values import (
     GoStruct,
     format_float_g,
@@ -67,40 +68,6 @@ def _pad(text: str, spec: _Spec, *, zero_ok: bool = True, signed: bool = False) 
     return " " * fill + text
 
 
-def go_quote(s: str, ascii_only: bool = False) -> str:
-    """``strconv.Quote`` (``QuoteToASCII`` when ``ascii_only``)."""
-    out = ['"']
-    for ch in s:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch in _QUOTE_ESCAPES:
-            out.append(_QUOTE_ESCAPES[ch])
-        elif ch.isprintable() and not (ascii_only and code >= 0x80):
-            out.append(ch)
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append("\\ufffd")
-        elif code < 0x10000:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    out.append('"')
-    return "".join(out)
-
-
-_QUOTE_ESCAPES = {
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\v": "\\v",
-}
 
 
 def _quote_rune(code: int, ascii_only: bool) -> str:

@@ -28,6 +28,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..format import go_float
+
 JsonField = tuple[str, str, bool]
 """A struct field's (Go name, JSON name, omitempty)."""
 
@@ -256,20 +258,7 @@ def _sci(digits: str, dp: int, letter: str = "e") -> str:
 
 def format_float_g(f: float, upper: bool = False) -> str:
     """``strconv.FormatFloat(f, 'g', -1, 64)``: what ``%v`` and ``%g`` print for a float64."""
-    if math.isnan(f):
-        return "NaN"
-    if math.isinf(f):
-        return "+Inf" if f > 0 else "-Inf"
-    sign = "-" if math.copysign(1.0, f) < 0 else ""
-    if f == 0:
-        return sign + "0"
-    digits, dp = _digits(f)
-    exp = dp - 1
-    if exp < -4 or exp >= 6:
-        text = _sci(digits, dp, "E" if upper else "e")
-    else:
-        text = _fixed(digits, dp)
-    return sign + text
+    return go_float(f, upper)
 
 
 def format_float_json(f: float) -> str:
