@@ -331,6 +331,12 @@ async def _single(
     return PromptResult(prompt, False, 0, tokens, images)
 
 
+def check_raw_mode(raw: bool, *, template: str | None, system: str | None, context: bool) -> None:
+    """Raw mode sends the prompt verbatim, so it cannot combine with anything templated."""
+    if raw and (template or system or context):
+        raise InvalidRequest("raw mode does not support template, system, or context")
+
+
 async def build_generate_prompt(
     template: PromptTemplate,
     *,
@@ -368,8 +374,9 @@ async def build_generate_prompt(
     """
     images = list(images or [])
     if raw:
-        if template_override or system or context_text is not None:
-            raise InvalidRequest("raw mode does not support template, system, or context")
+        check_raw_mode(
+            raw, template=template_override, system=system, context=context_text is not None
+        )
         return await _single(prompt, images, num_ctx, count_tokens, image_tokens)
 
     prefix = context_text or ""

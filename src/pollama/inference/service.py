@@ -49,6 +49,7 @@ from pollama.inference.prompt import (
     PromptTemplate,
     build_chat_prompt,
     build_generate_prompt,
+    check_raw_mode,
     default_stop_words,
     prompt_template_for,
 )
@@ -155,8 +156,16 @@ class InferenceService:
             estimate_bytes=estimate_memory(info, spec),
         )
         return Prepared(
-            req, model, info, options, spec, ref, parse_keep_alive(req.keep_alive),
-            think=think, format=fmt, tools=tools,
+            req,
+            model,
+            info,
+            options,
+            spec,
+            ref,
+            parse_keep_alive(req.keep_alive),
+            think=think,
+            format=fmt,
+            tools=tools,
         )
 
     def _resolve(self, req: InferenceRequest) -> LocalModel:
@@ -203,8 +212,8 @@ class InferenceService:
                 )
         elif req.tool_choice == "required":
             raise InvalidRequest("tool_choice requires a call but the request has no tools")
-        if req.raw and (req.template or req.system or req.context):
-            raise InvalidRequest("raw mode does not support template, system, or context")
+        # Checked here too so that the error comes before the model loads.
+        check_raw_mode(req.raw, template=req.template, system=req.system, context=bool(req.context))
         return think, tools
 
     def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pollama.errors import InvalidRequest
 from pollama.inference.types import InferenceRequest
 
 
@@ -158,18 +159,13 @@ class PurgeResponse(OllamaModel):
     freed: int
 
 
-class GenerateRequest(OllamaModel):
+class _InferenceBody(OllamaModel):
+    """The fields ``/api/generate`` and ``/api/chat`` share, and their translation."""
+
     model: str = ""
-    prompt: str = ""
-    suffix: str | None = None
-    system: str | None = None
-    template: str | None = None
-    context: list[int] | None = None
     stream: bool | None = None
-    raw: bool = False
     format: Any = None
     keep_alive: Any = None
-    images: list[str] | None = None
     options: dict[str, Any] | None = None
     think: bool | str | None = None
     truncate: bool | None = None
@@ -177,10 +173,30 @@ class GenerateRequest(OllamaModel):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
+    def _common(self) -> dict[str, Any]:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequest("top_logprobs must be between 0 and 20")
+        return {
+            "model": self.model,
+            "think": self.think,
+            "format": self.format,
+            "options": self.options or {},
+            "keep_alive": self.keep_alive,
+            "truncate": self.truncate is not False,
+        }
+
+
+class GenerateRequest(_InferenceBody):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[str] | None = None
 
     def to_inference(self) -> InferenceRequest:
         return InferenceRequest(
-            model=self.model,
             kind="generate",
             prompt=self.prompt,
             suffix=self.suffix,
@@ -189,40 +205,21 @@ class GenerateRequest(OllamaModel):
             context=self.context,
             raw=self.raw,
             images=self.images,
-            think=self.think,
-            format=self.format,
-            options=self.options or {},
-            keep_alive=self.keep_alive,
-            truncate=self.truncate is not False,
+            **self._common(),
         )
 
 
-class ChatRequest(OllamaModel):
-    model: str = ""
+class ChatRequest(_InferenceBody):
     messages: list[Message] = Field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
-    stream: bool | None = None
-    format: Any = None
-    keep_alive: Any = None
-    options: dict[str, Any] | None = None
-    think: bool | str | None = None
-    truncate: bool | None = None
-    shift: bool | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
     def to_inference(self) -> InferenceRequest:
         return InferenceRequest(
-            model=self.model,
             kind="chat",
             messages=[m.model_dump(exclude_none=True) for m in self.messages],
             images=[img for m in self.messages for img in (m.images or [])] or None,
             tools=self.tools,
-            think=self.think,
-            format=self.format,
-            options=self.options or {},
-            keep_alive=self.keep_alive,
-            truncate=self.truncate is not False,
+            **self._common(),
         )
 
 

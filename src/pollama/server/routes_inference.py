@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from pollama.errors import InvalidRequest
 from pollama.format import rfc3339_local, rfc3339_utc
 from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent, InferenceRequest
@@ -122,8 +121,6 @@ async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: 
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     body = await parse_body(request, GenerateRequest)
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-        return error_response(InvalidRequest("top_logprobs must be between 0 and 20"))
     req = body.to_inference()
     return await _answer(request, req, body.stream is not False, _generate_body)
 
@@ -131,8 +128,6 @@ async def generate(request: Request) -> Response:
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-        return error_response(InvalidRequest("top_logprobs must be between 0 and 20"))
     req = body.to_inference()
     return await _answer(request, req, body.stream is not False, _chat_body)
 
