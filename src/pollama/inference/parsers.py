@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,6 +219,21 @@ def _arguments_in(obj: dict[str, Any], name: str) -> tuple[dict[str, Any] | None
     return None, False
 
 
+def _structural(buf: str) -> Iterator[tuple[int, str]]:
+    """The characters of ``buf`` outside JSON strings, with their index (escape-aware), as
+    Ollama's scanners walk them."""
+    in_string = escaped = False
+    for i, c in enumerate(buf):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            in_string = not in_string
+        elif not in_string:
+            yield i, c
+
+
 def _find_arguments(name: str, buf: str) -> tuple[dict[str, Any] | None, int]:
     """The first balanced JSON object in ``buf`` that parses, as the call's arguments.
 
@@ -227,19 +242,7 @@ def _find_arguments(name: str, buf: str) -> tuple[dict[str, Any] | None, int]:
     """
     start = -1
     depth = 0
-    in_string = escaped = False
-    for i, c in enumerate(buf):
-        if escaped:
-            escaped = False
-            continue
-        if c == "\\":
-            escaped = True
-            continue
-        if c == '"':
-            in_string = not in_string
-            continue
-        if in_string:
-            continue
+    for i, c in _structural(buf):
         if c == "{":
             if depth == 0:
                 start = i
@@ -267,19 +270,7 @@ def _balanced_done(buf: str, tag: str) -> bool:
     """For the tags ``{``/``[``: has the first bracketed value closed?"""
     opening, closing = ("{", "}") if tag == "{" else ("[", "]")
     depth = 0
-    in_string = escaped = False
-    for c in buf:
-        if escaped:
-            escaped = False
-            continue
-        if c == "\\":
-            escaped = True
-            continue
-        if c == '"':
-            in_string = not in_string
-            continue
-        if in_string:
-            continue
+    for _i, c in _structural(buf):
         if c == opening:
             depth += 1
         elif c == closing:
