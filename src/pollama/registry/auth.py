@@ -29,10 +29,12 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,15 @@ __all__ = [
 ]
 
 KEY_NAME = "id_ed25519"
+
+
+def _crypto() -> tuple[Any, Any]:
+    """``cryptography``'s serialization module and ed25519 key class, imported on first use:
+    only pulls and pushes sign, and the server stays ~9 MB smaller without them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return serialization, Ed25519PrivateKey
 
 
 class IdentityKey:
@@ -60,7 +71,8 @@ class IdentityKey:
         if self.path.exists():
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
+        serialization, key_class = _crypto()
+        key = key_class.generate()
         private = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
@@ -79,14 +91,16 @@ class IdentityKey:
     def _load(self) -> Ed25519PrivateKey:
         if self._key is None:
             self.ensure()
+            serialization, key_class = _crypto()
             key = serialization.load_ssh_private_key(self.path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
+            if not isinstance(key, key_class):
                 raise ValueError(f"{self.path} is not an ed25519 key")
             self._key = key
         return self._key
 
     @staticmethod
     def _public_line(key: Ed25519PrivateKey) -> str:
+        serialization, _key_class = _crypto()
         return (
             key.public_key()
             .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from rapidfuzz.distance import Levenshtein
-
 from ._values import json_string
 
 MAX_DISTANCE = 100
@@ -109,6 +107,9 @@ def named_template(name: str) -> NamedTemplate | None:
 
 def detect_named_template(chat_template: str) -> NamedTemplate | None:
     """The built-in template matching a GGUF Jinja chat template, or None (``template.Named``)."""
+    # Imported here: only create needs it, and the server stays smaller without it.
+    from rapidfuzz.distance import Levenshtein
+
     if not chat_template:
         return None
     best: tuple[str, str] | None = None
