@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import APIRouter, Request
@@ -29,11 +29,13 @@ from starlette.types import Receive, Scope, Send
 from pollama.errors import InvalidDigest, InvalidRequest
 from pollama.names import DEFAULT_HOST, ModelName
 from pollama.protocol.ollama import OllamaModel
-from pollama.registry import Progress, RegistryService
 from pollama.server.body import parse_body
 from pollama.server.errors import error_response, message_for
 from pollama.store import Store, parse_digest
 from pollama.store.manifests import MANIFEST_MEDIA_TYPE, StoredManifest
+
+if TYPE_CHECKING:
+    from pollama.registry import Progress, RegistryService
 
 router = APIRouter()
 
@@ -61,6 +63,10 @@ class PushRequest(PullRequest):
 
 
 def _service(request: Request) -> RegistryService:
+    """The server's one registry service, made on first use: the registry client (httpx,
+    ed25519) is only imported when someone pulls or pushes, keeping the server small."""
+    from pollama.registry import RegistryService
+
     service = getattr(request.app.state, "registry", None)
     if service is None:
         service = RegistryService.from_settings(request.app.state.settings, request.app.state.store)
@@ -69,7 +75,7 @@ def _service(request: Request) -> RegistryService:
 
 
 def _line(item: Any) -> bytes:
-    if isinstance(item, Progress):
+    if not isinstance(item, dict):  # a pollama.registry.Progress
         item = item.to_json()
     return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
