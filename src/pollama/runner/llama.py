@@ -26,11 +26,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import llama_cpp.llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
 
 from pollama.errors import InternalError, InvalidOption
+from pollama.runner.bindings import lc
 
 __all__ = [
     "DEFAULT_SEED",
