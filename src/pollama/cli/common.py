@@ -5,14 +5,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from pollama.cli.autostart import ensure_server, server_log_path
-from pollama.client import Client
 from pollama.config import Settings, load_settings
 from pollama.errors import PollamaError
+
+if TYPE_CHECKING:  # httpx is imported by the commands that talk to a server, not by serve
+    from pollama.client import Client
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,6 +30,9 @@ def settings() -> Settings:
 def client(*, autostart: bool = True) -> Client:
     """The API client for this command; first, once per command, start a background server
     when none answers (``cli.autostart``). ``autostart=False`` only reports, as ``-v`` does."""
+    from pollama.cli.autostart import ensure_server, server_log_path
+    from pollama.client import Client
+
     s = settings()
     root = click.get_current_context().find_root()
     if autostart and not root.meta.get("pollama.server_checked"):
