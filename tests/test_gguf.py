@@ -26,7 +26,7 @@ from ggufgen import (
     write_tiny_model,
 )
 from pollama.errors import GGUFError
-from pollama.gguf import FILE_TYPES, GGML_TYPES, GGUFInfo, read_gguf
+from pollama.gguf import FILE_TYPES, GGML_TYPES, GGUFInfo, PackedStrings, read_gguf
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -103,6 +103,36 @@ def test_smollm2_model_info(smollm2: Path) -> None:
     assert len(full["tokenizer.ggml.tokens"]) == 49152
     assert full["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert list(full)[: len(brief) - 1] == list(brief)[: len(brief) - 1]
+
+
+def test_long_string_arrays_are_packed(smollm2: Path) -> None:
+    """The vocabulary stays one blob in the cached header: a fraction of a list of str."""
+    reference = gguf.GGUFReader(smollm2)
+    expected = [str(bytes(f.parts[i]), "utf-8", errors="replace")
+                for f in [reference.fields["tokenizer.ggml.tokens"]] for i in f.data]
+    tracemalloc.start()
+    try:
+        info = read_gguf(smollm2)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tokens = info.kv["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, PackedStrings) and isinstance(info.kv["tokenizer.ggml.merges"],
+                                                            PackedStrings)
+    assert tokens == expected and list(tokens) == expected
+    assert tokens[-1] == expected[-1] and tokens[5:8] == expected[5:8]
+    assert info.vocab_size == len(expected)
+    with pytest.raises(IndexError):
+        tokens[len(expected)]
+    assert held < 2 * 2**20, f"parsed header holds {held} bytes"
+
+
+def test_packed_strings_replace_invalid_utf8() -> None:
+    from array import array
+
+    packed = PackedStrings(b"ab\xffc", array("Q", [2, 4]))
+    assert list(packed) == ["ab", "\ufffdc"] and packed[1] == "\ufffdc" and packed[-2] == "ab"
+    assert packed == ("ab", "\ufffdc") and packed != ["ab"] and packed != "ab\ufffdc"
 
 
 def test_smollm2_reads_fast(smollm2: Path) -> None:

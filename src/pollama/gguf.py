@@ -30,12 +30,15 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, overload
 
 from pollama.errors import GGUFError
 
 __all__ = [
+    "PackedStrings",
     "DEFAULT_MAX_ARRAY",
     "DEFAULT_MAX_ELEMENTS",
     "DEFAULT_MAX_HEADER",
@@ -73,6 +76,7 @@ _MAX_NESTING: Final = 8
 _DEFAULT_ALIGNMENT: Final = 32
 _INT64_MAX: Final = (1 << 63) - 1
 _CHUNK: Final = 1 << 20
+_PACK_MIN: Final = 1024  # string arrays this long are kept packed (PackedStrings)
 
 # ggml_type id -> (name, block size in elements, bytes per block), as ggml's type_traits.
 # Ids that ggml removed (4, 5, 31-33, 36-38) are absent, so a file using them is refused.
@@ -164,11 +168,68 @@ class TensorInfo:
         return count
 
 
+class PackedStrings(Sequence[str]):
+    """A long string array (a vocabulary, its merges) as one byte blob plus end offsets.
+
+    A list of 100 K ``str`` objects costs ~7 MiB; this costs the bytes of the strings and
+    8 bytes each, and parsed headers are cached for as long as the server runs
+    (``store.gguf_cache``). Items decode on access, with invalid UTF-8 replaced exactly as
+    the reader does for any other string. It compares equal to any sequence of the same
+    strings, so callers may treat it as the list it stands for.
+    """
+
+    __slots__ = ("_blob", "_ends")
+
+    def __init__(self, blob: bytes, ends: array) -> None:  # type: ignore[type-arg]
+        self._blob = blob
+        self._ends = ends
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self._ends)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("PackedStrings index out of range")
+        start = self._ends[index - 1] if index else 0
+        return self._blob[start : self._ends[index]].decode("utf-8", errors="replace")
+
+    def __iter__(self) -> Iterator[str]:
+        start = 0
+        blob = self._blob
+        for end in self._ends:
+            yield blob[start:end].decode("utf-8", errors="replace")
+            start = end
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedStrings):
+            return self._blob == other._blob and self._ends == other._ends
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PackedStrings({len(self)} strings, {len(self._blob)} bytes)"
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     """The parsed header of a well-formed GGUF file (tensor data is not read).
 
-    ``kv`` keeps the file's key order; arrays are lists (nested arrays nested lists). The
+    ``kv`` keeps the file's key order; arrays are lists (nested arrays nested lists), except
+    that long string arrays are :class:`PackedStrings` (read them as sequences). The
     properties never raise: a missing key, or one of the wrong type, reads as ``None``.
     Instances are cached and shared (``store.gguf_cache``): treat ``kv`` and ``tensors`` as
     read-only.
@@ -245,7 +306,7 @@ class GGUFInfo:
     @property
     def vocab_size(self) -> int | None:
         tokens = self.kv.get("tokenizer.ggml.tokens")
-        return len(tokens) if isinstance(tokens, list) else None
+        return len(tokens) if isinstance(tokens, list | PackedStrings) else None
 
     def model_info(self, verbose: bool = False) -> dict[str, Any]:
         """``model_info`` of ``/api/show`` (spec §10.3).
@@ -259,7 +320,9 @@ class GGUFInfo:
         for key, value in self.kv.items():
             if key in ("general.name", "tokenizer.chat_template"):
                 continue
-            if not verbose and isinstance(value, list) and len(value) > 5:
+            if isinstance(value, PackedStrings):
+                value = list(value) if verbose else []
+            elif not verbose and isinstance(value, list) and len(value) > 5:
                 value = []
             info[key] = value
         info["general.parameter_count"] = self.parameter_count
@@ -512,16 +575,21 @@ class _Parser:
             left -= n
         return out
 
-    def _string_array(self, count: int, key: str) -> list[str]:
+    def _string_array(self, count: int, key: str) -> list[str] | PackedStrings:
         """Strings are length-prefixed, so they are walked one by one; this is the hot loop
-        for vocabularies (~100 K strings), kept free of per-item method calls."""
+        for vocabularies (~100 K strings), kept free of per-item method calls. Arrays of
+        ``_PACK_MIN`` strings or more come back as :class:`PackedStrings`."""
         cur = self.cur
         if count * 8 > cur.size - cur.pos:
             raise self.fail(f"truncated file: array {key!r} of {count} strings")
         limit = self.caps.string
         unpack_len = struct.Struct("<Q").unpack_from
+        packed = count >= _PACK_MIN
         out: list[str] = []
         append = out.append
+        blob = bytearray()
+        ends = array("Q")
+        mark = ends.append
         buf, base, pos = cur.buf, cur.base, cur.pos
         for _ in range(count):
             i = pos - base
@@ -539,10 +607,14 @@ class _Parser:
                 cur.pos = pos + 8
                 i = cur.need(length, f"string in {key!r}")
                 buf, base = cur.buf, cur.base
-            append(buf[i : i + length].decode("utf-8", errors="replace"))
+            if packed:
+                blob += buf[i : i + length]
+                mark(len(blob))
+            else:
+                append(buf[i : i + length].decode("utf-8", errors="replace"))
             pos = base + i + length
         cur.pos = pos
-        return out
+        return PackedStrings(bytes(blob), ends) if packed else out
 
     def _alignment(self, kv: dict[str, Any]) -> int:
         if "general.alignment" not in kv:

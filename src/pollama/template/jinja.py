@@ -420,7 +420,7 @@ class JinjaChatTemplate:
     def from_gguf(cls, kv: Mapping[str, Any], text: str | None = None) -> JinjaChatTemplate:
         """From a GGUF header's key/values (``GGUFInfo.kv``); ``text`` overrides the template."""
         tokens = kv.get("tokenizer.ggml.tokens")
-        tokens = tokens if isinstance(tokens, list) else []
+        tokens = tokens if isinstance(tokens, Sequence) and not isinstance(tokens, str) else []
 
         def token(key: str) -> str:
             idx = kv.get(key)
