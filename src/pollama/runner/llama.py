@@ -25,12 +25,16 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from pollama.errors import InternalError, InvalidOption
 from pollama.runner.bindings import lc
+
+if TYPE_CHECKING:
+    from llguidance import LLTokenizer
 
 __all__ = [
     "DEFAULT_SEED",
@@ -43,6 +47,7 @@ __all__ = [
     "SamplerChain",
     "backend_init",
     "flash_attn_type",
+    "guidance_tokenizer",
     "kv_cache_types",
 ]
 
@@ -449,3 +454,49 @@ class SamplerChain:
         if self.ptr:
             lc.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+# Structured output ---------------------------------------------------------------------------
+
+
+def guidance_tokenizer(model: Model) -> LLTokenizer:
+    """llguidance's tokenizer for ``model``'s vocabulary (structured output: ``runner/grammar.py``
+    builds it once per model, about 0.3 s).
+
+    The same as ``llguidance.llamacpp.lltokenizer_from_vocab``, which would import the whole
+    ``llama_cpp`` package (see ``bindings.py``): control tokens, and user-defined ones that
+    look like ``<...>``, are marked special (a 0xff prefix) so that no grammar allows them
+    as text. Every end-of-generation token is an end token, so a mask allows ending exactly
+    where the engine ends. It keeps the vocabulary pointer: use it only while the model is
+    loaded.
+    """
+    from llguidance import LLTokenizer
+
+    vocab = model.vocab
+    size = 1024
+    buf = ctypes.create_string_buffer(size)
+    pieces: list[bytes] = []
+    eog: list[int] = []
+    special_attr = lc.LLAMA_TOKEN_ATTR_CONTROL
+    user_attr = lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+    for token in range(model.n_vocab):
+        n = lc.llama_token_to_piece(vocab, token, buf, size, 0, True)
+        if n < 0:
+            raise InternalError(f"token {token} is longer than {size} bytes")
+        piece = buf.raw[:n]
+        attr = lc.llama_vocab_get_attr(vocab, token)
+        if attr & special_attr or (
+            attr & user_attr and piece.startswith(b"<") and piece.endswith(b">")
+        ):
+            piece = b"\xff" + piece
+        pieces.append(piece)
+        if lc.llama_vocab_is_eog(vocab, token):
+            eog.append(token)
+    tokenize = ctypes.cast(lc._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+        tokens=pieces,
+        vocab_ptr=vocab,
+        tokenize_fptr=tokenize,
+        eos_token=eog,
+        slices=LLTokenizer.json_slices(),
+    )
