@@ -93,6 +93,9 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "POLLAMA_MAX_UPLOADS",
     "POLLAMA_CLIENT_TIMEOUT",
     "POLLAMA_MAX_CONNECTIONS",
+    "POLLAMA_MAX_IMAGES",
+    "POLLAMA_MAX_IMAGE_BYTES",
+    "POLLAMA_MAX_IMAGE_PIXELS",
     "POLLAMA_ACCESS_LOG",
     "POLLAMA_LOG_PROMPTS",
     # pollama's own (registry transfers; see registry/hosts.py, registry/download.py)
@@ -347,6 +350,9 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "max_uploads": _go_parse_uint,
     "client_timeout": _parse_duration_setting,
     "max_connections": _go_parse_uint,
+    "max_images": _go_parse_uint,
+    "max_image_bytes": _go_parse_uint,
+    "max_image_pixels": _go_parse_uint,
     "registry_hosts": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
     "pull_stall_timeout": _parse_duration_setting,
 }
@@ -472,6 +478,17 @@ class Settings(BaseSettings):
     )
     max_connections: int = _env(
         "POLLAMA_MAX_CONNECTIONS", 1024, "Maximum open connections; more get 503",
+    )
+    # Image input (inference/images.py): every image is checked against these before decoding.
+    max_images: int = _env(
+        "POLLAMA_MAX_IMAGES", 16, "Maximum images in one request (0 refuses images)",
+    )
+    max_image_bytes: int = _env(
+        "POLLAMA_MAX_IMAGE_BYTES", 20 << 20, "Largest image file in bytes, after base64 decoding",
+    )
+    max_image_pixels: int = _env(
+        "POLLAMA_MAX_IMAGE_PIXELS", 50_000_000,
+        "Largest image in pixels (width x height); larger ones are refused before decoding",
     )
     access_log: str = _env(
         "POLLAMA_ACCESS_LOG", "-",

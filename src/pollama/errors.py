@@ -16,6 +16,7 @@ the class.
     │   ├── TemplateError         a Go template that does not parse
     │   ├── UnsupportedQuantization
     │   ├── ContextOverflow       a prompt that cannot fit the context window
+    │   ├── InvalidImage          an image that is not valid base64, too large, or undecodable
     │   └── CapabilityMissing     the model cannot do what was asked (tools, vision…)
     ├── NotFound                  (404)
     │   ├── ModelNotFound
@@ -92,6 +93,18 @@ class UnsupportedQuantization(InvalidRequest):
 
 class ContextOverflow(InvalidRequest):
     """A prompt that does not fit the context window even after truncation."""
+
+
+class InvalidImage(InvalidRequest):
+    """A request image that is refused before any model sees it (``inference.images``).
+
+    ``index`` is the image's 1-based position among the request's images (0 when the error
+    is about the request as a whole, e.g. too many images); the message names it too.
+    """
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class CapabilityMissing(InvalidRequest):
