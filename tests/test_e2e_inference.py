@@ -122,11 +122,16 @@ def test_load_ps_unload(client: ollama.Client, srv: RunningServer) -> None:
     assert gone.returncode == 1 and 'couldn\'t find model "no-such-model" to stop' in gone.stderr
 
 
+GIF_1X1 = "R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"  # a valid 1x1 image
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
         ({"model": "missing", "prompt": "x"}, 404, "model 'missing' not found"),
-        ({"model": MODEL, "prompt": "x", "images": ["aGVsbG8="]}, 400, "vision"),
+        ({"model": MODEL, "prompt": "x", "images": ["aGVsbG8="]}, 400,
+         "image 1 is not a valid PNG, JPEG, WebP or GIF image"),  # "hello": checked first
+        ({"model": MODEL, "prompt": "x", "images": [GIF_1X1]}, 400, "vision"),
         ({"model": MODEL, "prompt": "x", "options": {"temperature": "hot"}}, 400, "temperature"),
         ({"model": MODEL, "prompt": "x", "options": {"num_ctx": -5}}, 400, "num_ctx"),
         ({"model": MODEL, "prompt": "x", "options": {"num_predict": 10**30}}, 400, "num_predict"),

@@ -24,10 +24,12 @@ follow Ollama's ``ChatHandler``:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,13 @@ from typing import Any
 from pollama.config import Settings
 from pollama.errors import CapabilityMissing, InternalError, InvalidRequest, ModelNotFound
 from pollama.gguf import GGUFInfo
+from pollama.inference.images import (
+    ImageLimits,
+    ValidatedImage,
+    check_count,
+    request_images,
+    validate_images,
+)
 from pollama.inference.parsers import (
     OutputParser,
     Parsed,
@@ -110,6 +119,7 @@ class Prepared:
     think: bool | str | None = None  # after the capability rules (absent → true if it can)
     format: str | dict[str, Any] | None = None  # normalized (``structured.normalize_format``)
     tools: list[dict[str, Any]] | None = None  # None when ``tool_choice`` is "none"
+    images: tuple[ValidatedImage, ...] = ()  # every request image, decoded within the limits
 
     @property
     def is_empty(self) -> bool:
@@ -131,16 +141,20 @@ class InferenceService:
         self.store = store
         self.scheduler = scheduler
         self.telemetry = telemetry
+        self._image_pool: ThreadPoolExecutor | None = None  # made by the first image request
 
     # -- checks ------------------------------------------------------------------------
 
-    def prepare(self, req: InferenceRequest) -> Prepared:
+    async def prepare(self, req: InferenceRequest) -> Prepared:
         check_think(req.think)  # a decode error in Ollama: before the model is looked up
         model = self._resolve(req)
         info = model_gguf(model)
         if info is None:
             raise InvalidRequest(f"model '{req.model}' has no weights to run")
-        think, tools = self._check_capabilities(req, model)
+        # Every protocol's images, checked here and only here, before the vision check: a
+        # bomb or a damaged file is its own 400 whatever model it was sent to.
+        images = await self._validate_images(req)
+        think, tools = self._check_capabilities(req, model, images)
         fmt = normalize_format(req.format)
         request_options, warnings = coerce_options(req.options or {})
         for warning in warnings:
@@ -166,7 +180,32 @@ class InferenceService:
             think=think,
             format=fmt,
             tools=tools,
+            images=tuple(images),
         )
+
+    def close(self) -> None:
+        """Let the image threads end (the app's shutdown); a later image request makes new
+        ones."""
+        if self._image_pool is not None:
+            self._image_pool.shutdown(wait=False, cancel_futures=True)
+            self._image_pool = None
+
+    async def _validate_images(self, req: InferenceRequest) -> list[ValidatedImage]:
+        """The request's images through ``inference.images``, off the event loop.
+
+        Decoding is CPU-bound (about half a second for 50 megapixels), so it runs in this
+        service's own pool of two threads: concurrent image requests queue there instead of
+        stalling the server or multiplying memory (each decode holds one image at a time).
+        """
+        sent = request_images(req)
+        if not sent:
+            return []
+        limits = ImageLimits.from_settings(self.settings)
+        check_count(len(sent), limits)  # before queueing any work
+        if self._image_pool is None:
+            self._image_pool = ThreadPoolExecutor(2, thread_name_prefix="pollama-images")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._image_pool, validate_images, sent, limits)
 
     def _resolve(self, req: InferenceRequest) -> LocalModel:
         if not req.model:
@@ -179,14 +218,14 @@ class InferenceService:
         return model
 
     def _check_capabilities(
-        self, req: InferenceRequest, model: LocalModel
+        self, req: InferenceRequest, model: LocalModel, images: Sequence[ValidatedImage] = ()
     ) -> tuple[bool | str | None, list[dict[str, Any]] | None]:
         """Refuse what the model cannot do; returns the effective ``think`` and ``tools``."""
         caps = capabilities(model)
         full = str(model.name)
         if "completion" not in caps:
             raise CapabilityMissing(f'"{req.model}" does not support {req.kind}')
-        if req.images and "vision" not in caps:
+        if images and "vision" not in caps:
             raise CapabilityMissing(
                 f'"{req.model}" does not support images: it has no vision capability'
             )

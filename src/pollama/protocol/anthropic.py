@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pollama.errors import InvalidRequest
+from pollama.errors import InvalidImage, InvalidRequest
+from pollama.inference.images import check_media_type
 from pollama.inference.types import InferenceRequest, ToolChoice
 from pollama.protocol.options import OPTIONS
 
@@ -143,6 +144,26 @@ def _system_text(system: str | list[dict[str, Any]] | None) -> str:
     return "".join(str(block.get("text", "")) for block in system if block.get("type") == "text")
 
 
+def _image_data(block: dict[str, Any]) -> str:
+    """The base64 data of an image block; its bytes are checked and decoded with every other
+    image in InferenceService.prepare (inference.images). A URL source is never fetched."""
+    source = block.get("source")
+    source = source if isinstance(source, dict) else {}
+    kind = source.get("type")
+    if kind == "url":
+        raise InvalidImage(
+            'image source type "url" is not supported (pollama does not fetch URLs); send '
+            '{"type": "base64", "media_type": "image/png", "data": "<base64>"} instead'
+        )
+    if kind != "base64":
+        raise InvalidImage(f"only base64 image sources are supported, not {json.dumps(kind)}")
+    check_media_type(str(source.get("media_type") or ""), "image source")
+    data = source.get("data")
+    if not isinstance(data, str):
+        raise InvalidImage("image source has no base64 data")
+    return data
+
+
 def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]]:
     role = message.role.lower()
     if isinstance(message.content, str):
@@ -161,10 +182,7 @@ def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]
         elif kind == "redacted_thinking":
             continue
         elif kind == "image":
-            source = block.get("source") or {}
-            if source.get("type") != "base64":
-                raise InvalidRequest("only base64 image sources are supported")
-            images.append(str(source.get("data", "")))
+            images.append(_image_data(block))
         elif kind == "tool_use":
             if not block.get("id"):
                 raise InvalidRequest("tool_use block missing required 'id' field")
@@ -178,7 +196,9 @@ def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]
             )
         elif kind == "tool_result":
             content = block.get("content")
+            result_images: list[str] = []
             if isinstance(content, list):
+                result_images = [_image_data(c) for c in content if c.get("type") == "image"]
                 content = "".join(
                     str(c.get("text", "")) for c in content if c.get("type") == "text"
                 )
@@ -187,6 +207,8 @@ def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]
                 "content": str(content or ""),
                 "tool_call_id": block.get("tool_use_id"),
             }
+            if result_images:  # a tool's screenshot is an image like any other (spec §3.7)
+                result["images"] = result_images
             name = names.get(str(block.get("tool_use_id") or ""))
             if name:
                 result["tool_name"] = name

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pollama.errors import InvalidRequest
+from pollama.inference.images import image_from_data_url
 from pollama.inference.types import InferenceRequest, ToolChoice
 from pollama.protocol.options import OPTIONS
 
@@ -209,13 +210,11 @@ def _native_messages(msg: ChatMessage, history: list[ChatMessage]) -> list[dict[
         if kind == "text":
             out.append({**base, "content": str(part.get("text", ""))})
         elif kind == "image_url":
+            # Only data: URLs; the payload is checked and decoded with every other image in
+            # InferenceService.prepare (inference.images). Nothing is fetched (SSRF).
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url.startswith("data:"):
-                raise InvalidRequest(
-                    "image URLs are not currently supported, please use base64 encoded data instead"
-                )
-            out.append({**base, "content": "", "images": [url.split(",", 1)[-1]]})
+            out.append({**base, "content": "", "images": [image_from_data_url(url)]})
         else:
             raise InvalidRequest(f"invalid message content type: {kind!r}")
     if calls:

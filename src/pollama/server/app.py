@@ -50,6 +50,7 @@ def create_app(
             yield
         finally:
             await scheduler.shutdown()
+            inference.close()
 
     app = FastAPI(
         title="pollama",

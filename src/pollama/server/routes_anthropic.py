@@ -153,7 +153,7 @@ async def messages(request: Request) -> Response:
     service: InferenceService = request.app.state.inference
     try:
         parsed = await _parse(request)
-        prepared = service.prepare(parsed.to_inference())
+        prepared = await service.prepare(parsed.to_inference())
         events = service.stream(prepared)
         first = await anext(events, None) if parsed.stream else None
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
@@ -220,7 +220,7 @@ async def count_tokens(request: Request) -> Response:
     service: InferenceService = request.app.state.inference
     try:
         parsed = await _parse(request)
-        prepared = service.prepare(parsed.to_inference(check_max_tokens=False))
+        prepared = await service.prepare(parsed.to_inference(check_max_tokens=False))
         tokens = await service.count_tokens(prepared)
     except Exception as exc:  # noqa: BLE001
         return anthropic_error(exc)

@@ -96,7 +96,7 @@ def _line(body: dict[str, Any]) -> bytes:
 async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: Any) -> Response:
     service = _service(request)
     try:
-        prepared = service.prepare(req)
+        prepared = await service.prepare(req)
         if prepared.is_empty:
             if prepared.keep_alive == 0:
                 await service.unload(prepared)

@@ -74,7 +74,7 @@ def _usage(event: InferenceEvent | None) -> dict[str, Any]:
 
 async def _prepare(request: Request, parsed: Any) -> tuple[InferenceService, Prepared]:
     service: InferenceService = request.app.state.inference
-    return service, service.prepare(parsed.to_inference())
+    return service, await service.prepare(parsed.to_inference())
 
 
 def _stream_error(exc: BaseException) -> bytes:
