@@ -11,9 +11,11 @@ constrained rows share each decode batch.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -21,8 +23,10 @@ import jsonschema
 import ollama
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from conftest import MODEL, RunningServer
+from ggufgen import write_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -240,3 +244,37 @@ def test_openai_unsupported_schema_is_a_400(oai: openai.OpenAI) -> None:
             if stream:
                 list(result)  # type: ignore[arg-type]
         assert caught.value.status_code == 400 and "uniqueItems" in str(caught.value)
+
+
+# -- another vocabulary ---------------------------------------------------------------------
+
+
+def test_a_byte_level_vocabulary_on_a_real_worker(api: TestClient, tmp_path: Path) -> None:
+    """A random-weight model whose vocabulary is mostly single bytes (SentencePiece with
+    byte fallback, ``tests/ggufgen.py``): every output is JSON written a character at a
+    time by a model with no idea of JSON, so closing within ``num_predict`` needs several
+    times more tokens than with SmolLM2's vocabulary, and must still fit."""
+    gguf = write_tiny_model(tmp_path / "bytes.gguf", context_length=512)
+    data = gguf.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert api.post(f"/api/blobs/{digest}", content=data).status_code == 201
+    r = api.post("/api/create", json={"model": "bytes", "files": {"b.gguf": digest},
+                                      "stream": False})
+    assert r.status_code == 200, r.text
+    orders = {"type": "object", "required": ["items"], "properties": {"items": {
+        "type": "array", "minItems": 3, "items": {
+            "type": "object", "required": ["id", "label"],
+            "properties": {"id": {"type": "integer"}, "label": {"type": "string"}}}}}}
+    closed_early = 0
+    for seed in range(6):
+        fmt = CAT if seed % 2 else orders
+        r = api.post("/api/generate", json={
+            "model": "bytes", "prompt": "A cat:", "raw": True, "format": fmt, "stream": False,
+            "options": {"temperature": 1.5, "top_k": 400, "seed": seed, "num_predict": 160},
+        })
+        assert r.status_code == 200, r.text
+        body = r.json()
+        check(body["response"], fmt)
+        assert body["eval_count"] <= 160
+        closed_early += body["done_reason"] == "length"
+    assert closed_early >= 3  # the random model rambled and the constraint closed for it

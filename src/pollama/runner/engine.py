@@ -8,11 +8,13 @@ prompts still being evaluated, sharing the rest of the ``n_batch`` budget fairly
 
 A request with a ``format`` also carries a grammar constraint (``runner/grammar.py``, one
 llguidance matcher per request, compiled in :meth:`Engine.submit` so that a schema it cannot
-handle fails before any token). Its row's logits, a writable view of llama.cpp's buffer
-that the sampler chain reads, get the refused tokens at -inf before the chain samples;
-greedy decoding takes the argmax first and masks only when the grammar refuses it (the
-same token, without the mask's cost). Near the end of its budget the request's JSON is
-closed by the constraint instead of the model.
+handle fails before any token). Its next-token mask is ready before the logits are. The
+token is drawn as usual and checked against the mask; only when the grammar refuses it do
+the refused tokens' logits (a writable view of llama.cpp's buffer, which the sampler chain
+reads) go to -inf and the chain draws again, as llama.cpp's ``common_sampler_sample`` and
+Ollama's sampler do. Greedy decoding gets the same token as masking first would, at a
+fraction of the cost. A chain with penalties remembers every draw, so it is masked first.
+Near the end of its budget the request's JSON is closed by the constraint, not the model.
 
 What must stay true:
 
@@ -226,6 +228,7 @@ class _Job:
     slot: _Slot | None = None
     sampler: SamplerChain | None = None
     fast_greedy: bool = False
+    penalized: bool = False  # the chain has penalties, which remember every drawn token
     grammar: Constraint | None = None  # structured output (``format``)
     next: int = 0  # first prompt token not yet in the KV cache
     cached: int = 0
@@ -417,6 +420,7 @@ class Engine:
             for token in job.prompt[max(0, len(job.prompt) - history) :] if history else ():
                 job.sampler.accept(token)
             job.fast_greedy = opts.temperature <= 0 and history == 0
+            job.penalized = history > 0
 
     def _step(self) -> None:
         batch = self.batch
@@ -519,24 +523,28 @@ class Engine:
         """The next token under the job's grammar, already fed to it; -1 if the grammar
         allows nothing (a matcher in error). See the module docstring for the order."""
         assert job.slot is not None and job.sampler is not None
-        logits = self.ctx.logits(job.row)
         left = self.n_ctx - len(job.slot.tokens) + 1  # samples left, this one included
         if job.options.num_predict > 0:
             left = min(left, job.options.num_predict - len(job.generated))
+        token = -1
         if grammar.must_close(left):
-            token = grammar.closing_token(logits)
+            token = grammar.closing_token(self.ctx.logits(job.row))
             if token >= 0:
                 job.sampler.accept(token)  # keep a penalty's history right
         elif job.fast_greedy:
+            logits = self.ctx.logits(job.row)
             token = int(logits.argmax())
             if not grammar.allows(token):
                 token = grammar.best_allowed(logits)
-        elif grammar.mask(logits):
-            token = job.sampler.sample(self.ctx, job.row)
-            if not grammar.allows(token):  # only a sampler misbehaving on -inf
-                token = grammar.best_allowed(logits)
         else:
-            token = -1
+            if not job.penalized:  # no sampler in the chain remembers a refused draw
+                token = job.sampler.sample(self.ctx, job.row)
+            if not grammar.allows(token):
+                logits = self.ctx.logits(job.row)
+                if grammar.mask(logits):
+                    token = job.sampler.sample(self.ctx, job.row)
+                    if not grammar.allows(token):  # only a sampler misbehaving on -inf
+                        token = grammar.best_allowed(logits)
         if token < 0 or not grammar.accept(token):
             return -1
         return token

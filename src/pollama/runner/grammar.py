@@ -21,12 +21,12 @@ How a schema is read, and why:
 
 What must stay true:
 
-* Only tokens the matcher allows are sampled and fed to it. :meth:`Constraint.mask` leaves
-  every refused token at -inf before a sampler chain reads the logits; a token that still
-  fails :meth:`Constraint.allows` (a sampler misbehaving on -inf) is replaced by the best
-  allowed one; :meth:`Constraint.accept` returning False is a bug that fails the request.
-  llguidance reports errors through return values and never aborts the process, unlike
-  llama.cpp's grammar sampler (performance notes §1.6).
+* Only tokens the matcher allows are fed to it: the engine checks every drawn token with
+  :meth:`Constraint.allows` and otherwise draws from logits that :meth:`Constraint.mask`
+  left at -inf for every refused token (and if a sampler still returns a refused one, takes
+  :meth:`Constraint.best_allowed`). :meth:`Constraint.accept` returning False is a bug that
+  fails the request. llguidance reports errors through return values and never aborts the
+  process, unlike llama.cpp's grammar sampler (performance notes §1.6).
 * The end-of-generation tokens are llguidance's end tokens, so the mask allows them exactly
   when the output is complete; :attr:`Constraint.done` is true once nothing but an end can
   follow, and the engine then stops without sampling again.
@@ -42,7 +42,8 @@ What must stay true:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import llguidance
@@ -61,12 +62,13 @@ _JSON_OPTIONS: dict[str, Any] = {
 # JSON scanner states between tokens: outside a string, inside one, just after a backslash.
 _OUT, _IN, _ESC = 0, 1, 2
 _JSON_SPECIAL = b'"\\{}[],:'
-# Tokens that closing may need beyond one per open string and container: after a comma in an
-# object, a key, its colon and a value (``"":0``); then what the schema requires
-# (:func:`_closing_estimate`; ``,"key":0`` per required property, longer enum values more).
-_BASE_RESERVE = 3
-_TOKENS_PER_REQUIRED = 5
-_MAX_RESERVE = 64
+# Closing needs one token per open string and container, plus: after a comma in an object, a
+# key, its colon and a value (this text, in the model's tokens, and one more), plus what the
+# schema requires (:func:`_closing_estimate`).
+_AFTER_COMMA = '"":""'
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_VALUED = ("additionalProperties", "contains", "not", "if", "then", "else",
+                  "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 
 
 def prepare_schema(fmt: Any) -> dict[str, Any]:
@@ -102,25 +104,43 @@ def _closed(schema: Any, *, close: bool) -> Any:
     return schema
 
 
-def _closing_estimate(schema: Any) -> int:
+def _closing_estimate(schema: Any, cost: Callable[[str], int]) -> int:
     """Tokens that writing what ``schema`` requires may take when closing starts before any
-    of it: five per required property, and each array's ``minItems`` items. An upper
-    estimate: every subschema counts, whether the output will need it or not."""
-    if isinstance(schema, list):
-        return sum(_closing_estimate(sub) for sub in schema)
+    of it, ``cost`` counting a text's tokens: each required property with its shortest
+    value (the longest of an enum), each array's ``minItems`` items, the costliest branch of
+    an ``anyOf``. An upper estimate: subschemas count whether the output needs them or not."""
     if not isinstance(schema, dict):
         return 0
-    required = schema.get("required")
-    total = _TOKENS_PER_REQUIRED * len(required) if isinstance(required, list) else 0
+    total = 0
+    required, properties = schema.get("required"), schema.get("properties")
+    for name in required if isinstance(required, list) else ():
+        sub = properties.get(name) if isinstance(properties, dict) else None
+        total += cost("," + json.dumps(name) + ":" + _value_text(sub))
     for key, value in schema.items():
-        if key in ("required", "enum", "const", "default", "examples"):
-            continue
-        estimate = _closing_estimate(value)
-        if key == "items" and isinstance(value, dict):
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            total += sum(_closing_estimate(sub, cost) for sub in value.values())
+        elif key in ("anyOf", "oneOf") and isinstance(value, list):
+            total += max((_closing_estimate(sub, cost) for sub in value), default=0)
+        elif key in ("allOf", "prefixItems") and isinstance(value, list):
+            total += sum(_closing_estimate(sub, cost) for sub in value)
+        elif key == "items" and isinstance(value, dict):
             min_items = schema.get("minItems")
-            estimate = (estimate + 2) * max(1, min_items if isinstance(min_items, int) else 0)
-        total += estimate
+            count = max(1, min_items if isinstance(min_items, int) else 0)
+            total += count * (_closing_estimate(value, cost) + cost("," + _value_text(value)))
+        elif key in _SCHEMA_VALUED:
+            total += _closing_estimate(value, cost)
     return total
+
+
+def _value_text(schema: Any) -> str:
+    """About the longest value closing may write for ``schema`` (containers count as empty:
+    what they require is counted on its own)."""
+    if isinstance(schema, dict):
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return max((json.dumps(v) for v in schema["enum"]), key=len)
+        if "const" in schema:
+            return json.dumps(schema["const"])
+    return '""'
 
 
 class _JsonEffects:
@@ -185,6 +205,7 @@ class Grammars:
             np.float32
         )
         self._bias = np.empty((self.n_words * 4, 8), dtype=np.float32)
+        self._base_reserve = self._cost(_AFTER_COMMA) + 1
 
     def compile(self, fmt: Any) -> Constraint:
         """A fresh constraint for ``format``; ``InvalidRequest`` if it cannot be compiled."""
@@ -196,8 +217,11 @@ class Grammars:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"unsupported JSON schema in format: {matcher.get_error()}")
-        reserve = _BASE_RESERVE + _closing_estimate(schema)
-        return Constraint(self, matcher, min(reserve, _MAX_RESERVE))
+        reserve = self._base_reserve + _closing_estimate(schema, self._cost)
+        return Constraint(self, matcher, reserve)
+
+    def _cost(self, text: str) -> int:
+        return len(self.tokenizer.tokenize_str(text))
 
     def apply(self, words: npt.NDArray[np.int32], logits: npt.NDArray[np.float32]) -> None:
         """Refused tokens' logits to -inf, in place: one table lookup per mask byte and one
@@ -207,13 +231,21 @@ class Grammars:
 
 
 class Constraint:
-    """One request's grammar state: masks, the tokens it took, and the JSON scanner state
-    that closing under a running-out budget needs."""
+    """One request's grammar state: the matcher, the next token's mask when one was needed,
+    and the JSON scanner state that closing under a running-out budget needs.
+
+    The mask is computed lazily, at most once per token: checking the one token the sampler
+    drew (:meth:`allows`) costs a few microseconds, while a mask walks llguidance's whole
+    token trie, which each ``llama_decode`` has just pushed out of the caches with the
+    model's weights (measured in the engine: ~170 us per mask against ~20 us in a tight
+    loop). Most drawn tokens are allowed, so most steps never compute a mask."""
 
     def __init__(self, grammars: Grammars, matcher: llguidance.LLMatcher, reserve: int) -> None:
         self._g = grammars
         self._matcher = matcher
         self._words = np.zeros(grammars.n_words, dtype=np.int32)
+        self._any = False
+        self._fresh = False  # whether _words is the mask of the next token
         self.reserve = reserve
         self.depth = 0
         self.state = _OUT
@@ -224,33 +256,44 @@ class Constraint:
     def error(self) -> str:
         return self._matcher.get_error()
 
-    def allows(self, token: int) -> bool:
-        """Whether ``token`` may come next (about a microsecond: no mask is computed)."""
-        return bool(self._matcher.validate_tokens([token]) == 1)
+    def words(self) -> npt.NDArray[np.int32]:
+        """The next token's mask, computed if it is not yet: one bit per token, 1 = allowed."""
+        if not self._fresh:
+            words = self._words
+            self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+            self._any = bool(words.any())
+            self._fresh = True
+        return self._words
 
-    def compute_mask(self) -> bool:
-        """The next token's mask into the scratch words; False if nothing is allowed."""
-        words = self._words
-        self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-        return bool(words.any())
+    def allows(self, token: int) -> bool:
+        """Whether ``token`` may come next: a bit of the mask if there is one, else the
+        matcher's check of that one token."""
+        if not 0 <= token < self._g.n_vocab:
+            return False
+        if self._fresh:
+            return bool((int(self._words[token >> 5]) >> (token & 31)) & 1)
+        return bool(self._matcher.validate_tokens([token]) == 1)
 
     def mask(self, logits: npt.NDArray[np.float32]) -> bool:
         """Set every refused token's logit to -inf; False (logits untouched) if nothing is
         allowed, which only a matcher in error can reach."""
-        if not self.compute_mask():
+        words = self.words()
+        if not self._any:
             return False
-        self._g.apply(self._words, logits)
+        self._g.apply(words, logits)
         return True
 
     def best_allowed(self, logits: npt.NDArray[np.float32]) -> int:
-        """The allowed token with the highest logit, -1 if none (from a fresh mask)."""
+        """The allowed token with the highest logit, -1 if none."""
         allowed = self._allowed()
         if len(allowed) == 0:
             return -1
         return int(allowed[int(np.argmax(logits[allowed]))])
 
     def accept(self, token: int) -> bool:
-        """Feed the chosen token; False if the matcher refuses it (a bug, never expected)."""
+        """Feed the chosen token; False if the matcher refuses it (a bug, never expected:
+        only allowed tokens are offered)."""
+        self._fresh = False
         if not self._matcher.consume_token(token):
             return False
         if token < self._g.n_vocab:
@@ -290,7 +333,8 @@ class Constraint:
         return int(best[int(np.argmax(logits[best]))])
 
     def _allowed(self) -> npt.NDArray[np.intp]:
-        if not self.compute_mask():
+        words = self.words()
+        if not self._any:
             return np.empty(0, dtype=np.intp)
-        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little", count=self._g.n_vocab)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=self._g.n_vocab)
         return np.flatnonzero(bits)
