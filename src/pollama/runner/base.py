@@ -10,7 +10,7 @@ they are plain dataclasses of JSON-able values.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +20,8 @@ class LoadSpec:
     """Everything that decides how a model is loaded; a change means a reload.
 
     ``num_ctx`` is per sequence (Ollama's meaning); the context holds
-    ``num_ctx * num_parallel`` tokens.
+    ``num_ctx * num_parallel`` tokens. ``embedding`` marks an embedding model (its GGUF has a
+    pooling type): the worker makes only an embedding context and refuses completions.
     """
 
     model_path: str
@@ -105,6 +106,16 @@ class CompletionChunk:
     tokens: list[int] | None = None
 
 
+@dataclass
+class EmbeddingResult:
+    """The vectors of one embedding request, in input order, as llama.cpp pooled them (not
+    normalized: ``inference/embeddings.py`` does that, once for every protocol). The worker
+    protocol carries each vector base64-encoded."""
+
+    vectors: list[bytes]  # little-endian float32, one per input
+    token_counts: list[int]  # tokens evaluated per input, after truncation
+
+
 @dataclass(frozen=True)
 class RunnerInfo:
     """What a loaded worker reports about itself."""
@@ -130,6 +141,11 @@ class Runner(Protocol):
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
 
     async def detokenize(self, tokens: list[int]) -> str: ...
+
+    async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
+        """Each input's pooled vector. An input longer than the model's embedding context is
+        cut to fit when ``truncate``, else refused (``InvalidRequest`` naming both counts)."""
+        ...
 
     @property
     def alive(self) -> bool: ...

@@ -2,9 +2,11 @@
 
 :class:`FakeRunner` satisfies :class:`pollama.runner.base.Runner` without a worker process:
 it replays scripted chunks with controllable delays, can fail to load or crash mid-stream,
-and records what was asked of it. It also checks the scheduler's central promise: closing
-it while a completion is running sets :attr:`FakeRunner.closed_while_busy` (the
-use-after-free of CVE-2026-43631, were it a real runner).
+and records what was asked of it. Its embeddings are a fixed function of each input's bytes
+(:func:`fake_vector`), so tests can compute the expected vector themselves. It also checks
+the scheduler's central promise: closing it while a completion is running sets
+:attr:`FakeRunner.closed_while_busy` (the use-after-free of CVE-2026-43631, were it a real
+runner).
 
 :class:`FakeRunnerFactory` is the ``runner_factory`` to hand a scheduler: it builds one
 ``FakeRunner`` per load, with defaults and per-model overrides, and keeps them all, plus a
@@ -14,14 +16,22 @@ shared ``events`` log of starts and closes in order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from pollama.errors import RunnerCrashed
-from pollama.runner.base import CompletionChunk, CompletionRequest, LoadSpec, RunnerInfo
+from pollama.errors import ContextOverflow, RunnerCrashed
+from pollama.runner.base import (
+    CompletionChunk,
+    CompletionRequest,
+    EmbeddingResult,
+    LoadSpec,
+    RunnerInfo,
+)
 
-__all__ = ["BOS_TOKEN", "FakeRunner", "FakeRunnerFactory"]
+__all__ = ["BOS_TOKEN", "FAKE_EMBEDDING_DIM", "FakeRunner", "FakeRunnerFactory", "fake_vector"]
 
 BOS_TOKEN = 256
 """The fake tokenizer is byte-level (token = byte value); this id stands for BOS."""
@@ -29,6 +39,15 @@ BOS_TOKEN = 256
 Script = Sequence[str] | Callable[[CompletionRequest], Sequence[str]]
 
 _pids = itertools.count(100_000)
+
+FAKE_EMBEDDING_DIM = 8
+
+
+def fake_vector(tokens: Sequence[int], dim: int = FAKE_EMBEDDING_DIM) -> list[float]:
+    """The fake's raw (unnormalized) embedding of ``tokens``: bytes of their sha256, centred
+    and scaled so that the norm is far from 1 (normalizing it must show)."""
+    digest = hashlib.sha256(bytes(t % 256 for t in tokens) + bytes([len(tokens) % 256])).digest()
+    return [float(digest[i % len(digest)] - 127.5) * 0.37 for i in range(dim)]
 
 
 class FakeRunner:
@@ -55,6 +74,8 @@ class FakeRunner:
         memory_bytes: int = 1 << 20,
         n_ctx_train: int = 8192,
         events: list[tuple[str, str]] | None = None,
+        embedding_dim: int = FAKE_EMBEDDING_DIM,
+        embedding: Callable[[Sequence[int]], Sequence[float]] | None = None,
     ) -> None:
         self.spec = spec
         self.script = script
@@ -67,6 +88,8 @@ class FakeRunner:
         self.memory_bytes = memory_bytes
         self.n_ctx_train = n_ctx_train
         self.events = events if events is not None else []
+        self.embedding_dim = embedding_dim
+        self.embedding = embedding  # replaces fake_vector (e.g. to return NaN)
         self.pid = next(_pids)
         self.calls: list[tuple[str, Any]] = []
         self.started = False
@@ -136,6 +159,37 @@ class FakeRunner:
             self.active -= 1
             if not finished:
                 self.cancelled += 1
+
+    async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
+        """Byte tokens plus BOS, cut to ``num_ctx`` (or refused, as the worker does)."""
+        self.calls.append(("embed", (list(inputs), truncate)))
+        self._check_alive()
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.hold is not None:
+                await self._until(self.hold.wait())
+            if self.chunk_delay:
+                await self._until(asyncio.sleep(self.chunk_delay))
+            vectors: list[bytes] = []
+            counts: list[int] = []
+            make = self.embedding or (lambda t: fake_vector(t, self.embedding_dim))
+            for text in inputs:
+                tokens = [BOS_TOKEN, *text.encode()]
+                if len(tokens) > self.spec.num_ctx:
+                    if not truncate:
+                        raise ContextOverflow(
+                            "the input length exceeds the context length: the input has "
+                            f"{len(tokens)} tokens, the context holds {self.spec.num_ctx}"
+                        )
+                    tokens = tokens[: self.spec.num_ctx]
+                values = list(make(tokens))
+                vectors.append(struct.pack(f"<{len(values)}f", *values))
+                counts.append(len(tokens))
+            self._check_alive()
+            return EmbeddingResult(vectors=vectors, token_counts=counts)
+        finally:
+            self.active -= 1
 
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         self.calls.append(("tokenize", text))

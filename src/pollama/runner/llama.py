@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SEED",
+    "EmbeddingContext",
     "KV_CACHE_TYPES",
     "Batch",
     "Context",
@@ -159,6 +160,11 @@ class Model:
         self.size_bytes: int = lc.llama_model_size(ptr)
         self.has_decoder: bool = lc.llama_model_has_decoder(ptr)
         self.add_bos: bool = lc.llama_vocab_get_add_bos(self.vocab)
+        # Special tokens the tokenizer appends (EOS for some, SEP for BERT's WordPiece).
+        self.n_tail_specials: int = int(lc.llama_vocab_get_add_eos(self.vocab)) + int(
+            lc.llama_vocab_get_add_sep(self.vocab)
+        )
+        self.n_embd_out: int = lc.llama_model_n_embd_out(ptr)
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
     def head_dims(self) -> tuple[int, int]:
@@ -250,6 +256,7 @@ class ContextParams:
     type_v: int = lc.GGML_TYPE_F16
     kv_unified: bool = False
     embeddings: bool = False
+    pooling_type: int = lc.LLAMA_POOLING_TYPE_UNSPECIFIED  # embedding contexts only
 
 
 class Context:
@@ -268,6 +275,7 @@ class Context:
         cp.type_v = params.type_v
         cp.kv_unified = params.kv_unified
         cp.embeddings = params.embeddings
+        cp.pooling_type = params.pooling_type
         cp.no_perf = True
         ptr = lc.llama_init_from_model(model.ptr, cp)
         if not ptr:
@@ -500,3 +508,150 @@ def guidance_tokenizer(model: Model) -> LLTokenizer:
         eos_token=eog,
         slices=LLTokenizer.json_slices(),
     )
+
+
+# Embeddings ----------------------------------------------------------------------------------
+
+_POOLING_NAMES = {
+    lc.LLAMA_POOLING_TYPE_NONE: "none",
+    lc.LLAMA_POOLING_TYPE_MEAN: "mean",
+    lc.LLAMA_POOLING_TYPE_CLS: "cls",
+    lc.LLAMA_POOLING_TYPE_LAST: "last",
+    lc.LLAMA_POOLING_TYPE_RANK: "rank",
+}
+# Ollama's default batch for embedding models (``DefaultEmbeddingNumBatch``): a bidirectional
+# model must see a whole input in one pass, so its batch bounds the input.
+_EMBEDDING_BATCH = 2048
+# Inputs start at multiples of this many cache cells (``runner/embedder.py`` ``plan``): the
+# widest SIMD vector of ggml's CPU kernels (AVX-512: 16 floats) and so a multiple of the
+# narrower ones. Measured on SmolLM2 (AMD EPYC, AVX-512): at every multiple of 16 an input's
+# vector is bit-identical to the vector of the input alone; at other offsets it is not.
+_CELL_ALIGN = 16
+# Rounds of several inputs hold at most this many tokens: llama.cpp pads the cells that
+# attention spans to 256, so an input alone already pays for 256, and packing up to 256
+# costs nothing more; beyond, every token attends over more cells. Measured on SmolLM2 (2
+# threads, inputs of 1 to 200 words): rounds of 256 tokens 246 tok/s, 512 200, 1024 115.
+_ROUND_TOKENS = 256
+
+
+class EmbeddingContext:
+    """A second kind of context over a loaded :class:`Model`: embedding mode, one pooled vector
+    per sequence. It shares the model's weights with any generation context (llama.cpp
+    contexts are independent), and implements ``runner.embedder.EmbeddingBackend``.
+
+    Pooling is the model's own (``<arch>.pooling_type``: mean, CLS or last). A generation
+    model has none; it gets **last-token pooling**: with causal attention the last token is
+    the only one that has seen the whole input, this is the pooling of decoder embedding
+    models (Qwen3-Embedding, e5-mistral), and it is what Ollama's own llama.cpp runner
+    returned for such models (``GetEmbeddingsIth`` of the sequence's last row when no pooled
+    vector existed). Mean pooling over a causal model would weigh early tokens, which saw
+    little of the text, as much as the last ones.
+
+    Sizes: with causal attention and last-token pooling an input may span passes
+    (``splittable``), so the batch stays ``n_batch`` (the context's output buffer is
+    ``n_vocab`` floats per batch token: 100 MB at 512 for SmolLM2, so a batch of the whole
+    context would cost gigabytes) and an input may fill the context (``n_ctx``). Otherwise
+    one pass must hold a whole input: the batch is ``n_ctx``, at most
+    ``max(n_batch, 2048)`` (Ollama's embedding batch), and that bounds an input.
+
+    What must stay true:
+
+    * flash attention is off and the cache is f16 whatever the server's settings: llama.cpp's
+      CPU flash-attention kernel accumulates in f16 in an order that depends on how many
+      cache cells the batch spans, so a vector would change with what else was batched with
+      it (measured on SmolLM2: up to 0.04 per normalized component);
+    * the cache is unified (``kv_unified``) and ``n_seq_max`` is ``min(batch, 256)``, as
+      llama-cpp-python's own ``Llama.embed`` sets for embedding contexts; inputs start at
+      aligned cells (``_CELL_ALIGN``), so that an input's arithmetic, down to the rounding,
+      does not depend on the inputs before it;
+    * used by one thread (the embedding loop's); :meth:`tokenize` only reads the vocabulary.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int) -> None:
+        arch = model.meta("general.architecture") or ""
+        declared = model.meta(f"{arch}.pooling_type")
+        pooling = int(declared) if declared and declared.isdigit() else None
+        if pooling == lc.LLAMA_POOLING_TYPE_RANK:
+            raise InvalidOption("a reranking model (pooling type rank) has no embeddings")
+        if pooling not in (
+            lc.LLAMA_POOLING_TYPE_MEAN,
+            lc.LLAMA_POOLING_TYPE_CLS,
+            lc.LLAMA_POOLING_TYPE_LAST,
+        ):
+            pooling = lc.LLAMA_POOLING_TYPE_LAST
+        self.pooling = _POOLING_NAMES[pooling]
+        last = pooling == lc.LLAMA_POOLING_TYPE_LAST
+        if last:
+            batch = max(1, min(n_batch, n_ctx))
+            cells = n_ctx
+        else:
+            batch = max(1, min(n_ctx, max(n_batch, _EMBEDDING_BATCH)))
+            cells = batch
+        params = ContextParams(
+            n_ctx=cells,
+            n_seq_max=min(batch, int(lc.llama_max_parallel_sequences())),
+            n_batch=batch,
+            n_ubatch=batch,
+            n_threads=n_threads,
+            flash_attn_type=lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            type_k=lc.GGML_TYPE_F16,
+            type_v=lc.GGML_TYPE_F16,
+            kv_unified=True,
+            embeddings=True,
+            pooling_type=pooling,
+        )
+        self.model = model
+        self.ctx = Context(model, params)
+        self.n_batch: int = self.ctx.n_batch
+        self.n_ctx: int = self.ctx.n_ctx
+        self.n_seq_max: int = self.ctx.n_seq_max
+        self.splittable: bool = last and bool(lc.llama_get_causal_attn(self.ctx.ptr))
+        self.limit: int = min(n_ctx, self.n_ctx if self.splittable else self.n_batch)
+        self.n_tail: int = model.n_tail_specials
+        self.dim: int = model.n_embd_out
+        self.align = _CELL_ALIGN
+        self.round_tokens = _ROUND_TOKENS
+        bos = lc.llama_vocab_bos(model.vocab)
+        self.pad_token: int = bos if bos >= 0 else 0
+        self._batch = Batch(self.n_batch)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def clear(self) -> None:
+        self.ctx.clear()  # llama_memory_clear ignores the NULL memory of cache-less encoders
+
+    def forward(
+        self, pieces: Sequence[tuple[int, Sequence[int], int]], finished: Sequence[int]
+    ) -> list[bytes]:
+        """One ``llama_decode`` of every piece, every row an output (llama.cpp requires it
+        for pooled embeddings); the pooled vectors of ``finished`` as float32 bytes."""
+        batch = self._batch
+        batch.clear()
+        for seq, tokens, pos0 in pieces:
+            start = batch.n_tokens
+            batch.add_run(tokens, pos0, seq, True)
+            batch.logits[start : batch.n_tokens] = 1
+        rc = self.ctx.decode(batch)
+        if rc != 0:
+            raise InternalError(f"llama_decode failed for an embedding batch (status {rc})")
+        vectors = []
+        for seq in finished:
+            ptr = lc.llama_get_embeddings_seq(self.ctx.ptr, seq)
+            if not ptr:
+                raise InternalError(f"llama.cpp returned no embedding for sequence {seq}")
+            vector = np.ctypeslib.as_array(ptr, shape=(self.dim,))
+            vectors.append(vector.astype("<f4").tobytes())
+        return vectors
+
+    def warmup(self) -> None:
+        """One pass of one token, so that the first request does not pay for page faults."""
+        lc.llama_set_warmup(self.ctx.ptr, True)
+        try:
+            self.forward([(0, [self.pad_token], 0)], [])
+        finally:
+            lc.llama_set_warmup(self.ctx.ptr, False)
+            self.clear()
+
+    def close(self) -> None:
+        self.ctx.close()

@@ -10,7 +10,8 @@ What must stay true:
 * one reader task owns the socket's read side and routes each message by ``id`` to the
   queue of the request that sent it; messages for requests that are gone are dropped;
 * a completion whose consumer stops early (client gone, ``aclose()``, cancellation) sends
-  ``cancel``, so the worker frees the slot within one decode step;
+  ``cancel``, so the worker frees the slot within one decode step; so does an embedding
+  request (the worker stops it at its next pass);
 * when the worker dies (EOF on the socket: exit, segfault, abort, ``kill -9``), every open
   request raises :class:`RunnerCrashed` carrying the worker's last error line (or its exit
   status), every later call raises it at once, and :attr:`alive` is False;
@@ -39,11 +40,18 @@ from typing import Any
 
 from pollama.config import Settings
 from pollama.errors import InternalError, InvalidRequest, RunnerCrashed
-from pollama.runner.base import CompletionChunk, CompletionRequest, LoadSpec, RunnerInfo
+from pollama.runner.base import (
+    CompletionChunk,
+    CompletionRequest,
+    EmbeddingResult,
+    LoadSpec,
+    RunnerInfo,
+)
 from pollama.runner.protocol import (
     MAX_LINE,
     decode,
     done_from_json,
+    embedding_result_from_json,
     encode,
     info_from_json,
     request_to_json,
@@ -57,6 +65,10 @@ _ERROR_LINE = re.compile(
     re.IGNORECASE,
 )
 _EXIT_GRACE = 2.0  # after EOF, how long a worker may take to exit before it is killed
+# An embed op carries at most this many inputs and characters, so that neither it nor its
+# reply (a base64 vector per input) comes near MAX_LINE; bigger requests take several ops.
+_EMBED_OP_INPUTS = 256
+_EMBED_OP_CHARS = 8 << 20
 _OUTPUT_GRACE = 1.0  # after exit, how long to wait for the rest of its output
 
 
@@ -285,6 +297,37 @@ class SubprocessRunner:
         result = await self._call({"op": "detokenize", "tokens": list(tokens)})
         return str(result.get("text") or "")
 
+    async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
+        """The pooled vector of each input (see :class:`~pollama.runner.base.Runner`)."""
+        result = EmbeddingResult(vectors=[], token_counts=[])
+        for group in _embed_groups(list(inputs)):
+            part = await self._embed_op(group, truncate)
+            result.vectors.extend(part.vectors)
+            result.token_counts.extend(part.token_counts)
+        return result
+
+    async def _embed_op(self, inputs: list[str], truncate: bool) -> EmbeddingResult:
+        rid, queue = await self._open()
+        finished = False
+        try:
+            await self._send({"op": "embed", "id": rid, "inputs": inputs, "truncate": truncate})
+            reply = await self._next(queue)
+            finished = True
+            if reply.get("type") != "result":
+                raise self._unexpected(reply)
+            try:
+                result = embedding_result_from_json(reply)
+            except (KeyError, TypeError, ValueError) as exc:
+                msg = f"malformed embedding result from the model runner: {exc}"
+                raise InternalError(msg) from None
+            if len(result.vectors) != len(inputs):
+                raise InternalError("the model runner returned the wrong number of embeddings")
+            return result
+        finally:
+            self._requests.pop(rid, None)
+            if not finished and self.alive:
+                self._send_nowait({"op": "cancel", "id": rid})
+
     async def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         rid, queue = await self._open()
         try:
@@ -447,6 +490,20 @@ class SubprocessRunner:
         state = "alive" if self.alive else "stopped"
         name = os.path.basename(self.spec.model_path)
         return f"<SubprocessRunner {name} pid={self.pid} {state}>"
+
+
+def _embed_groups(inputs: list[str]) -> list[list[str]]:
+    """``inputs`` in order, cut into groups within the per-op limits (one input per group
+    at least, however long: the request body limit bounds it)."""
+    groups: list[list[str]] = []
+    chars = 0
+    for text in inputs:
+        if not groups or len(groups[-1]) >= _EMBED_OP_INPUTS or chars + len(text) > _EMBED_OP_CHARS:
+            groups.append([])
+            chars = 0
+        groups[-1].append(text)
+        chars += len(text)
+    return groups
 
 
 def subprocess_factory(

@@ -9,6 +9,8 @@ server → worker
     {"op": "completion", "id": 1,
      "request": {prompt, tokens, add_special, options, return_tokens, format}}
     {"op": "cancel", "id": 1}              stop that completion within one decode step
+                                           (or that embedding job at its next pass)
+    {"op": "embed", "id": 4, "inputs": ["...", ...], "truncate": true}
     {"op": "tokenize", "id": 2, "text": "...", "add_special": true}
     {"op": "detokenize", "id": 3, "tokens": [...]}
     {"op": "shutdown"}
@@ -19,20 +21,30 @@ worker → server
     {"id": 1, "type": "chunk", "text": "..."}
     {"id": 1, "type": "done", CompletionChunk fields except text}
     {"id": 2, "type": "result", "tokens": [...]} / {"id": 3, "type": "result", "text": "..."}
+    {"id": 4, "type": "result", "vectors": ["<base64 of little-endian float32>", ...],
+     "token_counts": [...]}                  one vector per input, in order, not normalized
     {"id": 1, "type": "error", "kind": "invalid" | "internal", "message": "..."}
 
 What must stay true: every completion ends with exactly one ``done`` or ``error`` message
-(a cancelled one too, with ``done_reason`` ""), and the worker never writes anything else to
-the socket. A closed socket means the worker died: every open request fails.
+(a cancelled one too, with ``done_reason`` ""), every embed with one ``result`` or ``error``
+(a cancelled one with nothing: its requester is gone), and the worker never writes anything
+else to the socket. A closed socket means the worker died: every open request fails.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict
 from typing import Any
 
-from pollama.runner.base import CompletionChunk, CompletionRequest, RunnerInfo, SamplingOptions
+from pollama.runner.base import (
+    CompletionChunk,
+    CompletionRequest,
+    EmbeddingResult,
+    RunnerInfo,
+    SamplingOptions,
+)
 
 MAX_LINE = 64 << 20
 
@@ -87,3 +99,19 @@ def done_from_json(data: dict[str, Any]) -> CompletionChunk:
 
 def info_from_json(data: dict[str, Any]) -> RunnerInfo:
     return RunnerInfo(**{k: data[k] for k in RunnerInfo.__dataclass_fields__})
+
+
+def embedding_result_to_json(result: EmbeddingResult) -> dict[str, Any]:
+    return {
+        "vectors": [base64.b64encode(v).decode("ascii") for v in result.vectors],
+        "token_counts": list(result.token_counts),
+    }
+
+
+def embedding_result_from_json(data: dict[str, Any]) -> EmbeddingResult:
+    """Raises ``ValueError`` (or ``KeyError``/``TypeError``) on a malformed result."""
+    vectors = [base64.b64decode(v, validate=True) for v in data["vectors"]]
+    counts = [int(n) for n in data["token_counts"]]
+    if len(vectors) != len(counts) or any(len(v) % 4 for v in vectors):
+        raise ValueError("malformed embedding result")
+    return EmbeddingResult(vectors=vectors, token_counts=counts)

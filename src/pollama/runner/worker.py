@@ -8,9 +8,17 @@ model and answers ``ready`` (or ``fatal`` and exits 1). Then three threads share
 * the main thread runs the :class:`~pollama.runner.engine.Engine` loop, which owns the
   llama.cpp context;
 * a reader thread parses operations: completions and cancels go to the engine's queue,
-  tokenize/detokenize are answered at once (the vocabulary is read-only, so this is safe
-  while a decode runs, and it does not wait for a decode step);
-* both write through one lock, a whole line at a time, so messages never interleave.
+  embeddings to the embedding loop's, tokenize/detokenize are answered at once (the
+  vocabulary is read-only, so this is safe while a decode runs, and it does not wait for a
+  decode step);
+* all write through one lock, a whole line at a time, so messages never interleave.
+
+Embeddings (``runner/embedder.py``) use a context of their own in embedding mode, sharing
+the model's weights. A generation model's worker creates it when the first embedding request
+comes and runs it on a fourth thread, so embeddings and generation do not wait for each
+other (llama.cpp contexts are independent; on a small machine they share its cores). An
+embedding model's worker (``LoadSpec.embedding``) has only that context: no engine, the
+embedding loop on the main thread, and completions refused.
 
 The worker exits cleanly on ``shutdown`` or when the socket closes (the server died), and
 never writes anything but protocol messages to the socket; llama.cpp's log goes to stderr.
@@ -29,12 +37,21 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from pollama.runner.base import CompletionChunk, LoadSpec, RunnerInfo
-from pollama.runner.protocol import MAX_LINE, decode, done_to_json, encode, request_from_json
+from pollama.errors import InvalidRequest
+from pollama.runner.base import CompletionChunk, EmbeddingResult, LoadSpec, RunnerInfo
+from pollama.runner.protocol import (
+    MAX_LINE,
+    decode,
+    done_to_json,
+    embedding_result_to_json,
+    encode,
+    request_from_json,
+)
 
 if TYPE_CHECKING:
+    from pollama.runner.embedder import EmbeddingLoop
     from pollama.runner.engine import Engine, Event
-    from pollama.runner.llama import Context, LogSink, Model
+    from pollama.runner.llama import Context, EmbeddingContext, LogSink, Model
 
 _KV_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -79,7 +96,8 @@ def _threads(spec: LoadSpec) -> int:
 
 
 class Loaded:
-    """The model, its context and what ``ready`` reports."""
+    """The model, its context (generation, or embedding for an embedding model) and what
+    ``ready`` reports."""
 
     def __init__(self, spec: LoadSpec, log: LogSink) -> None:
         from pollama.runner import llama
@@ -100,8 +118,30 @@ class Loaded:
             raise
         if warning:
             _log(warning)
-        n_batch = max(spec.num_batch, spec.num_parallel)
+        self.spec = spec
         self.n_threads = _threads(spec)
+        self.ctx: Context | None = None
+        self.embedding: EmbeddingContext | None = None
+        if spec.embedding:
+            self._load_embedding_model()
+        else:
+            self._load_generation_model(type_k, type_v)
+        memory = log.buffer_bytes or int(self.model.size_bytes + self._kv_bytes)
+        self.info = RunnerInfo(
+            pid=os.getpid(),
+            n_ctx=self.n_ctx,
+            n_ctx_train=self.model.n_ctx_train,
+            n_parallel=1 if spec.embedding else spec.num_parallel,
+            n_vocab=self.model.n_vocab,
+            memory_bytes=memory,
+            load_duration_ns=time.perf_counter_ns() - start,
+        )
+
+    def _load_generation_model(self, type_k: int, type_v: int) -> None:
+        from pollama.runner import llama
+
+        spec = self.spec
+        n_batch = max(spec.num_batch, spec.num_parallel)
         params = llama.ContextParams(
             n_ctx=spec.num_ctx * spec.num_parallel,
             n_seq_max=spec.num_parallel,
@@ -114,7 +154,7 @@ class Loaded:
             kv_unified=False,
         )
         try:
-            self.ctx: Context = llama.Context(self.model, params)
+            self.ctx = llama.Context(self.model, params)
         except Exception:
             self.model.close()
             raise
@@ -126,24 +166,53 @@ class Loaded:
             raise
         self.n_ctx = min(spec.num_ctx, self.ctx.n_ctx_seq)
         self.n_batch = n_batch
-        kv_bytes = (
+        self._kv_bytes = (
             2 * self.model.n_layer * self.ctx.n_ctx
             * self.model.n_head_kv * (self.model.n_embd // max(1, self.model.n_head))
             * _KV_BYTES.get(spec.kv_cache_type.lower(), 2.0)
         )  # fmt: skip
-        memory = log.buffer_bytes or int(self.model.size_bytes + kv_bytes)
-        self.info = RunnerInfo(
-            pid=os.getpid(),
-            n_ctx=self.n_ctx,
-            n_ctx_train=self.model.n_ctx_train,
-            n_parallel=spec.num_parallel,
-            n_vocab=self.model.n_vocab,
-            memory_bytes=memory,
-            load_duration_ns=time.perf_counter_ns() - start,
-        )
+
+    def _load_embedding_model(self) -> None:
+        self.n_ctx = self.spec.num_ctx
+        try:
+            self.embedding = self.open_embedding()
+            self.embedding.warmup()
+        except Exception:
+            self.close()
+            raise
+        self.n_ctx = self.embedding.limit
+        self.n_batch = self.embedding.n_batch
+        self._kv_bytes = 0.0  # the log's buffer sizes count it (llama.cpp always logs them)
+
+    def open_embedding(self) -> EmbeddingContext:
+        """The embedding context over the loaded weights (made once; the embedding loop
+        calls this on its own thread, for a generation model when first asked)."""
+        from pollama.runner import llama
+
+        if self.embedding is None:
+            embedding = llama.EmbeddingContext(
+                self.model,
+                n_ctx=self.n_ctx,
+                n_batch=self.spec.num_batch,
+                n_threads=self.n_threads,
+            )
+            try:  # the model's LoRA adapters apply to its embeddings as to its text
+                embedding.ctx.set_lora(list(self.spec.adapters))
+            except Exception:
+                embedding.close()
+                raise
+            self.embedding = embedding
+            _log(
+                f"embedding context: {self.embedding.pooling} pooling, inputs up to "
+                f"{self.embedding.limit} tokens"
+            )
+        return self.embedding
 
     def close(self) -> None:
-        self.ctx.close()
+        if self.embedding is not None:
+            self.embedding.close()
+        if self.ctx is not None:
+            self.ctx.close()
         self.model.close()
 
 
@@ -160,16 +229,43 @@ def _emitter(writer: Writer, req_id: Any) -> Any:
     return emit
 
 
-def _handle(message: dict[str, Any], loaded: Loaded, engine: Engine, writer: Writer) -> bool:
+def _embedding_reply(writer: Writer, req_id: Any) -> Any:
+    def reply(result: EmbeddingResult | BaseException) -> bool:
+        if isinstance(result, EmbeddingResult):
+            return writer.send({"id": req_id, "type": "result", **embedding_result_to_json(result)})
+        kind = "invalid" if isinstance(result, InvalidRequest | ValueError) else "internal"
+        message = str(result) if kind == "invalid" else f"{type(result).__name__}: {result}"
+        return writer.send({"id": req_id, "type": "error", "kind": kind, "message": message})
+
+    return reply
+
+
+def _handle(
+    message: dict[str, Any],
+    loaded: Loaded,
+    engine: Engine | None,
+    embedder: EmbeddingLoop,
+    writer: Writer,
+) -> bool:
     """Serve one operation; False on ``shutdown``."""
     op = message.get("op")
     req_id = message.get("id")
     model = loaded.model
     try:
         if op == "completion":
+            if engine is None:
+                raise ValueError("this is an embedding model: it does not support generate")
             engine.submit(req_id, request_from_json(message["request"]), _emitter(writer, req_id))
+        elif op == "embed":
+            inputs = message["inputs"]
+            if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+                raise ValueError("inputs must be a list of strings")
+            truncate = bool(message.get("truncate", True))
+            embedder.submit(req_id, inputs, truncate, _embedding_reply(writer, req_id))
         elif op == "cancel":
-            engine.cancel(req_id)
+            if engine is not None:
+                engine.cancel(req_id)
+            embedder.cancel(req_id)
         elif op == "tokenize":
             tokens = model.tokenize(str(message["text"]), bool(message.get("add_special", True)))
             writer.send({"id": req_id, "type": "result", "tokens": tokens})
@@ -196,8 +292,14 @@ def _handle(message: dict[str, Any], loaded: Loaded, engine: Engine, writer: Wri
     return True
 
 
-def _read_loop(sock: socket.socket, loaded: Loaded, engine: Engine, writer: Writer) -> None:
-    """Parse operations until ``shutdown`` or EOF, then stop the engine."""
+def _read_loop(
+    sock: socket.socket,
+    loaded: Loaded,
+    engine: Engine | None,
+    embedder: EmbeddingLoop,
+    writer: Writer,
+) -> None:
+    """Parse operations until ``shutdown`` or EOF, then stop the engine and the embedder."""
     try:
         with sock.makefile("rb", buffering=1 << 16) as stream:
             while True:
@@ -214,12 +316,14 @@ def _read_loop(sock: socket.socket, loaded: Loaded, engine: Engine, writer: Writ
                 except ValueError as exc:
                     _log(f"ignored a message that is not JSON: {exc}")
                     continue
-                if not _handle(message, loaded, engine, writer):
+                if not _handle(message, loaded, engine, embedder, writer):
                     break
     except OSError as exc:
         _log(f"socket error: {exc}")
     finally:
-        engine.stop()
+        embedder.stop()
+        if engine is not None:
+            engine.stop()
 
 
 # Spin iterations of an OpenMP thread waiting at a barrier before it sleeps (libgomp's
@@ -255,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _tune_threads()
     from pollama.runner import llama
+    from pollama.runner.embedder import EmbeddingLoop
     from pollama.runner.engine import Engine
     from pollama.runner.tuning import ThreadTuner
 
@@ -265,28 +370,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = f" ({log.last_error})" if log.last_error and log.last_error not in str(exc) else ""
         writer.send({"type": "fatal", "message": f"{exc}{detail}"})
         return 1
-    tuner = None
-    if spec.num_thread <= 0:  # threads left to us: adapt them to what else runs (tuning.py)
-        ctx = loaded.ctx
-        tuner = ThreadTuner(loaded.n_threads, lambda n: ctx.set_threads(n, n))
-    engine = Engine(
-        loaded.model,
-        loaded.ctx,
-        n_ctx=loaded.n_ctx,
-        n_batch=loaded.n_batch,
-        n_parallel=spec.num_parallel,
-        tuner=tuner,
-    )
-    writer.on_close.append(engine.stop)
+    engine = None
+    if loaded.ctx is not None:
+        tuner = None
+        if spec.num_thread <= 0:  # threads left to us: adapt them to what else runs (tuning.py)
+            ctx = loaded.ctx
+            tuner = ThreadTuner(loaded.n_threads, lambda n: ctx.set_threads(n, n))
+        engine = Engine(
+            loaded.model,
+            loaded.ctx,
+            n_ctx=loaded.n_ctx,
+            n_batch=loaded.n_batch,
+            n_parallel=spec.num_parallel,
+            tuner=tuner,
+        )
+        writer.on_close.append(engine.stop)
+    # A generation model's embeddings run on a thread of their own, started by the first one.
+    embedder = EmbeddingLoop(loaded.open_embedding, background=engine is not None)
+    writer.on_close.append(embedder.stop)
     if not writer.send({"type": "ready", "info": asdict(loaded.info)}):
         return 1
     reader = threading.Thread(
-        target=_read_loop, args=(sock, loaded, engine, writer), name="reader", daemon=True
+        target=_read_loop,
+        args=(sock, loaded, engine, embedder, writer),
+        name="reader",
+        daemon=True,
     )
     reader.start()
-    engine.run()
+    if engine is not None:
+        engine.run()
+    else:
+        embedder.run()
     reader.join(timeout=2.0)
-    if not reader.is_alive():  # it may still be tokenizing with the model we would free
+    embedder.stop()
+    # Free the model only when no thread may still use it (tokenizing, embedding).
+    if embedder.join(timeout=2.0) and not reader.is_alive():
         loaded.close()
     return 0
 
