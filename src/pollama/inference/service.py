@@ -255,6 +255,11 @@ class InferenceService:
         check_raw_mode(req.raw, template=req.template, system=req.system, context=bool(req.context))
         return think, tools
 
+    def load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
+        """The spec a request for ``model`` loads it with. ``inference.embeddings`` uses it
+        too, so that embedding and generation requests for one model share its runner."""
+        return self._load_spec(model, info, options)
+
     def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
         num_ctx = (
             int(options.get("num_ctx") or 0) or self.settings.context_length or DEFAULT_NUM_CTX

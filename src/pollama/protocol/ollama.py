@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pollama.errors import InvalidRequest
+from pollama.inference.embed_request import EmbedRequest as EmbeddingJob
+from pollama.inference.embed_request import embedding_inputs
 from pollama.inference.types import InferenceRequest
 
 
@@ -247,3 +249,43 @@ class ProcessModel(OllamaModel):
 
 class ProcessResponse(OllamaModel):
     models: list[ProcessModel]
+
+
+class EmbedRequest(OllamaModel):
+    """``POST /api/embed``. An absent or empty-string ``input`` only loads the model."""
+
+    model: str = ""
+    input: Any = None  # a string or a list of strings; checked by ``to_embedding``
+    truncate: bool | None = None
+    dimensions: int | None = None
+    keep_alive: Any = None
+    options: dict[str, Any] | None = None
+
+    def to_embedding(self) -> EmbeddingJob:
+        inputs = [] if self.input is None or self.input == "" else embedding_inputs(self.input)
+        return EmbeddingJob(
+            model=self.model,
+            inputs=inputs,
+            truncate=self.truncate is not False,
+            dimensions=self.dimensions,
+            keep_alive=self.keep_alive,
+            options=self.options or {},
+        )
+
+
+class EmbeddingsRequest(OllamaModel):
+    """``POST /api/embeddings`` (legacy): one ``prompt``; an empty one only loads the model."""
+
+    model: str = ""
+    prompt: str = ""
+    keep_alive: Any = None
+    options: dict[str, Any] | None = None
+
+    def to_embedding(self) -> EmbeddingJob:
+        return EmbeddingJob(
+            model=self.model,
+            inputs=[self.prompt] if self.prompt else [],
+            keep_alive=self.keep_alive,
+            options=self.options or {},
+            endpoint="embeddings",
+        )

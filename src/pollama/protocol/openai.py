@@ -19,6 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pollama.errors import InvalidRequest
+from pollama.inference.embed_request import EmbedRequest as EmbeddingJob
+from pollama.inference.embed_request import embedding_inputs
 from pollama.inference.images import image_from_data_url
 from pollama.inference.types import InferenceRequest, ToolChoice
 from pollama.protocol.options import OPTIONS
@@ -284,3 +286,38 @@ def finish_reason(done_reason: str, *, tool_calls: bool = False) -> str:
     if done_reason == "length":
         return "length"
     return "tool_calls" if tool_calls else "stop"
+
+
+class EmbeddingRequest(OpenAIModel):
+    """``POST /v1/embeddings`` (spec §3.5). Ollama options may come as extra body fields, as
+    for the chat endpoints; ``user`` is accepted and ignored."""
+
+    model: str = ""
+    input: Any = None
+    dimensions: int | None = None
+    encoding_format: str | None = None
+    user: str | None = None
+
+    @property
+    def base64(self) -> bool:
+        return (self.encoding_format or "").lower() == "base64"
+
+    def to_embedding(self) -> EmbeddingJob:
+        fmt = self.encoding_format
+        if fmt and fmt.lower() not in ("float", "base64"):
+            raise InvalidRequest(
+                f"Invalid value for 'encoding_format' = {fmt}. "
+                "Supported values: ['float', 'base64']."
+            )
+        if self.input is None:
+            raise InvalidRequest("invalid input")
+        inputs = [""] if self.input == "" else embedding_inputs(self.input)
+        options: dict[str, Any] = {}
+        for key, value in (self.model_extra or {}).items():
+            if key in OPTIONS:
+                options[key] = value
+            elif key == "options" and isinstance(value, dict):
+                options.update({k: v for k, v in value.items() if k in OPTIONS})
+        return EmbeddingJob(
+            model=self.model, inputs=inputs, dimensions=self.dimensions, options=options
+        )

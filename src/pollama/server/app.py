@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pollama import __version__
 from pollama.config import Settings
+from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService
 from pollama.runner.base import LoadSpec, Runner
 from pollama.runner.process import subprocess_factory
@@ -64,6 +65,7 @@ def create_app(
     app.state.store = store
     app.state.scheduler = scheduler
     app.state.inference = inference
+    app.state.embeddings = EmbeddingService(inference)
     install_error_handlers(app)
     app.include_router(routes_models.router)
     app.include_router(routes_registry.router)

@@ -1,5 +1,6 @@
-"""``/api/generate``, ``/api/chat`` and ``/api/ps``: Ollama's wire format over the one
-inference service (``pollama.inference``).
+"""``/api/generate``, ``/api/chat``, ``/api/embed``, ``/api/embeddings`` and ``/api/ps``:
+Ollama's wire format over the one inference service (``pollama.inference``) and the one
+embedding service (``pollama.inference.embeddings``).
 
 Chat chunks carry ``message.thinking`` and ``message.tool_calls`` (each call as soon as it
 parsed, ``arguments`` an object); generate chunks carry ``thinking``. ``logprobs`` are
@@ -16,9 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pollama.format import rfc3339_local, rfc3339_utc
+from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent, InferenceRequest
-from pollama.protocol.ollama import ChatRequest, GenerateRequest
+from pollama.protocol.ollama import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
 from pollama.scheduler import Scheduler
 from pollama.server.body import parse_body
 from pollama.server.errors import error_response
@@ -150,3 +152,40 @@ async def ps(request: Request) -> Response:
             }
         )
     return JSONResponse({"models": models})
+
+
+def _embedding_service(request: Request) -> EmbeddingService:
+    service: EmbeddingService = request.app.state.embeddings
+    return service
+
+
+@router.post("/api/embed")
+async def embed(request: Request) -> Response:
+    """Ollama's ``EmbedHandler``: ``{"model", "embeddings", "total_duration",
+    "load_duration", "prompt_eval_count"}``, zero counts left out as Go's omitempty does."""
+    body = await parse_body(request, EmbedRequest)
+    service = _embedding_service(request)
+    try:
+        result = await service.embed(service.prepare(body.to_embedding()))
+    except Exception as exc:  # noqa: BLE001 - one mapping, in server.errors
+        return error_response(exc)
+    answer: dict[str, Any] = {"model": result.model, "embeddings": result.float32_lists()}
+    for key in ("total_duration", "load_duration", "prompt_eval_count"):
+        value = getattr(result, key)
+        if value:
+            answer[key] = value
+    return JSONResponse(answer)
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request) -> Response:
+    """The legacy endpoint: ``{"embedding": [...]}`` for one ``prompt`` (``[]`` for an
+    empty one, which only loads the model)."""
+    body = await parse_body(request, EmbeddingsRequest)
+    service = _embedding_service(request)
+    try:
+        result = await service.embed(service.prepare(body.to_embedding()))
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
+    vectors = result.float64_lists()
+    return JSONResponse({"embedding": vectors[0] if vectors else []})

@@ -23,10 +23,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from pollama.errors import InvalidRequest, ModelNotFound
+from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService, Prepared, collect
 from pollama.inference.types import InferenceEvent
 from pollama.names import ModelName
-from pollama.protocol.openai import ChatCompletionRequest, CompletionRequest, finish_reason
+from pollama.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    finish_reason,
+)
 from pollama.server.errors import (
     log_failure,
     message_for,
@@ -301,3 +307,30 @@ async def retrieve_model(request: Request, model: str) -> Response:
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     return JSONResponse(_model_object(model, found.mtime_ns // 1_000_000_000, found.name.namespace))
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request) -> Response:
+    """``{"object": "list", "data": [{"object": "embedding", "embedding", "index"}], "model",
+    "usage"}``; vectors as float lists or, with ``encoding_format: base64``, as base64 of
+    little-endian float32 (the ``openai`` SDK asks for base64 by default)."""
+    try:
+        parsed = await _parse(request, EmbeddingRequest)
+        service: EmbeddingService = request.app.state.embeddings
+        result = await service.embed(service.prepare(parsed.to_embedding()))
+    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
+        return openai_error_response(exc)
+    vectors: list[Any] = result.base64_strings() if parsed.base64 else result.float32_lists()
+    data = [
+        {"object": "embedding", "embedding": vector, "index": i}
+        for i, vector in enumerate(vectors)
+    ]
+    tokens = result.prompt_eval_count
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": parsed.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
