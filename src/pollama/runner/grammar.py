@@ -34,7 +34,10 @@ What must stay true:
   must_close`), the constraint stops following the model and picks, among the allowed tokens,
   the ones that close the JSON soonest (:meth:`Constraint.closing_token`), so output cut by a
   limit still parses and validates whenever the schema can be finished in what is left.
-  ``closing`` records that this happened, and the engine reports ``length``.
+  ``closing`` records that this happened, and the engine reports ``length``. What closing
+  may need is estimated from the schema in the model's own tokens (a byte-level vocabulary
+  needs several times more than SmolLM2's); a schema that needs more than the whole budget
+  still ends cut, with ``length``.
 * A :class:`Constraint` is used by one thread (the engine loop) after it is made; only
   :meth:`Grammars.compile` runs elsewhere (the worker's reader thread).
 """
