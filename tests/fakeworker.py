@@ -11,7 +11,11 @@ answer), ``garbage`` (send a line that is not JSON), ``stubborn`` (ready, but ig
 
 A completion's prompt is a script of space-separated words:
 
-* ``echo A B C`` streams ``A``, `` B``, `` C``, then done (``stop``);
+* ``echo A B C`` streams ``A``, `` B``, `` C``, then done (``stop``); with ``logprobs`` in
+  the request each chunk carries one entry (logprob ``-i``, its word, ``top_logprobs``
+  alternatives ``alt0``…), and with stop strings in its options the done message names
+  the first as ``stop_sequence``;
+* ``badlogprobs`` streams a chunk whose logprobs lack ``logprob``;
 * ``slow N`` streams ``tick`` every 20 ms N times, then done (``length``); a ``cancel`` stops
   it early (done with ``done_reason`` "" and ``cancelled <id>`` on stderr);
 * ``crash K`` streams K chunks, prints ``error: fake worker crashed`` and exits 3;
@@ -57,15 +61,30 @@ class Worker:
         sent = 0
         reason = "stop"
 
-        async def chunk(text: str) -> None:
+        async def chunk(text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
             nonlocal sent
-            self.send({"id": rid, "type": "chunk", "text": text})
+            message: dict[str, Any] = {"id": rid, "type": "chunk", "text": text}
+            if logprobs is not None:
+                message["logprobs"] = logprobs
+            self.send(message)
             sent += 1
             await self.writer.drain()
 
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        stop_sequence = ""
         if verb == "echo":
+            stop_sequence = ((request.get("options") or {}).get("stop") or [""])[0]
             for i, word in enumerate(args):
-                await chunk(word if i == 0 else " " + word)
+                text = word if i == 0 else " " + word
+                logprobs = None
+                if request.get("logprobs"):
+                    top = [entry(f"alt{j}", -float(j)) for j in range(request["top_logprobs"])]
+                    logprobs = [{**entry(text, -float(i)), "top_logprobs": top}]
+                await chunk(text, logprobs)
+        elif verb == "badlogprobs":
+            await chunk("x", [{"token": "x", "bytes": [120]}])
         elif verb == "slow":
             reason = "length"
             for _ in range(int(args[0]) if args else 1000):
@@ -99,6 +118,7 @@ class Worker:
                 "done_reason": reason,
                 "prompt_eval_count": len(words),
                 "eval_count": sent,
+                "stop_sequence": stop_sequence,
             }
         )
         self.cancels.pop(rid, None)

@@ -17,7 +17,14 @@ import pytest
 
 from pollama.config import load_settings
 from pollama.errors import InternalError, InvalidRequest, RunnerCrashed
-from pollama.runner.base import CompletionChunk, CompletionRequest, LoadSpec
+from pollama.runner.base import (
+    CompletionChunk,
+    CompletionRequest,
+    LoadSpec,
+    Logprob,
+    SamplingOptions,
+    TokenLogprob,
+)
 from pollama.runner.process import SubprocessRunner, subprocess_factory
 
 FAKE_WORKER = str(Path(__file__).with_name("fakeworker.py"))
@@ -209,6 +216,34 @@ def test_worker_error_messages_map_to_domain_errors() -> None:
         try:
             with pytest.raises(InvalidRequest, match="bad option"):
                 await collect(runner, "invalid bad option")
+            assert runner.alive
+        finally:
+            await runner.close()
+
+    run(body)
+
+
+def test_logprobs_and_stop_sequence_cross_the_protocol() -> None:
+    async def body() -> None:
+        runner = make_runner()
+        await runner.start()
+        try:
+            options = SamplingOptions(stop=("B", "C"))
+            request = CompletionRequest(
+                prompt="echo A B", options=options, logprobs=True, top_logprobs=2
+            )
+            chunks = [c async for c in runner.completion(request)]
+            top = [TokenLogprob("alt0", -0.0, [97, 108, 116, 48]),
+                   TokenLogprob("alt1", -1.0, [97, 108, 116, 49])]
+            assert [c.logprobs for c in chunks[:-1]] == [
+                [Logprob("A", -0.0, [65], top)], [Logprob(" B", -1.0, [32, 66], top)]
+            ]
+            assert chunks[-1].done and chunks[-1].logprobs is None
+            assert chunks[-1].stop_sequence == "B"
+            plain = await collect(runner, "echo A")
+            assert plain[0].logprobs is None and plain[-1].stop_sequence == ""
+            with pytest.raises(InternalError, match="malformed chunk from the model runner"):
+                await collect(runner, "badlogprobs")
             assert runner.alive
         finally:
             await runner.close()

@@ -8,6 +8,7 @@ model and tiny random-weight models, plus unit tests of the engine's pure pieces
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import socket
@@ -84,9 +85,11 @@ class WorkerClient:
 
     def start(self, prompt: str = "", tokens: list[int] | None = None, **options: Any) -> int:
         req_id = next(self._ids)
-        return_tokens = bool(options.pop("return_tokens", False))
-        request = {"prompt": prompt, "tokens": tokens, "options": options}
-        request["return_tokens"] = return_tokens
+        request: dict[str, Any] = {"prompt": prompt, "tokens": tokens}
+        for key in ("return_tokens", "logprobs", "top_logprobs", "format"):  # request fields
+            if key in options:
+                request[key] = options.pop(key)
+        request["options"] = options
         self._queue(req_id)
         self.send({"op": "completion", "id": req_id, "request": request})
         return req_id
@@ -379,6 +382,54 @@ def test_tiny_kv_cache_types(tmp_path: Path) -> None:
     assert client.close() == 1
 
 
+def stream(client: WorkerClient, req_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A request's chunk messages and its final message."""
+    chunks = []
+    while (message := client.next(req_id))["type"] == "chunk":
+        chunks.append(message)
+    return chunks, message
+
+
+def check_entries(entries: list[dict[str, Any]], n_top: int) -> None:
+    """What every logprob entry must be: a log-probability, ``n_top`` alternatives most
+    likely first, ``bytes`` the token text's bytes."""
+    for entry in entries:
+        assert entry["logprob"] <= 0 and math.isfinite(entry["logprob"])
+        top = entry["top_logprobs"]
+        assert len(top) == n_top
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert sum(math.exp(t["logprob"]) for t in top) <= 1 + 1e-6
+        for item in (entry, *top):
+            assert bytes(item["bytes"]).decode("utf-8", "replace") == item["token"]
+
+
+def test_tiny_logprobs_go_with_the_text_that_carries_their_token(tiny_path: Path) -> None:
+    """Random byte tokens split characters: an entry waits for its character's last byte,
+    so the entries sent so far always decode to exactly the text sent so far."""
+    client = WorkerClient(LoadSpec(model_path=str(tiny_path), num_ctx=256, num_parallel=1))
+    try:
+        split = 0
+        for seed in (0, 1):
+            req = client.start("hello world", temperature=1.5, top_k=0, top_p=1.0, seed=seed,
+                               num_predict=60, logprobs=True, top_logprobs=5)
+            chunks, done = stream(client, req)
+            text, data = "", b""
+            for chunk in chunks:
+                text += chunk["text"]
+                data += b"".join(bytes(e["bytes"]) for e in chunk.get("logprobs", []))
+                assert data.decode("utf-8", "replace") == text
+                split += len(chunk.get("logprobs", [])) > 1
+                check_entries(chunk.get("logprobs", []), 5)
+            assert sum(len(c.get("logprobs", [])) for c in chunks) == done["eval_count"] == 60
+        assert split  # characters were split over tokens (else this test proves nothing)
+        chunks, _ = stream(client, client.start("hello world", num_predict=4))
+        assert not any("logprobs" in c for c in chunks)  # not asked: not computed
+        _, error = stream(client, client.start("hi", logprobs=True, top_logprobs=21))
+        assert error["kind"] == "invalid" and "between 0 and 20" in error["message"]
+    finally:
+        client.close()
+
+
 def test_bad_model_path_is_fatal(tmp_path: Path) -> None:
     client = WorkerClient(LoadSpec(model_path=str(tmp_path / "missing.gguf"), num_ctx=64))
     assert client.ready["type"] == "fatal" and "missing.gguf" in client.ready["message"]
@@ -475,3 +526,62 @@ def test_smol_tokenize_detokenize_round_trip(smol: WorkerClient) -> None:
     assert smol.call({"op": "detokenize", "tokens": tokens})["text"] == text
     bad = smol.call({"op": "detokenize", "tokens": [10**9]})
     assert bad["type"] == "error" and bad["kind"] == "invalid"
+
+
+@pytest.mark.slow
+def test_smol_greedy_logprobs_choose_the_top_token(smol: WorkerClient) -> None:
+    prompt = CHAT.format("Tell me about the moon.")
+    chunks, done = stream(smol, smol.start(prompt, temperature=0, num_predict=40,
+                                           logprobs=True, top_logprobs=3))
+    entries = [e for c in chunks for e in c.get("logprobs", [])]
+    assert len(entries) == done["eval_count"] == 40
+    check_entries(entries, 3)
+    for entry in entries:
+        best = entry["top_logprobs"][0]
+        assert (best["token"], best["logprob"]) == (entry["token"], entry["logprob"])
+    assert "".join(e["token"] for e in entries) == "".join(c["text"] for c in chunks)
+    # no alternatives asked: the entries alone
+    chunks, _ = stream(smol, smol.start(prompt, temperature=0, num_predict=5, logprobs=True))
+    assert [e["top_logprobs"] for c in chunks for e in c.get("logprobs", [])] == [[]] * 5
+
+
+@pytest.mark.slow
+def test_smol_stop_string_drops_the_entries_it_swallowed(smol: WorkerClient) -> None:
+    prompt = CHAT.format("Tell me a story about a dragon.")
+    chunks, _ = stream(smol, smol.start(prompt, temperature=0, num_predict=30, logprobs=True))
+    tokens = [e["token"] for c in chunks for e in c.get("logprobs", [])]
+    full = "".join(c["text"] for c in chunks)
+    # a stop string made of the end of one token and the whole of the next two
+    i = next(i for i in range(4, len(tokens) - 2) if len(tokens[i - 1].strip()) >= 2)
+    stop = tokens[i - 1][-2:] + tokens[i] + tokens[i + 1]
+    chunks, done = stream(smol, smol.start(prompt, temperature=0, num_predict=30,
+                                           stop=["zzzz", stop], logprobs=True))
+    text = "".join(c["text"] for c in chunks)
+    kept = [e["token"] for c in chunks for e in c.get("logprobs", [])]
+    assert (done["done_reason"], done["stop_sequence"]) == ("stop", stop)
+    assert text == full[: full.index(stop)]
+    # the token that began the stop string stays (part of it is in the text), the two that
+    # were all stop string are dropped
+    assert kept == tokens[:i] and done["eval_count"] == len(kept) + 2
+    assert "".join(kept) == text + tokens[i - 1][-2:]
+    _, natural = stream(smol, smol.start(prompt, temperature=0, num_predict=3, stop=["zzzz"]))
+    assert natural["stop_sequence"] == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 11}])
+def test_smol_logprobs_are_measured_before_the_grammar_mask(
+    smol: WorkerClient, sampling: dict[str, Any]
+) -> None:
+    """JSON output: the grammar overrides the model's favourite tokens (when sampling, by
+    setting their logits to -inf in place), and the entries still show the model's own
+    distribution (a masked one would make "{" the only, certain, first token)."""
+    prompt = CHAT.format("Name a color.")
+    chunks, done = stream(smol, smol.start(prompt, num_predict=20, logprobs=True,
+                                           top_logprobs=3, format="json", **sampling))
+    entries = [e for c in chunks for e in c.get("logprobs", [])]
+    assert done["done_reason"] == "stop" and len(entries) == done["eval_count"]
+    check_entries(entries, 3)
+    assert entries[0]["token"] == "{"
+    assert entries[0]["top_logprobs"][0]["token"] != "{"
+    assert entries[0]["logprob"] < entries[0]["top_logprobs"][0]["logprob"]

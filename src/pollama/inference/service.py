@@ -20,6 +20,12 @@ follow Ollama's ``ChatHandler``:
   tokens count in ``eval_count`` and in ``num_predict``;
 * a forced tool call (``tool_choice`` required or a named function) prefills the template's
   tool-call tag and constrains the call's JSON to the tools' schemas.
+
+Token logprobs travel with the chunk they came in: its events carry them whatever the
+parsers made of its text, and a chunk whose text they hold back still sends its entries on
+an otherwise empty event (as Ollama does). The chunk that starts a two-phase answer is
+generated again under the constraint, so its entries are dropped with its text. The final
+event names the stop string that ended the response (``stop_sequence``).
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ from pollama.inference.types import (
 )
 from pollama.names import ModelName
 from pollama.protocol.options import coerce_options, merge_options
-from pollama.runner.base import CompletionRequest, LoadSpec, Runner, SamplingOptions
+from pollama.runner.base import CompletionRequest, LoadSpec, Logprob, Runner, SamplingOptions
 from pollama.scheduler import ModelRef, Scheduler, estimate_memory, parse_keep_alive
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
@@ -412,11 +418,14 @@ class InferenceService:
                     options=SamplingOptions.from_options(sampling),
                     return_tokens=req.kind == "generate" and not req.raw,
                     format=plan.format if constrained else None,
+                    logprobs=req.logprobs,
+                    top_logprobs=req.top_logprobs if req.logprobs else 0,
                 )
                 restart = False
                 async with aclosing(runner.completion(completion)) as chunks:
                     async for chunk in chunks:
                         parsed = Parsed()
+                        logprobs = chunk.logprobs or []
                         if chunk.text:
                             parsed = parser.add(chunk.text)
                             if not constrained:
@@ -424,8 +433,8 @@ class InferenceService:
                                 first_tokens += 0 if chunk.done else 1
                                 if parsed.content and parser.thinking_done:
                                     # The answer begins: restart it under the constraint.
-                                    parsed.content, restart = "", True
-                        elif not chunk.done:
+                                    parsed.content, restart, logprobs = "", True, []
+                        elif not chunk.done and not logprobs:
                             continue
                         if (
                             chunk.done
@@ -436,16 +445,17 @@ class InferenceService:
                             # It thought, then stopped: the answer must still come.
                             first_tokens, restart = chunk.eval_count, True
                         if not chunk.done or restart:
-                            if parsed:
-                                yield _event(parsed, prompt_tokens)
+                            if parsed or logprobs:
+                                yield _event(parsed, prompt_tokens, logprobs)
                                 prompt_tokens = 0
                             if restart:
                                 break
                             continue
                         parsed.extend(parser.finish())
-                        event = _event(parsed, prompt_tokens)
+                        event = _event(parsed, prompt_tokens, logprobs)
                         event.done = True
                         event.done_reason = chunk.done_reason
+                        event.stop_sequence = chunk.stop_sequence
                         event.metrics = Metrics(
                             total_duration=time.monotonic_ns() - started,
                             load_duration=load_duration,
@@ -493,12 +503,15 @@ class _Plan:
     prefill: str
 
 
-def _event(parsed: Parsed, prompt_tokens: int) -> InferenceEvent:
+def _event(
+    parsed: Parsed, prompt_tokens: int, logprobs: list[Logprob] | None = None
+) -> InferenceEvent:
     return InferenceEvent(
         text=parsed.content,
         thinking=parsed.thinking,
         tool_calls=parsed.tool_calls,
         prompt_tokens=prompt_tokens,
+        logprobs=list(logprobs or ()),
     )
 
 
@@ -520,23 +533,27 @@ def _through_closing(raw: str, closing: str) -> str:
 
 
 async def collect(events: AsyncIterator[InferenceEvent]) -> InferenceEvent:
-    """A whole response from its stream (``stream: false``): texts joined, calls gathered.
+    """A whole response from its stream (``stream: false``): texts joined, calls and
+    logprobs gathered.
 
     The result is the final event (metrics, done reason) with everything before folded in.
     """
     text: list[str] = []
     thinking: list[str] = []
     calls: list[ToolCall] = []
+    logprobs: list[Logprob] = []
     last: InferenceEvent | None = None
     prompt_tokens = 0
     async for event in events:
         text.append(event.text)
         thinking.append(event.thinking)
         calls.extend(event.tool_calls)
+        logprobs.extend(event.logprobs)
         prompt_tokens = prompt_tokens or event.prompt_tokens
         last = event
     if last is None:
         raise InternalError("the model runner ended the response without a final chunk")
     last.text, last.thinking, last.tool_calls = "".join(text), "".join(thinking), calls
+    last.logprobs = logprobs
     last.prompt_tokens = prompt_tokens
     return last

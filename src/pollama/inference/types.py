@@ -5,7 +5,10 @@ request into an :class:`InferenceRequest` and translate :class:`InferenceEvent` 
 
 An event carries the model's output already split (``inference.parsers``): ``text`` is the
 answer's content, ``thinking`` its reasoning, ``tool_calls`` the calls completed in this
-piece of the stream. Thinking never appears in ``text``.
+piece of the stream. Thinking never appears in ``text``. ``logprobs`` (when the request
+asked) are the entries of the tokens the runner sent with this piece of the stream, whichever
+of ``text``/``thinking``/``tool_calls`` their text went to (or none yet: a parser may hold
+text back while its entries go out); every generated token's entry goes out once, in order.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pollama.runner.base import Logprob
 
 ToolChoice = Literal["auto", "none", "required"]
 
@@ -41,6 +46,9 @@ class InferenceRequest:
     tool_name: str | None = None
     # Anthropic's rule: ``think`` on a model that cannot think is dropped, not refused.
     relax_thinking: bool = False
+    # Each generated token's log-probability, with ``top_logprobs`` alternatives (0-20).
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -103,3 +111,6 @@ class InferenceEvent:
     truncation: Truncation | None = None
     # The rendered prompt's token count, on the first event (before any metrics exist).
     prompt_tokens: int = 0
+    logprobs: list[Logprob] = field(default_factory=list)
+    # On the final event: the stop string that ended the response ("" for any other end).
+    stop_sequence: str = ""

@@ -6,7 +6,9 @@ become ``role: "tool"`` messages (named after the ``tool_use`` they answer), ``t
 blocks become the message's thinking. ``thinking`` ``enabled``/``disabled`` (or
 ``output_config.effort``) sets ``think``; a model that cannot think has it dropped, not
 refused, as Ollama does for this endpoint. Beyond Ollama, ``tool_choice`` is honoured
-(``any``/``tool`` force a call, ``none`` answers without tools).
+(``any``/``tool`` force a call, ``none`` answers without tools), and an answer that one of
+the request's ``stop_sequences`` ended says so (``stop_reason: "stop_sequence"``, and which
+in ``stop_sequence``; Ollama answers ``end_turn`` and no sequence).
 """
 
 from __future__ import annotations
@@ -227,11 +229,24 @@ def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]
     return out
 
 
-def stop_reason(done_reason: str, *, tool_use: bool = False) -> str:
-    """Ollama's ``mapStopReason``: a made tool call wins, then the length limit."""
+def stop_reason(done_reason: str, *, tool_use: bool = False, stop_sequence: str = "") -> str:
+    """Ollama's ``mapStopReason``: a made tool call wins, then the length limit. Beyond
+    Ollama, ``stop_sequence`` when ``stop_sequence`` (one of the request's
+    ``stop_sequences``, see :func:`matched_stop_sequence`) ended the answer."""
     if tool_use:
         return "tool_use"
-    return "max_tokens" if done_reason == "length" else "end_turn"
+    if done_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if stop_sequence else "end_turn"
+
+
+def matched_stop_sequence(request: MessagesRequest, stop_sequence: str) -> str | None:
+    """The response's ``stop_sequence``: the stop string that ended generation, when it is
+    one of the request's ``stop_sequences`` (a template's own stop word, such as
+    ``<|im_end|>``, is a natural end: ``end_turn``), else None."""
+    if stop_sequence and stop_sequence in (request.stop_sequences or ()):
+        return stop_sequence
+    return None
 
 
 def tool_input_json(arguments: Any) -> str:

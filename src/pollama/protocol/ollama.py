@@ -185,6 +185,8 @@ class _InferenceBody(OllamaModel):
             "options": self.options or {},
             "keep_alive": self.keep_alive,
             "truncate": self.truncate is not False,
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": self.top_logprobs or 0,
         }
 
 

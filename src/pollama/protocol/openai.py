@@ -6,8 +6,14 @@ Ollama itself does not allow. Conversions to the one internal request live next 
 
 Beyond Ollama: ``max_completion_tokens`` is read (as ``max_tokens``), ``tool_choice`` is
 honoured (``none`` answers without tools, ``required`` or a named function forces a call),
-and ``/v1/completions`` supports ``echo``. ``logprobs``/``top_logprobs`` are accepted and
-ignored: the worker does not report token probabilities yet.
+and ``/v1/completions`` supports ``echo``.
+
+Logprobs: chat's ``logprobs: true`` with ``top_logprobs`` N (0-20) asks for every generated
+token's log-probability and N alternatives (``choices[].logprobs.content``, as Ollama);
+``top_logprobs`` without ``logprobs`` asks for nothing, as in Ollama. ``/v1/completions``
+takes ``logprobs`` N (0-20; Ollama's mapping: N > 0 asks, with N alternatives) and answers
+the legacy shape (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), which
+Ollama never fills in. Out of range is a 400.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pollama.inference.embed_request import embedding_inputs
 from pollama.inference.images import image_from_data_url
 from pollama.inference.types import InferenceRequest, ToolChoice
 from pollama.protocol.options import OPTIONS
+from pollama.runner.base import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ class ChatCompletionRequest(OpenAIModel):
     def to_inference(self) -> InferenceRequest:
         if not self.messages:
             raise InvalidRequest("[] is too short - 'messages'")
+        top = _top_logprobs("top_logprobs", self.top_logprobs)
         options = _sampling(self, self.max_completion_tokens or self.max_tokens)
         effort = (self.reasoning or {}).get("effort") if self.reasoning else None
         choice, name = _tool_choice(self.tool_choice)
@@ -88,6 +96,8 @@ class ChatCompletionRequest(OpenAIModel):
             think=_reasoning(effort if effort is not None else self.reasoning_effort),
             tool_choice=choice,
             tool_name=name,
+            logprobs=bool(self.logprobs),
+            top_logprobs=top,
         )
 
 
@@ -113,13 +123,25 @@ class CompletionRequest(OpenAIModel):
         options = _sampling(self, self.max_tokens)
         if self.top_p == 0:
             options["top_p"] = 1.0
+        top = _top_logprobs("logprobs", self.logprobs)
         return InferenceRequest(
             model=self.model,
             kind="generate",
             prompt=self.prompt,
             suffix=self.suffix,
             options=options,
+            logprobs=top > 0,
+            top_logprobs=top,
         )
+
+
+def _top_logprobs(name: str, value: int | None) -> int:
+    """A request's number of alternatives per token, checked (0 when absent)."""
+    if value is None:
+        return 0
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}")
+    return value
 
 
 def _sampling(

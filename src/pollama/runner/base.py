@@ -76,10 +76,15 @@ class SamplingOptions:
         return data
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (Ollama's and OpenAI's limit)
+
+
 @dataclass(frozen=True)
 class CompletionRequest:
     """One generation: a prompt (text, tokenized by the worker with special tokens parsed)
-    or ready tokens, plus sampling options."""
+    or ready tokens, plus sampling options. ``logprobs`` asks for every generated token's
+    log-probability and its ``top_logprobs`` most likely alternatives (0 to
+    :data:`MAX_TOP_LOGPROBS`); a request that does not ask costs nothing more."""
 
     prompt: str = ""
     tokens: list[int] | None = None
@@ -89,11 +94,58 @@ class CompletionRequest:
     # Structured output: None, "json" (any JSON object) or a JSON Schema dict; the worker
     # constrains sampling with a token mask so the output always parses and validates.
     format: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution at that position (the
+    log-softmax of its logits, before sampling, penalties or a grammar's mask, as
+    llama-server reports by default). ``token`` is the token's text piece, decoded with
+    U+FFFD for a piece that is only part of a UTF-8 character (``bytes`` has the piece's
+    exact bytes); an end-of-generation token has no text (``""``, no bytes): it ends the
+    response and is never shown."""
+
+    token: str
+    logprob: float
+    bytes: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TokenLogprob:
+        return cls(str(data["token"]), float(data["logprob"]), [int(b) for b in data["bytes"]])
+
+
+@dataclass
+class Logprob(TokenLogprob):
+    """A generated token's entry: its own log-probability and the most likely tokens at its
+    position, most likely first (as many as the request asked for)."""
+
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "top_logprobs": [t.to_json() for t in self.top_logprobs]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Logprob:
+        own = TokenLogprob.from_json(data)
+        top = [TokenLogprob.from_json(t) for t in data.get("top_logprobs") or ()]
+        return cls(own.token, own.logprob, own.bytes, top)
 
 
 @dataclass
 class CompletionChunk:
-    """A piece of output; the last one has ``done=True`` and the counts and timings."""
+    """A piece of output; the last one has ``done=True`` and the counts and timings.
+
+    ``logprobs`` (when the request asked) are the entries of the tokens whose text this
+    chunk carries, in order; a chunk may carry entries and no text (an end-of-generation
+    token, or a token whose text a matched stop string cut). The final chunk carries none.
+    ``stop_sequence`` on the final chunk is the stop string that ended the response
+    (``done_reason`` ``stop``), "" otherwise.
+    """
 
     text: str = ""
     done: bool = False
@@ -104,6 +156,8 @@ class CompletionChunk:
     eval_count: int = 0
     eval_duration_ns: int = 0
     tokens: list[int] | None = None
+    logprobs: list[Logprob] | None = None
+    stop_sequence: str = ""
 
 
 @dataclass

@@ -26,7 +26,13 @@ What must stay true:
   decoded) so that the next request with the same prefix evaluates only the rest.
 * Every submitted request gets exactly one final event: a ``CompletionChunk`` with
   ``done=True`` or a :class:`RequestFailed`. Text events never contain a stop string or
-  anything after it, nor a partial UTF-8 character.
+  anything after it, nor a partial UTF-8 character. A final event ended by a stop string
+  names it (``stop_sequence``).
+* A request that asks for logprobs gets one entry per generated token, measured on the raw
+  logits before anything (a grammar's mask included) touches them, and carried by the
+  event that carries the token's last character (``runner/logprobs.py``); entries of
+  tokens that a matched stop string swallowed whole are dropped with it. A request that
+  does not ask costs nothing.
 * A slot that fills its context ends its request with ``length``; nothing ever overflows.
 * A constrained request only ever samples tokens its grammar allows and feeds only those to
   its matcher; it ends with ``stop`` when the grammar is complete (an end token, or nothing
@@ -47,7 +53,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pollama.errors import InvalidRequest
-from pollama.runner.base import CompletionChunk, CompletionRequest, SamplingOptions
+from pollama.runner.base import (
+    MAX_TOP_LOGPROBS,
+    CompletionChunk,
+    CompletionRequest,
+    Logprob,
+    SamplingOptions,
+)
+from pollama.runner.logprobs import HeldLogprobs, Vector, log_softmax, token_entry
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
     from pollama.runner.grammar import Constraint, Grammars
@@ -93,6 +106,11 @@ class Utf8Decoder:
     def push(self, data: bytes) -> str:
         return str(self._decoder.decode(data))
 
+    @property
+    def holding(self) -> bool:
+        """Whether the bytes pushed so far end inside a character (held back)."""
+        return bool(self._decoder.getstate()[0])
+
     def flush(self) -> str:
         """What is left, invalid bytes replaced (at the end of a request)."""
         return str(self._decoder.decode(b"", final=True))
@@ -103,11 +121,13 @@ class StopMatcher:
 
     ``push`` returns the text that is safe to emit and whether a stop string was found. Text
     that could still be the start of a stop string is held back; once found, the stop string
-    and everything after it are dropped.
+    and everything after it are dropped, and ``matched`` is that stop string (the one that
+    starts first; of two starting at the same place, the first listed).
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
+        self.matched = ""
         self._held = ""
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -118,7 +138,7 @@ class StopMatcher:
         for stop in self.stops:
             at = pending.find(stop)
             if at >= 0 and (first < 0 or at < first):
-                first = at
+                first, self.matched = at, stop
         if first >= 0:
             self._held = ""
             return pending[:first], True
@@ -236,6 +256,9 @@ class _Job:
     generated: list[int] = field(default_factory=list)
     utf8: Utf8Decoder = field(default_factory=Utf8Decoder)
     stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    held: HeldLogprobs | None = None  # logprobs asked: entries waiting for their text
+    top_logprobs: int = 0  # alternatives per entry
+    decoded: int = 0  # characters decoded so far (before the stop matcher)
     row: int = -1  # output row in the batch being decoded
     chunk: int = 0  # prompt tokens in the batch being decoded
     t_prefill: int = 0
@@ -302,8 +325,13 @@ class Engine:
                 )
             )
             return
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            emit(RequestFailed("invalid", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"))
+            return
         job = _Job(req_id, emit, prompt, request.options, request.return_tokens)
         job.stops = StopMatcher(request.options.stop)
+        if request.logprobs:
+            job.held, job.top_logprobs = HeldLogprobs(), request.top_logprobs
         if request.format is not None:
             try:
                 job.grammar = self.grammars().compile(request.format)
@@ -489,6 +517,8 @@ class Engine:
                 self._sample(job)
 
     def _sample(self, job: _Job) -> None:
+        # Measured first: a grammar may set refused logits to -inf in place while sampling.
+        measured = log_softmax(self.ctx.logits(job.row)) if job.held is not None else None
         grammar = job.grammar
         if grammar is not None:
             token = self._sample_constrained(job, grammar)
@@ -502,11 +532,16 @@ class Engine:
             assert job.sampler is not None
             token = job.sampler.sample(self.ctx, job.row)
         job.generated.append(token)
-        if self.model.is_eog(token):
+        eog = self.model.is_eog(token)
+        decoded = "" if eog else job.utf8.push(self.model.token_to_piece(token))
+        if measured is not None:
+            self._hold_entry(job, token, measured, len(decoded))
+        if eog:
             self._finish(job, "length" if grammar is not None and grammar.closing else "stop")
             return
-        text, stopped = job.stops.push(job.utf8.push(self.model.token_to_piece(token)))
-        if text and not job.emit(CompletionChunk(text=text)):
+        text, stopped = job.stops.push(decoded)
+        entries = self._released(job, len(text), final=stopped)
+        if (text or entries) and not job.emit(CompletionChunk(text=text, logprobs=entries)):
             job.cancelled = True
             self._finish(job, "")
             return
@@ -518,6 +553,27 @@ class Engine:
             self._finish(job, "length")
         else:
             job.pending = token
+
+    def _hold_entry(self, job: _Job, token: int, measured: Vector, n_decoded: int) -> None:
+        """Hold the entry of ``token``, which decoded to ``n_decoded`` more characters, on
+        its span of the output (one further if it ends inside a character)."""
+        assert job.held is not None
+        entry = token_entry(token, measured, job.top_logprobs, self._entry_piece)
+        start = job.decoded
+        job.decoded += n_decoded
+        job.held.add(entry, start, job.decoded + (1 if job.utf8.holding else 0))
+
+    def _entry_piece(self, token: int) -> bytes:
+        """A token's text in logprobs: an end-of-generation token has none (never shown)."""
+        return b"" if self.model.is_eog(token) else self.model.token_to_piece(token)
+
+    @staticmethod
+    def _released(job: _Job, n_chars: int, *, final: bool) -> list[Logprob] | None:
+        """The entries that go with ``n_chars`` more emitted characters (None: not asked)."""
+        if job.held is None:
+            return None
+        entries = job.held.finish(n_chars) if final else job.held.release(n_chars)
+        return entries or None
 
     def _sample_constrained(self, job: _Job, grammar: Constraint) -> int:
         """The next token under the job's grammar, already fed to it; -1 if the grammar
@@ -584,8 +640,9 @@ class Engine:
             return
         if flush and reason and not job.cancelled:
             tail = job.stops.push(job.utf8.flush())[0] + job.stops.flush()
-            if tail:
-                job.emit(CompletionChunk(text=tail))
+            entries = self._released(job, len(tail), final=True)
+            if tail or entries:
+                job.emit(CompletionChunk(text=tail, logprobs=entries))
         now = time.perf_counter_ns()
         generated = job.generated
         tokens = None
@@ -602,5 +659,6 @@ class Engine:
                 eval_count=len(generated),
                 eval_duration_ns=(now - job.t_first) if job.t_first and generated else 0,
                 tokens=tokens,
+                stop_sequence=job.stops.matched if reason == "stop" else "",
             )
         )

@@ -36,7 +36,9 @@ __all__ = ["BOS_TOKEN", "FAKE_EMBEDDING_DIM", "FakeRunner", "FakeRunnerFactory",
 BOS_TOKEN = 256
 """The fake tokenizer is byte-level (token = byte value); this id stands for BOS."""
 
-Script = Sequence[str] | Callable[[CompletionRequest], Sequence[str]]
+# A text chunk: a string, or a whole chunk (to script logprobs).
+Scripted = str | CompletionChunk
+Script = Sequence[Scripted] | Callable[[CompletionRequest], Sequence[Scripted]]
 
 _pids = itertools.count(100_000)
 
@@ -53,6 +55,8 @@ def fake_vector(tokens: Sequence[int], dim: int = FAKE_EMBEDDING_DIM) -> list[fl
 class FakeRunner:
     """A runner that replays ``script`` (chunks, or a function of the request).
 
+    ``done_reason`` and ``stop_sequence`` go on the final chunk.
+
     ``load_delay``/``chunk_delay`` are seconds; ``hold``, when given, is an event every
     completion waits for before its first chunk (to keep requests in flight). ``load_error``
     is raised by :meth:`start`; ``crash_after`` makes the runner die after that many chunks
@@ -66,6 +70,7 @@ class FakeRunner:
         *,
         script: Script = ("Hello", " world", "!"),
         done_reason: str = "stop",
+        stop_sequence: str = "",
         load_delay: float = 0.0,
         chunk_delay: float = 0.0,
         hold: asyncio.Event | None = None,
@@ -80,6 +85,7 @@ class FakeRunner:
         self.spec = spec
         self.script = script
         self.done_reason = done_reason
+        self.stop_sequence = stop_sequence
         self.load_delay = load_delay
         self.chunk_delay = chunk_delay
         self.hold = hold
@@ -143,7 +149,7 @@ class FakeRunner:
                     await self._until(asyncio.sleep(self.chunk_delay))
                 self._check_alive()
                 sent += 1
-                yield CompletionChunk(text=text)
+                yield text if isinstance(text, CompletionChunk) else CompletionChunk(text=text)
             if self.crash_after is not None and sent >= self.crash_after:
                 self.crash("crashed after scripted chunks")
             self._check_alive()
@@ -151,6 +157,7 @@ class FakeRunner:
             yield CompletionChunk(
                 done=True,
                 done_reason=self.done_reason,
+                stop_sequence=self.stop_sequence,
                 prompt_eval_count=len(request.tokens or request.prompt.encode()),
                 eval_count=sent,
                 tokens=[] if request.return_tokens else None,

@@ -49,6 +49,7 @@ from pollama.runner.base import (
 )
 from pollama.runner.protocol import (
     MAX_LINE,
+    chunk_from_json,
     decode,
     done_from_json,
     embedding_result_from_json,
@@ -273,7 +274,7 @@ class SubprocessRunner:
                 message = await self._next(queue)
                 kind = message.get("type")
                 if kind == "chunk":
-                    yield CompletionChunk(text=str(message.get("text") or ""))
+                    yield _text_chunk(message)
                 elif kind == "done":
                     finished = True
                     yield done_from_json(message)
@@ -490,6 +491,13 @@ class SubprocessRunner:
         state = "alive" if self.alive else "stopped"
         name = os.path.basename(self.spec.model_path)
         return f"<SubprocessRunner {name} pid={self.pid} {state}>"
+
+
+def _text_chunk(message: dict[str, Any]) -> CompletionChunk:
+    try:
+        return chunk_from_json(message)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InternalError(f"malformed chunk from the model runner: {exc}") from None
 
 
 def _embed_groups(inputs: list[str]) -> list[list[str]]:

@@ -7,7 +7,8 @@ and the worker answers with messages carrying the same ``id``:
 
 server → worker
     {"op": "completion", "id": 1,
-     "request": {prompt, tokens, add_special, options, return_tokens, format}}
+     "request": {prompt, tokens, add_special, options, return_tokens, format,
+                 logprobs, top_logprobs}}
     {"op": "cancel", "id": 1}              stop that completion within one decode step
                                            (or that embedding job at its next pass)
     {"op": "embed", "id": 4, "inputs": ["...", ...], "truncate": true}
@@ -18,8 +19,11 @@ server → worker
 worker → server
     {"type": "ready", "info": {RunnerInfo fields}}
     {"type": "fatal", "message": "..."}    loading failed; the worker exits
-    {"id": 1, "type": "chunk", "text": "..."}
-    {"id": 1, "type": "done", CompletionChunk fields except text}
+    {"id": 1, "type": "chunk", "text": "...", "logprobs": [...]}
+                                           logprobs only when asked and there are some:
+                                           {token, logprob, bytes, top_logprobs: [...]}
+    {"id": 1, "type": "done", CompletionChunk fields except text and logprobs}
+                                           (stop_sequence: the stop string that ended it)
     {"id": 2, "type": "result", "tokens": [...]} / {"id": 3, "type": "result", "text": "..."}
     {"id": 4, "type": "result", "vectors": ["<base64 of little-endian float32>", ...],
      "token_counts": [...]}                  one vector per input, in order, not normalized
@@ -42,6 +46,7 @@ from pollama.runner.base import (
     CompletionChunk,
     CompletionRequest,
     EmbeddingResult,
+    Logprob,
     RunnerInfo,
     SamplingOptions,
 )
@@ -68,6 +73,8 @@ def request_to_json(request: CompletionRequest) -> dict[str, Any]:
         "options": request.options.to_json(),
         "return_tokens": request.return_tokens,
         "format": request.format,
+        "logprobs": request.logprobs,
+        "top_logprobs": request.top_logprobs,
     }
 
 
@@ -81,19 +88,39 @@ def request_from_json(data: dict[str, Any]) -> CompletionRequest:
         options=SamplingOptions(**options),
         return_tokens=bool(data.get("return_tokens", False)),
         format=data.get("format"),
+        logprobs=bool(data.get("logprobs", False)),
+        top_logprobs=int(data.get("top_logprobs") or 0),
+    )
+
+
+def chunk_to_json(chunk: CompletionChunk) -> dict[str, Any]:
+    """A text chunk's fields (``text``, and ``logprobs`` when it has entries)."""
+    data: dict[str, Any] = {"text": chunk.text}
+    if chunk.logprobs:
+        data["logprobs"] = [entry.to_json() for entry in chunk.logprobs]
+    return data
+
+
+def chunk_from_json(data: dict[str, Any]) -> CompletionChunk:
+    """Raises ``KeyError``/``TypeError``/``ValueError`` on malformed logprobs."""
+    entries = data.get("logprobs")
+    return CompletionChunk(
+        text=str(data.get("text") or ""),
+        logprobs=[Logprob.from_json(e) for e in entries] if entries else None,
     )
 
 
 def done_to_json(chunk: CompletionChunk) -> dict[str, Any]:
     data = asdict(chunk)
-    data.pop("text")
-    data.pop("done")
+    for key in ("text", "done", "logprobs"):
+        data.pop(key)
     return data
 
 
 def done_from_json(data: dict[str, Any]) -> CompletionChunk:
     fields = {k: data[k] for k in CompletionChunk.__dataclass_fields__ if k in data}
-    fields.pop("text", None)
+    for key in ("text", "done", "logprobs"):
+        fields.pop(key, None)
     return CompletionChunk(done=True, **fields)
 
 

@@ -41,6 +41,7 @@ from pollama.errors import InvalidRequest
 from pollama.runner.base import CompletionChunk, EmbeddingResult, LoadSpec, RunnerInfo
 from pollama.runner.protocol import (
     MAX_LINE,
+    chunk_to_json,
     decode,
     done_to_json,
     embedding_result_to_json,
@@ -221,7 +222,7 @@ def _emitter(writer: Writer, req_id: Any) -> Any:
         if isinstance(event, CompletionChunk):
             if event.done:
                 return writer.send({"id": req_id, "type": "done", **done_to_json(event)})
-            return writer.send({"id": req_id, "type": "chunk", "text": event.text})
+            return writer.send({"id": req_id, "type": "chunk", **chunk_to_json(event)})
         return writer.send(
             {"id": req_id, "type": "error", "kind": event.kind, "message": event.message}
         )

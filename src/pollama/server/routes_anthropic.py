@@ -3,7 +3,9 @@
 Translation only, over the one inference service; errors use Anthropic's error object.
 Thinking comes back as ``thinking`` blocks (with an empty ``signature``: nothing here signs
 it), tool calls as ``tool_use`` blocks whose id is the call's id, and ``stop_reason`` is
-``tool_use`` when a call was made.
+``tool_use`` when a call was made, ``stop_sequence`` (with ``stop_sequence`` the string) when
+one of the request's ``stop_sequences`` ended the answer, ``max_tokens`` at the length limit
+and ``end_turn`` otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import ValidationError
 from pollama.errors import InvalidRequest
 from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent
-from pollama.protocol.anthropic import MessagesRequest, stop_reason
+from pollama.protocol.anthropic import MessagesRequest, matched_stop_sequence, stop_reason
 from pollama.server.errors import log_failure, message_for, status_for, validation_message
 
 router = APIRouter(prefix="/v1")
@@ -90,7 +92,8 @@ class _Events:
     stop). Invariant: at most one block is open, and ``index`` is the next block's index.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, request: MessagesRequest) -> None:
+        self.request = request
         self.index = 0
         self.open: str | None = None  # "thinking" | "text"
         self.thought = False  # a thinking block was closed: later thinking is dropped
@@ -139,9 +142,12 @@ class _Events:
             self.called = True
         if event.done:
             out += self._close()
-            reason = stop_reason(event.done_reason or "stop", tool_use=self.called)
+            sequence = matched_stop_sequence(self.request, event.stop_sequence)
+            reason = stop_reason(
+                event.done_reason or "stop", tool_use=self.called, stop_sequence=sequence or ""
+            )
             out.append(_event("message_delta", {
-                "delta": {"stop_reason": reason, "stop_sequence": None},
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
                 "usage": _usage(event),
             }))
             out.append(_event("message_stop", {}))
@@ -164,6 +170,7 @@ async def messages(request: Request) -> Response:
             whole = await collect(events)
         except Exception as exc:  # noqa: BLE001
             return anthropic_error(exc)
+        sequence = matched_stop_sequence(parsed, whole.stop_sequence)
         return JSONResponse(
             {
                 "id": ident,
@@ -172,16 +179,18 @@ async def messages(request: Request) -> Response:
                 "model": parsed.model,
                 "content": _content(whole),
                 "stop_reason": stop_reason(
-                    whole.done_reason or "stop", tool_use=bool(whole.tool_calls)
+                    whole.done_reason or "stop",
+                    tool_use=bool(whole.tool_calls),
+                    stop_sequence=sequence or "",
                 ),
-                "stop_sequence": None,
+                "stop_sequence": sequence,
                 "usage": _usage(whole),
             }
         )
 
     async def body() -> AsyncIterator[bytes]:
         event = first
-        render = _Events()
+        render = _Events(parsed)
         yield _event(
             "message_start",
             {

@@ -3,8 +3,10 @@ Ollama's wire format over the one inference service (``pollama.inference``) and 
 embedding service (``pollama.inference.embeddings``).
 
 Chat chunks carry ``message.thinking`` and ``message.tool_calls`` (each call as soon as it
-parsed, ``arguments`` an object); generate chunks carry ``thinking``. ``logprobs`` are
-accepted but not produced yet (the worker does not report them).
+parsed, ``arguments`` an object); generate chunks carry ``thinking``. With ``logprobs: true``
+a chunk carries ``logprobs``: one ``{token, logprob, bytes, top_logprobs}`` per token whose
+text it brings (Ollama's ``api.Logprob``: ``bytes`` and ``top_logprobs`` left out when
+empty, the field left out of chunks that have none); ``stream: false`` concatenates them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent, InferenceRequest
 from pollama.protocol.ollama import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
+from pollama.runner.base import Logprob, TokenLogprob
 from pollama.scheduler import Scheduler
 from pollama.server.body import parse_body
 from pollama.server.errors import error_response
@@ -64,6 +67,25 @@ def _final_fields(event: InferenceEvent, body: dict[str, Any]) -> None:
         body["num_ctx"] = event.truncation.num_ctx
 
 
+def _token_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    """Ollama's ``api.TokenLogprob`` (``bytes`` omitempty)."""
+    out: dict[str, Any] = {"token": entry.token, "logprob": entry.logprob}
+    if entry.bytes:
+        out["bytes"] = entry.bytes
+    return out
+
+
+def _logprobs(entries: list[Logprob]) -> list[dict[str, Any]]:
+    """Ollama's ``[]api.Logprob`` (``top_logprobs`` omitempty)."""
+    out = []
+    for entry in entries:
+        item = _token_logprob(entry)
+        if entry.top_logprobs:
+            item["top_logprobs"] = [_token_logprob(t) for t in entry.top_logprobs]
+        out.append(item)
+    return out
+
+
 def _generate_body(model: str, event: InferenceEvent) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "created_at": _now(), "response": event.text}
     if event.thinking:
@@ -71,6 +93,8 @@ def _generate_body(model: str, event: InferenceEvent) -> dict[str, Any]:
     body["done"] = event.done
     if event.done:
         _final_fields(event, body)
+    if event.logprobs:
+        body["logprobs"] = _logprobs(event.logprobs)
     return body
 
 
@@ -88,6 +112,8 @@ def _chat_body(model: str, event: InferenceEvent) -> dict[str, Any]:
     }
     if event.done:
         _final_fields(event, body)
+    if event.logprobs:
+        body["logprobs"] = _logprobs(event.logprobs)
     return body
 
 

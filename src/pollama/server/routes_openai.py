@@ -8,14 +8,23 @@ Shapes follow Ollama's ``openai`` package (spec §3.2): reasoning as ``reasoning
 clients of DeepSeek-style servers, also ``reasoning_content``); tool calls whole, with
 ``arguments`` a JSON string, never split across chunks; ``finish_reason`` ``tool_calls``
 when a call was made and the model stopped by itself.
+
+Logprobs, when asked: chat choices carry ``logprobs.content``, one ``{token, logprob, bytes,
+top_logprobs}`` per token (a streamed chunk those of the tokens whose text it brings; when a
+native event is split into a reasoning and a content chunk they go on the first, as in
+Ollama). ``/v1/completions`` answers OpenAI's legacy shape, which the ``openai`` SDK types
+(Ollama leaves it out): ``tokens``, ``token_logprobs``, ``top_logprobs`` (one ``{token:
+logprob}`` dict per token) and ``text_offset`` (each token's character offset in the
+choice's text, the echoed prompt included).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -33,6 +42,7 @@ from pollama.protocol.openai import (
     EmbeddingRequest,
     finish_reason,
 )
+from pollama.runner.base import Logprob, TokenLogprob
 from pollama.server.errors import (
     log_failure,
     message_for,
@@ -127,6 +137,54 @@ class _Stream:
         return StreamingResponse(self.body(), media_type="text/event-stream")
 
 
+def _token_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": entry.bytes or None}
+
+
+def _chat_logprobs(entries: Sequence[Logprob]) -> dict[str, Any]:
+    """A chat choice's ``logprobs``: ``{"content": [...]}``, ``top_logprobs`` always a list."""
+    content = [
+        {**_token_logprob(e), "top_logprobs": [_token_logprob(t) for t in e.top_logprobs]}
+        for e in entries
+    ]
+    return {"content": content}
+
+
+class _LegacyLogprobs:
+    """The legacy completions ``logprobs`` of successive pieces of one choice.
+
+    ``text_offset`` counts characters from the start of the choice's text, through the
+    tokens' own bytes (so a character split over two tokens counts once, at the token that
+    starts it); ``offset`` starts after the echoed prompt. Of two alternatives with the same
+    text, the likelier one is kept (the dict holds one value per text).
+    """
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, entries: Sequence[Logprob]) -> dict[str, Any]:
+        tokens: list[str] = []
+        values: list[float] = []
+        tops: list[dict[str, float]] = []
+        offsets: list[int] = []
+        for entry in entries:
+            tokens.append(entry.token)
+            values.append(entry.logprob)
+            top: dict[str, float] = {}
+            for alternative in entry.top_logprobs:
+                top.setdefault(alternative.token, alternative.logprob)
+            tops.append(top)
+            offsets.append(self.offset)
+            self.offset += len(self._decoder.decode(bytes(entry.bytes)))
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+
 def _message(event: InferenceEvent) -> dict[str, Any]:
     """The assistant message of a whole chat completion (reasoning under both names)."""
     message: dict[str, Any] = {"role": "assistant", "content": event.text}
@@ -158,8 +216,12 @@ class _ChatChunks:
         self.started = False
         self.called = False
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    def _chunk(
+        self, delta: dict[str, Any], finish: str | None = None, logprobs: Sequence[Logprob] = ()
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        if logprobs:
+            choice["logprobs"] = _chat_logprobs(logprobs)
         return {**self.base, "choices": [choice]}
 
     def _delta(self, event: InferenceEvent, *, thinking: bool, rest: bool) -> dict[str, Any]:
@@ -179,13 +241,16 @@ class _ChatChunks:
 
     def __call__(self, event: InferenceEvent) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        trailer = event.done and not (event.text or event.thinking or event.tool_calls)
+        trailer = event.done and not (
+            event.text or event.thinking or event.tool_calls or event.logprobs
+        )
         if not trailer or not self.started:
+            lp = event.logprobs
             if event.thinking and (event.text or event.tool_calls):
-                out.append(self._chunk(self._delta(event, thinking=True, rest=False)))
+                out.append(self._chunk(self._delta(event, thinking=True, rest=False), None, lp))
                 out.append(self._chunk(self._delta(event, thinking=False, rest=True)))
             else:
-                out.append(self._chunk(self._delta(event, thinking=True, rest=True)))
+                out.append(self._chunk(self._delta(event, thinking=True, rest=True), None, lp))
         if event.done:
             reason = finish_reason(event.done_reason or "stop", tool_calls=self.called)
             out.append(self._chunk({}, reason))
@@ -213,6 +278,15 @@ async def chat_completions(request: Request) -> Response:
         whole = await collect(events)
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": _message(whole),
+        "finish_reason": finish_reason(
+            whole.done_reason or "stop", tool_calls=bool(whole.tool_calls)
+        ),
+    }
+    if whole.logprobs:
+        choice["logprobs"] = _chat_logprobs(whole.logprobs)
     return JSONResponse(
         {
             "id": ident,
@@ -220,22 +294,23 @@ async def chat_completions(request: Request) -> Response:
             "created": created,
             "model": parsed.model,
             "system_fingerprint": "fp_ollama",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": _message(whole),
-                    "finish_reason": finish_reason(
-                        whole.done_reason or "stop", tool_calls=bool(whole.tool_calls)
-                    ),
-                }
-            ],
+            "choices": [choice],
             "usage": _usage(whole),
         }
     )
 
 
-def _text_choice(text: str, finish: str | None) -> dict[str, Any]:
-    return {"text": text, "index": 0, "finish_reason": finish}
+def _text_choice(
+    text: str,
+    finish: str | None,
+    entries: Sequence[Logprob] = (),
+    legacy: _LegacyLogprobs | None = None,
+) -> dict[str, Any]:
+    """A completion choice; ``legacy`` renders ``entries`` (the tokens of ``text``)."""
+    choice: dict[str, Any] = {"text": text, "index": 0, "finish_reason": finish}
+    if entries and legacy is not None:
+        choice["logprobs"] = legacy(entries)
+    return choice
 
 
 @router.post("/completions")
@@ -255,16 +330,18 @@ async def completions(request: Request) -> Response:
         "system_fingerprint": "fp_ollama",
     }
     echo = parsed.prompt if parsed.echo else ""
+    legacy = _LegacyLogprobs(len(echo))
     if parsed.stream:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         pending = [echo]
 
         def render(event: InferenceEvent) -> list[dict[str, Any]]:
             text = pending.pop() + event.text if pending else event.text
-            if not text and not event.done:
+            if not text and not event.done and not event.logprobs:
                 return []
             finish = (event.done_reason or "stop") if event.done else None
-            chunk: dict[str, Any] = {**base, "choices": [_text_choice(text, finish)]}
+            choice = _text_choice(text, finish, event.logprobs, legacy)
+            chunk: dict[str, Any] = {**base, "choices": [choice]}
             if include_usage:
                 chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             out = [chunk]
@@ -278,9 +355,8 @@ async def completions(request: Request) -> Response:
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     finish = whole.done_reason or "stop"
-    return JSONResponse(
-        {**base, "choices": [_text_choice(echo + whole.text, finish)], "usage": _usage(whole)}
-    )
+    choice = _text_choice(echo + whole.text, finish, whole.logprobs, legacy)
+    return JSONResponse({**base, "choices": [choice], "usage": _usage(whole)})
 
 
 def _model_object(name: str, created: int, namespace: str) -> dict[str, Any]:
