@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anthropic
 import pytest
 
@@ -11,8 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def claude(model_server: RunningServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=model_server.url, api_key="unused")
+def claude(model_server: RunningServer) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=model_server.url, api_key="unused") as client:
+        yield client
 
 
 def test_messages(claude: anthropic.Anthropic) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import openai
 import pytest
@@ -12,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def oai(model_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{model_server.url}/v1", api_key="unused")
+def oai(model_server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{model_server.url}/v1", api_key="unused") as client:
+        yield client
 
 
 def test_chat_completion(oai: openai.OpenAI) -> None:

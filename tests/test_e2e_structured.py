@@ -91,8 +91,10 @@ def client(model_server: RunningServer) -> Iterator[ollama.Client]:
 
 
 @pytest.fixture
-def oai(model_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{model_server.url}/v1", api_key="unused", timeout=300)
+def oai(model_server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{model_server.url}/v1", api_key="unused",
+                       timeout=300) as client:
+        yield client
 
 
 def options(seed: int, **extra: Any) -> dict[str, Any]:
