@@ -9,7 +9,6 @@ generation model ``gen`` and an embedding model ``embedder`` (it has a pooling t
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import struct
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ggufgen import write_tiny_model
+from inprocess import BASE, create_models, native_client, openai_client
 from pollama.config import Settings
 from pollama.errors import InternalError, InvalidRequest
 from pollama.gguf import read_gguf
@@ -30,8 +30,6 @@ from pollama.inference import vectors
 from pollama.inference.embeddings import legacy_raw
 from pollama.runner.fake import BOS_TOKEN, FakeRunnerFactory, fake_vector
 from pollama.server.app import create_app
-
-BASE = "http://127.0.0.1:11434"
 
 
 def expected(text: str, dims: int | None = None, num_ctx: int | None = None) -> np.ndarray:
@@ -58,25 +56,18 @@ def api(settings: Settings, tmp_path: Path, factory: FakeRunnerFactory) -> Itera
     with TestClient(app, base_url=BASE) as client:
         for name, pooling in (("gen", None), ("embedder", 1)):
             gguf = write_tiny_model(tmp_path / f"{name}.gguf", pooling_type=pooling)
-            data = gguf.read_bytes()
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
-            r = client.post("/api/create", json={"model": name, "files": {"m.gguf": digest},
-                                                 "stream": False})  # fmt: skip
-            assert r.status_code == 200, r.text
+            create_models(client, gguf, {name: {}})
         yield client
 
 
 @pytest.fixture
 def native(api: TestClient) -> ollama.Client:
-    client = ollama.Client(host=BASE)
-    client._client = api  # the official client's calls, served in-process
-    return client
+    return native_client(api)
 
 
 @pytest.fixture
 def oai(api: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", http_client=api)
+    return openai_client(api)
 
 
 # -- vector rules (inference/vectors.py) ------------------------------------------------------

@@ -8,23 +8,22 @@ legacy completions shape, and Anthropic's ``stop_sequence``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
-import ollama
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
 from ggufgen import write_tiny_model
+from inprocess import BASE, anthropic_client, create_models, native_client, openai_client
 from pollama.config import Settings
 from pollama.runner.base import CompletionChunk, Logprob, TokenLogprob
 from pollama.runner.fake import FakeRunnerFactory
 from pollama.server.app import create_app
-from test_api_tools_thinking import BASE, PLAIN, Responder, lines, sse, template
+from test_api_tools_thinking import PLAIN, Responder, lines, sse, template
 
 
 def lp(text: str, value: float = -0.5, data: bytes | None = None) -> Logprob:
@@ -60,14 +59,9 @@ def setup(settings: Settings, tmp_path: Path, fake: Responder) -> Iterator[Setup
     factory = FakeRunnerFactory(script=fake)
     app = create_app(settings, runner_factory=factory)
     with TestClient(app, base_url=BASE) as client:
-        gguf = write_tiny_model(tmp_path / "tiny.gguf", context_length=8192)
-        data = gguf.read_bytes()
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
-        for name, text in (("thinker", template(True)), ("plain", PLAIN)):
-            r = client.post("/api/create", json={"model": name, "files": {"t.gguf": digest},
-                                                 "template": text, "stream": False})
-            assert r.status_code == 200, r.text
+        gguf = write_tiny_model(tmp_path / "t.gguf", context_length=8192)
+        create_models(client, gguf, {"thinker": {"template": template(True)},
+                                     "plain": {"template": PLAIN}})
         yield Setup(client, factory)
 
 
@@ -78,12 +72,12 @@ def api(setup: Setup) -> TestClient:
 
 @pytest.fixture
 def oai(api: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", http_client=api)
+    return openai_client(api)
 
 
 @pytest.fixture
 def claude(api: TestClient) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=BASE, api_key="unused", http_client=api)
+    return anthropic_client(api)
 
 
 THOUGHT = ("<think>", "Two plus", " two.", "</think>", "\n\n", "It is ", "4.")
@@ -125,8 +119,7 @@ def test_native_chunks_carry_the_logprobs_of_their_tokens(api: TestClient,
 
 
 def test_native_logprobs_through_the_official_client(api: TestClient, fake: Responder) -> None:
-    client = ollama.Client(host=BASE)
-    client._client = api
+    client = native_client(api)
     script = [CompletionChunk(text="Hi", logprobs=[lp("Hi")]),
               CompletionChunk(text="", logprobs=[Logprob("", -0.25, [], [])])]
     fake.say(script)

@@ -9,7 +9,6 @@ models are tiny GGUFs created through ``/api/create`` with Go templates that gra
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,12 +21,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ggufgen import write_tiny_model
+from inprocess import BASE, anthropic_client, create_models, native_client, openai_client
 from pollama.config import Settings
 from pollama.runner.base import CompletionRequest
 from pollama.runner.fake import FakeRunnerFactory
 from pollama.server.app import create_app
-
-BASE = "http://127.0.0.1:11434"
 
 
 def template(thinking: bool) -> str:
@@ -96,33 +94,26 @@ def api(settings: Settings, tmp_path: Path, fake: Responder) -> Iterator[TestCli
     factory = FakeRunnerFactory(script=fake)
     app = create_app(settings, runner_factory=factory)
     with TestClient(app, base_url=BASE) as client:
-        gguf = write_tiny_model(tmp_path / "tiny.gguf", context_length=8192)
-        data = gguf.read_bytes()
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
-        for name, text in (("tooly", template(False)), ("thinker", template(True)),
-                           ("plain", PLAIN)):
-            r = client.post("/api/create", json={"model": name, "files": {"t.gguf": digest},
-                                                 "template": text, "stream": False})
-            assert r.status_code == 200, r.text
+        gguf = write_tiny_model(tmp_path / "t.gguf", context_length=8192)
+        create_models(client, gguf, {"tooly": {"template": template(False)},
+                                     "thinker": {"template": template(True)},
+                                     "plain": {"template": PLAIN}})
         yield client
 
 
 @pytest.fixture
 def native(api: TestClient) -> ollama.Client:
-    client = ollama.Client(host=BASE)
-    client._client = api  # the official client's calls, served in-process
-    return client
+    return native_client(api)
 
 
 @pytest.fixture
 def oai(api: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", http_client=api)
+    return openai_client(api)
 
 
 @pytest.fixture
 def claude(api: TestClient) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=BASE, api_key="unused", http_client=api)
+    return anthropic_client(api)
 
 
 def lines(response: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,48 @@
+"""An app with models, and the official clients served in-process by its TestClient.
+
+The API tests that use a scripted fake runner (``runner/fake.py``) all need the same things:
+the app, a tiny GGUF uploaded as a blob, models created from it through ``/api/create``, and
+the ``ollama``, ``openai`` and ``anthropic`` clients sending their requests through the
+TestClient instead of a socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import ollama
+import openai
+from fastapi.testclient import TestClient
+
+BASE = "http://127.0.0.1:11434"
+
+
+def create_models(client: TestClient, gguf: Path, models: Mapping[str, Mapping[str, Any]]
+                  ) -> None:
+    """Upload ``gguf`` as a blob, then create each named model from it with the extra
+    ``/api/create`` fields given (``template``…)."""
+    data = gguf.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
+    for name, fields in models.items():
+        r = client.post("/api/create", json={"model": name, "files": {gguf.name: digest},
+                                             "stream": False, **fields})
+        assert r.status_code == 200, r.text
+
+
+def native_client(api: TestClient) -> ollama.Client:
+    client = ollama.Client(host=BASE)
+    client._client = api  # the official client's calls, served in-process
+    return client
+
+
+def openai_client(api: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", http_client=api)
+
+
+def anthropic_client(api: TestClient) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=BASE, api_key="unused", http_client=api)
