@@ -10,7 +10,7 @@ every protocol (``inference/vectors.py``: normalized, shortened, checked).
 What must stay true:
 
 * an embedding request and a generation request for the same model load it with the same
-  ``LoadSpec`` (``InferenceService.load_spec``), so they share one runner instead of
+  ``LoadSpec`` (``InferenceService.placement``), so they share one runner instead of
   reloading it in turns;
 * embedding models (a GGUF pooling type: the ``embedding`` capability) load with
   ``LoadSpec.embedding`` and ``num_parallel`` 1, as Ollama loads them (spec §8.1);
@@ -20,7 +20,6 @@ What must stay true:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,11 +29,10 @@ from pollama.errors import InvalidRequest, ModelNotFound
 from pollama.gguf import GGUFInfo
 from pollama.inference.embed_request import EmbedRequest, embedding_inputs
 from pollama.names import ModelName
-from pollama.protocol.options import coerce_options, merge_options
 from pollama.runner.base import LoadSpec
-from pollama.scheduler import ModelRef, estimate_memory, parse_keep_alive
+from pollama.scheduler import ModelRef, parse_keep_alive
 from pollama.store import LocalModel
-from pollama.store.describe import details, model_gguf
+from pollama.store.describe import model_gguf
 
 if TYPE_CHECKING:
     from pollama.inference.service import InferenceService
@@ -123,21 +121,7 @@ class EmbeddingService:
         info = model_gguf(model)
         if info is None:
             raise InvalidRequest(f"model '{req.model}' has no weights to run")
-        request_options, warnings = coerce_options(req.options or {})
-        for warning in warnings:
-            log.warning("%s", warning)
-        options = merge_options(model.params(), request_options)
-        spec = self.inference.load_spec(model, info, options)
-        if info.pooling_type is not None:
-            spec = dataclasses.replace(spec, embedding=True, num_parallel=1)
-        ref = ModelRef(
-            key=spec.model_path,
-            name=model.name.display_shortest(),
-            digest=model.digest,
-            size=model.size,
-            details=details(model).model_dump(),
-            estimate_bytes=estimate_memory(info, spec),
-        )
+        _, spec, ref = self.inference.placement(model, info, req.options)
         normalize = req.endpoint == "embed" or not legacy_raw(info)
         return PreparedEmbed(req, model, spec, ref, parse_keep_alive(req.keep_alive), normalize)
 

@@ -31,6 +31,7 @@ event names the stop string that ended the response (``stop_sequence``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -162,19 +163,7 @@ class InferenceService:
         images = await self._validate_images(req)
         think, tools = self._check_capabilities(req, model, images)
         fmt = normalize_format(req.format)
-        request_options, warnings = coerce_options(req.options or {})
-        for warning in warnings:
-            log.warning("%s", warning)
-        options = merge_options(model.params(), request_options)
-        spec = self._load_spec(model, info, options)
-        ref = ModelRef(
-            key=spec.model_path,
-            name=model.name.display_shortest(),
-            digest=model.digest,
-            size=model.size,
-            details=details(model).model_dump(),
-            estimate_bytes=estimate_memory(info, spec),
-        )
+        options, spec, ref = self.placement(model, info, req.options)
         return Prepared(
             req,
             model,
@@ -261,10 +250,29 @@ class InferenceService:
         check_raw_mode(req.raw, template=req.template, system=req.system, context=bool(req.context))
         return think, tools
 
-    def load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
-        """The spec a request for ``model`` loads it with. ``inference.embeddings`` uses it
-        too, so that embedding and generation requests for one model share its runner."""
-        return self._load_spec(model, info, options)
+    def placement(
+        self, model: LocalModel, info: GGUFInfo, request_options: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], LoadSpec, ModelRef]:
+        """A request's options merged over the model's parameters, the spec the model loads
+        with, and the scheduler's reference to it. ``inference.embeddings`` uses it too, so
+        that embedding and generation requests for one model share its runner (an embedding
+        model, with a pooling type, loads alone: one sequence)."""
+        coerced, warnings = coerce_options(request_options or {})
+        for warning in warnings:
+            log.warning("%s", warning)
+        options = merge_options(model.params(), coerced)
+        spec = self._load_spec(model, info, options)
+        if info.pooling_type is not None:
+            spec = dataclasses.replace(spec, embedding=True, num_parallel=1)
+        ref = ModelRef(
+            key=spec.model_path,
+            name=model.name.display_shortest(),
+            digest=model.digest,
+            size=model.size,
+            details=details(model).model_dump(),
+            estimate_bytes=estimate_memory(info, spec),
+        )
+        return options, spec, ref
 
     def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
         num_ctx = (
