@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,7 +77,7 @@ class StubServer:
         class Handler(_Handler):
             server_stub = stub
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
@@ -96,6 +97,17 @@ class StubServer:
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
         return [body for p, body in self.requests if p == path]
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Connections the stub cuts on purpose (``die``) or clients drop end in socket errors;
+    the default ``handle_error`` prints them to ``sys.stderr``, which a test may be
+    capturing as the CLI's own stderr at that moment."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
