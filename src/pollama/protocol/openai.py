@@ -52,17 +52,26 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(OpenAIModel):
+class _GenerationRequest(OpenAIModel):
+    """The fields chat completions and (legacy) completions share; ``_sampling`` reads them."""
+
     model: str = ""
-    messages: list[ChatMessage] = []
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = []
+    max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
@@ -71,10 +80,6 @@ class ChatCompletionRequest(OpenAIModel):
     reasoning: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    user: str | None = None
 
     def to_inference(self) -> InferenceRequest:
         if not self.messages:
@@ -101,23 +106,11 @@ class ChatCompletionRequest(OpenAIModel):
         )
 
 
-class CompletionRequest(OpenAIModel):
-    model: str = ""
+class CompletionRequest(_GenerationRequest):
     prompt: str = ""
     suffix: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     echo: bool = False
     logprobs: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    user: str | None = None
 
     def to_inference(self) -> InferenceRequest:
         options = _sampling(self, self.max_tokens)
@@ -145,7 +138,7 @@ def _top_logprobs(name: str, value: int | None) -> int:
 
 
 def _sampling(
-    req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+    req: _GenerationRequest, max_tokens: int | None
 ) -> dict[str, Any]:
     """OpenAI sampling fields as Ollama options (with OpenAI's defaults, as Ollama sets them)."""
     options: dict[str, Any] = {
