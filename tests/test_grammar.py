@@ -235,3 +235,23 @@ def test_closing_budget_covers_the_open_levels(grammars: Grammars) -> None:
     assert (c.depth, c.state) == (4, 1)
     assert not c.must_close(20)
     assert c.must_close(4 + 1 + c.reserve)
+
+
+def test_integers_without_bounds_have_at_most_16_digits(grammars: Grammars) -> None:
+    """As llama.cpp's converter writes them: a small model cannot spend its budget on one
+    number. Bounds the schema gives are kept."""
+
+    def takes(schema: dict[str, Any], text: str) -> bool:
+        c = grammars.compile({"type": "object", "properties": {"n": schema}})
+        for token in grammars.tokenizer.tokenize_str(text):
+            if not (c.allows(token) and c.accept(token)):
+                return False
+        return True
+
+    free = {"type": "integer"}
+    assert takes(free, '{"n":' + "9" * 16) and takes(free, '{"n":-' + "9" * 16)
+    assert not takes(free, '{"n":' + "1" * 17) and not takes(free, '{"n":-' + "1" * 17)
+    assert prepare_schema({"type": "integer", "maximum": 10**18})["maximum"] == 10**18
+    wide = {"type": "integer", "maximum": 10**18}
+    assert takes(wide, '{"n":' + "1" * 18) and not takes(wide, '{"n":-' + "1" * 17)
+    assert prepare_schema({"type": "integer", "exclusiveMinimum": 0}).get("minimum") is None
