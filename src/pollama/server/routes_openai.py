@@ -25,6 +25,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from pollama.errors import InvalidRequest, ModelNotFound
 from pollama.inference.embeddings import EmbeddingService
-from pollama.inference.service import InferenceService, Prepared, collect
+from pollama.inference.service import InferenceService, collect
 from pollama.inference.types import InferenceEvent
 from pollama.names import ModelName
 from pollama.protocol.openai import (
@@ -88,9 +89,27 @@ def _usage(event: InferenceEvent | None) -> dict[str, Any]:
     return usage
 
 
-async def _prepare(request: Request, parsed: Any) -> tuple[InferenceService, Prepared]:
+@dataclass
+class _Started:
+    """A generation request parsed, prepared and running: ``first`` is its first event when
+    it streams (awaited before any byte is sent, so its errors still get a real status)."""
+
+    parsed: Any  # ChatCompletionRequest | CompletionRequest
+    events: AsyncIterator[InferenceEvent]
+    first: InferenceEvent | None
+
+    @property
+    def include_usage(self) -> bool:
+        options = self.parsed.stream_options
+        return bool(options and options.include_usage)
+
+
+async def _start(request: Request, model: type[ChatCompletionRequest | CompletionRequest]
+                 ) -> _Started:
+    parsed = await _parse(request, model)
     service: InferenceService = request.app.state.inference
-    return service, await service.prepare(parsed.to_inference())
+    events = service.stream(await service.prepare(parsed.to_inference()))
+    return _Started(parsed, events, await _first(events) if parsed.stream else None)
 
 
 def _stream_error(exc: BaseException) -> bytes:
@@ -262,20 +281,17 @@ class _ChatChunks:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     try:
-        parsed = await _parse(request, ChatCompletionRequest)
-        service, prepared = await _prepare(request, parsed)
-        events = service.stream(prepared)
-        first = await _first(events) if parsed.stream else None
+        started = await _start(request, ChatCompletionRequest)
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return openai_error_response(exc)
+    parsed = started.parsed
     ident = f"chatcmpl-{random.randint(0, 998)}"
     created = int(time.time())
     if parsed.stream:
-        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-        render = _ChatChunks(ident, created, parsed.model, include_usage)
-        return _Stream(events, first, render).response()
+        render = _ChatChunks(ident, created, parsed.model, started.include_usage)
+        return _Stream(started.events, started.first, render).response()
     try:
-        whole = await collect(events)
+        whole = await collect(started.events)
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     choice: dict[str, Any] = {
@@ -316,12 +332,10 @@ def _text_choice(
 @router.post("/completions")
 async def completions(request: Request) -> Response:
     try:
-        parsed = await _parse(request, CompletionRequest)
-        service, prepared = await _prepare(request, parsed)
-        events = service.stream(prepared)
-        first = await _first(events) if parsed.stream else None
-    except Exception as exc:  # noqa: BLE001
+        started = await _start(request, CompletionRequest)
+    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return openai_error_response(exc)
+    parsed = started.parsed
     base = {
         "id": f"cmpl-{random.randint(0, 998)}",
         "object": "text_completion",
@@ -332,7 +346,7 @@ async def completions(request: Request) -> Response:
     echo = parsed.prompt if parsed.echo else ""
     legacy = _LegacyLogprobs(len(echo))
     if parsed.stream:
-        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        include_usage = started.include_usage
         pending = [echo]
 
         def render(event: InferenceEvent) -> list[dict[str, Any]]:
@@ -349,9 +363,9 @@ async def completions(request: Request) -> Response:
                 out.append({**base, "choices": [], "usage": _usage(event)})
             return out
 
-        return _Stream(events, first, render).response()
+        return _Stream(started.events, started.first, render).response()
     try:
-        whole = await collect(events)
+        whole = await collect(started.events)
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     finish = whole.done_reason or "stop"
