@@ -29,22 +29,10 @@ import _procs
 import httpx
 from run_bench import ROOT, Pollama, git_commit
 
-PROMPT = "Describe a cat as JSON: its name, age, color, some tags and its owner."
-CAT: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "age": {"type": "integer", "minimum": 0, "maximum": 40},
-        "color": {"enum": ["black", "white", "orange", "grey"]},
-        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 4},
-        "owner": {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "city": {"type": "string"}},
-            "required": ["name", "city"],
-        },
-    },
-    "required": ["name", "age", "color", "tags", "owner"],
-}
+# The prompt and schema of the end-to-end tests (tests/test_e2e_structured.py).
+_CAT_CASE = json.loads((ROOT / "tests" / "golden" / "structured" / "cat.json").read_text())
+PROMPT: str = _CAT_CASE["prompt"]
+CAT: dict[str, Any] = _CAT_CASE["schema"]
 MODES: dict[str, Any] = {"none": None, "json": "json", "schema": CAT}
 TEMPERATURES = (0.0, 1.0)
 

@@ -9,7 +9,8 @@ TestClient instead of a socket.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ import anthropic
 import ollama
 import openai
 from fastapi.testclient import TestClient
+
+from pollama.config import Settings
+from pollama.runner.fake import FakeRunnerFactory
+from pollama.server.app import create_app
 
 BASE = "http://127.0.0.1:11434"
 
@@ -32,6 +37,17 @@ def create_models(client: TestClient, gguf: Path, models: Mapping[str, Mapping[s
         r = client.post("/api/create", json={"model": name, "files": {gguf.name: digest},
                                              "stream": False, **fields})
         assert r.status_code == 200, r.text
+
+
+@contextmanager
+def serving(settings: Settings, factory: FakeRunnerFactory,
+            models: Mapping[Path, Mapping[str, Mapping[str, Any]]]) -> Iterator[TestClient]:
+    """The app over ``factory``'s fake runners, with the models ``{gguf: {name: fields}}``
+    created, for as long as the block runs."""
+    with TestClient(create_app(settings, runner_factory=factory), base_url=BASE) as client:
+        for gguf, named in models.items():
+            create_models(client, gguf, named)
+        yield client
 
 
 def native_client(api: TestClient) -> ollama.Client:

@@ -22,14 +22,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ggufgen import write_tiny_model
-from inprocess import BASE, create_models, native_client, openai_client
+from inprocess import native_client, openai_client, serving
 from pollama.config import Settings
 from pollama.errors import InternalError, InvalidRequest
 from pollama.gguf import read_gguf
 from pollama.inference import vectors
 from pollama.inference.embeddings import legacy_raw
 from pollama.runner.fake import BOS_TOKEN, FakeRunnerFactory, fake_vector
-from pollama.server.app import create_app
 
 
 def expected(text: str, dims: int | None = None, num_ctx: int | None = None) -> np.ndarray:
@@ -52,11 +51,9 @@ def factory() -> FakeRunnerFactory:
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path, factory: FakeRunnerFactory) -> Iterator[TestClient]:
-    app = create_app(settings, runner_factory=factory)
-    with TestClient(app, base_url=BASE) as client:
-        for name, pooling in (("gen", None), ("embedder", 1)):
-            gguf = write_tiny_model(tmp_path / f"{name}.gguf", pooling_type=pooling)
-            create_models(client, gguf, {name: {}})
+    models = {write_tiny_model(tmp_path / f"{name}.gguf", pooling_type=pooling): {name: {}}
+              for name, pooling in (("gen", None), ("embedder", 1))}
+    with serving(settings, factory, models) as client:
         yield client
 
 

@@ -18,11 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ggufgen import write_tiny_model
-from inprocess import BASE, anthropic_client, create_models, native_client, openai_client
+from inprocess import anthropic_client, native_client, openai_client, serving
 from pollama.config import Settings
 from pollama.runner.base import CompletionChunk, Logprob, TokenLogprob
 from pollama.runner.fake import FakeRunnerFactory
-from pollama.server.app import create_app
 from test_api_tools_thinking import PLAIN, Responder, lines, sse, template
 
 
@@ -57,11 +56,9 @@ def fake() -> Responder:
 @pytest.fixture
 def setup(settings: Settings, tmp_path: Path, fake: Responder) -> Iterator[Setup]:
     factory = FakeRunnerFactory(script=fake)
-    app = create_app(settings, runner_factory=factory)
-    with TestClient(app, base_url=BASE) as client:
-        gguf = write_tiny_model(tmp_path / "t.gguf", context_length=8192)
-        create_models(client, gguf, {"thinker": {"template": template(True)},
-                                     "plain": {"template": PLAIN}})
+    gguf = write_tiny_model(tmp_path / "t.gguf", context_length=8192)
+    models = {"thinker": {"template": template(True)}, "plain": {"template": PLAIN}}
+    with serving(settings, factory, {gguf: models}) as client:
         yield Setup(client, factory)
 
 

@@ -21,11 +21,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ggufgen import write_tiny_model
-from inprocess import BASE, anthropic_client, create_models, native_client, openai_client
+from inprocess import anthropic_client, native_client, openai_client, serving
 from pollama.config import Settings
 from pollama.runner.base import CompletionRequest
 from pollama.runner.fake import FakeRunnerFactory
-from pollama.server.app import create_app
 
 
 def template(thinking: bool) -> str:
@@ -91,13 +90,10 @@ def fake() -> Responder:
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path, fake: Responder) -> Iterator[TestClient]:
-    factory = FakeRunnerFactory(script=fake)
-    app = create_app(settings, runner_factory=factory)
-    with TestClient(app, base_url=BASE) as client:
-        gguf = write_tiny_model(tmp_path / "t.gguf", context_length=8192)
-        create_models(client, gguf, {"tooly": {"template": template(False)},
-                                     "thinker": {"template": template(True)},
-                                     "plain": {"template": PLAIN}})
+    gguf = write_tiny_model(tmp_path / "t.gguf", context_length=8192)
+    models = {"tooly": {"template": template(False)}, "thinker": {"template": template(True)},
+              "plain": {"template": PLAIN}}
+    with serving(settings, FakeRunnerFactory(script=fake), {gguf: models}) as client:
         yield client
 
 
