@@ -57,6 +57,21 @@ def test_extra_body_options_are_honoured(oai: openai.OpenAI) -> None:
     assert a.choices[0].message.content == b.choices[0].message.content  # top_k 1 is greedy
 
 
+def test_unknown_fields_are_ignored(oai: openai.OpenAI) -> None:
+    """Fields of newer API versions (or typos) must not break a client: they are ignored."""
+    r = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+        temperature=0, extra_body={"web_search_options": {"x": 1}, "no_such_field": [1, 2]},
+    )
+    plain = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+        temperature=0,
+    )
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    c = oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"zzz": True})
+    assert c.choices[0].text is not None
+
+
 def test_completions(oai: openai.OpenAI) -> None:
     r = oai.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text
