@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pollama.errors import InvalidRequest
+from pollama.errors import InvalidRequest, brief
 from pollama.runner.base import (
     MAX_TOP_LOGPROBS,
     CompletionChunk,
@@ -144,10 +144,7 @@ class StopMatcher:
             return pending[:first], True
         hold = 0
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(pending)), hold, -1):
-                if pending.endswith(stop[:k]):
-                    hold = k
-                    break
+            hold = max(hold, _prefix_at_end(pending, stop, hold))
         self._held = pending[len(pending) - hold :]
         return pending[: len(pending) - hold], False
 
@@ -155,6 +152,21 @@ class StopMatcher:
         """The held text, when the request ends without a stop string."""
         held, self._held = self._held, ""
         return held
+
+
+def _prefix_at_end(text: str, stop: str, longer_than: int) -> int:
+    """The length of the longest end of ``text`` that begins ``stop`` (shorter than all of
+    it), if longer than ``longer_than``; else 0. Only the places where ``stop``'s first
+    character occurs are tried, earliest (longest) first, so a token costs a few C-level
+    comparisons per stop string rather than one slice per possible length."""
+    first = stop[:1]
+    start = max(len(text) - len(stop) + 1, 0)
+    at = text.find(first, start)
+    while 0 <= at < len(text) - longer_than:
+        if stop.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(first, at + 1)
+    return 0
 
 
 def fair_share(budget: int, wants: Sequence[int]) -> list[int]:
@@ -197,7 +209,9 @@ def build_sampler(opts: SamplingOptions, n_vocab: int, n_ctx: int) -> tuple[Samp
     from pollama.runner.llama import DEFAULT_SEED, SamplerChain
 
     chain = SamplerChain()
-    last_n = n_ctx if opts.repeat_last_n < 0 else opts.repeat_last_n
+    # llama.cpp allocates the penalty window up front: never wider than the context, which
+    # is all the history a sequence can have (2**31 - 1 once cost 8.5 GB for 3 tokens).
+    last_n = n_ctx if opts.repeat_last_n < 0 else min(opts.repeat_last_n, n_ctx)
     penalize = last_n > 0 and (
         opts.repeat_penalty != 1.0 or opts.frequency_penalty != 0.0 or opts.presence_penalty != 0.0
     )
@@ -374,16 +388,23 @@ class Engine:
     # -- the loop thread ---------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until :meth:`stop`; requests still open then end as cancelled."""
+        """Serve until :meth:`stop`; requests still open then end as cancelled.
+
+        The loop sleeps only when there is nothing it could do: no command, no request in a
+        slot and none waiting. A waiting request counts even when every slot is taken,
+        because a slot frees itself inside :meth:`_step` (a cancelled or finished request)
+        without any command arriving; sleeping then would strand the waiting request and
+        every later one behind it.
+        """
         while True:
-            if not self._commands and not self._busy():
-                with self._wake:
-                    while not self._commands and not self._stopping:
-                        self._wake.wait()
-            if self._stopping:
-                break
-            while self._commands:
-                kind, value = self._commands.popleft()
+            with self._wake:
+                while not self._commands and not self._stopping and not self._has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for kind, value in commands:
                 if kind == "submit":
                     assert isinstance(value, _Job)
                     self._waiting.append(value)
@@ -406,6 +427,10 @@ class Engine:
         for slot in self.slots:
             if slot.job is not None:
                 self._finish(slot.job, "")
+
+    def _has_work(self) -> bool:
+        """A request in a slot, or one waiting for a slot (which :meth:`_admit` may give)."""
+        return bool(self._waiting) or self._busy()
 
     def _busy(self) -> bool:
         return any(slot.job is not None for slot in self.slots)
@@ -523,8 +548,11 @@ class Engine:
         if grammar is not None:
             token = self._sample_constrained(job, grammar)
             if token < 0:
-                problem = grammar.error or "the grammar allows no next token"
-                self._finish(job, "", failure=f"structured output: {problem}")
+                # Only allowed tokens are ever fed, so a matcher that stops on its own is
+                # the schema's doing (llguidance's lexer limits: a pattern like a{1000000}).
+                problem = brief(grammar.error) or "the grammar allows no next token"
+                failure = f"the JSON schema in format is too complex to follow: {problem}"
+                self._finish(job, "", failure=failure, kind="invalid")
                 return
         elif job.fast_greedy:
             token = int(self.ctx.logits(job.row).argmax())
@@ -626,7 +654,15 @@ class Engine:
                 slot.tokens.clear()
                 self._finish(slot.job, "", failure=message)
 
-    def _finish(self, job: _Job, reason: str, *, flush: bool = True, failure: str = "") -> None:
+    def _finish(
+        self,
+        job: _Job,
+        reason: str,
+        *,
+        flush: bool = True,
+        failure: str = "",
+        kind: str = "internal",
+    ) -> None:
         slot = job.slot
         if slot is not None and slot.job is job:
             slot.job = None
@@ -636,7 +672,7 @@ class Engine:
             job.sampler = None
         job.grammar = None
         if failure:
-            job.emit(RequestFailed("internal", failure))
+            job.emit(RequestFailed(kind, failure))
             return
         if flush and reason and not job.cancelled:
             tail = job.stops.push(job.utf8.flush())[0] + job.stops.flush()
