@@ -153,3 +153,11 @@ class RunnerCrashed(InternalError):
             "or an internal error, check pollama server logs for details"
         )
         super().__init__(f"{message}: {detail}" if detail else message)
+
+
+def brief(message: str, limit: int = 300) -> str:
+    """A library's message for a client: its lines joined, at most ``limit`` characters.
+    Some libraries (llguidance) go on to dump their whole input, which may be megabytes of
+    the request; the first few hundred characters say what went wrong."""
+    text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

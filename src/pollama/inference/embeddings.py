@@ -25,11 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pollama.errors import InvalidRequest, ModelNotFound
+from pollama.errors import ContextOverflow, InvalidRequest, ModelNotFound
 from pollama.gguf import GGUFInfo
+from pollama.inference.bounds import TokenFloor
 from pollama.inference.embed_request import EmbedRequest, embedding_inputs
 from pollama.names import ModelName
-from pollama.runner.base import LoadSpec
+from pollama.runner.base import LoadSpec, RunnerInfo
 from pollama.scheduler import ModelRef, parse_keep_alive
 from pollama.store import LocalModel
 from pollama.store.describe import model_gguf
@@ -105,6 +106,25 @@ def legacy_raw(info: GGUFInfo) -> bool:
     return False
 
 
+def _bounded(inputs: list[str], info: RunnerInfo, *, truncate: bool) -> list[str]:
+    """The inputs as the worker may take them: one far longer than the context is cut
+    (``truncate``, keeping more than the tokens truncation keeps) or refused naming both
+    counts, before the worker spends memory on all of it (``inference/bounds.py``)."""
+    floor = TokenFloor(info.max_token_bytes)
+    bounded = []
+    for i, text in enumerate(inputs):
+        least = floor.of(text)
+        if least > info.n_ctx:
+            if not truncate:
+                raise ContextOverflow(
+                    f"the input length exceeds the context length: input {i} has at least "
+                    f"{least} tokens, the context holds {info.n_ctx}"
+                )
+            text = floor.cut(text, info.n_ctx)
+        bounded.append(text)
+    return bounded
+
+
 class EmbeddingService:
     """Embeddings over the inference service's store, scheduler and telemetry."""
 
@@ -153,7 +173,8 @@ class EmbeddingService:
                 load_duration = time.monotonic_ns() - started
                 if not req.inputs:
                     return EmbedResponse(req.model, [])  # Ollama reports no durations here
-                result = await lease.runner.embed(req.inputs, truncate=req.truncate)
+                inputs = _bounded(req.inputs, lease.info, truncate=req.truncate)
+                result = await lease.runner.embed(inputs, truncate=req.truncate)
             from pollama.inference import vectors  # numpy: only once something is embedded
 
             dims = req.dimensions or None

@@ -42,8 +42,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pollama.config import Settings
-from pollama.errors import CapabilityMissing, InternalError, InvalidRequest, ModelNotFound
+from pollama.errors import (
+    CapabilityMissing,
+    ContextOverflow,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+)
 from pollama.gguf import GGUFInfo
+from pollama.inference.bounds import TokenFloor
 from pollama.inference.images import (
     ImageLimits,
     ValidatedImage,
@@ -79,8 +86,14 @@ from pollama.inference.types import (
 )
 from pollama.names import ModelName
 from pollama.protocol.options import coerce_options, merge_options
-from pollama.runner.base import CompletionRequest, LoadSpec, Logprob, Runner, SamplingOptions
-from pollama.scheduler import ModelRef, Scheduler, estimate_memory, parse_keep_alive
+from pollama.runner.base import (
+    CompletionRequest,
+    LoadSpec,
+    Logprob,
+    SamplingOptions,
+    usable_cpus,
+)
+from pollama.scheduler import Lease, ModelRef, Scheduler, estimate_memory, parse_keep_alive
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
 from pollama.telemetry import NULL_TELEMETRY, Telemetry, observe_events
@@ -275,19 +288,25 @@ class InferenceService:
         return options, spec, ref
 
     def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
+        """The spec a model loads with. Load options that would only make llama.cpp allocate
+        or spawn without use are clamped here, once for every route (README, "Limits"):
+        ``num_batch`` to the context (a batch bigger than a sequence can never fill) and
+        ``num_thread`` to the CPUs present. ``repeat_last_n`` is clamped where the sampler
+        is built (``runner/engine.py``)."""
         num_ctx = (
             int(options.get("num_ctx") or 0) or self.settings.context_length or DEFAULT_NUM_CTX
         )
         if info.context_length:
             num_ctx = min(num_ctx, int(info.context_length))
+        num_ctx = max(num_ctx, 4)
         model_path = model.model_path()
         assert model_path is not None
         return LoadSpec(
             model_path=str(model_path),
-            num_ctx=max(num_ctx, 4),
+            num_ctx=num_ctx,
             num_parallel=max(self.settings.num_parallel, 1),
-            num_batch=int(options.get("num_batch") or 512),
-            num_thread=int(options.get("num_thread") or 0),
+            num_batch=min(int(options.get("num_batch") or 512), num_ctx),
+            num_thread=min(int(options.get("num_thread") or 0), usable_cpus()),
             flash_attention=self.settings.flash_attention,
             kv_cache_type=self.settings.kv_cache_type or "f16",
             use_mmap=options.get("use_mmap"),
@@ -303,14 +322,25 @@ class InferenceService:
     async def unload(self, p: Prepared) -> None:
         await self.scheduler.expire(p.ref.key)
 
-    async def _build_prompt(
-        self, p: Prepared, runner: Runner
-    ) -> tuple[PromptTemplate, PromptResult]:
-        """Render the request's prompt for the loaded model, truncating a chat to fit."""
+    async def _build_prompt(self, p: Prepared, lease: Lease) -> tuple[PromptTemplate, PromptResult]:
+        """Render the request's prompt for the loaded model, truncating a chat to fit.
+
+        The context is the one the worker made (``lease.info.n_ctx``, which the model's own
+        limits may have made smaller than the request's ``num_ctx``). A text whose token
+        floor (``inference/bounds.py``) is already over it is counted by that floor and
+        never sent to the worker, so a prompt of any size costs the worker nothing."""
         req = p.request
+        runner = lease.runner
+        num_ctx = lease.info.n_ctx
+        floor = TokenFloor(lease.info.max_token_bytes)
 
         async def count_tokens(text: str) -> int:
+            least = floor.of(text)
+            if least > num_ctx:
+                return least
             return len(await runner.tokenize(text))
+
+        _refuse_surely_too_long(req, floor, num_ctx)
 
         template = prompt_template_for(
             p.model, p.info, go_template_enabled=self.settings.go_template
@@ -323,7 +353,7 @@ class InferenceService:
                 model_messages=p.model.messages(),
                 tools=p.tools,
                 think=p.think,
-                num_ctx=p.spec.num_ctx,
+                num_ctx=num_ctx,
                 count_tokens=count_tokens,
                 truncate=req.truncate,
             )
@@ -341,7 +371,7 @@ class InferenceService:
                 template_override=req.template,
                 images=req.images,
                 think=p.think,
-                num_ctx=p.spec.num_ctx,
+                num_ctx=num_ctx,
                 count_tokens=count_tokens,
                 truncate=req.truncate,
                 model_name=str(p.model.name),
@@ -351,7 +381,7 @@ class InferenceService:
     async def count_tokens(self, p: Prepared) -> int:
         """How many tokens the request's prompt has for this model (loads it if needed)."""
         async with self.scheduler.use(p.ref, p.spec, p.keep_alive) as lease:
-            _template, result = await self._build_prompt(p, lease.runner)
+            _template, result = await self._build_prompt(p, lease)
             return result.prompt_tokens or len(await lease.runner.tokenize(result.prompt))
 
     def _output_plan(self, p: Prepared, template: PromptTemplate, prompt: str) -> _Plan:
@@ -393,19 +423,19 @@ class InferenceService:
             load_duration = time.monotonic_ns() - started
             runner = lease.runner
 
-            template, result = await self._build_prompt(p, lease.runner)
+            template, result = await self._build_prompt(p, lease)
             options = dict(p.options)
             if not options.get("stop"):
                 options["stop"] = default_stop_words(p.model.params(), template)
             truncation = (
-                Truncation(result.messages_dropped, result.prompt_tokens, p.spec.num_ctx)
+                Truncation(result.messages_dropped, result.prompt_tokens, lease.info.n_ctx)
                 if result.truncated
                 else None
             )
             if truncation:
                 log.warning(
                     "chat truncated to fit num_ctx=%d: dropped %d oldest message(s)",
-                    p.spec.num_ctx,
+                    lease.info.n_ctx,
                     result.messages_dropped,
                 )
             plan = self._output_plan(p, template, result.prompt)
@@ -509,6 +539,27 @@ class _Plan:
     format: str | dict[str, Any] | None
     two_phase: bool
     prefill: str
+
+
+def _refuse_surely_too_long(req: InferenceRequest, floor: TokenFloor, num_ctx: int) -> None:
+    """Refuse, before any template renders it, a request whose text can never fit: a prompt,
+    or the last message (truncation always keeps it), whose token floor is over the context,
+    or a ``context`` of more tokens than the context holds. Both counts are in the message;
+    the 30 MB prompt that once killed the worker costs a byte count here."""
+    if req.context and len(req.context) > num_ctx:
+        raise ContextOverflow(
+            f"context has {len(req.context)} tokens but the context window (num_ctx) "
+            f"is {num_ctx} tokens; start a new conversation or increase num_ctx"
+        )
+    texts = [req.prompt or "", req.suffix or ""]
+    if req.messages:
+        texts.append(str(req.messages[-1].get("content") or ""))
+    least = max(floor.of(text) for text in texts)
+    if least > num_ctx:
+        raise ContextOverflow(
+            f"prompt has at least {least} tokens but the context window (num_ctx) is "
+            f"{num_ctx} tokens; shorten the prompt or increase num_ctx"
+        )
 
 
 def _event(

@@ -38,6 +38,12 @@ def _go_quote_json(value: Any) -> str:
     return json.dumps(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
+MAX_SCHEMA_CHARS = 256 << 10
+"""The largest ``format`` schema, as compact JSON. The grammar engine's work grows with the
+schema (a 1 MB ``const`` took seconds per mask); real schemas, tools' included, are a few
+kilobytes."""
+
+
 def normalize_format(value: Any) -> str | dict[str, Any] | None:
     """``None``, ``"json"`` or a checked schema dict; ``InvalidRequest`` for anything else."""
     if value is None or value == "":
@@ -45,6 +51,12 @@ def normalize_format(value: Any) -> str | dict[str, Any] | None:
     if value == "json":
         return "json"
     if isinstance(value, dict):
+        size = len(json.dumps(value, separators=(",", ":")))
+        if size > MAX_SCHEMA_CHARS:
+            raise InvalidRequest(
+                f"the JSON schema in format is {size} characters; at most "
+                f"{MAX_SCHEMA_CHARS} are accepted"
+            )
         _check_schema(value, value, "")
         return value
     raise InvalidRequest(

@@ -41,6 +41,8 @@ __all__ = [
     "DEPRECATED_REQUEST_OPTIONS",
     "LOAD_OPTION_NAMES",
     "MAX_CONTEXT",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
     "OPTIONS",
     "LoadOptions",
     "OptionKind",
@@ -234,6 +236,7 @@ def format_params(params: Mapping[str, list[str]]) -> dict[str, Any]:
             )
         values = list(values)
         if spec.kind == "list[str]":
+            _check_stops(spec, values, noun="parameter")
             out[name] = values
             continue
         if not values:
@@ -260,7 +263,30 @@ def format_params(params: Mapping[str, list[str]]) -> dict[str, Any]:
 # --- request options (JSON) -------------------------------------------------------------------
 
 
+MAX_STOPS = 64
+MAX_STOP_CHARS = 512
+"""Stop strings per request and characters per stop string. Every generated token is
+matched against every stop string, so the list's size is a per-token cost; real lists
+(a template's end markers, OpenAI's four) are far below both."""
+
+
+def _check_stops(spec: OptionSpec, value: list[str], *, noun: str) -> None:
+    if len(value) > MAX_STOPS:
+        raise InvalidOption(
+            f'{noun} "{spec.name}" may hold at most {MAX_STOPS} strings (got {len(value)})'
+        )
+    longest = max((len(stop) for stop in value), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise InvalidOption(
+            f'{noun} "{spec.name}" strings may be at most {MAX_STOP_CHARS} characters '
+            f"(got one of {longest})"
+        )
+
+
 def _check_range(spec: OptionSpec, value: Any, *, noun: str) -> None:
+    if spec.kind == "list[str]":
+        _check_stops(spec, value, noun=noun)
+        return
     if spec.kind == "float":
         if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
             raise InvalidOption(f'{noun} "{spec.name}" must be a finite number')

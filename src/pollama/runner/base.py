@@ -10,6 +10,7 @@ they are plain dataclasses of JSON-able values.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -74,6 +75,25 @@ class SamplingOptions:
         data = asdict(self)
         data["stop"] = list(self.stop)
         return data
+
+
+MAX_UBATCH = 512
+"""The most tokens llama.cpp computes in one physical pass (``n_ubatch``). Its compute
+buffers (the logits of every row, the activations, the attention scores over the whole
+context) grow with this number, not with ``num_batch``, which only bounds how many tokens
+one ``llama_decode`` call takes; a bigger pass is no faster on a CPU. Ollama's default
+``num_batch`` is the same 512, so by default nothing changes."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; a container's cpuset counts).
+
+    More compute threads than this only take turns on the same cores (4,097 threads on two
+    cores made 8 tokens in 183 s), so ``num_thread`` is clamped to it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token at most (Ollama's and OpenAI's limit)
@@ -181,6 +201,8 @@ class RunnerInfo:
     n_vocab: int
     memory_bytes: int  # weights + KV cache + compute buffers, as estimated after load
     load_duration_ns: int
+    # The most bytes of text one token stands for (``inference/bounds.py``); 0: unknown.
+    max_token_bytes: int = 0
 
 
 class Runner(Protocol):

@@ -57,7 +57,7 @@ import llguidance
 import numpy as np
 import numpy.typing as npt
 
-from pollama.errors import InvalidRequest
+from pollama.errors import InvalidRequest, brief
 
 __all__ = ["Constraint", "Grammars", "prepare_schema"]
 
@@ -229,10 +229,11 @@ class Grammars:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
         except ValueError as exc:
-            raise InvalidRequest(f"invalid JSON schema in format: {exc}") from None
+            raise InvalidRequest(f"invalid JSON schema in format: {brief(str(exc))}") from None
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"unsupported JSON schema in format: {matcher.get_error()}")
+            problem = brief(matcher.get_error())
+            raise InvalidRequest(f"unsupported JSON schema in format: {problem}")
         reserve = self._base_reserve + _closing_estimate(schema, self._cost)
         return Constraint(self, matcher, reserve)
 

@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from pollama.errors import InternalError, InvalidOption
 from pollama.runner.bindings import lc
+from pollama.runner.textsplit import PIECE_CHARS, SpecialSplitter
 
 if TYPE_CHECKING:
     from llguidance import LLTokenizer
@@ -166,6 +167,7 @@ class Model:
         )
         self.n_embd_out: int = lc.llama_model_n_embd_out(ptr)
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._special_splitter: SpecialSplitter | None = None
 
     def head_dims(self) -> tuple[int, int]:
         """The attention head sizes of K and V (GGUF ``key_length``/``value_length``)."""
@@ -190,6 +192,30 @@ class Model:
     def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
+        """The tokens of ``text``; a long text with special tokens parsed goes through the
+        tokenizer in pieces cut where llama.cpp splits anyway (``runner/textsplit.py``),
+        unless the tokenizer appends tokens at the end (each piece would get them)."""
+        if not parse_special or len(text) <= PIECE_CHARS or self.n_tail_specials:
+            return self._tokenize(text, add_special, parse_special)
+        tokens: list[int] = []
+        for i, piece in enumerate(self._splitter().pieces(text)):
+            tokens.extend(self._tokenize(piece, add_special and i == 0, True))
+        return tokens
+
+    def _splitter(self) -> SpecialSplitter:
+        """The special-token strings of the vocabulary, found once."""
+        if self._special_splitter is None:
+            specials = []
+            kinds = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+            for token in range(self.n_vocab):
+                attr = lc.llama_vocab_get_attr(self.vocab, token)
+                if attr & kinds:
+                    text = self.token_to_piece(token).decode("utf-8", "replace")
+                    specials.append((text, bool(attr & lc.LLAMA_TOKEN_ATTR_LSTRIP)))
+            self._special_splitter = SpecialSplitter.of(specials)
+        return self._special_splitter
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         size = len(data) + 8
         while True:
@@ -235,6 +261,20 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token can stand for: its longest piece (special
+        tokens as text), four times that for tokenizers that normalize text away
+        (WordPiece drops spaces and accents, Unigram rewrites), so that a text of ``n``
+        bytes is surely at least ``n // max_token_bytes()`` tokens (``inference/bounds.py``).
+        About 30 ms for a 50k vocabulary, once per load."""
+        buf = ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(self.n_vocab):
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+            longest = max(longest, abs(n))
+        exact = (lc.LLAMA_VOCAB_TYPE_SPM, lc.LLAMA_VOCAB_TYPE_BPE, lc.LLAMA_VOCAB_TYPE_RWKV)
+        return longest if lc.llama_vocab_type(self.vocab) in exact else 4 * longest
 
     def close(self) -> None:
         if self.ptr:

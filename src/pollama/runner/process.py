@@ -69,7 +69,7 @@ _EXIT_GRACE = 2.0  # after EOF, how long a worker may take to exit before it is 
 # An embed op carries at most this many inputs and characters, so that neither it nor its
 # reply (a base64 vector per input) comes near MAX_LINE; bigger requests take several ops.
 _EMBED_OP_INPUTS = 256
-_EMBED_OP_CHARS = 8 << 20
+_EMBED_OP_CHARS = 1 << 20  # the worker holds ~100 bytes a token while it tokenizes
 _OUTPUT_GRACE = 1.0  # after exit, how long to wait for the rest of its output
 
 

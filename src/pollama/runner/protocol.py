@@ -125,7 +125,8 @@ def done_from_json(data: dict[str, Any]) -> CompletionChunk:
 
 
 def info_from_json(data: dict[str, Any]) -> RunnerInfo:
-    return RunnerInfo(**{k: data[k] for k in RunnerInfo.__dataclass_fields__})
+    fields = RunnerInfo.__dataclass_fields__
+    return RunnerInfo(**{k: data[k] for k in fields if k in data or k != "max_token_bytes"})
 
 
 def embedding_result_to_json(result: EmbeddingResult) -> dict[str, Any]:

@@ -38,7 +38,14 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from pollama.errors import InvalidRequest
-from pollama.runner.base import CompletionChunk, EmbeddingResult, LoadSpec, RunnerInfo
+from pollama.runner.base import (
+    MAX_UBATCH,
+    CompletionChunk,
+    EmbeddingResult,
+    LoadSpec,
+    RunnerInfo,
+    usable_cpus,
+)
 from pollama.runner.protocol import (
     MAX_LINE,
     chunk_to_json,
@@ -88,12 +95,9 @@ class Writer:
 
 
 def _threads(spec: LoadSpec) -> int:
-    if spec.num_thread > 0:
-        return spec.num_thread
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    """The spec's thread count, never more than the CPUs present (0: all of them)."""
+    cpus = usable_cpus()
+    return min(spec.num_thread, cpus) if spec.num_thread > 0 else cpus
 
 
 class Loaded:
@@ -136,18 +140,21 @@ class Loaded:
             n_vocab=self.model.n_vocab,
             memory_bytes=memory,
             load_duration_ns=time.perf_counter_ns() - start,
+            max_token_bytes=self.model.max_token_bytes(),
         )
 
     def _load_generation_model(self, type_k: int, type_v: int) -> None:
         from pollama.runner import llama
 
         spec = self.spec
-        n_batch = max(spec.num_batch, spec.num_parallel)
+        # A batch longer than a sequence's context can never be filled (service.py clamps
+        # it too; a spec from elsewhere gets the same bound).
+        n_batch = max(min(spec.num_batch, spec.num_ctx), spec.num_parallel)
         params = llama.ContextParams(
             n_ctx=spec.num_ctx * spec.num_parallel,
             n_seq_max=spec.num_parallel,
             n_batch=n_batch,
-            n_ubatch=n_batch,
+            n_ubatch=min(n_batch, MAX_UBATCH),
             n_threads=self.n_threads,
             flash_attn_type=llama.flash_attn_type(spec.flash_attention, spec.kv_cache_type),
             type_k=type_k,

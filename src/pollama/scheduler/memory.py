@@ -24,7 +24,7 @@ from typing import Any
 from pollama.errors import InsufficientMemory
 from pollama.format import human_bytes
 from pollama.gguf import GGUFInfo
-from pollama.runner.base import LoadSpec
+from pollama.runner.base import MAX_UBATCH, LoadSpec
 
 __all__ = [
     "MemoryInfo",
@@ -182,11 +182,12 @@ def kv_cache_bytes(info: GGUFInfo, spec: LoadSpec) -> int:
 
 
 def compute_buffer_bytes(info: GGUFInfo, spec: LoadSpec) -> int:
-    """llama.cpp's worst-case compute graph for one batch of ``num_batch`` tokens, f32:
-    logits for every token of the batch, the residual and feed-forward activations, and
-    (without flash attention) one layer's attention scores over the whole context."""
+    """llama.cpp's worst-case compute graph for one physical pass (``n_ubatch``: ``num_batch``
+    up to :data:`~pollama.runner.base.MAX_UBATCH`), f32: logits for every row of the pass,
+    the residual and feed-forward activations, and (without flash attention) one layer's
+    attention scores over the whole context."""
     tokens = _context_tokens(spec)
-    n_batch = max(1, min(spec.num_batch, tokens))
+    n_batch = max(1, min(spec.num_batch, tokens, MAX_UBATCH))
     n_embd = info.embedding_length or 0
     n_ff = _as_int(_arch_value(info, "feed_forward_length")) or 4 * n_embd
     n_head = _as_int(_arch_value(info, "attention.head_count")) or 0
