@@ -479,8 +479,9 @@ def test_truncation_keeps_every_system_message_in_order() -> None:
     assert result.prompt == "system: S1\n\nS2 user: u3 "
     assert result.messages_dropped == 4
     # Starting just after a system message renders the same list, so those starts are
-    # skipped: 5 renders for 7 messages, each different.
-    assert len(calls) == len(set(calls)) == 5
+    # skipped (5 candidates for 7 messages); the binary search renders 4 of them: all, the
+    # shortest, then two halvings. Each prompt is rendered once.
+    assert len(calls) == len(set(calls)) == 4
 
 
 def test_truncation_counts_modelfile_messages_and_images() -> None:

@@ -269,7 +269,11 @@ def test_public_api() -> None:
     assert sorted(template_pkg.__all__) == sorted(
         [
             "DEFAULT_TEMPLATE",
+            "MAX_RENDER_OUTPUT",
+            "MAX_RENDER_STEPS",
             "NamedTemplate",
+            "RenderBudget",
+            "RenderLimitExceeded",
             "Template",
             "collate",
             "detect_named_template",

@@ -14,6 +14,15 @@ time, always keeping every system message and the last message, until the render
 (plus ``image_tokens`` per image) fits ``num_ctx``. Unlike Ollama, nothing is silent: the
 result says how many messages were dropped, and a prompt that cannot fit even at its minimum
 raises ``ContextOverflow`` naming both token counts instead of being cut by the runner.
+Since dropping more never makes a prompt longer, the number to drop is found by binary
+search (:func:`_fit`): O(log n) renders and counts instead of one per message, and the
+prompt returned is always one that was rendered and counted whole.
+
+Rendering never runs on the event loop: templates are untrusted code, so every render goes
+to a small pool of :data:`RENDER_THREADS` threads owned by this module, and is bounded by
+the template engines' ``RenderBudget`` (steps, sizes), which is what makes it end soon: a
+thread cannot be stopped. Every await (a render, a token count) is a cancellation point, so
+a request whose client left stops between renders, and a render still queued never runs.
 
 Images become ``[img-N]`` markers in their message's content (N counts the images sent, from
 0): a literal ``[img]`` is replaced, otherwise the marker is prefixed (``imageTaggedMessages``).
@@ -21,10 +30,13 @@ Images become ``[img-N]`` markers in their message's content (N counts the image
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pollama.errors import CapabilityMissing, ContextOverflow, InvalidRequest
 from pollama.gguf import GGUFInfo
@@ -32,6 +44,7 @@ from pollama.store.models import LocalModel
 from pollama.template import (
     DEFAULT_TEMPLATE,
     NamedTemplate,
+    RenderLimitExceeded,
     Template,
     jinja_capabilities,
     named_template,
@@ -43,6 +56,7 @@ from pollama.template import (
 from pollama.template.jinja import JinjaChatTemplate
 
 __all__ = [
+    "RENDER_THREADS",
     "PromptResult",
     "PromptTemplate",
     "TokenCounter",
@@ -54,7 +68,32 @@ __all__ = [
 ]
 
 TokenCounter = Callable[[str], Awaitable[int]]
-"""Counts the tokens the model's tokenizer makes of a prompt (special tokens parsed)."""
+"""Counts the tokens the model's tokenizer makes of a prompt (special tokens parsed). A count
+over ``num_ctx`` may be a lower bound; only a count within it must be exact."""
+
+RENDER_THREADS = 2
+"""Templates rendered at once, in threads owned by this module. Renders hold the interpreter
+lock, so more threads would not render faster; two let a short render pass a long one, and
+any number of hostile requests wait for these two instead of taking the server's threads."""
+
+_T = TypeVar("_T")
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _render_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="pollama-render")
+        return _pool
+
+
+async def _off_loop(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)`` in the render pool (see the module docstring). Cancelling the
+    caller drops a call still queued; one already running ends within its render budget."""
+    call = functools.partial(fn, *args, **kwargs)
+    return await asyncio.wrap_future(_render_pool().submit(call))
 
 
 @functools.cache
@@ -248,6 +287,59 @@ def _overflow(tokens: int, num_ctx: int, advice: str) -> ContextOverflow:
     )
 
 
+# Render bounds that grow with the messages rendered: a conversation that exceeds one is
+# too long, like one over num_ctx, and loses older messages; other failures are the
+# template's.
+_TOO_LONG = frozenset({"steps", "output", "built"})
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One candidate prompt: ``result`` when it fits, else what stopped it."""
+
+    result: PromptResult | None
+    tokens: int = 0
+    error: RenderLimitExceeded | None = None
+
+
+async def _attempt(
+    template: PromptTemplate,
+    msgs: list[dict[str, Any]],
+    start: int,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None,
+    think: bool | str | None,
+    num_ctx: int,
+    count_tokens: TokenCounter,
+    prefix: str,
+    image_tokens: int,
+) -> _Attempt:
+    """Render and count the prompt that keeps every system message before ``start`` and all
+    messages from ``start`` on."""
+    kept_system = [m for m in msgs[:start] if _role(m) == "system"]
+    tagged, images = tag_images(msgs[start:])
+    try:
+        text = await _off_loop(template.render, kept_system + tagged, tools=tools, think=think)
+    except RenderLimitExceeded as exc:
+        if exc.limit not in _TOO_LONG:
+            raise
+        return _Attempt(None, error=exc)
+    prompt = prefix + text
+    tokens = await count_tokens(prompt) + image_tokens * len(images)
+    if tokens > num_ctx:
+        return _Attempt(None, tokens)
+    dropped = start - len(kept_system)
+    return _Attempt(PromptResult(prompt, dropped > 0, dropped, tokens, images), tokens)
+
+
+def _starts(msgs: list[dict[str, Any]], truncate: bool) -> list[int]:
+    """Where a kept conversation may start, fewest messages dropped first. Starting just
+    after a system message renders the same list as starting on it, so those are left out."""
+    last = len(msgs) - 1
+    starts = [i for i in range(last + 1) if i == 0 or _role(msgs[i - 1]) != "system"]
+    return starts if truncate and starts else [0]
+
+
 async def _fit(
     template: PromptTemplate,
     msgs: list[dict[str, Any]],
@@ -261,29 +353,48 @@ async def _fit(
     image_tokens: int = 0,
     advice: str | None = None,
 ) -> PromptResult:
-    """``chatPrompt``: render, and drop the oldest non-system messages until it fits."""
-    last = len(msgs) - 1
-    # Starting just after a system message renders the same list as starting on it: skip.
-    starts = [i for i in range(last + 1) if i == 0 or _role(msgs[i - 1]) != "system"]
-    if not truncate or not starts:
-        starts = [0]
-    tokens = 0
-    for start in starts:
-        kept_system = [m for m in msgs[:start] if _role(m) == "system"]
-        tagged, images = tag_images(msgs[start:])
-        prompt = prefix + template.render(kept_system + tagged, tools=tools, think=think)
-        tokens = await count_tokens(prompt) + image_tokens * len(images)
-        if tokens <= num_ctx:
-            dropped = start - len(kept_system)
-            return PromptResult(prompt, dropped > 0, dropped, tokens, images)
-    if advice is None:
-        advice = "shorten the messages or increase num_ctx"
-        if truncate and len(msgs) > 1:
-            advice = (
-                "the last message does not fit even with all older messages dropped; "
-                "shorten it or increase num_ctx"
-            )
-    raise _overflow(tokens, num_ctx, advice)
+    """``chatPrompt``: the prompt with the fewest oldest non-system messages dropped that fits.
+
+    The same answer as trying every start in order (Ollama's loop), found by binary search:
+    fitting is monotone in the number dropped. The whole conversation is tried first (the
+    common case, one render), then the shortest one (if even that does not fit, the error
+    comes at once), then the middle of what is left, each a real render and count.
+    """
+    starts = _starts(msgs, truncate)
+
+    async def attempt(index: int) -> _Attempt:
+        return await _attempt(
+            template, msgs, starts[index], tools=tools, think=think, num_ctx=num_ctx,
+            count_tokens=count_tokens, prefix=prefix, image_tokens=image_tokens,
+        )  # fmt: skip
+
+    tried = await attempt(0)
+    if tried.result is not None:
+        return tried.result
+    if len(starts) > 1:
+        tried = await attempt(len(starts) - 1)
+    if tried.result is None:
+        if tried.error is not None:
+            raise tried.error
+        raise _overflow(tried.tokens, num_ctx, advice or _advice(truncate, len(msgs)))
+    best, fits, fails = tried.result, len(starts) - 1, 0
+    while fits - fails > 1:  # starts[fails] does not fit, starts[fits] does
+        middle = (fails + fits) // 2
+        tried = await attempt(middle)
+        if tried.result is None:
+            fails = middle
+        else:
+            best, fits = tried.result, middle
+    return best
+
+
+def _advice(truncate: bool, count: int) -> str:
+    if truncate and count > 1:
+        return (
+            "the last message does not fit even with all older messages dropped; "
+            "shorten it or increase num_ctx"
+        )
+    return "shorten the messages or increase num_ctx"
 
 
 async def build_chat_prompt(
@@ -380,11 +491,14 @@ async def build_generate_prompt(
         return await _single(prompt, images, num_ctx, count_tokens, image_tokens)
 
     prefix = context_text or ""
-    direct = PromptTemplate.from_go(template_override) if template_override else None
+    direct = None
+    if template_override:  # parsed off the loop too: it is the request's, of any length
+        direct = await _off_loop(PromptTemplate.from_go, template_override)
     if suffix:
         if "insert" not in template.capabilities():
             raise CapabilityMissing(f"{model_name} does not support insert")
-        text = (direct or template).render_fill_in_middle(prompt, suffix, think=think)
+        fill = (direct or template).render_fill_in_middle
+        text = await _off_loop(fill, prompt, suffix, think=think)
         return await _single(prefix + text, images, num_ctx, count_tokens, image_tokens)
 
     msgs: list[dict[str, Any]] = []
@@ -399,7 +513,7 @@ async def build_generate_prompt(
 
     if direct is not None:
         tagged, sent = tag_images(msgs)
-        text = direct.render(tagged, think=think)
+        text = await _off_loop(direct.render, tagged, think=think)
         return await _single(prefix + text, sent, num_ctx, count_tokens, image_tokens)
     return await _fit(
         template,

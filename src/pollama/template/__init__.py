@@ -10,8 +10,12 @@ prompt rendering with Ollama's rules.
 * ``template_capabilities`` / ``jinja_capabilities``: the ``tools``/``insert``/``thinking``
   capabilities a template grants; ``infer_thinking_tags`` / ``infer_tool_call_tag`` for the
   output parsers.
+* ``RenderBudget`` / ``RenderLimitExceeded``: the bounds every render (Go or Jinja) runs
+  under (steps, value and output sizes, nesting) and the ``TemplateError`` a template that
+  exceeds one raises; ``MAX_RENDER_STEPS`` and ``MAX_RENDER_OUTPUT`` are the defaults.
 """
 
+from ._budget import MAX_RENDER_OUTPUT, MAX_RENDER_STEPS, RenderBudget, RenderLimitExceeded
 from ._capabilities import (
     go_template_has_tool_round_trip,
     infer_thinking_tags,
@@ -30,7 +34,11 @@ DEFAULT_TEMPLATE = "{{ .Prompt }}"
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "MAX_RENDER_OUTPUT",
+    "MAX_RENDER_STEPS",
     "NamedTemplate",
+    "RenderBudget",
+    "RenderLimitExceeded",
     "Template",
     "collate",
     "detect_named_template",

@@ -14,9 +14,12 @@ Semantics kept from Go (they decide what Ollama's prompts look like):
 Where Go would dereference through a nil interface and fail (``.Missing.Field``), this
 evaluator yields nil instead: a template that works in Ollama renders the same here.
 
-Execution is bounded: nested template calls (``MAX_TEMPLATE_DEPTH``), evaluation steps
-(``max_steps``) and output size (``max_output``) are capped, so no template can loop or
-recurse without end or exhaust memory.
+Execution is bounded by one ``RenderBudget`` (``_budget.py``), shared by every execution
+that makes one prompt: every node walked, command and argument evaluated costs a step,
+function calls also pay for the characters they read and build, no function may build a
+string longer than one value may be (checked before ``printf``/``print`` build it), and the
+output is capped; nested template calls stop at ``MAX_TEMPLATE_DEPTH``. So no template can
+loop, fan out or recurse for long, or exhaust memory.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import TemplateError
+from ._budget import MAX_RENDER_OUTPUT, MAX_RENDER_STEPS, RenderBudget, RenderLimitExceeded
 from ._funcs import Func, FuncError, make_functions
 from ._nodes import (
     ActionNode,
@@ -56,14 +60,25 @@ from ._values import GoStruct, format_value, is_supported, is_true, sorted_keys,
 MAX_TEMPLATE_DEPTH = 100
 """Deepest chain of ``{{template}}`` calls; Go allows 100000, Python's stack does not."""
 
-DEFAULT_MAX_STEPS = 5_000_000
-DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
+DEFAULT_MAX_STEPS = MAX_RENDER_STEPS
+DEFAULT_MAX_OUTPUT = MAX_RENDER_OUTPUT
+
+NODE_STEPS = 5
+"""Budget steps (about 0.1 µs each, see ``_budget.py``) of one node walked or evaluated."""
+
+# Functions whose cost is a Python loop over every character of their string arguments (two
+# steps per character), and how many characters each input character can become (checked
+# before the call, so the long result is never built).
+_PER_CHAR_FUNCS = frozenset({"js", "urlquery"})
+_GROWTH = {"js": 6, "urlquery": 12, "print": 1, "println": 1}
 
 _MISSING: Any = object()  # "no value piped in", Go's missingVal
 
 
 class _ExecError(Exception):
-    pass
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit  # the RenderLimitExceeded kind, when a bound was hit
 
 
 class _Break(Exception):
@@ -85,18 +100,18 @@ class Executor:
         now: _dt.datetime | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        budget: RenderBudget | None = None,
     ) -> None:
         self.source = source
         self.templates = templates
         today = (now or _dt.datetime.now()).date()
-        self.funcs: dict[str, Func] = make_functions(today)
+        if budget is None:
+            budget = RenderBudget(max_steps=max_steps, max_output=max_output)
+        self.budget = budget
+        self.funcs: dict[str, Func] = make_functions(today, max_len=budget.max_value)
         self.out: list[str] = []
-        self.out_len = 0
         self.vars: list[list[Any]] = []
         self.depth = 0
-        self.steps = 0
-        self.max_steps = max_steps
-        self.max_output = max_output
         self.node: Node | None = None
         self.name = ""
 
@@ -105,7 +120,11 @@ class Executor:
         self.vars = [["$", data]]
         try:
             self.walk(data, root)
+        except RenderLimitExceeded as exc:
+            raise RenderLimitExceeded(str(self.error(exc.message)), exc.limit) from None
         except _ExecError as exc:
+            if exc.limit:
+                raise RenderLimitExceeded(str(exc), exc.limit) from None
             raise TemplateError(str(exc)) from None
         except RecursionError:
             raise TemplateError("template: execution nested too deeply") from None
@@ -127,9 +146,7 @@ class Executor:
         return _ExecError(f"template: :{line}:{col}: executing {name} at <{context}>: {message}")
 
     def write(self, text: str) -> None:
-        self.out_len += len(text)
-        if self.out_len > self.max_output:
-            raise self.error(f"output exceeds {self.max_output} characters")
+        self.budget.write(len(text))
         self.out.append(text)
 
     def var_value(self, name: str) -> Any:
@@ -147,10 +164,8 @@ class Executor:
 
     # -- walking -----------------------------------------------------------------------------
     def walk(self, dot: Any, node: Node) -> None:
-        self.steps += 1
-        if self.steps > self.max_steps:
-            raise self.error(f"execution exceeded {self.max_steps} steps")
         self.node = node
+        self.budget.step(NODE_STEPS)
         if isinstance(node, TextNode):
             self.write(node.text)
         elif isinstance(node, ListNode):
@@ -251,7 +266,8 @@ class Executor:
         if tree is None:
             raise self.error(f'template "{node.name}" not defined')
         if self.depth >= MAX_TEMPLATE_DEPTH:
-            raise self.error(f"exceeded maximum template depth ({MAX_TEMPLATE_DEPTH})")
+            message = f"exceeded maximum template depth ({MAX_TEMPLATE_DEPTH})"
+            raise _ExecError(str(self.error(message)), "depth")
         new_dot = self.eval_pipeline(dot, node.pipe)
         saved_vars, saved_name = self.vars, self.name
         self.vars, self.name = [["$", new_dot]], node.name
@@ -283,6 +299,7 @@ class Executor:
             raise self.error(f"can't give argument to non-function {first}")
 
     def eval_command(self, dot: Any, cmd: CommandNode, final: Any) -> Any:
+        self.budget.step(NODE_STEPS)
         first = cmd.args[0]
         if isinstance(first, FieldNode):
             self.node = first
@@ -406,13 +423,29 @@ class Executor:
                 self._check_string(final)
             values.append(final)
         self.node = cmd
+        self.charge_call(name, values)
         try:
             result = fn.call(*values)
         except FuncError as exc:
             raise self.error(f"error calling {name}: {exc}") from None
-        if isinstance(result, str) and len(result) > self.max_output:
-            raise self.error(f"error calling {name}: result exceeds {self.max_output} characters")
+        if isinstance(result, str):
+            self.budget.build(len(result), f"the result of {name}")
         return result
+
+    def charge_call(self, name: str, values: list[Any]) -> None:
+        """Pay for a call before making it, and refuse one whose result would be too long.
+
+        Reading a string costs steps (two per character for the functions that loop over
+        characters in Python); ``print``/``println`` and the escapers build at most their
+        input times ``_GROWTH``, and ``printf`` is checked while it formats."""
+        chars = sum(len(v) for v in values if isinstance(v, str))
+        self.budget.step(NODE_STEPS + (2 * chars if name in _PER_CHAR_FUNCS else 0))
+        self.budget.bulk(chars)
+        if name == "html":
+            special = sum(v.count(c) for v in values if isinstance(v, str) for c in "&'\"<>")
+            self.budget.check_size(chars + 4 * special, "the result of html")
+        elif name in _GROWTH:
+            self.budget.check_size(chars * _GROWTH[name], f"the result of {name}")
 
     @staticmethod
     def _is_string_param(fn: Func, i: int) -> bool:
@@ -438,6 +471,7 @@ class Executor:
 
     def eval_arg(self, dot: Any, node: Node) -> Any:
         self.node = node
+        self.budget.step(NODE_STEPS)
         if isinstance(node, FieldNode):
             return self.eval_field_chain(dot, dot, node, node.ident, [node], _MISSING)
         if isinstance(node, VariableNode):

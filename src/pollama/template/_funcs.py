@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._budget import MAX_VALUE_CHARS
 from ._printf import sprint, sprintf, sprintln
 from ._values import (
     GoList,
@@ -249,10 +250,6 @@ def _call(fn: Any, *args: Any) -> Any:
     raise FuncError(f"non-function of type {type_name(fn)}")
 
 
-def _printf(fmt: str, *args: Any) -> str:
-    return sprintf(fmt, args)
-
-
 def _print(*args: Any) -> str:
     return sprint(args)
 
@@ -296,8 +293,12 @@ def _to_typescript_type(v: Any) -> str:
     return "any"
 
 
-def make_functions(today: _dt.date) -> dict[str, Func]:
-    """The function table for one execution; ``today`` feeds ``currentDate``/``yesterdayDate``."""
+def make_functions(today: _dt.date, max_len: int = MAX_VALUE_CHARS) -> dict[str, Func]:
+    """The function table for one execution; ``today`` feeds ``currentDate``/``yesterdayDate``,
+    ``max_len`` is the longest string ``printf`` may build (it stops formatting there)."""
+
+    def printf(fmt: str, *args: Any) -> str:
+        return sprintf(fmt, args, limit=max_len)
 
     def current_date(*_args: str) -> str:
         return today.strftime("%Y-%m-%d")
@@ -313,7 +314,7 @@ def make_functions(today: _dt.date) -> dict[str, Func]:
         "index": Func(_index, 1, True),
         "slice": Func(_slice, 1, True),
         "print": Func(_print, 0, True),
-        "printf": Func(_printf, 1, True, frozenset({0})),
+        "printf": Func(printf, 1, True, frozenset({0})),
         "println": Func(_println, 0, True),
         "html": Func(_html, 0, True),
         "js": Func(_js, 0, True),

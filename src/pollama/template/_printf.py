@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..format import go_quote
+from ._budget import RenderLimitExceeded
 from ._values import (
     GoStruct,
     format_float_g,
@@ -226,20 +227,39 @@ def _fmt_arg(arg: Any, verb: str, spec: _Spec, depth: int = 0) -> str:
 
 
 _INDEX = re.compile(r"\[(\d+)\]")
+_NUMBER = re.compile(r"\d+")
 
 
-def sprintf(fmt: str, args: Sequence[Any]) -> str:
-    """``fmt.Sprintf(fmt, args...)``."""
+def _number(digits: str) -> int:
+    """A width or precision; any number too long to be valid counts as too large."""
+    return int(digits) if len(digits) <= 9 else _MAX_WIDTH + 1
+
+
+def sprintf(fmt: str, args: Sequence[Any], *, limit: int | None = None) -> str:
+    """``fmt.Sprintf(fmt, args...)``; ``RenderLimitExceeded`` as soon as the result would be
+    longer than ``limit`` characters (widths alone can make each verb a million long)."""
     out: list[str] = []
+    size = 0
+
+    def add(text: str) -> None:
+        nonlocal size
+        size += len(text)
+        if limit is not None and size > limit:
+            raise RenderLimitExceeded(
+                f"the result of printf exceeds {limit} characters (the limit for one value)",
+                "value",
+            )
+        out.append(text)
+
     arg_num = 0
     reordered = False
     i, end = 0, len(fmt)
     while i < end:
         nxt = fmt.find("%", i)
         if nxt < 0:
-            out.append(fmt[i:])
+            add(fmt[i:])
             break
-        out.append(fmt[i:nxt])
+        add(fmt[i:nxt])
         i = nxt + 1
         spec = _Spec()
         while i < end and fmt[i] in "#0+- ":
@@ -263,7 +283,7 @@ def sprintf(fmt: str, args: Sequence[Any]) -> str:
             if pos < end and fmt[pos] == "[":
                 if m is None:
                     return current, pos + 1, False, False
-                n = int(m.group(1)) - 1
+                n = _number(m.group(1)) - 1
                 if n < 0 or n >= len(args):
                     return current, m.end(), True, False
                 return n, m.end(), True, True
@@ -293,10 +313,10 @@ def sprintf(fmt: str, args: Sequence[Any]) -> str:
             arg_num += 1
             after_index = False
         else:
-            m = re.match(r"\d+", fmt[i:])
+            m = _NUMBER.match(fmt, i)
             if m:
-                w = int(m.group())
-                i += m.end()
+                w = _number(m.group())
+                i = m.end()
                 if w > _MAX_WIDTH:
                     bad_width = True
                 else:
@@ -304,7 +324,7 @@ def sprintf(fmt: str, args: Sequence[Any]) -> str:
                 if after_index:
                     good_arg = False
         if bad_width:
-            out.append("%!(BADWIDTH)")
+            add("%!(BADWIDTH)")
         # precision
         if i < end and fmt[i] == ".":
             i += 1
@@ -324,19 +344,19 @@ def sprintf(fmt: str, args: Sequence[Any]) -> str:
                     if p < 0:
                         spec.prec = None
                     elif p > _MAX_WIDTH:
-                        out.append("%!(BADPREC)")
+                        add("%!(BADPREC)")
                     else:
                         spec.prec = p
                 else:
-                    out.append("%!(BADPREC)")
+                    add("%!(BADPREC)")
                 arg_num += 1
                 after_index = False
             else:
-                m = re.match(r"\d+", fmt[i:])
-                p = int(m.group()) if m else 0
-                i += m.end() if m else 0
+                m = _NUMBER.match(fmt, i)
+                p = _number(m.group()) if m else 0
+                i = m.end() if m else i
                 if p > _MAX_WIDTH:
-                    out.append("%!(BADPREC)")
+                    add("%!(BADPREC)")
                 else:
                     spec.prec = p
         if not after_index:
@@ -344,25 +364,25 @@ def sprintf(fmt: str, args: Sequence[Any]) -> str:
             good_arg = good_arg and ok
             reordered = reordered or after_index
         if i >= end:
-            out.append("%!(NOVERB)")
+            add("%!(NOVERB)")
             break
         verb = fmt[i]
         i += 1
         if verb == "%":
-            out.append("%")
+            add("%")
         elif not good_arg:
-            out.append(f"%!{verb}(BADINDEX)")
+            add(f"%!{verb}(BADINDEX)")
         elif arg_num >= len(args):
-            out.append(f"%!{verb}(MISSING)")
+            add(f"%!{verb}(MISSING)")
         elif verb == "w":
-            out.append(_bad_verb(verb, args[arg_num]))
+            add(_bad_verb(verb, args[arg_num]))
             arg_num += 1
         else:
-            out.append(_fmt_arg(args[arg_num], verb, spec))
+            add(_fmt_arg(args[arg_num], verb, spec))
             arg_num += 1
     if not reordered and arg_num < len(args):
         extra = []
         for a in args[arg_num:]:
             extra.append("<nil>" if a is None else f"{type_name(a)}={format_value(a)}")
-        out.append("%!(EXTRA " + ", ".join(extra) + ")")
+        add("%!(EXTRA " + ", ".join(extra) + ")")
     return "".join(out)

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidRequest, TemplateError
+from ._budget import RenderBudget
 from ._nodes import (
     ActionNode,
     BranchNode,
@@ -365,11 +366,14 @@ def cut_after_response(root: ListNode) -> ListNode:
 def _render_legacy(
     template: Template, messages: list[dict[str, Any]], think: dict[str, Any], now: Any
 ) -> str:
+    """One execution per exchange, all spending one budget: the prompt is what is bounded,
+    not each exchange (a thousand turns must not buy a thousand budgets)."""
     out: list[str] = []
     turn = {"System": "", "Prompt": "", "Response": ""}
+    budget = RenderBudget()
 
     def execute() -> None:
-        out.append(template.execute({**turn, **think}, now=now))
+        out.append(template.execute({**turn, **think}, now=now, budget=budget))
         turn.update(System="", Prompt="", Response="")
 
     for msg in messages:
@@ -385,7 +389,7 @@ def _render_legacy(
         elif role == "assistant":
             turn["Response"] = content
     final = cut_after_response(template.root)
-    out.append(template.execute_tree(final, {**turn, **think}, now=now))
+    out.append(template.execute_tree(final, {**turn, **think}, now=now, budget=budget))
     return "".join(out)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import TemplateError
+from ._budget import RenderBudget
 from ._exec import DEFAULT_MAX_OUTPUT, DEFAULT_MAX_STEPS, Executor
 from ._funcs import FUNCTION_NAMES
 from ._nodes import (
@@ -128,14 +129,17 @@ class Template:
         now: _dt.datetime | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        budget: RenderBudget | None = None,
     ) -> str:
         """Render the template over ``data`` (``$`` and the initial ``.``), usually a mapping.
 
-        ``now`` fixes the clock for ``currentDate``/``yesterdayDate``. Raises
-        ``TemplateError`` when execution fails or exceeds its step or output budget.
+        ``now`` fixes the clock for ``currentDate``/``yesterdayDate``. ``budget``, when
+        given, is spent instead of a fresh one of ``max_steps``/``max_output`` (executions
+        that make one prompt share it). Raises ``TemplateError`` when execution fails, and
+        its subclass ``RenderLimitExceeded`` when it exceeds a bound.
         """
         return self.execute_tree(
-            self.root, data, now=now, max_steps=max_steps, max_output=max_output
+            self.root, data, now=now, max_steps=max_steps, max_output=max_output, budget=budget
         )
 
     def execute_tree(
@@ -146,12 +150,18 @@ class Template:
         now: _dt.datetime | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        budget: RenderBudget | None = None,
     ) -> str:
         """Execute ``root`` (this template's tree or a rewritten copy) with this template's
         named templates available."""
         templates = {"": self.root, **self.defined}
         executor = Executor(
-            self.text, templates, now=now, max_steps=max_steps, max_output=max_output
+            self.text,
+            templates,
+            now=now,
+            max_steps=max_steps,
+            max_output=max_output,
+            budget=budget,
         )
         return executor.run(root, data)
 

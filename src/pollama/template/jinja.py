@@ -8,11 +8,13 @@ that also:
 * raises at once on any ``_``-prefixed or internal attribute (``cycler.__init__``,
   ``''.__class__``) instead of returning a silent undefined, so an escape attempt fails the
   render with ``TemplateError`` and never reaches Python internals;
-* bounds the amplifiers a template could use to exhaust memory or CPU: ``*``/``**``/``+``/
-  ``%``/``~`` results, ``str.format`` and ``%`` widths, ``center``/``indent``/``slice``
-  widths, integer arguments to ``str``/``list`` methods, the total length of every
-  ``range()`` in one render (:data:`RANGE_BUDGET`), the rendered output
-  (:data:`MAX_OUTPUT_CHARS`) and recursion depth.
+* bounds the work and memory of each render with one ``RenderBudget`` (``_budget.py``,
+  spent as ``_jinja_limits.py`` describes): steps for every loop pass, macro, function,
+  filter and method call; a length check *before* every operation that can multiply one
+  (``*``, ``~``, ``%``, ``format``, ``replace``, ``join``, ``center``, ``indent``,
+  ``wordwrap``, widths, ``range()``); the characters built, the rendered output
+  (:data:`MAX_OUTPUT_CHARS`) and how deep macros nest. A template that exceeds any of them
+  fails with ``RenderLimitExceeded`` (a ``TemplateError``) in well under a second.
 
 The variables are those HF transformers' ``apply_chat_template`` and llama.cpp's minja pass:
 ``messages``, ``add_generation_prompt``, ``bos_token``/``eos_token``, ``tools`` (``None``
@@ -27,14 +29,13 @@ leading ``bos_token`` is removed when the tokenizer adds BOS itself.
 
 from __future__ import annotations
 
-import contextvars
 import datetime as _dt
 import functools
 import json
 import math
 import re
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,78 +43,87 @@ import jinja2
 import jinja2.ext
 import jinja2.filters
 from jinja2 import nodes
-from jinja2.compiler import CodeGenerator, Frame
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from ..errors import TemplateError
+from . import _jinja_limits as limits
+from ._budget import MAX_RENDER_OUTPUT, RenderBudget, RenderLimitExceeded
 from ._prompt import think_values
 
 __all__ = [
     "CACHE_SIZE",
     "MAX_OUTPUT_CHARS",
-    "RANGE_BUDGET",
+    "MAX_TEMPLATE_CHARS",
     "JinjaChatTemplate",
     "compile_chat_template",
     "jinja_messages",
     "render_chat_template",
 ]
 
-MAX_OUTPUT_CHARS = 64 * 1024 * 1024
+MAX_OUTPUT_CHARS = MAX_RENDER_OUTPUT
 """The longest prompt (and the longest string any one expression may build) a template may
 produce, in characters."""
 
-RANGE_BUDGET = 1_000_000
-"""How many elements all ``range()`` calls of one render may produce together."""
+MAX_TEMPLATE_CHARS = 1024 * 1024
+"""The longest chat template compiled. The largest real ones are tens of kilobytes; Python's
+``compile`` of what Jinja generates holds the interpreter lock throughout, so a template of
+megabytes would stall every other request while it compiles."""
 
 CACHE_SIZE = 32
 """Compiled templates kept, keyed by their text (one per loaded model is the common case)."""
 
 _MAX_POW_BITS = 1 << 16
 _DIGITS = re.compile(r"\d+")
-
-# Per render: the remaining range() budget. A ContextVar, so concurrent renders (threads or
-# tasks) each have their own.
-_range_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "pollama_jinja_range_budget", default=None
-)
+_BUILTINS = (types.BuiltinMethodType, types.BuiltinFunctionType)
 
 
 class _RaisedException(jinja2.TemplateError):
     """``raise_exception(msg)`` called by the template itself: its message is kept verbatim."""
 
 
-def _too_big(what: str) -> SecurityError:
-    return SecurityError(f"{what} exceeds the chat template limit of {MAX_OUTPUT_CHARS} characters")
-
-
-def _check_len(value: Any) -> Any:
-    if isinstance(value, str | list | tuple) and len(value) > MAX_OUTPUT_CHARS:
-        raise _too_big("a value")
-    return value
-
-
 def _check_widths(fmt: str) -> None:
     """Reject format strings whose field widths or precisions could build a huge string."""
+    spend = limits.budget()
     for digits in _DIGITS.findall(fmt):
-        if len(digits) > 9 or int(digits) > MAX_OUTPUT_CHARS:
-            raise _too_big("a format width")
+        spend.check_size(int(digits) if len(digits) <= 9 else 10**9, "a format width")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int_args(args: Sequence[Any]) -> None:
-    if any(_is_int(a) and abs(a) > MAX_OUTPUT_CHARS for a in args):
-        raise _too_big("an argument")
+def _check_int_args(args: Iterable[Any]) -> None:
+    spend = limits.budget()
+    for arg in args:
+        if _is_int(arg):
+            spend.check_size(abs(arg), "an argument")
+
+
+_NESTED_FIELD = re.compile(r"\{[^{}]*\{")  # "{0:{1}}": a width taken from an argument
+
+
+def _check_format(fmt: str, args: Iterable[Any], marker: str) -> None:
+    """Refuse ``fmt % args`` or ``fmt.format(args)`` whose result could be too long: every
+    field may print all the arguments at the widest width the format (or, with ``*`` or a
+    nested field, an integer argument) gives."""
+    _check_widths(fmt)
+    values = list(args)
+    widest = max([0, *(int(d) for d in _DIGITS.findall(fmt) if len(d) <= 9)])
+    dynamic = "*" in fmt if marker == "%" else _NESTED_FIELD.search(fmt) is not None
+    if dynamic:
+        _check_int_args(values)
+        widest = max([widest, *(abs(v) for v in values if _is_int(v))])
+    longest = sum(limits.text_size(v) for v in values)
+    limits.budget().check_size(len(fmt) + fmt.count(marker) * (widest + longest), "a format")
 
 
 def _budget_range(*args: int) -> range:
+    """``range()``: its items cost steps when it is made (a ``list`` of it is built in C)."""
     rng = range(*args)
-    budget = _range_budget.get()
-    if budget is None or len(rng) > budget[0]:
-        raise SecurityError(f"chat template loops exceed the limit of {RANGE_BUDGET} iterations")
-    budget[0] -= len(rng)
+    spend = limits.budget()
+    spend.check_size(len(rng), "a range", items=True)
+    spend.step(len(rng))
     return rng
 
 
@@ -130,27 +140,21 @@ def _tojson(
 ) -> str:
     """HF transformers' ``tojson``: plain ``json.dumps`` (no HTML escaping), with options."""
     if _is_int(indent) and abs(indent) > 1024:  # type: ignore[arg-type]
-        raise _too_big("a JSON indent")
+        raise SecurityError("a JSON indent in the chat template is too large")
+    # Each node is printed with its separators and, indented, a new line at its depth.
+    unit = len(indent) if isinstance(indent, str) else indent if _is_int(indent) else 0
+    seps = sum(len(str(s)) for s in separators) if isinstance(separators, tuple) else 2
+    size = limits.text_size(value, per_node=seps + 1, per_level=max(unit or 0, 0))
+    limits.budget().check_size(size, "a value turned into JSON")
     text = json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
-    return str(_check_len(text))
-
-
-def _guarded_filter(name: str) -> Any:
-    inner = jinja2.filters.FILTERS[name]
-
-    @functools.wraps(inner)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        _check_int_args([*args[1:], *kwargs.values()])
-        return inner(*args, **kwargs)
-
-    return guarded
+    return str(limits.produced(text, "the result of tojson"))
 
 
 def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
-    _check_widths(str(value))
-    return str(_check_len(jinja2.filters.do_format(value, *args, **kwargs)))
+    _check_format(str(value), [*args, *kwargs.values()], "%")
+    return jinja2.filters.do_format(value, *args, **kwargs)
 
 
 class _Generation(jinja2.ext.Extension):
@@ -164,21 +168,20 @@ class _Generation(jinja2.ext.Extension):
         return body
 
 
-class _CodeGenerator(CodeGenerator):
-    """Routes ``~`` (string concatenation) through a length check."""
-
-    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
-        self.write("environment.guarded_join((")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write("))")
+@jinja2.pass_context
+def _finalize(_context: Any, value: Any) -> Any:
+    """Every ``{{ … }}`` costs steps, and a container is measured before it is printed.
+    (Being ``pass_context`` also keeps Jinja from printing constants at compile time.)"""
+    limits.budget().step(limits.OUTPUT_STEPS)
+    if not isinstance(value, str):
+        limits.text_size(value)
+    return value
 
 
 class _SandboxEnvironment(ImmutableSandboxedEnvironment):
     """The one environment every chat template is compiled in (see the module docstring)."""
 
-    code_generator_class = _CodeGenerator
+    code_generator_class = limits.BoundedCodeGenerator
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def __init__(self) -> None:
@@ -187,14 +190,23 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
             lstrip_blocks=True,
             autoescape=False,
             extensions=[jinja2.ext.loopcontrols, _Generation],
+            finalize=_finalize,
         )
         self.globals["range"] = _budget_range
         del self.globals["lipsum"]  # lipsum(n) builds n paragraphs; no chat template needs it
         self.globals["raise_exception"] = _raise_exception
         self.filters["tojson"] = _tojson
         self.filters["format"] = _format_filter
-        for name in ("center", "indent", "slice", "batch"):
-            self.filters[name] = _guarded_filter(name)
+        self.filters = limits.guard_filters(self.filters)
+        self.tests = limits.guard_tests(self.tests)
+
+    def tick(self, cost: int) -> None:
+        """Called by the generated code at the start of each block (see ``_jinja_limits``)."""
+        limits.budget().step(cost)
+
+    def tick_iter(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        """Called by the generated code on each ``for`` iterable."""
+        return limits.tick_iter(iterable)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(
@@ -202,46 +214,74 @@ class _SandboxEnvironment(ImmutableSandboxedEnvironment):
         )
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        spend = limits.budget()
+        spend.step(limits.OPERATOR_STEPS)
         if operator == "*":
             seq, count = (left, right) if _is_int(right) else (right, left)
-            if isinstance(seq, str | list | tuple) and _is_int(count):
-                if len(seq) * max(count, 0) > MAX_OUTPUT_CHARS:
-                    raise _too_big("a repeated value")
+            if _is_int(seq) and _is_int(count):
+                if seq.bit_length() + count.bit_length() > _MAX_POW_BITS:
+                    raise SecurityError("a product in the chat template is too large")
+            elif isinstance(seq, str | list | tuple) and _is_int(count):
+                times = max(count, 0)
+                spend.check_size(len(seq) * times, "a repeated value", not isinstance(seq, str))
+                if not isinstance(seq, str):
+                    spend.check_size(limits.text_size(seq) * times, "a repeated value")
         elif operator == "**" and _is_int(left) and _is_int(right):
             if abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > _MAX_POW_BITS:
                 raise SecurityError("a power in the chat template is too large")
+        elif operator == "+" and isinstance(left, str) and isinstance(right, str):
+            spend.check_size(len(left) + len(right), "a concatenation")
         elif operator == "%" and isinstance(left, str):
-            _check_widths(left)
-            if "*" in left:
-                _check_int_args(right if isinstance(right, tuple) else (right,))
-        return _check_len(self.binop_table[operator](left, right))
+            _check_format(left, right if isinstance(right, tuple) else (right,), "%")
+        return limits.produced(self.binop_table[operator](left, right))
 
     def guarded_join(self, parts: Sequence[Any]) -> str:
-        return str(_check_len("".join(str(p) for p in parts)))
+        """``a ~ b``: measured, then built."""
+        spend = limits.budget()
+        spend.step(limits.OUTPUT_STEPS)
+        spend.check_size(sum(limits.text_size(p) for p in parts), "a concatenation")
+        return str(limits.produced("".join(str(p) for p in parts)))
 
     def wrap_str_format(self, value: Any) -> Any:
         wrapped = super().wrap_str_format(value)
         if wrapped is None:
             return None
-        _check_widths(str(value.__self__))
+        fmt = str(value.__self__)
 
         def checked(*args: Any, **kwargs: Any) -> str:
-            return str(_check_len(wrapped(*args, **kwargs)))
+            _check_format(fmt, [*args, *kwargs.values()], "{")
+            return str(limits.produced(wrapped(*args, **kwargs)))
 
         return checked
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(__obj, types.BuiltinMethodType | types.MethodType) and isinstance(
-            getattr(__obj, "__self__", None), str | list | tuple | dict
-        ):
-            _check_int_args([*args, *kwargs.values()])
-        return _check_len(super().call(__context, __obj, *args, **kwargs))
+        spend = limits.budget()
+        if isinstance(__obj, _BUILTINS):
+            spend.step(limits.CALL_STEPS)
+            receiver = getattr(__obj, "__self__", None)
+            if isinstance(receiver, str | list | tuple | dict):
+                _check_int_args([*args, *kwargs.values()])
+                if isinstance(receiver, str):
+                    args = limits.check_method(receiver, __obj.__name__, args)
+                elif __obj.__name__ in ("index", "count"):
+                    spend.step(len(receiver))
+            return limits.produced(super().call(__context, __obj, *args, **kwargs))
+        spend.step(limits.MACRO_STEPS)
+        if isinstance(__obj, LoopContext) and args:  # a recursive loop's loop(children)
+            args = (limits.tick_iter(args[0]), *args[1:])
+        spend.enter("macro calls")
+        try:
+            return limits.produced(super().call(__context, __obj, *args, **kwargs))
+        finally:
+            spend.leave()
 
 
 _ENV = _SandboxEnvironment()
 
 
 def _template_error(exc: BaseException) -> TemplateError:
+    if isinstance(exc, RenderLimitExceeded):
+        return RenderLimitExceeded(f"chat template error: {exc.message}", exc.limit)
     if isinstance(exc, TemplateError):
         return exc
     if isinstance(exc, _RaisedException):
@@ -256,7 +296,11 @@ def _template_error(exc: BaseException) -> TemplateError:
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def compile_chat_template(text: str) -> jinja2.Template:
-    """The compiled template for ``text`` (cached); ``TemplateError`` if it does not parse."""
+    """The compiled template for ``text`` (cached); ``TemplateError`` if it does not parse
+    or is longer than :data:`MAX_TEMPLATE_CHARS`."""
+    if len(text) > MAX_TEMPLATE_CHARS:
+        limit = MAX_TEMPLATE_CHARS
+        raise TemplateError(f"chat template has {len(text)} characters, over the limit of {limit}")
     try:
         return _ENV.from_string(text)
     except Exception as exc:  # untrusted code: any failure is the template's
@@ -273,19 +317,22 @@ def render_chat_template(
     add_generation_prompt: bool = True,
     extra: Mapping[str, Any] | None = None,
     now: _dt.datetime | None = None,
+    budget: RenderBudget | None = None,
 ) -> str:
     """Render a Jinja chat template as HF's ``apply_chat_template`` does, inside the sandbox.
 
     ``messages`` and ``tools`` are HF-shaped dicts (see :func:`jinja_messages`); ``extra``
     adds variables (``enable_thinking``…). ``now`` fixes ``strftime_now`` (local time when
-    None). Raises ``TemplateError`` for every failure, the template's own
-    ``raise_exception`` included, and when a limit is hit.
+    None). ``budget`` bounds the render (a fresh default one when None). Raises
+    ``TemplateError`` for every failure, the template's own ``raise_exception`` included,
+    and its subclass ``RenderLimitExceeded`` when a bound is hit.
     """
     template = compile_chat_template(text)
     moment = now
 
     def strftime_now(fmt: str) -> str:
         _check_widths(str(fmt))
+        limits.budget().check_size(len(str(fmt)) * 16, "a strftime format")
         return (moment or _dt.datetime.now()).strftime(str(fmt))
 
     variables: dict[str, Any] = {
@@ -297,22 +344,17 @@ def render_chat_template(
         "eos_token": eos_token,
         "strftime_now": strftime_now,
     }
-    token = _range_budget.set([RANGE_BUDGET])
-    try:
-        return _collect(template.generate(variables))
-    except Exception as exc:  # untrusted code: any failure is the template's
-        raise _template_error(exc) from None
-    finally:
-        _range_budget.reset(token)
+    with limits.rendering(budget or RenderBudget()) as spend:
+        try:
+            return _collect(template.generate(variables), spend)
+        except Exception as exc:  # untrusted code: any failure is the template's
+            raise _template_error(exc) from None
 
 
-def _collect(chunks: Iterator[str]) -> str:
+def _collect(chunks: Iterator[str], spend: RenderBudget) -> str:
     out: list[str] = []
-    size = 0
     for chunk in chunks:
-        size += len(chunk)
-        if size > MAX_OUTPUT_CHARS:
-            raise _too_big("the rendered prompt")
+        spend.write(len(chunk))
         out.append(chunk)
     return "".join(out)
 
@@ -370,14 +412,27 @@ _SYSTEM_NEEDLE = "<System Needle>"
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _supports_system_role(text: str) -> bool:
-    """minja's probe: does a system message's text reach the output at all?"""
+def _system_role_probe(text: str) -> bool | RenderLimitExceeded:
+    """minja's probe: does a system message's text reach the output at all? A template that
+    exceeds a render bound on this two-message chat is remembered as such."""
     probe = [{"role": "system", "content": _SYSTEM_NEEDLE}, {"role": "user", "content": "Hey"}]
     try:
         out = render_chat_template(text, probe, add_generation_prompt=False)
+    except RenderLimitExceeded as exc:
+        return RenderLimitExceeded(exc.message, exc.limit)  # kept without its traceback
     except TemplateError:
         return False
     return _SYSTEM_NEEDLE in out
+
+
+def _supports_system_role(text: str) -> bool:
+    """The probe's answer; ``RenderLimitExceeded`` (kind ``"template"``) for a template that
+    cannot even render two short messages within bounds: it is refused at once, every time,
+    without another render, and without trying shorter conversations."""
+    found = _system_role_probe(text)
+    if isinstance(found, RenderLimitExceeded):
+        raise RenderLimitExceeded(f"{found.message} (rendering a two-message chat)", "template")
+    return found
 
 
 def _merge_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
