@@ -19,7 +19,18 @@ from pollama import errors
 
 log = logging.getLogger(__name__)
 
+class ClientDisconnected(errors.PollamaError):
+    """The client closed the connection before a non-streamed answer was ready; the work
+    was cancelled (``server.disconnect``). An HTTP concern, not a domain error, so it lives
+    here; its status is nginx's 499 ("client closed request"), which only the access log
+    and the request metrics ever see."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the answer was ready")
+
+
 STATUS_BY_ERROR: tuple[tuple[type[errors.PollamaError], int], ...] = (
+    (ClientDisconnected, 499),
     (errors.InvalidRequest, 400),
     (errors.NotFound, 404),
     (errors.AlreadyExists, 409),

@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from pollama.errors import InvalidRequest
-from pollama.inference.service import InferenceService, collect
+from pollama.inference.service import InferenceService
 from pollama.inference.types import InferenceEvent
 from pollama.protocol.anthropic import MessagesRequest, matched_stop_sequence, stop_reason
+from pollama.server.disconnect import collect_while_connected
 from pollama.server.errors import log_failure, message_for, status_for, validation_message
 
 router = APIRouter(prefix="/v1")
@@ -167,7 +168,7 @@ async def messages(request: Request) -> Response:
     ident = f"msg_{secrets.token_hex(12)}"
     if not parsed.stream:
         try:
-            whole = await collect(events)
+            whole = await collect_while_connected(request, events)
         except Exception as exc:  # noqa: BLE001
             return anthropic_error(exc)
         sequence = matched_stop_sequence(parsed, whole.stop_sequence)

@@ -20,12 +20,13 @@ from fastapi.responses import JSONResponse, Response
 
 from pollama.format import rfc3339_local, rfc3339_utc
 from pollama.inference.embeddings import EmbeddingService
-from pollama.inference.service import InferenceService, collect
+from pollama.inference.service import InferenceService
 from pollama.inference.types import InferenceEvent, InferenceRequest
 from pollama.protocol.ollama import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
 from pollama.runner.base import Logprob, TokenLogprob
 from pollama.scheduler import Scheduler
 from pollama.server.body import parse_body
+from pollama.server.disconnect import collect_while_connected, while_connected
 from pollama.server.errors import error_response
 from pollama.server.streaming import event_stream
 
@@ -140,7 +141,7 @@ async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: 
     if stream:
         return await event_stream(events, lambda e: _line(shape(req.model, e)))
     try:
-        whole = await collect(events)
+        whole = await collect_while_connected(request, events)
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
     return JSONResponse(shape(req.model, whole))
@@ -192,7 +193,9 @@ async def embed(request: Request) -> Response:
     body = await parse_body(request, EmbedRequest)
     service = _embedding_service(request)
     try:
-        result = await service.embed(service.prepare(body.to_embedding()))
+        result = await while_connected(
+            request.receive, service.embed(service.prepare(body.to_embedding()))
+        )
     except Exception as exc:  # noqa: BLE001 - one mapping, in server.errors
         return error_response(exc)
     answer: dict[str, Any] = {"model": result.model, "embeddings": result.float32_lists()}
@@ -210,7 +213,9 @@ async def embeddings(request: Request) -> Response:
     body = await parse_body(request, EmbeddingsRequest)
     service = _embedding_service(request)
     try:
-        result = await service.embed(service.prepare(body.to_embedding()))
+        result = await while_connected(
+            request.receive, service.embed(service.prepare(body.to_embedding()))
+        )
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
     vectors = result.float64_lists()

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from pollama.errors import InvalidRequest, ModelNotFound
 from pollama.inference.embeddings import EmbeddingService
-from pollama.inference.service import InferenceService, collect
+from pollama.inference.service import InferenceService
 from pollama.inference.types import InferenceEvent
 from pollama.names import ModelName
 from pollama.protocol.openai import (
@@ -44,6 +44,7 @@ from pollama.protocol.openai import (
     finish_reason,
 )
 from pollama.runner.base import Logprob, TokenLogprob
+from pollama.server.disconnect import collect_while_connected, while_connected
 from pollama.server.errors import (
     log_failure,
     message_for,
@@ -291,7 +292,7 @@ async def chat_completions(request: Request) -> Response:
         render = _ChatChunks(ident, created, parsed.model, started.include_usage)
         return _Stream(started.events, started.first, render).response()
     try:
-        whole = await collect(started.events)
+        whole = await collect_while_connected(request, started.events)
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     choice: dict[str, Any] = {
@@ -365,7 +366,7 @@ async def completions(request: Request) -> Response:
 
         return _Stream(started.events, started.first, render).response()
     try:
-        whole = await collect(started.events)
+        whole = await collect_while_connected(request, started.events)
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     finish = whole.done_reason or "stop"
@@ -407,7 +408,9 @@ async def embeddings(request: Request) -> Response:
     try:
         parsed = await _parse(request, EmbeddingRequest)
         service: EmbeddingService = request.app.state.embeddings
-        result = await service.embed(service.prepare(parsed.to_embedding()))
+        result = await while_connected(
+            request.receive, service.embed(service.prepare(parsed.to_embedding()))
+        )
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return openai_error_response(exc)
     vectors: list[Any] = result.base64_strings() if parsed.base64 else result.float32_lists()

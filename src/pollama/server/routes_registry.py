@@ -3,8 +3,8 @@
 ``/api/pull`` and ``/api/push`` stream :class:`pollama.registry.Progress` objects as NDJSON
 with Ollama's rules (spec §2.1): an error before the first object gets its own status,
 later ones a final ``{"error": ...}`` line; ``stream: false`` answers the last object. When
-the client goes away the progress stream is closed at once, which lets a download that no
-other pull follows stop (keeping its bytes for the next pull).
+the client goes away, streamed or not, the progress stream is closed at once, which lets a
+download that no other pull follows stop (keeping its bytes for the next pull).
 
 ``/v2/`` (beyond Ollama, off unless ``POLLAMA_SERVE_REGISTRY``) serves the store's models to
 other machines with the registry protocol's read side: ``GET /v2/``, manifests by tag and
@@ -30,6 +30,7 @@ from pollama.errors import InvalidDigest, InvalidRequest
 from pollama.names import DEFAULT_HOST, ModelName
 from pollama.protocol.ollama import OllamaModel
 from pollama.server.body import parse_body
+from pollama.server.disconnect import while_connected
 from pollama.server.errors import error_response, message_for
 from pollama.store import Store, parse_digest
 from pollama.store.manifests import MANIFEST_MEDIA_TYPE, StoredManifest
@@ -92,13 +93,21 @@ class _ClosingStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-async def progress_stream(events: AsyncIterator[Progress], *, stream: bool) -> Response:
-    """Answer a progress generator as NDJSON, or its last item for ``stream: false``."""
+async def _last(events: AsyncIterator[Progress]) -> Progress | None:
+    last: Progress | None = None
+    async for item in events:
+        last = item
+    return last
+
+
+async def progress_stream(
+    events: AsyncIterator[Progress], receive: Receive, *, stream: bool
+) -> Response:
+    """Answer a progress generator as NDJSON, or its last item for ``stream: false`` (a
+    client that leaves before it stops the transfer, as when it streams)."""
     if not stream:
-        last: Progress | None = None
         try:
-            async for item in events:
-                last = item
+            last = await while_connected(receive, _last(events))
         except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
             return error_response(exc)
         finally:
@@ -140,7 +149,7 @@ async def pull(request: Request) -> Response:
     req = await parse_body(request, PullRequest)
     name = _parse_name(req.target)
     events = _service(request).pull(name, insecure=req.insecure)
-    return await progress_stream(events, stream=req.stream is not False)
+    return await progress_stream(events, request.receive, stream=req.stream is not False)
 
 
 @router.post("/api/push")
@@ -148,7 +157,7 @@ async def push(request: Request) -> Response:
     req = await parse_body(request, PushRequest)
     name = _parse_name(req.target)
     events = _service(request).push(name, insecure=req.insecure)
-    return await progress_stream(events, stream=req.stream is not False)
+    return await progress_stream(events, request.receive, stream=req.stream is not False)
 
 
 # -- the read side of the registry protocol ------------------------------------------------
