@@ -82,7 +82,9 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "POLLAMA_"))}
     env.update({"HOME": str(home), "OLLAMA_HOST": f"127.0.0.1:{port}",
                 "OLLAMA_MODELS": str(home / ".ollama" / "models"),
-                "POLLAMA_ACCESS_LOG": str(home / "access.log"), **(extra_env or {})})  # fmt: skip
+                "POLLAMA_ACCESS_LOG": str(home / "access.log"),
+                # every simulated client comes from 127.0.0.1: no per-address cap
+                "POLLAMA_MAX_CONNECTIONS_PER_CLIENT": "0", **(extra_env or {})})  # fmt: skip
     log = home / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pollama", "serve"], env=env,

@@ -58,6 +58,21 @@ def test_defaults(home: Path) -> None:
     assert s.editor == "" and s.llm_library == ""
 
 
+def test_slow_client_settings(home: Path) -> None:
+    """Each phase of a request has its own deadline, and one address a connection cap."""
+    s = load_settings({"HOME": str(home)})
+    assert (s.header_timeout, s.client_timeout, s.body_timeout) == (5.0, 30.0, 60.0)
+    assert s.min_upload_rate == 256 << 10
+    assert (s.max_connections, s.max_connections_per_client) == (1024, 64)
+    s = load_settings({"HOME": str(home), "POLLAMA_HEADER_TIMEOUT": "2s",
+                       "POLLAMA_BODY_TIMEOUT": "1m30s", "POLLAMA_MIN_UPLOAD_RATE": "0",
+                       "POLLAMA_MAX_CONNECTIONS_PER_CLIENT": "8"})  # fmt: skip
+    assert (s.header_timeout, s.body_timeout) == (2.0, 90.0)
+    assert (s.min_upload_rate, s.max_connections_per_client) == (0, 8)
+    s = load_settings({"HOME": str(home), "POLLAMA_MAX_CONNECTIONS_PER_CLIENT": "-1"})
+    assert s.max_connections_per_client == 64  # not a count: the default is kept
+
+
 def test_settings_reads_os_environ(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("OLLAMA_NUM_PARALLEL", "4")

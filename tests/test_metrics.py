@@ -194,6 +194,33 @@ def test_generation_metrics() -> None:
                   outcome="cancelled") == 1  # fmt: skip
 
 
+def test_queue_depth_counts_requests_waiting_for_a_slot() -> None:
+    """``pollama_queue_depth`` stayed 0 whatever waited: the scheduler's ``pending`` is a
+    property, and the gauge was only wired when ``callable(pending)``."""
+    from pollama.runner.fake import FakeRunnerFactory
+    from test_scheduler import Hold, scheduler, settle
+
+    async def body() -> None:
+        sched = scheduler(FakeRunnerFactory(), num_parallel=1, max_queue=5)
+        m = Metrics()
+        m.watch_scheduler(sched)
+        running = Hold(sched, "a")
+        await running.entered.wait()
+        waiting = [Hold(sched, "a") for _ in range(3)]
+        await settle()
+        text = m.exposition().decode()
+        assert _value(text, "pollama_queue_depth") == 3
+        assert _value(text, "pollama_loaded_models") == 1
+        m.queue_depth(0)  # a push report does not override the watched scheduler
+        assert _value(m.exposition().decode(), "pollama_queue_depth") == 3
+        for hold in (running, *waiting):
+            await hold.done()
+        assert _value(m.exposition().decode(), "pollama_queue_depth") == 0
+        await sched.shutdown()
+
+    asyncio.run(asyncio.wait_for(body(), 20))
+
+
 def test_scheduler_reports_and_label_cap() -> None:
     m = Metrics()
     m.model_loaded("a:latest", 1.5)

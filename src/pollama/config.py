@@ -91,8 +91,12 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "POLLAMA_ALLOWED_HOSTS",
     "POLLAMA_MAX_BODY_SIZE",
     "POLLAMA_MAX_UPLOADS",
+    "POLLAMA_HEADER_TIMEOUT",
     "POLLAMA_CLIENT_TIMEOUT",
+    "POLLAMA_BODY_TIMEOUT",
+    "POLLAMA_MIN_UPLOAD_RATE",
     "POLLAMA_MAX_CONNECTIONS",
+    "POLLAMA_MAX_CONNECTIONS_PER_CLIENT",
     "POLLAMA_MAX_IMAGES",
     "POLLAMA_MAX_IMAGE_BYTES",
     "POLLAMA_MAX_IMAGE_PIXELS",
@@ -348,8 +352,12 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "allowed_hosts": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
     "max_body_size": _go_parse_uint,
     "max_uploads": _go_parse_uint,
+    "header_timeout": _parse_duration_setting,
     "client_timeout": _parse_duration_setting,
+    "body_timeout": _parse_duration_setting,
+    "min_upload_rate": _go_parse_uint,
     "max_connections": _go_parse_uint,
+    "max_connections_per_client": _go_parse_uint,
     "max_images": _go_parse_uint,
     "max_image_bytes": _go_parse_uint,
     "max_image_pixels": _go_parse_uint,
@@ -472,12 +480,33 @@ class Settings(BaseSettings):
         "POLLAMA_MAX_BODY_SIZE", 64 << 20, "Largest request body in bytes, blob uploads aside",
     )
     max_uploads: int = _env("POLLAMA_MAX_UPLOADS", 4, "Maximum concurrent blob uploads")
+    # Slow clients (server/limits.py): each deadline bounds how long one connection can be
+    # held by a client that sends too slowly; 0 turns that deadline off.
+    header_timeout: float = _env(
+        "POLLAMA_HEADER_TIMEOUT", 5.0,
+        'Time allowed for a request line and headers to arrive (default "5s")',
+    )
     client_timeout: float = _env(
         "POLLAMA_CLIENT_TIMEOUT", 30.0,
-        'Time allowed for request headers, and between body chunks (default "30s")',
+        'Longest pause allowed between two chunks of a request body (default "30s")',
+    )
+    body_timeout: float = _env(
+        "POLLAMA_BODY_TIMEOUT", 60.0,
+        'Time allowed for a whole request body to arrive (default "60s"); blob uploads get '
+        "more, see POLLAMA_MIN_UPLOAD_RATE",
+    )
+    min_upload_rate: int = _env(
+        "POLLAMA_MIN_UPLOAD_RATE", 256 << 10,
+        "Bytes per second a blob upload must average once POLLAMA_BODY_TIMEOUT is spent "
+        "(default 262144; 0 = no total deadline for uploads)",
     )
     max_connections: int = _env(
         "POLLAMA_MAX_CONNECTIONS", 1024, "Maximum open connections; more get 503",
+    )
+    max_connections_per_client: int = _env(
+        "POLLAMA_MAX_CONNECTIONS_PER_CLIENT", 64,
+        "Maximum open connections from one client address (a global IPv6 address counts "
+        "by its /64); more are refused with 503 at once (0 = no cap)",
     )
     # Image input (inference/images.py): every image is checked against these before decoding.
     max_images: int = _env(
@@ -500,8 +529,9 @@ class Settings(BaseSettings):
     registry_hosts: tuple[str, ...] = _env(
         "POLLAMA_REGISTRY_HOSTS",
         ("registry.ollama.ai", "ollama.com", "hf.co", "huggingface.co", "modelscope.cn"),
-        "Registry hosts pull/push may reach without --insecure, comma separated "
-        "('reg.lan:5000', '*.example.com', '*'); listed hosts may have private addresses",
+        "Registry hosts pull/push may reach, comma separated ('reg.lan:5000', "
+        "'*.example.com', '*'); only hosts listed by name may have private addresses, and "
+        "--insecure only allows plain http to a listed host",
     )
     pull_stall_timeout: float = _env(
         "POLLAMA_PULL_STALL_TIMEOUT", 30.0,

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from conftest import RunningServer, stop_server
 from pollama.errors import ServerBusy
+from pollama.server.limits import client_key
 
 from .conftest import launch
 
@@ -74,13 +75,29 @@ def test_every_503_carries_retry_after(make_client: Callable[..., TestClient]) -
     assert "server busy" in response.json()["error"]
 
 
+@pytest.mark.parametrize(("peer", "key"), [
+    (("10.0.0.7", 51000), "10.0.0.7"),
+    (("2a00:1450:4001:81a:aaaa::1", 51000, 0, 0), "2a00:1450:4001:81a::/64"),  # one host's
+    (("2a00:1450:4001:81a:bbbb::9", 51000, 0, 0), "2a00:1450:4001:81a::/64"),  # whole /64
+    (("::ffff:192.0.2.1", 51000, 0, 0), "192.0.2.1"),  # v4-mapped: the IPv4 address
+    (("fe80::1%eth0", 51000, 0, 2), "fe80::1"),  # a LAN's hosts share a /64: one by one
+    (("fd12:3456:789a:1::5", 51000, 0, 0), "fd12:3456:789a:1::5"),
+    ("/run/pollama.sock", None),  # a unix socket peer is not counted
+    (None, None),
+])  # fmt: skip
+def test_connections_are_counted_per_client_address(peer: object, key: str | None) -> None:
+    assert client_key(peer) == key
+
+
 # -- a real server, for sockets that misbehave ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("limits-home")
-    server = launch(home, "127.0.0.1", {"POLLAMA_CLIENT_TIMEOUT": "1", "POLLAMA_MAX_UPLOADS": "1"})
+    server = launch(home, "127.0.0.1", {
+        "POLLAMA_HEADER_TIMEOUT": "1", "POLLAMA_CLIENT_TIMEOUT": "1", "POLLAMA_MAX_UPLOADS": "1"
+    })  # fmt: skip
     yield server
     stop_server(server)
 
@@ -99,7 +116,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 @pytest.mark.slow
 def test_slow_loris_connections_are_closed_and_others_served(limited: RunningServer) -> None:
-    """Clients that trickle headers, or send none, are cut after POLLAMA_CLIENT_TIMEOUT while
+    """Clients that trickle headers, or send none, are cut after POLLAMA_HEADER_TIMEOUT while
     ordinary requests keep being answered at once."""
     silent = [_connect(limited) for _ in range(15)]
     trickling = [_connect(limited) for _ in range(15)]

@@ -38,9 +38,10 @@ def serve() -> None:
         port=s.host.port,
         log_level="warning",
         timeout_graceful_shutdown=5,
-        # Slow clients (server/limits.py): a deadline for headers, idle kept-alive
-        # connections closed after 5s, 16 KiB of headers at most, a connection cap (503).
-        http=guarded_h11_protocol(s.client_timeout),
+        # Slow clients (server/limits.py): a deadline for headers, a cap on connections per
+        # client address, idle kept-alive connections closed after 5s, 16 KiB of headers at
+        # most, a connection cap (503).
+        http=guarded_h11_protocol(s.header_timeout, s.max_connections_per_client),
         timeout_keep_alive=5,
         h11_max_incomplete_event_size=16 * 1024,
         limit_concurrency=s.max_connections or None,

@@ -1,5 +1,5 @@
 """Limits that keep one client from holding the server: body sizes, upload slots, slow
-clients, and ``Retry-After`` on every 503.
+clients, connections per client, and ``Retry-After`` on every 503.
 
 * **Body size.** A request body may be at most ``POLLAMA_MAX_BODY_SIZE`` bytes: a declared
   ``Content-Length`` over it is refused before a byte is read, a chunked body as soon as it
@@ -7,13 +7,30 @@ clients, and ``Retry-After`` on every 503.
   by the free space in the models directory.
 * **Upload slots.** At most ``POLLAMA_MAX_UPLOADS`` blob uploads run at once; one more gets
   503 with ``Retry-After`` at once, instead of queueing while holding a socket and disk.
-* **Slow clients** (slow-loris). The request line and headers must arrive within
-  ``POLLAMA_CLIENT_TIMEOUT`` seconds of the connection opening (or of the first byte of a
-  later request on a kept-alive connection): :func:`guarded_h11_protocol` closes the
-  connection otherwise, since uvicorn itself only times out idle kept-alive connections.
-  While a body is being received, no gap between two chunks may exceed the same timeout
-  (408). An asyncio server has no worker per connection to exhaust, but each such
-  connection holds a socket, buffers and a ``limit_concurrency`` slot until it is closed.
+* **Slow clients** (slow-loris). Every phase of a request has a deadline, so a connection
+  that sends too slowly is closed instead of being held:
+
+  - the request line and headers must arrive within ``POLLAMA_HEADER_TIMEOUT`` (5 s) of the
+    connection opening, or of the first byte of a later request on a kept-alive connection
+    (:func:`guarded_h11_protocol`; uvicorn itself only times out idle kept-alive
+    connections); else a bare 408 and the connection is closed;
+  - no gap between two body chunks may exceed ``POLLAMA_CLIENT_TIMEOUT`` (30 s), and the
+    whole body must arrive within ``POLLAMA_BODY_TIMEOUT`` (60 s) of the route's first read
+    (408). A blob upload is legitimately large, so its deadline grows with what it has
+    received: ``POLLAMA_BODY_TIMEOUT`` plus one second per ``POLLAMA_MIN_UPLOAD_RATE``
+    bytes (256 KiB/s), i.e. an upload must keep an average of that rate once the first
+    ``POLLAMA_BODY_TIMEOUT`` is spent; ``POLLAMA_MIN_UPLOAD_RATE=0`` leaves uploads only
+    the gap timeout (they need the ``manage`` scope and one of the few upload slots).
+
+  An asyncio server has no worker per connection to exhaust, but each connection holds a
+  socket, buffers and a slot of ``POLLAMA_MAX_CONNECTIONS`` until it is closed.
+* **Connections per client.** At most ``POLLAMA_MAX_CONNECTIONS_PER_CLIENT`` (64) open
+  connections per peer address (a global IPv6 address counts by its /64, which one host on
+  the internet usually holds whole). One more is answered with a bare 503 and closed as it
+  opens, before a byte is parsed, so one address cannot take every connection slot however
+  fast it opens them.
+  Behind a reverse proxy on the same machine every client has the proxy's address: raise
+  the cap there, or set 0 (no cap) and let the proxy limit clients.
 * **Retry-After.** Any 503 the app sends (the scheduler's full queue, a full upload slot
   set) gets ``Retry-After: 1`` if it has none, so clients back off instead of hammering.
 """
@@ -21,6 +38,10 @@ clients, and ``Retry-After`` on every 503.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -32,7 +53,7 @@ from pollama.errors import InvalidRequest
 from pollama.server.access_log import current_record, route_template
 from pollama.server.refusals import json_error
 
-__all__ = ["UPLOAD_ROUTES", "LimitsMiddleware", "guarded_h11_protocol"]
+__all__ = ["UPLOAD_ROUTES", "LimitsMiddleware", "client_key", "guarded_h11_protocol"]
 
 UPLOAD_ROUTES = frozenset({("POST", "/api/blobs/{digest}")})
 """(method, path template) of routes that stream a large body to disk."""
@@ -50,20 +71,78 @@ class _BodyTooLarge(InvalidRequest):
 
 
 class _BodyTimeout(InvalidRequest):
-    """As :class:`_BodyTooLarge`, for a body that stopped arriving (answered with 408)."""
+    """As :class:`_BodyTooLarge`, for a body that did not arrive in time (answered with
+    408); the message names the deadline that ran out."""
 
-    def __init__(self) -> None:
-        super().__init__("request body stopped arriving (POLLAMA_CLIENT_TIMEOUT)")
+
+@dataclass
+class _BodyDeadlines:
+    """The deadlines of one request body: ``gap`` between chunks, and a total one that
+    starts at the route's first read (a route that reads late is not the client's fault).
+
+    The total is ``total`` seconds, plus for uploads one second per ``upload_rate`` bytes
+    received so far (0: uploads have no total deadline). None means no such deadline.
+    """
+
+    gap: float | None
+    total: float | None
+    upload_rate: int
+    upload: bool
+    started: float | None = None
+
+    def next_wait(self, received: int, now: float) -> tuple[float | None, _BodyTimeout]:
+        """How long the next chunk may take, and the error to raise if it does not come."""
+        if self.started is None:
+            self.started = now
+        wait, error = self.gap, _BodyTimeout(
+            f"the request body stopped arriving for {self.gap or 0:g}s (POLLAMA_CLIENT_TIMEOUT)"
+        )
+        end = self._end(received)
+        if end is not None and (wait is None or end - now < wait):
+            wait, error = end - now, self._total_error()
+        return wait, error
+
+    def _end(self, received: int) -> float | None:
+        if self.total is None or self.started is None:
+            return None
+        if not self.upload:
+            return self.started + self.total
+        if self.upload_rate <= 0:
+            return None
+        return self.started + self.total + received / self.upload_rate
+
+    def _total_error(self) -> _BodyTimeout:
+        if self.upload:
+            return _BodyTimeout(
+                f"the upload is slower than {self.upload_rate} bytes/s after its first "
+                f"{self.total or 0:g}s (POLLAMA_MIN_UPLOAD_RATE, POLLAMA_BODY_TIMEOUT)"
+            )
+        return _BodyTimeout(
+            f"the request body did not arrive within {self.total or 0:g}s (POLLAMA_BODY_TIMEOUT)"
+        )
+
+
+def _positive(seconds: float) -> float | None:
+    return seconds if seconds > 0 else None
 
 
 class LimitsMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_body: int, max_uploads: int, client_timeout: float
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        max_uploads: int,
+        client_timeout: float,
+        body_timeout: float = 0,
+        min_upload_rate: int = 0,
     ) -> None:
         self.app = app
         self.max_body = max_body
         self.max_uploads = max(max_uploads, 1)
-        self.client_timeout = client_timeout if client_timeout > 0 else None
+        self.client_timeout = _positive(client_timeout)
+        self.body_timeout = _positive(body_timeout)
+        self.min_upload_rate = max(min_upload_rate, 0)
         self.uploads = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,23 +166,37 @@ class LimitsMiddleware:
                 ))  # fmt: skip
                 return
             self.uploads += 1
+        try:
+            await self._guarded(scope, receive, send, upload)
+        finally:
+            if upload:
+                self.uploads -= 1
 
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, upload: bool) -> None:
+        """Run the app with a ``receive`` that enforces the size cap and the deadlines, and
+        a ``send`` that adds ``Retry-After`` to 503s and replaces a route's own answer to a
+        tripped limit with the limit's."""
         received = 0
         body_done = False
         started = False
         tripped: _BodyTooLarge | _BodyTimeout | None = None  # a limit hit while reading
         limit = None if upload else self.max_body
-        timeout = self.client_timeout
+        deadlines = _BodyDeadlines(self.client_timeout, self.body_timeout,
+                                   self.min_upload_rate, upload)  # fmt: skip
+        loop = asyncio.get_running_loop()
 
         async def guarded_receive() -> Message:
             nonlocal received, body_done, tripped
             if body_done:
                 return await receive()
+            wait, late = deadlines.next_wait(received, loop.time())
             try:
-                async with asyncio.timeout(timeout):
+                if wait is not None and wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
                     message = await receive()
             except TimeoutError:
-                tripped = _BodyTimeout()
+                tripped = late
                 raise tripped from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -139,9 +232,6 @@ class LimitsMiddleware:
             if started:
                 raise
             await self._refuse_for(exc, scope, receive, send)
-        finally:
-            if upload:
-                self.uploads -= 1
 
     async def _refuse_for(
         self, exc: _BodyTooLarge | _BodyTimeout, scope: Scope, receive: Receive, send: Send
@@ -150,10 +240,8 @@ class LimitsMiddleware:
             await self._refuse(scope, receive, send, "body_size", 413, "request_too_large",
                                self._too_large_message())  # fmt: skip
         else:
-            await self._refuse(scope, receive, send, "body_timeout", 408, "timeout_error", (
-                f"the request body stopped arriving for {self.client_timeout or 0:g}s "
-                "(POLLAMA_CLIENT_TIMEOUT)"
-            ))  # fmt: skip
+            await self._refuse(scope, receive, send, "body_timeout", 408, "timeout_error",
+                               exc.message)  # fmt: skip
 
     def _too_large_message(self) -> str:
         return (
@@ -174,20 +262,75 @@ class LimitsMiddleware:
         await json_error(scope["path"], status, kind, message, headers)(scope, receive, send)
 
 
-def guarded_h11_protocol(header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, plus a deadline for receiving each request's headers.
+# -- the protocol layer: before any request is parsed ------------------------------------------
 
-    The timer runs while h11 waits for a request (``their_state`` IDLE) and data is
-    expected: from the connection's start, and from the first byte of each later request
-    (uvicorn's keep-alive timer covers the idle gap before it). When it fires with the
-    headers still incomplete, the connection gets a bare 408 and is closed.
+
+def client_key(peer: Any) -> str | None:
+    """The address a connection is counted under, or None for a peer without one (a unix
+    socket), which is not counted.
+
+    It is the peer's IP address, except for a global IPv6 address: its /64, since one host
+    on the internet usually holds a whole /64 and could take a new address per connection.
+    Link-local and unique-local IPv6 addresses are a LAN's, where many hosts share a /64,
+    so they count one by one.
     """
+    if not isinstance(peer, tuple | list) or not peer:
+        return None
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ip.is_global:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _busy_response(cap: int) -> bytes:
+    body = json.dumps({"error": (
+        f"too many connections from your address (at most {cap}, "
+        "POLLAMA_MAX_CONNECTIONS_PER_CLIENT); close some and try again"
+    )}).encode()  # fmt: skip
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nretry-after: %d\r\nconnection: close\r\n"
+        b"content-type: application/json; charset=utf-8\r\ncontent-length: %d\r\n\r\n%s"
+    ) % (RETRY_AFTER_SECONDS, len(body), body)
+
+
+def guarded_h11_protocol(header_timeout: float, max_per_client: int = 0) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, plus a deadline for each request head and a cap on the
+    connections one client address holds open (both explained in the module docstring).
+
+    The header timer runs while h11 waits for a request (``their_state`` IDLE) and data is
+    expected: from the connection's start, and from the first byte of each later request
+    (uvicorn's keep-alive timer covers the idle gap before it). When it fires with the head
+    still incomplete, the connection gets a bare 408 and is closed.
+
+    The per-address counts live in this closure, shared by every connection of the server
+    that uses the returned class: a connection is counted from ``connection_made`` to
+    ``connection_lost`` (asyncio calls each exactly once), and one over the cap is closed
+    in ``connection_made`` without being counted.
+    """
+    counts: Counter[str] = Counter()
+    busy = _busy_response(max_per_client)
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _counted_as: str | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            key = client_key(transport.get_extra_info("peername"))
+            if key is not None and max_per_client > 0:
+                if counts[key] >= max_per_client:
+                    self.logger.debug("refusing a connection over the cap for %s", key)
+                    transport.write(busy)
+                    transport.close()
+                    return
+                counts[key] += 1
+                self._counted_as = key
             self._arm_header_timer()
 
         def data_received(self, data: bytes) -> None:
@@ -200,6 +343,11 @@ def guarded_h11_protocol(header_timeout: float) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            key, self._counted_as = self._counted_as, None
+            if key is not None:
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
             super().connection_lost(exc)
 
         def on_response_complete(self) -> None:

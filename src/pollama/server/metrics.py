@@ -17,7 +17,8 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
+from typing import Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +38,7 @@ from pollama import __version__
 from pollama.server.access_log import current_record
 from pollama.telemetry import Generation
 
-__all__ = ["MAX_MODEL_LABELS", "Metrics", "router"]
+__all__ = ["MAX_MODEL_LABELS", "Metrics", "WatchedScheduler", "router"]
 
 MAX_MODEL_LABELS = 64
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -46,6 +47,15 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class WatchedScheduler(Protocol):
+    """What :meth:`Metrics.watch_scheduler` reads of a scheduler at each scrape."""
+
+    def loaded(self) -> Sized: ...
+
+    @property
+    def pending(self) -> int: ...
 
 
 class _Generation:
@@ -199,16 +209,14 @@ class Metrics:
 
     # -- wiring --------------------------------------------------------------------------
 
-    def watch_scheduler(self, scheduler: object) -> None:
+    def watch_scheduler(self, scheduler: WatchedScheduler) -> None:
         """Read the loaded models (``scheduler.loaded()``) and the waiting requests
-        (``scheduler.pending()``) at each scrape: always right, with no hook to forget."""
-        loaded = getattr(scheduler, "loaded", None)
-        if callable(loaded):
-            self.loaded.set_function(lambda: float(len(loaded())))
-        pending = getattr(scheduler, "pending", None)
-        if callable(pending):
-            self.queue.set_function(lambda: float(pending()))
-            self._queue_watched = True
+        (``scheduler.pending``, a property) at each scrape: always right, with no hook to
+        forget. The scheduler is typed, so that a method taken for a property (the gauge
+        read ``callable(pending)`` once, and stayed 0 for good) cannot come back."""
+        self.loaded.set_function(lambda: float(len(scheduler.loaded())))
+        self.queue.set_function(lambda: float(scheduler.pending))
+        self._queue_watched = True
 
     def watch_loaded_models(self, count: Callable[[], int]) -> None:
         """Read the number of loaded models from ``count`` at each scrape."""

@@ -49,6 +49,8 @@ def install_middleware(
         max_body=settings.max_body_size,
         max_uploads=settings.max_uploads,
         client_timeout=settings.client_timeout,
+        body_timeout=settings.body_timeout,
+        min_upload_rate=settings.min_upload_rate,
     )
     app.add_middleware(SecurityMiddleware, policy=policy)
     app.add_middleware(
