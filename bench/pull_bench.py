@@ -93,7 +93,7 @@ async def drain(events: Any) -> None:
 def pull_in_process(name: ModelName, home: Path, opts: TransferOptions) -> float:
     store = Store(Path(tempfile.mkdtemp(dir=home)) / "models")
     store.ensure()
-    svc = RegistryService(store, user_home=home, options=opts)
+    svc = RegistryService(store, user_home=home, options=opts, allowed_hosts=(name.host,))
     seconds = timed(lambda: asyncio.run(drain(svc.pull(name, insecure=True))))
     shutil.rmtree(store.root)
     return seconds
@@ -101,7 +101,8 @@ def pull_in_process(name: ModelName, home: Path, opts: TransferOptions) -> float
 
 def pull_via_serve(name: ModelName, home: Path) -> float:
     server_home = Path(tempfile.mkdtemp(dir=home))
-    server = start_server(server_home)
+    # A loopback registry is reached only when the server lists it (README, "Registries").
+    server = start_server(server_home, {"POLLAMA_REGISTRY_HOSTS": name.host})
     try:
 
         def pull() -> None:
@@ -144,7 +145,9 @@ def main() -> None:
                 (Layer(MEDIA_MODEL, model.digest, model.size),),
             ),
         )
-        asyncio.run(drain(RegistryService(store, user_home=home).push(name, insecure=True)))
+        asyncio.run(drain(RegistryService(store, user_home=home, allowed_hosts=(name.host,)).push(
+            name, insecure=True
+        )))
         hash_once(source)  # warm the page cache for the copy and hash references
 
         runs: dict[str, list[float]] = {

@@ -20,6 +20,7 @@ import pytest
 from ggufgen import write_tiny_model
 from pollama.names import ModelName
 from pollama.registry import (
+    DEFAULT_REGISTRY_HOSTS,
     BlobDigestMismatch,
     InsufficientDiskSpace,
     Progress,
@@ -62,8 +63,13 @@ def store(tmp_path: Path) -> Store:
     return s
 
 
+LOOPBACK_REGISTRIES = (*DEFAULT_REGISTRY_HOSTS, "127.0.0.1", "localhost")
+"""The registries of these tests run on loopback, so they are listed by name, as a user
+lists a registry of their own: ``insecure`` alone reaches no host the settings do not list."""
+
+
 def service(store: Store, home: Path, opts: TransferOptions = FAST) -> RegistryService:
-    return RegistryService(store, user_home=home, options=opts)
+    return RegistryService(store, user_home=home, allowed_hosts=LOOPBACK_REGISTRIES, options=opts)
 
 
 def make_model(store: Store, name: ModelName, tmp: Path, seed: int = 0, **kw: Any) -> Manifest:

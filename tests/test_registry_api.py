@@ -37,7 +37,7 @@ def lines(text: str) -> list[dict[str, object]]:
 
 
 def test_pull_and_push_over_the_api(registry: DockerRegistry, tmp_path: Path) -> None:
-    settings = load_settings()
+    settings = load_settings(registry_hosts=(registry.netloc,))  # the user's own registry
     store = Store(settings.models)
     store.ensure()
     name = ModelName.parse(f"{registry.netloc}/library/api-model:v1")
@@ -72,17 +72,19 @@ def test_pull_and_push_over_the_api(registry: DockerRegistry, tmp_path: Path) ->
 
 
 def test_api_errors(registry: DockerRegistry) -> None:
-    with app_client(load_settings()) as api:
+    with app_client(load_settings(registry_hosts=(registry.netloc,))) as api:
         assert api.post("/api/pull", content=b"").json() == {"error": "missing request body"}
         response = api.post("/api/pull", json={"model": ""})
         assert (response.status_code, response.json()) == (400, {"error": "model is required"})
         response = api.post("/api/pull", json={"model": "bad name!"})
         assert response.status_code == 400
         assert response.json()["error"].startswith("invalid model name")
-        # A host the settings do not list: 400 before anything is sent.
-        response = api.post("/api/pull", json={"model": f"{registry.netloc}/library/x"})
-        assert response.status_code == 400
-        assert "is not allowed" in response.json()["error"]
+        # A host the settings do not list: 400 before anything is sent, insecure or not.
+        for insecure in (False, True):
+            body = {"model": "reg.example:5000/library/x", "insecure": insecure}
+            response = api.post("/api/pull", json=body)
+            assert response.status_code == 400
+            assert "is not allowed" in response.json()["error"]
         response = api.post("/api/pull", json={"model": "http://reg.example/library/x"})
         assert response.json() == {"error": "insecure protocol http"}
         # A missing tag: in-stream after "pulling manifest", or a 500 with stream false.

@@ -34,7 +34,7 @@ from pollama.names import ModelName
 from pollama.registry import RegistryService
 from pollama.store import Store
 from registry_helpers import DockerRegistry, Fault, FaultProxy
-from test_registry import FAST, make_model, run
+from test_registry import FAST, LOOPBACK_REGISTRIES, make_model, run
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +48,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistr
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A server that also serves its models to other machines."""
-    running = start_server(tmp_path_factory.mktemp("origin"), {"POLLAMA_SERVE_REGISTRY": "1"})
+    """A server that also serves its models to other machines, and pushes to the test's
+    registry on loopback (listed, as a user lists a registry of their own)."""
+    running = start_server(tmp_path_factory.mktemp("origin"),
+                           {"POLLAMA_SERVE_REGISTRY": "1", "POLLAMA_REGISTRY_HOSTS": "127.0.0.1"})
     yield running
     stop_server(running)
 
@@ -112,12 +114,14 @@ def test_a_pull_continues_after_ctrl_c_and_after_the_server_is_killed(
     scratch.ensure()
     name = ModelName.parse(f"{registry.netloc}/library/killed:latest")
     manifest = make_model(scratch, name, tmp_path, seed=9, n_embd=256)
-    run(RegistryService(scratch, user_home=tmp_path, options=FAST).push(name, insecure=True))
+    run(RegistryService(scratch, user_home=tmp_path, allowed_hosts=LOOPBACK_REGISTRIES,
+                        options=FAST).push(name, insecure=True))
     size = max(layer.size for layer in manifest.layers)
     proxy = FaultProxy(registry.url)
     throttle = proxy.add(Fault(path="/blobs/", action="throttle", rate=size / 6, times=None))
     via_proxy = f"{proxy.netloc}/library/killed:latest"
-    server = start_server(isolated_env)
+    listed = {"POLLAMA_REGISTRY_HOSTS": proxy.netloc}
+    server = start_server(isolated_env, listed)
     try:
         # A client that goes away (Ctrl+C) stops the download: nobody else follows it.
         with httpx.stream(
@@ -158,7 +162,7 @@ def test_a_pull_continues_after_ctrl_c_and_after_the_server_is_killed(
         first = proxy.blob_bytes()
 
         throttle.times = 0
-        server = start_server(isolated_env)
+        server = start_server(isolated_env, listed)
         assert "killed" not in " ".join(tags(server))  # never a half-pulled model
         with Client(server.url) as api:
             assert list(api.pull(via_proxy, insecure=True))[-1] == {"status": "success"}
@@ -201,9 +205,19 @@ def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> tup
     return process.wait(timeout=10), b"".join(chunks).decode("utf-8", errors="replace")
 
 
+@pytest.fixture
+def puller(origin: RunningServer, isolated_env: Path) -> Iterator[RunningServer]:
+    """A server that lists the origin's address among its registries (the LAN case)."""
+    port = origin.url.rsplit(":", 1)[1]
+    running = start_server(isolated_env, {"POLLAMA_REGISTRY_HOSTS": f"127.0.0.1:{port}"})
+    yield running
+    stop_server(running)
+
+
 def test_pull_from_another_pollama_with_progress_on_a_terminal(
-    origin: RunningServer, server: RunningServer, tmp_path: Path
+    origin: RunningServer, puller: RunningServer, tmp_path: Path
 ) -> None:
+    server = puller
     digest = create_model(origin, "lan-model:135m", write_tiny_model(tmp_path / "lan.gguf", seed=4))
     port = origin.url.rsplit(":", 1)[1]
     name = f"127.0.0.1:{port}/library/lan-model:135m"
@@ -232,7 +246,7 @@ def test_pull_from_another_pollama_with_progress_on_a_terminal(
             assert list(api.pull(name, insecure=True))[-1] == {"status": "success"}
     finally:
         keys.revoke(key.id)
-    # Without --insecure the server refuses plain http to a host it was not told about.
-    refused = server.cli("pull", name)
+    # A host the server's settings do not list is refused, --insecure or not.
+    refused = server.cli("pull", "--insecure", f"127.0.0.2:{port}/library/lan-model:135m")
     assert refused.returncode == 1
-    assert "is not allowed" in refused.stderr
+    assert "is not allowed" in refused.stderr and "POLLAMA_REGISTRY_HOSTS" in refused.stderr

@@ -27,6 +27,7 @@ from conftest import tree_snapshot
 from pollama.errors import InvalidModelName, InvalidRequest
 from pollama.names import ModelName
 from pollama.registry import (
+    DEFAULT_REGISTRY_HOSTS,
     HostNotAllowed,
     HostPolicy,
     IdentityKey,
@@ -78,14 +79,18 @@ def serve_manifest(proxy: FaultProxy, body: bytes, headers: dict[str, str] | Non
 # -- host policy -----------------------------------------------------------------------------
 
 
-def test_name_hosts_must_be_listed_unless_insecure() -> None:
+def test_name_hosts_must_be_listed_even_when_insecure() -> None:
     policy = HostPolicy()
     for host in ("registry.ollama.ai", "hf.co", "huggingface.co", "modelscope.cn", "ollama.com"):
         policy.check_name_host(host)
     for host in ("evil.example", "169.254.169.254", "127.0.0.1:11434", "10.0.0.1", "localhost"):
-        with pytest.raises(HostNotAllowed, match="POLLAMA_REGISTRY_HOSTS"):
-            policy.check_name_host(host)
-    HostPolicy(insecure=True).check_name_host("10.0.0.1:5000")
+        for insecure in (False, True):  # insecure is http to a listed host, nothing more
+            with pytest.raises(HostNotAllowed) as info:
+                HostPolicy(insecure=insecure).check_name_host(host)
+            assert str(info.value) == (
+                f'registry host "{host}" is not allowed: add it to POLLAMA_REGISTRY_HOSTS on '
+                "the server (--insecure only lets a listed host be reached over http)"
+            )
     listed = HostPolicy(["reg.lan:5000", "*.corp.example"])
     listed.check_name_host("reg.lan:5000")
     listed.check_name_host("a.corp.example")
@@ -96,26 +101,27 @@ def test_name_hosts_must_be_listed_unless_insecure() -> None:
 
 
 @pytest.mark.parametrize(
-    ("address", "default", "insecure", "trusted"),
+    ("address", "default", "trusted"),
     [
-        ("93.184.216.34", True, True, True),  # public
-        ("2606:4700::1111", True, True, True),
-        ("127.0.0.1", False, True, True),  # loopback
-        ("::1", False, True, True),
-        ("10.1.2.3", False, True, True),  # RFC 1918
-        ("192.168.1.20", False, True, True),
-        ("fd00::1", False, True, True),  # IPv6 ULA
-        ("0.0.0.0", False, True, True),
-        ("::ffff:127.0.0.1", False, True, True),  # v4-mapped loopback
-        ("169.254.169.254", False, False, True),  # cloud metadata: link-local
-        ("fe80::1", False, False, True),
-        ("224.0.0.1", False, False, True),  # multicast
+        ("93.184.216.34", True, True),  # public
+        ("2606:4700::1111", True, True),
+        ("127.0.0.1", False, True),  # loopback
+        ("::1", False, True),
+        ("10.1.2.3", False, True),  # RFC 1918
+        ("192.168.1.20", False, True),
+        ("fd00::1", False, True),  # IPv6 ULA
+        ("0.0.0.0", False, True),
+        ("::ffff:127.0.0.1", False, True),  # v4-mapped loopback
+        ("169.254.169.254", False, True),  # cloud metadata: link-local
+        ("fe80::1", False, True),
+        ("224.0.0.1", False, True),  # multicast
     ],
 )
-def test_address_rules(address: str, default: bool, insecure: bool, trusted: bool) -> None:
+def test_address_rules(address: str, default: bool, trusted: bool) -> None:
     ip = ipaddress.ip_address(address)
     assert HostPolicy().address_allowed("hf.co", None, ip) is default
-    assert HostPolicy(insecure=True).address_allowed("x.example", None, ip) is insecure
+    # insecure changes the scheme only, never which addresses may be reached.
+    assert HostPolicy(insecure=True).address_allowed("x.example", None, ip) is default
     # Listing a host of one's own trusts its addresses; built-in public hosts and wildcards
     # do not (a public registry resolving to 10.x is an attack, not a configuration).
     assert HostPolicy(["reg.lan"]).address_allowed("reg.lan", 5000, ip) is trusted
@@ -135,18 +141,22 @@ def test_pulls_cannot_reach_private_addresses(
     hostile: FaultProxy, store: Store, tmp_path: Path
 ) -> None:
     port = hostile.netloc.split(":")[1]
-    # Not listed: refused before any connection.
-    exc = pull_error(store, tmp_path, f"127.0.0.1:{port}/library/x", insecure=False)
-    assert isinstance(exc, HostNotAllowed)
-    assert "POLLAMA_REGISTRY_HOSTS" in str(exc)
+    # Not listed: refused before any connection, with or without --insecure.
+    for insecure in (False, True):
+        exc = pull_error(store, tmp_path, f"127.0.0.1:{port}/library/x", insecure=insecure,
+                         hosts=list(DEFAULT_REGISTRY_HOSTS))  # fmt: skip
+        assert isinstance(exc, HostNotAllowed)
+        assert "POLLAMA_REGISTRY_HOSTS" in str(exc)
     # Any host allowed by a wildcard, but a name resolving to loopback (through DNS or as a
-    # literal) is refused when connecting, since only --insecure or an explicit entry allows it.
+    # literal) is refused before connecting, since only an explicit entry allows it.
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"0.0.0.0:{port}"):
-        exc = pull_error(store, tmp_path, f"{host}/library/x", insecure=False, hosts=["*"])
-        assert isinstance(exc, HostNotAllowed), exc
-        assert "private or reserved address" in str(exc)
+        for insecure in (False, True):
+            exc = pull_error(store, tmp_path, f"{host}/library/x", insecure=insecure,
+                             hosts=["*"])  # fmt: skip
+            assert isinstance(exc, HostNotAllowed), exc
+            assert str(exc).startswith(f'registry host "{host}" is not allowed: ')
     assert hostile.requests == []
-    with pytest.raises(HostNotAllowed, match="private or reserved address"):
+    with pytest.raises(HostNotAllowed, match="is not allowed"):
         session = RegistrySession(
             ModelName.parse(f"localhost:{port}/library/x"),
             policy=HostPolicy(["*"]),

@@ -128,6 +128,18 @@ class RegistrySession:
         if self._refs == 0:
             await self._client.aclose()
 
+    async def check_host(self) -> None:
+        """Refuse the registry host now if the policy would refuse its addresses, before a
+        transfer sends or streams anything: every refusal then reaches the caller as the
+        request's own error, the same one :meth:`HostPolicy.check_name_host` gives. A name
+        that does not resolve is left to the transfer, which reports it after its retries."""
+        try:
+            await self.policy.check_url(self.base_url)
+        except HostNotAllowed:
+            raise self.policy.refusal(self.name.host) from None
+        except httpx.ConnectError:
+            pass
+
     # -- URLs ----------------------------------------------------------------------------
 
     def url(self, *parts: str) -> httpx.URL:

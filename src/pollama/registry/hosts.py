@@ -3,20 +3,27 @@
 ``/api/pull`` and ``/api/push`` make the server open connections to hosts a caller names,
 and to hosts a registry redirects to. Without a policy that is a server-side request forgery
 tool (CVE-2026-5530 and siblings): a name like ``169.254.169.254/latest/meta:x`` or a
-redirect to ``http://10.0.0.5/`` would reach the server's private network. The rules:
+redirect to ``http://10.0.0.5/`` would reach the server's private network, and the errors
+of such pulls (connection refused, a timeout, a bad answer) would tell a caller which ports
+are open there. The rules, which only the server's settings can change:
 
 * **Name hosts.** The host of a model name must match an entry of ``POLLAMA_REGISTRY_HOSTS``
-  (default: the public registries Ollama users pull from), unless the request says
-  ``insecure`` (``pull --insecure``), which is the caller taking responsibility for a host
-  of their own. An entry is a host (``hf.co``), a host with a port (``reg.lan:5000``), a
-  wildcard (``*.example.com``) or ``*`` for any host.
+  (default: the public registries Ollama users pull from). An entry is a host (``hf.co``),
+  a host with a port (``reg.lan:5000``), a wildcard (``*.example.com``) or ``*`` for any
+  host. A request's ``insecure`` (``pull --insecure``) only lets a listed host be reached
+  over plain http (and redirect from https to http); it allows no host and no address.
 * **Addresses.** Every connection, to a name host or to any redirect target (a CDN), is
   checked against the addresses it actually connects to, after DNS resolution, so a public
   name resolving to a private address is caught too (and the check cannot be raced by DNS
   rebinding, since the checked address is the one connected to). Public addresses are always
-  allowed. Loopback and private addresses need ``insecure`` or a host the user listed
-  explicitly (an entry that is neither a wildcard nor one of the built-in public registries).
-  Link-local (cloud metadata), multicast and reserved addresses need an explicit entry.
+  allowed. Loopback, private, link-local (cloud metadata), multicast and reserved addresses
+  only for a host the user listed explicitly (an entry that is neither a wildcard nor one of
+  the built-in public registries): that entry is the user saying the host is theirs.
+* **One refusal.** Every refused host gets the same :class:`HostNotAllowed` (a 400 with one
+  message, naming the host and the setting), raised before any connection to it is tried, so
+  the answer does not depend on whether a port is open, closed or filtered, or on what the
+  address is. A pull checks its name host's addresses before its first progress line, so a
+  refusal is always the request's own status, never a line in a stream.
 
 With an ``HTTP(S)_PROXY`` the proxy connects for us, so :meth:`HostPolicy.check_url` also
 resolves and checks each URL before the request (best effort there).
@@ -66,18 +73,18 @@ def _split_host_port(netloc: str) -> tuple[str, int | None]:
     return host, int(port) if port.isdigit() else None
 
 
-def _address_kind(ip: IPAddress) -> str:
-    """``public``, ``private`` (loopback, RFC 1918, ULA, CGNAT, unspecified) or ``special``
-    (link-local, multicast, reserved: never a registry one would reach by accident)."""
+def _is_public(ip: IPAddress) -> bool:
+    """Whether ``ip`` is on the public internet: not loopback, RFC 1918, ULA, CGNAT,
+    unspecified, link-local (cloud metadata), multicast or reserved."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_loopback or ip.is_unspecified:
-        return "private"
-    if ip.is_link_local or ip.is_multicast or ip.is_reserved:
-        return "special"
-    if ip.is_global:
-        return "public"
-    return "private"
+    special = ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast
+    return ip.is_global and not special and not ip.is_reserved
+
+
+def _join(host: str, port: int | None) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
 
 
 class ResolveError(OSError):
@@ -116,7 +123,7 @@ class HostPolicy:
 
     def __init__(self, allowed: Iterable[str] = DEFAULT_REGISTRY_HOSTS, *, insecure: bool = False):
         self.entries = tuple(_Entry.parse(e) for e in allowed if e.strip())
-        self.insecure = insecure
+        self.insecure = insecure  # plain http to listed hosts (RegistrySession); nothing else
         defaults = {_Entry.parse(e) for e in DEFAULT_REGISTRY_HOSTS}
         self._trusted = tuple(e for e in self.entries if not e.wildcard and e not in defaults)
 
@@ -130,27 +137,19 @@ class HostPolicy:
         return any(e.matches(host, port) for e in self._trusted)
 
     def check_name_host(self, netloc: str) -> None:
-        """Refuse a model name whose registry host is neither listed nor ``insecure``."""
-        if self.insecure or self.listed(netloc):
-            return
-        raise HostNotAllowed(
-            f'registry host "{netloc}" is not allowed: add it to POLLAMA_REGISTRY_HOSTS '
-            "on the server, or pull with --insecure for a registry of your own"
-        )
+        """Refuse a model name whose registry host is not listed (``insecure`` or not)."""
+        if not self.listed(netloc):
+            raise self.refusal(netloc)
 
     def address_allowed(self, host: str, port: int | None, ip: IPAddress) -> bool:
-        kind = _address_kind(ip)
-        if kind == "public":
-            return True
-        if self.trusted(host, port):
-            return True
-        return kind == "private" and self.insecure
+        return _is_public(ip) or self.trusted(host, port)
 
-    def refusal(self, host: str, ips: list[IPAddress]) -> HostNotAllowed:
-        shown = ", ".join(str(ip) for ip in ips[:3]) or "no address"
+    def refusal(self, host: str) -> HostNotAllowed:
+        """The one error of every refused host, whatever the reason: nothing in it depends
+        on the network (see the module docstring)."""
         return HostNotAllowed(
-            f'registry host "{host}" resolves to a private or reserved address ({shown}): '
-            "list it in POLLAMA_REGISTRY_HOSTS, or use --insecure for a registry on your network"
+            f'registry host "{host}" is not allowed: add it to POLLAMA_REGISTRY_HOSTS on the '
+            "server (--insecure only lets a listed host be reached over http)"
         )
 
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
@@ -175,7 +174,7 @@ class HostPolicy:
                     ips.append(ip)
         allowed = [ip for ip in ips if self.address_allowed(host, port, ip)]
         if not allowed:
-            raise self.refusal(host, ips)
+            raise self.refusal(_join(host, port))
         return allowed
 
     async def check_url(self, url: httpx.URL) -> None:

@@ -1,9 +1,10 @@
 """``RegistryService``: pull and push models, as the server's ``/api/pull`` and ``/api/push``.
 
 Both are async generators of :class:`Progress`, with Ollama's statuses in Ollama's order
-(spec §6.3). Checks that the caller can act on (the name, the host policy, ``insecure
-protocol http``) run before the first item, so an HTTP front-end can still answer them with
-their own status code; everything after the first item is a transfer.
+(spec §6.3). Checks that the caller can act on (the name, the host policy and the name
+host's addresses, ``insecure protocol http``) run before the first item, so an HTTP
+front-end can still answer them with their own status code; everything after the first
+item is a transfer.
 
 What a pull guarantees: a model appears in the store only after every one of its blobs is
 present and verified and its manifest (the registry's bytes, unchanged, so the model ID
@@ -123,6 +124,7 @@ class RegistryService:
         target = await asyncio.to_thread(store.manifests.resolve, name) or name
         session = self.session(target, insecure)
         try:
+            await session.check_host()
             previous = await asyncio.to_thread(self._existing_digests, target)
             yield Progress("pulling manifest")
             manifest, raw = await self._fetch_manifest(session)
@@ -217,6 +219,7 @@ class RegistryService:
         store = self.store
         session = self.session(name, insecure)  # host policy and scheme: before any output
         try:
+            await session.check_host()
             yield Progress("retrieving manifest")
             try:
                 stored = await asyncio.to_thread(store.manifests.read, name)
