@@ -139,6 +139,31 @@ def test_symlinked_file_is_refused(store: KeyStore, tmp_path: Path) -> None:
     assert store.state()[1] is not None
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX links")
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_symlink_to_nothing_fails_closed(store: KeyStore, tmp_path: Path, where: str) -> None:
+    """A keys file that was moved or sits on an unmounted disk is not "no keys": the link
+    says keys were meant to be there, so every key is refused (and serve will not start)."""
+    secret, _ = store.create("ok")
+    if where == "file":
+        store.path.rename(tmp_path / "moved.json")
+        store.path.symlink_to(tmp_path / "gone.json")
+        link = store.path
+    else:  # ~/.ollama itself is a link to a folder that is gone
+        link = store.path.parent
+        link.rename(tmp_path / "moved")
+        link.symlink_to(tmp_path / "unmounted")
+    configured, error = store.state()
+    assert configured and isinstance(error, KeyFileError)
+    assert f"{link} is a symbolic link to something that does not exist" in str(error)
+    assert store.authenticate(secret) is None
+    with pytest.raises(KeyFileError, match="symbolic link"):
+        store.create("another")
+    # Nothing at all at the path still means no keys.
+    link.unlink()
+    assert store.state() == (False, None)
+
+
 def test_concurrent_creates_lose_nothing(store: KeyStore) -> None:
     secrets: list[str] = []
 

@@ -15,8 +15,10 @@ Bearer key; pollama checks keys itself. What must stay true:
   refused: anyone who can write it could add a key.
 * **Changes take effect at once.** The server stats the file on each check and reloads
   when its identity (inode, size, mtime, ctime) changes; no restart, no signal.
-* **Failure is closed.** A file that exists but cannot be read or trusted makes
-  :meth:`KeyStore.authenticate` refuse every key (the server logs why), never accept all.
+* **Failure is closed.** A file that exists but cannot be read or trusted, and a path that
+  is a symbolic link to nothing (the file or a folder above it), make
+  :meth:`KeyStore.authenticate` refuse every key (the server logs why) and ``pollama serve``
+  refuse to start; only a path with nothing at all there means "no keys".
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ _FORMAT_VERSION = 1
 _MAX_NAME = 64
 _MAX_FILE = 4 << 20
 _UNKNOWN: tuple[int, ...] = (-1,)  # forces the next check to reload
+_DANGLING: tuple[int, ...] = (-2,)  # the path is a symbolic link to nothing
 
 
 class Permission(StrEnum):
@@ -132,10 +135,12 @@ class KeyStore:
 
     def _current(self) -> tuple[tuple[ApiKey, ...], KeyFileError | None]:
         """The keys as the file holds them now, reloading if it changed since last time."""
+        dangling: Path | None = None
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            identity = None
+            dangling = _dangling_link(self.path)
+            identity = None if dangling is None else _DANGLING
         except OSError as exc:
             return (), KeyFileError(f"cannot read keys file {self.path}: {exc.strerror}")
         else:
@@ -148,6 +153,8 @@ class KeyStore:
                 keys, error = (), None
             else:
                 try:
+                    if dangling is not None:
+                        raise _dangling_error(self.path, dangling)
                     keys, error = self._load(), None
                 except KeyFileError as exc:
                     keys, error = (), exc
@@ -240,6 +247,9 @@ class KeyStore:
     def _locked_file(self) -> Iterator[list[ApiKey]]:
         """Hold the lock file, yield the keys as a list to edit, then write them back."""
         directory = self.path.parent
+        dangling = _dangling_link(self.path)
+        if dangling is not None:  # never create a file where a link points at nothing
+            raise _dangling_error(self.path, dangling)
         if not directory.exists():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -277,6 +287,30 @@ class KeyStore:
                 os.unlink(tmp)
             raise
         self._forget()
+
+
+def _dangling_link(path: Path) -> Path | None:
+    """The symbolic link that makes ``path`` missing (the file itself or a folder above it),
+    or None when the path is simply absent. A link whose target is gone is a keys file
+    someone meant to have (moved, unmounted), not "no keys": it must not open the server."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode) and not candidate.exists():
+            return candidate
+        return None
+    return None
+
+
+def _dangling_error(path: Path, link: Path) -> KeyFileError:
+    return KeyFileError(
+        f"cannot read keys file {path}: {link} is a symbolic link to something that does "
+        "not exist"
+    )
 
 
 def _flock(fd: int) -> None:

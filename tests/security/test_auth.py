@@ -161,6 +161,21 @@ def test_unusable_keys_file_locks_everyone_out(
     assert client.get("/healthz").status_code == 200
 
 
+def test_a_keys_file_link_to_nothing_locks_everyone_out(
+    make_client: Callable[..., TestClient], keys: KeyStore, tmp_path: Path
+) -> None:
+    """Before, a dangling symlink at the keys path counted as "no keys": an open server."""
+    client = make_client()
+    keys.path.parent.mkdir(parents=True, exist_ok=True)
+    keys.path.symlink_to(tmp_path / "gone.json")
+    response = client.get("/api/tags")
+    assert response.status_code == 401
+    assert "cannot read its API keys file" in response.json()["error"]
+    v1 = client.get("/v1/models")
+    assert v1.status_code == 401 and "API keys file" in v1.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+
+
 # -- real servers --------------------------------------------------------------------------
 
 
@@ -191,6 +206,17 @@ def test_serve_refuses_an_untrusted_keys_file(isolated_env: Path) -> None:
     store.path.chmod(0o646)
     code, output = _serve(isolated_env, {"BIND": "127.0.0.1"})
     assert code == 1 and "chmod 600" in output
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_keys_file_link_to_nothing(isolated_env: Path) -> None:
+    path = isolated_env / ".ollama" / "api_keys.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(isolated_env / "unmounted" / "api_keys.json")
+    code, output = _serve(isolated_env, {"BIND": "127.0.0.1"})
+    assert code == 1
+    assert f"{path} is a symbolic link to something that does not exist" in output
+    assert "POLLAMA_KEYS_FILE" in output
 
 
 @pytest.mark.slow

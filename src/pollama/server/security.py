@@ -345,11 +345,7 @@ class SecurityMiddleware:
             if key is None:
                 if record is not None:
                     record.refused = "key"
-                if _presented_key(headers) is not None:
-                    message = "invalid API key: the key sent is not one of this server's keys"
-                else:
-                    message = "unauthorized: this pollama server requires an API key"
-                message += f"; {_HOW_TO_PASS}. Create keys on the server with 'pollama keys create'"
+                message = _refusal_message(policy, headers)
                 await json_error(path, 401, "authentication_error", message, cors + [
                     (b"www-authenticate", b'Bearer realm="pollama"')
                 ])(scope, receive, send)
@@ -376,6 +372,20 @@ class SecurityMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+
+def _refusal_message(policy: AccessPolicy, headers: Headers) -> str:
+    """Why a request without a valid key is refused. A keys file the server cannot use
+    refuses every key (fail closed); saying so keeps callers from doubting a good key. The
+    file's path and the reason are only in the server's log."""
+    if policy.keys.state()[1] is not None:
+        return ("unauthorized: this pollama server cannot read its API keys file, so it "
+                "refuses every request until the file is fixed (the server log says why)")
+    if _presented_key(headers) is not None:
+        message = "invalid API key: the key sent is not one of this server's keys"
+    else:
+        message = "unauthorized: this pollama server requires an API key"
+    return message + f"; {_HOW_TO_PASS}. Create keys on the server with 'pollama keys create'"
 
 
 def _empty(status: int, headers: list[tuple[bytes, bytes]]) -> Any:
