@@ -3,7 +3,10 @@
 Content blocks map onto native messages as Ollama's middleware does (spec §3.7): text blocks
 join into the message content, ``tool_use`` blocks become tool calls, ``tool_result`` blocks
 become ``role: "tool"`` messages (named after the ``tool_use`` they answer), ``thinking``
-blocks become the message's thinking. ``thinking`` ``enabled``/``disabled`` (or
+blocks become the message's thinking. Unlike Ollama, a block of any other type (``document``
+with any source, ``search_result``, server tool blocks…) is a 400 naming the type instead of
+being dropped silently; ``redacted_thinking`` alone is skipped (encrypted for Anthropic's
+servers, it holds nothing a local model could read). ``thinking`` ``enabled``/``disabled`` (or
 ``output_config.effort``) sets ``think``; a model that cannot think has it dropped, not
 refused, as Ollama does for this endpoint. Beyond Ollama, ``tool_choice`` is honoured
 (``any``/``tool`` force a call, ``none`` answers without tools), and an answer that one of
@@ -138,12 +141,38 @@ def _tool_use_names(messages: list[MessageParam]) -> dict[str, str]:
     return names
 
 
+def _unsupported_block(kind: Any, where: str = "") -> InvalidRequest:
+    """A content block this server cannot give the model. Ollama drops such blocks silently,
+    so the model answered without the document (or search result) the caller sent and
+    nobody knew; a 400 that names the type says what to send instead. Documents of every
+    source are refused: a URL is never fetched (as image URLs), and a PDF cannot be read
+    by a text or vision model here."""
+    shown = json.dumps(kind) if isinstance(kind, str) else "(missing)"
+    place = f" {where}" if where else ""
+    hint = (
+        "; send its text as a text block instead"
+        if kind in ("document", "search_result")
+        else ""
+    )
+    return InvalidRequest(
+        f"content block type {shown}{place} is not supported by this server (supported: "
+        f"{', '.join(_BLOCK_TYPES)}){hint}"
+    )
+
+
+_BLOCK_TYPES = ("text", "image", "thinking", "redacted_thinking", "tool_use", "tool_result")
+"""The content blocks :func:`_native` translates; any other type is refused."""
+
+
 def _system_text(system: str | list[dict[str, Any]] | None) -> str:
     if system is None:
         return ""
     if isinstance(system, str):
         return system
-    return "".join(str(block.get("text", "")) for block in system if block.get("type") == "text")
+    for block in system:
+        if block.get("type") != "text":
+            raise _unsupported_block(block.get("type"), "in system")
+    return "".join(str(block.get("text", "")) for block in system)
 
 
 def _image_data(block: dict[str, Any]) -> str:
@@ -164,6 +193,29 @@ def _image_data(block: dict[str, Any]) -> str:
     if not isinstance(data, str):
         raise InvalidImage("image source has no base64 data")
     return data
+
+
+def _tool_result(block: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A ``tool_result`` block as a ``role: "tool"`` message, named after its ``tool_use``."""
+    content = block.get("content")
+    images: list[str] = []
+    if isinstance(content, list):
+        for c in content:
+            if c.get("type") not in ("text", "image"):
+                raise _unsupported_block(c.get("type"), "in a tool_result")
+        images = [_image_data(c) for c in content if c.get("type") == "image"]
+        content = "".join(str(c.get("text", "")) for c in content if c.get("type") == "text")
+    result: dict[str, Any] = {
+        "role": "tool",
+        "content": str(content or ""),
+        "tool_call_id": block.get("tool_use_id"),
+    }
+    if images:  # a tool's screenshot is an image like any other (spec §3.7)
+        result["images"] = images
+    name = names.get(str(block.get("tool_use_id") or ""))
+    if name:
+        result["tool_name"] = name
+    return result
 
 
 def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]]:
@@ -197,25 +249,9 @@ def _native(message: MessageParam, names: dict[str, str]) -> list[dict[str, Any]
                 }
             )
         elif kind == "tool_result":
-            content = block.get("content")
-            result_images: list[str] = []
-            if isinstance(content, list):
-                result_images = [_image_data(c) for c in content if c.get("type") == "image"]
-                content = "".join(
-                    str(c.get("text", "")) for c in content if c.get("type") == "text"
-                )
-            result: dict[str, Any] = {
-                "role": "tool",
-                "content": str(content or ""),
-                "tool_call_id": block.get("tool_use_id"),
-            }
-            if result_images:  # a tool's screenshot is an image like any other (spec §3.7)
-                result["images"] = result_images
-            name = names.get(str(block.get("tool_use_id") or ""))
-            if name:
-                result["tool_name"] = name
-            tool_results.append(result)
-        # Other block types (documents, server tools…) are ignored, as Ollama does.
+            tool_results.append(_tool_result(block, names))
+        else:
+            raise _unsupported_block(kind)
     out: list[dict[str, Any]] = list(tool_results)
     if text or thinking or tool_calls or images or not tool_results:
         native: dict[str, Any] = {"role": role, "content": "".join(text)}
