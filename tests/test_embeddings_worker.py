@@ -178,7 +178,7 @@ def test_embed_groups_bound_each_op() -> None:
     texts = ["x" * 10] * 600
     groups = process._embed_groups(texts)
     assert [len(g) for g in groups] == [256, 256, 88]
-    big = ["y" * (5 << 20), "z", "w" * (5 << 20)]
+    big = ["y" * (600 << 10), "z", "w" * (600 << 10)]  # 1 MiB of characters per op
     assert [len(g) for g in process._embed_groups(big)] == [2, 1]
     assert process._embed_groups([]) == []
 

@@ -40,12 +40,13 @@ def _finish(client: WorkerClient, req_id: int) -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context_length=512)
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context_length=8192)
 
 
 @pytest.fixture(params=[1, 2], ids=["parallel1", "parallel2"])
 def worker(request: pytest.FixtureRequest, tiny_path: Path) -> Iterator[WorkerClient]:
-    spec = LoadSpec(model_path=str(tiny_path), num_ctx=256, num_parallel=request.param)
+    # Room enough that the endless requests are still running when they are cancelled.
+    spec = LoadSpec(model_path=str(tiny_path), num_ctx=4096, num_parallel=request.param)
     client = WorkerClient(spec)
     yield client
     assert client.close() == 0
