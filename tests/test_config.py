@@ -18,7 +18,6 @@ from pollama.config import (
     Settings,
     describe_env,
     env_help,
-    go_parse_bool,
     load_settings,
     parse_host,
 )
@@ -237,11 +236,6 @@ def test_tristate_bools(home: Path) -> None:
     assert load_settings({"HOME": str(home), "OLLAMA_IGPU_ENABLE": "x"}).igpu_enable is True
 
 
-def test_go_parse_bool() -> None:
-    assert go_parse_bool("T") is True
-    assert go_parse_bool("yes") is None
-
-
 # envconfig TestUint
 @pytest.mark.parametrize(
     ("value", "expect"),
@@ -421,7 +415,6 @@ def test_lists(home: Path) -> None:
     )
     assert s.remotes == ("ollama.com", "example.com")
     assert s.experiment == ("a", "b")
-    assert s.experiment_enabled("b") and not s.experiment_enabled("c")
 
 
 def test_strings_and_secrets(home: Path) -> None:
@@ -439,26 +432,6 @@ def test_strings_and_secrets(home: Path) -> None:
     assert s.gpu_overhead == 1073741824
     assert s.auth is True
     assert "sk-123" not in repr(s)
-
-
-# envconfig TestNoCloud
-@pytest.mark.parametrize(
-    ("env_value", "config", "disabled"),
-    [
-        ("", None, False),
-        ("1", None, True),
-        ("", '{"disable_ollama_cloud": true}', True),
-        ("1", '{"disable_ollama_cloud": true}', True),
-        ("", '{"disable_ollama_cloud": false}', False),
-        ("", "{invalid json", False),
-    ],
-)
-def test_cloud_disabled(env_value: str, config: str | None, disabled: bool, home: Path) -> None:
-    if config is not None:
-        (home / ".ollama").mkdir(parents=True)
-        (home / ".ollama" / "server.json").write_text(config)
-    s = load_settings({"HOME": str(home), "OLLAMA_NO_CLOUD": env_value})
-    assert s.cloud_disabled() is disabled
 
 
 def test_describe_env_and_help() -> None:

@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 from pollama.errors import InvalidRequest, ModelfileError
 from pollama.format import go_float
 from pollama.modelfile import (
+    _BREAKS,
+    _WHITESPACE,
     ERR_INVALID_COMMAND,
     ERR_INVALID_ROLE,
     Command,
     CreateFields,
     Modelfile,
-    _representable,
     render_modelfile,
 )
 
@@ -684,6 +685,19 @@ def test_go_float_formatting(value: float, text: str) -> None:
 # --- round trip properties --------------------------------------------------------------------
 
 _CHARS = st.sampled_from(list("ab \"\n\t\r#:'Ü你👋") + ['"""'])
+def _representable(value: str) -> bool:
+    """Whether ``_quote(value)`` reads back as ``value``: no dropped (non-printable) runes, and
+    no line inside a ``\"\"\"`` value that ends with ``\"\"\"`` (the quote would close there;
+    the language has no escapes). Every value ``parse`` returns passes."""
+    if not all(ch.isprintable() or ch in _WHITESPACE for ch in value):
+        return False
+    if '"' not in value:
+        return True
+    return not any(
+        value[:i].rstrip(_WHITESPACE).endswith('"""') for i, ch in enumerate(value) if ch in _BREAKS
+    )
+
+
 _VALUES = st.lists(_CHARS, max_size=12).map("".join).filter(_representable)
 _PARAM_VALUES = {
     "stop": _VALUES,
@@ -739,7 +753,7 @@ def test_parse_of_str_of_parse_is_identity(lines: list[tuple[str, str]]) -> None
     )
 )
 def test_render_parses_back_to_the_same_parameters(raw: dict[str, object]) -> None:
-    from pollama.protocol.options import OPTIONS, _float32_shortest
+    from pollama.options import OPTIONS, _float32_shortest
 
     # build a well-typed parameters dict from the random values
     params: dict[str, object] = {}

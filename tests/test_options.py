@@ -3,30 +3,31 @@ plus the range checks we add for llama.cpp's safety."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
 from pollama.errors import InvalidOption
-from pollama.protocol.options import (
+from pollama.options import (
     DEFAULT_OPTIONS,
     DEPRECATED_PARAMETERS,
     DEPRECATED_REQUEST_OPTIONS,
-    LOAD_OPTION_NAMES,
     MAX_CONTEXT,
     OPTIONS,
-    LoadOptions,
     coerce_options,
     default_options,
     format_params,
+    go_parse_bool,
     merge_options,
     validate_parameters,
 )
+from pollama.runner.base import LoadSpec, SamplingOptions
 
 
 def test_defaults_match_ollama_default_options() -> None:
     assert dict(DEFAULT_OPTIONS) == {
-        "num_ctx": 0,  # OLLAMA_CONTEXT_LENGTH unset: the server picks the VRAM tier
+        "num_ctx": 0,  # OLLAMA_CONTEXT_LENGTH, else DEFAULT_NUM_CTX (capped by the model)
         "num_batch": 512,
         "num_gpu": -1,
         "main_gpu": None,
@@ -60,17 +61,35 @@ def test_default_options_is_a_fresh_copy() -> None:
         DEFAULT_OPTIONS["temperature"] = 0.1  # type: ignore[index]
 
 
-def test_load_option_names() -> None:
-    assert LOAD_OPTION_NAMES == {
-        "num_ctx",
-        "num_batch",
-        "num_gpu",
-        "main_gpu",
-        "use_mmap",
-        "num_thread",
-        "draft_num_predict",
-    }
-    assert not LOAD_OPTION_NAMES & DEPRECATED_REQUEST_OPTIONS
+RELOAD = {name for name, spec in OPTIONS.items() if spec.reload}
+UNUSED = {"num_gpu", "main_gpu", "draft_num_predict"}  # no GPU offload, no draft model
+
+
+def test_reload_options_are_the_load_spec_fields() -> None:
+    """The table's ``reload`` says what the scheduler does: it reloads when the LoadSpecs
+    differ, and the options in a LoadSpec are exactly the ``reload`` ones."""
+    load_fields = {f.name for f in dataclasses.fields(LoadSpec)}
+    assert RELOAD == {"num_ctx", "num_batch", "use_mmap", "num_thread"}
+    assert load_fields & set(OPTIONS) == RELOAD
+    assert not RELOAD & DEPRECATED_REQUEST_OPTIONS
+
+
+def test_sampling_options_are_the_other_used_options() -> None:
+    sampling_fields = {f.name for f in dataclasses.fields(SamplingOptions)}
+    assert sampling_fields == set(OPTIONS) - RELOAD - UNUSED
+
+
+def test_runner_types_take_the_table_defaults() -> None:
+    sampling = SamplingOptions()
+    for f in dataclasses.fields(SamplingOptions):
+        expected = DEFAULT_OPTIONS[f.name]
+        assert getattr(sampling, f.name) == (tuple(expected) if f.name == "stop" else expected)
+    spec = LoadSpec(model_path="m", num_ctx=4096)
+    for name in RELOAD - {"num_ctx"}:  # num_ctx is resolved before a spec exists
+        assert getattr(spec, name) == DEFAULT_OPTIONS[name]
+
+
+def test_deprecated_names() -> None:
     assert DEPRECATED_PARAMETERS < DEPRECATED_REQUEST_OPTIONS
     assert {"numa", "embedding_only", "tfs_z"} <= DEPRECATED_REQUEST_OPTIONS
     assert not set(OPTIONS) & DEPRECATED_REQUEST_OPTIONS
@@ -151,11 +170,13 @@ def test_format_params_int_accepts_sign() -> None:
     + [(f, False) for f in ("0", "f", "F", "FALSE", "false", "False")],
 )
 def test_format_params_bool_follows_go_parse_bool(text: str, expected: bool) -> None:
+    assert go_parse_bool(text) is expected
     assert format_params({"use_mmap": [text]}) == {"use_mmap": expected}
 
 
 @pytest.mark.parametrize("text", ["yes", "tRUE", "on", ""])
 def test_format_params_invalid_bool(text: str) -> None:
+    assert go_parse_bool(text) is None
     with pytest.raises(InvalidOption) as err:
         format_params({"use_mmap": [text]})
     assert err.value.message == f"invalid bool value [{text}]"
@@ -285,7 +306,7 @@ def test_coerce_options_accepts_documented_special_values() -> None:
                      "num_predict": -2}  # fmt: skip
 
 
-# --- merge_options / LoadOptions --------------------------------------------------------------
+# --- merge_options ----------------------------------------------------------------------------
 
 
 def test_merge_options_precedence_defaults_model_request() -> None:
@@ -299,27 +320,6 @@ def test_merge_options_precedence_defaults_model_request() -> None:
     assert merged["top_k"] == 40
     merged["stop"].append("x")
     assert model["stop"] == ["<|im_end|>"]
-
-
-def test_load_options_detects_reload() -> None:
-    loaded = LoadOptions.from_options(merge_options({"num_ctx": 4096}))
-    assert loaded == LoadOptions(num_ctx=4096)
-    # runtime options do not force a reload
-    same = LoadOptions.from_options(merge_options({"num_ctx": 4096}, {"temperature": 0.1}))
-    assert same == loaded
-    assert hash(same) == hash(loaded)
-    for change in ({"num_ctx": 2048}, {"num_batch": 256}, {"use_mmap": False}, {"main_gpu": 1}):
-        assert LoadOptions.from_options({"num_ctx": 4096, **change}) != loaded
-
-
-def test_load_options_from_partial_options_uses_defaults() -> None:
-    load = LoadOptions.from_options({"num_thread": 2, "main_gpu": None})
-    assert load == LoadOptions(
-        num_ctx=0, num_batch=512, num_gpu=-1, main_gpu=None, use_mmap=None, num_thread=2,
-        draft_num_predict=4,
-    )  # fmt: skip
-    with pytest.raises(AttributeError):
-        load.num_ctx = 1  # type: ignore[misc]
 
 
 # --- validate_parameters (/api/create) --------------------------------------------------------

@@ -7,8 +7,8 @@ the scheduler, the store). No module here holds state.
 Value rules, as in Go's ``envconfig.Var`` and friends:
 
 * surrounding whitespace, then ``"``/``'`` quotes, are stripped; an empty result means unset;
-* booleans use ``strconv.ParseBool`` (``1 t T TRUE true True 0 f F FALSE false False``) and
-  **any other non-empty value counts as true**;
+* booleans use ``strconv.ParseBool`` (``1 t T TRUE true True 0 f F FALSE false False``,
+  :func:`pollama.options.go_parse_bool`) and **any other non-empty value counts as true**;
 * counts are unsigned decimal integers; anything else logs a warning and keeps the default;
 * ``OLLAMA_KEEP_ALIVE`` and ``OLLAMA_LOAD_TIMEOUT`` take a Go duration (``5m``, ``1h30m``)
   or integer seconds; unparsable values keep the default. A negative keep-alive (and a
@@ -22,7 +22,6 @@ wording where Ollama has the variable); :func:`describe_env` and :func:`env_help
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pollama.format import NANOSECONDS_PER_SECOND, parse_go_duration_ns
+from pollama.options import DEFAULT_NUM_CTX, go_parse_bool
 
 __all__ = [
     "CLIENT_ENV_VARS",
@@ -49,7 +49,6 @@ __all__ = [
     "Settings",
     "describe_env",
     "env_help",
-    "go_parse_bool",
     "load_settings",
     "parse_host",
 ]
@@ -117,19 +116,6 @@ CLIENT_ENV_VARS: tuple[str, ...] = ("OLLAMA_HOST",)
 def _go_var(raw: str) -> str:
     """Go ``envconfig.Var``: trim whitespace, then any run of ``"``/``'`` at either end."""
     return raw.strip().strip("\"'")
-
-
-_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-
-
-def go_parse_bool(text: str) -> bool | None:
-    """Go ``strconv.ParseBool``; None when the text is not one of its spellings."""
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    return None
 
 
 def _env_bool(text: str) -> bool:
@@ -401,7 +387,8 @@ class Settings(BaseSettings):
     context_length: int = _env(
         "OLLAMA_CONTEXT_LENGTH",
         0,
-        "Context length to use unless otherwise specified (default: 4k/32k/256k based on VRAM)",
+        "Context length to use unless otherwise specified "
+        f"(default: {DEFAULT_NUM_CTX}, capped by the model's trained context)",
     )
     log_level: int = _env(
         "OLLAMA_DEBUG", 0, "Show additional debug information (e.g. OLLAMA_DEBUG=1)"
@@ -645,21 +632,6 @@ class Settings(BaseSettings):
             ]
         origins += ["app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*"]
         return origins
-
-    def cloud_disabled(self) -> bool:
-        """Go ``envconfig.NoCloud``: ``OLLAMA_NO_CLOUD`` or ``disable_ollama_cloud`` in
-        ``~/.ollama/server.json`` (a missing or malformed file counts as not disabled)."""
-        if self.no_cloud:
-            return True
-        try:
-            data = json.loads((self.home / "server.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and data.get("disable_ollama_cloud") is True
-
-    def experiment_enabled(self, name: str) -> bool:
-        """Whether ``name`` is listed in ``OLLAMA_EXPERIMENT``."""
-        return name in self.experiment
 
 
 def _env_name(field: FieldInfo) -> str | None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from pollama.errors import InvalidOption, ModelfileError
 from pollama.format import go_float
-from pollama.protocol.options import DEPRECATED_PARAMETERS, OPTIONS, format_params
+from pollama.options import DEPRECATED_PARAMETERS, OPTIONS, format_params
 
 __all__ = [
     "INSTRUCTIONS",
@@ -333,6 +333,8 @@ class _ValueBuffer:
         return _unquote("".join(self.chars).strip(_WHITESPACE))
 
 
+# Longer than this codebase's ~60 lines on purpose: a port of Ollama's ``parser.ParseFile``
+# state machine, kept in its shape so that it can be read against the original.
 def _lex(text: str) -> Iterable[tuple[Command, bool]]:
     """Yield each command with whether it came from ``PARAMETER``, in file order."""
     state = _NIL
@@ -439,19 +441,6 @@ def _quote(value: str) -> str:
         if not value.startswith('"'):
             return value
     return f'"""{value}"""' if '"' in value else f'"{value}"'
-
-
-def _representable(value: str) -> bool:
-    """Whether ``_quote(value)`` reads back as ``value``: no dropped (non-printable) runes, and
-    no line inside a ``\"\"\"`` value that ends with ``\"\"\"`` (the quote would close there;
-    the language has no escapes). Every value ``parse`` returns passes."""
-    if not all(ch.isprintable() or ch in _WHITESPACE for ch in value):
-        return False
-    if '"' not in value:
-        return True
-    return not any(
-        value[:i].rstrip(_WHITESPACE).endswith('"""') for i, ch in enumerate(value) if ch in _BREAKS
-    )
 
 
 def _go_value(name: str, value: Any) -> str:

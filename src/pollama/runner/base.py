@@ -1,11 +1,13 @@
 """The runner interface: what the scheduler and the inference service need from a model.
 
 A runner is one loaded model. ``SubprocessRunner`` (``runner/process.py``) runs it in a
-worker process (``runner/worker.py``); ``FakeRunner`` (``runner/fake.py``) replays scripted
+worker process (``runner/worker.py``); ``FakeRunner`` (``tests/fake_runner.py``) replays scripted
 output for scheduler tests. Both satisfy :class:`Runner`. Nothing here imports ``llama_cpp``.
 
 The types below are also the payloads of the worker protocol (``runner/protocol.py``), so
-they are plain dataclasses of JSON-able values.
+they are plain dataclasses of JSON-able values. The defaults of :class:`LoadSpec` and
+:class:`SamplingOptions` fields named after an option are the option table's
+(``pollama.options``): no default is written twice.
 """
 
 from __future__ import annotations
@@ -15,24 +17,28 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from pollama.options import DEFAULT_OPTIONS
+
 
 @dataclass(frozen=True)
 class LoadSpec:
     """Everything that decides how a model is loaded; a change means a reload.
 
-    ``num_ctx`` is per sequence (Ollama's meaning); the context holds
-    ``num_ctx * num_parallel`` tokens. ``embedding`` marks an embedding model (its GGUF has a
-    pooling type): the worker makes only an embedding context and refuses completions.
+    ``num_ctx`` is per sequence (Ollama's meaning), already resolved (never the option's 0);
+    the context holds ``num_ctx * num_parallel`` tokens. ``embedding`` marks an embedding
+    model (its GGUF has a pooling type): the worker makes only an embedding context and
+    refuses completions. The fields named after an option are exactly the options the table
+    marks ``reload``.
     """
 
     model_path: str
     num_ctx: int
     num_parallel: int = 1
-    num_batch: int = 512
-    num_thread: int = 0  # 0 = the CPUs this process may use
+    num_batch: int = DEFAULT_OPTIONS["num_batch"]
+    num_thread: int = DEFAULT_OPTIONS["num_thread"]  # 0 = the CPUs this process may use
     flash_attention: bool | None = None  # None = llama.cpp's auto
     kv_cache_type: str = "f16"  # f16 | q8_0 | q4_0
-    use_mmap: bool | None = None
+    use_mmap: bool | None = DEFAULT_OPTIONS["use_mmap"]  # None = llama.cpp's default
     adapters: tuple[str, ...] = ()
     embedding: bool = False
 
@@ -48,21 +54,22 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Runtime options of one request, already merged and validated (Ollama's names)."""
+    """Runtime options of one request, already merged and validated (Ollama's names): the
+    options the table does not mark ``reload``, less the ones pollama does not use."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_last_n: int = 64
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int = -1
-    num_predict: int = -1
-    num_keep: int = 4
-    stop: tuple[str, ...] = ()
+    temperature: float = DEFAULT_OPTIONS["temperature"]
+    top_k: int = DEFAULT_OPTIONS["top_k"]
+    top_p: float = DEFAULT_OPTIONS["top_p"]
+    min_p: float = DEFAULT_OPTIONS["min_p"]
+    typical_p: float = DEFAULT_OPTIONS["typical_p"]
+    repeat_last_n: int = DEFAULT_OPTIONS["repeat_last_n"]
+    repeat_penalty: float = DEFAULT_OPTIONS["repeat_penalty"]
+    presence_penalty: float = DEFAULT_OPTIONS["presence_penalty"]
+    frequency_penalty: float = DEFAULT_OPTIONS["frequency_penalty"]
+    seed: int = DEFAULT_OPTIONS["seed"]
+    num_predict: int = DEFAULT_OPTIONS["num_predict"]
+    num_keep: int = DEFAULT_OPTIONS["num_keep"]
+    stop: tuple[str, ...] = tuple(DEFAULT_OPTIONS["stop"])
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SamplingOptions:
@@ -83,6 +90,26 @@ buffers (the logits of every row, the activations, the attention scores over the
 context) grow with this number, not with ``num_batch``, which only bounds how many tokens
 one ``llama_decode`` call takes; a bigger pass is no faster on a CPU. Ollama's default
 ``num_batch`` is the same 512, so by default nothing changes."""
+
+# Bytes per element of each KV cache type llama.cpp knows (block size / elements per block).
+_KV_BYTES: dict[str, float] = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
+}
+
+
+def kv_bytes_per_element(kv_cache_type: str) -> float:
+    """What one K or V element takes in a cache of this type (any case; empty is f16); an
+    unknown type counts as f16. The one table behind the scheduler's estimate before a load
+    and the worker's own figure after it."""
+    return _KV_BYTES.get((kv_cache_type or "f16").lower(), 2.0)
 
 
 def usable_cpus() -> int:

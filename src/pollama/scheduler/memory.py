@@ -24,7 +24,7 @@ from typing import Any
 from pollama.errors import InsufficientMemory
 from pollama.format import human_bytes
 from pollama.gguf import GGUFInfo
-from pollama.runner.base import MAX_UBATCH, LoadSpec
+from pollama.runner.base import MAX_UBATCH, LoadSpec, kv_bytes_per_element
 
 __all__ = [
     "MemoryInfo",
@@ -36,18 +36,6 @@ __all__ = [
     "system_memory",
 ]
 
-# Bytes per element of each KV cache type llama.cpp accepts (block size / elements per block).
-_KV_BYTES: dict[str, float] = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q5_1": 24 / 32,
-    "q5_0": 22 / 32,
-    "q4_1": 20 / 32,
-    "q4_0": 18 / 32,
-    "iq4_nl": 18 / 32,
-}
 _COMPUTE_SLACK = 16 << 20  # graph metadata, small tensors, allocator alignment
 
 
@@ -151,11 +139,9 @@ def _kv_heads_per_layer(info: GGUFInfo, n_layer: int, n_head: int) -> list[int]:
 
 def _kv_element_bytes(spec: LoadSpec) -> float:
     kind = (spec.kv_cache_type or "f16").lower()
-    if kind not in _KV_BYTES:
-        return 2.0
     if spec.flash_attention is False and kind not in ("f16", "f32", "bf16"):
         return 2.0  # llama.cpp needs flash attention for a quantized cache; Ollama falls back
-    return _KV_BYTES[kind]
+    return kv_bytes_per_element(kind)
 
 
 def _context_tokens(spec: LoadSpec) -> int:

@@ -1,9 +1,12 @@
-"""Runtime and load-time model options: names, types, defaults, validation.
+"""Model options: every option's name, type, default, range and whether it reloads the model.
 
 This is Ollama's ``api.Options`` (``api/types.go``): the table of option names with their
 types and defaults (``DefaultOptions``), the typed conversion of Modelfile ``PARAMETER``
 strings (``FormatParams``) and the validation of a request's ``options`` object
-(``Options.FromMap``).
+(``Options.FromMap``). It is domain, not wire: the protocol front-ends, the Modelfile parser,
+the store and the runner's types (``SamplingOptions`` and ``LoadSpec`` in ``runner/base.py``
+take their defaults from :data:`DEFAULT_OPTIONS`) all read it, so it imports nothing but the
+standard library and :mod:`pollama.errors` (the worker process imports it too).
 
 Precedence, as in Ollama: ``DEFAULT_OPTIONS``, then the model's params layer (written from the
 Modelfile), then the request's ``options``; :func:`merge_options` applies it.
@@ -16,11 +19,14 @@ server from a negative size that came straight from a request).
 
 What must stay true:
 
-* :data:`OPTIONS` is the only list of valid names; the Modelfile parser, the request
-  validation and the error messages all read it.
+* :data:`OPTIONS` is the only list of valid names and the only place a default is written;
+  the Modelfile parser, the request validation, the error messages and the runner's types
+  all read it.
+* An option marked ``reload`` is a field of ``LoadSpec`` (so a change of it loads the model
+  again: the scheduler reloads when the specs differ); every other option pollama uses is a
+  field of ``SamplingOptions`` (``tests/test_options.py`` checks both).
 * A value returned by :func:`format_params` or :func:`coerce_options` has the declared Python
   type (``int`` never ``bool``, ``float``, ``bool``, ``list[str]``) and lies within bounds.
-* :class:`LoadOptions` holds exactly the options whose change forces a model reload.
 """
 
 from __future__ import annotations
@@ -36,20 +42,20 @@ from typing import Any, Literal
 from pollama.errors import InvalidOption
 
 __all__ = [
+    "DEFAULT_NUM_CTX",
     "DEFAULT_OPTIONS",
     "DEPRECATED_PARAMETERS",
     "DEPRECATED_REQUEST_OPTIONS",
-    "LOAD_OPTION_NAMES",
     "MAX_CONTEXT",
     "MAX_STOPS",
     "MAX_STOP_CHARS",
     "OPTIONS",
-    "LoadOptions",
     "OptionKind",
     "OptionSpec",
     "coerce_options",
     "default_options",
     "format_params",
+    "go_parse_bool",
     "merge_options",
     "validate_parameters",
 ]
@@ -65,44 +71,56 @@ MAX_CONTEXT = 2**24
 (10M tokens), far below what would overflow llama.cpp's 32-bit sizes once multiplied by the
 number of parallel sequences."""
 
+DEFAULT_NUM_CTX = 4096
+"""The context (per sequence) a model loads with when ``num_ctx`` is 0 (its default) and
+``OLLAMA_CONTEXT_LENGTH`` is unset; it is then capped by the model's trained context. Ollama
+picks 4k, 32k or 256k by the GPU's VRAM; pollama runs on the CPU and always starts from this."""
+
 
 @dataclass(frozen=True, slots=True)
 class OptionSpec:
     """One option: its JSON name, value type, Ollama's default and accepted range.
 
-    ``nullable`` options (``main_gpu``, ``use_mmap``) default to ``None``, meaning "decided at
-    load time". ``load`` options are fixed when the model is loaded (see :class:`LoadOptions`).
+    A ``None`` default (``main_gpu``, ``use_mmap``) means "not set": llama.cpp's own choice.
+    ``reload`` marks the options fixed when the model is loaded: changing one loads the model
+    again.
     """
 
     name: str
     kind: OptionKind
     default: Any
-    load: bool = False
-    nullable: bool = False
+    reload: bool = False
     minimum: int | None = None
     maximum: int | None = None
 
 
 def _int(
-    name: str, default: int | None, *, load: bool = False, lo: int = INT32_MIN, hi: int = INT32_MAX
+    name: str,
+    default: int | None,
+    *,
+    reload: bool = False,
+    lo: int = INT32_MIN,
+    hi: int = INT32_MAX,
 ) -> OptionSpec:
-    return OptionSpec(name, "int", default, load, default is None, lo, hi)
+    return OptionSpec(name, "int", default, reload, lo, hi)
 
 
 OPTIONS: Mapping[str, OptionSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            # load-time (api.Runner)
-            # num_ctx 0 means "the server default" (OLLAMA_CONTEXT_LENGTH or the VRAM tier).
-            _int("num_ctx", 0, load=True, lo=0, hi=MAX_CONTEXT),
-            _int("num_batch", 512, load=True, lo=1, hi=MAX_CONTEXT),
-            _int("num_gpu", -1, load=True, lo=-1),  # -1: decided from free memory
-            _int("main_gpu", None, load=True, lo=0),
-            OptionSpec("use_mmap", "bool", None, load=True, nullable=True),
-            _int("num_thread", 0, load=True, lo=0, hi=4096),  # 0: the runtime decides
-            _int("draft_num_predict", 4, load=True, lo=0, hi=1024),
-            # runtime (api.Options)
+            # load-time (api.Runner); the reload ones are LoadSpec's fields
+            # num_ctx 0 means "the server default": OLLAMA_CONTEXT_LENGTH, else DEFAULT_NUM_CTX
+            _int("num_ctx", 0, reload=True, lo=0, hi=MAX_CONTEXT),
+            _int("num_batch", 512, reload=True, lo=1, hi=MAX_CONTEXT),
+            # num_gpu, main_gpu and draft_num_predict are accepted (Ollama's clients and
+            # Modelfiles send them) and unused: pollama runs on the CPU, with no draft model
+            _int("num_gpu", -1, lo=-1),
+            _int("main_gpu", None, lo=0),
+            OptionSpec("use_mmap", "bool", None, reload=True),
+            _int("num_thread", 0, reload=True, lo=0, hi=4096),  # 0: the CPUs the worker may use
+            _int("draft_num_predict", 4, lo=0, hi=1024),
+            # runtime (api.Options): SamplingOptions' fields
             _int("num_keep", 4, lo=-1),
             _int("seed", -1, lo=INT64_MIN, hi=INT64_MAX),  # -1: random
             # any value is accepted; the runner bounds it to 10 x num_ctx, as Ollama does
@@ -121,8 +139,6 @@ OPTIONS: Mapping[str, OptionSpec] = MappingProxyType(
     }
 )
 """Every valid option, in Ollama's documentation order."""
-
-LOAD_OPTION_NAMES: frozenset[str] = frozenset(n for n, s in OPTIONS.items() if s.load)
 
 DEPRECATED_PARAMETERS: frozenset[str] = frozenset(
     {
@@ -173,10 +189,20 @@ _GO_DEC_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+
 _GO_HEX_FLOAT = re.compile(
     r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+"
 )
-_GO_BOOLS = {
-    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
-    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
-}
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def go_parse_bool(text: str) -> bool | None:
+    """Go ``strconv.ParseBool``; ``None`` when the text is not one of its spellings.
+
+    The one parser of Go booleans: Modelfile ``PARAMETER`` values here, ``OLLAMA_*``
+    variables in ``config.py`` (which then counts any other non-empty value as true)."""
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    return None
 
 
 def _float32_shortest(value: float) -> float:
@@ -252,7 +278,7 @@ def format_params(params: Mapping[str, list[str]]) -> dict[str, Any]:
             if value is None:
                 raise InvalidOption(f"invalid float value {_vals(values)}")
         else:
-            value = _GO_BOOLS.get(text)
+            value = go_parse_bool(text)
             if value is None:
                 raise InvalidOption(f"invalid bool value {_vals(values)}")
         _check_range(spec, value, noun="parameter")
@@ -393,30 +419,3 @@ def merge_options(*layers: Mapping[str, Any]) -> dict[str, Any]:
                 merged[key] = list(value) if isinstance(value, list) else value
     return merged
 
-
-@dataclass(frozen=True, slots=True)
-class LoadOptions:
-    """The options fixed when a model is loaded; a loaded model needs a reload when
-    ``loaded.load_options != requested`` (Ollama's ``needsReload`` compares ``api.Runner``).
-
-    ``num_ctx == 0`` means the server's default context; ``main_gpu``/``use_mmap`` ``None``
-    mean "decided at load time".
-    """
-
-    num_ctx: int = DEFAULT_OPTIONS["num_ctx"]
-    num_batch: int = DEFAULT_OPTIONS["num_batch"]
-    num_gpu: int = DEFAULT_OPTIONS["num_gpu"]
-    main_gpu: int | None = DEFAULT_OPTIONS["main_gpu"]
-    use_mmap: bool | None = DEFAULT_OPTIONS["use_mmap"]
-    num_thread: int = DEFAULT_OPTIONS["num_thread"]
-    draft_num_predict: int = DEFAULT_OPTIONS["draft_num_predict"]
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> LoadOptions:
-        """The load-time subset of typed ``options``; missing or ``None`` keys take defaults
-        (``main_gpu``/``use_mmap`` stay ``None``)."""
-        values = {
-            name: options[name] if options.get(name) is not None else DEFAULT_OPTIONS[name]
-            for name in LOAD_OPTION_NAMES
-        }
-        return cls(**values)
