@@ -1,7 +1,7 @@
 """Image input on every route: decompression bombs, damaged files, byte and count caps, URLs.
 
 CVE-2026-46603 (Ollama's image decoding) and vLLM's CVE-2026-25960 (SSRF through media URLs)
-in ``shared/spec/security.md``: a bomb or a bad image is a 400 that says what to fix, on
+in docs/security.md#images: a bomb or a bad image is a 400 that says what to fix, on
 ``/api/generate``, ``/api/chat``, ``/v1/chat/completions`` and ``/v1/messages`` alike; the
 server never decodes past its limits, never fetches an image URL, and keeps serving.
 
@@ -29,12 +29,13 @@ from fastapi.testclient import TestClient
 from PIL import features
 
 from conftest import MODEL, RunningServer
+from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
 from imagegen import b64, encoded, gif, jpeg_claiming, png_bomb, png_claiming, webp_vp8l_claiming
 from pollama.config import load_settings
+from pollama.errors import CapabilityMissing
 from pollama.inference.images import URL_REFUSED, ValidatedImage
 from pollama.inference.types import InferenceRequest
-from pollama.runner.fake import FakeRunnerFactory
 from pollama.server.app import create_app
 
 BASE = "http://127.0.0.1:11434"
@@ -243,13 +244,17 @@ def test_non_base64_is_a_400_naming_the_image(app: App, route: str) -> None:
     assert message.startswith("image 2 is not valid base64 (only base64 data is allowed)")
 
 
-def test_a_valid_image_reaches_a_vision_model_decoded(app: App) -> None:
+def test_a_valid_image_is_decoded_then_refused_rather_than_dropped(app: App) -> None:
+    """The runner has no image path yet: a valid image to a vision model is checked and
+    decoded (a bad one gets its own 400), then the request is refused, never answered
+    without it."""
     data = encoded("PNG", (7, 5))
     service = app.client.app.state.inference  # type: ignore[attr-defined]
-    prepared = asyncio.run(service.prepare(InferenceRequest(
-        model="seer", kind="chat", messages=[{"role": "user", "content": "hi",
-                                              "images": [b64(data)]}])))
-    assert prepared.images == (ValidatedImage(1, "PNG", 7, 5, data),)
+    request = InferenceRequest(model="seer", kind="chat", messages=[
+        {"role": "user", "content": "hi", "images": [b64(data)]}])  # fmt: skip
+    assert asyncio.run(service._validate_images(request)) == [ValidatedImage(1, "PNG", 7, 5, data)]
+    with pytest.raises(CapabilityMissing, match="cannot run image input yet"):
+        asyncio.run(service.prepare(request))
 
 
 def test_images_decode_off_the_event_loop_in_threads_that_end_with_the_app(

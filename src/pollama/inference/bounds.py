@@ -38,10 +38,6 @@ class TokenFloor:
             return 0
         return len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes
 
-    def exceeds(self, text: str, limit: int) -> bool:
-        """Whether ``text`` is surely more than ``limit`` tokens, without tokenizing it."""
-        return self.of(text) > limit
-
     def cut(self, text: str, limit: int) -> str:
         """``text`` shortened so that it still holds its first ``limit`` tokens and more:
         twice the bytes that ``limit`` of the longest tokens take, so the tokens that

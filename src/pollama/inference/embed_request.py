@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pollama.errors import InvalidRequest
 
-__all__ = ["EmbedRequest", "embedding_inputs"]
+__all__ = ["EmbeddingJob", "embedding_inputs"]
 
 
 def embedding_inputs(value: Any) -> list[str]:
@@ -29,7 +29,7 @@ def embedding_inputs(value: Any) -> list[str]:
 
 
 @dataclass
-class EmbedRequest:
+class EmbeddingJob:
     """One embedding request, whatever protocol it came by. An empty ``inputs`` only loads
     the model (or unloads it, with ``keep_alive`` 0)."""
 

@@ -13,7 +13,8 @@ What must stay true:
   ``LoadSpec`` (``InferenceService.placement``), so they share one runner instead of
   reloading it in turns;
 * embedding models (a GGUF pooling type: the ``embedding`` capability) load with
-  ``LoadSpec.embedding`` and ``num_parallel`` 1, as Ollama loads them (spec §8.1);
+  ``LoadSpec.embedding`` and ``num_parallel`` 1, as Ollama loads them
+  (docs/ollama-behaviour.md#embeddings);
 * any model may be asked, as in Ollama (no capability check): a generation model answers
   with last-token pooling (``runner/llama.py`` ``EmbeddingContext``).
 """
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 from pollama.errors import ContextOverflow, InvalidRequest, ModelNotFound
 from pollama.gguf import GGUFInfo
 from pollama.inference.bounds import TokenFloor
-from pollama.inference.embed_request import EmbedRequest, embedding_inputs
+from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
 from pollama.names import ModelName
 from pollama.runner.base import LoadSpec, RunnerInfo
 from pollama.scheduler import ModelRef, parse_keep_alive
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from pollama.inference.vectors import Vector
 
 __all__ = [
-    "EmbedRequest",
+    "EmbeddingJob",
     "EmbedResponse",
     "EmbeddingService",
     "PreparedEmbed",
@@ -81,7 +82,7 @@ class EmbedResponse:
 class PreparedEmbed:
     """A request that passed every check that needs no loaded model."""
 
-    request: EmbedRequest
+    request: EmbeddingJob
     model: LocalModel
     spec: LoadSpec
     ref: ModelRef
@@ -134,19 +135,26 @@ class EmbeddingService:
         self.scheduler = inference.scheduler
         self.telemetry = inference.telemetry
 
-    def prepare(self, req: EmbedRequest) -> PreparedEmbed:
+    def prepare(self, req: EmbeddingJob) -> PreparedEmbed:
         if req.dimensions is not None and req.dimensions < 0:
             raise InvalidRequest(f"dimensions must be a positive integer, not {req.dimensions}")
         model = self._resolve(req)
         info = model_gguf(model)
         if info is None:
             raise InvalidRequest(f"model '{req.model}' has no weights to run")
-        _, spec, ref = self.inference.placement(model, info, req.options)
-        normalize = req.endpoint == "embed" or not legacy_raw(info)
-        return PreparedEmbed(req, model, spec, ref, parse_keep_alive(req.keep_alive), normalize)
+        placement = self.inference.placement(model, info, req.options)
+        return PreparedEmbed(
+            request=req,
+            model=model,
+            spec=placement.spec,
+            ref=placement.ref,
+            keep_alive=parse_keep_alive(req.keep_alive),
+            normalize=req.endpoint == "embed" or not legacy_raw(info),
+        )
 
-    def _resolve(self, req: EmbedRequest) -> LocalModel:
-        """The model, with Ollama's wording for each endpoint (spec §2.11)."""
+    def _resolve(self, req: EmbeddingJob) -> LocalModel:
+        """The model, with Ollama's wording for each endpoint
+        (docs/ollama-behaviour.md#error-messages)."""
         if req.endpoint == "embeddings":
             if not req.model:
                 raise InvalidRequest("model is required")

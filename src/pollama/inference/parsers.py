@@ -87,10 +87,6 @@ class ThinkingParser:
         """True once the thinking (if any) is over and everything else is content."""
         return self._state in (_DONE_EATING, _DONE)
 
-    @property
-    def thinking_seen(self) -> bool:
-        return self._state != _LOOKING
-
     def add(self, text: str) -> tuple[str, str]:
         """Feed output; returns ``(thinking, content)`` that is now unambiguous."""
         self._acc += text

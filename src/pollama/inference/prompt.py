@@ -3,11 +3,12 @@
 Protocol-neutral: the routes translate their wire request into plain message dicts (Ollama's
 ``api.Message`` shape) and call :func:`build_chat_prompt` or :func:`build_generate_prompt`.
 
-Which template renders (spec §9.1, :func:`prompt_template_for`): a request ``template``
-override; else the model's Go ``TEMPLATE`` layer unless ``OLLAMA_GO_TEMPLATE`` is false or,
-with that variable unset, the GGUF Jinja template grants more (``prefer_jinja_template``);
-else the GGUF ``tokenizer.chat_template`` rendered in the sandbox (what Ollama's llama-server
-``--jinja`` path does); else ``{{ .Prompt }}``.
+Which template renders (docs/ollama-behaviour.md#which-template-renders,
+:func:`prompt_template_for`): a request ``template`` override; else the model's Go ``TEMPLATE``
+layer unless ``OLLAMA_GO_TEMPLATE`` is false or, with that variable unset, the GGUF Jinja
+template grants more (``prefer_jinja_template``); else the GGUF ``tokenizer.chat_template``
+rendered in the sandbox (what Ollama's llama-server ``--jinja`` path does); else ``{{ .Prompt
+}}``.
 
 Truncation keeps Ollama's rule (``server/prompt.go``): drop the oldest messages one at a
 time, always keeping every system message and the last message, until the rendered prompt
@@ -151,7 +152,8 @@ class PromptTemplate:
         return self.go.text if self.go is not None else DEFAULT_TEMPLATE
 
     def capabilities(self) -> set[str]:
-        """``tools``/``insert``/``thinking`` as this template grants them (spec §10.4)."""
+        """``tools``/``insert``/``thinking`` as this template grants them
+        (docs/ollama-behaviour.md#capabilities)."""
         if self.jinja is not None:
             return jinja_capabilities(self.jinja.text)
         return template_capabilities(self._go())
@@ -186,7 +188,8 @@ def prompt_template_for(
     go_template_explicit: bool = False,
     override: str | None = None,
 ) -> PromptTemplate:
-    """The template a request for ``model`` renders with (spec §9.1, priorities 3–4).
+    """The template a request for ``model`` renders with
+    (docs/ollama-behaviour.md#which-template-renders).
 
     ``go_template_enabled`` is ``OLLAMA_GO_TEMPLATE`` (default true); ``go_template_explicit``
     says the variable is set at all, which turns off the "prefer the richer Jinja template"
@@ -467,14 +470,14 @@ async def build_generate_prompt(
     model_name: str = "",
     image_tokens: int = 0,
 ) -> PromptResult:
-    """The prompt for ``/api/generate`` (and ``/v1/completions``), spec §2.3.
+    """The prompt for ``/api/generate`` (and ``/v1/completions``),
+    docs/ollama-behaviour.md#generate-prompts.
 
     * ``raw``: ``prompt`` verbatim; combined with ``template_override``, ``system`` or a
       context it is ``InvalidRequest("raw mode does not support template, system, or
       context")``.
-    * ``suffix``: the template (the override if given) runs with ``.Prompt`` and ``.Suffix``
-      only; ``template`` must reference ``.Suffix``, else ``CapabilityMissing("<model_name>
-      does not support insert")``.
+    * ``suffix``: fill-in-the-middle (:func:`_fill_in_middle`; ``template`` must reference
+      ``.Suffix``, else ``CapabilityMissing("<model_name> does not support insert")``).
     * otherwise ``[system or system_default] + model_messages (only without a context) +
       user prompt`` is rendered directly by the override, or like a chat (with truncation of
       the Modelfile MESSAGEs) by ``template``.
@@ -489,41 +492,57 @@ async def build_generate_prompt(
             raw, template=template_override, system=system, context=context_text is not None
         )
         return await _single(prompt, images, num_ctx, count_tokens, image_tokens)
-
     prefix = context_text or ""
     direct = None
     if template_override:  # parsed off the loop too: it is the request's, of any length
         direct = await _off_loop(PromptTemplate.from_go, template_override)
     if suffix:
-        if "insert" not in template.capabilities():
-            raise CapabilityMissing(f"{model_name} does not support insert")
-        fill = (direct or template).render_fill_in_middle
-        text = await _off_loop(fill, prompt, suffix, think=think)
+        text = await _fill_in_middle(template, direct, prompt, suffix, think, model_name)
         return await _single(prefix + text, images, num_ctx, count_tokens, image_tokens)
-
-    msgs: list[dict[str, Any]] = []
-    if system or system_default:
-        msgs.append({"role": "system", "content": system or system_default})
-    if context_text is None:
-        msgs.extend(dict(m) for m in model_messages)
-    user: dict[str, Any] = {"role": "user", "content": prompt}
-    if images:
-        user["images"] = images
-    msgs.append(user)
-
+    # A context already holds the Modelfile MESSAGEs of the response it continues.
+    earlier = model_messages if context_text is None else ()
+    msgs = _generate_messages(prompt, system or system_default, earlier, images)
     if direct is not None:
         tagged, sent = tag_images(msgs)
         text = await _off_loop(direct.render, tagged, think=think)
         return await _single(prefix + text, sent, num_ctx, count_tokens, image_tokens)
     return await _fit(
-        template,
-        msgs,
-        tools=[],
-        think=think,
-        num_ctx=num_ctx,
-        count_tokens=count_tokens,
-        truncate=truncate,
-        prefix=prefix,
-        image_tokens=image_tokens,
-        advice=_PROMPT_ADVICE,
-    )
+        template, msgs, tools=[], think=think, num_ctx=num_ctx, count_tokens=count_tokens,
+        truncate=truncate, prefix=prefix, image_tokens=image_tokens, advice=_PROMPT_ADVICE,
+    )  # fmt: skip
+
+
+async def _fill_in_middle(
+    template: PromptTemplate,
+    direct: PromptTemplate | None,
+    prompt: str,
+    suffix: str,
+    think: bool | str | None,
+    model_name: str,
+) -> str:
+    """A ``suffix`` request's text: the override if given, else the model's template, run
+    with ``.Prompt`` and ``.Suffix`` only. Whether the model can insert at all is the model
+    template's to say (it references ``.Suffix``), whatever the override."""
+    if "insert" not in template.capabilities():
+        raise CapabilityMissing(f"{model_name} does not support insert")
+    fill = (direct or template).render_fill_in_middle
+    return await _off_loop(fill, prompt, suffix, think=think)
+
+
+def _generate_messages(
+    prompt: str,
+    system: str | None,
+    model_messages: Sequence[Mapping[str, Any]],
+    images: list[Any],
+) -> list[dict[str, Any]]:
+    """A generate request as a conversation: the system message, the Modelfile MESSAGEs,
+    then the prompt as the user's message with its images."""
+    msgs: list[dict[str, Any]] = []
+    if system:
+        msgs.append({"role": "system", "content": system})
+    msgs.extend(dict(m) for m in model_messages)
+    user: dict[str, Any] = {"role": "user", "content": prompt}
+    if images:
+        user["images"] = images
+    msgs.append(user)
+    return msgs

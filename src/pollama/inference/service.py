@@ -1,9 +1,10 @@
 """The inference service: resolve the model, schedule a runner, build the prompt, stream.
 
-Every protocol front-end calls this one path (DESIGN principle 1). It is written in two
-steps so that a front-end can answer a bad request with a real status code before it starts
-streaming: :meth:`InferenceService.prepare` does every check that needs no model loaded,
-then :meth:`stream` (or :meth:`load` / :meth:`unload` for an empty prompt) does the work.
+Every protocol front-end calls this one path (docs/architecture.md#one-inference-path). It is
+written in two steps so that a front-end can answer a bad request with a real status code before
+it starts streaming: :meth:`InferenceService.prepare` does every check that needs no model
+loaded, then :meth:`stream` (or :meth:`load` / :meth:`unload` for an empty prompt) does the
+work.
 
 Output is split here, once for every protocol (``inference.parsers``): thinking between the
 template's thinking tags, tool calls after its tool-call tag, content for the rest. The rules
@@ -12,12 +13,12 @@ follow Ollama's ``ChatHandler``:
 * a model whose template can think thinks unless ``think`` is false (``think`` absent means
   true); ``think`` on a model that cannot is refused (dropped for Anthropic's endpoint);
 * ``format`` (None, ``"json"``, a schema) is checked before loading and handed to the worker,
-  which constrains sampling. For a thinking model it applies in two phases (spec §2.8): the
-  reasoning is generated freely, and once the answer starts generation restarts constrained
-  with the reasoning as a prefill. Unlike Ollama, the prefill is the raw text the model wrote
-  through its closing tag (an exact continuation, whatever the template), the restart also
-  happens when the model skips thinking (so the constraint always holds), the first phase's
-  tokens count in ``eval_count`` and in ``num_predict``;
+  which constrains sampling. For a thinking model it applies in two phases
+  (docs/ollama-behaviour.md#structured-output): the reasoning is generated freely, and once the
+  answer starts generation restarts constrained with the reasoning as a prefill. Unlike Ollama, the
+  prefill is the raw text the model wrote through its closing tag (an exact continuation, whatever
+  the template), the restart also happens when the model skips thinking (so the constraint always
+  holds), the first phase's tokens count in ``eval_count`` and in ``num_predict``;
 * a forced tool call (``tool_choice`` required or a named function) prefills the template's
   tool-call tag and constrains the call's JSON to the tools' schemas.
 
@@ -60,13 +61,13 @@ from pollama.inference.images import (
 )
 from pollama.inference.parsers import (
     OutputParser,
-    Parsed,
     ThinkingParser,
     ToolCallParser,
     thinking_tags_for,
     tool_call_tag_for,
     tool_names,
 )
+from pollama.inference.phases import GenerationRun, OutputPlan, generate
 from pollama.inference.prompt import (
     PromptResult,
     PromptTemplate,
@@ -80,19 +81,17 @@ from pollama.inference.structured import normalize_format, tool_call_schema
 from pollama.inference.types import (
     InferenceEvent,
     InferenceRequest,
-    Metrics,
     ToolCall,
     Truncation,
 )
 from pollama.names import ModelName
-from pollama.protocol.options import coerce_options, merge_options
-from pollama.runner.base import (
-    CompletionRequest,
-    LoadSpec,
-    Logprob,
-    SamplingOptions,
-    usable_cpus,
+from pollama.options import (
+    DEFAULT_NUM_CTX,
+    DEFAULT_OPTIONS,
+    coerce_options,
+    merge_options,
 )
+from pollama.runner.base import LoadSpec, Logprob, usable_cpus
 from pollama.scheduler import Lease, ModelRef, Scheduler, estimate_memory, parse_keep_alive
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
@@ -100,8 +99,14 @@ from pollama.telemetry import NULL_TELEMETRY, Telemetry, observe_events
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NUM_CTX = 4096
 THINK_LEVELS = ("high", "medium", "low", "max")
+# A vision model (a projector layer, as registries ship them, or vision blocks in its own
+# GGUF) has the vision capability, but the runner has no image path yet: the template would
+# get ``[img-N]`` markers and the model nothing of the images (README, "Images").
+_IMAGES_REFUSED = (
+    '"{model}" can see images, but pollama cannot run image input yet (the projector '
+    "is not loaded): images are refused rather than dropped; send the request without images"
+)
 
 
 def thinks(think: bool | str | None) -> bool:
@@ -125,6 +130,16 @@ def check_think(think: Any) -> bool | str | None:
     )
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a request runs: its options merged over the model's parameters, the spec the
+    model loads with, and the scheduler's reference to the model loaded that way."""
+
+    options: dict[str, Any]
+    spec: LoadSpec
+    ref: ModelRef
+
+
 @dataclass
 class Prepared:
     """A request that passed every check that needs no loaded model."""
@@ -143,7 +158,8 @@ class Prepared:
 
     @property
     def is_empty(self) -> bool:
-        """An empty prompt or message list only loads (or unloads) the model (spec §2.7)."""
+        """An empty prompt or message list only loads (or unloads) the model
+        (docs/ollama-behaviour.md#load-and-unload-requests)."""
         if self.request.kind == "chat":
             return not self.request.messages
         return not self.request.prompt and not self.request.suffix
@@ -176,15 +192,15 @@ class InferenceService:
         images = await self._validate_images(req)
         think, tools = self._check_capabilities(req, model, images)
         fmt = normalize_format(req.format)
-        options, spec, ref = self.placement(model, info, req.options)
+        placement = self.placement(model, info, req.options)
         return Prepared(
-            req,
-            model,
-            info,
-            options,
-            spec,
-            ref,
-            parse_keep_alive(req.keep_alive),
+            request=req,
+            model=model,
+            info=info,
+            options=placement.options,
+            spec=placement.spec,
+            ref=placement.ref,
+            keep_alive=parse_keep_alive(req.keep_alive),
             think=think,
             format=fmt,
             tools=tools,
@@ -237,6 +253,8 @@ class InferenceService:
             raise CapabilityMissing(
                 f'"{req.model}" does not support images: it has no vision capability'
             )
+        if images:  # checked and decoded above, so a bad image still gets its own 400
+            raise CapabilityMissing(_IMAGES_REFUSED.format(model=req.model))
         think = req.think
         if "thinking" in caps:
             if think is None:
@@ -265,11 +283,10 @@ class InferenceService:
 
     def placement(
         self, model: LocalModel, info: GGUFInfo, request_options: dict[str, Any] | None
-    ) -> tuple[dict[str, Any], LoadSpec, ModelRef]:
-        """A request's options merged over the model's parameters, the spec the model loads
-        with, and the scheduler's reference to it. ``inference.embeddings`` uses it too, so
-        that embedding and generation requests for one model share its runner (an embedding
-        model, with a pooling type, loads alone: one sequence)."""
+    ) -> Placement:
+        """Where a request for ``model`` runs (:class:`Placement`). ``inference.embeddings``
+        uses it too, so that embedding and generation requests for one model share its runner
+        (an embedding model, with a pooling type, loads alone: one sequence)."""
         coerced, warnings = coerce_options(request_options or {})
         for warning in warnings:
             log.warning("%s", warning)
@@ -282,17 +299,18 @@ class InferenceService:
             name=model.name.display_shortest(),
             digest=model.digest,
             size=model.size,
-            details=details(model).model_dump(),
+            details=dataclasses.asdict(details(model)),
             estimate_bytes=estimate_memory(info, spec),
         )
-        return options, spec, ref
+        return Placement(options=options, spec=spec, ref=ref)
 
     def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
         """The spec a model loads with. Load options that would only make llama.cpp allocate
         or spawn without use are clamped here, once for every route (README, "Limits"):
         ``num_batch`` to the context (a batch bigger than a sequence can never fill) and
         ``num_thread`` to the CPUs present. ``repeat_last_n`` is clamped where the sampler
-        is built (``runner/engine.py``)."""
+        is built (``runner/engine.py``). A params layer is stored as pulled, unchecked, so a
+        0 there may reach ``num_batch``: it means the table's default, as it always has."""
         num_ctx = (
             int(options.get("num_ctx") or 0) or self.settings.context_length or DEFAULT_NUM_CTX
         )
@@ -305,7 +323,7 @@ class InferenceService:
             model_path=str(model_path),
             num_ctx=num_ctx,
             num_parallel=max(self.settings.num_parallel, 1),
-            num_batch=min(int(options.get("num_batch") or 512), num_ctx),
+            num_batch=min(int(options.get("num_batch") or DEFAULT_OPTIONS["num_batch"]), num_ctx),
             num_thread=min(int(options.get("num_thread") or 0), usable_cpus()),
             flash_attention=self.settings.flash_attention,
             kv_cache_type=self.settings.kv_cache_type or "f16",
@@ -384,7 +402,7 @@ class InferenceService:
             _template, result = await self._build_prompt(p, lease)
             return result.prompt_tokens or len(await lease.runner.tokenize(result.prompt))
 
-    def _output_plan(self, p: Prepared, template: PromptTemplate, prompt: str) -> _Plan:
+    def _output_plan(self, p: Prepared, template: PromptTemplate, prompt: str) -> OutputPlan:
         """How this response's output is parsed and constrained (see the module docstring)."""
         req = p.request
         forced = bool(p.tools) and req.tool_choice == "required"
@@ -407,7 +425,7 @@ class InferenceService:
                 prefill = tag + ("\n" if tag.startswith("<") else "")
                 tools.prime()
         two_phase = fmt is not None and thinking is not None
-        return _Plan(OutputParser(thinking, tools), fmt, two_phase, prefill)
+        return OutputPlan(OutputParser(thinking, tools), fmt, two_phase, prefill)
 
     def stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
         """The request's events, reported to telemetry (one measurement for every protocol)."""
@@ -416,129 +434,49 @@ class InferenceService:
         return observe_events(self.telemetry, p.ref.name, self._stream(p), prompt=prompt)
 
     async def _stream(self, p: Prepared) -> AsyncIterator[InferenceEvent]:
+        """Hold the model's runner, build the prompt and generate (``inference/phases.py``)."""
         started = time.monotonic_ns()
-        req = p.request
         async with self.scheduler.use(p.ref, p.spec, p.keep_alive) as lease:
             # Ollama's load_duration: the time to get a ready runner (> 0 even when loaded).
             load_duration = time.monotonic_ns() - started
-            runner = lease.runner
-
             template, result = await self._build_prompt(p, lease)
-            options = dict(p.options)
-            if not options.get("stop"):
-                options["stop"] = default_stop_words(p.model.params(), template)
-            truncation = (
-                Truncation(result.messages_dropped, result.prompt_tokens, lease.info.n_ctx)
-                if result.truncated
-                else None
-            )
-            if truncation:
-                log.warning(
-                    "chat truncated to fit num_ctx=%d: dropped %d oldest message(s)",
-                    lease.info.n_ctx,
-                    result.messages_dropped,
-                )
             plan = self._output_plan(p, template, result.prompt)
-            parser = plan.parser
-            prompt = result.prompt + plan.prefill
-            num_predict = int(options.get("num_predict") or -1)
-            constrained = not plan.two_phase
-            first_tokens = 0  # tokens of an unconstrained first phase
-            earlier = 0  # of those, what the final count must add (once it restarted)
-            raw: list[str] = []
-            prompt_tokens = result.prompt_tokens
-            while True:
-                sampling = dict(options)
-                if num_predict > 0:
-                    sampling["num_predict"] = num_predict - first_tokens
-                completion = CompletionRequest(
-                    prompt=prompt,
-                    options=SamplingOptions.from_options(sampling),
-                    return_tokens=req.kind == "generate" and not req.raw,
-                    format=plan.format if constrained else None,
-                    logprobs=req.logprobs,
-                    top_logprobs=req.top_logprobs if req.logprobs else 0,
-                )
-                restart = False
-                async with aclosing(runner.completion(completion)) as chunks:
-                    async for chunk in chunks:
-                        parsed = Parsed()
-                        logprobs = chunk.logprobs or []
-                        if chunk.text:
-                            parsed = parser.add(chunk.text)
-                            if not constrained:
-                                raw.append(chunk.text)
-                                first_tokens += 0 if chunk.done else 1
-                                if parsed.content and parser.thinking_done:
-                                    # The answer begins: restart it under the constraint.
-                                    parsed.content, restart, logprobs = "", True, []
-                        elif not chunk.done and not logprobs:
-                            continue
-                        if (
-                            chunk.done
-                            and not constrained
-                            and parser.thinking_done
-                            and chunk.done_reason == "stop"
-                        ):
-                            # It thought, then stopped: the answer must still come.
-                            first_tokens, restart = chunk.eval_count, True
-                        if not chunk.done or restart:
-                            if parsed or logprobs:
-                                yield _event(parsed, prompt_tokens, logprobs)
-                                prompt_tokens = 0
-                            if restart:
-                                break
-                            continue
-                        parsed.extend(parser.finish())
-                        event = _event(parsed, prompt_tokens, logprobs)
-                        event.done = True
-                        event.done_reason = chunk.done_reason
-                        event.stop_sequence = chunk.stop_sequence
-                        event.metrics = Metrics(
-                            total_duration=time.monotonic_ns() - started,
-                            load_duration=load_duration,
-                            prompt_eval_count=chunk.prompt_eval_count,
-                            prompt_eval_duration=chunk.prompt_eval_duration_ns,
-                            eval_count=chunk.eval_count + earlier,
-                            eval_duration=chunk.eval_duration_ns,
-                            prompt_cached=chunk.prompt_cached,
-                        )
-                        event.context = chunk.tokens
-                        event.truncation = truncation
-                        yield event
-                if not restart:
-                    return
-                if 0 < num_predict <= first_tokens:
-                    # The budget went on thinking; finish with what the first phase had.
-                    yield self._budget_spent(parser, started, load_duration, first_tokens)
-                    return
-                constrained, earlier = True, first_tokens
-                prompt += _through_closing(
-                    "".join(raw), parser.thinking.closing if parser.thinking else ""
-                )
-                parser.reset_tools()
-
-    @staticmethod
-    def _budget_spent(
-        parser: OutputParser, started: int, load_duration: int, tokens: int
-    ) -> InferenceEvent:
-        event = _event(parser.finish(), 0)
-        event.text = ""  # the unconstrained answer was never shown
-        event.done, event.done_reason = True, "length"
-        event.metrics = Metrics(
-            total_duration=time.monotonic_ns() - started,
-            load_duration=load_duration,
-            eval_count=tokens,
-        )
-        return event
+            req = p.request
+            generation = GenerationRun(
+                runner=lease.runner,
+                plan=plan,
+                options=_with_stop_words(p, template),
+                return_tokens=req.kind == "generate" and not req.raw,
+                logprobs=req.logprobs,
+                top_logprobs=req.top_logprobs if req.logprobs else 0,
+                started=started,
+                load_duration=load_duration,
+                truncation=_truncation(result, lease.info.n_ctx),
+                prompt_tokens=result.prompt_tokens,
+            )
+            async with aclosing(generate(generation, result.prompt + plan.prefill)) as events:
+                async for event in events:
+                    yield event
 
 
-@dataclass
-class _Plan:
-    parser: OutputParser
-    format: str | dict[str, Any] | None
-    two_phase: bool
-    prefill: str
+def _with_stop_words(p: Prepared, template: PromptTemplate) -> dict[str, Any]:
+    """The request's options, with the model's stop words when the request names none."""
+    options = dict(p.options)
+    if not options.get("stop"):
+        options["stop"] = default_stop_words(p.model.params(), template)
+    return options
+
+
+def _truncation(result: PromptResult, num_ctx: int) -> Truncation | None:
+    """What truncating the chat to fit dropped (logged), or None when nothing was."""
+    if not result.truncated:
+        return None
+    log.warning(
+        "chat truncated to fit num_ctx=%d: dropped %d oldest message(s)",
+        num_ctx,
+        result.messages_dropped,
+    )
+    return Truncation(result.messages_dropped, result.prompt_tokens, num_ctx)
 
 
 def _refuse_surely_too_long(req: InferenceRequest, floor: TokenFloor, num_ctx: int) -> None:
@@ -560,35 +498,6 @@ def _refuse_surely_too_long(req: InferenceRequest, floor: TokenFloor, num_ctx: i
             f"prompt has at least {least} tokens but the context window (num_ctx) is "
             f"{num_ctx} tokens; shorten the prompt or increase num_ctx"
         )
-
-
-def _event(
-    parsed: Parsed, prompt_tokens: int, logprobs: list[Logprob] | None = None
-) -> InferenceEvent:
-    return InferenceEvent(
-        text=parsed.content,
-        thinking=parsed.thinking,
-        tool_calls=parsed.tool_calls,
-        prompt_tokens=prompt_tokens,
-        logprobs=list(logprobs or ()),
-    )
-
-
-def _through_closing(raw: str, closing: str) -> str:
-    """The first phase's text up to and including the closing tag and the blank after it.
-
-    Empty when the model never closed a thought (it answered at once): the constrained phase
-    then starts from the original prompt.
-    """
-    if not closing:
-        return ""
-    end = raw.find(closing)
-    if end == -1:
-        return ""
-    end += len(closing)
-    while end < len(raw) and raw[end].isspace():
-        end += 1
-    return raw[:end]
 
 
 async def collect(events: AsyncIterator[InferenceEvent]) -> InferenceEvent:

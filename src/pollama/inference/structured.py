@@ -16,7 +16,7 @@ a named function) is generated under: ``{"name": <one of the tools>, "arguments"
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pollama.errors import InvalidRequest
@@ -86,11 +86,23 @@ def _resolve(root: Mapping[str, Any], ref: str) -> bool:
 
 
 def _check_schema(schema: Any, root: Mapping[str, Any], path: str) -> None:
-    """Structural checks of one (sub)schema; raises naming the JSON pointer at fault."""
+    """Structural checks of one (sub)schema; raises naming the JSON pointer at fault.
+
+    Its own keywords are checked first, then its subschemas in keyword order, so that of
+    several faults the one reported stays the same."""
     if isinstance(schema, bool):
         return
     if not isinstance(schema, Mapping):
         raise _fail(path, f"a schema must be an object or a boolean, not {json.dumps(schema)}")
+    _check_keywords(schema, path)
+    _check_ref(schema.get("$ref"), root, path)
+    for sub, sub_path in _subschemas(schema, path):
+        _check_schema(sub, root, sub_path)
+
+
+def _check_keywords(schema: Mapping[str, Any], path: str) -> None:
+    """The keywords whose values are not schemas: type, required, enum, counts, numbers,
+    pattern."""
     kind = schema.get("type")
     if kind is not None:
         kinds = kind if isinstance(kind, list) else [kind]
@@ -118,37 +130,47 @@ def _check_schema(schema: Any, root: Mapping[str, Any], path: str) -> None:
     pattern = schema.get("pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise _fail(f"{path}/pattern", "must be a string")
-    ref = schema.get("$ref")
-    if ref is not None:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise _fail(f"{path}/$ref", f"only local references (#/...) are supported, "
-                        f"not {json.dumps(ref)}")
-        if not _resolve(root, ref):
-            raise _fail(f"{path}/$ref", f"reference {json.dumps(ref)} points nowhere")
+
+
+def _check_ref(ref: Any, root: Mapping[str, Any], path: str) -> None:
+    """A ``$ref`` must be local and point at something in the root schema."""
+    if ref is None:
+        return
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        raise _fail(f"{path}/$ref", f"only local references (#/...) are supported, "
+                    f"not {json.dumps(ref)}")
+    if not _resolve(root, ref):
+        raise _fail(f"{path}/$ref", f"reference {json.dumps(ref)} points nowhere")
+
+
+def _subschemas(schema: Mapping[str, Any], path: str) -> Iterator[tuple[Any, str]]:
+    """A schema's subschemas with their JSON pointers, in keyword order. Lazy: a keyword
+    whose value is not the list or object of schemas it must be fails only once the
+    subschemas before it were checked."""
     for key in _SUBSCHEMA:
         if key in schema:
-            _check_schema(schema[key], root, f"{path}/{key}")
+            yield schema[key], f"{path}/{key}"
     for key in _SCHEMA_LISTS:
         if key in schema:
             items = schema[key]
             if not isinstance(items, list) or not items:
                 raise _fail(f"{path}/{key}", "must be a non-empty list of schemas")
             for i, sub in enumerate(items):
-                _check_schema(sub, root, f"{path}/{key}/{i}")
+                yield sub, f"{path}/{key}/{i}"
     for key in _SCHEMA_MAPS:
         if key in schema:
             subs = schema[key]
             if not isinstance(subs, Mapping):
                 raise _fail(f"{path}/{key}", "must be an object of schemas")
             for name, sub in subs.items():
-                _check_schema(sub, root, f"{path}/{key}/{_escape(str(name))}")
+                yield sub, f"{path}/{key}/{_escape(str(name))}"
     if "items" in schema:
         items = schema["items"]
         if isinstance(items, list):  # draft-04 tuple form
             for i, sub in enumerate(items):
-                _check_schema(sub, root, f"{path}/items/{i}")
+                yield sub, f"{path}/items/{i}"
         else:
-            _check_schema(items, root, f"{path}/items")
+            yield items, f"{path}/items"
 
 
 def _parameters(tool: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,11 @@ This is the only server module that imports numpy, and it is imported on the fir
 embedding request (``inference/embeddings.py``), so a server that never embeds does not
 carry numpy (about 15 MiB resident).
 
-Ollama's rules (spec §2.9, ``server/routes.go`` ``normalize``): every vector is scaled to
-norm 1 (a zero vector stays zero); ``0 < dimensions < len`` keeps the first ``dimensions``
-values and normalizes again; a NaN or infinite value is an error. Values are float32, as
-Ollama's are, and are written the way Go writes a float32 (the shortest decimal that reads
-back as the same float32) rather than as float64 noise.
+Ollama's rules (docs/ollama-behaviour.md#embeddings, ``server/routes.go`` ``normalize``): every
+vector is scaled to norm 1 (a zero vector stays zero); ``0 < dimensions < len`` keeps the first
+``dimensions`` values and normalizes again; a NaN or infinite value is an error. Values are
+float32, as Ollama's are, and are written the way Go writes a float32 (the shortest decimal that
+reads back as the same float32) rather than as float64 noise.
 """
 
 from __future__ import annotations

@@ -476,6 +476,36 @@ class Engine:
             job.penalized = history > 0
 
     def _step(self) -> None:
+        """One loop step: build the batch, one ``llama_decode``, then sample every row that
+        asked for logits."""
+        decoding, prefilling = self._add_pending_tokens()
+        chunked = self._add_prompt_chunks(prefilling, len(decoding))
+        if self.batch.n_tokens == 0:
+            return
+        tuner = self.tuner
+        if tuner is not None:
+            if chunked:
+                tuner.interrupt()
+            else:
+                tuner.threads_for_step(len(decoding))
+        start = time.perf_counter_ns()
+        rc = self.ctx.decode(self.batch)
+        now = time.perf_counter_ns()
+        if rc != 0:
+            self._decode_failed(rc, decoding + chunked)
+            return
+        if tuner is not None and not chunked:
+            tuner.record(len(decoding), (now - start) / 1e9)
+        self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
+        self._record_decoded(decoding, chunked, now)
+        for job in decoding + chunked:
+            if job.row >= 0 and job.slot is not None:
+                self._sample(job)
+
+    def _add_pending_tokens(self) -> tuple[list[_Job], list[_Job]]:
+        """Clear the batch and add every generating slot's pending token (a cancelled
+        request, or one whose slot filled its context, ends here). Returns the jobs decoding
+        a token and the jobs still evaluating their prompt."""
         batch = self.batch
         batch.clear()
         decoding: list[_Job] = []
@@ -494,7 +524,13 @@ class Engine:
                 decoding.append(job)
             else:
                 prefilling.append(job)
-        budget = min(self.n_batch - len(decoding), self._prefill_cap)
+        return decoding, prefilling
+
+    def _add_prompt_chunks(self, prefilling: list[_Job], decoding: int) -> list[_Job]:
+        """Add chunks of the prompts being evaluated, sharing what the ``decoding`` pending
+        tokens left of the batch fairly (and at most the prefill cap); returns the jobs that
+        got a chunk. Only a prompt's last chunk asks for logits."""
+        budget = min(self.n_batch - decoding, self._prefill_cap)
         shares = fair_share(budget, [len(j.prompt) - j.next for j in prefilling])
         now = time.perf_counter_ns()
         chunked: list[_Job] = []
@@ -503,28 +539,19 @@ class Engine:
                 continue
             assert job.slot is not None
             last = job.next + n == len(job.prompt)
-            row = batch.add_run(job.prompt[job.next : job.next + n], job.next, job.slot.seq, last)
+            row = self.batch.add_run(
+                job.prompt[job.next : job.next + n], job.next, job.slot.seq, last
+            )
             job.row = row if last else -1
             job.chunk = n
             job.t_prefill = job.t_prefill or now
             chunked.append(job)
-        if batch.n_tokens == 0:
-            return
-        tuner = self.tuner
-        if tuner is not None:
-            if chunked:
-                tuner.interrupt()
-            else:
-                tuner.threads_for_step(len(decoding))
-        start = time.perf_counter_ns()
-        rc = self.ctx.decode(batch)
-        now = time.perf_counter_ns()
-        if rc != 0:
-            self._decode_failed(rc, decoding + chunked)
-            return
-        if tuner is not None and not chunked:
-            tuner.record(len(decoding), (now - start) / 1e9)
-        self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
+        return chunked
+
+    def _record_decoded(self, decoding: list[_Job], chunked: list[_Job], now: int) -> None:
+        """After a decode: each slot's tokens are what its KV sequence now holds. A prompt
+        evaluated whole starts its first token's clock; with ``num_predict`` 0 it ends there
+        (``length``) and is not sampled."""
         for job in decoding:
             assert job.slot is not None
             job.slot.tokens.append(job.pending)
@@ -537,9 +564,6 @@ class Engine:
                 if job.options.num_predict == 0:
                     self._finish(job, "length")
                     job.row = -1
-        for job in decoding + chunked:
-            if job.row >= 0 and job.slot is not None:
-                self._sample(job)
 
     def _sample(self, job: _Job) -> None:
         # Measured first: a grammar may set refused logits to -inf in place while sampling.

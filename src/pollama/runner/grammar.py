@@ -30,7 +30,8 @@ What must stay true:
   left at -inf for every refused token (and if a sampler still returns a refused one, takes
   :meth:`Constraint.best_allowed`). :meth:`Constraint.accept` returning False is a bug that
   fails the request. llguidance reports errors through return values and never aborts the
-  process, unlike llama.cpp's grammar sampler (performance notes §1.6).
+  process, unlike llama.cpp's grammar sampler: with no candidate left it throws a C++
+  exception, which cannot cross ctypes, and the whole worker aborts.
 * The end-of-generation tokens are llguidance's end tokens, so the mask allows them exactly
   when the output is complete; :attr:`Constraint.done` is true once nothing but an end can
   follow, and the engine then stops without sampling again.

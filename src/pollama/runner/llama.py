@@ -7,8 +7,8 @@ wrappers are thin and typed; the scheduling logic is in ``runner/engine.py``.
 
 What must stay true:
 
-* Only the worker process imports this module (principle 3 of the design notes); importing it
-  loads the shared libraries.
+* Only the worker process imports this module (docs/architecture.md#a-worker-process-per-model);
+  importing it loads the shared libraries.
 * A :class:`Context` and its :class:`Batch`/:class:`SamplerChain` objects are used by one
   thread (the engine loop). The vocabulary functions (:meth:`Model.tokenize`,
   :meth:`Model.detokenize`, :meth:`Model.token_to_piece`, :meth:`Model.is_eog`) only read
@@ -159,7 +159,6 @@ class Model:
         self.n_head: int = lc.llama_model_n_head(ptr)
         self.n_head_kv: int = lc.llama_model_n_head_kv(ptr)
         self.size_bytes: int = lc.llama_model_size(ptr)
-        self.has_decoder: bool = lc.llama_model_has_decoder(ptr)
         self.add_bos: bool = lc.llama_vocab_get_add_bos(self.vocab)
         # Special tokens the tokenizer appends (EOS for some, SEP for BERT's WordPiece).
         self.n_tail_specials: int = int(lc.llama_vocab_get_add_eos(self.vocab)) + int(
@@ -358,15 +357,6 @@ class Context:
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
         """Drop ``seq``'s cells in [p0, p1); False if a partial removal is unsupported."""
         return bool(lc.llama_memory_seq_rm(self.memory, seq, p0, p1))
-
-    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        lc.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
-
-    def seq_keep(self, seq: int) -> None:
-        lc.llama_memory_seq_keep(self.memory, seq)
-
-    def seq_pos_max(self, seq: int) -> int:
-        return int(lc.llama_memory_seq_pos_max(self.memory, seq))
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)

@@ -51,7 +51,6 @@ class ThreadTuner:
         self.n_max = n_max
         self.n_low = max(1, n_max // 2)
         self.current = n_max
-        self.switches = 0
         self._set = set_threads
         self._clock = clock
         self._ema: dict[tuple[int, int], float] = {}
@@ -147,7 +146,6 @@ class ThreadTuner:
         assert self._probe is not None
         if switch:
             self.current = self._probe
-            self.switches += 1
         else:
             self._set(self.current)
         self._probe = None

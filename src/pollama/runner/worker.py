@@ -44,6 +44,7 @@ from pollama.runner.base import (
     EmbeddingResult,
     LoadSpec,
     RunnerInfo,
+    kv_bytes_per_element,
     usable_cpus,
 )
 from pollama.runner.protocol import (
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
     from pollama.runner.embedder import EmbeddingLoop
     from pollama.runner.engine import Engine, Event
     from pollama.runner.llama import Context, EmbeddingContext, LogSink, Model
-
-_KV_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 def _log(message: str) -> None:
@@ -177,7 +176,7 @@ class Loaded:
         self._kv_bytes = (
             2 * self.model.n_layer * self.ctx.n_ctx
             * self.model.n_head_kv * (self.model.n_embd // max(1, self.model.n_head))
-            * _KV_BYTES.get(spec.kv_cache_type.lower(), 2.0)
+            * kv_bytes_per_element(spec.kv_cache_type)
         )  # fmt: skip
 
     def _load_embedding_model(self) -> None:
@@ -353,6 +352,9 @@ def _tune_threads() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The worker process: load the model the spec names, say ``ready``, then serve
+    operations (``_read_loop``, on a thread) while this thread runs the engine's loop, or
+    the embedder's for an embedding model. 1 when the model never became ready."""
     parser = argparse.ArgumentParser(prog="pollama.runner.worker")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
     parser.add_argument("--spec", required=True, help="the LoadSpec as JSON")
@@ -364,34 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as exc:
         writer.send({"type": "fatal", "message": f"invalid load spec: {exc}"})
         return 1
-
-    _tune_threads()
-    from pollama.runner import llama
-    from pollama.runner.embedder import EmbeddingLoop
-    from pollama.runner.engine import Engine
-    from pollama.runner.tuning import ThreadTuner
-
-    log = llama.LogSink(verbose=os.environ.get("OLLAMA_DEBUG", "") not in ("", "0", "false"))
-    try:
-        loaded = Loaded(spec, log)
-    except Exception as exc:
-        detail = f" ({log.last_error})" if log.last_error and log.last_error not in str(exc) else ""
-        writer.send({"type": "fatal", "message": f"{exc}{detail}"})
+    # Held by this frame for the life of the process: llama.cpp calls back into it.
+    log = _open_log()
+    loaded = _load(spec, log, writer)
+    if loaded is None:
         return 1
-    engine = None
-    if loaded.ctx is not None:
-        tuner = None
-        if spec.num_thread <= 0:  # threads left to us: adapt them to what else runs (tuning.py)
-            ctx = loaded.ctx
-            tuner = ThreadTuner(loaded.n_threads, lambda n: ctx.set_threads(n, n))
-        engine = Engine(
-            loaded.model,
-            loaded.ctx,
-            n_ctx=loaded.n_ctx,
-            n_batch=loaded.n_batch,
-            n_parallel=spec.num_parallel,
-            tuner=tuner,
-        )
+    from pollama.runner.embedder import EmbeddingLoop
+
+    engine = _engine(loaded, spec)
+    if engine is not None:
         writer.on_close.append(engine.stop)
     # A generation model's embeddings run on a thread of their own, started by the first one.
     embedder = EmbeddingLoop(loaded.open_embedding, background=engine is not None)
@@ -415,6 +398,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     if embedder.join(timeout=2.0) and not reader.is_alive():
         loaded.close()
     return 0
+
+
+def _open_log() -> LogSink:
+    """llama.cpp's log, set up after the thread tuning its libraries read when they load.
+
+    The sink's ctypes callback must outlive every llama.cpp call: the caller keeps it for
+    the life of the process (a sink freed early makes llama.cpp's next log line a crash)."""
+    _tune_threads()
+    from pollama.runner import llama
+
+    return llama.LogSink(verbose=os.environ.get("OLLAMA_DEBUG", "") not in ("", "0", "false"))
+
+
+def _load(spec: LoadSpec, log: LogSink, writer: Writer) -> Loaded | None:
+    """The model loaded as ``spec`` says, or None once a ``fatal`` message said why not
+    (with llama.cpp's last logged error when the exception does not already carry it)."""
+    try:
+        return Loaded(spec, log)
+    except Exception as exc:
+        detail = f" ({log.last_error})" if log.last_error and log.last_error not in str(exc) else ""
+        writer.send({"type": "fatal", "message": f"{exc}{detail}"})
+        return None
+
+
+def _engine(loaded: Loaded, spec: LoadSpec) -> Engine | None:
+    """The decode loop of a generation model (None for an embedding model: no context)."""
+    from pollama.runner.engine import Engine
+    from pollama.runner.tuning import ThreadTuner
+
+    if loaded.ctx is None:
+        return None
+    tuner = None
+    if spec.num_thread <= 0:  # threads left to us: adapt them to what else runs (tuning.py)
+        ctx = loaded.ctx
+        tuner = ThreadTuner(loaded.n_threads, lambda n: ctx.set_threads(n, n))
+    return Engine(
+        loaded.model,
+        loaded.ctx,
+        n_ctx=loaded.n_ctx,
+        n_batch=loaded.n_batch,
+        n_parallel=spec.num_parallel,
+        tuner=tuner,
+    )
 
 
 if __name__ == "__main__":
