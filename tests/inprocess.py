@@ -1,6 +1,6 @@
 """An app with models, and the official clients served in-process by its TestClient.
 
-The API tests that use a scripted fake runner (``runner/fake.py``) all need the same things:
+The API tests that use a scripted fake runner (``tests/fake_runner.py``) all need the same things:
 the app, a tiny GGUF uploaded as a blob, models created from it through ``/api/create``, and
 the ``ollama``, ``openai`` and ``anthropic`` clients sending their requests through the
 TestClient instead of a socket.
@@ -19,8 +19,8 @@ import ollama
 import openai
 from fastapi.testclient import TestClient
 
+from fake_runner import FakeRunnerFactory
 from pollama.config import Settings
-from pollama.runner.fake import FakeRunnerFactory
 from pollama.server.app import create_app
 
 BASE = "http://127.0.0.1:11434"
@@ -62,3 +62,15 @@ def openai_client(api: TestClient) -> openai.OpenAI:
 
 def anthropic_client(api: TestClient) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=BASE, api_key="unused", http_client=api)
+
+
+def post_scope(path: str, body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a JSON ``POST`` to ``path`` from a loopback client, for tests that
+    drive the app's ``receive``/``send`` themselves (a client leaving mid-request)."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 11434),
+        "headers": [(b"host", b"127.0.0.1:11434"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip

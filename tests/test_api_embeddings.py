@@ -1,6 +1,6 @@
 """Embeddings in-process: the vector rules, the three endpoints, and the official clients.
 
-The server runs with :class:`pollama.runner.fake.FakeRunner`, whose raw vector of an input
+The server runs with :class:`fake_runner.FakeRunner`, whose raw vector of an input
 is ``fake_vector`` of its byte tokens (far from norm 1), so every expected vector here is
 computed independently with numpy. Two tiny GGUFs are created through ``/api/create``: a
 generation model ``gen`` and an embedding model ``embedder`` (it has a pooling type).
@@ -21,14 +21,14 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from fake_runner import BOS_TOKEN, FakeRunnerFactory, fake_vector
 from ggufgen import write_tiny_model
-from inprocess import native_client, openai_client, serving
+from inprocess import serving
 from pollama.config import Settings
 from pollama.errors import InternalError, InvalidRequest
 from pollama.gguf import read_gguf
 from pollama.inference import vectors
 from pollama.inference.embeddings import legacy_raw
-from pollama.runner.fake import BOS_TOKEN, FakeRunnerFactory, fake_vector
 
 
 def expected(text: str, dims: int | None = None, num_ctx: int | None = None) -> np.ndarray:
@@ -55,16 +55,6 @@ def api(settings: Settings, tmp_path: Path, factory: FakeRunnerFactory) -> Itera
               for name, pooling in (("gen", None), ("embedder", 1))}
     with serving(settings, factory, models) as client:
         yield client
-
-
-@pytest.fixture
-def native(api: TestClient) -> ollama.Client:
-    return native_client(api)
-
-
-@pytest.fixture
-def oai(api: TestClient) -> openai.OpenAI:
-    return openai_client(api)
 
 
 # -- vector rules (inference/vectors.py) ------------------------------------------------------

@@ -17,11 +17,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
-from inprocess import anthropic_client, native_client, openai_client, serving
+from inprocess import native_client, serving
 from pollama.config import Settings
 from pollama.runner.base import CompletionChunk, Logprob, TokenLogprob
-from pollama.runner.fake import FakeRunnerFactory
 from test_api_tools_thinking import PLAIN, Responder, lines, sse, template
 
 
@@ -65,16 +65,6 @@ def setup(settings: Settings, tmp_path: Path, fake: Responder) -> Iterator[Setup
 @pytest.fixture
 def api(setup: Setup) -> TestClient:
     return setup.client
-
-
-@pytest.fixture
-def oai(api: TestClient) -> openai.OpenAI:
-    return openai_client(api)
-
-
-@pytest.fixture
-def claude(api: TestClient) -> anthropic.Anthropic:
-    return anthropic_client(api)
 
 
 THOUGHT = ("<think>", "Two plus", " two.", "</think>", "\n\n", "It is ", "4.")

@@ -11,6 +11,8 @@ from fastapi.testclient import TestClient
 
 from conftest import tree_snapshot
 from ggufgen import write_tiny_model
+from pollama.protocol.ollama import CreateRequest
+from pollama.store.create import CreateSpec
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -139,6 +141,21 @@ def test_create_non_streaming_returns_last_status(api: TestClient, tiny: Path) -
         "/api/create", json={"model": "x", "files": {"m.gguf": digest}, "stream": False}
     )
     assert response.json() == {"status": "success"}
+
+
+def test_create_request_in_the_stores_terms() -> None:
+    """The deprecated spellings (``name``, ``quantization``), a license string, ``from`` and
+    messages reach the store as one :class:`CreateSpec`; the store sees no wire model."""
+    request = CreateRequest.model_validate({
+        "name": "n", "from": "base", "quantization": " q4_K_M ", "license": "MIT",
+        "messages": [{"role": "USER", "content": "hi"}], "parameters": {"top_k": 5},
+    })  # fmt: skip
+    assert request.to_spec() == CreateSpec(
+        name="n", base="base", quantize="q4_K_M", license=("MIT",),
+        messages=({"role": "user", "content": "hi"},), parameters={"top_k": 5},
+    )  # fmt: skip
+    both = CreateRequest.model_validate({"model": "m", "name": "n", "license": ["a", "b"]})
+    assert (both.to_spec().name, both.to_spec().license) == ("m", ("a", "b"))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Tool calls, thinking, ``format`` and ``tool_choice`` on every protocol, in-process.
 
-The server runs with :class:`pollama.runner.fake.FakeRunner` replaying scripted model output
+The server runs with :class:`fake_runner.FakeRunner` replaying scripted model output
 (one script per completion, in order), so each wire shape is checked exactly, through the
 official ``ollama``, ``openai`` and ``anthropic`` clients where users would use them. The
 models are tiny GGUFs created through ``/api/create`` with Go templates that grant
@@ -20,11 +20,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
-from inprocess import anthropic_client, native_client, openai_client, serving
+from inprocess import serving
 from pollama.config import Settings
 from pollama.runner.base import CompletionRequest
-from pollama.runner.fake import FakeRunnerFactory
 
 
 def template(thinking: bool) -> str:
@@ -95,21 +95,6 @@ def api(settings: Settings, tmp_path: Path, fake: Responder) -> Iterator[TestCli
               "plain": {"template": PLAIN}}
     with serving(settings, FakeRunnerFactory(script=fake), {gguf: models}) as client:
         yield client
-
-
-@pytest.fixture
-def native(api: TestClient) -> ollama.Client:
-    return native_client(api)
-
-
-@pytest.fixture
-def oai(api: TestClient) -> openai.OpenAI:
-    return openai_client(api)
-
-
-@pytest.fixture
-def claude(api: TestClient) -> anthropic.Anthropic:
-    return anthropic_client(api)
 
 
 def lines(response: Any) -> list[dict[str, Any]]:

@@ -21,10 +21,10 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message
 
+from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
-from inprocess import serving
+from inprocess import post_scope, serving
 from pollama.config import Settings, load_settings
-from pollama.runner.fake import FakeRunnerFactory
 from pollama.server.disconnect import while_connected
 from pollama.server.errors import ClientDisconnected
 from registry_helpers import FaultProxy, Reply, Request
@@ -52,16 +52,6 @@ def held(settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, FakeR
         yield client, factory
 
 
-def _scope(path: str, body: bytes) -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 11434),
-        "headers": [(b"host", b"127.0.0.1:11434"), (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    }  # fmt: skip
-
-
 async def _leave_after(client: TestClient, path: str, body: dict[str, Any], seconds: float
                        ) -> list[Message]:
     """Send ``body`` to ``path``, then disconnect after ``seconds``; what the app sent."""
@@ -78,7 +68,7 @@ async def _leave_after(client: TestClient, path: str, body: dict[str, Any], seco
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await asyncio.wait_for(client.app(_scope(path, data), receive, send), 5)
+    await asyncio.wait_for(client.app(post_scope(path, data), receive, send), 5)
     return sent
 
 

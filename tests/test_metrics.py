@@ -19,7 +19,7 @@ from pollama.inference.types import Metrics as EventMetrics
 from pollama.keys import KeyStore
 from pollama.server.access_log import current_record
 from pollama.server.app import create_app
-from pollama.server.metrics import MAX_MODEL_LABELS, Metrics
+from pollama.server.metrics import MAX_MODEL_LABELS, PrometheusMetrics
 from pollama.telemetry import NULL_TELEMETRY, observe_events
 
 ISSUE_METRICS = [
@@ -167,7 +167,7 @@ async def _drain(events: AsyncIterator[InferenceEvent]) -> list[InferenceEvent]:
 
 
 def test_generation_metrics() -> None:
-    m = Metrics()
+    m = PrometheusMetrics()
     events = asyncio.run(_drain(observe_events(m, "tiny:latest", _events(["a", "b", "c"]))))
     assert len(events) == 4
     text = m.exposition().decode()
@@ -197,12 +197,12 @@ def test_generation_metrics() -> None:
 def test_queue_depth_counts_requests_waiting_for_a_slot() -> None:
     """``pollama_queue_depth`` stayed 0 whatever waited: the scheduler's ``pending`` is a
     property, and the gauge was only wired when ``callable(pending)``."""
-    from pollama.runner.fake import FakeRunnerFactory
+    from fake_runner import FakeRunnerFactory
     from test_scheduler import Hold, scheduler, settle
 
     async def body() -> None:
         sched = scheduler(FakeRunnerFactory(), num_parallel=1, max_queue=5)
-        m = Metrics()
+        m = PrometheusMetrics()
         m.watch_scheduler(sched)
         running = Hold(sched, "a")
         await running.entered.wait()
@@ -211,8 +211,6 @@ def test_queue_depth_counts_requests_waiting_for_a_slot() -> None:
         text = m.exposition().decode()
         assert _value(text, "pollama_queue_depth") == 3
         assert _value(text, "pollama_loaded_models") == 1
-        m.queue_depth(0)  # a push report does not override the watched scheduler
-        assert _value(m.exposition().decode(), "pollama_queue_depth") == 3
         for hold in (running, *waiting):
             await hold.done()
         assert _value(m.exposition().decode(), "pollama_queue_depth") == 0
@@ -222,12 +220,11 @@ def test_queue_depth_counts_requests_waiting_for_a_slot() -> None:
 
 
 def test_scheduler_reports_and_label_cap() -> None:
-    m = Metrics()
+    m = PrometheusMetrics()
     m.model_loaded("a:latest", 1.5)
     m.model_unloaded("a:latest", "evicted")
     m.model_unloaded("a:latest", "expired")
     m.model_unloaded("a:latest", "something new")
-    m.queue_depth(7)
     m.pull_bytes(1000)
     for i in range(MAX_MODEL_LABELS + 10):
         m.model_loaded(f"m{i}", 0.1)
@@ -236,7 +233,6 @@ def test_scheduler_reports_and_label_cap() -> None:
     assert _value(text, "pollama_model_evictions_total") == 1
     assert _value(text, "pollama_model_unloads_total", reason="expired") == 1
     assert _value(text, "pollama_model_unloads_total", reason="other") == 1
-    assert _value(text, "pollama_queue_depth") == 7
     assert _value(text, "pollama_pull_bytes_total") == 1000
     models = {dict(labels).get("model") for (name, labels) in _samples(text)
               if name == "pollama_model_load_seconds_count"}  # fmt: skip
@@ -246,7 +242,7 @@ def test_scheduler_reports_and_label_cap() -> None:
 def test_generation_fills_the_access_log_record(logged: tuple[TestClient, Path]) -> None:
     """What the telemetry learns lands in the request's log line (through the context)."""
     client, log = logged
-    metrics: Metrics = client.app.state.metrics
+    metrics: PrometheusMetrics = client.app.state.metrics
 
     @client.app.post("/api/fake-generate")  # type: ignore[misc]
     async def fake() -> dict[str, Any]:
@@ -268,7 +264,7 @@ def test_prompts_are_logged_only_when_asked(isolated_env: Path) -> None:
     settings = load_settings({"HOME": str(isolated_env), "POLLAMA_ACCESS_LOG": str(log),
                               "POLLAMA_LOG_PROMPTS": "1"})  # fmt: skip
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
-        metrics: Metrics = client.app.state.metrics
+        metrics: PrometheusMetrics = client.app.state.metrics
 
         @client.app.post("/api/fake-generate")  # type: ignore[misc]
         async def fake() -> dict[str, Any]:
@@ -286,7 +282,6 @@ def test_null_telemetry_accepts_everything() -> None:
     gen.output("x")
     gen.finished(prompt_tokens=1, cached_tokens=0, generated_tokens=1, reason="stop")
     gen.failed(None)
-    NULL_TELEMETRY.queue_depth(1)
     NULL_TELEMETRY.model_loaded("m", 1.0)
     NULL_TELEMETRY.model_unloaded("m", "expired")
     NULL_TELEMETRY.pull_bytes(1)

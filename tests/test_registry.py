@@ -23,10 +23,10 @@ from pollama.registry import (
     DEFAULT_REGISTRY_HOSTS,
     BlobDigestMismatch,
     InsufficientDiskSpace,
-    Progress,
     RegistryError,
     RegistryService,
     TransferOptions,
+    TransferProgress,
 )
 from pollama.store import Store
 from pollama.store.manifests import CONFIG_MEDIA_TYPE, MEDIA_MODEL, MEDIA_PARAMS, Layer, Manifest
@@ -92,11 +92,11 @@ def make_model(store: Store, name: ModelName, tmp: Path, seed: int = 0, **kw: An
     return manifest
 
 
-async def collect(events: AsyncIterator[Progress]) -> list[dict[str, Any]]:
+async def collect(events: AsyncIterator[TransferProgress]) -> list[dict[str, Any]]:
     return [item.to_json() async for item in events]
 
 
-def run(events: AsyncIterator[Progress]) -> list[dict[str, Any]]:
+def run(events: AsyncIterator[TransferProgress]) -> list[dict[str, Any]]:
     return asyncio.run(collect(events))
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -61,6 +62,8 @@ def test_pull_and_push_over_the_api(registry: DockerRegistry, tmp_path: Path) ->
         models = api.get("/api/tags").json()["models"]
         assert [(m["name"], m["digest"]) for m in models] == [(str(name), model_id)]
         assert set(store.blobs.digests()) == manifest.digests()
+        downloaded = _pull_bytes(api)
+        assert downloaded == manifest.config.size + sum(layer.size for layer in manifest.layers)
 
         # The name "name" field and a streamed pull of a model already here.
         response = api.post("/api/pull", json={"name": str(name), "insecure": True})
@@ -69,6 +72,14 @@ def test_pull_and_push_over_the_api(registry: DockerRegistry, tmp_path: Path) ->
         assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
         layer_items = [i for i in items if "digest" in i]
         assert all(i["completed"] == i["total"] for i in layer_items)  # cache hits
+        assert _pull_bytes(api) == downloaded  # nothing new came down
+
+
+def _pull_bytes(api: Any) -> float:
+    for line in api.get("/metrics").text.splitlines():
+        if line.startswith("pollama_pull_bytes_total "):
+            return float(line.split()[1])
+    raise AssertionError("no pollama_pull_bytes_total")
 
 
 def test_api_errors(registry: DockerRegistry) -> None:

@@ -79,8 +79,8 @@ def test_blob_writer_aborts_on_exception(tmp_path: Path) -> None:
     assert not blobs.active
 
 
-# A manifest exactly as Ollama's Go encoder writes it, typed by hand from spec §5.2 rather
-# than produced by our writer.
+# A manifest exactly as Ollama's Go encoder writes it, typed by hand from
+# docs/ollama-behaviour.md#manifests-and-config rather than produced by our writer.
 OLLAMA_MANIFEST = (
     '{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",'
     '"config":{"mediaType":"application/vnd.docker.container.image.v1+json",'

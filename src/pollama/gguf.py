@@ -1,9 +1,9 @@
 """A bounds-checked reader for GGUF model files: header, metadata and tensor table.
 
 Every model file a user uploads or pulls passes through here before llama.cpp sees it, so this
-reader is the one choke point for hostile files (spec ``security.md``: CVE-2024-39720 magic-only
-file, CVE-2024-12055/2025-0312/0315/0317/66959/66960 crafted metadata, CVE-2026-7482 tensors
-past the end of the file). What must stay true:
+reader is the one choke point for hostile files (docs/security.md#model-files: CVE-2024-39720
+magic-only file, CVE-2024-12055/2025-0312/0315/0317/66959/66960 crafted metadata, CVE-2026-7482
+tensors past the end of the file). What must stay true:
 
 * Every problem is a ``GGUFError`` whose message starts with the file's display name (never a
   full server path when ``display_name`` is given) and says what is wrong. No other exception
@@ -309,7 +309,7 @@ class GGUFInfo:
         return len(tokens) if isinstance(tokens, list | PackedStrings) else None
 
     def model_info(self, verbose: bool = False) -> dict[str, Any]:
-        """``model_info`` of ``/api/show`` (spec §10.3).
+        """``model_info`` of ``/api/show`` (docs/ollama-behaviour.md#show).
 
         The metadata minus ``general.name`` and ``tokenizer.chat_template``, with
         ``general.parameter_count`` set to the computed count as Ollama does. Unless

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -135,8 +134,7 @@ class ModelName:
     """A fully qualified, valid model name: ``host/namespace/model:tag`` plus a URL scheme.
 
     Equality and hashing are exact (case-sensitive) over the four parts; the scheme is not
-    part of a name's identity (Ollama's store ignores it). Use :meth:`casefold_key` or
-    :meth:`equal_fold` to match names the way Ollama does, case-insensitively.
+    part of a name's identity (Ollama's store ignores it).
     """
 
     host: str
@@ -208,39 +206,11 @@ class ModelName:
         """Whether ``text`` parses (with defaults) to a valid name."""
         return cls.try_parse(text) is not None
 
-    @classmethod
-    def is_fully_qualified(cls, text: str) -> bool:
-        """Whether ``text`` names all four parts itself, validly (Go IsFullyQualified on a
-        bare parse): ``h/n/m:t`` is, ``n/m:t`` and ``h/n/m`` are not."""
-        parts = cls.parse_bare(text)
-        if "@" in text or not all((parts.host, parts.namespace, parts.model, parts.tag)):
-            return False
-        problem = _name_problem(
-            parts.host, parts.namespace, parts.model, parts.tag, DEFAULT_SCHEME
-        )
-        return problem is None
-
-    @classmethod
-    def from_path_parts(cls, parts: Sequence[str]) -> ModelName | None:
-        """The name stored under ``manifests/<host>/<ns>/<model>/<tag>``, given those four
-        directory names; None unless there are exactly four and they form a valid name
-        (Go ParseNameFromFilepath)."""
-        if len(parts) != 4:
-            return None
-        try:
-            return cls(parts[0], parts[1], parts[2], parts[3])
-        except InvalidModelName:
-            return None
-
     # -- views ---------------------------------------------------------------------------
 
     def __str__(self) -> str:
         """The fully qualified form ``host/namespace/model:tag`` (Go Name.String)."""
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
-
-    def display_long(self) -> str:
-        """Same as ``str(name)``: every part, no scheme."""
-        return str(self)
 
     def display_shortest(self) -> str:
         """The short form Ollama shows in lists: drop the default host and namespace.
@@ -266,18 +236,6 @@ class ModelName:
         separator or NUL.
         """
         return (self.host, self.namespace, self.model, self.tag)
-
-    def casefold_key(self) -> tuple[str, str, str, str]:
-        """A key under which names that differ only in case are equal (Go EqualFold)."""
-        return (self.host.lower(), self.namespace.lower(), self.model.lower(), self.tag.lower())
-
-    def equal_fold(self, other: ModelName) -> bool:
-        """Whether the two names are the same ignoring case, as Ollama matches manifests."""
-        return self.casefold_key() == other.casefold_key()
-
-    def with_tag(self, tag: str) -> ModelName:
-        """The same name with another tag (validated)."""
-        return ModelName(self.host, self.namespace, self.model, tag, self.scheme)
 
     def registry_base_url(self, insecure: bool = False) -> str:
         """``https://host`` (or ``http://host``) for registry requests.

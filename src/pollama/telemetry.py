@@ -1,5 +1,5 @@
 """The small interface through which the inference service and the scheduler report what
-they do; ``pollama.server.metrics.Metrics`` turns the reports into Prometheus metrics and
+they do; ``pollama.server.metrics.PrometheusMetrics`` turns the reports into Prometheus metrics and
 access-log fields.
 
 It lives outside ``server`` so that ``inference`` and ``scheduler`` can take one without
@@ -40,9 +40,6 @@ class Telemetry(Protocol):
         """Start timing a generation for ``model`` (a resolved, local model name).
         ``prompt`` is kept only where prompt logging is on."""
 
-    def queue_depth(self, depth: int) -> None:
-        """The number of requests waiting for a model slot is now ``depth``."""
-
     def model_loaded(self, model: str, seconds: float) -> None:
         """A worker for ``model`` finished loading after ``seconds``."""
 
@@ -75,9 +72,6 @@ class NullTelemetry:
 
     def generation(self, model: str, *, prompt: str | None = None) -> Generation:
         return self._generation
-
-    def queue_depth(self, depth: int) -> None:
-        pass
 
     def model_loaded(self, model: str, seconds: float) -> None:
         pass

@@ -1,4 +1,5 @@
-"""Start ``pollama serve`` in the background when no server answers (DESIGN principle 2).
+"""Start ``pollama serve`` in the background when no server answers
+(docs/architecture.md#the-cli-is-an-http-client).
 
 Every client command calls :func:`ensure_server` before its first request (through
 ``cli.common.client``). The rules:

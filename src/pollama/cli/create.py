@@ -2,7 +2,8 @@
 
 The server never opens a path we give it: every local file named by FROM or ADAPTER is
 hashed here, uploaded with ``HEAD``/``POST /api/blobs/<digest>`` (skipped when the server
-already has it), and referred to in ``files``/``adapters`` by digest (spec §4.4).
+already has it), and referred to in ``files``/``adapters`` by digest
+(docs/ollama-behaviour.md#create).
 """
 
 from __future__ import annotations

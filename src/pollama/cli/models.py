@@ -60,7 +60,7 @@ def _value(v: Any) -> str:
 
 
 def format_show(info: dict[str, Any], verbose: bool = False) -> str:
-    """The formatted ``pollama show`` text (spec §10.2)."""
+    """The formatted ``pollama show`` text (docs/ollama-behaviour.md#show-in-the-terminal)."""
     sections: list[tuple[str, list[list[str]]]] = []
     model_info = info.get("model_info") or {}
     details = info.get("details") or {}

@@ -1,4 +1,5 @@
-"""Progress output for create/pull/push and the "waiting" spinner of ``run`` (spec §1.5).
+"""Progress output for create/pull/push and the "waiting" spinner of ``run``
+(docs/ollama-behaviour.md#progress-display).
 
 This is a port of Ollama's ``progress`` package, so a terminal shows the same thing:
 

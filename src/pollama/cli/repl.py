@@ -1,4 +1,5 @@
-"""The interactive chat of ``pollama run`` (Ollama's ``cmd/interactive.go``, spec §1.3).
+"""The interactive chat of ``pollama run`` (Ollama's ``cmd/interactive.go``,
+docs/ollama-behaviour.md#the-interactive-chat).
 
 :class:`Repl` reads lines from a :class:`~pollama.cli.lineedit.LineReader` (a prompt_toolkit
 prompt on a terminal, a scripted list in tests), runs the ``/`` commands with Ollama's exact
@@ -41,7 +42,7 @@ from pollama.client import Client, ResponseError, ServerUnreachable
 from pollama.errors import InvalidOption, PollamaError
 from pollama.format import go_float, go_quote
 from pollama.names import ModelName
-from pollama.protocol.options import format_params
+from pollama.options import format_params
 
 USAGE = """Available Commands:
   /set            Set session variables

@@ -1,4 +1,5 @@
-"""``pollama run``, ``ps`` and ``stop`` (Ollama's ``RunHandler``, spec §1.2).
+"""``pollama run``, ``ps`` and ``stop`` (Ollama's ``RunHandler``,
+docs/ollama-behaviour.md#pollama-run).
 
 ``run`` decides between two modes exactly as Ollama does: it is interactive only when no
 prompt is given and both stdin and stdout are terminals. Otherwise it answers one prompt

@@ -1,17 +1,17 @@
 """Pydantic models of Anthropic's Messages API (``/v1/messages``) and their translation.
 
-Content blocks map onto native messages as Ollama's middleware does (spec §3.7): text blocks
-join into the message content, ``tool_use`` blocks become tool calls, ``tool_result`` blocks
-become ``role: "tool"`` messages (named after the ``tool_use`` they answer), ``thinking``
-blocks become the message's thinking. Unlike Ollama, a block of any other type (``document``
-with any source, ``search_result``, server tool blocks…) is a 400 naming the type instead of
-being dropped silently; ``redacted_thinking`` alone is skipped (encrypted for Anthropic's
-servers, it holds nothing a local model could read). ``thinking`` ``enabled``/``disabled`` (or
-``output_config.effort``) sets ``think``; a model that cannot think has it dropped, not
-refused, as Ollama does for this endpoint. Beyond Ollama, ``tool_choice`` is honoured
-(``any``/``tool`` force a call, ``none`` answers without tools), and an answer that one of
-the request's ``stop_sequences`` ended says so (``stop_reason: "stop_sequence"``, and which
-in ``stop_sequence``; Ollama answers ``end_turn`` and no sequence).
+Content blocks map onto native messages as Ollama's middleware does
+(docs/ollama-behaviour.md#anthropic-messages): text blocks join into the message content,
+``tool_use`` blocks become tool calls, ``tool_result`` blocks become ``role: "tool"`` messages
+(named after the ``tool_use`` they answer), ``thinking`` blocks become the message's thinking.
+Unlike Ollama, a block of any other type (``document`` with any source, ``search_result``, server
+tool blocks…) is a 400 naming the type instead of being dropped silently; ``redacted_thinking``
+alone is skipped (encrypted for Anthropic's servers, it holds nothing a local model could read).
+``thinking`` ``enabled``/``disabled`` (or ``output_config.effort``) sets ``think``; a model that
+cannot think has it dropped, not refused, as Ollama does for this endpoint. Beyond Ollama,
+``tool_choice`` is honoured (``any``/``tool`` force a call, ``none`` answers without tools), and an
+answer that one of the request's ``stop_sequences`` ended says so (``stop_reason: "stop_sequence"``,
+and which in ``stop_sequence``; Ollama answers ``end_turn`` and no sequence).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from pollama.errors import InvalidImage, InvalidRequest
 from pollama.inference.images import check_media_type
 from pollama.inference.types import InferenceRequest, ToolChoice
-from pollama.protocol.options import OPTIONS
+from pollama.options import OPTIONS
 
 
 class AnthropicModel(BaseModel):
@@ -210,7 +210,8 @@ def _tool_result(block: dict[str, Any], names: dict[str, str]) -> dict[str, Any]
         "content": str(content or ""),
         "tool_call_id": block.get("tool_use_id"),
     }
-    if images:  # a tool's screenshot is an image like any other (spec §3.7)
+    # A tool's screenshot is an image like any other (docs/ollama-behaviour.md#anthropic-messages).
+    if images:
         result["images"] = images
     name = names.get(str(block.get("tool_use_id") or ""))
     if name:
@@ -283,7 +284,3 @@ def matched_stop_sequence(request: MessagesRequest, stop_sequence: str) -> str |
     if stop_sequence and stop_sequence in (request.stop_sequences or ()):
         return stop_sequence
     return None
-
-
-def tool_input_json(arguments: Any) -> str:
-    return json.dumps(arguments if arguments is not None else {}, separators=(",", ":"))

@@ -11,9 +11,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pollama.errors import InvalidRequest
-from pollama.inference.embed_request import EmbedRequest as EmbeddingJob
-from pollama.inference.embed_request import embedding_inputs
+from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
 from pollama.inference.types import InferenceRequest
+from pollama.store.create import CreateProgress, CreateSpec
 
 
 class OllamaModel(BaseModel):
@@ -53,20 +53,42 @@ class CreateRequest(OllamaModel):
     parser: str | None = None
     requires: str | None = None
 
-    @property
-    def target(self) -> str:
-        return self.model or self.name
-
-    @property
-    def quantize_type(self) -> str:
-        return (self.quantize or self.quantization or "").strip()
+    def to_spec(self) -> CreateSpec:
+        """The store's terms: ``model`` (or ``name``), ``from``, ``quantize`` (or
+        ``quantization``, trimmed), a license string as a one-item list, messages as
+        stored (unset fields left out)."""
+        license_ = [self.license] if isinstance(self.license, str) else (self.license or [])
+        return CreateSpec(
+            name=self.model or self.name,
+            base=self.from_ or "",
+            files=dict(self.files or {}),
+            adapters=dict(self.adapters or {}),
+            quantize=(self.quantize or self.quantization or "").strip(),
+            template=self.template or "",
+            system=self.system or "",
+            license=tuple(license_),
+            parameters=dict(self.parameters or {}),
+            messages=tuple(m.model_dump(exclude_none=True) for m in self.messages or ()),
+            renderer=self.renderer or "",
+            parser=self.parser or "",
+            requires=self.requires or "",
+        )
 
 
 class ProgressResponse(OllamaModel):
+    """A create's progress line (Go ``api.ProgressResponse``; zero values are kept, only
+    unset ones left out)."""
+
     status: str
     digest: str | None = None
     total: int | None = None
     completed: int | None = None
+
+    @classmethod
+    def of(cls, step: CreateProgress) -> ProgressResponse:
+        return cls(
+            status=step.status, digest=step.digest, total=step.total, completed=step.completed
+        )
 
 
 class ModelRequest(OllamaModel):
@@ -112,7 +134,7 @@ class ListResponse(OllamaModel):
     models: list[ListModel]
 
 
-class TensorInfo(OllamaModel):
+class ShowTensorInfo(OllamaModel):
     name: str
     type: str
     shape: list[int]
@@ -131,13 +153,16 @@ class ShowResponse(OllamaModel):
     requires: str | None = None
     model_info: dict[str, Any]
     projector_info: dict[str, Any] | None = None
-    tensors: list[TensorInfo] | None = None
+    tensors: list[ShowTensorInfo] | None = None
     capabilities: list[str] | None = None
     modified_at: str
 
 
 class VersionResponse(OllamaModel):
+    """``/api/version``: the Ollama version whose behaviour is matched, and pollama's own."""
+
     version: str
+    pollama_version: str
 
 
 class GarbageItem(OllamaModel):
@@ -227,18 +252,9 @@ class ChatRequest(_InferenceBody):
         )
 
 
-class Metrics(OllamaModel):
-    """The timing fields of a final chunk, in nanoseconds (omitted when zero)."""
-
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-    prompt_eval_duration: int | None = None
-    eval_count: int | None = None
-    eval_duration: int | None = None
-
-
 class ProcessModel(OllamaModel):
+    """One ``/api/ps`` row (Go ``api.ProcessModelResponse``); every field is always sent."""
+
     name: str
     model: str
     size: int

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from pollama.errors import InvalidRequest
-from pollama.inference.embed_request import EmbedRequest as EmbeddingJob
-from pollama.inference.embed_request import embedding_inputs
+from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
 from pollama.inference.images import image_from_data_url
 from pollama.inference.types import InferenceRequest, ToolChoice
-from pollama.protocol.options import OPTIONS
+from pollama.options import OPTIONS
 from pollama.runner.base import MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ class ChatCompletionRequest(_GenerationRequest):
         )
 
 
-class CompletionRequest(_GenerationRequest):
+class LegacyCompletionRequest(_GenerationRequest):
     prompt: str = ""
     suffix: str | None = None
     echo: bool = False
@@ -293,9 +292,6 @@ def _reasoning(effort: str | None) -> bool | str | None:
     return mapping[effort]
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
-
-
 def finish_reason(done_reason: str, *, tool_calls: bool = False) -> str:
     """OpenAI's finish reason: ``tool_calls`` replaces ``stop`` when a call was made."""
     if done_reason == "length":
@@ -304,8 +300,8 @@ def finish_reason(done_reason: str, *, tool_calls: bool = False) -> str:
 
 
 class EmbeddingRequest(OpenAIModel):
-    """``POST /v1/embeddings`` (spec §3.5). Ollama options may come as extra body fields, as
-    for the chat endpoints; ``user`` is accepted and ignored."""
+    """``POST /v1/embeddings`` (docs/ollama-behaviour.md#openai-embeddings). Ollama options may
+    come as extra body fields, as for the chat endpoints; ``user`` is accepted and ignored."""
 
     model: str = ""
     input: Any = None

@@ -1,6 +1,6 @@
 """Pull and push models over the registry protocol (Docker Registry v2, as Ollama speaks it).
 
-* :class:`RegistryService` — ``pull``/``push`` as async generators of :class:`Progress`;
+* :class:`RegistryService` — ``pull``/``push`` as async generators of :class:`TransferProgress`;
   the server holds one per store, so concurrent pulls share downloads.
 * :class:`HostPolicy` — which hosts and addresses transfers may reach (``POLLAMA_REGISTRY_HOSTS``).
 * :class:`IdentityKey` — the ed25519 key in ``~/.ollama`` used for the token exchange.
@@ -20,7 +20,7 @@ from pollama.registry.errors import (
     Unauthorized,
 )
 from pollama.registry.hosts import DEFAULT_REGISTRY_HOSTS, HostPolicy
-from pollama.registry.service import Progress, RegistryService
+from pollama.registry.service import RegistryService, TransferProgress
 from pollama.registry.transfer import TransferOptions
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "HostPolicy",
     "IdentityKey",
     "InsufficientDiskSpace",
-    "Progress",
+    "TransferProgress",
     "RegistryError",
     "RegistryNotFound",
     "RegistryService",

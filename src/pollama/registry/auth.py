@@ -3,12 +3,12 @@
 * **Identity key** (``~/.ollama/id_ed25519``, OpenSSH format, mode 0600, with
   ``id_ed25519.pub`` beside it): created on first need, exactly as Ollama writes it, so a key
   registered on ollama.com or Hugging Face works with both programs.
-* **Token exchange** (spec §6.4): on a ``401`` with ``WWW-Authenticate: Bearer realm=...``,
-  ``GET <realm>?service=..&scope=..&ts=..&nonce=..`` signed with the key (header
-  ``<base64 public key blob>:<base64 signature>`` over ``GET,<url>,<base64(hex(sha256("")))>``)
-  answers ``{"token": ...}``. The realm's host must equal the registry's host: a registry
-  that names another host would otherwise receive a signed request and leak the token
-  (CVE-2025-51471).
+* **Token exchange** (docs/ollama-behaviour.md#registry-authentication): on a ``401`` with
+  ``WWW-Authenticate: Bearer realm=...``, ``GET <realm>?service=..&scope=..&ts=..&nonce=..``
+  signed with the key (header ``<base64 public key blob>:<base64 signature>`` over
+  ``GET,<url>,<base64(hex(sha256("")))>``) answers ``{"token": ...}``. The realm's host must
+  equal the registry's host: a registry that names another host would otherwise receive a signed
+  request and leak the token (CVE-2025-51471).
 * **Docker logins**: ``auths`` of a Docker ``config.json`` (``$DOCKER_CONFIG`` or
   ``~/.docker/config.json``), used for ``Basic`` challenges and, in place of the signature,
   for a same-host token realm, so private distribution registries work. An entry's

@@ -10,7 +10,8 @@ rules that keep credentials and the network safe live:
 * an ``Authorization`` header (a token from the exchange, or a Docker login) is attached
   only to requests whose ``host:port`` is the one it was issued for, never to a redirect
   target or a CDN;
-* a ``401`` triggers one token exchange (spec §6.4) and one retry, then ``unauthorized``;
+* a ``401`` triggers one token exchange (docs/ollama-behaviour.md#registry-authentication) and one
+  retry, then ``unauthorized``;
 * bodies that are read whole (manifests, tokens, error texts) are read with a byte cap after
   decompression (CVE-2024-12886, the gzip bomb).
 

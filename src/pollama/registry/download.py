@@ -1,4 +1,5 @@
-"""Resumable, verified, shared blob downloads (spec §6.2, Ollama's ``server/download.go``).
+"""Resumable, verified, shared blob downloads (docs/ollama-behaviour.md#downloads, Ollama's
+``server/download.go``).
 
 A blob is fetched in up to 16 ranged parts in parallel into ``<blob>-partial`` in the store,
 with each part's progress recorded in ``<blob>-partial-<N>`` as Ollama records it

@@ -1,10 +1,10 @@
 """``RegistryService``: pull and push models, as the server's ``/api/pull`` and ``/api/push``.
 
-Both are async generators of :class:`Progress`, with Ollama's statuses in Ollama's order
-(spec §6.3). Checks that the caller can act on (the name, the host policy and the name
-host's addresses, ``insecure protocol http``) run before the first item, so an HTTP
-front-end can still answer them with their own status code; everything after the first
-item is a transfer.
+Both are async generators of :class:`TransferProgress`, with Ollama's statuses in Ollama's order
+(docs/ollama-behaviour.md#pull-and-push-progress). Checks that the caller can act on (the name,
+the host policy and the name host's addresses, ``insecure protocol http``) run before the first
+item, so an HTTP front-end can still answer them with their own status code; everything after
+the first item is a transfer.
 
 What a pull guarantees: a model appears in the store only after every one of its blobs is
 present and verified and its manifest (the registry's bytes, unchanged, so the model ID
@@ -47,11 +47,11 @@ from pollama.store.manifests import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Progress", "RegistryService"]
+__all__ = ["TransferProgress", "RegistryService"]
 
 
 @dataclass(frozen=True)
-class Progress:
+class TransferProgress:
     """One progress object of a pull or push (Go's ``api.ProgressResponse``)."""
 
     status: str
@@ -119,33 +119,35 @@ class RegistryService:
 
     # -- pull ---------------------------------------------------------------------------------
 
-    async def pull(self, name: ModelName, *, insecure: bool = False) -> AsyncIterator[Progress]:
+    async def pull(
+        self, name: ModelName, *, insecure: bool = False
+    ) -> AsyncIterator[TransferProgress]:
         store = self.store
         target = await asyncio.to_thread(store.manifests.resolve, name) or name
         session = self.session(target, insecure)
         try:
             await session.check_host()
             previous = await asyncio.to_thread(self._existing_digests, target)
-            yield Progress("pulling manifest")
+            yield TransferProgress("pulling manifest")
             manifest, raw = await self._fetch_manifest(session)
             layers = [*manifest.layers, manifest.config]
             await asyncio.to_thread(self._check_space, target, layers)
             for layer in layers:
                 async for item in self._download(session, layer):
                     yield item
-            yield Progress("verifying sha256 digest")
+            yield TransferProgress("verifying sha256 digest")
             missing = [lay.digest for lay in layers if not store.blobs.exists(lay.digest)]
             if missing:
                 raise RegistryError(
                     f"blob {missing[0]} disappeared before the manifest was written"
                 )
-            yield Progress("writing manifest")
+            yield TransferProgress("writing manifest")
             await asyncio.to_thread(self._write_manifest, target, raw)
             unused = previous - manifest.digests()
             if unused and not store.noprune:
-                yield Progress("removing unused layers")
+                yield TransferProgress("removing unused layers")
                 await asyncio.to_thread(store.prune, unused)
-            yield Progress("success")
+            yield TransferProgress("success")
         finally:
             await session.release()
 
@@ -198,16 +200,18 @@ class RegistryService:
                 f"{human_bytes(needed)} more, and {human_bytes(free)} is free in {self.store.root}"
             )
 
-    async def _download(self, session: RegistrySession, layer: Layer) -> AsyncIterator[Progress]:
+    async def _download(
+        self, session: RegistrySession, layer: Layer
+    ) -> AsyncIterator[TransferProgress]:
         blobs = self.store.blobs
         status = f"pulling {layer.digest[7:19]}"
         if await asyncio.to_thread(blobs.exists, layer.digest):
             size = await asyncio.to_thread(blobs.size, layer.digest)
-            yield Progress(status, layer.digest, size, size)
+            yield TransferProgress(status, layer.digest, size, size)
             return
         download = self.downloads.get(blobs, layer.digest, layer.size, session, self.options)
         async for total, completed in download.follow():
-            yield Progress(status, layer.digest, total, completed)
+            yield TransferProgress(status, layer.digest, total, completed)
 
     def _write_manifest(self, name: ModelName, raw: bytes) -> None:
         with self.store.lock:
@@ -215,17 +219,19 @@ class RegistryService:
 
     # -- push ---------------------------------------------------------------------------------
 
-    async def push(self, name: ModelName, *, insecure: bool = False) -> AsyncIterator[Progress]:
+    async def push(
+        self, name: ModelName, *, insecure: bool = False
+    ) -> AsyncIterator[TransferProgress]:
         store = self.store
         session = self.session(name, insecure)  # host policy and scheme: before any output
         try:
             await session.check_host()
-            yield Progress("retrieving manifest")
+            yield TransferProgress("retrieving manifest")
             try:
                 stored = await asyncio.to_thread(store.manifests.read, name)
                 raw = await asyncio.to_thread(stored.path.read_bytes)
             except (ModelNotFound, FileNotFoundError, InvalidRequest):
-                yield Progress("couldn't retrieve manifest")
+                yield TransferProgress("couldn't retrieve manifest")
                 raise ModelNotFound(f"model '{name.display_shortest()}' not found") from None
             if stored.name != name:  # stored with other casing: push under the stored name
                 await session.release()
@@ -236,15 +242,15 @@ class RegistryService:
                 async for total, completed in upload_blob(
                     session, store.blobs, layer, self.options
                 ):
-                    yield Progress(status, layer.digest, total, completed)
-            yield Progress("pushing manifest")
+                    yield TransferProgress(status, layer.digest, total, completed)
+            yield TransferProgress("pushing manifest")
             url = session.url("manifests", stored.name.tag)
             media_type = manifest.media_type or MANIFEST_MEDIA_TYPE
             async with session.stream(
                 "PUT", url, headers={"Content-Type": media_type}, content=raw
             ):
                 pass
-            yield Progress("success")
+            yield TransferProgress("success")
         except httpx.HTTPError as exc:
             raise RegistryError(f"{type(exc).__name__}: {exc}") from exc
         finally:

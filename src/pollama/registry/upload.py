@@ -1,4 +1,5 @@
-"""Blob uploads for ``push`` (spec §6.1, Ollama's ``server/upload.go``).
+"""Blob uploads for ``push`` (docs/ollama-behaviour.md#registry-endpoints, Ollama's
+``server/upload.go``).
 
 ``HEAD`` first (a blob the registry has is not sent again), then ``POST …/blobs/uploads/``,
 with ``?mount=<digest>&from=<ns/model>`` when the layer came from another model so the

@@ -180,7 +180,7 @@ class AccessLog:
 
 
 class HttpObserver(Protocol):
-    """What the middleware reports to the metrics (``server.metrics.Metrics``)."""
+    """What the middleware reports to the metrics (``server.metrics.PrometheusMetrics``)."""
 
     def request_started(self) -> None: ...
 

@@ -24,7 +24,7 @@ from pollama.server import (
     routes_registry,
 )
 from pollama.server.errors import install_error_handlers
-from pollama.server.metrics import Metrics
+from pollama.server.metrics import PrometheusMetrics
 from pollama.server.middleware import install_middleware
 from pollama.store import Store
 
@@ -35,7 +35,7 @@ def create_app(
     settings: Settings, *, runner_factory: Callable[[LoadSpec], Runner] | None = None
 ) -> FastAPI:
     store = Store(settings.models, noprune=settings.noprune)
-    metrics = Metrics()
+    metrics = PrometheusMetrics()
     scheduler = Scheduler(
         settings, runner_factory or subprocess_factory(settings), telemetry=metrics
     )

@@ -1,24 +1,33 @@
-"""Reading JSON request bodies the way Ollama does: an empty body is ``missing request body``."""
+"""The one JSON body reader of every route, Ollama's, OpenAI's and Anthropic's.
+
+An empty body is ``missing request body`` (Ollama's words), a body that is not the model's
+JSON an :class:`~pollama.errors.InvalidRequest` whose message lists what is wrong
+(``server.errors.validation_message``): both are 400s, which each route answers in its own
+protocol's shape. The size is not checked here: ``POLLAMA_MAX_BODY_SIZE`` is enforced while
+the body is received (``server.limits``), before this reader sees a byte too many.
+"""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from pollama.errors import InvalidRequest
+from pollama.server.errors import validation_message
+
+__all__ = ["parse_body"]
 
 M = TypeVar("M", bound=BaseModel)
 
-MAX_JSON_BODY = 64 << 20
-
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    """Parse the body as ``model``; pydantic errors reach the 400 handler in server.errors."""
+    """The request's body, parsed as ``model``."""
     body = await request.body()
-    if len(body) > MAX_JSON_BODY:
-        raise InvalidRequest(f"request body is larger than {MAX_JSON_BODY} bytes")
     if not body.strip():
         raise InvalidRequest("missing request body")
-    return model.model_validate_json(body)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc)) from None

@@ -1,13 +1,24 @@
-"""The one place where domain errors become HTTP responses.
+"""The one place where errors become HTTP error bodies, in each protocol's shape.
 
-Each protocol has its own body shape: ``{"error": "..."}`` for Ollama's ``/api/*`` (with
-``application/json; charset=utf-8`` as Go's gin sends it). The status comes from the error's
-class through :data:`STATUS_BY_ERROR`, never from its message.
+* Ollama's ``/api/*``: ``{"error": "..."}``, as ``application/json; charset=utf-8`` (what
+  Go's gin sends);
+* OpenAI's ``/v1/*``: ``{"error": {"message", "type", "param", "code"}}``;
+* Anthropic's ``/v1/messages``: ``{"type": "error", "error": {"type", "message"}}``, plus a
+  ``request_id`` on a route's own answer;
+* the registry protocol's ``/v2/``: ``{"errors": [{"code", "message", "detail"}]}``.
+
+Each of the first three is used three ways: as a route's answer (``*_error_response``), as
+the last frame of a stream that already sent its 200 (``*_stream_error``, which the stream's
+framing encodes: ``server.streaming``), and as the middleware's refusal of a request that
+never reached a route (:func:`error_body`, written by ``server.refusals``). The status comes
+from the error's class through :data:`STATUS_BY_ERROR`, never from its message.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pollama import errors
 
 log = logging.getLogger(__name__)
+
+OLLAMA_JSON = "application/json; charset=utf-8"
+
 
 class ClientDisconnected(errors.PollamaError):
     """The client closed the connection before a non-streamed answer was ready; the work
@@ -72,28 +86,109 @@ def log_failure(exc: BaseException, status: int) -> None:
         log.error("request failed", exc_info=exc)
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The status and message of ``exc``, logged if the server is at fault."""
     status = status_for(exc)
     log_failure(exc, status)
-    return ollama_error(message_for(exc), status)
+    return status, message_for(exc)
 
 
-def openai_error_response(exc: BaseException) -> JSONResponse:
-    """OpenAI's error object, with the same status as the native error (spec §3.1)."""
-    status = status_for(exc)
-    log_failure(exc, status)
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-    body = {"error": {"message": message_for(exc), "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status)
+# -- the bodies ------------------------------------------------------------------------------
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+_OPENAI_CODES = {401: "invalid_api_key", 403: "insufficient_permissions"}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def ollama_body(message: str) -> dict[str, Any]:
+    return {"error": message}
+
+
+def openai_body(status: int, message: str, kind: str = "") -> dict[str, Any]:
+    """OpenAI's error object, typed by the status (Ollama's ``openai.NewError``); a 401 or
+    403 from the middleware takes its ``kind`` (``authentication_error``…) and a code."""
+    default = kind if status in (401, 403) else "api_error"
+    return {"error": {
+        "message": message,
+        "type": _OPENAI_TYPES.get(status, default),
+        "param": None,
+        "code": _OPENAI_CODES.get(status),
+    }}  # fmt: skip
+
+
+def anthropic_body(status: int, message: str, kind: str = "") -> dict[str, Any]:
+    """Anthropic's error object; its ``type`` is ``kind`` when given, else the status's."""
+    kind = kind or _ANTHROPIC_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def registry_body(code: str, message: str) -> dict[str, Any]:
+    """The registry protocol's error object (``/v2/``: ``MANIFEST_UNKNOWN``…)."""
+    return {"errors": [{"code": code, "message": message, "detail": None}]}
+
+
+def error_body(path: str, status: int, kind: str, message: str) -> dict[str, Any]:
+    """The body the middleware answers ``path`` with, in the shape its client parses.
+    ``kind`` is Anthropic's error type (``authentication_error``, ``request_too_large``…)."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_body(status, message, kind)
+    if path.startswith("/v1/"):
+        return openai_body(status, message, kind)
+    return ollama_body(message)
+
+
+# -- a route's answer ------------------------------------------------------------------------
 
 
 def ollama_error(message: str, status: int) -> JSONResponse:
-    return JSONResponse(
-        {"error": message}, status_code=status, media_type="application/json; charset=utf-8"
-    )
+    return JSONResponse(ollama_body(message), status_code=status, media_type=OLLAMA_JSON)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Ollama's answer to ``exc``."""
+    status, message = _failure(exc)
+    return ollama_error(message, status)
+
+
+def openai_error_response(exc: BaseException) -> JSONResponse:
+    """OpenAI's error object, with the same status as the native error
+    (docs/ollama-behaviour.md#error-bodies-by-protocol)."""
+    status, message = _failure(exc)
+    return JSONResponse(openai_body(status, message), status_code=status)
+
+
+def anthropic_error_response(exc: BaseException) -> JSONResponse:
+    status, message = _failure(exc)
+    body = {**anthropic_body(status, message), "request_id": f"req_{secrets.token_hex(12)}"}
+    return JSONResponse(body, status_code=status)
+
+
+# -- the last frame of a stream whose 200 is sent --------------------------------------------
+
+
+def ollama_stream_error(exc: BaseException) -> dict[str, Any]:
+    return ollama_body(_failure(exc)[1])
+
+
+def openai_stream_error(exc: BaseException) -> dict[str, Any]:
+    return openai_body(*_failure(exc))
+
+
+def anthropic_stream_error(exc: BaseException) -> dict[str, Any]:
+    return anthropic_body(*_failure(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Ollama's bodies for what escapes a route: domain errors, validation errors, and
+    Starlette's own 404/405 (gin's plain-text answers)."""
+
     async def on_domain_error(_request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
@@ -103,7 +198,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        # gin's plain-text answers for unknown routes and wrong methods.
         if exc.status_code == 404:
             return PlainTextResponse("404 page not found", status_code=404)
         if exc.status_code == 405:

@@ -42,7 +42,7 @@ import ipaddress
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import h11
 from starlette.datastructures import Headers
@@ -51,6 +51,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pollama.errors import InvalidRequest
 from pollama.server.access_log import current_record, route_template
+from pollama.server.errors import ollama_body
 from pollama.server.refusals import json_error
 
 __all__ = ["UPLOAD_ROUTES", "LimitsMiddleware", "client_key", "guarded_h11_protocol"]
@@ -120,6 +121,14 @@ class _BodyDeadlines:
         return _BodyTimeout(
             f"the request body did not arrive within {self.total or 0:g}s (POLLAMA_BODY_TIMEOUT)"
         )
+
+
+def _with_retry_after(start: Message) -> Message:
+    """A response start, with ``Retry-After`` added to a 503 that has none."""
+    headers = list(start.get("headers", ()))
+    if start["status"] != 503 or any(k.lower() == b"retry-after" for k, _ in headers):
+        return start
+    return {**start, "headers": [*headers, (b"retry-after", str(RETRY_AFTER_SECONDS).encode())]}
 
 
 def _positive(seconds: float) -> float | None:
@@ -219,11 +228,7 @@ class LimitsMiddleware:
                 return
             if message["type"] == "http.response.start":
                 started = True
-                if message["status"] == 503:
-                    headers = list(message.get("headers", ()))
-                    if not any(k.lower() == b"retry-after" for k, _ in headers):
-                        headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
-                        message = {**message, "headers": headers}
+                message = _with_retry_after(message)
             await send(message)
 
         try:
@@ -289,14 +294,102 @@ def client_key(peer: Any) -> str | None:
 
 
 def _busy_response(cap: int) -> bytes:
-    body = json.dumps({"error": (
+    """The whole answer to a connection over the cap: refused before its request is parsed,
+    so in Ollama's shape whatever the path."""
+    body = json.dumps(ollama_body(
         f"too many connections from your address (at most {cap}, "
         "POLLAMA_MAX_CONNECTIONS_PER_CLIENT); close some and try again"
-    )}).encode()  # fmt: skip
+    )).encode()  # fmt: skip
     return (
         b"HTTP/1.1 503 Service Unavailable\r\nretry-after: %d\r\nconnection: close\r\n"
         b"content-type: application/json; charset=utf-8\r\ncontent-length: %d\r\n\r\n%s"
     ) % (RETRY_AFTER_SECONDS, len(body), body)
+
+
+class _ConnectionCounts:
+    """The open connections of one server, per client address: a connection is counted
+    from ``connection_made`` to ``connection_lost`` (asyncio calls each exactly once), and
+    one over the cap is refused without being counted. A cap of 0 counts nothing."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.counts: Counter[str] = Counter()
+        self.busy = _busy_response(cap)
+
+    def admit(self, key: str | None) -> tuple[bool, str | None]:
+        """Whether a connection from ``key`` may go on, and the key it is counted under."""
+        if key is None or self.cap <= 0:
+            return True, None
+        if self.counts[key] >= self.cap:
+            return False, None
+        self.counts[key] += 1
+        return True, key
+
+    def release(self, key: str) -> None:
+        self.counts[key] -= 1
+        if self.counts[key] <= 0:
+            del self.counts[key]
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head and a cap on the
+    connections one client address holds open; :func:`guarded_h11_protocol` makes one
+    subclass per server, with its ``header_timeout`` and its shared ``per_client`` counts."""
+
+    header_timeout: ClassVar[float] = 0.0
+    per_client: ClassVar[_ConnectionCounts] = _ConnectionCounts(0)
+    _header_timer: asyncio.TimerHandle | None = None
+    _counted_as: str | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        key = client_key(transport.get_extra_info("peername"))
+        admitted, self._counted_as = self.per_client.admit(key)
+        if not admitted:
+            self.logger.debug("refusing a connection over the cap for %s", key)
+            transport.write(self.per_client.busy)
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            if self._header_timer is None and self.timeout_keep_alive_task is None:
+                self._arm_header_timer()
+        else:
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        key, self._counted_as = self._counted_as, None
+        if key is not None:
+            self.per_client.release(key)
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_response_complete()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        if self.header_timeout > 0:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        self.logger.debug("closing a connection that did not send its headers in time")
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        )
+        self.transport.close()
 
 
 def guarded_h11_protocol(header_timeout: float, max_per_client: int = 0) -> type[H11Protocol]:
@@ -308,70 +401,13 @@ def guarded_h11_protocol(header_timeout: float, max_per_client: int = 0) -> type
     (uvicorn's keep-alive timer covers the idle gap before it). When it fires with the head
     still incomplete, the connection gets a bare 408 and is closed.
 
-    The per-address counts live in this closure, shared by every connection of the server
-    that uses the returned class: a connection is counted from ``connection_made`` to
-    ``connection_lost`` (asyncio calls each exactly once), and one over the cap is closed
-    in ``connection_made`` without being counted.
+    The per-address counts are shared by every connection of the server that uses the
+    returned class (:class:`_ConnectionCounts`).
     """
-    counts: Counter[str] = Counter()
-    busy = _busy_response(max_per_client)
+    timeout, counts = header_timeout, _ConnectionCounts(max_per_client)
 
-    class GuardedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _counted_as: str | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            key = client_key(transport.get_extra_info("peername"))
-            if key is not None and max_per_client > 0:
-                if counts[key] >= max_per_client:
-                    self.logger.debug("refusing a connection over the cap for %s", key)
-                    transport.write(busy)
-                    transport.close()
-                    return
-                counts[key] += 1
-                self._counted_as = key
-            self._arm_header_timer()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is h11.IDLE:
-                if self._header_timer is None and self.timeout_keep_alive_task is None:
-                    self._arm_header_timer()
-            else:
-                self._cancel_header_timer()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_timer()
-            key, self._counted_as = self._counted_as, None
-            if key is not None:
-                counts[key] -= 1
-                if counts[key] <= 0:
-                    del counts[key]
-            super().connection_lost(exc)
-
-        def on_response_complete(self) -> None:
-            self._cancel_header_timer()
-            super().on_response_complete()
-
-        def _arm_header_timer(self) -> None:
-            self._cancel_header_timer()
-            if header_timeout > 0:
-                self._header_timer = self.loop.call_later(header_timeout, self._header_timeout)
-
-        def _cancel_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_timeout(self) -> None:
-            self._header_timer = None
-            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
-                return
-            self.logger.debug("closing a connection that did not send its headers in time")
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
-            )
-            self.transport.close()
+    class GuardedH11Protocol(_GuardedH11Protocol):
+        header_timeout = timeout
+        per_client = counts
 
     return GuardedH11Protocol

@@ -1,6 +1,6 @@
 """Prometheus metrics (``GET /metrics``) and health (``GET /healthz``, ``GET /readyz``).
 
-:class:`Metrics` is both the HTTP observer of the request middleware and the
+:class:`PrometheusMetrics` is both the HTTP observer of the request middleware and the
 :class:`pollama.telemetry.Telemetry` the inference service and the scheduler report to.
 Each app has its own ``CollectorRegistry`` (no module globals: tests build many apps).
 
@@ -17,7 +17,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Sized
 from typing import Protocol
 
 from fastapi import APIRouter, Request
@@ -38,7 +38,7 @@ from pollama import __version__
 from pollama.server.access_log import current_record
 from pollama.telemetry import Generation
 
-__all__ = ["MAX_MODEL_LABELS", "Metrics", "WatchedScheduler", "router"]
+__all__ = ["MAX_MODEL_LABELS", "PrometheusMetrics", "WatchedScheduler", "router"]
 
 MAX_MODEL_LABELS = 64
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -50,7 +50,7 @@ _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
 class WatchedScheduler(Protocol):
-    """What :meth:`Metrics.watch_scheduler` reads of a scheduler at each scrape."""
+    """What :meth:`PrometheusMetrics.watch_scheduler` reads of a scheduler at each scrape."""
 
     def loaded(self) -> Sized: ...
 
@@ -63,7 +63,7 @@ class _Generation:
 
     __slots__ = ("_metrics", "_model", "_start", "_last", "_ended", "_record")
 
-    def __init__(self, metrics: Metrics, model: str, prompt: str | None) -> None:
+    def __init__(self, metrics: PrometheusMetrics, model: str, prompt: str | None) -> None:
         self._metrics = metrics
         self._model = model
         self._record = current_record()
@@ -121,7 +121,7 @@ class _Generation:
             self._record.error = type(error).__name__
 
 
-class Metrics:
+class PrometheusMetrics:
     """Every pollama metric, on a registry of its own."""
 
     def __init__(self) -> None:
@@ -136,11 +136,15 @@ class Metrics:
         self._cached_total = 0
         self.started = False
         self.stopping = False
-        self._queue_watched = False
 
         info = Gauge("pollama_build_info", "pollama's version (always 1)", ["version"],
                      registry=r)  # fmt: skip
         info.labels(__version__).set(1)
+        self._add_http_metrics(r)
+        self._add_generation_metrics(r)
+        self._add_model_metrics(r)
+
+    def _add_http_metrics(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "pollama_http_requests", "HTTP requests answered, by route template, method and "
             "status", ["route", "method", "status"], registry=r,
@@ -157,6 +161,8 @@ class Metrics:
             "pollama_http_refused", "Requests refused before a route ran: host, origin, key, "
             "scope, body_size, body_timeout, uploads", ["reason"], registry=r,
         )  # fmt: skip
+
+    def _add_generation_metrics(self, r: CollectorRegistry) -> None:
         self.ttft = Histogram(
             "pollama_time_to_first_token_seconds", "Time from a generation request's arrival "
             "(queueing and model loading included) to its first output", ["model"],
@@ -187,6 +193,8 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         ratio.set_function(self._cache_ratio)
+
+    def _add_model_metrics(self, r: CollectorRegistry) -> None:
         self.queue = Gauge(
             "pollama_queue_depth", "Requests waiting for a model slot", registry=r
         )
@@ -216,11 +224,6 @@ class Metrics:
         read ``callable(pending)`` once, and stayed 0 for good) cannot come back."""
         self.loaded.set_function(lambda: float(len(scheduler.loaded())))
         self.queue.set_function(lambda: float(scheduler.pending))
-        self._queue_watched = True
-
-    def watch_loaded_models(self, count: Callable[[], int]) -> None:
-        """Read the number of loaded models from ``count`` at each scrape."""
-        self.loaded.set_function(lambda: float(count()))
 
     def _cache_ratio(self) -> float:
         with self._ratio_lock:
@@ -262,10 +265,6 @@ class Metrics:
     def generation(self, model: str, *, prompt: str | None = None) -> Generation:
         return _Generation(self, self._model_label(model), prompt)
 
-    def queue_depth(self, depth: int) -> None:
-        if not self._queue_watched:  # a watched scheduler is read at scrape time instead
-            self.queue.set(max(depth, 0))
-
     def model_loaded(self, model: str, seconds: float) -> None:
         self.load_seconds.labels(self._model_label(model)).observe(max(seconds, 0.0))
 
@@ -286,8 +285,8 @@ class Metrics:
 router = APIRouter()
 
 
-def _metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
+def _metrics(request: Request) -> PrometheusMetrics:
+    metrics: PrometheusMetrics = request.app.state.metrics
     return metrics
 
 

@@ -17,7 +17,7 @@ from pollama.keys import KeyStore
 from pollama.server import metrics as metrics_routes
 from pollama.server.access_log import AccessLog, RequestContextMiddleware
 from pollama.server.limits import LimitsMiddleware
-from pollama.server.metrics import Metrics
+from pollama.server.metrics import PrometheusMetrics
 from pollama.server.security import AccessPolicy, SecurityMiddleware
 
 __all__ = ["install_middleware"]
@@ -27,21 +27,20 @@ def install_middleware(
     app: FastAPI,
     settings: Settings,
     *,
-    metrics: Metrics | None = None,
+    metrics: PrometheusMetrics | None = None,
     keys: KeyStore | None = None,
-) -> Metrics:
+) -> PrometheusMetrics:
     """Add the middleware and ``/metrics``, ``/healthz``, ``/readyz``; return the metrics
-    (also ``app.state.metrics``). Make the :class:`Metrics` first and pass it in when the
+    (also ``app.state.metrics``). Make the :class:`PrometheusMetrics` first and pass it in when the
     inference service and the scheduler should report to it (they take it as their
     ``telemetry``); ``app.state.scheduler``, if set, is read at each scrape for the number
     of loaded models and of waiting requests."""
-    metrics = metrics or Metrics()
+    metrics = metrics or PrometheusMetrics()
     app.state.metrics = metrics
     scheduler = getattr(app.state, "scheduler", None)
     if scheduler is not None:
         metrics.watch_scheduler(scheduler)
     policy = AccessPolicy.from_settings(settings, keys)
-    app.state.access_policy = policy
     app.include_router(metrics_routes.router)
     # add_middleware puts each new one outside the previous ones: innermost first.
     app.add_middleware(

@@ -1,9 +1,10 @@
 """Error answers written by the middleware, before any route runs, in each protocol's shape.
 
 The routes raise domain errors that ``server.errors`` maps; the middleware (keys, Host,
-Origin, limits) refuses requests that never reach a route, so it writes its own bodies, but
-in the shape the caller's client parses: Anthropic's for ``/v1/messages``, OpenAI's for the
-rest of ``/v1/*``, Ollama's ``{"error": "..."}`` everywhere else (spec §2.1, §3.1, §3.7).
+Origin, limits) refuses requests that never reach a route, so it writes those answers itself,
+with the bodies ``server.errors.error_body`` formats in the shape the caller's client parses:
+Anthropic's for ``/v1/messages``, OpenAI's for the rest of ``/v1/*``, Ollama's
+``{"error": "..."}`` everywhere else (docs/ollama-behaviour.md#error-bodies-by-protocol).
 """
 
 from __future__ import annotations
@@ -13,25 +14,9 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["error_body", "json_error"]
+from pollama.server.errors import OLLAMA_JSON, error_body
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
-_OPENAI_CODES = {401: "invalid_api_key", 403: "insufficient_permissions"}
-
-
-def error_body(path: str, status: int, kind: str, message: str) -> dict[str, Any]:
-    """The body for ``path``. ``kind`` is Anthropic's error type (``authentication_error``,
-    ``permission_error``, ``request_too_large``, ``overloaded_error``…)."""
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return {"type": "error", "error": {"type": kind, "message": message}}
-    if path.startswith("/v1/"):
-        return {"error": {
-            "message": message,
-            "type": _OPENAI_TYPES.get(status, kind if status in (401, 403) else "api_error"),
-            "param": None,
-            "code": _OPENAI_CODES.get(status),
-        }}  # fmt: skip
-    return {"error": message}
+__all__ = ["json_error"]
 
 
 def json_error(
@@ -49,7 +34,7 @@ def json_error(
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json; charset=utf-8"),
+                (b"content-type", OLLAMA_JSON.encode()),
                 (b"content-length", str(len(body)).encode()),
                 *(headers or ()),
             ],

@@ -1,67 +1,32 @@
 """Anthropic-compatible routes: ``POST /v1/messages`` and ``/v1/messages/count_tokens``.
 
-Translation only, over the one inference service; errors use Anthropic's error object.
-Thinking comes back as ``thinking`` blocks (with an empty ``signature``: nothing here signs
-it), tool calls as ``tool_use`` blocks whose id is the call's id, and ``stop_reason`` is
-``tool_use`` when a call was made, ``stop_sequence`` (with ``stop_sequence`` the string) when
-one of the request's ``stop_sequences`` ended the answer, ``max_tokens`` at the length limit
-and ``end_turn`` otherwise.
+Translation only, over the one inference service: a stream is native events turned into
+Anthropic's events (:class:`_Events`), written by ``server.streaming`` in its Anthropic
+framing; errors use Anthropic's error object (``server.errors``). Thinking comes back as
+``thinking`` blocks (with an empty ``signature``: nothing here signs it), tool calls as
+``tool_use`` blocks whose id is the call's id, and ``stop_reason`` is ``tool_use`` when a call
+was made, ``stop_sequence`` (with ``stop_sequence`` the string) when one of the request's
+``stop_sequences`` ended the answer, ``max_tokens`` at the length limit and ``end_turn``
+otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response
 
-from pollama.errors import InvalidRequest
 from pollama.inference.service import InferenceService
-from pollama.inference.types import InferenceEvent
+from pollama.inference.types import InferenceEvent, ToolCall
 from pollama.protocol.anthropic import MessagesRequest, matched_stop_sequence, stop_reason
+from pollama.server.body import parse_body
 from pollama.server.disconnect import collect_while_connected
-from pollama.server.errors import log_failure, message_for, status_for, validation_message
+from pollama.server.errors import anthropic_error_response
+from pollama.server.streaming import AnthropicEvent, AnthropicEvents, stream_response
 
 router = APIRouter(prefix="/v1")
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
-
-
-def anthropic_error(exc: BaseException) -> JSONResponse:
-    status = status_for(exc)
-    log_failure(exc, status)
-    body = {
-        "type": "error",
-        "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message_for(exc)},
-        "request_id": f"req_{secrets.token_hex(12)}",
-    }
-    return JSONResponse(body, status_code=status)
-
-
-async def _parse(request: Request) -> MessagesRequest:
-    raw = await request.body()
-    if not raw.strip():
-        raise InvalidRequest("missing request body")
-    try:
-        return MessagesRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc)) from None
-
-
-def _event(kind: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps({"type": kind, **data}, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {kind}\ndata: {payload}\n\n".encode()
 
 
 def _usage(event: InferenceEvent | None) -> dict[str, int]:
@@ -93,34 +58,71 @@ class _Events:
     stop). Invariant: at most one block is open, and ``index`` is the next block's index.
     """
 
-    def __init__(self, request: MessagesRequest) -> None:
+    def __init__(self, request: MessagesRequest, ident: str) -> None:
         self.request = request
+        self.ident = ident
         self.index = 0
         self.open: str | None = None  # "thinking" | "text"
         self.thought = False  # a thinking block was closed: later thinking is dropped
         self.called = False
 
-    def _close(self) -> list[bytes]:
+    def start(self, first: InferenceEvent | None) -> AnthropicEvent:
+        """``message_start``, with the prompt's real token count (known before the first
+        token: the first event carries it)."""
+        return ("message_start", {"message": {
+            "id": self.ident,
+            "type": "message",
+            "role": "assistant",
+            "model": self.request.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": first.prompt_tokens if first else 0, "output_tokens": 0},
+        }})  # fmt: skip
+
+    def _close(self) -> list[AnthropicEvent]:
         if self.open is None:
             return []
         if self.open == "thinking":
             self.thought = True
         self.open = None
         self.index += 1
-        return [_event("content_block_stop", {"index": self.index - 1})]
+        return [("content_block_stop", {"index": self.index - 1})]
 
-    def _delta(self, kind: str, block: dict[str, Any], delta: dict[str, Any]) -> list[bytes]:
-        out: list[bytes] = []
+    def _delta(self, kind: str, block: dict[str, Any], delta: dict[str, Any]
+               ) -> list[AnthropicEvent]:
+        out: list[AnthropicEvent] = []
         if self.open != kind:
             out += self._close()
             self.open = kind
-            out.append(_event("content_block_start", {"index": self.index,
-                                                      "content_block": block}))
-        out.append(_event("content_block_delta", {"index": self.index, "delta": delta}))
+            out.append(("content_block_start", {"index": self.index, "content_block": block}))
+        out.append(("content_block_delta", {"index": self.index, "delta": delta}))
         return out
 
-    def __call__(self, event: InferenceEvent) -> list[bytes]:
-        out: list[bytes] = []
+    def _tool_use(self, call: ToolCall) -> list[AnthropicEvent]:
+        """One whole block per call: its start, its arguments in one delta, its stop."""
+        out = self._close()
+        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        delta = {"type": "input_json_delta", "partial_json": call.arguments_json()}
+        out.append(("content_block_start", {"index": self.index, "content_block": block}))
+        out.append(("content_block_delta", {"index": self.index, "delta": delta}))
+        out.append(("content_block_stop", {"index": self.index}))
+        self.index += 1
+        self.called = True
+        return out
+
+    def _end(self, event: InferenceEvent) -> list[AnthropicEvent]:
+        sequence = matched_stop_sequence(self.request, event.stop_sequence)
+        reason = stop_reason(
+            event.done_reason or "stop", tool_use=self.called, stop_sequence=sequence or ""
+        )
+        return [*self._close(), ("message_delta", {
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
+            "usage": _usage(event),
+        }), ("message_stop", {})]  # fmt: skip
+
+    def __call__(self, event: InferenceEvent) -> list[AnthropicEvent]:
+        out: list[AnthropicEvent] = []
         if event.thinking and not self.thought:
             out += self._delta(
                 "thinking",
@@ -132,106 +134,57 @@ class _Events:
                 "text", {"type": "text", "text": ""}, {"type": "text_delta", "text": event.text}
             )
         for call in event.tool_calls:
-            out += self._close()
-            block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": call.arguments_json()}
-            out.append(_event("content_block_start", {"index": self.index,
-                                                      "content_block": block}))
-            out.append(_event("content_block_delta", {"index": self.index, "delta": delta}))
-            out.append(_event("content_block_stop", {"index": self.index}))
-            self.index += 1
-            self.called = True
+            out += self._tool_use(call)
         if event.done:
-            out += self._close()
-            sequence = matched_stop_sequence(self.request, event.stop_sequence)
-            reason = stop_reason(
-                event.done_reason or "stop", tool_use=self.called, stop_sequence=sequence or ""
-            )
-            out.append(_event("message_delta", {
-                "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                "usage": _usage(event),
-            }))
-            out.append(_event("message_stop", {}))
+            out += self._end(event)
         return out
+
+
+def _message(parsed: MessagesRequest, ident: str, whole: InferenceEvent) -> dict[str, Any]:
+    """A whole answer's ``message`` object."""
+    sequence = matched_stop_sequence(parsed, whole.stop_sequence)
+    return {
+        "id": ident,
+        "type": "message",
+        "role": "assistant",
+        "model": parsed.model,
+        "content": _content(whole),
+        "stop_reason": stop_reason(
+            whole.done_reason or "stop",
+            tool_use=bool(whole.tool_calls),
+            stop_sequence=sequence or "",
+        ),
+        "stop_sequence": sequence,
+        "usage": _usage(whole),
+    }
 
 
 @router.post("/messages")
 async def messages(request: Request) -> Response:
     service: InferenceService = request.app.state.inference
     try:
-        parsed = await _parse(request)
-        prepared = await service.prepare(parsed.to_inference())
-        events = service.stream(prepared)
-        first = await anext(events, None) if parsed.stream else None
+        parsed = await parse_body(request, MessagesRequest)
+        events = service.stream(await service.prepare(parsed.to_inference()))
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
-        return anthropic_error(exc)
+        return anthropic_error_response(exc)
     ident = f"msg_{secrets.token_hex(12)}"
-    if not parsed.stream:
-        try:
-            whole = await collect_while_connected(request, events)
-        except Exception as exc:  # noqa: BLE001
-            return anthropic_error(exc)
-        sequence = matched_stop_sequence(parsed, whole.stop_sequence)
-        return JSONResponse(
-            {
-                "id": ident,
-                "type": "message",
-                "role": "assistant",
-                "model": parsed.model,
-                "content": _content(whole),
-                "stop_reason": stop_reason(
-                    whole.done_reason or "stop",
-                    tool_use=bool(whole.tool_calls),
-                    stop_sequence=sequence or "",
-                ),
-                "stop_sequence": sequence,
-                "usage": _usage(whole),
-            }
-        )
-
-    async def body() -> AsyncIterator[bytes]:
-        event = first
-        render = _Events(parsed)
-        yield _event(
-            "message_start",
-            {
-                "message": {
-                    "id": ident,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": parsed.model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    # The prompt's real token count, known before the first token.
-                    "usage": {"input_tokens": first.prompt_tokens if first else 0,
-                              "output_tokens": 0},
-                }
-            },
-        )
-        try:
-            while event is not None:
-                for data in render(event):
-                    yield data
-                event = await anext(events, None)
-        except Exception as exc:  # noqa: BLE001 - the status is already sent
-            status = status_for(exc)
-            log_failure(exc, status)
-            kind = _ERROR_TYPES.get(status, "api_error")
-            yield _event("error", {"error": {"type": kind, "message": message_for(exc)}})
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-
-    return StreamingResponse(body(), media_type="text/event-stream")
+    if parsed.stream:
+        render = _Events(parsed, ident)
+        return await stream_response(events, AnthropicEvents(render.start, render))
+    try:
+        whole = await collect_while_connected(request, events)
+    except Exception as exc:  # noqa: BLE001
+        return anthropic_error_response(exc)
+    return JSONResponse(_message(parsed, ident, whole))
 
 
 @router.post("/messages/count_tokens")
 async def count_tokens(request: Request) -> Response:
     service: InferenceService = request.app.state.inference
     try:
-        parsed = await _parse(request)
+        parsed = await parse_body(request, MessagesRequest)
         prepared = await service.prepare(parsed.to_inference(check_max_tokens=False))
         tokens = await service.count_tokens(prepared)
     except Exception as exc:  # noqa: BLE001
-        return anthropic_error(exc)
+        return anthropic_error_response(exc)
     return JSONResponse({"input_tokens": tokens})

@@ -11,24 +11,30 @@ empty, the field left out of chunks that have none); ``stream: false`` concatena
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from pollama.format import rfc3339_local, rfc3339_utc
+from pollama.format import rfc3339_utc
 from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService
 from pollama.inference.types import InferenceEvent, InferenceRequest
-from pollama.protocol.ollama import ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
+from pollama.protocol.ollama import (
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ProcessResponse,
+)
 from pollama.runner.base import Logprob, TokenLogprob
 from pollama.scheduler import Scheduler
 from pollama.server.body import parse_body
 from pollama.server.disconnect import collect_while_connected, while_connected
 from pollama.server.errors import error_response
-from pollama.server.streaming import event_stream
+from pollama.server.model_views import process_model
+from pollama.server.streaming import Ndjson, stream_response
 
 router = APIRouter()
 
@@ -118,10 +124,6 @@ def _chat_body(model: str, event: InferenceEvent) -> dict[str, Any]:
     return body
 
 
-def _line(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-
 async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: Any) -> Response:
     service = _service(request)
     try:
@@ -139,7 +141,7 @@ async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: 
 
     events = service.stream(prepared)
     if stream:
-        return await event_stream(events, lambda e: _line(shape(req.model, e)))
+        return await stream_response(events, Ndjson(lambda e: shape(req.model, e)))
     try:
         whole = await collect_while_connected(request, events)
     except Exception as exc:  # noqa: BLE001
@@ -164,21 +166,8 @@ async def chat(request: Request) -> Response:
 @router.get("/api/ps")
 async def ps(request: Request) -> Response:
     scheduler: Scheduler = request.app.state.scheduler
-    models = []
-    for loaded in scheduler.loaded():
-        models.append(
-            {
-                "name": loaded.name,
-                "model": loaded.name,
-                "size": loaded.size,
-                "digest": loaded.digest,
-                "details": loaded.details,
-                "expires_at": rfc3339_local(loaded.expires_at),
-                "size_vram": 0,
-                "context_length": loaded.context_length,
-            }
-        )
-    return JSONResponse({"models": models})
+    body = ProcessResponse(models=[process_model(loaded) for loaded in scheduler.loaded()])
+    return JSONResponse(body.model_dump())
 
 
 def _embedding_service(request: Request) -> EmbeddingService:

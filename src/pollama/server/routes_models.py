@@ -21,14 +21,16 @@ from pollama.protocol.ollama import (
     GarbageItem,
     ListResponse,
     ModelRequest,
+    ProgressResponse,
     PurgeRequest,
     PurgeResponse,
+    VersionResponse,
 )
 from pollama.server.body import parse_body
-from pollama.server.streaming import progress_response
+from pollama.server.model_views import list_entry, show_response
+from pollama.server.streaming import Ndjson, in_threads, last_response, stream_response
 from pollama.store import Store, parse_digest
-from pollama.store.create import ModelCreator
-from pollama.store.describe import list_entry, show
+from pollama.store.create import CreateProgress, ModelCreator
 
 # The Ollama release whose behaviour we match; clients gate features on /api/version.
 OLLAMA_COMPAT_VERSION = "0.33.0"
@@ -54,7 +56,8 @@ async def root() -> Response:
 
 @router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version() -> Response:
-    return JSONResponse({"version": OLLAMA_COMPAT_VERSION, "pollama_version": __version__})
+    body = VersionResponse(version=OLLAMA_COMPAT_VERSION, pollama_version=__version__)
+    return JSONResponse(body.model_dump())
 
 
 @router.api_route("/api/tags", methods=["GET", "HEAD"])
@@ -74,7 +77,7 @@ async def show_model(request: Request) -> Response:
         model = store.find(name)
         if model is None:
             raise ModelNotFound(f"model '{req.target}' not found")
-        resp = show(model, verbose=req.verbose, system=req.system, options=req.options)
+        resp = show_response(model, verbose=req.verbose, system=req.system, options=req.options)
         return resp.model_dump(exclude_none=True)
 
     return JSONResponse(await run_in_threadpool(build))
@@ -119,11 +122,21 @@ async def delete_model(request: Request) -> Response:
     return Response(status_code=200)
 
 
+def _progress_json(step: CreateProgress) -> dict[str, object]:
+    return ProgressResponse.of(step).model_dump(exclude_none=True)
+
+
 @router.post("/api/create")
 async def create_model(request: Request) -> Response:
+    """Checks that can fail run before any output, so they get their own status; the
+    steps run in threads (disk, hashing, quantizing). A client that leaves a stream stops
+    the create between two steps; ``stream: false`` runs it to its end."""
     req = await parse_body(request, CreateRequest)
-    creator = await run_in_threadpool(ModelCreator, _store(request), req)
-    return await progress_response(creator.run(), stream=req.stream is not False)
+    creator = await run_in_threadpool(ModelCreator, _store(request), req.to_spec())
+    steps = in_threads(creator.run())
+    if req.stream is not False:
+        return await stream_response(steps, Ndjson(_progress_json))
+    return await last_response(steps, _progress_json)
 
 
 @router.head("/api/blobs/{digest}")

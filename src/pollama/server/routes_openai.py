@@ -1,13 +1,14 @@
 """OpenAI-compatible routes (``/v1/*``) over the one inference service.
 
 Only translation lives here: request models turn into an ``InferenceRequest``
-(``pollama.protocol.openai``), inference events into OpenAI's chunks and objects, and errors
-into OpenAI's error object (``server.errors.openai_error_response``).
+(``pollama.protocol.openai``), inference events into OpenAI's chunks (streamed by
+``server.streaming`` in its SSE framing) and objects, and errors into OpenAI's error object
+(``server.errors``).
 
-Shapes follow Ollama's ``openai`` package (spec §3.2): reasoning as ``reasoning`` (and, for
-clients of DeepSeek-style servers, also ``reasoning_content``); tool calls whole, with
-``arguments`` a JSON string, never split across chunks; ``finish_reason`` ``tool_calls``
-when a call was made and the model stopped by itself.
+Shapes follow Ollama's ``openai`` package (docs/ollama-behaviour.md#openai-chat-completions):
+reasoning as ``reasoning`` (and, for clients of DeepSeek-style servers, also
+``reasoning_content``); tool calls whole, with ``arguments`` a JSON string, never split across
+chunks; ``finish_reason`` ``tool_calls`` when a call was made and the model stopped by itself.
 
 Logprobs, when asked: chat choices carry ``logprobs.content``, one ``{token, logprob, bytes,
 top_logprobs}`` per token (a streamed chunk those of the tokens whose text it brings; when a
@@ -21,59 +22,33 @@ choice's text, the echoed prompt included).
 from __future__ import annotations
 
 import codecs
-import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, Response
 
-from pollama.errors import InvalidRequest, ModelNotFound
+from pollama.errors import ModelNotFound
 from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService
 from pollama.inference.types import InferenceEvent
 from pollama.names import ModelName
 from pollama.protocol.openai import (
     ChatCompletionRequest,
-    CompletionRequest,
     EmbeddingRequest,
+    LegacyCompletionRequest,
     finish_reason,
 )
 from pollama.runner.base import Logprob, TokenLogprob
+from pollama.server.body import parse_body
 from pollama.server.disconnect import collect_while_connected, while_connected
-from pollama.server.errors import (
-    log_failure,
-    message_for,
-    openai_error_response,
-    status_for,
-    validation_message,
-)
+from pollama.server.errors import openai_error_response
+from pollama.server.streaming import Sse, stream_response
 from pollama.store import Store
 
 router = APIRouter(prefix="/v1")
-
-
-def _sse(data: Any) -> bytes:
-    text = (
-        data
-        if isinstance(data, str)
-        else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    )
-    return f"data: {text}\n\n".encode()
-
-
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    body = await request.body()
-    if not body.strip():
-        raise InvalidRequest("missing request body")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc)) from None
 
 
 def _usage(event: InferenceEvent | None) -> dict[str, Any]:
@@ -90,71 +65,27 @@ def _usage(event: InferenceEvent | None) -> dict[str, Any]:
     return usage
 
 
-@dataclass
-class _Started:
-    """A generation request parsed, prepared and running: ``first`` is its first event when
-    it streams (awaited before any byte is sent, so its errors still get a real status)."""
-
-    parsed: Any  # ChatCompletionRequest | CompletionRequest
-    events: AsyncIterator[InferenceEvent]
-    first: InferenceEvent | None
-
-    @property
-    def include_usage(self) -> bool:
-        options = self.parsed.stream_options
-        return bool(options and options.include_usage)
+def _include_usage(parsed: ChatCompletionRequest | LegacyCompletionRequest) -> bool:
+    options = parsed.stream_options
+    return bool(options and options.include_usage)
 
 
-async def _start(request: Request, model: type[ChatCompletionRequest | CompletionRequest]
-                 ) -> _Started:
-    parsed = await _parse(request, model)
+async def _start(request: Request, parsed: ChatCompletionRequest | LegacyCompletionRequest
+                 ) -> AsyncIterator[InferenceEvent]:
+    """The request prepared (model found, options checked) and its generation started."""
     service: InferenceService = request.app.state.inference
-    events = service.stream(await service.prepare(parsed.to_inference()))
-    return _Started(parsed, events, await _first(events) if parsed.stream else None)
+    return service.stream(await service.prepare(parsed.to_inference()))
 
 
-def _stream_error(exc: BaseException) -> bytes:
-    status = status_for(exc)
-    log_failure(exc, status)
-    kind = "invalid_request_error" if status == 400 else "api_error"
-    body = {"message": message_for(exc), "type": kind, "param": None, "code": None}
-    return _sse({"error": body})
-
-
-async def _first(events: AsyncIterator[InferenceEvent]) -> InferenceEvent | None:
-    """The first event, before any byte is sent: its errors still get a real status."""
-    try:
-        return await anext(events)
-    except StopAsyncIteration:
-        return None
-
-
-class _Stream:
-    """An SSE stream of one response: the events, then ``data: [DONE]``."""
-
-    def __init__(
-        self,
-        events: AsyncIterator[InferenceEvent],
-        first: InferenceEvent | None,
-        render: Callable[[InferenceEvent], list[dict[str, Any]]],
-    ) -> None:
-        self.events, self.first, self.render = events, first, render
-
-    async def body(self) -> AsyncIterator[bytes]:
-        event = self.first
-        try:
-            while event is not None:
-                for data in self.render(event):
-                    yield _sse(data)
-                event = await anext(self.events, None)
-        except Exception as exc:  # noqa: BLE001 - the status is already sent
-            yield _stream_error(exc)
-        finally:
-            await self.events.aclose()  # type: ignore[attr-defined]
-        yield _sse("[DONE]")
-
-    def response(self) -> StreamingResponse:
-        return StreamingResponse(self.body(), media_type="text/event-stream")
+def _head(ident: str, kind: str, model: str) -> dict[str, Any]:
+    """The fields every object of one response starts with; ``created`` is now."""
+    return {
+        "id": ident,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_ollama",
+    }
 
 
 def _token_logprob(entry: TokenLogprob) -> dict[str, Any]:
@@ -224,15 +155,10 @@ class _ChatChunks:
     finish chunk with an empty delta, and the usage chunk when asked for.
     """
 
-    def __init__(self, ident: str, created: int, model: str, include_usage: bool) -> None:
-        self.base = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_ollama",
-        }
+    def __init__(self, ident: str, model: str, include_usage: bool) -> None:
+        self.ident, self.model = ident, model
         self.include_usage = include_usage
+        self.head: dict[str, Any] = {}  # made at the first event: ``created`` is then
         self.started = False
         self.called = False
 
@@ -242,7 +168,7 @@ class _ChatChunks:
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
         if logprobs:
             choice["logprobs"] = _chat_logprobs(logprobs)
-        return {**self.base, "choices": [choice]}
+        return {**self.head, "choices": [choice]}
 
     def _delta(self, event: InferenceEvent, *, thinking: bool, rest: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {}
@@ -260,6 +186,7 @@ class _ChatChunks:
         return delta
 
     def __call__(self, event: InferenceEvent) -> list[dict[str, Any]]:
+        self.head = self.head or _head(self.ident, "chat.completion.chunk", self.model)
         out: list[dict[str, Any]] = []
         trailer = event.done and not (
             event.text or event.thinking or event.tool_calls or event.logprobs
@@ -275,26 +202,12 @@ class _ChatChunks:
             reason = finish_reason(event.done_reason or "stop", tool_calls=self.called)
             out.append(self._chunk({}, reason))
             if self.include_usage:
-                out.append({**self.base, "choices": [], "usage": _usage(event)})
+                out.append({**self.head, "choices": [], "usage": _usage(event)})
         return out
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    try:
-        started = await _start(request, ChatCompletionRequest)
-    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
-        return openai_error_response(exc)
-    parsed = started.parsed
-    ident = f"chatcmpl-{random.randint(0, 998)}"
-    created = int(time.time())
-    if parsed.stream:
-        render = _ChatChunks(ident, created, parsed.model, started.include_usage)
-        return _Stream(started.events, started.first, render).response()
-    try:
-        whole = await collect_while_connected(request, started.events)
-    except Exception as exc:  # noqa: BLE001
-        return openai_error_response(exc)
+def _chat_completion(head: dict[str, Any], whole: InferenceEvent) -> dict[str, Any]:
+    """A whole ``chat.completion``."""
     choice: dict[str, Any] = {
         "index": 0,
         "message": _message(whole),
@@ -304,17 +217,26 @@ async def chat_completions(request: Request) -> Response:
     }
     if whole.logprobs:
         choice["logprobs"] = _chat_logprobs(whole.logprobs)
-    return JSONResponse(
-        {
-            "id": ident,
-            "object": "chat.completion",
-            "created": created,
-            "model": parsed.model,
-            "system_fingerprint": "fp_ollama",
-            "choices": [choice],
-            "usage": _usage(whole),
-        }
-    )
+    return {**head, "choices": [choice], "usage": _usage(whole)}
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    try:
+        parsed = await parse_body(request, ChatCompletionRequest)
+        events = await _start(request, parsed)
+    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
+        return openai_error_response(exc)
+    ident = f"chatcmpl-{random.randint(0, 998)}"
+    if parsed.stream:
+        chunks = _ChatChunks(ident, parsed.model, _include_usage(parsed))
+        return await stream_response(events, Sse(chunks))
+    head = _head(ident, "chat.completion", parsed.model)
+    try:
+        whole = await collect_while_connected(request, events)
+    except Exception as exc:  # noqa: BLE001
+        return openai_error_response(exc)
+    return JSONResponse(_chat_completion(head, whole))
 
 
 def _text_choice(
@@ -330,48 +252,54 @@ def _text_choice(
     return choice
 
 
+class _CompletionChunks:
+    """Native events → ``text_completion`` chunks: the echoed prompt goes before the first
+    text; an event with no text, logprobs or end sends nothing; with ``include_usage`` every
+    chunk has a zero ``usage`` and a last chunk has the real one."""
+
+    def __init__(self, ident: str, model: str, echo: str, include_usage: bool) -> None:
+        self.ident, self.model = ident, model
+        self.pending = echo
+        self.legacy = _LegacyLogprobs(len(echo))
+        self.include_usage = include_usage
+        self.head: dict[str, Any] = {}  # made at the first event: ``created`` is then
+
+    def __call__(self, event: InferenceEvent) -> list[dict[str, Any]]:
+        self.head = self.head or _head(self.ident, "text_completion", self.model)
+        text, self.pending = self.pending + event.text, ""
+        if not text and not event.done and not event.logprobs:
+            return []
+        finish = (event.done_reason or "stop") if event.done else None
+        choice = _text_choice(text, finish, event.logprobs, self.legacy)
+        chunk: dict[str, Any] = {**self.head, "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        out = [chunk]
+        if event.done and self.include_usage:
+            out.append({**self.head, "choices": [], "usage": _usage(event)})
+        return out
+
+
 @router.post("/completions")
 async def completions(request: Request) -> Response:
     try:
-        started = await _start(request, CompletionRequest)
+        parsed = await parse_body(request, LegacyCompletionRequest)
+        events = await _start(request, parsed)
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return openai_error_response(exc)
-    parsed = started.parsed
-    base = {
-        "id": f"cmpl-{random.randint(0, 998)}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": parsed.model,
-        "system_fingerprint": "fp_ollama",
-    }
+    ident = f"cmpl-{random.randint(0, 998)}"
     echo = parsed.prompt if parsed.echo else ""
-    legacy = _LegacyLogprobs(len(echo))
     if parsed.stream:
-        include_usage = started.include_usage
-        pending = [echo]
-
-        def render(event: InferenceEvent) -> list[dict[str, Any]]:
-            text = pending.pop() + event.text if pending else event.text
-            if not text and not event.done and not event.logprobs:
-                return []
-            finish = (event.done_reason or "stop") if event.done else None
-            choice = _text_choice(text, finish, event.logprobs, legacy)
-            chunk: dict[str, Any] = {**base, "choices": [choice]}
-            if include_usage:
-                chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            out = [chunk]
-            if event.done and include_usage:
-                out.append({**base, "choices": [], "usage": _usage(event)})
-            return out
-
-        return _Stream(started.events, started.first, render).response()
+        chunks = _CompletionChunks(ident, parsed.model, echo, _include_usage(parsed))
+        return await stream_response(events, Sse(chunks))
+    head = _head(ident, "text_completion", parsed.model)
     try:
-        whole = await collect_while_connected(request, started.events)
+        whole = await collect_while_connected(request, events)
     except Exception as exc:  # noqa: BLE001
         return openai_error_response(exc)
     finish = whole.done_reason or "stop"
-    choice = _text_choice(echo + whole.text, finish, whole.logprobs, legacy)
-    return JSONResponse({**base, "choices": [choice], "usage": _usage(whole)})
+    choice = _text_choice(echo + whole.text, finish, whole.logprobs, _LegacyLogprobs(len(echo)))
+    return JSONResponse({**head, "choices": [choice], "usage": _usage(whole)})
 
 
 def _model_object(name: str, created: int, namespace: str) -> dict[str, Any]:
@@ -406,7 +334,7 @@ async def embeddings(request: Request) -> Response:
     "usage"}``; vectors as float lists or, with ``encoding_format: base64``, as base64 of
     little-endian float32 (the ``openai`` SDK asks for base64 by default)."""
     try:
-        parsed = await _parse(request, EmbeddingRequest)
+        parsed = await parse_body(request, EmbeddingRequest)
         service: EmbeddingService = request.app.state.embeddings
         result = await while_connected(
             request.receive, service.embed(service.prepare(parsed.to_embedding()))

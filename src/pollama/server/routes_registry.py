@@ -1,10 +1,11 @@
 """Registry routes: ``/api/pull`` and ``/api/push``, and the read side of ``/v2/``.
 
-``/api/pull`` and ``/api/push`` stream :class:`pollama.registry.Progress` objects as NDJSON
-with Ollama's rules (spec §2.1): an error before the first object gets its own status,
-later ones a final ``{"error": ...}`` line; ``stream: false`` answers the last object. When
-the client goes away, streamed or not, the progress stream is closed at once, which lets a
-download that no other pull follows stop (keeping its bytes for the next pull).
+``/api/pull`` and ``/api/push`` stream :class:`pollama.registry.TransferProgress` objects as NDJSON
+with Ollama's rules (docs/ollama-behaviour.md#errors-and-streaming): an error before the first
+object gets its own status, later ones a final ``{"error": ...}`` line; ``stream: false``
+answers the last object. When the client goes away, streamed or not, the progress stream is
+closed at once, which lets a download that no other pull follows stop (keeping its bytes for the
+next pull).
 
 ``/v2/`` (beyond Ollama, off unless ``POLLAMA_SERVE_REGISTRY``) serves the store's models to
 other machines with the registry protocol's read side: ``GET /v2/``, manifests by tag and
@@ -16,31 +17,28 @@ validated before any path is built (a traversal attempt is a 400 that touches no
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 from pollama.errors import InvalidDigest, InvalidRequest
 from pollama.names import DEFAULT_HOST, ModelName
 from pollama.protocol.ollama import OllamaModel
 from pollama.server.body import parse_body
-from pollama.server.disconnect import while_connected
-from pollama.server.errors import error_response, message_for
+from pollama.server.errors import registry_body
+from pollama.server.streaming import Ndjson, last_response, stream_response
 from pollama.store import Store, parse_digest
 from pollama.store.manifests import MANIFEST_MEDIA_TYPE, StoredManifest
 
 if TYPE_CHECKING:
-    from pollama.registry import Progress, RegistryService
+    from pollama.registry import RegistryService, TransferProgress
+    from pollama.telemetry import Telemetry
 
 router = APIRouter()
-
-NDJSON = "application/x-ndjson"
 
 
 class PullRequest(OllamaModel):
@@ -75,67 +73,17 @@ def _service(request: Request) -> RegistryService:
     return service
 
 
-def _line(item: Any) -> bytes:
-    if not isinstance(item, dict):  # a pollama.registry.Progress
-        item = item.to_json()
-    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+async def _progress(request: Request, events: AsyncIterator[TransferProgress], *, stream: bool
+                    ) -> Response:
+    """NDJSON progress, or the last item; either way the transfer stops if the client
+    leaves (the stream's items are closed, or the non-streamed work is cancelled)."""
+    if stream:
+        return await stream_response(events, Ndjson(_progress_json))
+    return await last_response(events, _progress_json, receive=request.receive)
 
 
-class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its iterator when the response ends, however it ends (a client that left
-    included), instead of leaving that to garbage collection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
-async def _last(events: AsyncIterator[Progress]) -> Progress | None:
-    last: Progress | None = None
-    async for item in events:
-        last = item
-    return last
-
-
-async def progress_stream(
-    events: AsyncIterator[Progress], receive: Receive, *, stream: bool
-) -> Response:
-    """Answer a progress generator as NDJSON, or its last item for ``stream: false`` (a
-    client that leaves before it stops the transfer, as when it streams)."""
-    if not stream:
-        try:
-            last = await while_connected(receive, _last(events))
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-            return error_response(exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await events.aclose()  # type: ignore[attr-defined]
-        return JSONResponse(last.to_json() if last else {})
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        return Response(media_type=NDJSON)
-    except Exception as exc:  # noqa: BLE001
-        with anyio.CancelScope(shield=True):
-            await events.aclose()  # type: ignore[attr-defined]
-        return error_response(exc)
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield _line(first)
-            async for item in events:
-                yield _line(item)
-        except Exception as exc:  # noqa: BLE001
-            error_response(exc)  # logs server-side failures
-            yield _line({"error": message_for(exc)})
-        finally:
-            with anyio.CancelScope(shield=True):
-                await events.aclose()  # type: ignore[attr-defined]
-
-    return _ClosingStreamingResponse(body(), media_type=NDJSON)
+def _progress_json(item: TransferProgress) -> dict[str, Any]:
+    return item.to_json()
 
 
 def _parse_name(text: str) -> ModelName:
@@ -144,12 +92,29 @@ def _parse_name(text: str) -> ModelName:
     return ModelName.parse(text)
 
 
+async def _counting_downloads(
+    events: AsyncIterator[TransferProgress], telemetry: Telemetry
+) -> AsyncIterator[TransferProgress]:
+    """The pull's progress, reporting the bytes each layer gained since its first report
+    (``pollama_pull_bytes_total``: downloaded now, not resumed from an earlier pull)."""
+    seen: dict[str, int] = {}
+    async with aclosing(events):
+        async for item in events:
+            if item.digest:
+                before = seen.setdefault(item.digest, item.completed)
+                if item.completed > before:
+                    telemetry.pull_bytes(item.completed - before)
+                    seen[item.digest] = item.completed
+            yield item
+
+
 @router.post("/api/pull")
 async def pull(request: Request) -> Response:
     req = await parse_body(request, PullRequest)
     name = _parse_name(req.target)
     events = _service(request).pull(name, insecure=req.insecure)
-    return await progress_stream(events, request.receive, stream=req.stream is not False)
+    events = _counting_downloads(events, request.app.state.metrics)
+    return await _progress(request, events, stream=req.stream is not False)
 
 
 @router.post("/api/push")
@@ -157,7 +122,7 @@ async def push(request: Request) -> Response:
     req = await parse_body(request, PushRequest)
     name = _parse_name(req.target)
     events = _service(request).push(name, insecure=req.insecure)
-    return await progress_stream(events, request.receive, stream=req.stream is not False)
+    return await _progress(request, events, stream=req.stream is not False)
 
 
 # -- the read side of the registry protocol ------------------------------------------------
@@ -166,8 +131,7 @@ _API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 def _registry_error(status: int, code: str, message: str) -> JSONResponse:
-    body = {"errors": [{"code": code, "message": message, "detail": None}]}
-    return JSONResponse(body, status_code=status, headers=_API_VERSION)
+    return JSONResponse(registry_body(code, message), status_code=status, headers=_API_VERSION)
 
 
 def _serving(request: Request) -> Response | None:

@@ -1,8 +1,8 @@
 """Who may call what: the Host, Origin (CORS) and API-key checks, in one ASGI middleware.
 
 One choke point for every route, including routes added after this module was written
-(vLLM's ``--api-key`` covered only some prefixes; spec ``security.md``). The checks run in
-this order, and each refusal is a JSON body that says what to change:
+(vLLM's ``--api-key`` covered only some prefixes; docs/security.md#the-http-surface). The checks
+run in this order, and each refusal is a JSON body that says what to change:
 
 1. **Host** (DNS rebinding, CVE-2024-28224). The ``Host`` header must name this server:
    empty, ``localhost``, the machine's hostname, ``*.localhost``/``*.local``/``*.internal``,
@@ -34,7 +34,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pollama.config import Settings
 from pollama.keys import KeyFileError, KeyStore, Permission
-from pollama.server.access_log import current_record, route_template
+from pollama.server.access_log import RequestRecord, current_record, route_template
 from pollama.server.refusals import json_error
 
 __all__ = [
@@ -290,6 +290,18 @@ def _presented_key(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """A request the middleware answers itself: ``reason`` is the access log's and the
+    metrics' ``refused`` label, ``kind`` Anthropic's error type."""
+
+    reason: str
+    status: int
+    kind: str
+    message: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
 class SecurityMiddleware:
     """Host, then Origin, then key (see the module docstring); everything else passes."""
 
@@ -302,66 +314,19 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        method: str = scope["method"]
-        path: str = scope["path"]
-        policy = self.policy
         record = current_record()
-
-        host = headers.get("host", "")
-        if not policy.hosts.allowed(host):
-            shown = _split_host(host)[:100]
-            if record is not None:
-                record.refused = "host"
-            await json_error(path, 403, "permission_error", (
-                f"host '{shown}' is not allowed: requests must be addressed to this server's "
-                "own address or to localhost (DNS rebinding protection); to serve requests "
-                f"for this name, add it to POLLAMA_ALLOWED_HOSTS (e.g. POLLAMA_ALLOWED_HOSTS="
-                f"{shown}) and restart pollama serve"
-            ))(scope, receive, send)
-            return
-
-        cors: list[tuple[bytes, bytes]] = []
-        origin = headers.get("origin")
-        if origin and origin not in (f"http://{host}", f"https://{host}"):
-            if not policy.origins.allowed(origin):
-                if record is not None:
-                    record.refused = "origin"
-                shown = origin[:200]
-                await json_error(path, 403, "permission_error", (
-                    f"origin '{shown}' is not allowed to call this server from a browser; to "
-                    f"allow it, add it to OLLAMA_ORIGINS (comma-separated, '*' wildcards "
-                    f"allowed, e.g. OLLAMA_ORIGINS={shown}) and restart pollama serve"
-                ))(scope, receive, send)
-                return
-            cors = policy.origins.headers(origin, preflight=method == "OPTIONS")
-        if method == "OPTIONS":
+        refusal, cors = self._host_and_origin(scope["method"], headers)
+        if refusal is None and scope["method"] == "OPTIONS":
             await _empty(204, cors)(scope, receive, send)
             return
-
-        template = record.route if record is not None else route_template(scope)
-        permission = permission_for(method, template)
-        if permission is not None and policy.keys_required():
-            key = policy.keys.authenticate(_presented_key(headers))
-            if key is None:
-                if record is not None:
-                    record.refused = "key"
-                message = _refusal_message(policy, headers)
-                await json_error(path, 401, "authentication_error", message, cors + [
-                    (b"www-authenticate", b'Bearer realm="pollama"')
-                ])(scope, receive, send)
-                return
+        if refusal is None:
+            refusal = self._key_refusal(scope, headers, record, cors)
+        if refusal is not None:
             if record is not None:
-                record.key_name = key.name
-            if not key.allows(permission):
-                if record is not None:
-                    record.refused = "scope"
-                await json_error(path, 403, "permission_error", (
-                    f"forbidden: the API key '{key.name}' has scope '{key.scope.value}', which "
-                    f"does not allow {method} {path}; use a key created with --scope "
-                    f"{'manage' if permission is Permission.MANAGE else 'inference'} or --scope all"
-                ), cors)(scope, receive, send)
-                return
-
+                record.refused = refusal.reason
+            await json_error(scope["path"], refusal.status, refusal.kind, refusal.message,
+                             refusal.headers)(scope, receive, send)  # fmt: skip
+            return
         if not cors:
             await self.app(scope, receive, send)
             return
@@ -372,6 +337,56 @@ class SecurityMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+    def _host_and_origin(self, method: str, headers: Headers
+                         ) -> tuple[_Refusal | None, list[tuple[bytes, bytes]]]:
+        """The refusal of a foreign Host or a refused Origin, else the CORS headers to add
+        (none for a request that is not cross-origin)."""
+        host = headers.get("host", "")
+        if not self.policy.hosts.allowed(host):
+            shown = _split_host(host)[:100]
+            return _Refusal("host", 403, "permission_error", (
+                f"host '{shown}' is not allowed: requests must be addressed to this server's "
+                "own address or to localhost (DNS rebinding protection); to serve requests "
+                f"for this name, add it to POLLAMA_ALLOWED_HOSTS (e.g. POLLAMA_ALLOWED_HOSTS="
+                f"{shown}) and restart pollama serve"
+            )), []  # fmt: skip
+        origin = headers.get("origin")
+        if not origin or origin in (f"http://{host}", f"https://{host}"):
+            return None, []
+        if not self.policy.origins.allowed(origin):
+            shown = origin[:200]
+            return _Refusal("origin", 403, "permission_error", (
+                f"origin '{shown}' is not allowed to call this server from a browser; to "
+                f"allow it, add it to OLLAMA_ORIGINS (comma-separated, '*' wildcards "
+                f"allowed, e.g. OLLAMA_ORIGINS={shown}) and restart pollama serve"
+            )), []  # fmt: skip
+        return None, self.policy.origins.headers(origin, preflight=method == "OPTIONS")
+
+    def _key_refusal(self, scope: Scope, headers: Headers, record: RequestRecord | None,
+                     cors: list[tuple[bytes, bytes]]) -> _Refusal | None:
+        """The refusal of a missing or wrong key (401) or of a key without the route's
+        scope (403), when the route needs a key; the key's name goes to the access log."""
+        method: str = scope["method"]
+        template = record.route if record is not None else route_template(scope)
+        permission = permission_for(method, template)
+        if permission is None or not self.policy.keys_required():
+            return None
+        key = self.policy.keys.authenticate(_presented_key(headers))
+        if key is None:
+            message = _refusal_message(self.policy, headers)
+            return _Refusal("key", 401, "authentication_error", message, cors + [
+                (b"www-authenticate", b'Bearer realm="pollama"')
+            ])  # fmt: skip
+        if record is not None:
+            record.key_name = key.name
+        if key.allows(permission):
+            return None
+        return _Refusal("scope", 403, "permission_error", (
+            f"forbidden: the API key '{key.name}' has scope '{key.scope.value}', which "
+            f"does not allow {method} {scope['path']}; use a key created with --scope "
+            f"{'manage' if permission is Permission.MANAGE else 'inference'} or --scope all"
+        ), cors)  # fmt: skip
 
 
 def _refusal_message(policy: AccessPolicy, headers: Headers) -> str:

@@ -1,9 +1,9 @@
 """Server-side ``create``: build a model's layers from uploaded blobs or an existing model.
 
-This follows Ollama's ``CreateHandler``/``createModel`` (spec §4.4) step by step, including
-the progress statuses it streams, with two deliberate differences: the server never opens a
-path named by the caller (only blobs already in the store, by digest), and a GGUF is checked
-by our bounds-checked reader instead of being rewritten.
+This follows Ollama's ``CreateHandler``/``createModel`` (docs/ollama-behaviour.md#create) step
+by step, including the progress statuses it streams, with two deliberate differences: the server
+never opens a path named by the caller (only blobs already in the store, by digest), and a GGUF
+is checked by our bounds-checked reader instead of being rewritten.
 
 Nothing is visible under the new name until every layer is in place and the manifest has
 been written atomically; a failure at any step leaves the store's manifests as they were.
@@ -11,8 +11,8 @@ been written atomically; a failure at any step leaves the store's manifests as t
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import posixpath
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,8 +28,7 @@ from pollama.errors import (
 from pollama.format import human_number
 from pollama.gguf import GGUFInfo
 from pollama.names import ModelName
-from pollama.protocol.ollama import CreateRequest, ProgressResponse
-from pollama.protocol.options import validate_parameters
+from pollama.options import validate_parameters
 from pollama.store.blobs import parse_digest
 from pollama.store.gguf_cache import gguf_info
 from pollama.store.manifests import (
@@ -53,6 +52,39 @@ from pollama.store.quantize import normalize_quantization, quantize_file
 from pollama.template import Template, detect_named_template
 
 _GGUF_MEDIA = (MEDIA_MODEL, MEDIA_PROJECTOR, MEDIA_ADAPTER, MEDIA_DRAFT)
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    """What to build a model from, as an ``/api/create`` request says it (the server's
+    ``CreateRequest.to_spec()``): ``base`` a local model's name, or ``files`` uploaded GGUF
+    blobs (``{filename: digest}``), then the layers that override the base's. Empty values
+    mean "not given" (keep the base's)."""
+
+    name: str
+    base: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    adapters: dict[str, str] = field(default_factory=dict)
+    quantize: str = ""
+    template: str = ""
+    system: str = ""
+    license: tuple[str, ...] = ()
+    parameters: dict[str, Any] = field(default_factory=dict)
+    messages: tuple[dict[str, Any], ...] = ()
+    renderer: str = ""
+    parser: str = ""
+    requires: str = ""
+
+
+@dataclass(frozen=True)
+class CreateProgress:
+    """One step of a create, as Ollama reports it (``api.ProgressResponse``): a status, and
+    for a quantization the bytes done of the total (None: not part of this step)."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
 
 
 @dataclass
@@ -100,25 +132,26 @@ def _valid_relative_path(path: str) -> bool:
     return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
-def check_request(req: CreateRequest) -> ModelName:
-    """Everything that can be refused before streaming starts (so it gets a real 4xx)."""
-    name = ModelName.parse(req.target)
-    for group in (req.files, req.adapters):
-        for filename, digest in (group or {}).items():
+def check_request(spec: CreateSpec) -> tuple[ModelName, CreateSpec]:
+    """Everything that can be refused before streaming starts (so it gets a real 4xx); the
+    name, and the spec with its parameters as they will be stored."""
+    name = ModelName.parse(spec.name)
+    for group in (spec.files, spec.adapters):
+        for filename, digest in group.items():
             if not _valid_relative_path(filename):
                 raise InvalidRequest("file path must be relative")
             parse_digest(digest)
-    if req.adapters and len(req.adapters) > 1:
+    if len(spec.adapters) > 1:
         raise InvalidRequest("only one adapter is currently supported")
-    if not req.from_ and not req.files:
+    if not spec.base and not spec.files:
         raise InvalidRequest("neither 'from' or 'files' was specified")
-    if req.quantize_type:
-        normalize_quantization(req.quantize_type)
-    if req.template:
-        _parse_template(req.template)
-    if req.parameters:
-        req.parameters = validate_parameters(req.parameters)
-    return name
+    if spec.quantize:
+        normalize_quantization(spec.quantize)
+    if spec.template:
+        _parse_template(spec.template)
+    if spec.parameters:
+        spec = dataclasses.replace(spec, parameters=validate_parameters(spec.parameters))
+    return name, spec
 
 
 def _parse_template(text: str) -> None:
@@ -131,33 +164,30 @@ def _parse_template(text: str) -> None:
 class ModelCreator:
     """One create operation; iterate :meth:`run` for its progress."""
 
-    def __init__(self, store: Store, req: CreateRequest) -> None:
+    def __init__(self, store: Store, spec: CreateSpec) -> None:
         self.store = store
-        self.req = req
-        self.name = check_request(req)
+        self.name, self.spec = check_request(spec)
 
-    def run(self) -> Iterator[ProgressResponse]:
-        store, req = self.store, self.req
+    def run(self) -> Iterator[CreateProgress]:
+        store, spec = self.store, self.spec
         store.ensure()
         old = store.find(self.name)
-        config = _Config(
-            renderer=req.renderer or "", parser=req.parser or "", requires=req.requires or ""
-        )
-        if req.from_:
-            layers = self._from_model(req.from_, config)
+        config = _Config(renderer=spec.renderer, parser=spec.parser, requires=spec.requires)
+        if spec.base:
+            layers = self._from_model(spec.base, config)
         else:
-            layers = yield from self._from_files(req.files or {}, detect_template=True)
-        if req.adapters:
-            layers += yield from self._from_files(req.adapters, adapter=True)
-        if req.quantize_type:
-            layers = yield from self._quantize(layers, req.quantize_type)
+            layers = yield from self._from_files(spec.files, detect_template=True)
+        if spec.adapters:
+            layers += yield from self._from_files(spec.adapters, adapter=True)
+        if spec.quantize:
+            layers = yield from self._quantize(layers, spec.quantize)
         self._fill_config(config, layers)
         layers = self._apply_overrides(layers)
         config_blob = store.blobs.put_bytes(config.to_bytes())
         for item in layers:
             if item.status:
-                yield ProgressResponse(status=item.status)
-        yield ProgressResponse(status="writing manifest")
+                yield CreateProgress(status=item.status)
+        yield CreateProgress(status="writing manifest")
         manifest = Manifest(
             config=Layer(CONFIG_MEDIA_TYPE, config_blob.digest, config_blob.size),
             layers=tuple(item.layer for item in layers),
@@ -167,7 +197,7 @@ class ModelCreator:
             store.manifests.write(target, manifest)
             if old is not None and not store.noprune:
                 store.prune(old.stored.manifest.digests())
-        yield ProgressResponse(status="success")
+        yield CreateProgress(status="success")
 
     def _from_model(self, ref: str, config: _Config) -> list[_Layer]:
         try:
@@ -196,11 +226,11 @@ class ModelCreator:
 
     def _from_files(
         self, files: dict[str, str], *, adapter: bool = False, detect_template: bool = False
-    ) -> Iterator[ProgressResponse]:
+    ) -> Iterator[CreateProgress]:
         layers: list[_Layer] = []
         for filename in sorted(files):
             digest = parse_digest(files[filename])
-            yield ProgressResponse(status="parsing GGUF")
+            yield CreateProgress(status="parsing GGUF")
             path = self.store.blobs.path(digest)
             if not path.is_file():
                 raise BlobNotFound(
@@ -236,7 +266,7 @@ class ModelCreator:
                     layers.append(self._new_layer(MEDIA_PARAMS, named.params_json()))
         return layers
 
-    def _quantize(self, layers: list[_Layer], type_name: str) -> Iterator[ProgressResponse]:
+    def _quantize(self, layers: list[_Layer], type_name: str) -> Iterator[CreateProgress]:
         target = normalize_quantization(type_name)
         out: list[_Layer] = []
         for item in layers:
@@ -246,17 +276,17 @@ class ModelCreator:
             source = self.store.blobs.path(item.layer.digest)
             status = f"quantizing {item.info.file_type} model to {target}"
             total = item.layer.size
-            progress: list[ProgressResponse] = []
+            progress: list[CreateProgress] = []
 
             def report(
                 done: int,
                 _total: int,
                 status: str = status,
                 total: int = total,
-                progress: list[ProgressResponse] = progress,
+                progress: list[CreateProgress] = progress,
             ) -> None:
                 progress.append(
-                    ProgressResponse(
+                    CreateProgress(
                         status=status,
                         digest="0000000000000000000",
                         total=total,
@@ -264,7 +294,7 @@ class ModelCreator:
                     )
                 )
 
-            yield ProgressResponse(
+            yield CreateProgress(
                 status=status, digest="0000000000000000000", total=total, completed=0
             )
             with tempfile.TemporaryDirectory(dir=self.store.blobs.dir, prefix="tmp-") as tmp:
@@ -273,7 +303,7 @@ class ModelCreator:
                     source, dest, target, on_progress=report, source_file_type=item.info.file_type
                 )
                 yield from progress
-                yield ProgressResponse(status="verifying conversion")
+                yield CreateProgress(status="verifying conversion")
                 info = gguf_info(dest, display_name="quantized model")
                 blob = self.store.blobs.put_file(dest)
             status_word = "creating new layer" if blob.created else "using existing layer"
@@ -298,18 +328,17 @@ class ModelCreator:
             config.model_families.append(info.architecture or "")
 
     def _apply_overrides(self, layers: list[_Layer]) -> list[_Layer]:
-        req = self.req
-        if req.template:
+        spec = self.spec
+        if spec.template:
             layers = _without(layers, MEDIA_TEMPLATE, MEDIA_PROMPT)
-            layers.append(self._new_layer(MEDIA_TEMPLATE, req.template.encode()))
-        if req.system:
+            layers.append(self._new_layer(MEDIA_TEMPLATE, spec.template.encode()))
+        if spec.system:
             layers = _without(layers, MEDIA_SYSTEM)
-            layers.append(self._new_layer(MEDIA_SYSTEM, req.system.encode()))
-        licenses = [req.license] if isinstance(req.license, str) else (req.license or [])
-        for text in licenses:
+            layers.append(self._new_layer(MEDIA_SYSTEM, spec.system.encode()))
+        for text in spec.license:
             if text:
                 layers.append(self._new_layer(MEDIA_LICENSE, text.encode()))
-        params = dict(req.parameters or {})
+        params = dict(spec.parameters)
         for item in layers:
             if item.layer.media_type == MEDIA_PARAMS:
                 existing = json.loads(self.store.blobs.read_bytes(item.layer.digest))
@@ -319,9 +348,9 @@ class ModelCreator:
         if params:
             layers = _without(layers, MEDIA_PARAMS)
             layers.append(self._new_layer(MEDIA_PARAMS, _params_bytes(params)))
-        if req.messages:
+        if spec.messages:
             layers = _without(layers, MEDIA_MESSAGES)
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            messages = list(spec.messages)
             layers.append(self._new_layer(MEDIA_MESSAGES, go_json(messages).encode() + b"\n"))
         return layers
 
@@ -349,8 +378,3 @@ def _is_projector(info: GGUFInfo) -> bool:
     block_count = info.kv.get(f"{arch}.block_count") or 0
     vision_blocks = info.kv.get(f"{arch}.vision.block_count") or 0
     return bool(not block_count and vision_blocks) or (arch == "clip" and not block_count)
-
-
-def relative_name(path: str) -> str:
-    """The ``files`` key for an uploaded file: its basename (posix form)."""
-    return posixpath.basename(path.replace("\\", "/"))

@@ -1,21 +1,23 @@
-"""What ``/api/tags``, ``/api/show`` and the capability checks say about a stored model.
+"""What ``/api/tags``, ``/api/show``, ``/api/ps`` and the capability checks say about a
+stored model, in the store's terms (the server fills its wire shapes from them).
 
 Derived, never stored: details come from the config blob (falling back to the GGUF
-header), capabilities from the GGUF keys and the template (spec §10.4), the Modelfile from
-the layers (spec §10.3). Every function here reads; none writes.
+header), capabilities from the GGUF keys and the template
+(docs/ollama-behaviour.md#capabilities), the Modelfile from the layers
+(docs/ollama-behaviour.md#show). Every function here reads; none writes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pollama.errors import GGUFError
-from pollama.format import go_value, rfc3339_local
+from pollama.format import go_value
 from pollama.gguf import GGUFInfo
 from pollama.modelfile import render_modelfile
-from pollama.protocol.ollama import ListModel, Message, ModelDetails, ShowResponse, TensorInfo
 from pollama.store.gguf_cache import gguf_info
-from pollama.store.manifests import MEDIA_ADAPTER, MEDIA_MODEL, MEDIA_PROJECTOR
+from pollama.store.manifests import MEDIA_PROJECTOR
 from pollama.store.models import LocalModel
 from pollama.template import Template, jinja_capabilities, template_capabilities
 
@@ -28,10 +30,23 @@ def model_gguf(model: LocalModel) -> GGUFInfo | None:
     return gguf_info(path, display_name=model.name.display_shortest())
 
 
-def details(model: LocalModel) -> ModelDetails:
+@dataclass(frozen=True)
+class ConfigDetails:
+    """What the config blob records about a model's weights, in the fields (and the order)
+    of Ollama's ``details`` object, which ``/api/tags``, ``/api/show`` and ``/api/ps`` show."""
+
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+def details(model: LocalModel) -> ConfigDetails:
     config = model.config()
     families = config.get("model_families")
-    return ModelDetails(
+    return ConfigDetails(
         parent_model="",
         format=str(config.get("model_format") or ""),
         family=str(config.get("model_family") or ""),
@@ -78,18 +93,6 @@ def _ordered(caps: list[str]) -> list[str]:
     return sorted(unique, key=lambda c: _CAP_ORDER.index(c) if c in _CAP_ORDER else 99)
 
 
-def list_entry(model: LocalModel) -> ListModel:
-    short = model.name.display_shortest()
-    return ListModel(
-        name=short,
-        model=short,
-        modified_at=rfc3339_local(model.mtime_ns),
-        size=model.size,
-        digest=model.digest,
-        details=details(model),
-    )
-
-
 def parameters_text(params: dict[str, Any]) -> str:
     """``%-30s %#v`` lines, one per value (list values expanded), as Ollama prints them."""
     lines = []
@@ -99,63 +102,29 @@ def parameters_text(params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def show(
-    model: LocalModel,
-    *,
-    verbose: bool = False,
-    system: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> ShowResponse:
-    """The ``/api/show`` body; ``system`` and ``options`` override what the model stores."""
-    info = model_gguf(model)
-    params = dict(model.params())
-    params.update(options or {})
-    licenses = model.licenses()
-    template_text = model.template()
-    system_text = system if system is not None else model.system()
-    messages = model.messages()
-    config = model.config()
+def modelfile(model: LocalModel, *, system: str | None, params: dict[str, Any]) -> str:
+    """The Modelfile that would build ``model`` again (``/api/show``'s ``modelfile``), with
+    ``system`` and ``params`` in place of the stored ones."""
     model_path = model.model_path()
-    modelfile = render_modelfile(
+    config = model.config()
+    return render_modelfile(
         str(model_path) if model_path else model.name.display_shortest(),
         name=model.name.display_shortest(),
         adapters=[str(p) for p in model.adapter_paths()],
         projectors=[str(p) for p in model.projector_paths()],
-        template=template_text,
-        system=system_text,
+        template=model.template(),
+        system=system,
         parameters=params,
-        license=licenses,
+        license=model.licenses(),
         messages=[
-            {"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in messages
+            {"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
+            for m in model.messages()
         ],
         requires=config.get("requires") or None,
         renderer=config.get("renderer") or None,
         parser=config.get("parser") or None,
     )
-    model_info: dict[str, Any] = info.model_info(verbose=verbose) if info else {}
-    tensors = (
-        [TensorInfo(name=t.name, type=t.type_name, shape=list(t.shape)) for t in info.tensors]
-        if info and verbose
-        else None
-    )
-    if template_text is None and info is not None and info.chat_template:
-        template_text = info.chat_template
-    return ShowResponse(
-        license="\n".join(licenses) if licenses else None,
-        modelfile=modelfile,
-        parameters=parameters_text(params) if params else None,
-        template=template_text,
-        system=system_text,
-        renderer=config.get("renderer") or None,
-        parser=config.get("parser") or None,
-        details=details(model),
-        messages=[Message.model_validate(m) for m in messages] or None,
-        requires=config.get("requires") or None,
-        model_info=model_info,
-        tensors=tensors,
-        capabilities=capabilities(model),
-        modified_at=rfc3339_local(model.mtime_ns),
-    )
 
 
-__all__ = ["MEDIA_ADAPTER", "MEDIA_MODEL", "capabilities", "details", "list_entry", "show"]
+__all__ = ["ConfigDetails", "capabilities", "details", "model_gguf", "modelfile",
+           "parameters_text"]

@@ -118,10 +118,6 @@ class Template:
         """Case-insensitive membership in ``vars()``, the test Ollama applies."""
         return name.lower() in self._vars
 
-    def contains(self, s: str) -> bool:
-        """Whether the source text contains ``s`` (Ollama's ``Template.Contains``)."""
-        return s in self.text
-
     def execute(
         self,
         data: Any,

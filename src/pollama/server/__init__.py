@@ -1,0 +1,1 @@
+"""The HTTP server: the FastAPI app, its routes for every protocol, streaming, errors, limits."""
