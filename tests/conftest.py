@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated home and models folder, an in-process app, real servers.
+"""Shared fixtures: an isolated home and models folder, an in-process app and the official
+clients over it, real servers.
 
 Every test runs with ``HOME`` and ``OLLAMA_MODELS`` in its own temp folder and no
 ``OLLAMA_*`` variables from the caller's environment (httpx's ``clean_environ`` idea).
@@ -15,10 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import httpx
+import ollama
+import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from inprocess import anthropic_client, native_client, openai_client
 from pollama.config import Settings, load_settings
 from pollama.server.app import create_app
 
@@ -51,6 +56,28 @@ def api(settings: Settings) -> Iterator[TestClient]:
     # A Host the server answers (TestClient's default "testserver" is refused: DNS rebinding).
     with TestClient(create_app(settings), base_url="http://127.0.0.1:11434") as client:
         yield client
+
+
+# The official clients, their requests served in process by whichever ``api`` the test module
+# provides (a module that serves the app over a fake runner overrides ``api``).
+
+
+@pytest.fixture
+def native(api: TestClient) -> ollama.Client:
+    """The official ``ollama`` client."""
+    return native_client(api)
+
+
+@pytest.fixture
+def oai(api: TestClient) -> openai.OpenAI:
+    """The official ``openai`` client, on ``/v1``."""
+    return openai_client(api)
+
+
+@pytest.fixture
+def claude(api: TestClient) -> anthropic.Anthropic:
+    """The official ``anthropic`` client."""
+    return anthropic_client(api)
 
 
 def free_port() -> int:

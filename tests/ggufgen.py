@@ -7,7 +7,7 @@
 * ``write_gguf`` writes any metadata and tensors through ``gguf.GGUFWriter``.
 * ``build_gguf`` assembles GGUF bytes by hand with no validation at all, and
   ``corrupt_variants`` uses it to produce one malformed file per kind of defect the reader
-  must refuse (spec ``security.md``).
+  must refuse (docs/security.md#model-files).
 
 Import it from tests as ``from ggufgen import ...`` (``tests/`` is on pytest's pythonpath).
 """

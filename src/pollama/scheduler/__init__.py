@@ -1,9 +1,11 @@
-"""Which models are loaded, who may use them, and when they are unloaded (spec §8).
+"""Which models are loaded, who may use them, and when they are unloaded
+(docs/ollama-behaviour.md#the-scheduler).
 
 The server builds one :class:`Scheduler` with a runner factory and hands it to the inference
 service, which wraps each generation in ``async with scheduler.use(model, spec, keep_alive)``.
 """
 
+from pollama.scheduler.clock import Clock
 from pollama.scheduler.keepalive import (
     FOREVER_DELTA,
     expiry_datetime,
@@ -30,6 +32,7 @@ from pollama.scheduler.scheduler import (
 __all__ = [
     "DEFAULT_MAX_LOADED_MODELS",
     "FOREVER_DELTA",
+    "Clock",
     "Lease",
     "LoadedModel",
     "MemoryInfo",

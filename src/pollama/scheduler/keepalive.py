@@ -1,4 +1,5 @@
-"""``keep_alive``: how long a model stays loaded after its last request (spec §2.6).
+"""``keep_alive``: how long a model stays loaded after its last request
+(docs/ollama-behaviour.md#keep-alive).
 
 Durations are float seconds; :data:`pollama.config.FOREVER_SECONDS` (``math.inf``) means
 "never unload", which is what Ollama stores as ``time.Duration(math.MaxInt64)`` (about 292

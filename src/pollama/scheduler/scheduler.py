@@ -1,4 +1,5 @@
-"""The scheduler: which models are loaded, who may use them, and when they go away (spec §8).
+"""The scheduler: which models are loaded, who may use them, and when they go away
+(docs/ollama-behaviour.md#the-scheduler).
 
 A request asks for a runner with ``async with scheduler.use(model, spec, keep_alive) as
 lease``. What must stay true:
@@ -25,10 +26,10 @@ lease``. What must stay true:
 * **Memory is checked before a load** (:mod:`pollama.scheduler.memory`): idle runners are
   evicted, least recently used first, until the estimate fits; when it cannot fit even with
   every other model gone, :class:`InsufficientMemory`.
-* **keep-alive** (spec §2.6, §8.4): ``None`` keeps the runner's value (``OLLAMA_KEEP_ALIVE``
-  on first load); the timer starts when the last reference is released; 0 unloads as soon as
-  idle; ``inf`` never. A runner whose worker died is dropped once idle and the next request
-  loads a fresh one.
+* **keep-alive** (docs/ollama-behaviour.md#keep-alive): ``None`` keeps the runner's value
+  (``OLLAMA_KEEP_ALIVE`` on first load); the timer starts when the last reference is released; 0
+  unloads as soon as idle; ``inf`` never. A runner whose worker died is dropped once idle and
+  the next request loads a fresh one.
 
 Only the event loop touches this state, so there are no thread locks; every mutation of a
 reference count happens in synchronous code, so cancellation cannot leave it half done.
@@ -39,18 +40,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from functools import partial
 from typing import Any
 
 from pollama.config import Settings
 from pollama.errors import InternalError, RunnerCrashed, ServerBusy
 from pollama.runner.base import LoadSpec, Runner, RunnerInfo
+from pollama.scheduler.clock import MONOTONIC, Clock, Timer
 from pollama.scheduler.keepalive import expiry_datetime, normalize_keep_alive
 from pollama.scheduler.memory import MemoryProbe, insufficient_memory, system_memory
 from pollama.telemetry import NULL_TELEMETRY, Telemetry
@@ -129,7 +131,7 @@ class _Entry:
     slot_waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     draining: bool = False
     expired: bool = False  # expire() was called: ps shows it as stopping
-    timer: asyncio.TimerHandle | None = None
+    timer: Timer | None = None
     idle_deadline: float | None = None  # clock time the keep-alive timer fires
     last_used: float = 0.0
     closing: asyncio.Task[None] | None = None
@@ -185,9 +187,9 @@ class Scheduler:
     """Loads, shares, evicts and expires runners (see the module docstring for the rules).
 
     ``runner_factory`` makes an unstarted runner for a spec; ``memory_probe`` reports system
-    memory; ``clock`` (monotonic seconds) times loads, LRU order and keep-alive deadlines;
-    ``wall_clock`` turns deadlines into dates for ``/api/ps``. Keep-alive timers run on the
-    event loop's own clock.
+    memory; ``clock`` (:mod:`pollama.scheduler.clock`) times loads, LRU order and keep-alive
+    deadlines, and runs the keep-alive timers, so a fake clock drives both; ``wall_clock``
+    turns deadlines into dates for ``/api/ps``.
     """
 
     def __init__(
@@ -195,7 +197,7 @@ class Scheduler:
         settings: Settings,
         runner_factory: Callable[[LoadSpec], Runner],
         memory_probe: MemoryProbe = system_memory,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = MONOTONIC,
         wall_clock: Callable[[], datetime] = _local_now,
         telemetry: Telemetry = NULL_TELEMETRY,
     ) -> None:
@@ -371,8 +373,7 @@ class Scheduler:
             entry.idle_deadline = math.inf
         else:
             entry.idle_deadline = self._clock() + entry.keep_alive
-            loop = asyncio.get_running_loop()
-            entry.timer = loop.call_later(entry.keep_alive, self._on_timer, entry)
+            entry.timer = self._clock.call_later(entry.keep_alive, partial(self._on_timer, entry))
 
     def _on_timer(self, entry: _Entry) -> None:
         entry.timer = None
