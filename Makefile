@@ -18,11 +18,15 @@ install: $(STAMP)
 run: install
 	$(PY) -m pollama.quickstart
 
+# ruff; the layers and "only the runner imports llama_cpp" (import-linter, contracts in
+# pyproject.toml); dead code (vulture, with vulture_whitelist.py).
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench vulture_whitelist.py
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/vulture
 
 test: install lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .grimp_cache .import_linter_cache
