@@ -14,6 +14,7 @@ error says plainly that the model is not found and how to create or pull it.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import datetime, timedelta
 from typing import Any
@@ -212,6 +213,7 @@ def run(model: str, prompt: tuple[str, ...], keepalive: str | None, verbose: boo
         hidethinking: bool, truncate: bool | None, dimensions: int) -> None:
     """Run a model."""
     s = settings()
+    _ctrl_c_stops_answers()
     think = _think_value(think_flag)
     if keepalive:
         try:
@@ -226,6 +228,14 @@ def run(model: str, prompt: tuple[str, ...], keepalive: str | None, verbose: boo
     with client() as api:
         _run(api, s, session, list(prompt), insecure=insecure, truncate=truncate,
              dimensions=dimensions)
+
+
+def _ctrl_c_stops_answers() -> None:
+    """Ctrl+C stops an answer (``KeyboardInterrupt``) even when pollama was started by a
+    parent that ignores SIGINT (a background job, ``nohup``, some CI runners): Python then
+    keeps SIGINT ignored, and a terminal's Ctrl+C would do nothing."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(api: Client, s: Settings, session: Session, parts: list[str], *, insecure: bool,
