@@ -8,8 +8,10 @@ TestClient instead of a socket.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Iterator, Mapping
+import json
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import anthropic
 import ollama
 import openai
 from fastapi.testclient import TestClient
+from starlette.types import Message
 
 from fake_runner import FakeRunnerFactory
 from pollama.config import Settings
@@ -64,9 +67,37 @@ def anthropic_client(api: TestClient) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=BASE, api_key="unused", http_client=api)
 
 
-def post_scope(path: str, body: bytes) -> dict[str, Any]:
-    """The ASGI scope of a JSON ``POST`` to ``path`` from a loopback client, for tests that
-    drive the app's ``receive``/``send`` themselves (a client leaving mid-request)."""
+async def post_then_leave(
+    client: TestClient,
+    path: str,
+    body: dict[str, Any],
+    leave: Callable[[], Awaitable[Any]],
+    after_send: Callable[[list[Message]], Awaitable[None]] | None = None,
+) -> list[Message]:
+    """``POST`` ``body`` to ``path`` through the app's ASGI interface, as a client that
+    disconnects once ``leave()`` returns; ``after_send(sent)`` runs after each message the
+    app sends (a slow socket). Returns what the app sent."""
+    data = json.dumps(body).encode()
+    pending: list[Message] = [{"type": "http.request", "body": data, "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop()
+        await leave()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if after_send is not None:
+            await after_send(sent)
+
+    await asyncio.wait_for(client.app(_post_scope(path, data), receive, send), 5)
+    return sent
+
+
+def _post_scope(path: str, body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a JSON ``POST`` to ``path`` from a loopback client."""
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",

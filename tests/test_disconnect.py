@@ -10,7 +10,6 @@ real server and model: ``tests/test_e2e_cancel.py``.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from starlette.types import Message
 
 from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
-from inprocess import post_scope, serving
+from inprocess import post_then_leave, serving
 from pollama.config import Settings, load_settings
 from pollama.server.disconnect import while_connected
 from pollama.server.errors import ClientDisconnected
@@ -52,33 +51,15 @@ def held(settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, FakeR
         yield client, factory
 
 
-async def _leave_after(client: TestClient, path: str, body: dict[str, Any], seconds: float
-                       ) -> list[Message]:
-    """Send ``body`` to ``path``, then disconnect after ``seconds``; what the app sent."""
-    data = json.dumps(body).encode()
-    messages = [{"type": "http.request", "body": data, "more_body": False}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(seconds)
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await asyncio.wait_for(client.app(post_scope(path, data), receive, send), 5)
-    return sent
-
-
 @pytest.mark.parametrize("path", list(REQUESTS))
 def test_a_client_that_leaves_cancels_its_request(
     held: tuple[TestClient, FakeRunnerFactory], path: str
 ) -> None:
     client, factory = held
     assert client.portal is not None
-    sent = client.portal.call(_leave_after, client, path, REQUESTS[path], 0.3)
+    sent = client.portal.call(
+        post_then_leave, client, path, REQUESTS[path], lambda: asyncio.sleep(0.3)
+    )
     assert sent[0]["status"] == 499  # only the access log and the metrics see it
     runner = factory.runners[-1]
     assert runner.active == 0  # the work is gone, not left waiting
@@ -102,7 +83,9 @@ def test_a_non_streamed_pull_stops_when_its_client_leaves(isolated_env: Path) ->
         with TestClient(serving_app(settings), base_url="http://127.0.0.1:11434") as client:
             assert client.portal is not None
             body = {"model": f"{registry.netloc}/library/x", "insecure": True, "stream": False}
-            sent = client.portal.call(_leave_after, client, "/api/pull", body, 0.5)
+            sent = client.portal.call(
+                post_then_leave, client, "/api/pull", body, lambda: asyncio.sleep(0.5)
+            )
         assert sent[0]["status"] == 499
         assert [r.path for r in registry.requests] == ["/v2/library/x/manifests/latest"]
     finally:

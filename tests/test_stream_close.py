@@ -13,7 +13,6 @@ generation is still running when the client leaves.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from starlette.types import Message
 
 from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
-from inprocess import post_scope, serving
+from inprocess import post_then_leave, serving
 from pollama.config import Settings
 
 PLAIN = "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}\n{{ end }}<|assistant|>"
@@ -49,25 +48,14 @@ def slow(settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, FakeR
 
 async def _read_two_chunks_and_leave(client: TestClient, path: str, body: dict[str, Any]
                                      ) -> list[Message]:
-    data = json.dumps(body).encode()
-    pending = [{"type": "http.request", "body": data, "more_body": False}]
-    sent: list[Message] = []
     gone = asyncio.Event()
 
-    async def receive() -> Message:
-        if pending:
-            return pending.pop()
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
+    async def slow_socket(sent: list[Message]) -> None:
         if sum(m["type"] == "http.response.body" for m in sent) >= 2:
             gone.set()
             await asyncio.sleep(1)  # a slow socket: the client leaves while this is sent
 
-    await asyncio.wait_for(client.app(post_scope(path, data), receive, send), 5)
-    return sent
+    return await post_then_leave(client, path, body, gone.wait, slow_socket)
 
 
 @pytest.mark.parametrize("path", list(STREAMS))
