@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 __all__ = ["TokenFloor"]
 
-# Texts shorter than this are sent to the tokenizer whatever the bound says: counting their
-# bytes is not worth it, and a tiny context (tests) must still report exact counts.
-_ALWAYS_TOKENIZE = 4096
+# Texts of fewer characters (at most 4 KiB of UTF-8) go to the tokenizer whatever the bound
+# says: counting their bytes is not worth it, and a tiny context still gets exact counts.
+_ALWAYS_TOKENIZE_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class TokenFloor:
 
     def of(self, text: str) -> int:
         """The fewest tokens ``text`` can be (0 when it is short or the bound unknown)."""
-        if self.max_token_bytes <= 0 or len(text) < _ALWAYS_TOKENIZE // 4:
+        if self.max_token_bytes <= 0 or len(text) < _ALWAYS_TOKENIZE_CHARS:
             return 0
         return len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes
 
@@ -45,6 +45,7 @@ class TokenFloor:
         if self.max_token_bytes <= 0:
             return text
         keep = 2 * (limit + 1) * self.max_token_bytes
-        if len(text) <= keep // 4 or len(text.encode("utf-8", "surrogatepass")) <= keep:
+        if len(text) <= keep // 4:  # four bytes a character at most: short enough already
             return text
-        return text.encode("utf-8", "surrogatepass")[:keep].decode("utf-8", "ignore")
+        data = text.encode("utf-8", "surrogatepass")
+        return text if len(data) <= keep else data[:keep].decode("utf-8", "ignore")

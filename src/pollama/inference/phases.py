@@ -98,27 +98,28 @@ class Phase:
 
 async def generate(g: GenerationRun, prompt: str) -> AsyncIterator[InferenceEvent]:
     """The response's events: its first phase, then the constrained one if it handed over."""
-    first = Phase(prompt, constrained=not g.plan.two_phase)
-    async with aclosing(run_phase(g, first)) as events:
-        async for event in events:
-            yield event
-    if not first.go_on:
-        return
-    if 0 < g.num_predict <= first.tokens:
-        # The budget went on thinking; finish with what the first phase had.
-        yield _budget_spent(g, first.tokens)
-        return
+    phase: Phase | None = Phase(prompt, constrained=not g.plan.two_phase)
+    while phase is not None:
+        async with aclosing(run_phase(g, phase)) as events:
+            async for event in events:
+                yield event
+        if not phase.go_on:  # only a free phase hands over
+            return
+        if 0 < g.num_predict <= phase.tokens:
+            # The budget went on thinking; finish with what the first phase had.
+            yield _budget_spent(g, phase.tokens)
+            return
+        phase = _constrained_after(g, phase)
+
+
+def _constrained_after(g: GenerationRun, free: Phase) -> Phase:
+    """The phase that answers under the constraint after a free one: its prompt is the free
+    phase's plus what the model wrote through its closing tag."""
     parser = g.plan.parser
     closing = parser.thinking.closing if parser.thinking else ""
     parser.reset_tools()
-    second = Phase(
-        prompt + _through_closing("".join(first.raw), closing),
-        constrained=True,
-        earlier=first.tokens,
-    )
-    async with aclosing(run_phase(g, second)) as events:
-        async for event in events:
-            yield event
+    prompt = free.prompt + _through_closing("".join(free.raw), closing)
+    return Phase(prompt, constrained=True, earlier=free.tokens)
 
 
 async def run_phase(g: GenerationRun, phase: Phase) -> AsyncIterator[InferenceEvent]:
@@ -196,7 +197,7 @@ def final_event(
     stop string, the metrics (``earlier``: tokens of a free phase, counted in
     ``eval_count``), the context and the truncation."""
     parsed.extend(g.plan.parser.finish())
-    event = _event(parsed, g.prompt_tokens, logprobs)
+    event = g.event(parsed, logprobs)
     event.done = True
     event.done_reason = chunk.done_reason
     event.stop_sequence = chunk.stop_sequence

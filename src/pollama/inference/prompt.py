@@ -63,6 +63,7 @@ __all__ = [
     "TokenCounter",
     "build_chat_prompt",
     "build_generate_prompt",
+    "context_overflow",
     "default_stop_words",
     "prompt_template_for",
     "tag_images",
@@ -283,9 +284,14 @@ def tag_images(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, An
 _PROMPT_ADVICE = "shorten the prompt or increase num_ctx"
 
 
-def _overflow(tokens: int, num_ctx: int, advice: str) -> ContextOverflow:
+def context_overflow(
+    tokens: int, num_ctx: int, advice: str = _PROMPT_ADVICE, *, at_least: bool = False
+) -> ContextOverflow:
+    """The error of a prompt that cannot fit, naming both counts (``at_least``: ``tokens``
+    is a floor, the prompt was never tokenized)."""
+    count = f"at least {tokens}" if at_least else str(tokens)
     return ContextOverflow(
-        f"prompt has {tokens} tokens but the context window (num_ctx) is {num_ctx} tokens; "
+        f"prompt has {count} tokens but the context window (num_ctx) is {num_ctx} tokens; "
         + advice
     )
 
@@ -379,7 +385,7 @@ async def _fit(
     if tried.result is None:
         if tried.error is not None:
             raise tried.error
-        raise _overflow(tried.tokens, num_ctx, advice or _advice(truncate, len(msgs)))
+        raise context_overflow(tried.tokens, num_ctx, advice or _advice(truncate, len(msgs)))
     best, fits, fails = tried.result, len(starts) - 1, 0
     while fits - fails > 1:  # starts[fails] does not fit, starts[fits] does
         middle = (fails + fits) // 2
@@ -441,7 +447,7 @@ async def _single(
 ) -> PromptResult:
     tokens = await count(prompt) + image_tokens * len(images)
     if tokens > num_ctx:
-        raise _overflow(tokens, num_ctx, _PROMPT_ADVICE)
+        raise context_overflow(tokens, num_ctx, _PROMPT_ADVICE)
     return PromptResult(prompt, False, 0, tokens, images)
 
 

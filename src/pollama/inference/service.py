@@ -74,6 +74,7 @@ from pollama.inference.prompt import (
     build_chat_prompt,
     build_generate_prompt,
     check_raw_mode,
+    context_overflow,
     default_stop_words,
     prompt_template_for,
 )
@@ -492,12 +493,9 @@ def _refuse_surely_too_long(req: InferenceRequest, floor: TokenFloor, num_ctx: i
     texts = [req.prompt or "", req.suffix or ""]
     if req.messages:
         texts.append(str(req.messages[-1].get("content") or ""))
-    least = max(floor.of(text) for text in texts)
+    least = sum(floor.of(text) for text in texts)  # all of them end up in the prompt
     if least > num_ctx:
-        raise ContextOverflow(
-            f"prompt has at least {least} tokens but the context window (num_ctx) is "
-            f"{num_ctx} tokens; shorten the prompt or increase num_ctx"
-        )
+        raise context_overflow(least, num_ctx, at_least=True)
 
 
 async def collect(events: AsyncIterator[InferenceEvent]) -> InferenceEvent:

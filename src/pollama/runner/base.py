@@ -28,7 +28,9 @@ class LoadSpec:
     the context holds ``num_ctx * num_parallel`` tokens. ``embedding`` marks an embedding
     model (its GGUF has a pooling type): the worker makes only an embedding context and
     refuses completions. The fields named after an option are exactly the options the table
-    marks ``reload``.
+    marks ``reload``. The server resolves and bounds them once (``InferenceService._load_spec``:
+    ``num_batch`` at most ``num_ctx``, ``num_thread`` at most :func:`usable_cpus`); the worker
+    takes them as they are.
     """
 
     model_path: str

@@ -125,8 +125,9 @@ def done_from_json(data: dict[str, Any]) -> CompletionChunk:
 
 
 def info_from_json(data: dict[str, Any]) -> RunnerInfo:
-    fields = RunnerInfo.__dataclass_fields__
-    return RunnerInfo(**{k: data[k] for k in fields if k in data or k != "max_token_bytes"})
+    """A ``ready`` message's info; a field the worker left out takes its default (a missing
+    required one is a ``TypeError``)."""
+    return RunnerInfo(**{k: data[k] for k in RunnerInfo.__dataclass_fields__ if k in data})
 
 
 def embedding_result_to_json(result: EmbeddingResult) -> dict[str, Any]:

@@ -94,9 +94,8 @@ class Writer:
 
 
 def _threads(spec: LoadSpec) -> int:
-    """The spec's thread count, never more than the CPUs present (0: all of them)."""
-    cpus = usable_cpus()
-    return min(spec.num_thread, cpus) if spec.num_thread > 0 else cpus
+    """The spec's thread count; 0 means every CPU this process may use."""
+    return spec.num_thread if spec.num_thread > 0 else usable_cpus()
 
 
 class Loaded:
@@ -146,9 +145,7 @@ class Loaded:
         from pollama.runner import llama
 
         spec = self.spec
-        # A batch longer than a sequence's context can never be filled (service.py clamps
-        # it too; a spec from elsewhere gets the same bound).
-        n_batch = max(min(spec.num_batch, spec.num_ctx), spec.num_parallel)
+        n_batch = max(spec.num_batch, spec.num_parallel)
         params = llama.ContextParams(
             n_ctx=spec.num_ctx * spec.num_parallel,
             n_seq_max=spec.num_parallel,
