@@ -78,6 +78,7 @@ class FakeRunner:
         crash_after: int | None = None,
         memory_bytes: int = 1 << 20,
         n_ctx_train: int = 8192,
+        n_ctx: int | None = None,
         events: list[tuple[str, str]] | None = None,
         embedding_dim: int = FAKE_EMBEDDING_DIM,
         embedding: Callable[[Sequence[int]], Sequence[float]] | None = None,
@@ -93,6 +94,7 @@ class FakeRunner:
         self.crash_after = crash_after
         self.memory_bytes = memory_bytes
         self.n_ctx_train = n_ctx_train
+        self.n_ctx = n_ctx  # the context the worker made, if not the spec's (a model's limit)
         self.events = events if events is not None else []
         self.embedding_dim = embedding_dim
         self.embedding = embedding  # replaces fake_vector (e.g. to return NaN)
@@ -123,7 +125,7 @@ class FakeRunner:
         self.events.append(("ready", self.spec.model_path))
         return RunnerInfo(
             pid=self.pid,
-            n_ctx=self.spec.num_ctx,
+            n_ctx=self.n_ctx or self.spec.num_ctx,
             n_ctx_train=self.n_ctx_train,
             n_parallel=max(self.spec.num_parallel, 1),
             n_vocab=BOS_TOKEN + 1,

@@ -24,6 +24,10 @@ import httpx
 import pytest
 
 from conftest import MODEL, RunningServer, start_server, stop_server
+from fake_runner import FakeRunnerFactory
+from ggufgen import write_tiny_model
+from inprocess import serving
+from pollama.config import Settings
 from pollama.default_model import default_gguf_path, default_modelfile
 from pollama.errors import InvalidOption
 from pollama.inference.bounds import TokenFloor
@@ -147,6 +151,24 @@ def test_splitter_never_cuts_before_a_token_that_strips_the_space_before_it() ->
         assert piece.startswith(("<s>", "<t>"))
     starts = [len("".join(pieces[:i])) for i in range(1, len(pieces))]
     assert all(not (text.startswith("<s>", at) and text[at - 1] == " ") for at in starts)
+
+
+def test_prompts_fit_the_context_the_worker_made_not_the_requested_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker may make a smaller context than ``num_ctx`` asks (the model's own limits):
+    fitting and truncation follow what it reports, so nothing overflows it."""
+    factory = FakeRunnerFactory(n_ctx=64)  # the fake counts one token a byte, plus BOS
+    gguf = write_tiny_model(tmp_path / "m.gguf")
+    with serving(settings, factory, {gguf: {"m": {"template": "{{ .Prompt }}"}}}) as api:
+        body = {"model": "m", "prompt": "x" * 100, "raw": True, "stream": False,
+                "options": {"num_ctx": 4096}}  # fmt: skip
+        response = api.post("/api/generate", json=body)
+        assert response.status_code == 400
+        assert "101 tokens" in response.json()["error"]
+        assert "(num_ctx) is 64 tokens" in response.json()["error"]
+        body["prompt"] = "x" * 60
+        assert api.post("/api/generate", json=body).status_code == 200
 
 
 # -- through the real server -----------------------------------------------------------------
