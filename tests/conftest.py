@@ -145,6 +145,24 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None) -> Running
     return RunningServer(url, env["OLLAMA_HOST"], env, Path(env["OLLAMA_MODELS"]), proc, log)
 
 
+@pytest.fixture(scope="module")
+def http(srv: RunningServer) -> Iterator[httpx.Client]:
+    """A client of the module's own ``srv`` server (a module that starts one defines
+    ``srv``), with room for a model's first load."""
+    with httpx.Client(base_url=srv.url, timeout=300) as client:
+        yield client
+
+
+def create_with_projector(server: RunningServer, name: str, projector: Path) -> None:
+    """Create ``name`` as users make a vision (or audio) model: the default model's weights
+    and a projector GGUF, two FROM lines."""
+    from pollama.default_model import default_modelfile
+
+    modelfile = projector.with_name(f"{name}.Modelfile")
+    modelfile.write_text(default_modelfile() + f"\nFROM {projector}\n")
+    server.cli("create", name, "-f", str(modelfile), check=True, timeout=300)
+
+
 def stop_server(server: RunningServer) -> None:
     server.process.terminate()
     try:

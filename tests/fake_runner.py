@@ -210,6 +210,12 @@ class FakeRunner:
         self._check_alive()
         return bytes(t for t in tokens if 0 <= t < BOS_TOKEN).decode(errors="replace")
 
+    async def pieces(self, tokens: list[int]) -> list[bytes]:
+        """Each token's byte (BOS as ``<s>``), as the worker's ``pieces`` op."""
+        self.calls.append(("pieces", tokens))
+        self._check_alive()
+        return [b"<s>" if t == BOS_TOKEN else bytes([t]) for t in tokens]
+
     @property
     def alive(self) -> bool:
         return self.started and not self._dead and not self.closed

@@ -31,6 +31,7 @@ __all__ = [
     "tiny_vocab",
     "valid_raw_gguf",
     "write_gguf",
+    "write_projector_header",
     "write_tiny_model",
 ]
 
@@ -173,6 +174,53 @@ def write_tiny_model(
         tensors[f"{blk}.ffn_down.weight"] = matrix(n_embd, n_ff)
         tensors[f"{blk}.ffn_up.weight"] = matrix(n_ff, n_embd)
     tensors["output_norm.weight"] = norm()
+    return write_gguf(path, kv, tensors)
+
+
+def write_projector_header(
+    path: str | Path,
+    *,
+    width: int,
+    vision: bool | None = True,
+    audio: bool = False,
+    projector_type: str = "mlp",
+    hidden: int = 16,
+    extra_kv: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a tiny multimodal projector ("mmproj") GGUF whose output is ``width`` wide; return
+    its path. Only its header is meant to be read (llama.cpp cannot run it).
+
+    It is shaped as llama.cpp's converters write one: ``general.architecture`` "clip",
+    ``general.type`` "mmproj", ``clip.projector_type`` (default "mlp"), the encoder flags
+    (``vision=None`` leaves ``clip.has_vision_encoder`` out, as older projectors do), the
+    vision keys Ollama's ``show`` prints, and the LLaVA projection tensors: ``mm.0.weight``
+    and ``mm.2.weight``, whose ggml shape is ``[hidden, width]`` (``ne[1]`` is the width
+    ``clip_n_mmproj_embd`` reads). With ``audio``, ``mm.a.mlp.2.weight`` gives the audio
+    side the same width.
+    """
+    kv: dict[str, Any] = {
+        "general.architecture": "clip",
+        "general.type": "mmproj",
+        "general.name": "tiny projector",
+        "clip.projector_type": projector_type,
+        "clip.has_audio_encoder": audio,
+        "clip.vision.block_count": 1,
+        "clip.vision.embedding_length": hidden,
+        "clip.vision.projection_dim": 768,
+        "clip.vision.image_size": 32,
+        "clip.vision.patch_size": 16,
+        "clip.vision.image_mean": [0.5, 0.5, 0.5],
+    }
+    if vision is not None:
+        kv["clip.has_vision_encoder"] = vision
+    kv.update(extra_kv or {})
+    tensors = {
+        "v.patch_embd.weight": np.zeros((hidden, 3, 16, 16), dtype=np.float32),
+        "mm.0.weight": np.zeros((hidden, hidden), dtype=np.float32),
+        "mm.2.weight": np.zeros((width, hidden), dtype=np.float32),
+    }
+    if audio:
+        tensors["mm.a.mlp.2.weight"] = np.zeros((width, hidden), dtype=np.float32)
     return write_gguf(path, kv, tensors)
 
 

@@ -64,7 +64,8 @@ def scanned_files() -> Iterator[Path]:
             yield place
             continue
         for path in sorted(place.rglob("*")):
-            if path.is_file() and path.suffix in SUFFIXES and "__pycache__" not in path.parts:
+            skipped = "__pycache__" in path.parts or ".build" in path.parts  # not ours
+            if path.is_file() and path.suffix in SUFFIXES and not skipped:
                 yield path
 
 

@@ -64,7 +64,7 @@ def native(srv: RunningServer) -> Iterator[ollama.Client]:
 
 
 def test_capabilities_and_refusal(native: ollama.Client) -> None:
-    assert native.show(MODEL).capabilities == ["completion", "tools"]
+    assert native.show(MODEL).capabilities == ["completion", "tools", "insert"]
     with pytest.raises(ollama.ResponseError) as err:
         native.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], think=True)
     assert err.value.status_code == 400 and "does not support thinking" in err.value.error

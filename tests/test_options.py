@@ -62,14 +62,15 @@ def test_default_options_is_a_fresh_copy() -> None:
 
 
 RELOAD = {name for name, spec in OPTIONS.items() if spec.reload}
-UNUSED = {"num_gpu", "main_gpu", "draft_num_predict"}  # no GPU offload, no draft model
+# num_gpu is resolved into LoadSpec.gpu_layers (scheduler/placement.py); no draft model
+UNUSED = {"num_gpu", "draft_num_predict"}
 
 
 def test_reload_options_are_the_load_spec_fields() -> None:
     """The table's ``reload`` says what the scheduler does: it reloads when the LoadSpecs
     differ, and the options in a LoadSpec are exactly the ``reload`` ones."""
     load_fields = {f.name for f in dataclasses.fields(LoadSpec)}
-    assert RELOAD == {"num_ctx", "num_batch", "use_mmap", "num_thread"}
+    assert RELOAD == {"num_ctx", "num_batch", "use_mmap", "num_thread", "main_gpu"}
     assert load_fields & set(OPTIONS) == RELOAD
     assert not RELOAD & DEPRECATED_REQUEST_OPTIONS
 
@@ -85,7 +86,8 @@ def test_runner_types_take_the_table_defaults() -> None:
         expected = DEFAULT_OPTIONS[f.name]
         assert getattr(sampling, f.name) == (tuple(expected) if f.name == "stop" else expected)
     spec = LoadSpec(model_path="m", num_ctx=4096)
-    for name in RELOAD - {"num_ctx"}:  # num_ctx is resolved before a spec exists
+    # num_ctx is resolved before a spec exists, main_gpu by the placement (unset: its choice)
+    for name in RELOAD - {"num_ctx", "main_gpu"}:
         assert getattr(spec, name) == DEFAULT_OPTIONS[name]
 
 

@@ -99,8 +99,11 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "POLLAMA_MAX_IMAGES",
     "POLLAMA_MAX_IMAGE_BYTES",
     "POLLAMA_MAX_IMAGE_PIXELS",
+    "POLLAMA_MAX_AUDIO_BYTES",
+    "POLLAMA_MAX_AUDIO_SECONDS",
     "POLLAMA_ACCESS_LOG",
     "POLLAMA_LOG_PROMPTS",
+    "POLLAMA_REQUIRE_GPU",
     # pollama's own (registry transfers; see registry/hosts.py, registry/download.py)
     "POLLAMA_REGISTRY_HOSTS",
     "POLLAMA_PULL_STALL_TIMEOUT",
@@ -347,13 +350,15 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "max_images": _go_parse_uint,
     "max_image_bytes": _go_parse_uint,
     "max_image_pixels": _go_parse_uint,
+    "max_audio_bytes": _go_parse_uint,
+    "max_audio_seconds": _go_parse_uint,
     "registry_hosts": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
     "pull_stall_timeout": _parse_duration_setting,
 }
 _BOOL_FIELDS = frozenset({
     "flash_attention", "noprune", "nohistory", "sched_spread", "igpu_enable", "vulkan",
     "go_template", "debug_log_requests", "no_cloud", "auth", "allow_no_auth", "log_prompts",
-    "serve_registry",
+    "serve_registry", "require_gpu",
 })  # fmt: skip
 
 
@@ -506,12 +511,29 @@ class Settings(BaseSettings):
         "POLLAMA_MAX_IMAGE_PIXELS", 50_000_000,
         "Largest image in pixels (width x height); larger ones are refused before decoding",
     )
+    # Audio input (inference/audio.py): the same checks, and a duration read from the headers,
+    # because llama.cpp allocates the whole decoded clip (16 kHz float samples) up front.
+    max_audio_bytes: int = _env(
+        "POLLAMA_MAX_AUDIO_BYTES", 25 << 20,
+        "Largest audio file (WAV or MP3) in bytes, after base64 decoding; also bounds a "
+        "/v1/audio/transcriptions upload",
+    )
+    max_audio_seconds: int = _env(
+        "POLLAMA_MAX_AUDIO_SECONDS", 600,
+        "Most seconds of audio in one request, all clips together, read from the files' "
+        "headers before anything decodes them (0 refuses audio)",
+    )
     access_log: str = _env(
         "POLLAMA_ACCESS_LOG", "-",
         "Where JSON access-log lines go: '-' stderr (default), a file path, or 'off'",
     )
     log_prompts: bool = _env(
         "POLLAMA_LOG_PROMPTS", False, "Include prompts and outputs in the access log",
+    )
+    require_gpu: bool = _env(
+        "POLLAMA_REQUIRE_GPU", False,
+        "Fail a model load that would put no layer on a GPU (CPU-only build, no GPU found, "
+        "or the model does not fit) instead of running it on the CPU with a warning",
     )
     registry_hosts: tuple[str, ...] = _env(
         "POLLAMA_REGISTRY_HOSTS",

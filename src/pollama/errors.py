@@ -17,6 +17,7 @@ the class.
     │   ├── UnsupportedQuantization
     │   ├── ContextOverflow       a prompt that cannot fit the context window
     │   ├── InvalidImage          an image that is not valid base64, too large, or undecodable
+    │   │   └── InvalidAudio      an audio clip refused the same way, or for its length
     │   └── CapabilityMissing     the model cannot do what was asked (tools, vision…)
     ├── NotFound                  (404)
     │   ├── ModelNotFound
@@ -24,6 +25,7 @@ the class.
     ├── AlreadyExists             (409) a write would overwrite something the caller owns
     ├── ServerBusy                (503) the pending queue is full
     ├── InsufficientMemory        (507→500) loading would not fit in free memory
+    ├── AcceleratorUnavailable    (503) POLLAMA_REQUIRE_GPU and no layer could go to a GPU
     └── InternalError             (500) a bug or an environment failure, never the caller's fault
         └── RunnerCrashed         the model's worker process died
 """
@@ -107,6 +109,15 @@ class InvalidImage(InvalidRequest):
         self.index = index
 
 
+class InvalidAudio(InvalidImage):
+    """A request audio clip that is refused before any model hears it (``inference.audio``).
+
+    Audio travels in the same ``images`` fields and is checked in the same pass, so it is an
+    :class:`InvalidImage` to code that catches either; ``index`` is its 1-based position
+    among the request's audio clips (0 for the request as a whole).
+    """
+
+
 class CapabilityMissing(InvalidRequest):
     """The model lacks a capability the request needs (tools, insert, vision, thinking…)."""
 
@@ -138,6 +149,11 @@ class ServerBusy(PollamaError):
 
 class InsufficientMemory(PollamaError):
     """Loading the model would need more memory than is free; says how much of each."""
+
+
+class AcceleratorUnavailable(PollamaError):
+    """``POLLAMA_REQUIRE_GPU`` is set and a model would run with no layer on a GPU; the
+    message says why (a CPU-only build, no device found, or the model did not fit)."""
 
 
 class InternalError(PollamaError):

@@ -27,6 +27,7 @@ reads the metadata in chunks with ``struct``; the tensor data itself is never re
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
@@ -46,6 +47,8 @@ __all__ = [
     "DEFAULT_MAX_STRING",
     "DEFAULT_MAX_TENSORS",
     "FILE_TYPES",
+    "FIM_TOKEN_TEXTS",
+    "FillInMiddleTokens",
     "GGML_TYPES",
     "GGUFInfo",
     "TensorInfo",
@@ -224,6 +227,39 @@ class PackedStrings(Sequence[str]):
         return f"PackedStrings({len(self)} strings, {len(self._blob)} bytes)"
 
 
+FIM_TOKEN_TEXTS: Final = (
+    ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+     "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+     "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+     "▁<MID>", "<|code_middle|>", "<|middle|>"),
+)
+"""The spellings llama.cpp (``llama-vocab.cpp``) recognises as the prefix, suffix and middle
+tokens of a vocabulary whose header does not name them (Qwen, Granite, DeepSeek, CodeLlama…)."""
+
+
+@dataclass(frozen=True)
+class FillInMiddleTokens:
+    """The texts of a vocabulary's fill-in-the-middle tokens; written into a prompt they
+    tokenize back to those special tokens."""
+
+    prefix: str
+    suffix: str
+    middle: str
+
+
+def _fim_texts_in(tokens: Sequence[str]) -> list[str | None]:
+    """The first token of ``tokens`` spelled as each role's :data:`FIM_TOKEN_TEXTS`."""
+    roles = {text: role for role, texts in enumerate(FIM_TOKEN_TEXTS) for text in texts}
+    found: list[str | None] = [None, None, None]
+    for text in tokens:
+        role = roles.get(text)
+        if role is not None and found[role] is None:
+            found[role] = text
+    return found
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     """The parsed header of a well-formed GGUF file (tensor data is not read).
@@ -308,17 +344,48 @@ class GGUFInfo:
         tokens = self.kv.get("tokenizer.ggml.tokens")
         return len(tokens) if isinstance(tokens, list | PackedStrings) else None
 
-    def model_info(self, verbose: bool = False) -> dict[str, Any]:
-        """``model_info`` of ``/api/show`` (docs/ollama-behaviour.md#show).
+    @functools.cached_property
+    def fim_tokens(self) -> FillInMiddleTokens | None:
+        """The fill-in-the-middle tokens' texts, found as llama.cpp's vocabulary loader finds
+        them (``tokenizer.ggml.fim_{pre,suf,mid}_token_id``, else the deprecated
+        ``prefix``/``suffix``/``middle_token_id``, else a token spelled as one of
+        :data:`FIM_TOKEN_TEXTS`); None unless all three are there."""
+        tokens = self.kv.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list | PackedStrings):
+            return None
+        found: list[str | None] = []
+        for role, old_name in (("pre", "prefix"), ("suf", "suffix"), ("mid", "middle")):
+            token_id = self._int(f"tokenizer.ggml.fim_{role}_token_id")
+            if token_id is None:
+                token_id = self._int(f"tokenizer.ggml.{old_name}_token_id")
+            text = (
+                tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+            )
+            found.append(text if isinstance(text, str) else None)
+        if None in found:
+            for index, text in enumerate(_fim_texts_in(tokens)):
+                found[index] = found[index] or text
+        prefix, suffix, middle = found
+        if prefix and suffix and middle:
+            return FillInMiddleTokens(prefix, suffix, middle)
+        return None
 
-        The metadata minus ``general.name`` and ``tokenizer.chat_template``, with
-        ``general.parameter_count`` set to the computed count as Ollama does. Unless
+    def model_info(self, verbose: bool = False) -> dict[str, Any]:
+        """``model_info`` of ``/api/show`` (docs/ollama-behaviour.md#show): :meth:`shown_kv`
+        minus ``general.name`` and ``tokenizer.chat_template``, as Ollama removes them."""
+        return self.shown_kv(verbose, omit=("general.name", "tokenizer.chat_template"))
+
+    def shown_kv(self, verbose: bool = False, *, omit: Sequence[str] = ()) -> dict[str, Any]:
+        """The metadata as ``/api/show`` shows a GGUF (``model_info``, and all of it as
+        ``projector_info``), less the keys in ``omit``.
+
+        ``general.parameter_count`` is set to the computed count as Ollama does. Unless
         ``verbose``, arrays longer than 5 elements are replaced by ``[]`` (the vocabulary
         would otherwise be megabytes of JSON).
         """
         info: dict[str, Any] = {}
         for key, value in self.kv.items():
-            if key in ("general.name", "tokenizer.chat_template"):
+            if key in omit:
                 continue
             if isinstance(value, PackedStrings):
                 value = list(value) if verbose else []

@@ -113,10 +113,11 @@ OPTIONS: Mapping[str, OptionSpec] = MappingProxyType(
             # num_ctx 0 means "the server default": OLLAMA_CONTEXT_LENGTH, else DEFAULT_NUM_CTX
             _int("num_ctx", 0, reload=True, lo=0, hi=MAX_CONTEXT),
             _int("num_batch", 512, reload=True, lo=1, hi=MAX_CONTEXT),
-            # num_gpu, main_gpu and draft_num_predict are accepted (Ollama's clients and
-            # Modelfiles send them) and unused: pollama runs on the CPU, with no draft model
+            # num_gpu and main_gpu decide where the layers go (scheduler/placement.py): num_gpu
+            # becomes LoadSpec.gpu_layers (-1: as many as fit), so a change of it reloads too;
+            # draft_num_predict is accepted (Ollama's clients send it) and unused: no draft model
             _int("num_gpu", -1, lo=-1),
-            _int("main_gpu", None, lo=0),
+            _int("main_gpu", None, reload=True, lo=0),  # None: the plan's choice
             OptionSpec("use_mmap", "bool", None, reload=True),
             _int("num_thread", 0, reload=True, lo=0, hi=4096),  # 0: the CPUs the worker may use
             _int("draft_num_predict", 4, lo=0, hi=1024),

@@ -111,6 +111,8 @@ def test_scopes(make_client: Callable[..., TestClient], keys: KeyStore) -> None:
         assert permission_for(method, template) is Permission.MANAGE
     assert permission_for("POST", "/api/show") is Permission.READ
     assert permission_for("POST", "/v1/messages") is Permission.INFERENCE
+    for tokenizer in ("/api/tokenize", "/api/detokenize"):  # they load the model
+        assert permission_for("POST", tokenizer) is Permission.INFERENCE
     assert permission_for("PUT", "/api/some-future-write") is Permission.MANAGE
 
 

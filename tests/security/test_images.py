@@ -245,15 +245,15 @@ def test_non_base64_is_a_400_naming_the_image(app: App, route: str) -> None:
 
 
 def test_a_valid_image_is_decoded_then_refused_rather_than_dropped(app: App) -> None:
-    """The runner has no image path yet: a valid image to a vision model is checked and
-    decoded (a bad one gets its own 400), then the request is refused, never answered
-    without it."""
+    """``seer`` sees through vision blocks in its own GGUF, which llama.cpp cannot run
+    without a projector file: a valid image to it is checked and decoded (a bad one gets
+    its own 400), then the request is refused with what to do, never answered without it."""
     data = encoded("PNG", (7, 5))
     service = app.client.app.state.inference  # type: ignore[attr-defined]
     request = InferenceRequest(model="seer", kind="chat", messages=[
         {"role": "user", "content": "hi", "images": [b64(data)]}])  # fmt: skip
     assert asyncio.run(service._validate_images(request)) == [ValidatedImage(1, "PNG", 7, 5, data)]
-    with pytest.raises(CapabilityMissing, match="cannot run image input yet"):
+    with pytest.raises(CapabilityMissing, match="no projector layer.*second FROM line"):
         asyncio.run(service.prepare(request))
 
 

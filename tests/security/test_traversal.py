@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from conftest import tree_snapshot
 from ggufgen import write_tiny_model
 from pollama.server.access_log import app_routes
+from tiny_projector import wav_bytes
 
 BAD_NAMES = [
     "../../../../etc/passwd", "a/../../b", "/abs/path", "registry.ollama.ai/library/../../../x",
@@ -46,6 +47,8 @@ def _name_bodies(name: str) -> dict[tuple[str, str], dict[str, Any]]:
         ("POST", "/api/chat"): {"model": name, "messages": msg, "stream": False},
         ("POST", "/api/embed"): {"model": name, "input": "hi"},
         ("POST", "/api/embeddings"): {"model": name, "prompt": "hi"},
+        ("POST", "/api/tokenize"): {"model": name, "content": "hi"},
+        ("POST", "/api/detokenize"): {"model": name, "tokens": [1]},
         ("POST", "/api/pull"): {"model": name, "stream": False},
         ("POST", "/api/push"): {"model": name, "stream": False},
         ("POST", "/v1/chat/completions"): {"model": name, "messages": msg},
@@ -61,6 +64,7 @@ def _name_bodies(name: str) -> dict[tuple[str, str], dict[str, Any]]:
 CASES = set(_name_bodies("x")) | {
     ("GET", "/v1/models/{model:path}"), ("HEAD", "/api/blobs/{digest}"),
     ("POST", "/api/blobs/{digest}"), ("POST", "/api/purge"),
+    ("POST", "/v1/audio/transcriptions"),  # a multipart form: test_names_cannot_traverse
     ("GET", "/v2/{namespace}/{model}/manifests/{reference}"),
     ("GET", "/v2/{namespace}/{model}/blobs/{digest}"),
 }  # fmt: skip
@@ -104,6 +108,8 @@ def test_names_cannot_traverse(api: TestClient, isolated_env: Path, victim: Path
             continue  # not written yet; test_every_route_is_classified watches for it
         _check(api.request(method, path, json=body), f"{method} {path}")
     _check(api.post("/api/copy", json={"source": "ok", "destination": name}), "copy dest")
+    form = {"model": (None, name), "file": ("a.wav", wav_bytes(0.1, 440))}
+    _check(api.post("/v1/audio/transcriptions", files=form), "transcriptions")
     quoted = quote(name, safe="")
     paths = [f"/v1/models/{quoted}", f"/v2/{quoted}/m/manifests/latest",
              f"/v2/library/{quoted}/manifests/x", f"/v2/library/m/manifests/{quoted}"]

@@ -73,25 +73,39 @@ def _upload(api: Client, paths: list[Path], display: ProgressDisplay) -> dict[st
     return mapping
 
 
-def build_request(
-    api: Client, modelfile: Modelfile, base: Path, display: ProgressDisplay, quantize: str | None
-) -> dict[str, Any]:
-    fields = modelfile.to_create_fields()
-    request: dict[str, Any] = {}
-    model_paths: list[Path] = []
-    for value in fields.froms:
+def _split_froms(froms: list[str], base: Path) -> tuple[list[str], list[Path]]:
+    """The FROM lines as at most one local model's name and the GGUF files to upload, in
+    any order: the server tells the model's weights from its projector by their headers.
+    Beside a model's name, files may only add its projector (the server checks)."""
+    names: list[str] = []
+    paths: list[Path] = []
+    for value in froms:
         path = _expand(value, base)
         if path.exists():
-            model_paths += _model_files(path)
+            paths += _model_files(path)
         elif _looks_like_path(value):
             raise InvalidRequest(
                 f"FROM '{value}': file not found (relative paths start from the Modelfile's "
                 f"folder, {base})"
             )
-        elif len(fields.froms) == 1:
-            request["from"] = value
+        elif names:
+            raise InvalidRequest(
+                f"FROM '{value}' is neither a file nor a directory, and FROM '{names[0]}' "
+                "already names the model"
+            )
         else:
-            raise InvalidRequest(f"FROM '{value}' is neither a file nor a directory")
+            names.append(value)
+    return names, list(dict.fromkeys(paths))
+
+
+def build_request(
+    api: Client, modelfile: Modelfile, base: Path, display: ProgressDisplay, quantize: str | None
+) -> dict[str, Any]:
+    fields = modelfile.to_create_fields()
+    request: dict[str, Any] = {}
+    names, model_paths = _split_froms(fields.froms, base)
+    if names:
+        request["from"] = names[0]
     if model_paths:
         request["files"] = _upload(api, model_paths, display)
     if fields.adapters:

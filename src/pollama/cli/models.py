@@ -59,9 +59,7 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def format_show(info: dict[str, Any], verbose: bool = False) -> str:
-    """The formatted ``pollama show`` text (docs/ollama-behaviour.md#show-in-the-terminal)."""
-    sections: list[tuple[str, list[list[str]]]] = []
+def _model_rows(info: dict[str, Any]) -> list[list[str]]:
     model_info = info.get("model_info") or {}
     details = info.get("details") or {}
     arch = str(model_info.get("general.architecture", ""))
@@ -85,9 +83,48 @@ def format_show(info: dict[str, Any], verbose: bool = False) -> str:
         rows.append(["quantization", str(details["quantization_level"])])
     if info.get("requires"):
         rows.append(["requires", str(info["requires"])])
-    sections.append(("Model", rows))
+    return rows
+
+
+def _projector_rows(projector: dict[str, Any]) -> list[list[str]]:
+    """Ollama's ``Projector`` section: each row only when its key is there, the widths from
+    the vision keys, else the audio ones (``<arch>.vision.embedding_length``…)."""
+    arch = projector.get("general.architecture")
+    rows: list[list[str]] = []
+    if isinstance(arch, str) and arch:
+        rows.append(["architecture", arch])
+    count = projector.get("general.parameter_count")
+    if isinstance(count, int | float) and not isinstance(count, bool):
+        rows.append(["parameters", human_number(int(count))])
+    widths = (("embedding length", "embedding_length"), ("dimensions", "projection_dim"))
+    for label, suffix in widths:
+        for modality in ("vision", "audio"):
+            value = projector.get(f"{arch}.{modality}.{suffix}")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                rows.append([label, f"{value:g}" if isinstance(value, float) else str(value)])
+                break
+    return rows
+
+
+def _verbose_sections(info: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    model_info = info.get("model_info") or {}
+    sections: list[tuple[str, list[list[str]]]] = []
+    if model_info:
+        sections.append(("Metadata", [[k, _value(model_info[k])] for k in sorted(model_info)]))
+    if info.get("tensors"):
+        sections.append(
+            ("Tensors", [[t["name"], t["type"], str(t["shape"])] for t in info["tensors"]])
+        )
+    return sections
+
+
+def format_show(info: dict[str, Any], verbose: bool = False) -> str:
+    """The formatted ``pollama show`` text (docs/ollama-behaviour.md#show-in-the-terminal)."""
+    sections: list[tuple[str, list[list[str]]]] = [("Model", _model_rows(info))]
     if info.get("capabilities"):
         sections.append(("Capabilities", [[c] for c in info["capabilities"]]))
+    if info.get("projector_info"):
+        sections.append(("Projector", _projector_rows(info["projector_info"])))
     if info.get("parameters"):
         sections.append(
             (
@@ -99,12 +136,8 @@ def format_show(info: dict[str, Any], verbose: bool = False) -> str:
                 ],
             )
         )
-    if verbose and model_info:
-        sections.append(("Metadata", [[k, _value(model_info[k])] for k in sorted(model_info)]))
-    if verbose and info.get("tensors"):
-        sections.append(
-            ("Tensors", [[t["name"], t["type"], str(t["shape"])] for t in info["tensors"]])
-        )
+    if verbose:
+        sections += _verbose_sections(info)
     if info.get("system"):
         sections.append(("System", _two_lines(str(info["system"]))))
     if info.get("license"):

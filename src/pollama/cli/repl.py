@@ -4,7 +4,9 @@ docs/ollama-behaviour.md#the-interactive-chat).
 :class:`Repl` reads lines from a :class:`~pollama.cli.lineedit.LineReader` (a prompt_toolkit
 prompt on a terminal, a scripted list in tests), runs the ``/`` commands with Ollama's exact
 output, and sends everything else as the next user message through ``/api/chat`` with the
-whole history.
+whole history. For a model with ``vision`` (or ``audio``), the files a message names are
+attached to it as Ollama does (``cli.attachments``), and a line that starts with such a path
+is a message, not an unknown command.
 
 Where this deliberately differs from Ollama, so that a session is never lost:
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from pollama.cli.attachments import extract_attachments, find_paths
 from pollama.cli.lineedit import (
     EditRequested,
     Interrupted,
@@ -56,6 +59,9 @@ USAGE = """Available Commands:
 
 Use \"\"\" to begin a multi-line message.
 """
+# the commands, in the order Ollama tries them before taking a "/" line for a file path
+_COMMANDS = ("/list", "/load", "/save", "/clear", "/set", "/show", "/help", "/?", "/exit",
+             "/bye")
 USAGE_MULTIMODAL = "Use /path/to/file to include .jpg, .png, .webp images, or .wav audio files.\n"
 USAGE_SET = """Available Commands:
   /set parameter ...     Set a parameter
@@ -267,7 +273,7 @@ class Repl:
                 self.reader.alt = True
         elif "\n" in line:
             self._sb.append(line)  # pasted or Ctrl+J text is a message, never a command
-        elif line.startswith("/"):
+        elif line.startswith("/") and not self._names_a_file(line):
             return self._command(line)
         else:
             self._sb.append(line)
@@ -278,6 +284,15 @@ class Repl:
         elif self._multiline is None:
             self._sb.clear()
         return True
+
+    def _names_a_file(self, line: str) -> bool:
+        """Ollama sends ``/path/to/photo.png what is this?`` to a multimodal model as a
+        message, not as an unknown command: a line whose first word begins a path the
+        attachment regex finds (the file need not exist). The commands are checked first."""
+        if line.startswith(_COMMANDS):
+            return False
+        first = line.split()[0]
+        return any(path.startswith(first) for path in find_paths(line, self.session.capabilities))
 
     # -- commands ------------------------------------------------------------------------
 
@@ -483,9 +498,15 @@ class Repl:
     # -- a chat turn ---------------------------------------------------------------------
 
     def send(self, text: str) -> None:
-        """Ask the model; the answer joins the history (see the module docstring)."""
+        """Ask the model; the answer joins the history (see the module docstring). A file the
+        message names that cannot be attached raises before anything is sent."""
         s = self.session
-        s.messages.append({"role": "user", "content": text})
+        # a multimodal model gets the files the message names; they stay in the history
+        content, images = extract_attachments(text, s.capabilities)
+        message: dict[str, Any] = {"role": "user", "content": content}
+        if images:
+            message["images"] = images
+        s.messages.append(message)
         answer = self.chat()
         if answer is None:
             s.messages.pop()

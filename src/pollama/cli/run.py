@@ -6,6 +6,8 @@ prompt is given and both stdin and stdout are terminals. Otherwise it answers on
 through ``/api/generate``: the arguments joined by spaces, after whatever stdin holds
 (``pollama run m "summarize this" < file`` sends the file, a space, then the words). Output
 that is not a terminal gets no colours, no spinner and no word wrap, so it can be piped.
+For a model with ``vision`` (or ``audio``), the image (or audio) files the prompt names are
+sent in ``images`` and cut from the text, as Ollama does (``cli.attachments``).
 
 A model the server does not have is pulled first (with progress bars); when that fails the
 error says plainly that the model is not found and how to create or pull it.
@@ -14,6 +16,7 @@ error says plainly that the model is not found and how to create or pull it.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from datetime import datetime, timedelta
@@ -22,6 +25,7 @@ from typing import Any
 import click
 import httpx
 
+from pollama.cli.attachments import extract_attachments
 from pollama.cli.autostart import ServerNotStarted, ensure_server, server_log_path
 from pollama.cli.common import client, reports_errors, settings
 from pollama.cli.models import list_models
@@ -96,11 +100,15 @@ def show_or_pull(api: Client, model: str, *, insecure: bool) -> dict[str, Any]:
     return api.show(model)
 
 
-def generate_once(api: Client, session: Session, prompt: str) -> None:
+def generate_once(api: Client, session: Session, prompt: str,
+                  images: list[str] | None = None) -> None:
     """The non-interactive answer (Go ``generate``): stream it, ``\\n\\n`` after a non-empty
-    prompt, the statistics on stderr with ``--verbose``. Ctrl+C stops it quietly."""
+    prompt, the statistics on stderr with ``--verbose``. Ctrl+C stops it quietly. ``images``
+    are the base64 files the prompt named (``cli.attachments``)."""
     out = sys.stdout
     body: dict[str, Any] = {"model": session.model, "prompt": prompt, **session.request_fields()}
+    if images:
+        body["images"] = images
     if session.system:
         body["system"] = session.system
     display = AnswerDisplay(out, wrap=session.word_wrap, plain=not _isatty(out),
@@ -257,7 +265,9 @@ def _run(api: Client, s: Settings, session: Session, parts: list[str], *, insecu
     if "image" in capabilities:
         raise InvalidRequest("image generation models are not currently supported")
     if not interactive:
-        generate_once(api, session, " ".join(parts))
+        # Ollama attaches the files a multimodal model's prompt names (``extractFileData``)
+        prompt, images = extract_attachments(" ".join(parts), capabilities)
+        generate_once(api, session, prompt, images)
         return
     load_model(api, session)
     _show_loaded_messages(info, session)
@@ -288,13 +298,18 @@ def _until(expires_at: str) -> str:
 
 
 def _processor(size: int, size_vram: int) -> str:
+    """``ollama ps``'s PROCESSOR column (``ListRunningHandler``): the share of the model's
+    memory on the CPU and on accelerators, from ``/api/ps`` ``size`` and ``size_vram`` (what
+    the worker reported after loading). Go's arithmetic, exactly: the CPU share as a float
+    fraction times 100, rounded half away from zero (``math.Round``, not Python's
+    half-to-even), and the GPU share is what is left of 100."""
     if size_vram == 0:
         return "100% CPU"
     if size_vram == size:
         return "100% GPU"
     if size_vram > size or size == 0:
         return "Unknown"
-    cpu = round(100 * (size - size_vram) / size)
+    cpu = math.floor((size - size_vram) / size * 100 + 0.5)
     return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 

@@ -9,7 +9,7 @@ import uvicorn
 
 from pollama.cli.common import fail, reports_errors, settings
 from pollama.config import SERVE_ENV_VARS, env_help
-from pollama.server.app import create_app
+from pollama.server.app import create_app, take_inventory
 from pollama.server.limits import guarded_h11_protocol
 from pollama.server.security import auth_summary, bind_refusal
 
@@ -27,7 +27,7 @@ def serve() -> None:
     refusal = bind_refusal(s)
     if refusal is not None:
         fail(refusal)
-    app = create_app(s)
+    app = create_app(s, inventory=take_inventory())
     click.echo(auth_summary(s), err=True)
     click.echo(
         f"pollama listening on {s.host.bind_host}:{s.host.port} (models: {s.models})", err=True

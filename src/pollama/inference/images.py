@@ -31,6 +31,13 @@ checks still run where its plugins make them (GIF frame extents, the WebP canvas
 fires becomes our error too. Only the first frame of an animated GIF, WebP or PNG is decoded:
 it is the still image a vision model is given.
 
+Audio rides in the same fields (Ollama's choice), so :func:`validate_images` checks every
+*medium*: one whose first bytes are audio (llama.cpp's own test, :func:`~pollama.inference.
+audio.is_audio`) goes through steps 2 and 3 with the audio byte cap
+(``POLLAMA_MAX_AUDIO_BYTES``), then through ``inference.audio`` instead of steps 4 to 6.
+Images and audio clips are numbered separately in messages ("image 2", "audio 1"); the
+count of step 1 is of both together.
+
 Everything here is synchronous and CPU-bound (a 50-megapixel decode takes about half a
 second); the service runs :func:`validate_images` off the event loop.
 """
@@ -42,10 +49,17 @@ import io
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pollama.errors import InvalidImage
+from pollama.errors import InvalidAudio, InvalidImage
+from pollama.inference.audio import (
+    AudioBudget,
+    ValidatedAudio,
+    head_bytes,
+    is_audio,
+    validate_audio,
+)
 
 if TYPE_CHECKING:
     from PIL.ImageFile import ImageFile
@@ -59,6 +73,7 @@ __all__ = [
     "URL_REFUSED",
     "ImageLimits",
     "ValidatedImage",
+    "ValidatedMedium",
     "check_count",
     "check_media_type",
     "decode_base64",
@@ -100,16 +115,25 @@ _OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """The caps every request image is checked against (see :class:`pollama.config.Settings`:
-    ``POLLAMA_MAX_IMAGES``, ``POLLAMA_MAX_IMAGE_BYTES``, ``POLLAMA_MAX_IMAGE_PIXELS``)."""
+    """The caps every request medium is checked against (see :class:`pollama.config.Settings`:
+    ``POLLAMA_MAX_IMAGES``, ``POLLAMA_MAX_IMAGE_BYTES``, ``POLLAMA_MAX_IMAGE_PIXELS``,
+    ``POLLAMA_MAX_AUDIO_BYTES``, ``POLLAMA_MAX_AUDIO_SECONDS``)."""
 
     max_images: int
     max_bytes: int
     max_pixels: int
+    max_audio_bytes: int = 25 << 20
+    max_audio_seconds: float = 600
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
-        return cls(settings.max_images, settings.max_image_bytes, settings.max_image_pixels)
+        return cls(
+            settings.max_images,
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            settings.max_audio_bytes,
+            settings.max_audio_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -126,7 +150,7 @@ class ValidatedImage:
     format: str
     width: int
     height: int
-    data: bytes
+    data: bytes = field(repr=False)  # megabytes: never in a log line or a test failure
 
     def decode(self) -> Any:
         """The first frame as a loaded ``PIL.Image.Image``, through the same guarded path
@@ -134,9 +158,14 @@ class ValidatedImage:
         return _decode(self.data, self.format, self.index, self.width * self.height)
 
 
+ValidatedMedium = ValidatedImage | ValidatedAudio
+"""What :func:`validate_images` gives for each medium of a request."""
+
+
 def request_images(req: InferenceRequest) -> list[Any]:
-    """Every image of a request, in prompt order: each message's ``images`` for a chat (as
-    every protocol's chat translation puts them), ``images`` for a generate."""
+    """Every medium (image or audio) of a request, in prompt order: each message's
+    ``images`` for a chat (as every protocol's chat translation puts them), ``images`` for a
+    generate."""
     if req.kind == "chat":
         return [image for message in req.messages for image in message.get("images") or ()]
     return list(req.images or ())
@@ -151,11 +180,24 @@ def check_count(count: int, limits: ImageLimits) -> None:
         )
 
 
-def validate_images(images: Sequence[Any], limits: ImageLimits) -> list[ValidatedImage]:
-    """Check and decode every image of a request, in order; the first bad one raises
-    :class:`InvalidImage` naming it. Only one decoded image is held at a time."""
+def validate_images(images: Sequence[Any], limits: ImageLimits) -> list[ValidatedMedium]:
+    """Check every medium of a request, in order: decode each image, read each audio
+    clip's header (``inference.audio``); the first bad one raises :class:`InvalidImage` (or
+    its :class:`InvalidAudio`) naming it. Only one decoded image is held at a time."""
     check_count(len(images), limits)
-    return [validate_image(image, index, limits) for index, image in enumerate(images, 1)]
+    budget = AudioBudget(limits.max_audio_seconds)
+    numbers = {"image": 0, "audio": 0}
+    media: list[ValidatedMedium] = []
+    for item in images:
+        kind = "audio" if isinstance(item, str) and is_audio(head_bytes(item)) else "image"
+        numbers[kind] += 1
+        index = numbers[kind]
+        if kind == "image":
+            media.append(validate_image(item, index, limits))
+            continue
+        data = decode_base64(item, index, limits.max_audio_bytes, audio=True)
+        media.append(validate_audio(data, index, budget))
+    return media
 
 
 def validate_image(text: Any, index: int, limits: ImageLimits) -> ValidatedImage:
@@ -185,37 +227,40 @@ def validate_image(text: Any, index: int, limits: ImageLimits) -> ValidatedImage
 # -- base64 ----------------------------------------------------------------------------------
 
 
-def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
+def decode_base64(text: str, index: int, max_bytes: int, *, audio: bool = False) -> bytes:
     """Strict standard base64 (padding required; ``\\r``/``\\n`` skipped, as in Go), refused
-    by its length alone when it would decode to more than ``max_bytes``."""
+    by its length alone when it would decode to more than ``max_bytes``. ``audio`` names
+    the medium "audio N" (an :class:`InvalidAudio`) and its own byte cap."""
+    noun, setting = ("audio", "POLLAMA_MAX_AUDIO_BYTES") if audio else (
+        "image", "POLLAMA_MAX_IMAGE_BYTES")  # fmt: skip
+    error = InvalidAudio if audio else InvalidImage
     if "\n" in text or "\r" in text:
         text = text.replace("\r", "").replace("\n", "")
     size = len(text) * 3 // 4 - (2 if text.endswith("==") else 1 if text.endswith("=") else 0)
     if size > max_bytes:
-        raise InvalidImage(
-            f"image {index}: {size} bytes is more than the limit of {max_bytes} "
-            "(POLLAMA_MAX_IMAGE_BYTES)",
+        raise error(
+            f"{noun} {index}: {size} bytes is more than the limit of {max_bytes} ({setting})",
             index,
         )
     hint = (
         "; send only the base64 data, without the data: URL prefix"
         if text.startswith("data:")
-        else "; send the image file as standard base64 (A-Z, a-z, 0-9, + and /, padded with =)"
+        else f"; send the {noun} file as standard base64 (A-Z, a-z, 0-9, + and /, padded with =)"
     )
     try:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
-        raise InvalidImage(
-            f"image {index} is not valid base64 (it has non-ASCII characters){hint}", index
+        raise error(
+            f"{noun} {index} is not valid base64 (it has non-ASCII characters){hint}", index
         ) from None
     try:
         data = binascii.a2b_base64(raw, strict_mode=True)
     except binascii.Error as exc:
         reason = str(exc)
         reason = reason[:1].lower() + reason[1:]
-        raise InvalidImage(f"image {index} is not valid base64 ({reason}){hint}", index) from None
+        raise error(f"{noun} {index} is not valid base64 ({reason}){hint}", index) from None
     if not data:
-        raise InvalidImage(f"image {index} is empty", index)
+        raise error(f"{noun} {index} is empty", index)
     return data
 
 
@@ -400,7 +445,8 @@ def image_from_data_url(url: Any) -> str:
     """The base64 payload of an OpenAI ``image_url``: only ``data:[image/...];base64,...``.
 
     Nothing is ever fetched (SSRF: a URL would let any client make the server request
-    internal addresses); http(s) and every other scheme get Ollama's message.
+    internal addresses); http(s) and every other scheme get Ollama's message. Audio data is
+    refused here (it has its own part type), so an ``image_url`` is always an image.
     """
     if not isinstance(url, str):
         raise InvalidImage("image_url must have a url string (a data:image/...;base64 URL)")
@@ -415,4 +461,6 @@ def image_from_data_url(url: Any) -> str:
             "image_url data: URLs must be base64 encoded, like data:image/png;base64,..."
         )
     check_media_type(header.split(";")[0], "image_url")
+    if is_audio(head_bytes(payload)):
+        raise InvalidImage("image_url data is audio: send audio as an input_audio content part")
     return payload

@@ -68,6 +68,7 @@ class GenerationRun:
     load_duration: int
     truncation: Truncation | None
     prompt_tokens: int
+    media: tuple[bytes, ...] = ()  # the files of the prompt's ``[img-N]`` references
 
     @property
     def num_predict(self) -> int:
@@ -154,6 +155,7 @@ def _completion(g: GenerationRun, phase: Phase) -> CompletionRequest:
         format=g.plan.format if phase.constrained else None,
         logprobs=g.logprobs,
         top_logprobs=g.top_logprobs,
+        media=g.media,
     )
 
 

@@ -36,11 +36,11 @@ import functools
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from pollama.errors import CapabilityMissing, ContextOverflow, InvalidRequest
-from pollama.gguf import GGUFInfo
+from pollama.gguf import FillInMiddleTokens, GGUFInfo
 from pollama.store.models import LocalModel
 from pollama.template import (
     DEFAULT_TEMPLATE,
@@ -119,12 +119,15 @@ class PromptTemplate:
     """The template one request renders with: a Go template or a GGUF Jinja chat template.
 
     Exactly one of ``go`` and ``jinja`` is set. ``named`` is the built-in template whose text
-    the Go template is (its stop words are the defaults), when it is one.
+    the Go template is (its stop words are the defaults), when it is one. ``fim`` is the
+    model's fill-in-the-middle tokens, when its vocabulary has them: they grant ``insert``
+    to a template that cannot place a suffix itself (:func:`_fill_in_middle`).
     """
 
     go: Template | None = None
     jinja: JinjaChatTemplate | None = None
     named: NamedTemplate | None = None
+    fim: FillInMiddleTokens | None = None
 
     @classmethod
     def from_go(cls, text: str) -> PromptTemplate:
@@ -153,8 +156,14 @@ class PromptTemplate:
         return self.go.text if self.go is not None else DEFAULT_TEMPLATE
 
     def capabilities(self) -> set[str]:
-        """``tools``/``insert``/``thinking`` as this template grants them
+        """``tools``/``insert``/``thinking`` as this template (or, for ``insert``, the
+        vocabulary's fill-in-the-middle tokens) grants them
         (docs/ollama-behaviour.md#capabilities)."""
+        caps = self.own_capabilities()
+        return caps | {"insert"} if self.fim is not None else caps
+
+    def own_capabilities(self) -> set[str]:
+        """What the template text alone grants."""
         if self.jinja is not None:
             return jinja_capabilities(self.jinja.text)
         return template_capabilities(self._go())
@@ -180,6 +189,10 @@ class PromptTemplate:
         """Execute the Go template with ``.Prompt`` and ``.Suffix`` only."""
         return render_prompt(self._go(), prompt=prompt, suffix=suffix, think=think)
 
+    def with_fim(self, fim: FillInMiddleTokens | None) -> PromptTemplate:
+        """This template with the model's fill-in-the-middle tokens attached."""
+        return self if fim is None else replace(self, fim=fim)
+
 
 def prompt_template_for(
     model: LocalModel | None,
@@ -198,8 +211,9 @@ def prompt_template_for(
     disabled and no GGUF chat template, the model's Go template is still used (Ollama's
     llama-server would fall back to its own built-in format).
     """
+    fim = info.fim_tokens if info is not None else None
     if override:
-        return PromptTemplate.from_go(override)
+        return PromptTemplate.from_go(override).with_fim(fim)
     go_text = model.template() if model is not None else None
     chat_text = info.chat_template if info is not None else None
     go = PromptTemplate.from_go(go_text) if go_text else None
@@ -215,10 +229,10 @@ def prompt_template_for(
             and prefer_jinja_template(jinja.text, jinja.capabilities(), go.go, go.capabilities())
         )
         if not prefer:
-            return go
+            return go.with_fim(fim)
     if jinja is not None:
-        return jinja
-    return go if go is not None else PromptTemplate.default()
+        return jinja.with_fim(fim)
+    return (go if go is not None else PromptTemplate.default()).with_fim(fim)
 
 
 def default_stop_words(params: Mapping[str, Any], template: PromptTemplate | None) -> list[str]:
@@ -483,7 +497,8 @@ async def build_generate_prompt(
       context it is ``InvalidRequest("raw mode does not support template, system, or
       context")``.
     * ``suffix``: fill-in-the-middle (:func:`_fill_in_middle`; ``template`` must reference
-      ``.Suffix``, else ``CapabilityMissing("<model_name> does not support insert")``).
+      ``.Suffix`` or the model's vocabulary have fill-in-the-middle tokens, else
+      ``CapabilityMissing("<model_name> does not support insert")``).
     * otherwise ``[system or system_default] + model_messages (only without a context) +
       user prompt`` is rendered directly by the override, or like a chat (with truncation of
       the Modelfile MESSAGEs) by ``template``.
@@ -528,9 +543,18 @@ async def _fill_in_middle(
 ) -> str:
     """A ``suffix`` request's text: the override if given, else the model's template, run
     with ``.Prompt`` and ``.Suffix`` only. Whether the model can insert at all is the model
-    template's to say (it references ``.Suffix``), whatever the override."""
+    template's to say (it references ``.Suffix``), whatever the override.
+
+    A template that cannot place a suffix, of a model whose vocabulary has
+    fill-in-the-middle tokens, gives llama-server's ``/infill`` prompt instead
+    (``format_prompt_infill``, prefix-suffix-middle order): the tokens' own texts, which the
+    worker tokenizes back to those special tokens.
+    """
     if "insert" not in template.capabilities():
         raise CapabilityMissing(f"{model_name} does not support insert")
+    fim = template.fim
+    if direct is None and fim is not None and "insert" not in template.own_capabilities():
+        return f"{fim.prefix}{prompt}{fim.suffix}{suffix}{fim.middle}"
     fill = (direct or template).render_fill_in_middle
     return await _off_loop(fill, prompt, suffix, think=think)
 

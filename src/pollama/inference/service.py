@@ -36,10 +36,11 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from pollama.config import Settings
@@ -51,10 +52,11 @@ from pollama.errors import (
     ModelNotFound,
 )
 from pollama.gguf import GGUFInfo
+from pollama.inference.audio import ValidatedAudio
 from pollama.inference.bounds import TokenFloor
 from pollama.inference.images import (
     ImageLimits,
-    ValidatedImage,
+    ValidatedMedium,
     check_count,
     request_images,
     validate_images,
@@ -92,8 +94,9 @@ from pollama.options import (
     coerce_options,
     merge_options,
 )
-from pollama.runner.base import LoadSpec, Logprob, usable_cpus
-from pollama.scheduler import Lease, ModelRef, Scheduler, estimate_memory, parse_keep_alive
+from pollama.runner.base import DeviceInfo, LoadSpec, Logprob, usable_cpus
+from pollama.scheduler import Lease, ModelRef, Scheduler, parse_keep_alive
+from pollama.scheduler.placement import Offload, plan_offload
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
 from pollama.telemetry import NULL_TELEMETRY, Telemetry, observe_events
@@ -101,13 +104,16 @@ from pollama.telemetry import NULL_TELEMETRY, Telemetry, observe_events
 log = logging.getLogger(__name__)
 
 THINK_LEVELS = ("high", "medium", "low", "max")
-# A vision model (a projector layer, as registries ship them, or vision blocks in its own
-# GGUF) has the vision capability, but the runner has no image path yet: the template would
-# get ``[img-N]`` markers and the model nothing of the images (README, "Images").
-_IMAGES_REFUSED = (
-    '"{model}" can see images, but pollama cannot run image input yet (the projector '
-    "is not loaded): images are refused rather than dropped; send the request without images"
+# A model whose own GGUF holds vision (or audio) blocks has the vision (audio) capability
+# (Ollama's new engine runs those), but llama.cpp sees and hears only through a separate
+# projector GGUF: its media are refused rather than dropped (README, "Images").
+_NO_PROJECTOR = (
+    '"{model}" has {sense} weights inside its model file but no projector layer, and '
+    "llama.cpp can only {verb} through a separate projector GGUF: create the model with the "
+    "projector as a second FROM line, or send the request without {media}"
 )
+# What one image costs in the window when fitting a chat before the worker said (Ollama's).
+_IMAGE_TOKENS_DEFAULT = 768
 
 
 def thinks(think: bool | str | None) -> bool:
@@ -155,7 +161,7 @@ class Prepared:
     think: bool | str | None = None  # after the capability rules (absent → true if it can)
     format: str | dict[str, Any] | None = None  # normalized (``structured.normalize_format``)
     tools: list[dict[str, Any]] | None = None  # None when ``tool_choice`` is "none"
-    images: tuple[ValidatedImage, ...] = ()  # every request image, decoded within the limits
+    images: tuple[ValidatedMedium, ...] = ()  # every request image and audio clip, checked
 
     @property
     def is_empty(self) -> bool:
@@ -166,6 +172,14 @@ class Prepared:
         return not self.request.prompt and not self.request.suffix
 
 
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A request's prompt as rendered for its model, and the images it references."""
+
+    prompt: str
+    image_count: int
+
+
 class InferenceService:
     def __init__(
         self,
@@ -173,11 +187,15 @@ class InferenceService:
         store: Store,
         scheduler: Scheduler,
         telemetry: Telemetry = NULL_TELEMETRY,
+        devices: Callable[[], Sequence[DeviceInfo]] | None = None,
     ) -> None:
+        """``devices`` reports the compute devices layers may be offloaded to (by default the
+        scheduler's inventory; an empty one keeps every model on the CPU)."""
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
         self.telemetry = telemetry
+        self.devices = devices or scheduler.devices
         self._image_pool: ThreadPoolExecutor | None = None  # made by the first image request
 
     # -- checks ------------------------------------------------------------------------
@@ -215,12 +233,13 @@ class InferenceService:
             self._image_pool.shutdown(wait=False, cancel_futures=True)
             self._image_pool = None
 
-    async def _validate_images(self, req: InferenceRequest) -> list[ValidatedImage]:
-        """The request's images through ``inference.images``, off the event loop.
+    async def _validate_images(self, req: InferenceRequest) -> list[ValidatedMedium]:
+        """The request's images and audio through ``inference.images``, off the event loop.
 
-        Decoding is CPU-bound (about half a second for 50 megapixels), so it runs in this
-        service's own pool of two threads: concurrent image requests queue there instead of
-        stalling the server or multiplying memory (each decode holds one image at a time).
+        Decoding is CPU-bound (about half a second for 50 megapixels; an audio header walk
+        is one pass over the file), so it runs in this service's own pool of two threads:
+        concurrent media requests queue there instead of stalling the server or multiplying
+        memory (each decode holds one image at a time).
         """
         sent = request_images(req)
         if not sent:
@@ -243,19 +262,14 @@ class InferenceService:
         return model
 
     def _check_capabilities(
-        self, req: InferenceRequest, model: LocalModel, images: Sequence[ValidatedImage] = ()
+        self, req: InferenceRequest, model: LocalModel, images: Sequence[ValidatedMedium] = ()
     ) -> tuple[bool | str | None, list[dict[str, Any]] | None]:
         """Refuse what the model cannot do; returns the effective ``think`` and ``tools``."""
         caps = capabilities(model)
         full = str(model.name)
         if "completion" not in caps:
             raise CapabilityMissing(f'"{req.model}" does not support {req.kind}')
-        if images and "vision" not in caps:
-            raise CapabilityMissing(
-                f'"{req.model}" does not support images: it has no vision capability'
-            )
-        if images:  # checked and decoded above, so a bad image still gets its own 400
-            raise CapabilityMissing(_IMAGES_REFUSED.format(model=req.model))
+        _check_senses(req.model, model, caps, images)
         think = req.think
         if "thinking" in caps:
             if think is None:
@@ -292,22 +306,25 @@ class InferenceService:
         for warning in warnings:
             log.warning("%s", warning)
         options = merge_options(model.params(), coerced)
-        spec = self._load_spec(model, info, options)
-        if info.pooling_type is not None:
-            spec = dataclasses.replace(spec, embedding=True, num_parallel=1)
+        spec, offload = self._load_spec(model, info, options)
         ref = ModelRef(
             key=spec.model_path,
             name=model.name.display_shortest(),
             digest=model.digest,
             size=model.size,
             details=dataclasses.asdict(details(model)),
-            estimate_bytes=estimate_memory(info, spec),
+            estimate_bytes=offload.host_bytes,
+            device_bytes=dict(offload.device_bytes),
         )
         return Placement(options=options, spec=spec, ref=ref)
 
-    def _load_spec(self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]) -> LoadSpec:
-        """The spec a model loads with. Load options that would only make llama.cpp allocate
-        or spawn without use are clamped here, once for every route (README, "Limits"):
+    def _load_spec(
+        self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]
+    ) -> tuple[LoadSpec, Offload]:
+        """The spec a model loads with, and where its layers go (:meth:`_offload`). An
+        embedding model (its GGUF has a pooling type) loads alone: one sequence. Load
+        options that would only make llama.cpp allocate or spawn without use are clamped
+        here, once for every route (README, "Limits"):
         ``num_batch`` to the context (a batch bigger than a sequence can never fill) and
         ``num_thread`` to the CPUs present. ``repeat_last_n`` is clamped where the sampler
         is built (``runner/engine.py``). A params layer is stored as pulled, unchecked, so a
@@ -320,7 +337,7 @@ class InferenceService:
         num_ctx = max(num_ctx, 4)
         model_path = model.model_path()
         assert model_path is not None
-        return LoadSpec(
+        spec = LoadSpec(
             model_path=str(model_path),
             num_ctx=num_ctx,
             num_parallel=max(self.settings.num_parallel, 1),
@@ -330,7 +347,47 @@ class InferenceService:
             kv_cache_type=self.settings.kv_cache_type or "f16",
             use_mmap=options.get("use_mmap"),
             adapters=tuple(str(p) for p in model.adapter_paths()),
+            projectors=tuple(str(p) for p in model.projector_paths()),
         )
+        if info.pooling_type is not None:
+            spec = dataclasses.replace(spec, embedding=True, num_parallel=1)
+        offload = self._offload(info, spec, options)
+        return offload.apply(spec), offload
+
+    def _offload(self, info: GGUFInfo, spec: LoadSpec, options: dict[str, Any]) -> Offload:
+        """Where the layers of a model loaded as ``spec`` go (``scheduler/placement.py``), from
+        ``num_gpu``, ``main_gpu`` and the devices. With ``num_gpu`` automatic, a runner already
+        loaded with the same spec but its placement keeps its layers (Ollama's -1 matches any
+        loaded runner): the devices' free memory, counted without it, must not reload it."""
+        num_gpu = options.get("num_gpu")
+        main_gpu = options.get("main_gpu")
+        plan = partial(
+            plan_offload,
+            info,
+            spec,
+            self.devices(),
+            main_gpu=main_gpu,
+            overhead=self.settings.gpu_overhead,
+            spread=self.settings.sched_spread,
+            igpu=bool(self.settings.igpu_enable),
+        )
+        loaded = self.scheduler.loaded_spec(spec.model_path)
+        if (num_gpu is None or num_gpu < 0) and loaded is not None:
+            placed = dataclasses.replace(
+                loaded, gpu_layers=spec.gpu_layers, main_gpu=spec.main_gpu, tensor_split=()
+            )
+            if placed == spec and main_gpu in (None, loaded.main_gpu):
+                kept = plan(num_gpu=loaded.gpu_layers)
+                return dataclasses.replace(
+                    kept,
+                    gpu_layers=loaded.gpu_layers,
+                    main_gpu=loaded.main_gpu,
+                    tensor_split=loaded.tensor_split,
+                    reason="the loaded runner's placement, kept",
+                )
+        offload = plan(num_gpu=num_gpu)
+        log.debug("placement of %s: %s", spec.model_path, offload.reason)
+        return offload
 
     # -- work ----------------------------------------------------------------------------
 
@@ -360,6 +417,9 @@ class InferenceService:
             return len(await runner.tokenize(text))
 
         _refuse_surely_too_long(req, floor, num_ctx)
+        image_tokens = 0
+        if p.images:
+            image_tokens = lease.info.image_tokens or _IMAGE_TOKENS_DEFAULT
 
         template = prompt_template_for(
             p.model, p.info, go_template_enabled=self.settings.go_template
@@ -375,6 +435,7 @@ class InferenceService:
                 num_ctx=num_ctx,
                 count_tokens=count_tokens,
                 truncate=req.truncate,
+                image_tokens=image_tokens,
             )
         else:
             context_text = await runner.detokenize(req.context) if req.context else None
@@ -394,8 +455,18 @@ class InferenceService:
                 count_tokens=count_tokens,
                 truncate=req.truncate,
                 model_name=str(p.model.name),
+                image_tokens=image_tokens,
             )
         return template, result
+
+    async def render(self, p: Prepared) -> RenderedPrompt:
+        """The prompt the request would generate from, built as for a real request
+        (truncation and thinking level included), without generating: Ollama's
+        ``_debug_render_only``. Like Ollama's, it holds the model's runner (loading it if
+        needed): fitting a chat to the window counts tokens with the model's vocabulary."""
+        async with self.scheduler.use(p.ref, p.spec, p.keep_alive) as lease:
+            _template, result = await self._build_prompt(p, lease)
+        return RenderedPrompt(prompt=result.prompt, image_count=len(result.images))
 
     async def count_tokens(self, p: Prepared) -> int:
         """How many tokens the request's prompt has for this model (loads it if needed)."""
@@ -454,10 +525,41 @@ class InferenceService:
                 load_duration=load_duration,
                 truncation=_truncation(result, lease.info.n_ctx),
                 prompt_tokens=result.prompt_tokens,
+                media=_media(p, result),
             )
             async with aclosing(generate(generation, result.prompt + plan.prefill)) as events:
                 async for event in events:
                     yield event
+
+
+def _check_senses(
+    name: str, model: LocalModel, caps: Sequence[str], media: Sequence[ValidatedMedium]
+) -> None:
+    """Refuse images to a model that cannot see and audio to one that cannot hear (each
+    kind by its own capability, so images to an audio-only model are still "does not
+    support images"), and either to a model without the projector llama.cpp needs."""
+    hears = any(isinstance(medium, ValidatedAudio) for medium in media)
+    sees = any(not isinstance(medium, ValidatedAudio) for medium in media)
+    if sees and "vision" not in caps:
+        raise CapabilityMissing(f'"{name}" does not support images: it has no vision capability')
+    if hears and "audio" not in caps:
+        raise CapabilityMissing(f'"{name}" does not support audio: it has no audio capability')
+    if media and not model.projector_paths():
+        sense, verb, kind = ("vision", "see", "images") if sees else ("audio", "hear", "audio")
+        raise CapabilityMissing(
+            _NO_PROJECTOR.format(model=name, sense=sense, verb=verb, media=kind)
+        )
+
+
+def _media(p: Prepared, result: PromptResult) -> tuple[bytes, ...]:
+    """The files of the images the prompt references, in ``[img-N]`` order: those of the
+    messages that truncation kept. The prompt holds the request's own base64 strings, so
+    each is matched to its validated file by identity (never decoded twice)."""
+    if not result.images:
+        return ()
+    sent_images = request_images(p.request)
+    files = {id(sent): image.data for sent, image in zip(sent_images, p.images, strict=True)}
+    return tuple(files[id(sent)] for sent in result.images)
 
 
 def _with_stop_words(p: Prepared, template: PromptTemplate) -> dict[str, Any]:

@@ -199,6 +199,7 @@ class _InferenceBody(OllamaModel):
     shift: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    debug_render_only: bool = Field(default=False, alias="_debug_render_only")
 
     def _common(self) -> dict[str, Any]:
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
@@ -250,6 +251,28 @@ class ChatRequest(_InferenceBody):
             tools=self.tools,
             **self._common(),
         )
+
+
+class TokenizeRequest(OllamaModel):
+    """``POST /api/tokenize`` (pollama's, as asked in ollama#3582): ``content`` to tokens,
+    with each token's text piece when ``with_pieces``."""
+
+    model: str = ""
+    content: str = ""
+    add_special: bool = True
+    with_pieces: bool = False
+    keep_alive: Any = None
+    options: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(OllamaModel):
+    """``POST /api/detokenize``: tokens back to text. ``tokens`` is checked by the service
+    (each an integer in the vocabulary), so its error names the first bad one."""
+
+    model: str = ""
+    tokens: list[Any] = Field(default_factory=list)
+    keep_alive: Any = None
+    options: dict[str, Any] | None = None
 
 
 class ProcessModel(OllamaModel):

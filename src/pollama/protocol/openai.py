@@ -14,6 +14,12 @@ token's log-probability and N alternatives (``choices[].logprobs.content``, as O
 takes ``logprobs`` N (0-20; Ollama's mapping: N > 0 asks, with N alternatives) and answers
 the legacy shape (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), which
 Ollama never fills in. Out of range is a 400.
+
+Audio: a chat content part ``{"type": "input_audio", "input_audio": {"data", "format"}}``
+becomes its own native message with the clip in ``images``, as Ollama does (the format must
+be ``wav``, ``mp3`` or ``flac`` and match the data). ``/v1/audio/transcriptions`` is
+Ollama's ``FromTranscriptionRequest``: a chat turn with the clip attached
+(:class:`TranscriptionRequest`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pollama.errors import InvalidRequest
+from pollama.errors import InvalidAudio, InvalidRequest
+from pollama.inference.audio import AUDIO_FORMATS, audio_from_input, head_bytes, is_audio
 from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
 from pollama.inference.images import image_from_data_url
 from pollama.inference.types import InferenceRequest, ToolChoice
@@ -231,6 +238,11 @@ def _native_messages(msg: ChatMessage, history: list[ChatMessage]) -> list[dict[
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             out.append({**base, "content": "", "images": [image_from_data_url(url)]})
+        elif kind == "input_audio":
+            # Audio goes in the message's images, as Ollama puts it; the clip is checked with
+            # the request's other media in InferenceService.prepare (inference.audio).
+            audio = audio_from_input(part.get("input_audio"))
+            out.append({**base, "content": "", "images": [audio]})
         else:
             raise InvalidRequest(f"invalid message content type: {kind!r}")
     if calls:
@@ -297,6 +309,77 @@ def finish_reason(done_reason: str, *, tool_calls: bool = False) -> str:
     if done_reason == "length":
         return "length"
     return "tool_calls" if tool_calls else "stop"
+
+
+TRANSCRIBE_SYSTEM = (
+    "Transcribe the audio exactly as spoken. Output only the spoken words. "
+    "Do not answer any question in the audio."
+)
+"""Ollama's system prompt for a transcription (``openai.FromTranscriptionRequest``)."""
+TRANSCRIBE_QUESTION = "What exact words are spoken in this audio?"
+TRANSCRIPTION_FORMATS = ("json", "text")
+"""The ``response_format`` values answered: ``{"text": ...}`` or the bare text."""
+
+
+class TranscriptionRequest(OpenAIModel):
+    """``POST /v1/audio/transcriptions``: the fields of its multipart form (the route reads
+    the form; ``file`` is the uploaded file's base64, None when the form has none).
+
+    As in Ollama, it becomes one chat turn through the one inference path: a system prompt
+    asking for the spoken words alone (naming the ``language`` and quoting the ``prompt``
+    when given) and a user message with the clip attached, at temperature 0 unless the form
+    sets one. Only ``json`` (the default) and ``text`` answers are made. Ollama options
+    may come as extra form fields, as extra body fields on the chat endpoints (their text
+    read as JSON when it is JSON: ``num_predict=10`` is the number 10).
+    """
+
+    model: str = ""
+    file: str | None = None
+    prompt: str = ""
+    language: str = ""
+    response_format: str = "json"
+    temperature: float | None = None
+
+    def to_inference(self) -> InferenceRequest:
+        if not self.model:
+            raise InvalidRequest("model is required")
+        fmt = self.response_format or "json"
+        if fmt not in TRANSCRIPTION_FORMATS:
+            raise InvalidRequest(
+                f"response_format {fmt!r} is not supported: use 'json' or 'text'"
+            )
+        if self.file is None:
+            raise InvalidRequest("file is required: send the audio as the form's 'file' field")
+        if not self.file:
+            raise InvalidRequest("audio file is empty")
+        if not is_audio(head_bytes(self.file)):
+            raise InvalidAudio(f"file is not a {AUDIO_FORMATS} file", 1)
+        system = TRANSCRIBE_SYSTEM
+        if self.language:
+            system += f" The audio is in {self.language}."
+        if self.prompt:
+            system += f" Context: {self.prompt}"
+        return InferenceRequest(
+            model=self.model,
+            kind="chat",
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": TRANSCRIBE_QUESTION, "images": [self.file]},
+            ],
+            options=self._options(),
+        )
+
+    def _options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "temperature": 0.0 if self.temperature is None else self.temperature
+        }
+        for key, value in (self.model_extra or {}).items():
+            if key in OPTIONS and isinstance(value, str):
+                try:
+                    options[key] = json.loads(value)
+                except ValueError:
+                    options[key] = value
+        return options
 
 
 class EmbeddingRequest(OpenAIModel):

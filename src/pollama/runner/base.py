@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pollama.options import DEFAULT_OPTIONS
+from pollama.runner.offload import CPU_DEVICE
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,33 @@ class LoadSpec:
     use_mmap: bool | None = DEFAULT_OPTIONS["use_mmap"]  # None = llama.cpp's default
     adapters: tuple[str, ...] = ()
     embedding: bool = False
+    projectors: tuple[str, ...] = ()  # the model's projector GGUFs (images, audio)
+    # Where the layers go (``scheduler/placement.py`` decides, from ``num_gpu`` and the
+    # devices' free memory): how many of the model's layers llama.cpp offloads to the
+    # accelerators (0: all on the CPU; -1: all of them), the device that holds what is not
+    # split (``main_gpu``), and each device's share of the offloaded layers (empty: llama.cpp
+    # splits by free memory itself).
+    gpu_layers: int = 0
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["adapters"] = list(self.adapters)
+        data["projectors"] = list(self.projectors)
+        data["tensor_split"] = list(self.tensor_split)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LoadSpec:
-        return cls(**{**data, "adapters": tuple(data.get("adapters") or ())})
+        return cls(
+            **{
+                **data,
+                "adapters": tuple(data.get("adapters") or ()),
+                "projectors": tuple(data.get("projectors") or ()),
+                "tensor_split": tuple(float(x) for x in data.get("tensor_split") or ()),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,10 @@ class CompletionRequest:
     format: Any = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # Images and audio clips (their files' bytes) that ``prompt``'s ``[img-N]`` references
+    # name; only a worker with a projector takes them (``runner/media.py``). The protocol
+    # carries each in a message of its own, before the completion (``runner/protocol.py``).
+    media: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -232,6 +255,42 @@ class RunnerInfo:
     load_duration_ns: int
     # The most bytes of text one token stands for (``inference/bounds.py``); 0: unknown.
     max_token_bytes: int = 0
+    # What the model's projector takes (``runner/media.py``), and the embedding rows one
+    # image costs in the context (exact for fixed-size projectors; 0 without vision).
+    vision: bool = False
+    audio: bool = False
+    image_tokens: int = 0
+    # Where llama.cpp put the model, from its own report after loading (not the estimate):
+    # bytes of weights, KV cache and compute buffers per device name ("CPU", "CUDA0", ...),
+    # and how many layers went to an accelerator. ``size_vram`` is the non-CPU part (all of
+    # it when every layer went: ``scheduler.scheduler._size_vram``).
+    device_bytes: dict[str, int] = field(default_factory=dict)
+    gpu_layers: int = 0
+    # The layers llama.cpp can offload (the repeating ones and the output layer: what
+    # ``gpu_layers`` -1 means); 0: unknown.
+    layers: int = 0
+
+    @property
+    def vram_bytes(self) -> int:
+        """The bytes on devices other than the CPU (``/api/ps`` ``size_vram``)."""
+        return sum(n for device, n in self.device_bytes.items() if device != CPU_DEVICE)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A compute device as llama.cpp's device API reports it (``runner/devices.py``):
+    ``kind`` is ``cpu``, ``gpu``, ``igpu`` or ``accel``; memory in bytes, free as of the
+    query. The CPU device's memory is the system's."""
+
+    name: str
+    description: str
+    kind: str
+    total_bytes: int
+    free_bytes: int
+
+    @property
+    def accelerator(self) -> bool:
+        return self.kind in ("gpu", "igpu")
 
 
 class Runner(Protocol):
@@ -246,6 +305,10 @@ class Runner(Protocol):
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
 
     async def detokenize(self, tokens: list[int]) -> str: ...
+
+    async def pieces(self, tokens: list[int]) -> list[bytes]:
+        """Each token's bytes (special tokens as their text); ids are checked by the worker."""
+        ...
 
     async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
         """Each input's pooled vector. An input longer than the model's embedding context is

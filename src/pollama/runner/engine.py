@@ -21,9 +21,17 @@ What must stay true:
 * Only the loop thread (:meth:`Engine.run`) touches the context, the batch and the samplers.
   Other threads call :meth:`Engine.submit`, :meth:`Engine.cancel` and :meth:`Engine.stop`,
   which only queue commands, and the vocabulary functions, which are read-only.
-* ``slot.tokens`` is exactly what that slot's KV sequence holds, position *i* = token *i*.
-  After a request the KV stays (prompt + generated tokens but the last one, which was never
-  decoded) so that the next request with the same prefix evaluates only the rest.
+* ``slot.tokens`` is exactly what that slot's KV sequence holds, in order (token ids, and a
+  medium's key once per embedding row). After a request the KV stays (prompt + generated
+  tokens but the last one, which was never decoded) so that the next request with the same
+  prefix evaluates only the rest.
+* Entry *i* of ``slot.tokens`` sits at KV position *i* minus ``slot.lag`` of the media spans
+  the slot holds wholly before it (:meth:`_Slot.position`). An image in an M-RoPE model
+  (Qwen2-VL and later) has more rows than positions: its rows share 2-D positions from its
+  first one (``MediaSpan.n_pos`` of them), and what follows continues after those. For every
+  other model ``lag`` stays 0 and positions are the indexes. Everything handed to llama.cpp
+  (batch rows, media rows, the cut of a reused cache) is a position, never an index; the
+  context's capacity (``n_ctx``) counts entries, since each one fills a KV cell.
 * Every submitted request gets exactly one final event: a ``CompletionChunk`` with
   ``done=True`` or a :class:`RequestFailed`. Text events never contain a stop string or
   anything after it, nor a partial UTF-8 character. A final event ended by a stop string
@@ -47,6 +55,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,6 +74,7 @@ from pollama.runner.logprobs import HeldLogprobs, Vector, log_softmax, token_ent
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
     from pollama.runner.grammar import Constraint, Grammars
     from pollama.runner.llama import Context, Model, SamplerChain
+    from pollama.runner.media import MediaSpan, Projector
     from pollama.runner.tuning import ThreadTuner
 
 __all__ = [
@@ -89,6 +99,9 @@ class RequestFailed:
 
 
 _SLOT_SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
+# Image (or audio) rows decoded per step while other sequences generate: a medium's 256+
+# rows in one decode would stall their streams for as long as a 256-token prompt does.
+_MEDIA_ROWS = 32
 
 Event = CompletionChunk | RequestFailed
 # Receives a request's events in order; returning False means the consumer is gone, which
@@ -169,6 +182,15 @@ def _prefix_at_end(text: str, stop: str, longer_than: int) -> int:
     return 0
 
 
+def _media_boundary(media: Sequence[MediaSpan], reuse: int) -> int:
+    """``reuse`` moved back to the start of a media span it falls inside: a medium's rows
+    are decoded together, so a cache is only ever kept up to a medium's edge."""
+    for span in media:
+        if span.start < reuse < span.end:
+            return span.start
+    return reuse
+
+
 def fair_share(budget: int, wants: Sequence[int]) -> list[int]:
     """Split ``budget`` tokens among prompts that want ``wants`` more: equal shares, and
     what a short prompt does not use goes to the others (water filling)."""
@@ -246,10 +268,40 @@ def build_sampler(opts: SamplingOptions, n_vocab: int, n_ctx: int) -> tuple[Samp
 
 @dataclass
 class _Slot:
+    """One KV sequence: what it holds (``tokens``) and where (see the module docstring).
+
+    ``held`` lists, for each wholly decoded media span with fewer positions than rows, its
+    end index and that difference; ``lag`` is their sum, so the next entry's position is
+    ``len(tokens) - lag`` (an ordinary model never adds to either)."""
+
     seq: int
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
     job: _Job | None = None
+    held: list[tuple[int, int]] = field(default_factory=list)
+    lag: int = 0
+
+    def position(self, index: int) -> int:
+        """The KV position of entry ``index`` (never inside a media span)."""
+        return index - sum(lag for end, lag in self.held if end <= index)
+
+    def truncate(self, index: int) -> None:
+        """Keep the first ``index`` entries (the caller cut the KV at their position)."""
+        del self.tokens[index:]
+        self.held = [(end, lag) for end, lag in self.held if end <= index]
+        self.lag = sum(lag for _, lag in self.held)
+
+    def hold_span(self, span: MediaSpan) -> None:
+        """The span's rows are all decoded: what follows sits ``n_pos`` after its start."""
+        if span.n_pos != span.n_tokens:
+            self.held.append((span.end, span.n_tokens - span.n_pos))
+            self.lag += span.n_tokens - span.n_pos
+
+    def reset(self) -> None:
+        """The KV sequence was emptied."""
+        self.tokens.clear()
+        self.held.clear()
+        self.lag = 0
 
 
 @dataclass
@@ -278,6 +330,34 @@ class _Job:
     t_prefill: int = 0
     t_first: int = 0
     cancelled: bool = False
+    media: list[MediaSpan] = field(default_factory=list)  # image/audio spans, in order
+
+    def next_span(self) -> MediaSpan | None:
+        """The first media span not yet wholly in the KV cache (None: only text is left)."""
+        for span in self.media:
+            if span.end > self.next:
+                return span
+        return None
+
+    def media_reached(self) -> MediaSpan | None:
+        """The span whose rows come next in the prompt (None: text comes next)."""
+        span = self.next_span()
+        return span if span is not None and span.start <= self.next else None
+
+    def text_left(self) -> int:
+        """Prompt tokens that can go into a batch now: up to the next media span."""
+        span = self.next_span()
+        return max(0, (span.start if span is not None else len(self.prompt)) - self.next)
+
+    def blocked(self) -> bool:
+        """Waiting for the media thread to encode the span its prompt has reached."""
+        span = self.media_reached()
+        return (
+            self.pending < 0
+            and span is not None
+            and span.embeddings is None
+            and not span.error
+        )
 
 
 class Engine:
@@ -292,12 +372,30 @@ class Engine:
         n_batch: int,
         n_parallel: int,
         tuner: ThreadTuner | None = None,
+        projector: Projector | None = None,
+        n_threads: int = 1,
+        log: Callable[[str], None] = lambda _message: None,
     ) -> None:
         from pollama.runner.llama import Batch
 
         self.model = model
         self.ctx = ctx
         self.tuner = tuner
+        self.projector = projector
+        # Media (a projector's work) run on one thread of their own: preparing a request's
+        # images, encoding them, freeing their chunks, in that order, while this loop decodes.
+        self._media_pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="media") if projector is not None else None
+        )
+        self._preparing: dict[object, Emit] = {}  # requests whose media are being prepared
+        self._dropped: set[object] = set()  # of those, the ones cancelled meanwhile
+        # While the media thread encodes, the decode steps run on fewer threads (one on two
+        # cores), so that the two never fight over cores: ggml's threads meet at a barrier
+        # after every graph node, and a partner that is not running stalls them all.
+        self.n_threads = n_threads
+        self._log = log
+        self._encoding = threading.Event()
+        self._yielding = False
         self.n_ctx = n_ctx  # per slot
         self.n_batch = max(n_batch, n_parallel)
         self.batch = Batch(self.n_batch)
@@ -314,7 +412,11 @@ class Engine:
     # -- called from any thread --------------------------------------------------------
 
     def submit(self, req_id: int, request: CompletionRequest, emit: Emit) -> None:
-        """Queue a completion; a request that cannot run fails at once through ``emit``."""
+        """Queue a completion; a request that cannot run fails at once through ``emit``.
+        One with media goes through the media thread first (:meth:`_prepare`)."""
+        if request.media:
+            self._submit_media(req_id, request, emit)
+            return
         try:
             if request.tokens is not None:
                 prompt = [int(t) for t in request.tokens]
@@ -327,22 +429,27 @@ class Engine:
         except Exception as exc:  # reported to the caller, never raised in its thread
             emit(RequestFailed("internal", f"tokenization failed: {exc}"))
             return
-        if not prompt:
-            emit(RequestFailed("invalid", "the prompt is empty"))
-            return
-        if len(prompt) > self.n_ctx:
-            emit(
-                RequestFailed(
-                    "invalid",
-                    f"the prompt is {len(prompt)} tokens, more than the context of "
-                    f"{self.n_ctx} tokens per sequence",
-                )
-            )
-            return
-        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            emit(RequestFailed("invalid", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"))
-            return
+        job = self._make_job(req_id, request, emit, prompt)
+        if job is not None and not self._command("submit", job):
+            emit(RequestFailed("internal", "the model runner is shutting down"))
+
+    def _make_job(
+        self,
+        req_id: int,
+        request: CompletionRequest,
+        emit: Emit,
+        prompt: list[int],
+        media: list[MediaSpan] | None = None,
+    ) -> _Job | None:
+        """The request's job, or None once ``emit`` said why it cannot run."""
+        failure = self._check_prompt(prompt, media or [])
+        if not failure and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            failure = f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"
+        if failure:
+            emit(RequestFailed("invalid", failure))
+            return None
         job = _Job(req_id, emit, prompt, request.options, request.return_tokens)
+        job.media = media or []
         job.stops = StopMatcher(request.options.stop)
         if request.logprobs:
             job.held, job.top_logprobs = HeldLogprobs(), request.top_logprobs
@@ -351,12 +458,81 @@ class Engine:
                 job.grammar = self.grammars().compile(request.format)
             except InvalidRequest as exc:
                 emit(RequestFailed("invalid", str(exc)))
-                return
+                return None
             except Exception as exc:  # reported to the caller, never raised in its thread
                 emit(RequestFailed("internal", f"structured output failed: {exc}"))
+                return None
+        return job
+
+    def _check_prompt(self, prompt: list[int], media: list[MediaSpan]) -> str:
+        """Why the prompt cannot run ("" when it can): empty, or longer than a sequence."""
+        if not prompt:
+            return "the prompt is empty"
+        if len(prompt) <= self.n_ctx:
+            return ""
+        in_media = sum(span.n_tokens for span in media)
+        detail = f" ({in_media} of them for {len(media)} image(s) or audio clip(s))"
+        return (
+            f"the prompt is {len(prompt)} tokens{detail if media else ''}, more than the "
+            f"context of {self.n_ctx} tokens per sequence"
+        )
+
+    def _submit_media(self, req_id: int, request: CompletionRequest, emit: Emit) -> None:
+        if self.projector is None or self._media_pool is None:
+            emit(RequestFailed("invalid", "this model has no projector: it cannot take images"))
+            return
+        with self._wake:
+            if self._stopping:
+                emit(RequestFailed("internal", "the model runner is shutting down"))
                 return
-        if not self._command("submit", job):
-            emit(RequestFailed("internal", "the model runner is shutting down"))
+            self._preparing[req_id] = emit
+        self._media_pool.submit(self._prepare, req_id, request, emit)
+
+    def _prepare(self, req_id: int, request: CompletionRequest, emit: Emit) -> None:
+        """On the media thread: decode and tokenize the request's media and text, then
+        queue the job (or, having failed it, tell the loop it is gone)."""
+        assert self.projector is not None
+        job = None
+        try:
+            prompt, spans = self.projector.tokenize(
+                request.prompt, request.media, request.add_special
+            )
+        except InvalidRequest as exc:
+            emit(RequestFailed("invalid", str(exc)))
+        except Exception as exc:  # reported to the caller, never raised in its thread
+            emit(RequestFailed("internal", f"preparing the media failed: {exc}"))
+        else:
+            job = self._make_job(req_id, request, emit, prompt, spans)
+            if job is None:
+                self._release(spans)
+        self._command("prepared", (req_id, job))
+
+    def _encode(self, job: _Job, span: MediaSpan) -> None:
+        """On the media thread: the span's embeddings (skipped once the job is over)."""
+        assert self.projector is not None
+        if job.cancelled or job.slot is None:
+            return
+        self._encoding.set()
+        start = time.perf_counter()
+        try:
+            span.embeddings = self.projector.encode(span)
+        except Exception as exc:  # the job fails on the loop thread
+            span.error = str(exc) or type(exc).__name__
+        finally:
+            self._encoding.clear()
+        elapsed = (time.perf_counter() - start) * 1000
+        self._log(f"{span.kind} encoded ({span.n_tokens} rows) in {elapsed:.0f} ms")
+        self._command("encoded", job.req_id)
+
+    def _release(self, spans: Sequence[MediaSpan]) -> None:
+        """Free media spans on the media thread, after any encode of them still running."""
+        projector, pool = self.projector, self._media_pool
+        if not spans or projector is None or pool is None:
+            return
+        try:
+            pool.submit(lambda: [projector.release(span) for span in spans])
+        except RuntimeError:  # the pool is shut down: the process is ending
+            pass
 
     def cancel(self, req_id: int) -> None:
         self._command("cancel", req_id)
@@ -390,11 +566,13 @@ class Engine:
     def run(self) -> None:
         """Serve until :meth:`stop`; requests still open then end as cancelled.
 
-        The loop sleeps only when there is nothing it could do: no command, no request in a
-        slot and none waiting. A waiting request counts even when every slot is taken,
-        because a slot frees itself inside :meth:`_step` (a cancelled or finished request)
-        without any command arriving; sleeping then would strand the waiting request and
-        every later one behind it.
+        The loop sleeps only when there is nothing it could do (:meth:`_has_work`): no
+        command, no request in a slot that can move, and no waiting request with a free slot.
+        A slot frees itself inside :meth:`_step` (a cancelled or finished request) without
+        any command arriving, so any request in a slot that can move keeps the loop awake:
+        sleeping then would strand the waiting request and every later one behind it. Only
+        requests waiting for their media to be encoded cannot move; the media thread's
+        ``encoded`` command wakes the loop.
         """
         while True:
             with self._wake:
@@ -405,11 +583,7 @@ class Engine:
                 commands = list(self._commands)
                 self._commands.clear()
             for kind, value in commands:
-                if kind == "submit":
-                    assert isinstance(value, _Job)
-                    self._waiting.append(value)
-                else:
-                    self._cancel(value)
+                self._apply(kind, value)
             try:
                 self._admit()
                 if self._busy():
@@ -418,9 +592,14 @@ class Engine:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
         with self._wake:  # no command can be queued after this
             for kind, value in self._commands:
-                if kind == "submit" and isinstance(value, _Job):
-                    self._waiting.append(value)
+                if kind in ("submit", "prepared"):
+                    self._apply(kind, value)
             self._commands.clear()
+            preparing, self._preparing = list(self._preparing.values()), {}
+        if self._media_pool is not None:
+            self._media_pool.shutdown(wait=False, cancel_futures=True)
+        for emit in preparing:
+            emit(CompletionChunk(done=True))
         for job in self._waiting:
             self._finish(job, "")
         self._waiting.clear()
@@ -428,14 +607,43 @@ class Engine:
             if slot.job is not None:
                 self._finish(slot.job, "")
 
+    def _apply(self, kind: str, value: object) -> None:
+        """One queued command: a job to wait for a slot, a job whose media are prepared
+        (``(req_id, job or None)``), a cancel, or ``encoded`` (only a wake-up)."""
+        if kind == "submit":
+            assert isinstance(value, _Job)
+            self._waiting.append(value)
+        elif kind == "prepared":
+            req_id, job = value  # type: ignore[misc]
+            with self._wake:
+                self._preparing.pop(req_id, None)
+            if job is None:
+                self._dropped.discard(req_id)
+            elif req_id in self._dropped:
+                self._dropped.discard(req_id)
+                self._finish(job, "")
+            else:
+                self._waiting.append(job)
+        elif kind == "cancel":
+            self._cancel(value)
+
     def _has_work(self) -> bool:
-        """A request in a slot, or one waiting for a slot (which :meth:`_admit` may give)."""
-        return bool(self._waiting) or self._busy()
+        """A request in a slot that can move (not one only waiting for its media to be
+        encoded: the ``encoded`` command wakes the loop), or one waiting for a slot that a
+        step may free or that is free. A cancelled request can always move."""
+        for slot in self.slots:
+            job = slot.job
+            if job is not None and (job.cancelled or not job.blocked()):
+                return True
+        return bool(self._waiting) and any(slot.job is None for slot in self.slots)
 
     def _busy(self) -> bool:
         return any(slot.job is not None for slot in self.slots)
 
     def _cancel(self, req_id: object) -> None:
+        with self._wake:
+            if req_id in self._preparing:
+                self._dropped.add(req_id)
         for slot in self.slots:
             if slot.job is not None and slot.job.req_id == req_id:
                 slot.job.cancelled = True
@@ -460,29 +668,45 @@ class Engine:
                 shared = common_prefix(slot.tokens, job.prompt)
                 scored.append((shared if shared > floor else 0, -slot.last_used, shared, slot))
             _, _, shared, slot = max(scored, key=lambda entry: entry[:2])
-            reuse = min(shared, len(job.prompt) - 1)
+            reuse = _media_boundary(job.media, min(shared, len(job.prompt) - 1))
             if reuse < len(slot.tokens):
-                if not self.ctx.seq_rm(slot.seq, reuse, -1):
+                if not self.ctx.seq_rm(slot.seq, slot.position(reuse), -1):
                     self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
                     reuse = 0
-                del slot.tokens[reuse:]
+                slot.truncate(reuse)
             job.slot, job.next, job.cached = slot, reuse, reuse
             slot.job = job
             opts = job.options
             job.sampler, history = build_sampler(opts, self.model.n_vocab, self.n_ctx)
             for token in job.prompt[max(0, len(job.prompt) - history) :] if history else ():
-                job.sampler.accept(token)
+                if token >= 0:  # media rows are no token
+                    job.sampler.accept(token)
             job.fast_greedy = opts.temperature <= 0 and history == 0
             job.penalized = history > 0
+            self._queue_encodes(job)
+
+    def _queue_encodes(self, job: _Job) -> None:
+        """Encode, in order, the job's media that its slot's cache does not already hold."""
+        pool = self._media_pool
+        if pool is None:
+            return
+        for span in job.media:
+            if span.start >= job.next and not span.queued:
+                span.queued = True
+                pool.submit(self._encode, job, span)
 
     def _step(self) -> None:
         """One loop step: build the batch, one ``llama_decode``, then sample every row that
-        asked for logits."""
+        asked for logits. A prompt that reached an encoded medium has its rows decoded
+        first, in a decode of their own (:meth:`_decode_media`)."""
+        if self._media_pool is not None:
+            self._decode_media()
         decoding, prefilling = self._add_pending_tokens()
         chunked = self._add_prompt_chunks(prefilling, len(decoding))
         if self.batch.n_tokens == 0:
             return
-        tuner = self.tuner
+        sharing = self._media_pool is not None and self._share_cores()  # only with media
+        tuner = None if sharing else self.tuner
         if tuner is not None:
             if chunked:
                 tuner.interrupt()
@@ -502,6 +726,19 @@ class Engine:
             if job.row >= 0 and job.slot is not None:
                 self._sample(job)
 
+    def _share_cores(self) -> bool:
+        """Whether this step yields cores to an encode running on the media thread (then
+        it is not measured by the thread tuner); sets the decode threads accordingly."""
+        encoding = self._encoding.is_set()
+        if encoding != self._yielding:
+            self._yielding = encoding
+            if self.tuner is not None:
+                self.tuner.interrupt()
+            n = self.tuner.current if self.tuner is not None else self.n_threads
+            n = max(1, self.n_threads // 2) if encoding else n
+            self.ctx.set_threads(n, n)
+        return encoding
+
     def _add_pending_tokens(self) -> tuple[list[_Job], list[_Job]]:
         """Clear the batch and add every generating slot's pending token (a cancelled
         request, or one whose slot filled its context, ends here). Returns the jobs decoding
@@ -520,7 +757,7 @@ class Engine:
                 if len(slot.tokens) >= self.n_ctx:
                     self._finish(job, "length")
                     continue
-                job.row = batch.add(job.pending, len(slot.tokens), slot.seq, True)
+                job.row = batch.add(job.pending, len(slot.tokens) - slot.lag, slot.seq, True)
                 decoding.append(job)
             else:
                 prefilling.append(job)
@@ -531,22 +768,83 @@ class Engine:
         tokens left of the batch fairly (and at most the prefill cap); returns the jobs that
         got a chunk. Only a prompt's last chunk asks for logits."""
         budget = min(self.n_batch - decoding, self._prefill_cap)
-        shares = fair_share(budget, [len(j.prompt) - j.next for j in prefilling])
+        shares = fair_share(budget, [j.text_left() for j in prefilling])
         now = time.perf_counter_ns()
         chunked: list[_Job] = []
         for job, n in zip(prefilling, shares, strict=True):
             if n == 0:
                 continue
-            assert job.slot is not None
+            slot = job.slot
+            assert slot is not None
             last = job.next + n == len(job.prompt)
+            # the slot holds the prompt up to job.next, so its position is job.next - lag
             row = self.batch.add_run(
-                job.prompt[job.next : job.next + n], job.next, job.slot.seq, last
+                job.prompt[job.next : job.next + n], job.next - slot.lag, slot.seq, last
             )
             job.row = row if last else -1
             job.chunk = n
             job.t_prefill = job.t_prefill or now
             chunked.append(job)
         return chunked
+
+    def _decode_media(self) -> None:
+        """Decode rows of every encoded medium that a prompt has reached, in a decode of
+        their own (a batch holds tokens or embeddings, not both). While other sequences
+        generate, at most :data:`_MEDIA_ROWS` rows per step, so their tokens keep coming;
+        otherwise up to ``n_batch``. A non-causal medium goes whole. A medium that ends its
+        prompt gives the logits of its last row, sampled at once."""
+        streaming = any(slot.job is not None and slot.job.pending >= 0 for slot in self.slots)
+        for slot in self.slots:
+            job = slot.job
+            span = job.media_reached() if job is not None and job.pending < 0 else None
+            if job is None or span is None or job.cancelled:
+                continue
+            if span.error:
+                self._finish(job, "", failure=f"the {span.kind} could not be encoded: {span.error}")
+            elif span.embeddings is not None:
+                limit = _MEDIA_ROWS if streaming else self.n_batch
+                self._decode_rows(job, span, span.n_tokens if span.non_causal else limit)
+
+    def _decode_rows(self, job: _Job, span: MediaSpan, limit: int) -> None:
+        """Decode the span's next ``limit`` rows at their positions; the slot then holds
+        them (a medium cut off by a cancel is never reused: ``_media_boundary``). The span's
+        first position is its start's (the slot's ``lag`` counts only whole spans before)."""
+        slot, rows, projector = job.slot, span.embeddings, self.projector
+        assert slot is not None and rows is not None and projector is not None
+        if self.tuner is not None:
+            self.tuner.interrupt()
+        job.t_prefill = job.t_prefill or time.perf_counter_ns()
+        at = job.next - span.start
+        chunk = rows[at : at + limit]
+        last = span.end == len(job.prompt) and at + len(chunk) == span.n_tokens
+        positions = projector.positions(span, span.start - slot.lag)
+        if isinstance(positions, int):
+            positions += at
+        else:
+            positions = np.ascontiguousarray(positions[:, at : at + len(chunk)])
+        rc = self.ctx.decode_embeddings(
+            chunk, positions, slot.seq, output_last=last, non_causal=span.non_causal
+        )
+        if rc != 0:  # the rows decoded so far are dropped with the rest
+            self.ctx.seq_rm(slot.seq, -1, -1)
+            slot.reset()
+            failure = f"llama_decode failed with status {rc} on the {span.kind}"
+            self._finish(job, "", failure=failure)
+            return
+        slot.tokens.extend([span.key] * len(chunk))
+        job.next += len(chunk)
+        if job.next < span.end:
+            return
+        slot.hold_span(span)
+        span.embeddings = None
+        if last:
+            job.t_first = time.perf_counter_ns()
+            if job.options.num_predict == 0:
+                self._finish(job, "length")
+            else:
+                job.row = len(chunk) - 1
+                self._sample(job)
+                job.row = -1
 
     def _record_decoded(self, decoding: list[_Job], chunked: list[_Job], now: int) -> None:
         """After a decode: each slot's tokens are what its KV sequence now holds. A prompt
@@ -668,14 +966,14 @@ class Engine:
             slot = job.slot
             assert slot is not None
             self.ctx.seq_rm(slot.seq, -1, -1)
-            slot.tokens.clear()
+            slot.reset()
             self._finish(job, "", failure=f"llama_decode failed with status {rc}")
 
     def _fail_all(self, message: str) -> None:
         for slot in self.slots:
             if slot.job is not None:
                 self.ctx.seq_rm(slot.seq, -1, -1)
-                slot.tokens.clear()
+                slot.reset()
                 self._finish(slot.job, "", failure=message)
 
     def _finish(
@@ -695,6 +993,8 @@ class Engine:
             job.sampler.close()
             job.sampler = None
         job.grammar = None
+        if job.media:
+            self._release(job.media)
         if failure:
             job.emit(RequestFailed(kind, failure))
             return
@@ -708,7 +1008,8 @@ class Engine:
         tokens = None
         if job.return_tokens:
             tail_ok = generated and not self.model.is_eog(generated[-1])
-            tokens = job.prompt + (generated if tail_ok else generated[:-1])
+            prompt = [t for t in job.prompt if t >= 0] if job.media else job.prompt
+            tokens = prompt + (generated if tail_ok else generated[:-1])
         job.emit(
             CompletionChunk(
                 done=True,

@@ -21,7 +21,6 @@ What must stay true:
 from __future__ import annotations
 
 import ctypes
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy.typing as npt
 
 from pollama.errors import InternalError, InvalidOption
 from pollama.runner.bindings import lc
+from pollama.runner.offload import OffloadReport
 from pollama.runner.textsplit import PIECE_CHARS, SpecialSplitter
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ __all__ = [
     "ContextParams",
     "LogSink",
     "Model",
+    "OffloadParams",
     "SamplerChain",
     "backend_init",
     "flash_attn_type",
@@ -63,13 +64,13 @@ DEFAULT_SEED = lc.LLAMA_DEFAULT_SEED  # llama.cpp picks a random seed for this v
 
 # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line)
 _LOG_INFO, _LOG_WARN, _LOG_CONT = 2, 3, 5
-_BUFFER_SIZE = re.compile(rb"buffer size =\s*([0-9.]+) MiB")
 
 
 class LogSink:
     """llama.cpp's log: warnings and errors to stderr (everything when ``verbose``), never
-    stdout; also sums the ``... buffer size = N MiB`` lines that llama.cpp prints while
-    loading weights and creating a context, which is the most exact memory figure it gives.
+    stdout; also reads the ``<device> ... buffer size = N MiB`` and ``offloaded N/M layers``
+    lines that llama.cpp prints while loading weights and creating a context, the most exact
+    figures it gives of what went where (``runner/offload.py``).
 
     The ctypes callback must outlive every llama.cpp call, so this object is kept for the
     life of the process.
@@ -77,7 +78,7 @@ class LogSink:
 
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
-        self.buffer_bytes = 0
+        self.report = OffloadReport()
         self.last_error = ""
         self._level = 0
         self._callback = lc.llama_log_callback(self._log)
@@ -88,9 +89,7 @@ class LogSink:
             return
         if level != _LOG_CONT:
             self._level = level
-        match = _BUFFER_SIZE.search(text)
-        if match:
-            self.buffer_bytes += int(float(match.group(1)) * (1 << 20))
+        self.report.feed(text)
         if self._level > _LOG_WARN and text.strip():
             self.last_error = text.decode("utf-8", "replace").strip()
         if self.verbose or self._level >= _LOG_WARN:
@@ -98,7 +97,12 @@ class LogSink:
 
 
 def backend_init() -> None:
+    """llama.cpp's start-up, and the devices' backends registered (``runner/devices.py``)
+    before a model picks its devices."""
+    from pollama.runner.devices import load_backends
+
     lc.llama_backend_init()
+    load_backends()
 
 
 def kv_cache_types(
@@ -139,15 +143,59 @@ def flash_attn_type(flash_attention: bool | None, kv_cache_type: str) -> int:
     )
 
 
+@dataclass(frozen=True)
+class OffloadParams:
+    """Where a model's layers go (``LoadSpec.gpu_layers``, ``main_gpu``, ``tensor_split``).
+
+    llama.cpp's own default offloads every layer (``n_gpu_layers`` -1); pollama's is the
+    plan's, and without a plan nothing (0), so a model goes to an accelerator only when the
+    scheduler decided it fits. The split is by layer (``LLAMA_SPLIT_MODE_LAYER``): whole
+    layers per device, in the shares of ``tensor_split`` (one per device in llama.cpp's
+    numbering, ``runner/devices.py`` ``offload_devices``; empty: by free memory). A CPU
+    build takes all this and offloads nothing."""
+
+    gpu_layers: int = 0  # -1: every layer
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
+
+    def apply(self, params: lc.llama_model_params) -> ctypes.Array[ctypes.c_float] | None:
+        """Set the fields of ``params``; returns the split array the caller must keep alive
+        for the length of the load (None when there is no split)."""
+        params.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else -1
+        params.split_mode = lc.LLAMA_SPLIT_MODE_LAYER
+        params.main_gpu = max(self.main_gpu, 0)
+        if not self.tensor_split:
+            params.tensor_split = None
+            return None
+        size = int(lc.llama_max_devices())
+        if len(self.tensor_split) > size:
+            raise InvalidOption(
+                f"tensor_split names {len(self.tensor_split)} devices; this build has at "
+                f"most {size}"
+            )
+        split = (ctypes.c_float * size)(*self.tensor_split)
+        params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        return split
+
+
 class Model:
     """A loaded ``llama_model`` and its vocabulary."""
 
-    def __init__(self, path: str, *, use_mmap: bool | None = None, vocab_only: bool = False):
+    def __init__(
+        self,
+        path: str,
+        *,
+        use_mmap: bool | None = None,
+        vocab_only: bool = False,
+        offload: OffloadParams | None = None,
+    ):
         params = lc.llama_model_default_params()
         if use_mmap is not None:
             params.load_mode = lc.LLAMA_LOAD_MODE_MMAP if use_mmap else lc.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
+        split = (offload or OffloadParams()).apply(params)
         ptr = lc.llama_model_load_from_file(path.encode(), params)
+        del split  # held until here: llama.cpp reads the array during the load
         if not ptr:
             raise InternalError(f"llama.cpp could not load the model file {path}")
         self.ptr: ctypes.c_void_p | None = ptr
@@ -165,6 +213,7 @@ class Model:
             lc.llama_vocab_get_add_sep(self.vocab)
         )
         self.n_embd_out: int = lc.llama_model_n_embd_out(ptr)
+        self.n_embd_inp: int = lc.llama_model_n_embd_inp(ptr)  # a projector's row width
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._special_splitter: SpecialSplitter | None = None
 
@@ -327,6 +376,7 @@ class Context:
         self.n_seq_max: int = lc.llama_n_seq_max(ptr)
         self.n_batch: int = lc.llama_n_batch(ptr)
         self._adapters: list[ctypes.c_void_p] = []
+        self._embd_batch: _EmbeddingBatch | None = None
 
     def decode(self, batch: Batch) -> int:
         """0 ok; 1 no KV room; 2 aborted; negative: invalid batch or fatal (llama.h)."""
@@ -336,6 +386,34 @@ class Context:
         """A view (no copy) of the logits of batch row ``row``, valid until the next decode."""
         ptr = lc.llama_get_logits_ith(self.ptr, row)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def decode_embeddings(
+        self,
+        rows: npt.NDArray[np.float32],
+        positions: int | npt.NDArray[np.int32],
+        seq: int,
+        *,
+        output_last: bool,
+        non_causal: bool = False,
+    ) -> int:
+        """Decode input embeddings (a projector's rows for one image or audio clip) into
+        ``seq``; like :meth:`decode`'s status. ``positions`` is the first row's position
+        (the rows then take ``positions``..) or, for an M-RoPE model, every row's positions
+        as an array of shape (sections, rows), section-major as llama.cpp reads them.
+        ``non_causal``: the rows attend to each other both ways (Gemma 3's images), as
+        llama.cpp's ``mtmd_helper_decode_image_chunk`` does it. Only the last row gives
+        logits, if asked."""
+        n, width = rows.shape
+        if self._embd_batch is None or self._embd_batch.capacity < n:
+            self._embd_batch = _EmbeddingBatch(max(n, 64))
+        batch = self._embd_batch.fill(rows, positions, seq, output_last)
+        if non_causal:
+            lc.llama_set_causal_attn(self.ptr, False)
+        try:
+            return int(lc.llama_decode(self.ptr, batch))
+        finally:
+            if non_causal:
+                lc.llama_set_causal_attn(self.ptr, True)
 
     def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
         lc.llama_set_n_threads(self.ptr, n_threads, n_threads_batch)
@@ -377,6 +455,7 @@ class Context:
             raise InternalError("llama.cpp could not apply the LoRA adapters")
 
     def close(self) -> None:
+        self._embd_batch = None
         if self.ptr:
             lc.llama_free(self.ptr)
             self.ptr = None
@@ -385,17 +464,17 @@ class Context:
         self._adapters.clear()
 
 
-class Batch:
-    """A ``llama_batch`` whose arrays are numpy buffers owned here (one sequence id per row).
+class _BatchArrays:
+    """The numpy buffers behind a ``llama_batch`` of ours and the struct pointing at them:
+    ``pos`` (given: its length depends on the kind of batch), one sequence id per row
+    (``seq_id[i]`` points at ``seq[i]``), an output flag per row, and the token ids when the
+    batch carries tokens rather than embeddings (which are pointed at per decode)."""
 
-    Filling numpy arrays avoids per-element ctypes calls for prompt chunks, and one batch is
-    reused for every decode, so the loop allocates nothing per step.
-    """
-
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, pos: npt.NDArray[np.int32], token: npt.NDArray[np.int32] | None
+    ) -> None:
         self.capacity = capacity
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.pos = pos
         self.n_seq_id = np.ones(capacity, dtype=np.int32)
         self.seq = np.zeros(capacity, dtype=np.int32)
         self.logits = np.zeros(capacity, dtype=np.int8)
@@ -406,13 +485,26 @@ class Batch:
         )
         self.struct = lc.llama_batch(
             n_tokens=0,
-            token=self.token.ctypes.data_as(ctypes.POINTER(lc.llama_token)),
+            token=None if token is None else token.ctypes.data_as(ctypes.POINTER(lc.llama_token)),
             embd=None,
-            pos=self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos)),
+            pos=pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos)),
             n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
             seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_ptr)),
             logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
+
+
+class Batch(_BatchArrays):
+    """A ``llama_batch`` of token ids whose arrays are numpy buffers owned here (one sequence
+    id per row).
+
+    Filling numpy arrays avoids per-element ctypes calls for prompt chunks, and one batch is
+    reused for every decode, so the loop allocates nothing per step.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.token = np.zeros(capacity, dtype=np.int32)
+        super().__init__(capacity, np.zeros(capacity, dtype=np.int32), self.token)
         self.n_tokens = 0
 
     def clear(self) -> None:
@@ -442,6 +534,47 @@ class Batch:
         self.n_tokens = end
         self.struct.n_tokens = end
         return end - 1
+
+
+class _EmbeddingBatch(_BatchArrays):
+    """A ``llama_batch`` of embedding rows whose arrays are numpy buffers owned here.
+
+    Not ``llama_batch_init``'s: that allocates one position per row, and an M-RoPE model
+    reads four per row (section-major: ``pos[j * n + i]`` is row ``i``'s section ``j``, as
+    mtmd's ``decode_embd_batch`` lays them out). ``embd`` points at the caller's rows for
+    the length of one decode (no copy); :meth:`fill` keeps them referenced until the next.
+    """
+
+    _SECTIONS = 4  # GGML_MROPE_SECTIONS: the most positions a row can have
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity, np.zeros(capacity * self._SECTIONS, dtype=np.int32), None)
+        self._rows: npt.NDArray[np.float32] | None = None
+
+    def fill(
+        self,
+        rows: npt.NDArray[np.float32],
+        positions: int | npt.NDArray[np.int32],
+        seq: int,
+        output_last: bool,
+    ) -> lc.llama_batch:
+        """The batch of ``rows`` (at most ``capacity``) at ``positions`` (see
+        :meth:`Context.decode_embeddings`), only the last row's logits asked if at all."""
+        n = len(rows)
+        self._rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if isinstance(positions, (int, np.integer)):
+            self.pos[:n] = np.arange(positions, positions + n, dtype=np.int32)
+        else:
+            sections = positions.shape[0]
+            if positions.shape != (sections, n) or sections > self._SECTIONS:
+                raise ValueError(f"positions of shape {positions.shape} for {n} rows")
+            self.pos[: sections * n] = positions.reshape(-1)
+        self.seq[:n] = seq
+        self.logits[:n] = 0
+        self.logits[n - 1] = output_last
+        self.struct.embd = self._rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        self.struct.n_tokens = n
+        return self.struct
 
 
 class SamplerChain:

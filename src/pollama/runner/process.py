@@ -24,6 +24,7 @@ which then closes its workers in order; a worker whose server vanished sees EOF 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import logging
@@ -55,6 +56,7 @@ from pollama.runner.protocol import (
     embedding_result_from_json,
     encode,
     info_from_json,
+    media_messages,
     request_to_json,
 )
 
@@ -269,6 +271,8 @@ class SubprocessRunner:
         rid, queue = await self._open()
         finished = False
         try:
+            for media in media_messages(rid, request):
+                await self._send(media)  # drained one by one: a few MiB in flight at most
             await self._send({"op": "completion", "id": rid, "request": request_to_json(request)})
             while True:
                 message = await self._next(queue)
@@ -297,6 +301,14 @@ class SubprocessRunner:
     async def detokenize(self, tokens: list[int]) -> str:
         result = await self._call({"op": "detokenize", "tokens": list(tokens)})
         return str(result.get("text") or "")
+
+    async def pieces(self, tokens: list[int]) -> list[bytes]:
+        """Each token's bytes, from the worker's ``pieces`` op (base64 on the wire)."""
+        result = await self._call({"op": "pieces", "tokens": list(tokens)})
+        pieces = result.get("pieces")
+        if not isinstance(pieces, list) or len(pieces) != len(tokens):
+            raise InternalError("malformed pieces result from the model runner")
+        return [base64.b64decode(str(p)) for p in pieces]
 
     async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
         """The pooled vector of each input (see :class:`~pollama.runner.base.Runner`)."""

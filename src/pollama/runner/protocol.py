@@ -6,6 +6,10 @@ The server starts ``python -m pollama.runner.worker --fd N --spec JSON`` with on
 and the worker answers with messages carrying the same ``id``:
 
 server → worker
+    {"op": "media", "id": 1, "data": "<base64>", "more": false}
+                                           one image or audio clip of completion 1, in
+                                           order, each before that completion; a big one
+                                           in pieces, all but its last with "more": true
     {"op": "completion", "id": 1,
      "request": {prompt, tokens, add_special, options, return_tokens, format,
                  logprobs, top_logprobs}}
@@ -78,10 +82,27 @@ def request_to_json(request: CompletionRequest) -> dict[str, Any]:
     }
 
 
-def request_from_json(data: dict[str, Any]) -> CompletionRequest:
+MEDIA_PIECE = 8 << 20
+"""Bytes of a medium per ``media`` message, so a line stays far within :data:`MAX_LINE`
+whatever the image size limit is set to."""
+
+
+def media_messages(req_id: int, request: CompletionRequest) -> list[dict[str, Any]]:
+    """The ``media`` messages that go before a completion, in order."""
+    messages = []
+    for data in request.media:
+        for at in range(0, max(len(data), 1), MEDIA_PIECE):
+            piece = base64.b64encode(data[at : at + MEDIA_PIECE]).decode("ascii")
+            more = at + MEDIA_PIECE < len(data)
+            messages.append({"op": "media", "id": req_id, "data": piece, "more": more})
+    return messages
+
+
+def request_from_json(data: dict[str, Any], media: tuple[bytes, ...] = ()) -> CompletionRequest:
     options = dict(data.get("options") or {})
     options["stop"] = tuple(options.get("stop") or ())
     return CompletionRequest(
+        media=media,
         prompt=str(data.get("prompt") or ""),
         tokens=list(data["tokens"]) if data.get("tokens") is not None else None,
         add_special=bool(data.get("add_special", True)),

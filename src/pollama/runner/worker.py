@@ -27,6 +27,7 @@ never writes anything but protocol messages to the socket; llama.cpp's log goes 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -47,6 +48,7 @@ from pollama.runner.base import (
     kv_bytes_per_element,
     usable_cpus,
 )
+from pollama.runner.offload import CPU_DEVICE, OffloadReport
 from pollama.runner.protocol import (
     MAX_LINE,
     chunk_to_json,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from pollama.runner.embedder import EmbeddingLoop
     from pollama.runner.engine import Engine, Event
     from pollama.runner.llama import Context, EmbeddingContext, LogSink, Model
+    from pollama.runner.media import Projector
 
 
 def _log(message: str) -> None:
@@ -111,7 +114,8 @@ class Loaded:
             raise ValueError("num_ctx, num_parallel and num_batch must be positive")
         start = time.perf_counter_ns()
         llama.backend_init()
-        self.model: Model = llama.Model(spec.model_path, use_mmap=spec.use_mmap)
+        offload = llama.OffloadParams(spec.gpu_layers, spec.main_gpu, spec.tensor_split)
+        self.model: Model = llama.Model(spec.model_path, use_mmap=spec.use_mmap, offload=offload)
         try:
             type_k, type_v, warning = llama.kv_cache_types(
                 spec.kv_cache_type, spec.flash_attention, self.model.head_dims()
@@ -123,23 +127,64 @@ class Loaded:
             _log(warning)
         self.spec = spec
         self.n_threads = _threads(spec)
+        self._projector_device = CPU_DEVICE
         self.ctx: Context | None = None
         self.embedding: EmbeddingContext | None = None
         if spec.embedding:
             self._load_embedding_model()
         else:
             self._load_generation_model(type_k, type_v)
-        memory = log.buffer_bytes or int(self.model.size_bytes + self._kv_bytes)
-        self.info = RunnerInfo(
+        self.projector: Projector | None = None
+        if spec.projectors and not spec.embedding:
+            self._load_projector(spec.projectors[0], log.report)
+        self.info = self._info(log.report, time.perf_counter_ns() - start)
+
+    def _info(self, report: OffloadReport, load_ns: int) -> RunnerInfo:
+        """What ``ready`` says: sizes and places from llama.cpp's own log (``report``), or
+        the worker's estimate, all on the CPU, if it logged no buffer at all."""
+        spec, projector = self.spec, self.projector
+        if not report.device_bytes:
+            report.add(CPU_DEVICE, int(self.model.size_bytes + self._kv_bytes))
+        if projector is not None:  # its weights are read into memory, not mapped
+            report.add(self._projector_device, os.path.getsize(projector.path))
+        return RunnerInfo(
             pid=os.getpid(),
             n_ctx=self.n_ctx,
             n_ctx_train=self.model.n_ctx_train,
             n_parallel=1 if spec.embedding else spec.num_parallel,
             n_vocab=self.model.n_vocab,
-            memory_bytes=memory,
-            load_duration_ns=time.perf_counter_ns() - start,
+            memory_bytes=report.total_bytes,
+            load_duration_ns=load_ns,
             max_token_bytes=self.model.max_token_bytes(),
+            vision=projector is not None and projector.vision,
+            audio=projector is not None and projector.audio,
+            image_tokens=projector.image_tokens if projector is not None else 0,
+            device_bytes=dict(report.device_bytes),
+            gpu_layers=report.gpu_layers,
+            layers=report.layers or self.model.n_layer + 1,
         )
+
+    def _load_projector(self, path: str, report: OffloadReport) -> None:
+        """The model's projector; one that fails to load fails the load, naming the file
+        (llama.cpp's reason follows in the fatal message, from its log).
+
+        It goes to an accelerator only when the model's layers did: mtmd then takes the
+        first GPU (or integrated GPU) of the registry, the first of llama.cpp's offload
+        devices; a model left on the CPU keeps its projector there too."""
+        from pollama.runner.devices import offload_devices, query_devices
+        from pollama.runner.media import Projector
+
+        if len(self.spec.projectors) > 1:
+            _log(f"the model has {len(self.spec.projectors)} projectors; using {path}")
+        use_gpu = report.gpu_layers > 0
+        if use_gpu:
+            targets = offload_devices(query_devices().devices)
+            self._projector_device = targets[0].name if targets else CPU_DEVICE
+        try:
+            self.projector = Projector(path, self.model, self.n_threads, use_gpu=use_gpu)
+        except Exception:
+            self.close()
+            raise
 
     def _load_generation_model(self, type_k: int, type_v: int) -> None:
         from pollama.runner import llama
@@ -213,11 +258,36 @@ class Loaded:
         return self.embedding
 
     def close(self) -> None:
+        projector = getattr(self, "projector", None)
+        if projector is not None:
+            projector.close()
         if self.embedding is not None:
             self.embedding.close()
         if self.ctx is not None:
             self.ctx.close()
         self.model.close()
+
+
+class MediaInbox:
+    """The ``media`` messages of completions not yet received, by request id (only the
+    reader thread uses it). A completion takes its media; a cancel drops them."""
+
+    def __init__(self) -> None:
+        self._media: dict[Any, list[bytearray]] = {}
+        self._continued: dict[Any, bool] = {}
+
+    def add(self, req_id: Any, data: str, more: bool) -> None:
+        piece = base64.b64decode(data, validate=True)
+        items = self._media.setdefault(req_id, [])
+        if items and self._continued.get(req_id):
+            items[-1] += piece
+        else:
+            items.append(bytearray(piece))
+        self._continued[req_id] = more
+
+    def take(self, req_id: Any) -> tuple[bytes, ...]:
+        self._continued.pop(req_id, None)
+        return tuple(bytes(item) for item in self._media.pop(req_id, ()))
 
 
 def _emitter(writer: Writer, req_id: Any) -> Any:
@@ -250,16 +320,21 @@ def _handle(
     engine: Engine | None,
     embedder: EmbeddingLoop,
     writer: Writer,
+    inbox: MediaInbox,
 ) -> bool:
     """Serve one operation; False on ``shutdown``."""
     op = message.get("op")
     req_id = message.get("id")
     model = loaded.model
     try:
-        if op == "completion":
+        if op == "media":
+            inbox.add(req_id, str(message["data"]), bool(message.get("more")))
+        elif op == "completion":
+            media = inbox.take(req_id)
             if engine is None:
                 raise ValueError("this is an embedding model: it does not support generate")
-            engine.submit(req_id, request_from_json(message["request"]), _emitter(writer, req_id))
+            request = request_from_json(message["request"], media)
+            engine.submit(req_id, request, _emitter(writer, req_id))
         elif op == "embed":
             inputs = message["inputs"]
             if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
@@ -267,6 +342,7 @@ def _handle(
             truncate = bool(message.get("truncate", True))
             embedder.submit(req_id, inputs, truncate, _embedding_reply(writer, req_id))
         elif op == "cancel":
+            inbox.take(req_id)
             if engine is not None:
                 engine.cancel(req_id)
             embedder.cancel(req_id)
@@ -274,12 +350,13 @@ def _handle(
             tokens = model.tokenize(str(message["text"]), bool(message.get("add_special", True)))
             writer.send({"id": req_id, "type": "result", "tokens": tokens})
         elif op == "detokenize":
-            tokens = [int(t) for t in message["tokens"]]
-            bad = [t for t in tokens if not 0 <= t < model.n_vocab]
-            if bad:
-                raise ValueError(f"invalid token id {bad[0]}")
+            tokens = _token_ids(message["tokens"], model.n_vocab)
             text = model.detokenize(tokens).decode("utf-8", "replace")
             writer.send({"id": req_id, "type": "result", "text": text})
+        elif op == "pieces":
+            tokens = _token_ids(message["tokens"], model.n_vocab)
+            pieces = [base64.b64encode(model.token_to_piece(t)).decode() for t in tokens]
+            writer.send({"id": req_id, "type": "result", "pieces": pieces})
         elif op == "shutdown":
             return False
         else:
@@ -296,6 +373,16 @@ def _handle(
     return True
 
 
+def _token_ids(values: Any, n_vocab: int) -> list[int]:
+    """The token ids of a message, each checked against the vocabulary (``ValueError``
+    naming the first bad one)."""
+    tokens = [int(t) for t in values]
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise ValueError(f"invalid token id {bad[0]}")
+    return tokens
+
+
 def _read_loop(
     sock: socket.socket,
     loaded: Loaded,
@@ -304,6 +391,7 @@ def _read_loop(
     writer: Writer,
 ) -> None:
     """Parse operations until ``shutdown`` or EOF, then stop the engine and the embedder."""
+    inbox = MediaInbox()
     try:
         with sock.makefile("rb", buffering=1 << 16) as stream:
             while True:
@@ -320,7 +408,7 @@ def _read_loop(
                 except ValueError as exc:
                     _log(f"ignored a message that is not JSON: {exc}")
                     continue
-                if not _handle(message, loaded, engine, embedder, writer):
+                if not _handle(message, loaded, engine, embedder, writer, inbox):
                     break
     except OSError as exc:
         _log(f"socket error: {exc}")
@@ -437,6 +525,9 @@ def _engine(loaded: Loaded, spec: LoadSpec) -> Engine | None:
         n_batch=loaded.n_batch,
         n_parallel=spec.num_parallel,
         tuner=tuner,
+        projector=loaded.projector,
+        n_threads=loaded.n_threads,
+        log=_log,
     )
 
 

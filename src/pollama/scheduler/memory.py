@@ -1,8 +1,10 @@
 """How much memory a model needs, how much the machine has, and the message when it won't fit.
 
-pollama runs on the CPU, so "memory" is system RAM: the worker maps the GGUF weights and
-allocates the KV cache and llama.cpp's compute buffers in its own address space. The
-scheduler compares :func:`estimate_memory` of the model about to load with
+"Memory" is system RAM for what stays on the CPU, and an accelerator's own memory for the
+layers offloaded to it (``scheduler/placement.py`` decides how many). The worker maps the
+GGUF weights and allocates the KV cache and llama.cpp's compute buffers; :class:`Footprint`
+splits all of it by layer, so that the host part of any offload is known. The scheduler
+compares :func:`estimate_memory` (the host part) of the model about to load with
 :attr:`MemoryInfo.available` (plus what evicting idle models would give back) before it
 starts a worker, so that an oversized load fails with a clear message instead of the OOM
 killer ending a worker, or the server, half-way through.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,15 @@ from pollama.gguf import GGUFInfo
 from pollama.runner.base import MAX_UBATCH, LoadSpec, kv_bytes_per_element
 
 __all__ = [
+    "Footprint",
     "MemoryInfo",
     "MemoryProbe",
     "compute_buffer_bytes",
     "estimate_memory",
+    "footprint",
     "insufficient_memory",
     "kv_cache_bytes",
+    "kv_cache_bytes_per_layer",
     "system_memory",
 ]
 
@@ -184,9 +190,12 @@ def compute_buffer_bytes(info: GGUFInfo, spec: LoadSpec) -> int:
     return 4 * (logits + activations + scores) + _COMPUTE_SLACK
 
 
-def _adapter_bytes(spec: LoadSpec) -> int:
+def _file_bytes(paths: tuple[str, ...]) -> int:
+    """The size of files loaded beside the weights (LoRA adapters, the projector), which
+    llama.cpp reads into memory whole (an image's encode buffers come on top, counted by the
+    worker after it loads); a file that is gone counts 0."""
     total = 0
-    for path in spec.adapters:
+    for path in paths:
         try:
             total += os.stat(path).st_size
         except OSError:
@@ -194,12 +203,120 @@ def _adapter_bytes(spec: LoadSpec) -> int:
     return total
 
 
+def kv_cache_bytes_per_layer(info: GGUFInfo, spec: LoadSpec) -> list[int]:
+    """:func:`kv_cache_bytes` split over the repeating layers in proportion to each layer's
+    KV heads (a layer without attention holds none). The parts sum exactly to the total, so
+    the CPU-only estimate is the same whichever way it is added up."""
+    n_layer = info.block_count or 0
+    if n_layer <= 0:
+        return []
+    n_head = _as_int(_arch_value(info, "attention.head_count")) or 0
+    heads = _kv_heads_per_layer(info, n_layer, n_head)
+    total, all_heads = kv_cache_bytes(info, spec), sum(heads)
+    if all_heads <= 0:
+        return [0] * n_layer
+    parts = [total * h // all_heads for h in heads]
+    parts[max(range(n_layer), key=lambda i: heads[i])] += total - sum(parts)
+    return parts
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+_HOST_GRAPH_EMBD_ROWS = 4  # f32 bytes per element of the input rows the CPU still computes
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A model's memory, split the way llama.cpp places it (``n_gpu_layers`` = k offloads the
+    last k repeating layers, and k = ``block_count + 1`` the output layer too; the input
+    embedding always stays on the CPU).
+
+    ``layers`` is each repeating layer's weights plus its KV cache; ``output_host`` the output
+    tensors' bytes in the file (0 when tied to the embedding), ``output_device`` what the
+    output takes on a device (a tied output is a copy of the embedding there); ``host_rest``
+    everything else of the file (embedding, header, stray tensors) plus LoRA adapters, which
+    stay on the host; ``graph`` the compute buffers (:func:`compute_buffer_bytes`), on each
+    device that holds a layer; ``host_graph`` what the host keeps of them when layers are
+    offloaded; ``projector`` the projector files. What must stay true: with nothing offloaded
+    :meth:`host_bytes` is the whole estimate, ``file size + side files + KV + compute``.
+    """
+
+    layers: tuple[int, ...]
+    output_host: int
+    output_device: int
+    host_rest: int
+    graph: int
+    host_graph: int
+    projector: int
+
+    @property
+    def n_layers(self) -> int:
+        """The layers ``num_gpu`` counts: the repeating ones and the output layer."""
+        return len(self.layers) + 1 if self.layers else 0
+
+    def offloaded(self, gpu_layers: int) -> int:
+        """``gpu_layers`` (-1: all) as the number of layers really offloaded."""
+        return self.n_layers if gpu_layers < 0 else min(gpu_layers, self.n_layers)
+
+    def host_bytes(self, gpu_layers: int) -> int:
+        """What stays in system memory when ``gpu_layers`` layers are offloaded."""
+        k = self.offloaded(gpu_layers)
+        blocks = len(self.layers) - min(k, len(self.layers))
+        host = self.host_rest + sum(self.layers[:blocks])
+        if k <= len(self.layers):
+            host += self.output_host
+        if k == 0:
+            return host + self.graph + self.projector
+        return host + self.host_graph
+
+
+def _layer_weights(info: GGUFInfo, n_layer: int) -> tuple[list[int], int, int, int]:
+    """Each repeating layer's tensor bytes, the output's bytes in the file and on a device,
+    and the file's remaining bytes. A GGUF without a tensor table (or whose tensors name no
+    block) is split evenly by file size over its blocks."""
+    blocks = [0] * n_layer
+    sizes = {t.name: t.nbytes for t in info.tensors}
+    for tensor in info.tensors:
+        match = _BLOCK.match(tensor.name)
+        if match and int(match.group(1)) < n_layer:
+            blocks[int(match.group(1))] += tensor.nbytes
+    if not any(blocks):
+        share = info.file_size // n_layer if n_layer else 0
+        return [share] * n_layer, 0, 0, info.file_size - share * n_layer
+    norm = sizes.get("output_norm.weight", 0) + sizes.get("output_norm.bias", 0)
+    output = sizes.get("output.weight")
+    output_host = norm + (output or 0)
+    output_device = norm + (output if output is not None else sizes.get("token_embd.weight", 0))
+    rest = max(info.file_size - sum(blocks) - output_host, 0)
+    return blocks, output_host, output_device, rest
+
+
+def footprint(info: GGUFInfo, spec: LoadSpec) -> Footprint:
+    """The model's :class:`Footprint` for this spec (context, slots, batch, KV type)."""
+    n_layer = max(info.block_count or 0, 0)
+    weights, output_host, output_device, rest = _layer_weights(info, n_layer)
+    kv = kv_cache_bytes_per_layer(info, spec)
+    tokens = _context_tokens(spec)
+    n_batch = max(1, min(spec.num_batch, tokens, MAX_UBATCH))
+    host_graph = _HOST_GRAPH_EMBD_ROWS * n_batch * (info.embedding_length or 0) + _COMPUTE_SLACK
+    adapters = _file_bytes(spec.adapters)
+    return Footprint(
+        layers=tuple(w + c for w, c in zip(weights, kv, strict=True)),
+        output_host=output_host,
+        output_device=output_device,
+        host_rest=rest + adapters,
+        graph=compute_buffer_bytes(info, spec),
+        host_graph=host_graph,
+        projector=_file_bytes(spec.projectors),
+    )
+
+
 def estimate_memory(info: GGUFInfo, spec: LoadSpec) -> int:
-    """Bytes a worker will need for this model and spec: the weights (the GGUF file size,
-    plus LoRA adapters), the KV cache (:func:`kv_cache_bytes`) and the compute buffers
-    (:func:`compute_buffer_bytes`)."""
-    weights = info.file_size + _adapter_bytes(spec)
-    return weights + kv_cache_bytes(info, spec) + compute_buffer_bytes(info, spec)
+    """Bytes of system memory a worker will need for this model and spec: with nothing
+    offloaded (``spec.gpu_layers`` 0) the weights (the GGUF file size, plus LoRA adapters and
+    the projector), the KV cache (:func:`kv_cache_bytes`) and the compute buffers
+    (:func:`compute_buffer_bytes`); with layers offloaded, only what stays on the host
+    (:meth:`Footprint.host_bytes`). The device parts are ``placement.plan_offload``'s."""
+    return footprint(info, spec).host_bytes(spec.gpu_layers)
 
 
 def insufficient_memory(name: str, required: int, available: int) -> InsufficientMemory:

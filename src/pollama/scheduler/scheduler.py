@@ -25,7 +25,12 @@ lease``. What must stay true:
   another one out forever).
 * **Memory is checked before a load** (:mod:`pollama.scheduler.memory`): idle runners are
   evicted, least recently used first, until the estimate fits; when it cannot fit even with
-  every other model gone, :class:`InsufficientMemory`.
+  every other model gone, :class:`InsufficientMemory`. The host part is checked against
+  system memory; the part planned for each accelerator (``scheduler/placement.py``) against
+  that device's room beside the loaded runners, and, as Ollama does, a model whose plan does
+  not fit there evicts loaded ones (waiting for a busy one) rather than load with fewer
+  layers; with nothing left to evict it loads as planned (the plan was made for the device
+  alone).
 * **keep-alive** (docs/ollama-behaviour.md#keep-alive): ``None`` keeps the runner's value
   (``OLLAMA_KEEP_ALIVE`` on first load); the timer starts when the last reference is released; 0
   unloads as soon as idle; ``inf`` never. A runner whose worker died is dropped once idle and
@@ -50,11 +55,14 @@ from functools import partial
 from typing import Any
 
 from pollama.config import Settings
-from pollama.errors import InternalError, RunnerCrashed, ServerBusy
-from pollama.runner.base import LoadSpec, Runner, RunnerInfo
+from pollama.errors import AcceleratorUnavailable, InternalError, RunnerCrashed, ServerBusy
+from pollama.runner.base import DeviceInfo, LoadSpec, Runner, RunnerInfo
+from pollama.runner.devices import DeviceInventory, offload_shortfall, planned_cpu_reason
+from pollama.runner.offload import CPU_DEVICE
 from pollama.scheduler.clock import MONOTONIC, Clock, Timer
 from pollama.scheduler.keepalive import expiry_datetime, normalize_keep_alive
 from pollama.scheduler.memory import MemoryProbe, insufficient_memory, system_memory
+from pollama.scheduler.placement import device_room
 from pollama.telemetry import NULL_TELEMETRY, Telemetry
 
 __all__ = ["DEFAULT_MAX_LOADED_MODELS", "Lease", "LoadedModel", "ModelRef", "Scheduler"]
@@ -71,8 +79,10 @@ class ModelRef:
 
     ``key`` is the model blob path (or digest); ``name`` the display name ``/api/ps`` shows;
     ``digest`` the manifest id; ``size`` the model's bytes on disk; ``details`` the
-    ``/api/ps`` details object; ``estimate_bytes`` the memory a load needs
-    (:func:`pollama.scheduler.memory.estimate_memory`).
+    ``/api/ps`` details object; ``estimate_bytes`` the system memory a load needs
+    (:func:`pollama.scheduler.memory.estimate_memory`: the host part), ``device_bytes`` what
+    it is planned to take on each accelerator, by device name
+    (:func:`pollama.scheduler.placement.plan_offload`; empty on the CPU).
     """
 
     key: str
@@ -81,12 +91,15 @@ class ModelRef:
     size: int = 0
     details: Mapping[str, Any] = field(default_factory=dict, compare=False)
     estimate_bytes: int = 0
+    device_bytes: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """One row of ``/api/ps``. ``size`` is the runner's memory; ``context_length`` is per
-    slot; ``expires_at`` is a local, timezone-aware date."""
+    """One row of ``/api/ps``. ``size`` is the runner's memory (every device's, as Ollama
+    counts it), ``size_vram`` the part of it not on the CPU and ``device_bytes`` its split
+    by device (``RunnerInfo.device_bytes``); ``context_length`` is per slot;
+    ``expires_at`` is a local, timezone-aware date."""
 
     name: str
     model: str
@@ -94,8 +107,9 @@ class LoadedModel:
     digest: str
     details: Mapping[str, Any]
     expires_at: datetime
-    size_vram: int
+    size_vram: int  # the bytes on accelerators, as the worker reported them after loading
     context_length: int
+    device_bytes: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,22 @@ class _Entry:
             return self.info.memory_bytes
         return self.model.estimate_bytes
 
+    @property
+    def device_memory(self) -> dict[str, int]:
+        """Bytes this runner holds on each accelerator: the worker's own report once loaded,
+        else the plan's."""
+        if self.info is not None and self.info.device_bytes:
+            return {n: b for n, b in self.info.device_bytes.items() if n != CPU_DEVICE}
+        return dict(self.model.device_bytes)
+
+    @property
+    def host_memory(self) -> int:
+        """Bytes of system memory this runner holds: the worker's CPU part once loaded,
+        else the estimate's host part."""
+        if self.info is not None and self.info.memory_bytes > 0:
+            return max(self.info.memory_bytes - self.info.vram_bytes, 0)
+        return self.model.estimate_bytes
+
     def slot_free(self) -> bool:
         return self.active < self.capacity and not self.slot_waiters
 
@@ -179,6 +209,24 @@ class _Signal:
         await waiter
 
 
+def _size_vram(info: RunnerInfo | None, size: int) -> int:
+    """``/api/ps`` ``size_vram`` from the worker's report: the bytes not on the CPU, except
+    that a model with every layer offloaded is wholly on the GPU (``size``), as Ollama counts
+    it ("100% GPU"): what stays in host memory then is the input embeddings, which llama.cpp
+    always looks up on the CPU, and pinned staging buffers, none of it a layer's work."""
+    if info is None:
+        return 0
+    if info.layers and info.gpu_layers >= info.layers and info.vram_bytes:
+        return size
+    return info.vram_bytes
+
+
+def _gpu_required(name: str, reason: str) -> AcceleratorUnavailable:
+    return AcceleratorUnavailable(
+        f"POLLAMA_REQUIRE_GPU is set and {name} would run on the CPU: {reason}"
+    )
+
+
 def _local_now() -> datetime:
     return datetime.now().astimezone()
 
@@ -200,8 +248,10 @@ class Scheduler:
         clock: Clock = MONOTONIC,
         wall_clock: Callable[[], datetime] = _local_now,
         telemetry: Telemetry = NULL_TELEMETRY,
+        inventory: DeviceInventory | None = None,
     ) -> None:
         self._settings = settings
+        self._inventory = inventory or DeviceInventory()
         self._telemetry = telemetry
         self._factory = runner_factory
         self._probe = memory_probe
@@ -230,6 +280,8 @@ class Scheduler:
         """
         if keep_alive is not None:
             keep_alive = normalize_keep_alive(keep_alive)
+        if self._settings.require_gpu and spec.gpu_layers == 0:
+            raise _gpu_required(model.name, planned_cpu_reason(spec, self._inventory))
         entry, load_ns = await self._acquire(model, spec, keep_alive)
         assert entry.info is not None
         try:
@@ -407,7 +459,8 @@ class Scheduler:
             return await self._start(ticket)
 
     async def _make_room(self, ticket: _Ticket) -> None:
-        """Evict until the model may load: under ``max_loaded_models`` and within memory."""
+        """Evict until the model may load: under ``max_loaded_models``, within system memory
+        and within each accelerator's room (see the module docstring)."""
         limit = max(self._settings.max_loaded_models or DEFAULT_MAX_LOADED_MODELS, 1)
         required = ticket.model.estimate_bytes
         while True:
@@ -415,17 +468,27 @@ class Scheduler:
             others = list(self._loaded.values())
             memory = self._probe()
             fits = required <= memory.available
-            if fits and len(others) < limit:
+            on_devices = self._fits_devices(ticket.model)
+            if fits and on_devices and len(others) < limit:
                 return
             if not fits:
-                reclaimable = sum(entry.memory for entry in others)
+                reclaimable = sum(entry.host_memory for entry in others)
                 if required > memory.available + reclaimable:
                     raise insufficient_memory(
                         ticket.model.name, required, memory.available + reclaimable
                     )
+            elif not others:
+                return  # only the device plan is short, and nothing is left to evict
             victim = self._pick_victim(others)
             log.info("unloading %s to make room for %s", victim.model.name, ticket.model.name)
             await self._retire(victim, "evicted")
+
+    def _fits_devices(self, model: ModelRef) -> bool:
+        """Whether the model's planned device part fits beside the loaded runners."""
+        if not model.device_bytes:
+            return True
+        room = device_room(self.devices(), self.device_usage(), self._settings.gpu_overhead)
+        return all(need <= room.get(name, 0) for name, need in model.device_bytes.items())
 
     def _pick_victim(self, entries: list[_Entry]) -> _Entry:
         idle = [e for e in entries if e.refs == 0 and e.state is _State.READY]
@@ -445,6 +508,12 @@ class Scheduler:
             await asyncio.shield(self._begin_unload(entry, "crashed"))
             raise
         entry.info = info
+        shortfall = offload_shortfall(spec, info, self._inventory)
+        if self._settings.require_gpu and info.gpu_layers == 0:
+            await asyncio.shield(self._begin_unload(entry, "refused"))
+            raise _gpu_required(model.name, shortfall or "llama.cpp offloaded no layer")
+        if shortfall:
+            log.warning("%s: %s; the rest runs on the CPU", model.name, shortfall)
         entry.state = _State.READY
         load_ns = max(int((self._clock() - started) * 1e9), 0)
         self._ref(entry, None)
@@ -532,8 +601,9 @@ class Scheduler:
                     digest=entry.model.digest,
                     details=entry.model.details,
                     expires_at=expires,
-                    size_vram=0,
+                    size_vram=_size_vram(info, entry.memory),
                     context_length=info.n_ctx if info is not None else entry.spec.num_ctx,
+                    device_bytes=dict(info.device_bytes) if info is not None else {},
                 )
             )
         rows.sort(key=lambda row: row.expires_at, reverse=True)
@@ -549,6 +619,27 @@ class Scheduler:
         for entry in list(self._loaded.values()):
             self._begin_unload(entry, "shutdown")
         await self._wait_closing()
+
+    def devices(self) -> tuple[DeviceInfo, ...]:
+        """The compute devices of the inventory the scheduler was given."""
+        return self._inventory.devices
+
+    def loaded_spec(self, key: str) -> LoadSpec | None:
+        """The spec of the runner loaded (or loading) for ``key`` that new requests may still
+        share, else None: an automatic placement reuses its layers rather than reload
+        (Ollama's ``num_gpu`` -1 matches any loaded runner)."""
+        entry = self._loaded.get(key)
+        if entry is None or entry.draining or entry.state is _State.CLOSING:
+            return None
+        return entry.spec
+
+    def device_usage(self) -> dict[str, int]:
+        """Bytes the loaded runners hold on each accelerator."""
+        used: dict[str, int] = {}
+        for entry in self._loaded.values():
+            for name, size in entry.device_memory.items():
+                used[name] = used.get(name, 0) + size
+        return used
 
     def _check_open(self) -> None:
         if self._shut:

@@ -14,6 +14,7 @@ from pollama.config import Settings
 from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService
 from pollama.runner.base import LoadSpec, Runner
+from pollama.runner.devices import PROBE_TIMEOUT, DeviceInventory, probe_devices
 from pollama.runner.process import subprocess_factory
 from pollama.scheduler import Scheduler
 from pollama.server import (
@@ -22,6 +23,7 @@ from pollama.server import (
     routes_models,
     routes_openai,
     routes_registry,
+    routes_status,
 )
 from pollama.server.errors import install_error_handlers
 from pollama.server.metrics import PrometheusMetrics
@@ -31,13 +33,54 @@ from pollama.store import Store
 log = logging.getLogger(__name__)
 
 
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def take_inventory(timeout: float = PROBE_TIMEOUT) -> DeviceInventory:
+    """The devices llama.cpp sees, asked once of a subprocess (``runner/devices.py``) when
+    ``pollama serve`` starts, and logged: each device with its total and free memory (as
+    Ollama logs its "inference compute"), a warning when the query failed (the server runs
+    on regardless) and a warning when a build with a GPU backend found no GPU (a driver or
+    runtime went missing: Ollama's silent CPU fallback, said aloud)."""
+    inventory = probe_devices(timeout)
+    if inventory.error:
+        log.warning("could not list compute devices: %s", inventory.error)
+        return inventory
+    for d in inventory.devices:
+        log.info(
+            'inference compute name=%s description="%s" kind=%s total="%s" available="%s"',
+            d.name, d.description, d.kind, _gib(d.total_bytes), _gib(d.free_bytes),
+        )  # fmt: skip
+    backends = ",".join(inventory.build.backends) or "none"
+    if inventory.accelerators():
+        log.info("llama.cpp backends: %s; models go to the GPU as far as they fit", backends)
+    elif inventory.build.accelerator:
+        log.warning("no GPU: %s; models run on the CPU", inventory.no_accelerator_reason())
+    else:
+        log.info("llama.cpp backends: %s (CPU only); models run on the CPU", backends)
+    return inventory
+
+
 def create_app(
-    settings: Settings, *, runner_factory: Callable[[LoadSpec], Runner] | None = None
+    settings: Settings,
+    *,
+    runner_factory: Callable[[LoadSpec], Runner] | None = None,
+    inventory: DeviceInventory | None = None,
 ) -> FastAPI:
+    """The app. ``inventory`` is the compute devices llama.cpp sees, which ``pollama serve``
+    asks a subprocess for before it builds the app (``runner/devices.py``: the server never
+    loads llama.cpp itself); None (tests) is an empty one whose ``error`` says it was not
+    asked. It is ``app.state.inventory``, and its devices ``app.state.devices`` (a list of
+    ``DeviceInfo``, what the load planner reads)."""
+    inventory = inventory or DeviceInventory(error="no device inventory was taken")
     store = Store(settings.models, noprune=settings.noprune)
     metrics = PrometheusMetrics()
     scheduler = Scheduler(
-        settings, runner_factory or subprocess_factory(settings), telemetry=metrics
+        settings,
+        runner_factory or subprocess_factory(settings),
+        telemetry=metrics,
+        inventory=inventory,
     )
     inference = InferenceService(settings, store, scheduler, telemetry=metrics)
 
@@ -62,6 +105,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.inventory = inventory
+    app.state.devices = list(inventory.devices)
     app.state.store = store
     app.state.scheduler = scheduler
     app.state.inference = inference
@@ -72,5 +117,7 @@ def create_app(
     app.include_router(routes_inference.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_anthropic.router)
+    app.include_router(routes_status.router)
     install_middleware(app, settings, metrics=metrics)  # keys, Host/Origin, limits, logs, /metrics
+    metrics.watch_devices(lambda: app.state.devices, scheduler)
     return app

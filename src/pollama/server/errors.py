@@ -49,6 +49,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.PollamaError], int], ...] = (
     (errors.NotFound, 404),
     (errors.AlreadyExists, 409),
     (errors.ServerBusy, 503),
+    (errors.AcceleratorUnavailable, 503),
     (errors.InsufficientMemory, 500),
     (errors.InternalError, 500),
 )

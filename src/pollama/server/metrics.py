@@ -8,7 +8,8 @@ Labels stay low-cardinality, because every label value is a time series kept for
 ``route`` is the route's path *template* (``/api/blobs/{digest}``, never a digest) or
 ``unmatched``; ``status`` is the code; ``model`` is a local model that actually ran, and
 after :data:`MAX_MODEL_LABELS` distinct names further ones are counted as ``other``;
-``reason`` comes from small fixed sets. Keys, clients and request ids are never labels.
+``reason`` comes from small fixed sets; ``device`` and ``kind`` name the few compute
+devices llama.cpp sees. Keys, clients and request ids are never labels.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Protocol
 
 from fastapi import APIRouter, Request
@@ -32,9 +33,11 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from pollama import __version__
+from pollama.runner.base import DeviceInfo
 from pollama.server.access_log import current_record
 from pollama.telemetry import Generation
 
@@ -56,6 +59,60 @@ class WatchedScheduler(Protocol):
 
     @property
     def pending(self) -> int: ...
+
+
+class _LoadedRow(Protocol):
+    """What the device gauges read of one loaded model (``scheduler.LoadedModel``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device_bytes(self) -> Mapping[str, int]: ...
+
+
+class LoadedModels(Protocol):
+    def loaded(self) -> Sequence[_LoadedRow]: ...
+
+
+class _DeviceCollector:
+    """Device memory, read at each scrape: each device's total and free bytes as the latest
+    inventory reported them (``app.state.devices``), and each loaded model's bytes per
+    device as its worker reported them after loading (``RunnerInfo.device_bytes``)."""
+
+    def __init__(
+        self,
+        devices: Callable[[], Sequence[DeviceInfo]],
+        scheduler: LoadedModels,
+        label: Callable[[str], str],
+    ) -> None:
+        self._devices = devices
+        self._scheduler = scheduler
+        self._label = label
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        total = GaugeMetricFamily(
+            "pollama_device_memory_total_bytes", "Memory of each compute device llama.cpp "
+            "sees (the CPU's is the system's)", labels=["device", "kind"],
+        )  # fmt: skip
+        free = GaugeMetricFamily(
+            "pollama_device_memory_free_bytes", "Free memory of each compute device, as of "
+            "the latest device inventory", labels=["device", "kind"],
+        )  # fmt: skip
+        for device in self._devices():
+            total.add_metric([device.name, device.kind], float(device.total_bytes))
+            free.add_metric([device.name, device.kind], float(device.free_bytes))
+        placed = GaugeMetricFamily(
+            "pollama_model_device_bytes", "Bytes of each loaded model on each device "
+            "(weights, KV cache, compute buffers), as llama.cpp reported them",
+            labels=["model", "device"],
+        )  # fmt: skip
+        for row in self._scheduler.loaded():
+            for device, size in sorted(row.device_bytes.items()):
+                placed.add_metric([self._label(row.name), device], float(size))
+        yield total
+        yield free
+        yield placed
 
 
 class _Generation:
@@ -224,6 +281,12 @@ class PrometheusMetrics:
         read ``callable(pending)`` once, and stayed 0 for good) cannot come back."""
         self.loaded.set_function(lambda: float(len(scheduler.loaded())))
         self.queue.set_function(lambda: float(scheduler.pending))
+
+    def watch_devices(
+        self, devices: Callable[[], Sequence[DeviceInfo]], scheduler: LoadedModels
+    ) -> None:
+        """Device memory gauges (``_DeviceCollector``), read at each scrape."""
+        self.registry.register(_DeviceCollector(devices, scheduler, self._model_label))
 
     def _cache_ratio(self) -> float:
         with self._ratio_lock:

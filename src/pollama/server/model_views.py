@@ -21,7 +21,14 @@ from pollama.protocol.ollama import (
     ShowTensorInfo,
 )
 from pollama.scheduler import LoadedModel
-from pollama.store.describe import capabilities, details, model_gguf, modelfile, parameters_text
+from pollama.store.describe import (
+    capabilities,
+    details,
+    model_gguf,
+    modelfile,
+    parameters_text,
+    projector_gguf,
+)
 from pollama.store.models import LocalModel
 
 __all__ = ["list_entry", "process_model", "show_response"]
@@ -32,6 +39,8 @@ def _details(model: LocalModel) -> ModelDetails:
 
 
 def list_entry(model: LocalModel) -> ListModel:
+    """One ``/api/tags`` entry; ``capabilities`` as ``/api/show`` gives them (Ollama 2026),
+    from the cached GGUF header and the stored template."""
     short = model.name.display_shortest()
     return ListModel(
         name=short,
@@ -40,6 +49,7 @@ def list_entry(model: LocalModel) -> ListModel:
         size=model.size,
         digest=model.digest,
         details=_details(model),
+        capabilities=capabilities(model),
     )
 
 
@@ -60,6 +70,9 @@ def show_response(
     config = model.config()
     text = modelfile(model, system=system_text, params=params)
     model_info: dict[str, Any] = info.model_info(verbose=verbose) if info else {}
+    # Ollama's projector_info: all of the first projector's metadata, arrays as model_info's.
+    projector = projector_gguf(model)
+    projector_info = projector.shown_kv(verbose) if projector else None
     tensors = (
         [ShowTensorInfo(name=t.name, type=t.type_name, shape=list(t.shape)) for t in info.tensors]
         if info and verbose
@@ -79,6 +92,7 @@ def show_response(
         messages=[Message.model_validate(m) for m in model.messages()] or None,
         requires=config.get("requires") or None,
         model_info=model_info,
+        projector_info=projector_info,
         tensors=tensors,
         capabilities=capabilities(model),
         modified_at=rfc3339_local(model.mtime_ns),

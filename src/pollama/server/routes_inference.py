@@ -19,14 +19,17 @@ from fastapi.responses import JSONResponse, Response
 
 from pollama.format import rfc3339_utc
 from pollama.inference.embeddings import EmbeddingService
-from pollama.inference.service import InferenceService
+from pollama.inference.service import InferenceService, RenderedPrompt
+from pollama.inference.tokenizer import TokenizerService
 from pollama.inference.types import InferenceEvent, InferenceRequest
 from pollama.protocol.ollama import (
     ChatRequest,
+    DetokenizeRequest,
     EmbeddingsRequest,
     EmbedRequest,
     GenerateRequest,
     ProcessResponse,
+    TokenizeRequest,
 )
 from pollama.runner.base import Logprob, TokenLogprob
 from pollama.scheduler import Scheduler
@@ -124,7 +127,21 @@ def _chat_body(model: str, event: InferenceEvent) -> dict[str, Any]:
     return body
 
 
-async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: Any) -> Response:
+def _rendered_body(model: str, shape: Any, rendered: RenderedPrompt) -> dict[str, Any]:
+    """The answer to ``_debug_render_only``: Ollama's empty, unfinished response with
+    ``_debug_info`` (``rendered_template``, ``image_count``), generated nothing."""
+    body: dict[str, Any] = shape(model, InferenceEvent(done=False))
+    body["_debug_info"] = {
+        "rendered_template": rendered.prompt,
+        "image_count": rendered.image_count,
+    }
+    return body
+
+
+async def _answer(
+    request: Request, req: InferenceRequest, stream: bool, shape: Any, render_only: bool = False
+) -> Response:
+    """Prepare, then load/unload (empty), render (``render_only``) or generate."""
     service = _service(request)
     try:
         prepared = await service.prepare(req)
@@ -136,6 +153,9 @@ async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: 
                 await service.load(prepared)
                 reason = "load"
             return JSONResponse(shape(req.model, InferenceEvent(done=True, done_reason=reason)))
+        if render_only:
+            rendered = await service.render(prepared)
+            return JSONResponse(_rendered_body(req.model, shape, rendered))
     except Exception as exc:  # noqa: BLE001 - one mapping, in server.errors
         return error_response(exc)
 
@@ -153,14 +173,16 @@ async def _answer(request: Request, req: InferenceRequest, stream: bool, shape: 
 async def generate(request: Request) -> Response:
     body = await parse_body(request, GenerateRequest)
     req = body.to_inference()
-    return await _answer(request, req, body.stream is not False, _generate_body)
+    stream = body.stream is not False
+    return await _answer(request, req, stream, _generate_body, body.debug_render_only)
 
 
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
     req = body.to_inference()
-    return await _answer(request, req, body.stream is not False, _chat_body)
+    stream = body.stream is not False
+    return await _answer(request, req, stream, _chat_body, body.debug_render_only)
 
 
 @router.get("/api/ps")
@@ -209,3 +231,49 @@ async def embeddings(request: Request) -> Response:
         return error_response(exc)
     vectors = result.float64_lists()
     return JSONResponse({"embedding": vectors[0] if vectors else []})
+
+
+def _tokenizer(request: Request) -> TokenizerService:
+    return TokenizerService(_service(request))
+
+
+@router.post("/api/tokenize")
+async def tokenize(request: Request) -> Response:
+    """``{tokens[, pieces]}`` of ``content`` in the model's vocabulary (pollama's, as asked
+    in ollama#3582); the model loads if needed, as for generate."""
+    body = await parse_body(request, TokenizeRequest)
+    try:
+        result = await while_connected(
+            request.receive,
+            _tokenizer(request).tokenize(
+                body.model,
+                body.content,
+                add_special=body.add_special,
+                with_pieces=body.with_pieces,
+                keep_alive=body.keep_alive,
+                options=body.options,
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - one mapping, in server.errors
+        return error_response(exc)
+    answer: dict[str, Any] = {"tokens": result.tokens}
+    if result.pieces is not None:
+        answer["pieces"] = result.pieces
+    return JSONResponse(answer)
+
+
+@router.post("/api/detokenize")
+async def detokenize(request: Request) -> Response:
+    """``{content}`` of ``tokens``; a token that is not an integer or not in the vocabulary
+    is a 400 naming it."""
+    body = await parse_body(request, DetokenizeRequest)
+    try:
+        content = await while_connected(
+            request.receive,
+            _tokenizer(request).detokenize(
+                body.model, body.tokens, keep_alive=body.keep_alive, options=body.options
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
+    return JSONResponse({"content": content})

@@ -17,10 +17,15 @@ Ollama). ``/v1/completions`` answers OpenAI's legacy shape, which the ``openai``
 (Ollama leaves it out): ``tokens``, ``token_logprobs``, ``top_logprobs`` (one ``{token:
 logprob}`` dict per token) and ``text_offset`` (each token's character offset in the
 choice's text, the echoed prompt included).
+
+``/v1/audio/transcriptions`` reads its multipart form itself (``server.multipart``), within
+the audio byte cap, and answers Ollama's way: one non-streamed chat turn with the clip
+attached, through the same inference service.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import random
 import time
@@ -28,9 +33,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
 
-from pollama.errors import ModelNotFound
+from pollama.errors import InvalidRequest, ModelNotFound
 from pollama.inference.embeddings import EmbeddingService
 from pollama.inference.service import InferenceService
 from pollama.inference.types import InferenceEvent
@@ -39,12 +45,14 @@ from pollama.protocol.openai import (
     ChatCompletionRequest,
     EmbeddingRequest,
     LegacyCompletionRequest,
+    TranscriptionRequest,
     finish_reason,
 )
 from pollama.runner.base import Logprob, TokenLogprob
 from pollama.server.body import parse_body
 from pollama.server.disconnect import collect_while_connected, while_connected
-from pollama.server.errors import openai_error_response
+from pollama.server.errors import openai_error_response, validation_message
+from pollama.server.multipart import FormPart, parse_form, read_bounded
 from pollama.server.streaming import Sse, stream_response
 from pollama.store import Store
 
@@ -355,3 +363,47 @@ async def embeddings(request: Request) -> Response:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
     )
+
+
+# What a transcription form may hold beside the file: its text fields and part headers.
+_FORM_MARGIN = 64 << 10
+
+
+async def _transcription_form(request: Request) -> TranscriptionRequest:
+    """The form of a transcription request, read within the audio byte cap plus a margin
+    (``POLLAMA_MAX_AUDIO_BYTES``; the body cap of every route still holds too)."""
+    cap = request.app.state.settings.max_audio_bytes
+    body = await read_bounded(
+        request,
+        cap + _FORM_MARGIN,
+        f"the upload is larger than the audio file limit of {cap} bytes "
+        "(POLLAMA_MAX_AUDIO_BYTES)",
+    )
+    form = parse_form(body, request.headers.get("content-type", ""))
+    fields: dict[str, str | None] = {
+        name: part.text for name, part in form.items() if name != "file"
+    }
+    upload: FormPart | None = form.get("file")
+    fields["file"] = base64.b64encode(upload.data).decode() if upload is not None else None
+    try:
+        return TranscriptionRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc)) from None
+
+
+@router.post("/audio/transcriptions")
+async def audio_transcriptions(request: Request) -> Response:
+    """OpenAI's transcription endpoint, as Ollama answers it: the audio in a chat turn
+    through the one inference service (``TranscriptionRequest``), never streamed; the
+    text trimmed, as ``{"text": ...}`` or, with ``response_format=text``, plain text."""
+    try:
+        parsed = await _transcription_form(request)
+        service: InferenceService = request.app.state.inference
+        prepared = await service.prepare(parsed.to_inference())
+        whole = await collect_while_connected(request, service.stream(prepared))
+    except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
+        return openai_error_response(exc)
+    text = whole.text.strip()
+    if parsed.response_format == "text":
+        return PlainTextResponse(text)
+    return JSONResponse({"text": text})

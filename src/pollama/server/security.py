@@ -61,7 +61,16 @@ __all__ = [
 PUBLIC_ROUTES = frozenset({"/healthz", "/readyz"})
 """Answered without a key: they say only whether the process is alive and ready."""
 
-_INFERENCE_ROUTES = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
+_INFERENCE_ROUTES = frozenset(
+    {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/tokenize",  # they load the model, as generate does
+        "/api/detokenize",
+    }
+)
 _READ_ONLY_POSTS = frozenset({"/api/show"})
 _READ_METHODS = frozenset({"GET", "HEAD"})
 

@@ -7,6 +7,9 @@ is checked by our bounds-checked reader instead of being rewritten.
 
 Nothing is visible under the new name until every layer is in place and the manifest has
 been written atomically; a failure at any step leaves the store's manifests as they were.
+The uploaded files are read and checked before the first progress line and before any write
+(one model GGUF, at most one projector, whose output width fits the model: ``_check_parts``),
+so a wrong set of files is a plain 4xx that leaves the store untouched.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pollama.store.manifests import (
     go_json,
 )
 from pollama.store.models import Store
+from pollama.store.projector import input_width, is_projector, output_widths
 from pollama.store.quantize import normalize_quantization, quantize_file
 from pollama.template import Template, detect_named_template
 
@@ -89,11 +93,17 @@ class CreateProgress:
 
 @dataclass
 class _Layer:
-    """A layer being assembled, with the status line Ollama prints for it."""
+    """A layer being assembled, with the status line Ollama prints for it, and for an
+    uploaded GGUF the header and the file name the request gave it."""
 
     layer: Layer
     status: str = ""
     info: GGUFInfo | None = None
+    filename: str = ""
+
+    @property
+    def media_type(self) -> str:
+        return self.layer.media_type
 
 
 @dataclass
@@ -169,16 +179,24 @@ class ModelCreator:
         self.name, self.spec = check_request(spec)
 
     def run(self) -> Iterator[CreateProgress]:
+        """Every check that reads the uploaded files comes before the first progress line
+        and before anything is written, so a wrong file is a plain 4xx that leaves the
+        store as it was."""
         store, spec = self.store, self.spec
         store.ensure()
         old = store.find(self.name)
         config = _Config(renderer=spec.renderer, parser=spec.parser, requires=spec.requires)
+        files = self._read_files(spec.files)
+        adapters = self._read_files(spec.adapters, adapter=True)
         if spec.base:
-            layers = self._from_model(spec.base, config)
+            layers = _with_projector(self._from_model(spec.base, config), files, spec.base)
         else:
-            layers = yield from self._from_files(spec.files, detect_template=True)
-        if spec.adapters:
-            layers += yield from self._from_files(spec.adapters, adapter=True)
+            layers = _check_parts(files)
+        for _ in (*files, *adapters):
+            yield CreateProgress(status="parsing GGUF")
+        if not spec.base:
+            layers += self._detected_template(layers)
+        layers += adapters
         if spec.quantize:
             layers = yield from self._quantize(layers, spec.quantize)
         self._fill_config(config, layers)
@@ -224,13 +242,12 @@ class ModelCreator:
             layers.append(_Layer(new, f"using existing layer {layer.digest}", info))
         return layers
 
-    def _from_files(
-        self, files: dict[str, str], *, adapter: bool = False, detect_template: bool = False
-    ) -> Iterator[CreateProgress]:
+    def _read_files(self, files: dict[str, str], *, adapter: bool = False) -> list[_Layer]:
+        """Each uploaded GGUF's header, classified by what the file is (model, projector,
+        adapter), never by its position or name, so the FROM lines may come in any order."""
         layers: list[_Layer] = []
         for filename in sorted(files):
             digest = parse_digest(files[filename])
-            yield CreateProgress(status="parsing GGUF")
             path = self.store.blobs.path(digest)
             if not path.is_file():
                 raise BlobNotFound(
@@ -239,32 +256,42 @@ class ModelCreator:
                 )
             info = gguf_info(path, display_name=filename)
             media = MEDIA_MODEL
+            if adapter and info.general_type != "adapter" and is_projector(info):
+                raise InvalidRequest(
+                    f"ADAPTER '{filename}' is a multimodal projector, not a LoRA adapter: "
+                    f"write it as a second FROM line: FROM ./{filename} (with the path you "
+                    "gave ADAPTER)"
+                )
             if adapter or info.general_type == "adapter":
                 media = MEDIA_ADAPTER
-            elif _is_projector(info):
+            elif is_projector(info):
                 media = MEDIA_PROJECTOR
-            size = path.stat().st_size
-            layers.append(
-                _Layer(Layer(media, digest, size), f"using existing layer {digest}", info)
-            )
-        if adapter and any(item.layer.media_type != MEDIA_ADAPTER for item in layers):
-            raise InvalidRequest("ADAPTER must be a LoRA adapter GGUF (general.type 'adapter')")
-        if detect_template:
-            for item in list(layers):
-                chat_template = item.info.chat_template if item.info else None
-                named = detect_named_template(chat_template) if chat_template else None
-                if named is None:
-                    continue
-                layers.append(
-                    self._new_layer(
-                        MEDIA_TEMPLATE,
-                        named.template.encode(),
-                        f"using autodetected template {named.name}",
-                    )
+            layer = Layer(media, digest, path.stat().st_size)
+            layers.append(_Layer(layer, f"using existing layer {digest}", info, filename))
+        # The model's weights first, as Ollama's manifests list them.
+        return sorted(layers, key=lambda item: item.media_type != MEDIA_MODEL)
+
+    def _detected_template(self, layers: list[_Layer]) -> list[_Layer]:
+        """The named Go template (and its stop words) of a model GGUF whose Jinja chat
+        template is a known one (docs/ollama-behaviour.md#create)."""
+        found: list[_Layer] = []
+        for item in layers:
+            chat_template = item.info.chat_template if item.info else None
+            if item.media_type != MEDIA_MODEL or not chat_template:
+                continue
+            named = detect_named_template(chat_template)
+            if named is None:
+                continue
+            found.append(
+                self._new_layer(
+                    MEDIA_TEMPLATE,
+                    named.template.encode(),
+                    f"using autodetected template {named.name}",
                 )
-                if named.parameters:
-                    layers.append(self._new_layer(MEDIA_PARAMS, named.params_json()))
-        return layers
+            )
+            if named.parameters:
+                found.append(self._new_layer(MEDIA_PARAMS, named.params_json()))
+        return found
 
     def _quantize(self, layers: list[_Layer], type_name: str) -> Iterator[CreateProgress]:
         target = normalize_quantization(type_name)
@@ -317,8 +344,11 @@ class ModelCreator:
         return out
 
     def _fill_config(self, config: _Config, layers: list[_Layer]) -> None:
+        """Ollama's config fields from the model's weights; ``model_families`` also lists
+        each projector's architecture after the model's (``["llama", "clip"]``, as Ollama's
+        vision models have it: some clients look for "clip" there)."""
         for item in layers:
-            if item.layer.media_type != MEDIA_MODEL or item.info is None:
+            if item.media_type != MEDIA_MODEL or item.info is None:
                 continue
             info = item.info
             config.model_format = config.model_format or "gguf"
@@ -326,6 +356,9 @@ class ModelCreator:
             config.model_type = config.model_type or human_number(info.parameter_count)
             config.file_type = config.file_type or (info.file_type or "")
             config.model_families.append(info.architecture or "")
+        for item in layers:
+            if item.media_type == MEDIA_PROJECTOR and item.info and item.info.architecture:
+                config.model_families.append(item.info.architecture)
 
     def _apply_overrides(self, layers: list[_Layer]) -> list[_Layer]:
         spec = self.spec
@@ -371,10 +404,71 @@ def _without(layers: list[_Layer], *media_types: str) -> list[_Layer]:
     return [item for item in layers if item.layer.media_type not in media_types]
 
 
-def _is_projector(info: GGUFInfo) -> bool:
-    if info.general_type in ("projector", "mmproj"):
-        return True
-    arch = info.architecture or ""
-    block_count = info.kv.get(f"{arch}.block_count") or 0
-    vision_blocks = info.kv.get(f"{arch}.vision.block_count") or 0
-    return bool(not block_count and vision_blocks) or (arch == "clip" and not block_count)
+def _names(layers: list[_Layer]) -> str:
+    return ", ".join(f"'{item.filename}'" for item in layers)
+
+
+def _check_parts(files: list[_Layer]) -> list[_Layer]:
+    """The uploaded files make one model: exactly one model GGUF, and at most one projector
+    (llama.cpp loads one per model; Ollama would keep the others and use only the first),
+    which must fit the model. The files, as the model's first layers."""
+    models = [item for item in files if item.media_type == MEDIA_MODEL]
+    projectors = [item for item in files if item.media_type == MEDIA_PROJECTOR]
+    if not models:
+        raise InvalidRequest(
+            f"no model weights among the FROM files ({_names(files)}): FROM needs the "
+            "model's own GGUF; a multimodal projector goes on a second FROM line beside it"
+        )
+    if len(models) > 1:
+        raise InvalidRequest(
+            f"more than one model GGUF among the FROM files ({_names(models)}): a model has "
+            "one weights file (a second FROM line may name its multimodal projector)"
+        )
+    if len(projectors) > 1:
+        raise InvalidRequest(
+            f"more than one multimodal projector among the FROM files ({_names(projectors)}): "
+            "llama.cpp loads one projector per model"
+        )
+    for projector in projectors:
+        _check_fit(models[0], projector)
+    return list(files)
+
+
+def _with_projector(base: list[_Layer], files: list[_Layer], ref: str) -> list[_Layer]:
+    """``FROM <local model>`` plus files: the files may only give the model a projector
+    (replacing the one it has), checked against the model's own weights."""
+    if not files:
+        return base
+    others = [item for item in files if item.media_type != MEDIA_PROJECTOR]
+    if others:
+        raise InvalidRequest(
+            f"FROM {ref} names a local model, so the other FROM lines may only add its "
+            f"multimodal projector, and {_names(others)} is not one"
+        )
+    if len(files) > 1:
+        raise InvalidRequest(
+            f"more than one multimodal projector among the FROM files ({_names(files)}): "
+            "llama.cpp loads one projector per model"
+        )
+    model = next((item for item in base if item.media_type == MEDIA_MODEL), None)
+    if model is not None:
+        _check_fit(model, files[0])
+    return _without(base, MEDIA_PROJECTOR) + files
+
+
+def _check_fit(model: _Layer, projector: _Layer) -> None:
+    """Refuse a projector whose output width is not the model's input width: llama.cpp
+    would refuse the pair at every load. Either width unknown: nothing is refused."""
+    if model.info is None or projector.info is None:
+        return
+    wanted = input_width(model.info)
+    if wanted is None:
+        return
+    for width in output_widths(projector.info).values():
+        if width != wanted:
+            model_name = f" ('{model.filename}')" if model.filename else ""
+            raise InvalidRequest(
+                f"the projector '{projector.filename}' outputs {width}-wide embeddings but "
+                f"the model's embedding length is {wanted}{model_name}: a projector works "
+                "only with the model it was made for"
+            )

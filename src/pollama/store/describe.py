@@ -17,8 +17,8 @@ from pollama.format import go_value
 from pollama.gguf import GGUFInfo
 from pollama.modelfile import render_modelfile
 from pollama.store.gguf_cache import gguf_info
-from pollama.store.manifests import MEDIA_PROJECTOR
 from pollama.store.models import LocalModel
+from pollama.store.projector import can_hear, can_see
 from pollama.template import Template, jinja_capabilities, template_capabilities
 
 
@@ -28,6 +28,32 @@ def model_gguf(model: LocalModel) -> GGUFInfo | None:
     if path is None or not path.is_file():
         return None
     return gguf_info(path, display_name=model.name.display_shortest())
+
+
+def projector_gguf(model: LocalModel) -> GGUFInfo | None:
+    """The GGUF header of the model's projector, or None for a model without one. Only the
+    first projector layer counts: it is the one llama.cpp is given (and Ollama shows)."""
+    paths = model.projector_paths()
+    if not paths or not paths[0].is_file():
+        return None
+    return gguf_info(paths[0], display_name=f"{model.name.display_shortest()} (projector)")
+
+
+def _senses(model: LocalModel, info: GGUFInfo) -> list[str]:
+    """``vision`` and ``audio`` (docs/ollama-behaviour.md#capabilities): vision blocks or
+    audio blocks in the model's own GGUF, or a projector with an image or audio encoder.
+    A projector that cannot be read claims nothing: it could not be loaded either."""
+    arch = info.architecture
+    see = info.has_vision
+    hear = arch is not None and f"{arch}.audio.block_count" in info.kv
+    try:
+        projector = projector_gguf(model)
+    except GGUFError:
+        projector = None
+    if projector is not None:
+        see = see or can_see(projector)
+        hear = hear or can_hear(projector)
+    return [cap for cap, on in (("vision", see), ("audio", hear)) if on]
 
 
 @dataclass(frozen=True)
@@ -66,8 +92,9 @@ def capabilities(model: LocalModel) -> list[str]:
     config_caps = model.config().get("capabilities")
     if info is not None:
         caps.append("embedding" if info.pooling_type is not None else "completion")
-        if info.has_vision or model.layers_of(MEDIA_PROJECTOR):
-            caps.append("vision")
+        caps += _senses(model, info)
+        if info.pooling_type is None and info.fim_tokens is not None:
+            caps.append("insert")  # the vocabulary's fill-in-the-middle tokens
     template_text = model.template()
     if template_text is not None:
         try:
@@ -127,4 +154,4 @@ def modelfile(model: LocalModel, *, system: str | None, params: dict[str, Any]) 
 
 
 __all__ = ["ConfigDetails", "capabilities", "details", "model_gguf", "modelfile",
-           "parameters_text"]
+           "parameters_text", "projector_gguf"]

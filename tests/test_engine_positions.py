@@ -1,0 +1,247 @@
+"""The engine's KV positions (``runner/engine.py``), checked against a fake llama.cpp context.
+
+The fake context keeps each sequence's cells as llama.cpp's KV cache does (a position, and
+what the cell holds), cuts them by position (``seq_rm``) and refuses, as llama.cpp does for
+M-RoPE models, a token whose position is not past every cell of its sequence. No shared
+library is loaded: a stand-in ``pollama.runner.llama`` gives the engine numpy batches.
+
+What these prove: for an ordinary model every entry sits at its index (nothing changed); for
+an M-RoPE model an image's rows share the positions from its start, the text after it
+continues ``n_pos`` later, and a cached prefix is cut at a position, so that after every
+request the KV holds exactly ``slot.tokens``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pollama.runner.base import CompletionChunk, CompletionRequest, SamplingOptions
+from pollama.runner.engine import Engine
+
+N_VOCAB = 64
+EOG = 2
+ROW = "row"
+GREEDY = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=3)
+
+
+class _Batch:
+    """``llama.Batch`` without ctypes: the same numpy rows."""
+
+    def __init__(self, capacity: int) -> None:
+        self.token = np.zeros(capacity, dtype=np.int64)
+        self.pos = np.zeros(capacity, dtype=np.int64)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> int:
+        return self.add_run([token], pos, seq, output)
+
+    def add_run(self, tokens: list[int], pos0: int, seq: int, output_last: bool) -> int:
+        i, end = self.n_tokens, self.n_tokens + len(tokens)
+        self.token[i:end] = tokens
+        self.pos[i:end] = np.arange(pos0, pos0 + len(tokens))
+        self.seq[i:end] = seq
+        self.n_tokens = end
+        return end - 1
+
+
+class _Sampler:
+    def add_greedy(self) -> None: ...
+    def accept(self, token: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Context:
+    """Cells per sequence: (position, token id or :data:`ROW`), llama.cpp's M-RoPE rule."""
+
+    def __init__(self) -> None:
+        self.cells: dict[int, list[tuple[int, Any]]] = {}
+        self.cuts: list[int] = []
+        self.decodes = 0
+
+    def _append(self, seq: int, pos: int, what: Any, *, embedding: bool) -> None:
+        cells = self.cells.setdefault(seq, [])
+        last = max((p for p, _ in cells), default=-1)
+        assert pos > last or (embedding and pos >= last), (pos, last)
+        cells.append((pos, what))
+
+    def decode(self, batch: _Batch) -> int:
+        for i in range(batch.n_tokens):
+            self._append(int(batch.seq[i]), int(batch.pos[i]), int(batch.token[i]),
+                         embedding=False)
+        self.decodes += 1
+        return 0
+
+    def decode_embeddings(self, rows: Any, positions: Any, seq: int, **_: Any) -> int:
+        first = (np.full(len(rows), positions) + np.arange(len(rows))
+                 if isinstance(positions, int) else positions[0])
+        for pos in first:
+            self._append(seq, int(pos), ROW, embedding=True)
+        self.decodes += 1
+        return 0
+
+    def logits(self, row: int) -> np.ndarray:
+        logits = np.zeros(N_VOCAB, dtype=np.float32)
+        logits[10 + self.decodes % 7] = 1.0
+        return logits
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        self.cuts.append(p0)
+        self.cells[seq] = [(p, w) for p, w in self.cells.get(seq, []) if p0 >= 0 and p < p0]
+        return True
+
+    def set_threads(self, *_: int) -> None: ...
+
+
+class _Model:
+    n_vocab = N_VOCAB
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def token_to_piece(self, token: int) -> bytes:
+        return b"x"
+
+
+@dataclass
+class _Span:
+    """What the engine reads of ``media.MediaSpan``."""
+
+    start: int
+    n_tokens: int
+    key: int
+    n_pos: int
+    kind: str = "image"
+    non_causal: bool = False
+    chunk: Any = None
+    embeddings: Any = None
+    error: str = ""
+    queued: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n_tokens
+
+
+class _Projector:
+    """Prompts are token ids and ``I`` (an image of 6 rows on 3 positions, M-RoPE style:
+    every row's first section is the image's first position)."""
+
+    ROWS, N_POS, KEY = 6, 3, -77
+
+    def tokenize(self, prompt: str, media: Any, add_special: bool) -> tuple[list[int], list]:
+        tokens: list[int] = []
+        spans = []
+        for word in prompt.split():
+            if word == "I":
+                spans.append(_Span(len(tokens), self.ROWS, self.KEY, self.N_POS))
+                tokens += [self.KEY] * self.ROWS
+            else:
+                tokens.append(int(word))
+        return tokens, spans
+
+    def encode(self, span: _Span) -> np.ndarray:
+        return np.zeros((span.n_tokens, 4), dtype=np.float32)
+
+    def positions(self, span: _Span, pos0: int) -> np.ndarray:
+        rows = np.arange(span.n_tokens)
+        return np.stack([np.full(span.n_tokens, pos0), pos0 + rows // 3, pos0 + rows % 3,
+                         np.zeros(span.n_tokens, dtype=np.int64)]).astype(np.int32)
+
+    def release(self, span: _Span) -> None: ...
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> Any:
+    fake = types.ModuleType("pollama.runner.llama")
+    fake.Batch = _Batch  # type: ignore[attr-defined]
+    fake.SamplerChain = _Sampler  # type: ignore[attr-defined]
+    fake.DEFAULT_SEED = 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
+
+    def make(projector: Any = None) -> Engine:
+        engine = Engine(_Model(), _Context(), n_ctx=128, n_batch=16, n_parallel=1,  # type: ignore[arg-type]
+                        projector=projector)
+        thread = threading.Thread(target=engine.run, daemon=True)
+        thread.start()
+        made.append((engine, thread))
+        return engine
+
+    made: list[tuple[Engine, threading.Thread]] = []
+    yield make
+    for engine, thread in made:
+        engine.stop()
+        thread.join(10)
+
+
+def _run(engine: Engine, request: CompletionRequest) -> CompletionChunk:
+    done = threading.Event()
+    final: list[Any] = []
+
+    def emit(event: Any) -> bool:
+        if not isinstance(event, CompletionChunk) or event.done:
+            final.append(event)
+            done.set()
+        return True
+
+    engine.submit(len(final), request, emit)
+    assert done.wait(10)
+    assert isinstance(final[0], CompletionChunk), final[0]
+    return final[0]
+
+
+def _kv(engine: Engine) -> list[tuple[int, Any]]:
+    return engine.ctx.cells.get(0, [])  # type: ignore[attr-defined]
+
+
+def _held(engine: Engine) -> list[Any]:
+    return [ROW if t < 0 else t for t in engine.slots[0].tokens]
+
+
+def test_an_ordinary_models_entries_sit_at_their_indexes(engine: Any) -> None:
+    eng = engine()
+    prompt = [1, 20, 21, 22, 23]
+    first = _run(eng, CompletionRequest(tokens=prompt, options=GREEDY, return_tokens=True))
+    assert first.tokens is not None
+    assert [p for p, _ in _kv(eng)] == list(range(len(_kv(eng))))
+    follow = _run(eng, CompletionRequest(tokens=prompt + [30, 31], options=GREEDY))
+    assert follow.prompt_cached == len(prompt)
+    assert eng.ctx.cuts == [len(prompt)]  # type: ignore[attr-defined]
+    assert [p for p, _ in _kv(eng)] == list(range(len(_kv(eng))))
+    assert [w for _, w in _kv(eng)] == _held(eng)
+    assert eng.slots[0].lag == 0
+
+
+def test_text_after_an_m_rope_image_continues_after_its_positions(engine: Any) -> None:
+    eng = engine(_Projector())
+    media = (b"image",)
+    first = _run(eng, CompletionRequest(prompt="1 20 I 21 22", media=media, options=GREEDY))
+    assert first.prompt_eval_count == 2 + 6 + 2
+    # text 0, 1; the image's rows all at 2 (first section); then 5, 6 and the answer on
+    expected = [0, 1] + [2] * 6 + list(range(5, 5 + 2 + 2))
+    assert [p for p, _ in _kv(eng)] == expected
+    assert [w for _, w in _kv(eng)] == _held(eng)
+    assert eng.slots[0].lag == 3
+    # A follow-up that shares the image and one token after it: cut at that token's
+    # position (6), not at its index (9).
+    follow = _run(eng, CompletionRequest(prompt="1 20 I 21 40 41", media=media,
+                                         options=GREEDY))
+    assert follow.prompt_cached == 9
+    assert eng.ctx.cuts == [6]  # type: ignore[attr-defined]
+    assert [p for p, _ in _kv(eng)] == [0, 1] + [2] * 6 + list(range(5, 5 + 3 + 2))
+    assert [w for _, w in _kv(eng)] == _held(eng)
+    # A prompt that leaves the image: the cut drops it and the slot's lag with it.
+    _run(eng, CompletionRequest(prompt="1 20 50", media=media, options=GREEDY))
+    assert eng.ctx.cuts[-1] == 2  # type: ignore[attr-defined]
+    assert eng.slots[0].lag == 0
+    assert [p for p, _ in _kv(eng)] == list(range(len(_kv(eng))))
