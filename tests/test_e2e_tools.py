@@ -151,6 +151,36 @@ def test_anthropic_client(srv: RunningServer) -> None:
     assert "22" in final.content[0].text  # type: ignore[union-attr]
 
 
+RESPONSES_TOOL = {"type": "function", "name": "get_weather",
+                  "description": "Get the current weather for a city", "parameters": PARAMETERS}
+
+
+def test_responses_client(srv: RunningServer) -> None:
+    """The Responses API's round trip: a function_call item out, its function_call_output
+    back, both stateless (the whole history sent) and stored (``previous_response_id``)."""
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", timeout=300)
+    args: dict[str, Any] = {"model": MODEL, "tools": [RESPONSES_TOOL], "temperature": 0,
+                            "max_output_tokens": 64}
+    r = client.responses.create(input=QUESTION, **args)
+    (call,) = [item for item in r.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id
+    assert "paris" in json.loads(call.arguments)["city"].lower()
+
+    with client.responses.stream(input=QUESTION, **args) as stream:
+        streamed = stream.get_final_response()
+    assert [i.name for i in streamed.output if i.type == "function_call"] == ["get_weather"]
+
+    answer = [{"type": "function_call_output", "call_id": call.call_id, "output": RESULT},
+              {"role": "user", "content": FOLLOW_UP}]
+    stored = client.responses.create(input=answer, previous_response_id=r.id, **args)
+    stateless = client.responses.create(
+        input=[{"role": "user", "content": QUESTION}, call.model_dump(), *answer], **args)
+    for final in (stored, stateless):
+        assert not [i for i in final.output if i.type == "function_call"]
+        assert "22" in final.output_text
+    assert stored.output_text == stateless.output_text  # the same conversation either way
+
+
 # A Qwen3-style template: the generation prompt opens the thought when thinking is on.
 THINKING_JINJA = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

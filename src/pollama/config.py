@@ -354,6 +354,9 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "max_audio_seconds": _go_parse_uint,
     "registry_hosts": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
     "pull_stall_timeout": _parse_duration_setting,
+    "responses_max": _go_parse_uint,
+    "responses_max_age": _parse_duration_setting,
+    "responses_max_bytes": _go_parse_uint,
 }
 _BOOL_FIELDS = frozenset({
     "flash_attention", "noprune", "nohistory", "sched_spread", "igpu_enable", "vulkan",
@@ -523,6 +526,21 @@ class Settings(BaseSettings):
         "Most seconds of audio in one request, all clips together, read from the files' "
         "headers before anything decodes them (0 refuses audio)",
     )
+    # Stored responses of /v1/responses (store/responses.py): kept under the home, bounded.
+    responses_max: int = _env(
+        "POLLAMA_RESPONSES_MAX", 10_000,
+        "Most stored /v1/responses responses (store: true) kept for previous_response_id "
+        "and GET /v1/responses/{id}; the oldest go first (0 stores none)",
+    )
+    responses_max_age: float = _env(
+        "POLLAMA_RESPONSES_MAX_AGE", 30 * 24 * 3600.0,
+        'How long a stored response is kept (default "720h", 30 days, as OpenAI)',
+    )
+    responses_max_bytes: int = _env(
+        "POLLAMA_RESPONSES_MAX_BYTES", 1 << 30,
+        "Most bytes of stored responses in all, compressed (default 1 GiB); the oldest go "
+        "first",
+    )
     access_log: str = _env(
         "POLLAMA_ACCESS_LOG", "-",
         "Where JSON access-log lines go: '-' stderr (default), a file path, or 'off'",
@@ -623,6 +641,11 @@ class Settings(BaseSettings):
     def api_keys_path(self) -> Path:
         """The API keys file: ``POLLAMA_KEYS_FILE``, else ``~/.ollama/api_keys.json``."""
         return self.keys_file if self.keys_file is not None else self.home / "api_keys.json"
+
+    @property
+    def responses_path(self) -> Path:
+        """``~/.ollama/responses.sqlite3``, the stored responses of ``/v1/responses``."""
+        return self.home / "responses.sqlite3"
 
     @property
     def history_path(self) -> Path:

@@ -58,8 +58,9 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(OpenAIModel):
-    """The fields chat completions and (legacy) completions share; ``_sampling`` reads them."""
+class GenerationRequest(OpenAIModel):
+    """The fields the generating requests share (chat, legacy completions, responses);
+    ``sampling_options`` reads them."""
 
     model: str = ""
     max_tokens: int | None = None
@@ -75,7 +76,7 @@ class _GenerationRequest(OpenAIModel):
     user: str | None = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = []
     max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
@@ -91,9 +92,9 @@ class ChatCompletionRequest(_GenerationRequest):
         if not self.messages:
             raise InvalidRequest("[] is too short - 'messages'")
         top = _top_logprobs("top_logprobs", self.top_logprobs)
-        options = _sampling(self, self.max_completion_tokens or self.max_tokens)
+        options = sampling_options(self, self.max_completion_tokens or self.max_tokens)
         effort = (self.reasoning or {}).get("effort") if self.reasoning else None
-        choice, name = _tool_choice(self.tool_choice)
+        choice, name = tool_choice_of(self.tool_choice)
         messages: list[dict[str, Any]] = []
         for msg in self.messages:
             messages.extend(_native_messages(msg, self.messages))
@@ -102,9 +103,9 @@ class ChatCompletionRequest(_GenerationRequest):
             kind="chat",
             messages=messages,
             options=options,
-            format=_format(self.response_format),
+            format=response_format_of(self.response_format),
             tools=self.tools,
-            think=_reasoning(effort if effort is not None else self.reasoning_effort),
+            think=reasoning_think(effort if effort is not None else self.reasoning_effort),
             tool_choice=choice,
             tool_name=name,
             logprobs=bool(self.logprobs),
@@ -112,14 +113,14 @@ class ChatCompletionRequest(_GenerationRequest):
         )
 
 
-class LegacyCompletionRequest(_GenerationRequest):
+class LegacyCompletionRequest(GenerationRequest):
     prompt: str = ""
     suffix: str | None = None
     echo: bool = False
     logprobs: int | None = None
 
     def to_inference(self) -> InferenceRequest:
-        options = _sampling(self, self.max_tokens)
+        options = sampling_options(self, self.max_tokens)
         if self.top_p == 0:
             options["top_p"] = 1.0
         top = _top_logprobs("logprobs", self.logprobs)
@@ -143,8 +144,8 @@ def _top_logprobs(name: str, value: int | None) -> int:
     return value
 
 
-def _sampling(
-    req: _GenerationRequest, max_tokens: int | None
+def sampling_options(
+    req: GenerationRequest, max_tokens: int | None
 ) -> dict[str, Any]:
     """OpenAI sampling fields as Ollama options (with OpenAI's defaults, as Ollama sets them)."""
     options: dict[str, Any] = {
@@ -172,7 +173,7 @@ def _sampling(
     return options
 
 
-def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def native_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI tool calls (``arguments`` a JSON string) in the native shape (an object)."""
     out = []
     for call in calls:
@@ -219,7 +220,7 @@ def _native_messages(msg: ChatMessage, history: list[ChatMessage]) -> list[dict[
         )
         if name:
             base["tool_name"] = name
-    calls = _tool_calls(msg.tool_calls) if msg.tool_calls else None
+    calls = native_tool_calls(msg.tool_calls) if msg.tool_calls else None
     content = msg.content
     if content is None:
         if not calls:
@@ -253,7 +254,7 @@ def _native_messages(msg: ChatMessage, history: list[ChatMessage]) -> list[dict[
     return out
 
 
-def _tool_choice(choice: Any) -> tuple[ToolChoice, str | None]:
+def tool_choice_of(choice: Any) -> tuple[ToolChoice, str | None]:
     """OpenAI ``tool_choice`` → (auto|none|required, the one function it names)."""
     if choice is None or choice == "auto":
         return "auto", None
@@ -274,7 +275,7 @@ def _tool_choice(choice: Any) -> tuple[ToolChoice, str | None]:
     raise InvalidRequest(f"invalid tool_choice: {json.dumps(choice)}")
 
 
-def _format(response_format: dict[str, Any] | None) -> Any:
+def response_format_of(response_format: dict[str, Any] | None) -> Any:
     if not response_format:
         return None
     kind = response_format.get("type")
@@ -286,7 +287,7 @@ def _format(response_format: dict[str, Any] | None) -> Any:
     return None
 
 
-def _reasoning(effort: str | None) -> bool | str | None:
+def reasoning_think(effort: str | None) -> bool | str | None:
     if effort is None:
         return None
     mapping: dict[str, bool | str] = {
@@ -300,7 +301,10 @@ def _reasoning(effort: str | None) -> bool | str | None:
         "ultra": "max",
     }
     if effort not in mapping:
-        raise InvalidRequest(f"invalid reasoning value: {effort!r}")
+        raise InvalidRequest(
+            f"invalid reasoning value: {effort!r} (must be one of "
+            f"{', '.join(map(repr, mapping))})"
+        )
     return mapping[effort]
 
 

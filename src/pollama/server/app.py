@@ -23,12 +23,14 @@ from pollama.server import (
     routes_models,
     routes_openai,
     routes_registry,
+    routes_responses,
     routes_status,
 )
 from pollama.server.errors import install_error_handlers
 from pollama.server.metrics import PrometheusMetrics
 from pollama.server.middleware import install_middleware
 from pollama.store import Store
+from pollama.store.responses import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def create_app(
         inventory=inventory,
     )
     inference = InferenceService(settings, store, scheduler, telemetry=metrics)
+    responses = ResponseStore.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +98,7 @@ def create_app(
         finally:
             await scheduler.shutdown()
             inference.close()
+            responses.close()
 
     app = FastAPI(
         title="pollama",
@@ -110,14 +114,12 @@ def create_app(
     app.state.store = store
     app.state.scheduler = scheduler
     app.state.inference = inference
+    app.state.responses = responses
     app.state.embeddings = EmbeddingService(inference)
     install_error_handlers(app)
-    app.include_router(routes_models.router)
-    app.include_router(routes_registry.router)
-    app.include_router(routes_inference.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_anthropic.router)
-    app.include_router(routes_status.router)
+    for routes in (routes_models, routes_registry, routes_inference, routes_openai,
+                   routes_anthropic, routes_responses, routes_status):
+        app.include_router(routes.router)
     install_middleware(app, settings, metrics=metrics)  # keys, Host/Origin, limits, logs, /metrics
     metrics.watch_devices(lambda: app.state.devices, scheduler)
     return app

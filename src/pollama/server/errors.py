@@ -87,7 +87,7 @@ def log_failure(exc: BaseException, status: int) -> None:
         log.error("request failed", exc_info=exc)
 
 
-def _failure(exc: BaseException) -> tuple[int, str]:
+def failure(exc: BaseException) -> tuple[int, str]:
     """The status and message of ``exc``, logged if the server is at fault."""
     status = status_for(exc)
     log_failure(exc, status)
@@ -154,19 +154,19 @@ def ollama_error(message: str, status: int) -> JSONResponse:
 
 def error_response(exc: BaseException) -> JSONResponse:
     """Ollama's answer to ``exc``."""
-    status, message = _failure(exc)
+    status, message = failure(exc)
     return ollama_error(message, status)
 
 
 def openai_error_response(exc: BaseException) -> JSONResponse:
     """OpenAI's error object, with the same status as the native error
     (docs/ollama-behaviour.md#error-bodies-by-protocol)."""
-    status, message = _failure(exc)
+    status, message = failure(exc)
     return JSONResponse(openai_body(status, message), status_code=status)
 
 
 def anthropic_error_response(exc: BaseException) -> JSONResponse:
-    status, message = _failure(exc)
+    status, message = failure(exc)
     body = {**anthropic_body(status, message), "request_id": f"req_{secrets.token_hex(12)}"}
     return JSONResponse(body, status_code=status)
 
@@ -175,15 +175,15 @@ def anthropic_error_response(exc: BaseException) -> JSONResponse:
 
 
 def ollama_stream_error(exc: BaseException) -> dict[str, Any]:
-    return ollama_body(_failure(exc)[1])
+    return ollama_body(failure(exc)[1])
 
 
 def openai_stream_error(exc: BaseException) -> dict[str, Any]:
-    return openai_body(*_failure(exc))
+    return openai_body(*failure(exc))
 
 
 def anthropic_stream_error(exc: BaseException) -> dict[str, Any]:
-    return anthropic_body(*_failure(exc))
+    return anthropic_body(*failure(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -47,6 +47,7 @@ from pollama.server.access_log import RequestRecord, current_record, route_templ
 from pollama.server.refusals import json_error
 
 __all__ = [
+    "KEY_ID_STATE",
     "PUBLIC_ROUTES",
     "AccessPolicy",
     "auth_summary",
@@ -58,6 +59,9 @@ __all__ = [
     "permission_for",
 ]
 
+KEY_ID_STATE = "api_key_id"
+"""``request.state`` attribute holding the id of the API key a request was let in with (absent
+on a server that requires no key)."""
 PUBLIC_ROUTES = frozenset({"/healthz", "/readyz"})
 """Answered without a key: they say only whether the process is alive and ready."""
 
@@ -389,6 +393,8 @@ class SecurityMiddleware:
             ])  # fmt: skip
         if record is not None:
             record.key_name = key.name
+        # Who owns what a request stores (routes_responses: stored responses, per key).
+        scope.setdefault("state", {})[KEY_ID_STATE] = key.id
         if key.allows(permission):
             return None
         return _Refusal("scope", 403, "permission_error", (

@@ -5,7 +5,8 @@ and a :class:`Framing` that writes them as one protocol's bytes:
 
 * :class:`Ndjson`: Ollama's ``application/x-ndjson``, one JSON object per line;
 * :class:`Sse`: OpenAI's ``text/event-stream``, ``data: {...}`` frames then ``data: [DONE]``;
-* :class:`AnthropicEvents`: Anthropic's named events, ``event: kind`` and ``data: {...}``.
+* :class:`NamedEvents`: named events, ``event: kind`` and ``data: {...}``: Anthropic's
+  (:class:`AnthropicEvents`) and OpenAI's Responses API.
 
 What must stay true, for every protocol (Ollama's rules,
 docs/ollama-behaviour.md#errors-and-streaming):
@@ -49,6 +50,7 @@ __all__ = [
     "NDJSON",
     "AnthropicEvents",
     "Framing",
+    "NamedEvents",
     "Ndjson",
     "Sse",
     "in_threads",
@@ -136,40 +138,64 @@ class Sse(Framing[T]):
         return (sse("[DONE]"),)
 
 
-AnthropicEvent = tuple[str, dict[str, Any]]
-"""An event's name and its ``data`` (the name is also ``data``'s first field, ``type``)."""
+NamedEvent = tuple[str, dict[str, Any]]
+"""An SSE event's name and its ``data`` (the name is also ``data``'s first field, ``type``)."""
+AnthropicEvent = NamedEvent
 
 
-def anthropic_event(kind: str, data: dict[str, Any]) -> bytes:
+def named_event(kind: str, data: dict[str, Any]) -> bytes:
     payload = json_bytes({"type": kind, **data}).decode()
     return f"event: {kind}\ndata: {payload}\n\n".encode()
 
 
-class AnthropicEvents(Framing[T]):
-    """Anthropic's framing: ``start(first)`` is the ``message_start`` event, ``render(item)``
-    the events one item becomes; an error is an ``error`` event."""
+class NamedEvents(Framing[T]):
+    """Named SSE events (``event: kind`` then ``data: {...}``), the framing of Anthropic's
+    Messages and of OpenAI's Responses: ``start(first)`` is the events before the first
+    item's, ``render(item)`` the events one item becomes, ``failure(exc)`` the events that
+    end a stream that failed, ``refuse(exc)`` the whole answer to an early error."""
 
     media_type = EVENT_STREAM
+
+    def __init__(
+        self,
+        start: Callable[[T | None], list[NamedEvent]],
+        render: Callable[[T], list[NamedEvent]],
+        failure: Callable[[BaseException], list[NamedEvent]],
+        refuse: Callable[[BaseException], Response],
+    ) -> None:
+        self.start = start
+        self.render = render
+        self.failure = failure
+        self.refuse = refuse
+
+    def refusal(self, exc: BaseException) -> Response:
+        return self.refuse(exc)
+
+    def opening(self, first: T | None) -> Iterable[bytes]:
+        return [named_event(kind, data) for kind, data in self.start(first)]
+
+    def frames(self, item: T) -> Iterable[bytes]:
+        return [named_event(kind, data) for kind, data in self.render(item)]
+
+    def error(self, exc: BaseException) -> bytes:
+        return b"".join(named_event(kind, data) for kind, data in self.failure(exc))
+
+
+class AnthropicEvents(NamedEvents[T]):
+    """Anthropic's framing: ``start(first)`` is the ``message_start`` event, ``render(item)``
+    the events one item becomes; an error is an ``error`` event."""
 
     def __init__(
         self,
         start: Callable[[T | None], AnthropicEvent],
         render: Callable[[T], list[AnthropicEvent]],
     ) -> None:
-        self.start = start
-        self.render = render
-
-    def refusal(self, exc: BaseException) -> Response:
-        return anthropic_error_response(exc)
-
-    def opening(self, first: T | None) -> Iterable[bytes]:
-        return (anthropic_event(*self.start(first)),)
-
-    def frames(self, item: T) -> Iterable[bytes]:
-        return [anthropic_event(kind, data) for kind, data in self.render(item)]
-
-    def error(self, exc: BaseException) -> bytes:
-        return anthropic_event("error", anthropic_stream_error(exc))
+        super().__init__(
+            lambda first: [start(first)],
+            render,
+            lambda exc: [("error", anthropic_stream_error(exc))],
+            anthropic_error_response,
+        )
 
 
 class _ClosingStreamingResponse(StreamingResponse):
