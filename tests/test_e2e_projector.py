@@ -174,6 +174,15 @@ def test_every_route_takes_images(srv: RunningServer) -> None:
         assert reply.usage is not None and reply.usage.prompt_tokens > VISION_TOKENS
         return str(reply.choices[0].message.content)
 
+    def ask_responses(image: str) -> str:
+        reply = oai.responses.create(model=MODEL, temperature=0, max_output_tokens=10,
+                                     store=False, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is it?"},
+            {"type": "input_image", "image_url": f"data:image/png;base64,{image}",
+             "detail": "auto"}]}])  # fmt: skip
+        assert reply.usage is not None and reply.usage.input_tokens > VISION_TOKENS
+        return reply.output_text
+
     claude = anthropic.Anthropic(base_url=srv.url, api_key="unused")
 
     def ask_anthropic(image: str) -> str:
@@ -188,7 +197,7 @@ def test_every_route_takes_images(srv: RunningServer) -> None:
         return "".join(block.text for block in reply.content if block.type == "text")
 
     try:
-        for ask in (ask_native, ask_openai, ask_anthropic):
+        for ask in (ask_native, ask_openai, ask_responses, ask_anthropic):
             red, blue, red_again = answers(ask)
             assert red != blue, ask.__name__
             assert red == red_again, ask.__name__
