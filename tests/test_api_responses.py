@@ -306,3 +306,20 @@ def test_a_failure_after_the_stream_began_is_response_failed(settings: Settings,
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
     assert "response.completed" not in [n for n, _ in events]
+
+
+def test_a_conversation_longer_than_a_request_is_answered_but_not_stored(
+        settings: Settings, tmp_path: Path, fake: Responder) -> None:
+    gguf = write_tiny_model(tmp_path / "b.gguf", context_length=4096)
+    small = settings.model_copy(update={"max_body_size": 4000})
+    with serving(small, FakeRunnerFactory(script=fake), {gguf: {"plain": {"template": PLAIN}}}
+                 ) as api:
+        oai = openai_client(api)
+        fake.say(["a" * 2500], ["b" * 2500], ["c"])
+        first = oai.responses.create(model="plain", input="x")
+        second = oai.responses.create(model="plain", input="y", previous_response_id=first.id)
+        assert first.store and second.store
+        third = oai.responses.create(model="plain", input="z", previous_response_id=second.id)
+        assert third.store is False  # said in the answer: its turns are over 4000 bytes
+        with pytest.raises(openai.NotFoundError):
+            oai.responses.retrieve(third.id)

@@ -16,6 +16,8 @@ answer as for an id never issued, so ids cannot be probed across keys.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -40,6 +42,7 @@ from pollama.server.security import KEY_ID_STATE
 from pollama.server.streaming import NamedEvents, stream_response
 from pollama.store.responses import ResponseRecord, ResponseStore
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 _MAX_LIST = 100
@@ -89,6 +92,22 @@ def _failed(builder: ResponseBuilder) -> Callable[[BaseException], list[Response
     return events
 
 
+def _keeps(request: Request, parsed: ResponsesRequest, turns: list[dict[str, Any]]) -> bool:
+    """Whether this answer is stored: ``store`` asked, storing on, and a conversation no
+    longer than one request could carry (``POLLAMA_MAX_BODY_SIZE``), so that continuing it
+    never holds more than a stateless client could send. A longer one is answered with
+    ``store: false`` (said in the answer itself) and a log line."""
+    if not (parsed.store and _store(request).enabled):
+        return False
+    limit = request.app.state.settings.max_body_size
+    size = len(json.dumps(turns, separators=(",", ":")))
+    if size > limit:
+        log.warning("response not stored: its conversation is %d bytes, over "
+                    "POLLAMA_MAX_BODY_SIZE (%d); start a new conversation", size, limit)
+        return False
+    return True
+
+
 @router.post("/responses")
 async def create_response(request: Request) -> Response:
     service: InferenceService = request.app.state.inference
@@ -104,7 +123,7 @@ async def create_response(request: Request) -> Response:
         events = service.stream(await service.prepare(inference))
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return openai_error_response(exc)
-    builder = ResponseBuilder(parsed, new_id("resp"), store=parsed.store and store.enabled)
+    builder = ResponseBuilder(parsed, new_id("resp"), store=_keeps(request, parsed, turns))
 
     async def save() -> None:
         if builder.store:
