@@ -108,3 +108,9 @@ def test_settings_bound_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert (s.responses_max, s.responses_max_age, s.responses_max_bytes) == (7, 7200.0, 12345)
     assert s.responses_path == s.home / "responses.sqlite3"
+
+
+def test_reads_of_an_empty_store_create_no_file(tmp_path: Path) -> None:
+    s = store(tmp_path / "r.db")
+    assert s.get("resp_a", "") is None and s.delete("resp_a", "") is False and s.count() == 0
+    assert not (tmp_path / "r.db").exists()

@@ -65,6 +65,9 @@ CASES = set(_name_bodies("x")) | {
     ("GET", "/v1/models/{model:path}"), ("HEAD", "/api/blobs/{digest}"),
     ("POST", "/api/blobs/{digest}"), ("POST", "/api/purge"),
     ("POST", "/v1/audio/transcriptions"),  # a multipart form: test_names_cannot_traverse
+    # stored response ids are looked up in SQLite, never joined to a path; still tried below
+    ("GET", "/v1/responses/{ident}"), ("DELETE", "/v1/responses/{ident}"),
+    ("GET", "/v1/responses/{ident}/input_items"),
     ("GET", "/v2/{namespace}/{model}/manifests/{reference}"),
     ("GET", "/v2/{namespace}/{model}/blobs/{digest}"),
 }  # fmt: skip
@@ -112,9 +115,12 @@ def test_names_cannot_traverse(api: TestClient, isolated_env: Path, victim: Path
     _check(api.post("/v1/audio/transcriptions", files=form), "transcriptions")
     quoted = quote(name, safe="")
     paths = [f"/v1/models/{quoted}", f"/v2/{quoted}/m/manifests/latest",
-             f"/v2/library/{quoted}/manifests/x", f"/v2/library/m/manifests/{quoted}"]
+             f"/v2/library/{quoted}/manifests/x", f"/v2/library/m/manifests/{quoted}",
+             f"/v1/responses/{quoted}", f"/v1/responses/{quoted}/input_items"]
     for path in paths if name not in (".", "..") else ():  # clients resolve dot segments
         _check(api.get(path), path)
+    if name not in (".", ".."):
+        _check(api.delete(f"/v1/responses/{quoted}"), "delete a response")
     assert _outside_models(isolated_env) == before
     assert victim.exists()
 

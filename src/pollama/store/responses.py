@@ -137,6 +137,10 @@ class ResponseStore:
                 self._db = self._open()
         return self._db
 
+    def _absent(self) -> bool:
+        """Nothing was ever stored: reads answer without creating the file."""
+        return self._db is None and not self.path.exists()
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
@@ -177,7 +181,7 @@ class ResponseStore:
     def get(self, ident: str, owner: str) -> ResponseRecord | None:
         """The record ``ident`` of ``owner``; None when it does not exist, expired, was
         deleted or belongs to another owner (the caller cannot tell which)."""
-        if not self.enabled:
+        if not self.enabled or self._absent():
             return None
         with self._lock:
             row = self._connection().execute(
@@ -189,7 +193,7 @@ class ResponseStore:
 
     def delete(self, ident: str, owner: str) -> bool:
         """Remove ``owner``'s record ``ident``; False when there was none for that owner."""
-        if not self.enabled:
+        if not self.enabled or self._absent():
             return False
         with self._transaction() as db:
             return db.execute(
@@ -197,7 +201,7 @@ class ResponseStore:
             ).rowcount > 0
 
     def count(self) -> int:
-        if not self.enabled:
+        if not self.enabled or self._absent():
             return 0
         with self._lock:
             return int(self._connection().execute("SELECT count(*) FROM responses").fetchone()[0])
