@@ -55,7 +55,7 @@ def fake_vector(tokens: Sequence[int], dim: int = FAKE_EMBEDDING_DIM) -> list[fl
 class FakeRunner:
     """A runner that replays ``script`` (chunks, or a function of the request).
 
-    ``done_reason`` and ``stop_sequence`` go on the final chunk.
+    ``done_reason``, ``stop_sequence`` and ``context_shifted`` go on the final chunk.
 
     ``load_delay``/``chunk_delay`` are seconds; ``hold``, when given, is an event every
     completion waits for before its first chunk (to keep requests in flight). ``load_error``
@@ -71,6 +71,7 @@ class FakeRunner:
         script: Script = ("Hello", " world", "!"),
         done_reason: str = "stop",
         stop_sequence: str = "",
+        context_shifted: int = 0,
         load_delay: float = 0.0,
         chunk_delay: float = 0.0,
         hold: asyncio.Event | None = None,
@@ -87,6 +88,7 @@ class FakeRunner:
         self.script = script
         self.done_reason = done_reason
         self.stop_sequence = stop_sequence
+        self.context_shifted = context_shifted
         self.load_delay = load_delay
         self.chunk_delay = chunk_delay
         self.hold = hold
@@ -160,6 +162,7 @@ class FakeRunner:
                 done=True,
                 done_reason=self.done_reason,
                 stop_sequence=self.stop_sequence,
+                context_shifted=self.context_shifted,
                 prompt_eval_count=len(request.tokens or request.prompt.encode()),
                 eval_count=sent,
                 tokens=[] if request.return_tokens else None,

@@ -8,7 +8,11 @@ library is loaded: a stand-in ``pollama.runner.llama`` gives the engine numpy ba
 What these prove: for an ordinary model every entry sits at its index (nothing changed); for
 an M-RoPE model an image's rows share the positions from its start, the text after it
 continues ``n_pos`` later, and a cached prefix is cut at a position, so that after every
-request the KV holds exactly ``slot.tokens``.
+request the KV holds exactly ``slot.tokens``. A context shift (a window of 128 here) keeps
+``num_keep`` entries, drops half of the rest and moves the others back, so positions stay
+the indexes and the window never overflows; a request that shifted leaves only its kept
+prefix for the next one; a slot with media, a cache that cannot shift or ``shift`` off end
+with ``length`` at the window instead.
 """
 
 from __future__ import annotations
@@ -62,17 +66,22 @@ class _Sampler:
 
 
 class _Context:
-    """Cells per sequence: (position, token id or :data:`ROW`), llama.cpp's M-RoPE rule."""
+    """Cells per sequence: (position, token id or :data:`ROW`), llama.cpp's M-RoPE rule,
+    at most ``capacity`` cells per sequence (a decode past it would overflow the window)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 128, shiftable: bool = True) -> None:
         self.cells: dict[int, list[tuple[int, Any]]] = {}
         self.cuts: list[int] = []
+        self.shifts: list[tuple[int, int, int]] = []
         self.decodes = 0
+        self.capacity = capacity
+        self.shiftable = shiftable
 
     def _append(self, seq: int, pos: int, what: Any, *, embedding: bool) -> None:
         cells = self.cells.setdefault(seq, [])
         last = max((p for p, _ in cells), default=-1)
         assert pos > last or (embedding and pos >= last), (pos, last)
+        assert len(cells) < self.capacity, "the window overflowed"
         cells.append((pos, what))
 
     def decode(self, batch: _Batch) -> int:
@@ -96,15 +105,27 @@ class _Context:
         return logits
 
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        """llama.cpp's range: [p0, p1), p0 < 0 from the start, p1 < 0 to the end."""
         self.cuts.append(p0)
-        self.cells[seq] = [(p, w) for p, w in self.cells.get(seq, []) if p0 >= 0 and p < p0]
+        self.cells[seq] = [(p, w) for p, w in self.cells.get(seq, [])
+                           if (p0 >= 0 and p < p0) or (p1 >= 0 and p >= p1)]
         return True
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        assert self.shiftable, "seq_add on a cache that cannot shift"
+        self.shifts.append((p0, p1, delta))
+        self.cells[seq] = [(p + delta if p0 <= p < p1 else p, w)
+                           for p, w in self.cells.get(seq, [])]
+
+    def can_shift(self) -> bool:
+        return self.shiftable
 
     def set_threads(self, *_: int) -> None: ...
 
 
 class _Model:
     n_vocab = N_VOCAB
+    add_bos = False
 
     def is_eog(self, token: int) -> bool:
         return token == EOG
@@ -169,9 +190,9 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> Any:
     fake.DEFAULT_SEED = 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
 
-    def make(projector: Any = None) -> Engine:
-        engine = Engine(_Model(), _Context(), n_ctx=128, n_batch=16, n_parallel=1,  # type: ignore[arg-type]
-                        projector=projector)
+    def make(projector: Any = None, shiftable: bool = True) -> Engine:
+        engine = Engine(_Model(), _Context(shiftable=shiftable), n_ctx=128, n_batch=16,  # type: ignore[arg-type]
+                        n_parallel=1, projector=projector)
         thread = threading.Thread(target=engine.run, daemon=True)
         thread.start()
         made.append((engine, thread))
@@ -245,3 +266,60 @@ def test_text_after_an_m_rope_image_continues_after_its_positions(engine: Any) -
     assert eng.ctx.cuts[-1] == 2  # type: ignore[attr-defined]
     assert eng.slots[0].lag == 0
     assert [p for p, _ in _kv(eng)] == list(range(len(_kv(eng))))
+
+
+LONG = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=300)
+
+
+def _positions_are_indexes(engine: Engine) -> None:
+    assert [p for p, _ in _kv(engine)] == list(range(len(_kv(engine))))
+    assert [w for _, w in _kv(engine)] == _held(engine)
+
+
+def test_a_full_window_shifts_and_generation_goes_on(engine: Any) -> None:
+    eng = engine()
+    prompt = list(range(20, 30))
+    done = _run(eng, CompletionRequest(tokens=prompt, options=LONG))
+    assert (done.done_reason, done.eval_count) == ("length", 300)
+    # 10 + 299 decoded entries in a window of 128: keep 4, drop (128 - 4) // 2 = 62 a time
+    assert eng.ctx.shifts[0] == (4 + 62, 128, -62)  # type: ignore[attr-defined]
+    assert done.context_shifted == 62 * len(eng.ctx.shifts) >= 3 * 62  # type: ignore[attr-defined]
+    # the slot keeps only the prefix no dropped token ever preceded
+    assert eng.slots[0].tokens == prompt[:4]
+    _positions_are_indexes(eng)
+    again = _run(eng, CompletionRequest(tokens=prompt, options=GREEDY))
+    assert again.prompt_cached == 4 and again.context_shifted == 0
+    _positions_are_indexes(eng)
+
+
+def test_num_keep_minus_one_keeps_the_prompt_and_drops_at_least_one(engine: Any) -> None:
+    eng = engine()
+    prompt = [20 + i % 40 for i in range(127)]  # keeping all of it leaves one entry to drop
+    opts = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=5, num_keep=-1)
+    done = _run(eng, CompletionRequest(tokens=prompt, options=opts))
+    assert (done.done_reason, done.eval_count) == ("length", 5)
+    # 4 of the 5 tokens decoded, the first into the last free cell: 3 shifts of one entry
+    assert done.context_shifted == len(eng.ctx.shifts) == 3  # type: ignore[attr-defined]
+    assert eng.slots[0].tokens == prompt
+    _positions_are_indexes(eng)
+
+
+def test_infinite_generation_is_bounded_to_ten_windows(engine: Any) -> None:
+    eng = engine()
+    opts = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=-1)
+    done = _run(eng, CompletionRequest(tokens=[20, 21, 22], options=opts))
+    assert (done.done_reason, done.eval_count) == ("length", 10 * 128)
+    assert done.context_shifted > 0
+
+
+@pytest.mark.parametrize("why", ["asked", "cache", "media"])
+def test_without_a_shift_a_full_window_ends_with_length(engine: Any, why: str) -> None:
+    eng = engine(_Projector() if why == "media" else None, shiftable=why != "cache")
+    request = CompletionRequest(tokens=list(range(20, 30)), options=LONG, shift=why != "asked")
+    if why == "media":
+        request = CompletionRequest(prompt="1 20 I 21 22", media=(b"image",), options=LONG)
+    done = _run(eng, request)
+    assert (done.done_reason, done.context_shifted) == ("length", 0)
+    assert done.eval_count == 128 + 1 - done.prompt_eval_count  # the last one never decoded
+    assert eng.ctx.shifts == []  # type: ignore[attr-defined]
+    assert [w for _, w in _kv(eng)] == _held(eng)

@@ -86,7 +86,7 @@ class WorkerClient:
     def start(self, prompt: str = "", tokens: list[int] | None = None, **options: Any) -> int:
         req_id = next(self._ids)
         request: dict[str, Any] = {"prompt": prompt, "tokens": tokens}
-        for key in ("return_tokens", "logprobs", "top_logprobs", "format"):  # request fields
+        for key in ("return_tokens", "logprobs", "top_logprobs", "format", "shift"):  # request
             if key in options:
                 request[key] = options.pop(key)
         request["options"] = options
@@ -264,7 +264,7 @@ def test_tiny_ready_and_context_full_ends_with_length(tiny: WorkerClient) -> Non
     assert info["pid"] == tiny.proc.pid
     assert (info["n_ctx"], info["n_ctx_train"], info["n_parallel"]) == (64, 512, 2)
     assert info["n_vocab"] == 400 and info["memory_bytes"] > 0 and info["load_duration_ns"] > 0
-    text, done = tiny.complete("hello world", temperature=0)
+    text, done = tiny.complete("hello world", temperature=0, shift=False)
     assert done["type"] == "done" and done["done_reason"] == "length"
     # the context holds the prompt and all generated tokens but the last one
     assert done["prompt_eval_count"] + done["eval_count"] == 64 + 1

@@ -16,7 +16,10 @@ What must stay true:
 * the free phase's tokens count in the final ``eval_count`` and in ``num_predict`` (a budget
   spent on thinking ends the response with ``length`` and no answer);
 * every phase's runner completion is closed before its phase returns, however it ends (the
-  client went away, the phase handed over), so the worker stops generating it at once.
+  client went away, the phase handed over), so the worker stops generating it at once;
+* the free phase of a two-phase answer never shifts its context: what it wrote becomes the
+  constrained phase's prompt, which must fit the window. A response's final event says how
+  many tokens context shifts dropped (``context_shifted``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class GenerationRun:
     truncation: Truncation | None
     prompt_tokens: int
     media: tuple[bytes, ...] = ()  # the files of the prompt's ``[img-N]`` references
+    shift: bool = True  # the request's ``shift`` (context shift when the window is full)
 
     @property
     def num_predict(self) -> int:
@@ -156,6 +160,7 @@ def _completion(g: GenerationRun, phase: Phase) -> CompletionRequest:
         logprobs=g.logprobs,
         top_logprobs=g.top_logprobs,
         media=g.media,
+        shift=g.shift and phase.constrained,  # never in a two-phase answer's free phase
     )
 
 
@@ -197,12 +202,13 @@ def final_event(
 ) -> InferenceEvent:
     """The event that ends the response: what the parsers still held, the done reason, the
     stop string, the metrics (``earlier``: tokens of a free phase, counted in
-    ``eval_count``), the context and the truncation."""
+    ``eval_count``), the context, the truncation and the tokens context shifts dropped."""
     parsed.extend(g.plan.parser.finish())
     event = g.event(parsed, logprobs)
     event.done = True
     event.done_reason = chunk.done_reason
     event.stop_sequence = chunk.stop_sequence
+    event.context_shifted = chunk.context_shifted
     event.metrics = Metrics(
         total_duration=time.monotonic_ns() - g.started,
         load_duration=g.load_duration,

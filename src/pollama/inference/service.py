@@ -526,6 +526,7 @@ class InferenceService:
                 truncation=_truncation(result, lease.info.n_ctx),
                 prompt_tokens=result.prompt_tokens,
                 media=_media(p, result),
+                shift=req.shift,
             )
             async with aclosing(generate(generation, result.prompt + plan.prefill)) as events:
                 async for event in events:

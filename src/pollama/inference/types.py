@@ -40,6 +40,9 @@ class InferenceRequest:
     options: dict[str, Any] = field(default_factory=dict)
     keep_alive: Any = None
     truncate: bool = True
+    # Context shift: a generation that fills the window drops its oldest half and goes on
+    # (false: it ends with ``length`` there). ``runner/engine.py`` says when it cannot.
+    shift: bool = True
     # "required" forces a call to one of ``tools`` (to ``tool_name`` alone when set);
     # "none" answers without tools.
     tool_choice: ToolChoice = "auto"
@@ -114,3 +117,5 @@ class InferenceEvent:
     logprobs: list[Logprob] = field(default_factory=list)
     # On the final event: the stop string that ended the response ("" for any other end).
     stop_sequence: str = ""
+    # On the final event: how many tokens context shifts dropped from the window (0: none).
+    context_shifted: int = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from pollama.errors import InvalidRequest
 from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
@@ -196,7 +196,8 @@ class _InferenceBody(OllamaModel):
     options: dict[str, Any] | None = None
     think: bool | str | None = None
     truncate: bool | None = None
-    shift: bool | None = None
+    # Strict: a JSON boolean or null, as Go decodes ``*bool`` ("yes" would pass as true).
+    shift: StrictBool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     debug_render_only: bool = Field(default=False, alias="_debug_render_only")
@@ -211,6 +212,7 @@ class _InferenceBody(OllamaModel):
             "options": self.options or {},
             "keep_alive": self.keep_alive,
             "truncate": self.truncate is not False,
+            "shift": self.shift is not False,
             "logprobs": bool(self.logprobs),
             "top_logprobs": self.top_logprobs or 0,
         }

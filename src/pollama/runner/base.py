@@ -152,7 +152,10 @@ class CompletionRequest:
     """One generation: a prompt (text, tokenized by the worker with special tokens parsed)
     or ready tokens, plus sampling options. ``logprobs`` asks for every generated token's
     log-probability and its ``top_logprobs`` most likely alternatives (0 to
-    :data:`MAX_TOP_LOGPROBS`); a request that does not ask costs nothing more."""
+    :data:`MAX_TOP_LOGPROBS`); a request that does not ask costs nothing more. ``shift``
+    lets a generation that fills its sequence's window go on by dropping the oldest half
+    after the first ``num_keep`` tokens (Ollama's context shift); off, it ends with
+    ``length`` there."""
 
     prompt: str = ""
     tokens: list[int] | None = None
@@ -168,6 +171,7 @@ class CompletionRequest:
     # name; only a worker with a projector takes them (``runner/media.py``). The protocol
     # carries each in a message of its own, before the completion (``runner/protocol.py``).
     media: tuple[bytes, ...] = ()
+    shift: bool = True
 
 
 @dataclass
@@ -216,7 +220,8 @@ class CompletionChunk:
     chunk carries, in order; a chunk may carry entries and no text (an end-of-generation
     token, or a token whose text a matched stop string cut). The final chunk carries none.
     ``stop_sequence`` on the final chunk is the stop string that ended the response
-    (``done_reason`` ``stop``), "" otherwise.
+    (``done_reason`` ``stop``), "" otherwise. ``context_shifted`` on the final chunk is how
+    many tokens context shifts dropped from the window while generating (0: none).
     """
 
     text: str = ""
@@ -230,6 +235,7 @@ class CompletionChunk:
     tokens: list[int] | None = None
     logprobs: list[Logprob] | None = None
     stop_sequence: str = ""
+    context_shifted: int = 0
 
 
 @dataclass

@@ -16,6 +16,16 @@ Ollama's sampler do. Greedy decoding gets the same token as masking first would,
 fraction of the cost. A chain with penalties remembers every draw, so it is masked first.
 Near the end of its budget the request's JSON is closed by the constraint, not the model.
 
+A generating slot whose window is full shifts its context (Ollama's ``shift``, llama.cpp
+server's context shift): it keeps its first ``num_keep`` entries (one more for the BOS token
+of a model that adds one), drops half of the rest (``seq_rm``) and moves what follows back
+by as many positions (``seq_add``; llama.cpp re-rotates those keys at the next decode), then
+goes on. Only a text-only request on a cache that can move cells shifts (not an M-RoPE
+model, a recurrent or hybrid one, nor a slot that holds image or audio rows: their entries
+are not one position each); any other, or one that asked for ``shift: false``, ends with
+``length`` there. Generation is bounded either way: ``num_predict``, a negative or huge
+one bounded to ten windows as Ollama bounds it (:func:`generation_budget`).
+
 What must stay true:
 
 * Only the loop thread (:meth:`Engine.run`) touches the context, the batch and the samplers.
@@ -25,6 +35,11 @@ What must stay true:
   medium's key once per embedding row). After a request the KV stays (prompt + generated
   tokens but the last one, which was never decoded) so that the next request with the same
   prefix evaluates only the rest.
+* Every cell a later request may reuse holds what evaluating ``slot.tokens`` afresh would:
+  the cells after a shift's kept prefix were computed while the dropped tokens were still
+  in the window, so a request that shifted leaves its slot cut back to that prefix
+  (:meth:`Engine._cut_shifted`), and the next request's output is the same as on a cold
+  cache.
 * Entry *i* of ``slot.tokens`` sits at KV position *i* minus ``slot.lag`` of the media spans
   the slot holds wholly before it (:meth:`_Slot.position`). An image in an M-RoPE model
   (Qwen2-VL and later) has more rows than positions: its rows share 2-D positions from its
@@ -41,7 +56,8 @@ What must stay true:
   event that carries the token's last character (``runner/logprobs.py``); entries of
   tokens that a matched stop string swallowed whole are dropped with it. A request that
   does not ask costs nothing.
-* A slot that fills its context ends its request with ``length``; nothing ever overflows.
+* A slot that fills its context shifts it or ends its request with ``length``; nothing
+  ever overflows. The final chunk says how many tokens shifts dropped (``context_shifted``).
 * A constrained request only ever samples tokens its grammar allows and feeds only those to
   its matcher; it ends with ``stop`` when the grammar is complete (an end token, or nothing
   else can follow), ``length`` when a limit ended it, closed by the constraint or not.
@@ -86,6 +102,7 @@ __all__ = [
     "build_sampler",
     "common_prefix",
     "fair_share",
+    "generation_budget",
 ]
 
 
@@ -102,6 +119,9 @@ _SLOT_SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
 # Image (or audio) rows decoded per step while other sequences generate: a medium's 256+
 # rows in one decode would stall their streams for as long as a 256-token prompt does.
 _MEDIA_ROWS = 32
+# A negative (infinite) or bigger num_predict generates at most this many windows' worth of
+# tokens (Ollama's ``10 * num_ctx``): with context shift a window no longer ends a request.
+_PREDICT_WINDOWS = 10
 
 Event = CompletionChunk | RequestFailed
 # Receives a request's events in order; returning False means the consumer is gone, which
@@ -208,6 +228,14 @@ def fair_share(budget: int, wants: Sequence[int]) -> list[int]:
             if left == 0:
                 break
     return alloc
+
+
+def generation_budget(num_predict: int, n_ctx: int) -> int:
+    """The most tokens a request may generate: ``num_predict``, a negative or huge one
+    bounded to ten windows as Ollama bounds it, so that a request that shifts its context
+    still ends (0 stays 0: only the prompt is evaluated)."""
+    bound = _PREDICT_WINDOWS * n_ctx
+    return bound if num_predict < 0 or num_predict > bound else num_predict
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -331,6 +359,10 @@ class _Job:
     t_first: int = 0
     cancelled: bool = False
     media: list[MediaSpan] = field(default_factory=list)  # image/audio spans, in order
+    budget: int = 0  # tokens it may generate (:func:`generation_budget`)
+    shift: bool = False  # may shift its context when the window is full
+    keep: int = 0  # entries a shift keeps at the start of the window
+    shifted: int = 0  # tokens shifts dropped so far
 
     def next_span(self) -> MediaSpan | None:
         """The first media span not yet wholly in the KV cache (None: only text is left)."""
@@ -408,6 +440,7 @@ class Engine:
         self._clock = itertools.count(1)
         self._grammars: Grammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
+        self.can_shift = ctx.can_shift()
 
     # -- called from any thread --------------------------------------------------------
 
@@ -450,6 +483,9 @@ class Engine:
             return None
         job = _Job(req_id, emit, prompt, request.options, request.return_tokens)
         job.media = media or []
+        job.budget = generation_budget(request.options.num_predict, self.n_ctx)
+        job.shift = request.shift and self.can_shift and not job.media
+        job.keep = self._keep(request.options.num_keep, len(prompt))
         job.stops = StopMatcher(request.options.stop)
         if request.logprobs:
             job.held, job.top_logprobs = HeldLogprobs(), request.top_logprobs
@@ -463,6 +499,13 @@ class Engine:
                 emit(RequestFailed("internal", f"structured output failed: {exc}"))
                 return None
         return job
+
+    def _keep(self, num_keep: int, n_prompt: int) -> int:
+        """The entries a context shift keeps: ``num_keep`` (-1: the whole prompt), one more
+        for a BOS token (as Ollama counts), and at least one fewer than the window, so that
+        every shift drops something."""
+        keep = n_prompt if num_keep < 0 else num_keep + int(self.model.add_bos)
+        return max(0, min(keep, self.n_ctx - 1))
 
     def _check_prompt(self, prompt: list[int], media: list[MediaSpan]) -> str:
         """Why the prompt cannot run ("" when it can): empty, or longer than a sequence."""
@@ -754,7 +797,7 @@ class Engine:
             if job.cancelled:
                 self._finish(job, "")
             elif job.pending >= 0:
-                if len(slot.tokens) >= self.n_ctx:
+                if len(slot.tokens) >= self.n_ctx and not self._shift(job):
                     self._finish(job, "length")
                     continue
                 job.row = batch.add(job.pending, len(slot.tokens) - slot.lag, slot.seq, True)
@@ -762,6 +805,37 @@ class Engine:
             else:
                 prefilling.append(job)
         return decoding, prefilling
+
+    def _shift(self, job: _Job) -> bool:
+        """Make room in the job's full window (the module docstring): keep ``job.keep``
+        entries, drop half of the rest, move the others back. False when the job may not
+        shift, or when the cache refused the cut (the slot is then emptied, since what it
+        holds is unknown)."""
+        slot = job.slot
+        assert slot is not None
+        if not job.shift or slot.held:  # positions are indexes only without media
+            return False
+        n_past, keep = len(slot.tokens), job.keep
+        discard = max(1, (n_past - keep) // 2)
+        if not self.ctx.seq_rm(slot.seq, keep, keep + discard):
+            self.ctx.seq_rm(slot.seq, -1, -1)
+            slot.reset()
+            return False
+        self.ctx.seq_add(slot.seq, keep + discard, n_past, -discard)
+        del slot.tokens[keep : keep + discard]
+        job.shifted += discard
+        self._log(f"context shift in sequence {slot.seq}: kept {keep}, dropped {discard}")
+        return True
+
+    def _cut_shifted(self, job: _Job, slot: _Slot) -> None:
+        """After a request that shifted: keep only the slot's kept prefix, the cells that
+        hold what a fresh evaluation would (the module docstring)."""
+        if len(slot.tokens) > job.keep:
+            if self.ctx.seq_rm(slot.seq, job.keep, -1):
+                slot.truncate(job.keep)
+            else:
+                self.ctx.seq_rm(slot.seq, -1, -1)
+                slot.reset()
 
     def _add_prompt_chunks(self, prefilling: list[_Job], decoding: int) -> list[_Job]:
         """Add chunks of the prompts being evaluated, sharing what the ``decoding`` pending
@@ -899,7 +973,7 @@ class Engine:
             self._finish(job, "stop", flush=False)
         elif grammar is not None and grammar.done:
             self._finish(job, "length" if grammar.closing else "stop")
-        elif 0 < job.options.num_predict <= len(job.generated):
+        elif len(job.generated) >= job.budget:
             self._finish(job, "length")
         else:
             job.pending = token
@@ -929,9 +1003,9 @@ class Engine:
         """The next token under the job's grammar, already fed to it; -1 if the grammar
         allows nothing (a matcher in error). See the module docstring for the order."""
         assert job.slot is not None and job.sampler is not None
-        left = self.n_ctx - len(job.slot.tokens) + 1  # samples left, this one included
-        if job.options.num_predict > 0:
-            left = min(left, job.options.num_predict - len(job.generated))
+        left = job.budget - len(job.generated)  # samples left, this one included
+        if not job.shift:  # the window ends it first
+            left = min(left, self.n_ctx - len(job.slot.tokens) + 1)
         token = -1
         if grammar.must_close(left):
             token = grammar.closing_token(self.ctx.logits(job.row))
@@ -989,6 +1063,8 @@ class Engine:
         if slot is not None and slot.job is job:
             slot.job = None
             slot.last_used = next(self._clock)
+            if job.shifted:
+                self._cut_shifted(job, slot)
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
@@ -1021,5 +1097,6 @@ class Engine:
                 eval_duration_ns=(now - job.t_first) if job.t_first and generated else 0,
                 tokens=tokens,
                 stop_sequence=job.stops.matched if reason == "stop" else "",
+                context_shifted=job.shifted,
             )
         )

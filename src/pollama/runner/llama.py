@@ -436,6 +436,24 @@ class Context:
         """Drop ``seq``'s cells in [p0, p1); False if a partial removal is unsupported."""
         return bool(lc.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Move ``seq``'s cells in [p0, p1) by ``delta`` positions (a context shift); the
+        keys are re-rotated at the next decode. Only where :meth:`can_shift`."""
+        lc.llama_memory_seq_add(self.memory, seq, p0, p1, delta)
+
+    def can_shift(self) -> bool:
+        """Whether a context shift (``seq_rm`` of a middle range, then ``seq_add``) is
+        sound here: llama.cpp says whether its memory can move cells (not for a model with
+        several positions per row, M-RoPE), and a recurrent or hybrid model's state cannot
+        lose a middle range at all (its ``seq_rm`` refuses one)."""
+        model = self.model.ptr
+        return (
+            bool(self.memory)
+            and bool(lc.llama_memory_can_shift(self.memory))
+            and not lc.llama_model_is_recurrent(model)
+            and not lc.llama_model_is_hybrid(model)
+        )
+
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
 

@@ -12,7 +12,7 @@ server → worker
                                            in pieces, all but its last with "more": true
     {"op": "completion", "id": 1,
      "request": {prompt, tokens, add_special, options, return_tokens, format,
-                 logprobs, top_logprobs}}
+                 logprobs, top_logprobs, shift}}
     {"op": "cancel", "id": 1}              stop that completion within one decode step
                                            (or that embedding job at its next pass)
     {"op": "embed", "id": 4, "inputs": ["...", ...], "truncate": true}
@@ -27,7 +27,8 @@ worker → server
                                            logprobs only when asked and there are some:
                                            {token, logprob, bytes, top_logprobs: [...]}
     {"id": 1, "type": "done", CompletionChunk fields except text and logprobs}
-                                           (stop_sequence: the stop string that ended it)
+                                           (stop_sequence: the stop string that ended it;
+                                           context_shifted: tokens a context shift dropped)
     {"id": 2, "type": "result", "tokens": [...]} / {"id": 3, "type": "result", "text": "..."}
     {"id": 4, "type": "result", "vectors": ["<base64 of little-endian float32>", ...],
      "token_counts": [...]}                  one vector per input, in order, not normalized
@@ -79,6 +80,7 @@ def request_to_json(request: CompletionRequest) -> dict[str, Any]:
         "format": request.format,
         "logprobs": request.logprobs,
         "top_logprobs": request.top_logprobs,
+        "shift": request.shift,
     }
 
 
@@ -111,6 +113,7 @@ def request_from_json(data: dict[str, Any], media: tuple[bytes, ...] = ()) -> Co
         format=data.get("format"),
         logprobs=bool(data.get("logprobs", False)),
         top_logprobs=int(data.get("top_logprobs") or 0),
+        shift=bool(data.get("shift", True)),
     )
 
 

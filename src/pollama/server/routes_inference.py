@@ -75,6 +75,8 @@ def _final_fields(event: InferenceEvent, body: dict[str, Any]) -> None:
         body["truncated"] = True
         body["truncated_messages"] = event.truncation.messages_dropped
         body["num_ctx"] = event.truncation.num_ctx
+    if event.context_shifted:
+        body["context_shifted"] = event.context_shifted  # beyond Ollama: never silent
 
 
 def _token_logprob(entry: TokenLogprob) -> dict[str, Any]:
