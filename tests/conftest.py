@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,18 +188,36 @@ def tree_snapshot(root: Path) -> set[str]:
 MODEL = "smollm2:135m"
 
 
+def create_default_model(server: RunningServer, home: Path, name: str = MODEL,
+                         timeout: float = 120) -> None:
+    """Create the default model on ``server`` as a user does: its Modelfile, then
+    ``pollama create``."""
+    from pollama.default_model import default_modelfile
+
+    modelfile = home / "default.Modelfile"
+    modelfile.write_text(default_modelfile())
+    server.cli("create", name, "-f", str(modelfile), check=True, timeout=timeout)
+
+
+@contextmanager
+def default_model_server(home: Path, extra_env: dict[str, str] | None = None
+                         ) -> Iterator[RunningServer]:
+    """A real server in ``home`` with the default model created, stopped at the end."""
+    running = start_server(home, extra_env)
+    try:
+        create_default_model(running, home)
+        yield running
+    finally:
+        stop_server(running)
+
+
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One real server with the real default model, shared by the end-to-end modules.
 
     Four parallel sequences and a queue of ten, so concurrency and queue limits show.
     """
-    from pollama.default_model import default_modelfile
-
     home = tmp_path_factory.mktemp("model-home")
-    running = start_server(home, {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_MAX_QUEUE": "10"})
-    modelfile = home / "Modelfile"
-    modelfile.write_text(default_modelfile())
-    running.cli("create", MODEL, "-f", str(modelfile), check=True)
-    yield running
-    stop_server(running)
+    with default_model_server(home, {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_MAX_QUEUE": "10"}
+                              ) as running:
+        yield running

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MODEL, RunningServer, start_server, stop_server
+from conftest import MODEL, RunningServer, default_model_server
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,9 @@ SHORT = {"model": MODEL, "prompt": "Hi", "stream": False,
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    from pollama.default_model import default_modelfile
-
     home = tmp_path_factory.mktemp("cancel-home")
-    running = start_server(home, {"OLLAMA_NUM_PARALLEL": "1"})
-    try:
-        modelfile = home / "Modelfile"
-        modelfile.write_text(default_modelfile())
-        running.cli("create", MODEL, "-f", str(modelfile), check=True)
+    with default_model_server(home, {"OLLAMA_NUM_PARALLEL": "1"}) as running:
         yield running
-    finally:
-        stop_server(running)
 
 
 def _metric(server: RunningServer, name: str, **labels: str) -> float:

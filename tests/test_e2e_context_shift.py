@@ -33,7 +33,7 @@ import ollama
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import MODEL, RunningServer, start_server, stop_server
+from conftest import MODEL, RunningServer, default_model_server
 from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
 from inprocess import serving
@@ -57,17 +57,9 @@ BODIES = {"/api/generate": GENERATE, "/api/chat": CHAT}
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    from pollama.default_model import default_modelfile
-
     home = tmp_path_factory.mktemp("shift-home")
-    running = start_server(home, {"OLLAMA_NUM_PARALLEL": "1"})
-    try:
-        modelfile = home / "Modelfile"
-        modelfile.write_text(default_modelfile())
-        running.cli("create", MODEL, "-f", str(modelfile), check=True)
+    with default_model_server(home, {"OLLAMA_NUM_PARALLEL": "1"}) as running:
         yield running
-    finally:
-        stop_server(running)
 
 
 @pytest.fixture

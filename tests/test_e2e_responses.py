@@ -15,7 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from conftest import MODEL, RunningServer, start_server, stop_server
+from conftest import MODEL, RunningServer, create_default_model, start_server, stop_server
 from pollama.keys import KeyStore
 
 pytestmark = pytest.mark.slow
@@ -73,14 +73,11 @@ def _keys(home: Path) -> tuple[str, str]:
 
 def test_stored_responses_survive_a_restart_and_stay_with_their_key(isolated_env: Path
                                                                    ) -> None:
-    from pollama.default_model import default_modelfile
-
     home = isolated_env
     alice, bob = _keys(home)
     server = start_server(home, {"OLLAMA_API_KEY": alice})
     try:
-        (home / "Modelfile").write_text(default_modelfile())
-        server.cli("create", MODEL, "-f", str(home / "Modelfile"), check=True)
+        create_default_model(server, home)
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key=alice, timeout=300) as c:
             first = c.responses.create(model=MODEL, input="Remember the number 7.",
                                        max_output_tokens=16, temperature=0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import MODEL, RunningServer, start_server, stop_server
+from conftest import MODEL, RunningServer, default_model_server
 from ggufgen import write_tiny_model
 from pollama.runner.base import LoadSpec
 from test_worker import WorkerClient
@@ -113,15 +113,9 @@ def test_a_queue_of_waiting_requests_drains_after_a_cancel(worker: WorkerClient)
 def serial_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    from pollama.default_model import default_modelfile
-
     home = tmp_path_factory.mktemp("disconnect-home")
-    running = start_server(home, {"OLLAMA_NUM_PARALLEL": request.param})
-    modelfile = home / "Modelfile"
-    modelfile.write_text(default_modelfile())
-    running.cli("create", MODEL, "-f", str(modelfile), check=True)
-    yield running
-    stop_server(running)
+    with default_model_server(home, {"OLLAMA_NUM_PARALLEL": request.param}) as running:
+        yield running
 
 
 def _long(stream: bool) -> dict:

@@ -23,12 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import MODEL, RunningServer, start_server, stop_server
+from conftest import MODEL, RunningServer, default_model_server
 from fake_runner import FakeRunnerFactory
 from ggufgen import write_tiny_model
 from inprocess import serving
 from pollama.config import Settings
-from pollama.default_model import default_gguf_path, default_modelfile
+from pollama.default_model import default_gguf_path
 from pollama.errors import InvalidOption
 from pollama.inference.bounds import TokenFloor
 from pollama.options import MAX_STOP_CHARS, MAX_STOPS, coerce_options, format_params
@@ -177,12 +177,8 @@ def test_prompts_fit_the_context_the_worker_made_not_the_requested_one(
 @pytest.fixture(scope="module")
 def bounded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("bounds-home")
-    running = start_server(home, {"OLLAMA_NUM_PARALLEL": "1"})
-    modelfile = home / "Modelfile"
-    modelfile.write_text(default_modelfile())
-    running.cli("create", MODEL, "-f", str(modelfile), check=True)
-    yield running
-    stop_server(running)
+    with default_model_server(home, {"OLLAMA_NUM_PARALLEL": "1"}) as running:
+        yield running
 
 
 def _children(pid: int) -> list[int]:
