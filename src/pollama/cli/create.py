@@ -3,7 +3,9 @@
 The server never opens a path we give it: every local file named by FROM or ADAPTER is
 hashed here, uploaded with ``HEAD``/``POST /api/blobs/<digest>`` (skipped when the server
 already has it), and referred to in ``files``/``adapters`` by digest
-(docs/ollama-behaviour.md#create).
+(docs/ollama-behaviour.md#create). ``FROM`` a Hugging Face folder uploads the files the
+server's converter reads (:func:`hf_model_files`, Ollama's ``filesForModel``), named by their
+paths in the folder (``1_Pooling/config.json``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,44 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~", "\\")) or value.lower().endswith(".gguf")
 
 
+_HF_EXTRAS = ("tokenizer.model", "vocab.txt", "merges.txt", "chat_template.jinja")
+_PICKLES = ("pytorch_model*.bin", "consolidated*.pth", "*.pt", "*.pth", "*.ckpt")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _files(folder: Path, *patterns: str) -> list[Path]:
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+
+
+def hf_model_files(folder: Path) -> list[tuple[str, Path]]:
+    """The files of a Hugging Face folder that a conversion reads, by their names in it:
+    the ``*.safetensors`` weights, the JSON files of the folder and of its sub-folders one
+    level down (a sentence-transformers ``1_Pooling/config.json``), and the tokenizer files
+    that are not JSON. Empty when the folder has no safetensors weights."""
+    weights = _files(folder, "*.safetensors")
+    if not weights:
+        return []
+    for path in weights:
+        with open(path, "rb") as f:
+            if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                raise InvalidRequest(
+                    f"'{path}' is a Git LFS pointer, not the weights: run 'git lfs pull' first"
+                )
+    found = weights + _files(folder, "*.json", "*/*.json", *_HF_EXTRAS)
+    return [(p.relative_to(folder).as_posix(), p) for p in found]
+
+
 def _model_files(path: Path) -> list[Path]:
     """The GGUF files a FROM path stands for: the file itself, or a folder's *.gguf."""
     if path.is_dir():
         found = sorted(p for p in path.glob("*.gguf") if p.is_file())
+        if not found and _files(path, *_PICKLES):
+            raise InvalidRequest(
+                f"'{path}' holds pickled PyTorch weights, which pollama never loads "
+                "(unpickling runs code): convert the model to safetensors first"
+            )
         if not found:
-            raise InvalidRequest(f"no GGUF files found in directory '{path}'")
+            raise InvalidRequest(f"no GGUF or safetensors files found in directory '{path}'")
         return found
     mode = path.stat().st_mode
     if not stat.S_ISREG(mode):
@@ -57,31 +91,42 @@ def _digest(path: Path, display: ProgressDisplay) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _upload(api: Client, paths: list[Path], display: ProgressDisplay) -> dict[str, str]:
-    """Upload files, returning the ``files`` map (basename, or path relative to the root)."""
+def _named(paths: list[Path]) -> list[tuple[str, Path]]:
+    """GGUF files by basename, or by path relative to their common folder."""
     root = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else None
+    return [(path.relative_to(root).as_posix() if root else path.name, path) for path in paths]
+
+
+def _upload(
+    api: Client, files: list[tuple[str, Path]], display: ProgressDisplay
+) -> dict[str, str]:
+    """Upload files, returning the ``files`` map (name → digest)."""
     mapping: dict[str, str] = {}
-    for path in paths:
+    for key, path in files:
         digest = _digest(path, display)
         title = f"copying file {digest}"
         total = path.stat().st_size
         if not api.blob_exists(digest):
             api.push_blob(digest, path, lambda done, total, t=title: display.bar(t, t, done, total))
         display.bar(title, title, total, total)
-        key = path.relative_to(root).as_posix() if root else path.name
         mapping[key] = digest
     return mapping
 
 
-def _split_froms(froms: list[str], base: Path) -> tuple[list[str], list[Path]]:
-    """The FROM lines as at most one local model's name and the GGUF files to upload, in
-    any order: the server tells the model's weights from its projector by their headers.
-    Beside a model's name, files may only add its projector (the server checks)."""
+def _split_froms(froms: list[str], base: Path) -> tuple[list[str], list[tuple[str, Path]]]:
+    """The FROM lines as at most one local model's name and the files to upload, in any
+    order: the server tells the model's weights from its projector by their headers.
+    Beside a model's name, files may only add its projector (the server checks). A
+    Hugging Face folder is a whole model: it is the only FROM line."""
     names: list[str] = []
     paths: list[Path] = []
+    folders: list[list[tuple[str, Path]]] = []
     for value in froms:
         path = _expand(value, base)
-        if path.exists():
+        hf = hf_model_files(path) if path.is_dir() else []
+        if hf:
+            folders.append(hf)
+        elif path.exists():
             paths += _model_files(path)
         elif _looks_like_path(value):
             raise InvalidRequest(
@@ -95,7 +140,12 @@ def _split_froms(froms: list[str], base: Path) -> tuple[list[str], list[Path]]:
             )
         else:
             names.append(value)
-    return names, list(dict.fromkeys(paths))
+    if folders and (len(froms) > 1 or len(folders) > 1):
+        raise InvalidRequest(
+            "FROM a safetensors folder must be the model's only FROM line: the folder is "
+            "the whole model"
+        )
+    return names, folders[0] if folders else _named(list(dict.fromkeys(paths)))
 
 
 def build_request(
@@ -103,11 +153,11 @@ def build_request(
 ) -> dict[str, Any]:
     fields = modelfile.to_create_fields()
     request: dict[str, Any] = {}
-    names, model_paths = _split_froms(fields.froms, base)
+    names, model_files = _split_froms(fields.froms, base)
     if names:
         request["from"] = names[0]
-    if model_paths:
-        request["files"] = _upload(api, model_paths, display)
+    if model_files:
+        request["files"] = _upload(api, model_files, display)
     if fields.adapters:
         adapter_paths: list[Path] = []
         for value in fields.adapters:
@@ -115,7 +165,7 @@ def build_request(
             if not path.exists():
                 raise InvalidRequest(f"ADAPTER '{value}' does not exist")
             adapter_paths += _model_files(path)
-        request["adapters"] = _upload(api, adapter_paths, display)
+        request["adapters"] = _upload(api, _named(adapter_paths), display)
     for key in ("template", "system", "renderer", "parser", "requires"):
         value = getattr(fields, key)
         if value is not None:

@@ -9,7 +9,9 @@ Nothing is visible under the new name until every layer is in place and the mani
 been written atomically; a failure at any step leaves the store's manifests as they were.
 The uploaded files are read and checked before the first progress line and before any write
 (one model GGUF, at most one projector, whose output width fits the model: ``_check_parts``),
-so a wrong set of files is a plain 4xx that leaves the store untouched.
+so a wrong set of files is a plain 4xx that leaves the store untouched. A Hugging Face
+safetensors folder among the files is converted to a GGUF first (``store/hf_import.py`` over
+``pollama.convert``), every check of it also before the first progress line.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pollama.convert import ConvertPlan, is_safetensors_upload
 from pollama.errors import (
     BlobNotFound,
+    ConversionError,
     InvalidRequest,
     ModelNotFound,
     TemplateError,
@@ -32,8 +36,9 @@ from pollama.format import human_number
 from pollama.gguf import GGUFInfo
 from pollama.names import ModelName
 from pollama.options import validate_parameters
-from pollama.store.blobs import parse_digest
+from pollama.store.blobs import StoredBlob, parse_digest
 from pollama.store.gguf_cache import gguf_info
+from pollama.store.hf_import import check_gguf_upload, convert_to_blob, plan_import
 from pollama.store.manifests import (
     CONFIG_MEDIA_TYPE,
     MEDIA_ADAPTER,
@@ -56,14 +61,16 @@ from pollama.store.quantize import normalize_quantization, quantize_file
 from pollama.template import Template, detect_named_template
 
 _GGUF_MEDIA = (MEDIA_MODEL, MEDIA_PROJECTOR, MEDIA_ADAPTER, MEDIA_DRAFT)
+_CONVERT_BAR = "0000000000000000001"
+"""The ``digest`` of the conversion's progress (Ollama's quantization bar is all zeros)."""
 
 
 @dataclass(frozen=True)
 class CreateSpec:
     """What to build a model from, as an ``/api/create`` request says it (the server's
     ``CreateRequest.to_spec()``): ``base`` a local model's name, or ``files`` uploaded GGUF
-    blobs (``{filename: digest}``), then the layers that override the base's. Empty values
-    mean "not given" (keep the base's)."""
+    blobs or a Hugging Face folder's files (``{filename: digest}``), then the layers that
+    override the base's. Empty values mean "not given" (keep the base's)."""
 
     name: str
     base: str = ""
@@ -177,19 +184,31 @@ class ModelCreator:
     def __init__(self, store: Store, spec: CreateSpec) -> None:
         self.store = store
         self.name, self.spec = check_request(spec)
+        self._scratch: list[str] = []  # blobs this create made and may not keep
 
     def run(self) -> Iterator[CreateProgress]:
         """Every check that reads the uploaded files comes before the first progress line
         and before anything is written, so a wrong file is a plain 4xx that leaves the
-        store as it was."""
+        store as it was. A GGUF this create converted and then did not use (the 16-bit
+        model of a quantized import, or the model of a create that failed) is removed."""
+        try:
+            yield from self._steps()
+        finally:
+            if self._scratch:
+                self.store.prune(self._scratch)
+
+    def _steps(self) -> Iterator[CreateProgress]:
         store, spec = self.store, self.spec
         store.ensure()
         old = store.find(self.name)
         config = _Config(renderer=spec.renderer, parser=spec.parser, requires=spec.requires)
-        files = self._read_files(spec.files)
+        plan = self._import_plan()
+        files = [] if plan is not None else self._read_files(spec.files)
         adapters = self._read_files(spec.adapters, adapter=True)
         if spec.base:
             layers = _with_projector(self._from_model(spec.base, config), files, spec.base)
+        elif plan is not None:
+            layers = yield from self._convert(plan)
         else:
             layers = _check_parts(files)
         for _ in (*files, *adapters):
@@ -216,6 +235,45 @@ class ModelCreator:
             if old is not None and not store.noprune:
                 store.prune(old.stored.manifest.digests())
         yield CreateProgress(status="success")
+
+    def _import_plan(self) -> ConvertPlan | None:
+        """The conversion of a Hugging Face folder among the files (None: GGUF files), all
+        of its checks done (docs/ollama-behaviour.md#create)."""
+        spec = self.spec
+        if is_safetensors_upload(spec.adapters):
+            raise ConversionError(
+                "ADAPTER names safetensors files: pollama imports LoRA adapters as GGUF only "
+                "(convert the adapter with llama.cpp's convert_lora_to_gguf.py)"
+            )
+        if not is_safetensors_upload(spec.files):
+            check_gguf_upload(self.store, spec.files)
+            return None
+        if spec.base:
+            raise InvalidRequest(
+                f"FROM {spec.base} names a local model, so the other FROM lines may only add "
+                "its multimodal projector, not a safetensors folder"
+            )
+        return plan_import(self.store, spec.files, quantize=bool(spec.quantize))
+
+    def _convert(self, plan: ConvertPlan) -> Iterator[CreateProgress]:
+        """Ollama's ``converting model`` step, as a bar of the GGUF's bytes written."""
+        total, shown = plan.output_bytes, 0
+        yield CreateProgress("converting model", _CONVERT_BAR, total, 0)
+        blob: StoredBlob | None = None
+        for step in convert_to_blob(self.store, plan):
+            if isinstance(step, StoredBlob):
+                blob = step
+            elif step[0] == total or step[0] - shown >= total // 100:
+                shown = step[0]
+                yield CreateProgress("converting model", _CONVERT_BAR, total, step[0])
+        assert blob is not None
+        if blob.created:
+            self._scratch.append(blob.digest)
+        path = self.store.blobs.path(blob.digest)
+        info = gguf_info(path, display_name="the converted model")
+        word = "creating new layer" if blob.created else "using existing layer"
+        layer = Layer(MEDIA_MODEL, blob.digest, blob.size)
+        return [_Layer(layer, f"{word} {blob.digest}", info, "model.safetensors")]
 
     def _from_model(self, ref: str, config: _Config) -> list[_Layer]:
         try:
