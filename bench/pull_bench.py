@@ -1,24 +1,30 @@
 """Pull throughput from a loopback registry, against what the disk itself does.
 
-A registry (Debian's ``docker-registry``) runs on 127.0.0.1 with one model pushed to it: the
-real default model (SmolLM2-135M Q4_1, 98 MB) when installed, else random bytes of
-``--size`` MB. The script then measures, on the same machine in one run:
+A registry (Debian's ``docker-registry``, Go) runs on 127.0.0.1 with one model pushed to it:
+the real default model (SmolLM2-135M Q4_1, 98 MB) when installed, else random bytes of
+``--size`` MB. The script then measures, on the same machine in one run, interleaved (one of
+each per round, ``--repeat`` rounds, medians):
 
 * ``copy``: ``shutil.copyfile`` of the blob to the same filesystem, plus ``fsync`` (page cache
   warm), the ceiling for anything that writes the blob once;
 * ``sha256``: hashing it, which a verified pull must also do;
 * ``pull`` in one part (Ollama's part sizing: blobs under 100 MB are one part) and in 16
   parts, by :class:`pollama.registry.RegistryService` in-process;
-* ``pull via serve``: ``POST /api/pull`` to a real ``pollama serve`` (progress stream and all).
+* ``pull via serve``: ``POST /api/pull`` to a real ``pollama serve`` (progress stream and
+  all; the model is deleted again between rounds, so each pull starts from an empty store).
 
 Each pull goes into an empty store and is timed from the request to ``success`` (manifest,
-download, verification, manifest write). Prints a markdown table; ``--json`` writes the
-numbers too.
+download, verification, manifest write). The machine is shared: before each round the script
+waits for others to use less than ``--max-foreign`` of the CPUs, and measures a round again
+when they used more meanwhile (the registry and the server are this script's children, so
+their CPU counts as ours). Prints a markdown table; ``--markdown`` writes it with the raw
+runs (``bench/results/<date>-pull.md``), ``--json`` the raw runs alone.
 
 Usage::
 
     .venv/bin/python bench/pull_bench.py
-    .venv/bin/python bench/pull_bench.py --size 512 --repeat 3 --json bench/.build/pull.json
+    .venv/bin/python bench/pull_bench.py --repeat 9 --markdown bench/results/2026-12-05-pull.md
+    .venv/bin/python bench/pull_bench.py --size 512 --json bench/.build/pull.json
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +48,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the registry and server helpers of the test suite
 
-from conftest import start_server, stop_server  # noqa: E402
+import _procs  # noqa: E402
+
+from conftest import RunningServer, start_server, stop_server  # noqa: E402
 from pollama.names import ModelName  # noqa: E402
 from pollama.registry import RegistryService, TransferOptions  # noqa: E402
 from pollama.store import Store  # noqa: E402
@@ -49,6 +58,7 @@ from pollama.store.manifests import CONFIG_MEDIA_TYPE, MEDIA_MODEL, Layer, Manif
 from registry_helpers import DockerRegistry  # noqa: E402
 
 MB = 1_000_000
+COPY = "copy + fsync"
 
 
 def model_file(size_mb: int, tmp: Path) -> tuple[Path, str]:
@@ -65,7 +75,7 @@ def model_file(size_mb: int, tmp: Path) -> tuple[Path, str]:
         return path, f"{size_mb} MB of random bytes"
 
 
-def timed(fn: Any) -> float:
+def timed(fn: Callable[[], Any]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -99,100 +109,131 @@ def pull_in_process(name: ModelName, home: Path, opts: TransferOptions) -> float
     return seconds
 
 
-def pull_via_serve(name: ModelName, home: Path) -> float:
-    server_home = Path(tempfile.mkdtemp(dir=home))
-    # A loopback registry is reached only when the server lists it (README, "Registries").
-    server = start_server(server_home, {"POLLAMA_REGISTRY_HOSTS": name.host})
-    try:
+def pull_via_serve(server: RunningServer, name: ModelName) -> float:
+    def pull() -> None:
+        body = {"model": str(name), "insecure": True}
+        with httpx.stream("POST", f"{server.url}/api/pull", json=body, timeout=None) as r:
+            last = ""
+            for line in r.iter_lines():
+                last = line
+        if json.loads(last) != {"status": "success"}:
+            raise RuntimeError(last)
 
-        def pull() -> None:
-            body = {"model": str(name), "insecure": True}
-            with httpx.stream("POST", f"{server.url}/api/pull", json=body, timeout=None) as r:
-                last = ""
-                for line in r.iter_lines():
-                    last = line
-            if json.loads(last) != {"status": "success"}:
-                raise RuntimeError(last)
+    seconds = timed(pull)
+    deleted = httpx.request("DELETE", f"{server.url}/api/delete", json={"model": str(name)})
+    deleted.raise_for_status()
+    return seconds
 
-        return timed(pull)
-    finally:
-        stop_server(server)
-        shutil.rmtree(server_home)
+
+def publish(home: Path, registry: DockerRegistry, source: Path) -> ModelName:
+    """Push the blob as ``library/bench:latest`` to the registry."""
+    store = Store(home / "origin")
+    store.ensure()
+    model = store.blobs.put_file(source)
+    config = store.blobs.put_bytes(b'{"model_format":"gguf"}\n')
+    name = ModelName.parse(f"{registry.netloc}/library/bench:latest")
+    store.manifests.write(
+        name,
+        Manifest(
+            Layer(CONFIG_MEDIA_TYPE, config.digest, config.size),
+            (Layer(MEDIA_MODEL, model.digest, model.size),),
+        ),
+    )
+    svc = RegistryService(store, user_home=home, allowed_hosts=(name.host,))
+    asyncio.run(drain(svc.push(name, insecure=True)))
+    return name
+
+
+def quiet_round(
+    measures: dict[str, Callable[[], float]], args: argparse.Namespace
+) -> tuple[dict[str, float], float]:
+    """One of each measure, measured again while others used more than ``--max-foreign``."""
+    for attempt in range(1, args.attempts + 1):
+        _procs.wait_quiet(args.max_foreign, patience=args.patience)
+        before = _procs.cpu_snapshot()
+        values = {label: fn() for label, fn in measures.items()}
+        load = _procs.foreign_load(before, _procs.cpu_snapshot())
+        if load <= args.max_foreign or attempt == args.attempts:
+            return values, load
+        print(f"  others used {load:.0%} of the CPUs meanwhile: measuring again", flush=True)
+    raise AssertionError("unreachable")
+
+
+def report(runs: dict[str, list[float]], loads: list[float], size: int, what: str) -> str:
+    """The markdown: a line on what was measured, then the table."""
+    copy_s = statistics.median(runs[COPY])
+    lines = [
+        f"Blob: {what}, {size / MB:.1f} MB; {len(runs[COPY])} interleaved rounds, medians; "
+        f"{os.cpu_count()} CPUs; others used {statistics.median(loads):.0%} of them (median).",
+        "",
+        "| measure | seconds | MB/s | vs copy |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, values in runs.items():
+        seconds = statistics.median(values)
+        lines.append(
+            f"| {label} | {seconds:.3f} | {size / MB / seconds:.0f} | {copy_s / seconds:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="MB of random data if no model")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--json", type=Path, help="also write the raw runs here")
+    parser.add_argument("--markdown", type=Path, help="also write the table and the raw runs")
     parser.add_argument("--no-serve", action="store_true", help="skip the pollama serve run")
+    parser.add_argument("--max-foreign", type=float, default=0.10)
+    parser.add_argument("--attempts", type=int, default=4, help="tries of a busy round")
+    parser.add_argument("--patience", type=float, default=60.0, help="s to wait for quiet")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="pull-bench-"))
     registry = DockerRegistry(home / "registry")
+    server: RunningServer | None = None
     try:
         source, what = model_file(args.size, home)
         size = source.stat().st_size
-        store = Store(home / "origin")
-        store.ensure()
-        model = store.blobs.put_file(source)
-        config = store.blobs.put_bytes(b'{"model_format":"gguf"}\n')
-        name = ModelName.parse(f"{registry.netloc}/library/bench:latest")
-        store.manifests.write(
-            name,
-            Manifest(
-                Layer(CONFIG_MEDIA_TYPE, config.digest, config.size),
-                (Layer(MEDIA_MODEL, model.digest, model.size),),
-            ),
-        )
-        asyncio.run(drain(RegistryService(store, user_home=home, allowed_hosts=(name.host,)).push(
-            name, insecure=True
-        )))
+        name = publish(home, registry, source)
         hash_once(source)  # warm the page cache for the copy and hash references
-
-        runs: dict[str, list[float]] = {
-            "copy + fsync": [],
-            "sha256": [],
-            "pull, 1 part": [],
-            "pull, 16 parts": [],
-        }
         sixteen = TransferOptions(min_part_size=max(1, size // 16 + 1))
-        for _ in range(args.repeat):
-            runs["copy + fsync"].append(timed(lambda: copy_once(source, home / "copy.bin")))
-            runs["sha256"].append(timed(lambda: hash_once(source)))
-            runs["pull, 1 part"].append(pull_in_process(name, home, TransferOptions()))
-            runs["pull, 16 parts"].append(pull_in_process(name, home, sixteen))
+        measures: dict[str, Callable[[], float]] = {
+            COPY: lambda: timed(lambda: copy_once(source, home / "copy.bin")),
+            "sha256": lambda: timed(lambda: hash_once(source)),
+            "pull, 1 part": lambda: pull_in_process(name, home, TransferOptions()),
+            "pull, 16 parts": lambda: pull_in_process(name, home, sixteen),
+        }
         if not args.no_serve:
-            runs["pull via pollama serve (/api/pull)"] = [
-                pull_via_serve(name, home) for _ in range(args.repeat)
-            ]
+            # A loopback registry is reached only when the server lists it (README, "Registries").
+            (home / "serve").mkdir()
+            server = start_server(home / "serve", {"POLLAMA_REGISTRY_HOSTS": name.host})
+            running = server
+            measures["pull via pollama serve (/api/pull)"] = lambda: pull_via_serve(running, name)
+        for measure in measures.values():  # a first round, not counted: imports, connections
+            measure()
+        runs: dict[str, list[float]] = {label: [] for label in measures}
+        loads = []
+        for n in range(args.repeat):
+            values, load = quiet_round(measures, args)
+            loads.append(load)
+            for label, seconds in values.items():
+                runs[label].append(seconds)
+            print(f"  round {n + 1}: " + ", ".join(f"{v:.3f}" for v in values.values()), flush=True)
     finally:
+        if server is not None:
+            stop_server(server)
         registry.stop()
-
-    copy_s = statistics.median(runs["copy + fsync"])
-    rows = []
-    print(
-        f"\nBlob: {what}, {size / MB:.1f} MB; {args.repeat} runs each, median; "
-        f"{os.cpu_count()} CPUs\n"
-    )
-    print("| measure | seconds | MB/s | vs copy |")
-    print("|---|---:|---:|---:|")
-    for label, values in runs.items():
-        seconds = statistics.median(values)
-        rate = size / MB / seconds
-        rows.append(
-            {
-                "measure": label,
-                "seconds": seconds,
-                "mb_per_s": rate,
-                "vs_copy": copy_s / seconds,
-                "runs": values,
-            }
-        )
-        print(f"| {label} | {seconds:.3f} | {rate:.0f} | {copy_s / seconds:.2f} |")
+    table = report(runs, loads, size, what)
+    print("\n" + table)
+    raw = {"blob": what, "bytes": size, "foreign_load": loads, "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"blob": what, "bytes": size, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps(raw, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        details = f"<details><summary>raw</summary>\n\n```json\n{json.dumps(raw, indent=1)}\n```\n"
+        args.markdown.write_text(f"{table}\n{details}\n</details>\n")
     shutil.rmtree(home, ignore_errors=True)
 
 

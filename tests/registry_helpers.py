@@ -120,8 +120,9 @@ class Fault:
 
     ``action``: ``drop`` (close after ``after`` body bytes), ``corrupt`` (flip the byte at
     body offset ``after``), ``stall`` (after ``after`` bytes, send nothing for ``seconds``,
-    then close), ``throttle`` (``rate`` bytes per second), ``reply`` (answer ``reply``
-    without asking upstream). ``times`` responses are affected (None: all).
+    then close), ``throttle`` (``rate`` bytes per second), ``no-range`` (ask upstream without
+    the ``Range`` header: a registry that always sends the whole blob), ``reply`` (answer
+    ``reply`` without asking upstream). ``times`` responses are affected (None: all).
     """
 
     path: str
@@ -177,6 +178,12 @@ class FaultProxy:
         async def close() -> None:
             self._server.close()
             await self._server.wait_closed()
+            # Handlers still running (a stall sleeping out its seconds) end here, not in a
+            # closed loop.
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
             await self._client.aclose()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
@@ -271,6 +278,8 @@ class FaultProxy:
     ) -> None:
         assert self.upstream is not None, "no upstream and no reply"
         headers = [(k, v) for k, v in request.headers.items() if k not in _HOP]
+        if fault is not None and fault.action == "no-range":
+            headers = [(k, v) for k, v in headers if k != "range"]
         upstream = self._client.build_request(
             request.method, self.upstream + request.target, headers=headers, content=request.body
         )

@@ -7,7 +7,9 @@
 * :class:`TransferOptions` — part sizes, retries, the stall timeout.
 
 Modules: ``client`` (one transfer's HTTP session: redirects, auth, byte caps), ``download``
-(resumable verified parts), ``upload``, ``auth``, ``hosts``, ``errors``.
+(resumable verified parts), ``partial`` (a download's data file: writes, in-order hash),
+``netstream`` (the connections under ``client``: large reads, bodies past the parser),
+``upload``, ``auth``, ``hosts``, ``errors``.
 """
 
 from pollama.registry.auth import DockerCredentials, IdentityKey

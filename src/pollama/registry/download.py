@@ -8,9 +8,10 @@ killed server or a reboot continues from the bytes on disk, and Ollama and polla
 resume the other's. What must stay true:
 
 * **Nothing unverified gets a blob's name.** The data is hashed in file order while it is
-  written (a hasher follows the contiguous completed prefix, reading back what the parts
-  wrote), and ``-partial`` is renamed to the blob only when the sha256 equals the digest.
-  A mismatch deletes the partial data and its part files, nothing else.
+  written (from memory when a write continues the hashed prefix, by reading back what the
+  other parts wrote once the prefix reaches it: :mod:`pollama.registry.partial`), and
+  ``-partial`` is renamed to the blob only when the sha256 equals the digest. A mismatch
+  deletes the partial data and its part files, nothing else.
 * **A part file never claims bytes that are not on disk.** Counters move only after
   ``pwrite`` returns, and a checkpoint ``fdatasync``\\ s the data before it writes the part
   files (atomically), so even a power cut leaves a state that resumes correctly.
@@ -25,10 +26,10 @@ resume the other's. What must stay true:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -42,13 +43,18 @@ import httpx
 
 from pollama.registry.client import RegistrySession
 from pollama.registry.errors import BlobDigestMismatch, InsufficientDiskSpace, RegistryError
+from pollama.registry.netstream import raw_body
+from pollama.registry.partial import PartialFile
 from pollama.registry.transfer import Part, TransferOptions, describe, retryable
 from pollama.store.blobs import PARTIAL_SUFFIX, TEMP_PREFIX, BlobStore
 
 log = logging.getLogger(__name__)
 
-_FLUSH_BYTES = 1 << 20
-_HASH_CHUNK = 8 << 20
+_MIN_FLUSH = 1 << 20
+"""A part hands what it received to a write once it holds this much and its previous write
+has landed, so progress moves in steps of about this size on a slow link."""
+_MAX_FLUSH = 4 << 20
+"""While the previous write still runs, a part holds at most this much before it waits."""
 _MAX_PART_FILE = 4096
 T = TypeVar("T")
 
@@ -67,21 +73,21 @@ class DirectURLExpired(Exception):
     """A CDN refused the direct URL (expired signature): resolve it again."""
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+def _reader(response: httpx.Response) -> Callable[[], Awaitable[list[bytes]]]:
+    """How to read a body in pieces (``[]`` at its end): straight from the connection where
+    :func:`~pollama.registry.netstream.raw_body` allows it, else through httpx."""
+    raw = raw_body(response)
+    if raw is not None:
+        return raw.read
+    chunks = response.aiter_raw()
 
+    async def read() -> list[bytes]:
+        try:
+            return [await anext(chunks)]
+        except StopAsyncIteration:
+            return []
 
-def _hash_range(fd: int, hasher: hashlib._Hash, start: int, end: int) -> None:
-    while start < end:
-        chunk = os.pread(fd, min(_HASH_CHUNK, end - start), start)
-        if not chunk:
-            raise OSError(errno.EIO, "partial download is shorter than its recorded progress")
-        hasher.update(chunk)
-        start += len(chunk)
+    return read
 
 
 class BlobDownload:
@@ -108,15 +114,11 @@ class BlobDownload:
         self.refs = 0
         self.abandoned = False
         self._previous = previous
-        self._fd = -1
+        self._file: PartialFile | None = None
         self._direct: httpx.URL | None = None
         self._direct_lock = asyncio.Lock()
         self._progressed = asyncio.Event()
         self._state_lock = threading.Lock()
-        # File work runs in threads that outlive a cancelled await; the descriptor is closed
-        # only once none is running, so a late pwrite can never hit a reused descriptor.
-        self._io_cond = threading.Condition()
-        self._io_busy = 0
         self._finished = False
         self._saved: dict[int, int] = {}
         self._active_paths: set[Path] = set()
@@ -195,13 +197,13 @@ class BlobDownload:
     def _checkpoint(self) -> None:
         """Make the recorded progress durable: data first, then the part files."""
         with self._state_lock:
-            if self._finished or self._fd < 0:
+            if self._finished or self._file is None or self._file.closed:
                 return
             snapshot = [(p, p.completed) for p in self.parts]
             changed = [(p, c) for p, c in snapshot if self._saved.get(p.n) != c]
             if not changed:
                 return
-            os.fdatasync(self._fd)
+            self._file.datasync()
             for part, completed in changed:
                 self._write_part(part, completed)
                 self._saved[part.n] = completed
@@ -209,7 +211,7 @@ class BlobDownload:
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(self.opts.checkpoint_interval)
-            await self._io(self._checkpoint)
+            await self._data.run(self._checkpoint)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -221,12 +223,12 @@ class BlobDownload:
             await self._prepare()
             await self._download()
         finally:
-            if self._fd >= 0:
+            if self._file is not None and not self._file.closed:
                 try:
                     self._checkpoint()
                 except OSError as exc:
                     log.warning("could not save the progress of %s: %s", self.digest, exc)
-                self._close_fd()
+                self._file.close()
             self.blobs.active.difference_update(self._active_paths)
             await self.session.release()
 
@@ -241,14 +243,15 @@ class BlobDownload:
             raise RegistryError(
                 f"{self.digest} is being downloaded by another process; try again when it ends"
             ) from None
-        self._fd = fd
+        self._file = PartialFile(fd)
         self._active_paths = {self.partial}
         self.blobs.active.add(self.partial)
         parts = await asyncio.to_thread(self._load_parts, os.fstat(fd).st_size)
         if parts is None:
             for path in await asyncio.to_thread(self._part_files):
                 path.unlink(missing_ok=True)
-            self.total = await self._remote_size()
+            if not self.total:  # the manifest's size is checked against the first answer
+                self.total = await self._remote_size()
             parts = [Part(n, off, size) for n, (off, size) in enumerate(self.opts.plan(self.total))]
             for part in parts:
                 await asyncio.to_thread(self._write_part, part, 0)
@@ -267,7 +270,7 @@ class BlobDownload:
             log.info("downloading %s in %d part(s)", self.digest[7:19], len(parts))
 
     async def _remote_size(self) -> int:
-        """``HEAD`` the blob (Ollama does); its length must agree with the manifest's."""
+        """``HEAD`` the blob, for a manifest that gives no size (Ollama always asks)."""
         url = self.session.url("blobs", self.digest)
 
         async def head() -> int | None:
@@ -275,14 +278,7 @@ class BlobDownload:
                 length = response.headers.get("content-length", "")
                 return int(length) if length.isdigit() else None
 
-        length = await self._with_retries(head, "HEAD")
-        if length is None:
-            return self.total
-        if self.total and length != self.total:
-            raise RegistryError(
-                f"registry reports {length} bytes for {self.digest}, the manifest {self.total}"
-            )
-        return length
+        return await self._with_retries(head, "HEAD") or 0
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         """Retry a small request on transport errors and 5xx/408/429, with backoff."""
@@ -300,29 +296,24 @@ class BlobDownload:
                     ) from exc
                 await asyncio.sleep(self.opts.backoff(tries))
 
-    async def _direct_url(self) -> httpx.URL:
-        """Where the bytes are: the blob URL, or the first cross-host redirect (a CDN)."""
+    async def _request_part(self, part: Part) -> httpx.Response:
+        """The ``GET`` of the rest of a part, from where the bytes are. The first request of
+        a download also finds that out (the other parts wait for it): the registry answers
+        it, or redirects it to another host (a CDN), whose URL serves the rest, without the
+        registry's credentials (``RegistrySession``)."""
+        headers = {"Range": f"bytes={part.start}-{part.end - 1}", "Accept-Encoding": "identity"}
         async with self._direct_lock:
-            if self._direct is not None:
-                return self._direct
-
-            async def resolve() -> httpx.URL:
+            if self._direct is None:
                 url = self.session.url("blobs", self.digest)
-                # One byte is enough to learn where the data is (Ollama asks for all of it).
-                headers = {"Accept-Encoding": "identity", "Range": "bytes=0-0"}
-                response = await self.session.send(
-                    "GET", url, headers=headers, same_host_only=True, ok_statuses=(416,)
-                )
-                await response.aclose()
+                response = await self.session.send("GET", url, headers=headers, same_host_only=True)
                 location = response.headers.get("location")
-                if response.status_code in (301, 302, 303, 307, 308) and location:
-                    return self.session.redirect_target(response.url, location)
-                if response.status_code not in (200, 206, 416):
-                    raise RegistryError(f"unexpected status code {response.status_code}")
-                return response.url
-
-            self._direct = await self._with_retries(resolve, "GET")
-            return self._direct
+                if response.status_code not in (301, 302, 303, 307, 308) or not location:
+                    self._direct = response.url
+                    return response
+                await response.aclose()
+                self._direct = self.session.redirect_target(response.url, location)
+        ok = () if self.session.is_registry_host(self._direct) else (401, 403)
+        return await self.session.send("GET", self._direct, headers=headers, ok_statuses=ok)
 
     async def _download(self) -> None:
         sem = asyncio.Semaphore(self.opts.max_parts)
@@ -348,47 +339,25 @@ class BlobDownload:
 
     def _finish(self, actual: str) -> None:
         """Publish the verified blob, or delete the bad data (and only that)."""
+        file = self._data
         with self._state_lock:
             self._finished = True
         if actual != self.digest:
-            self._close_fd()
+            file.close()
             self._discard()
             raise BlobDigestMismatch(self.digest, actual)
-        os.fsync(self._fd)
-        self._close_fd()
+        file.call(file.fsync)
+        file.close()
         os.chmod(self.partial, 0o644)
         os.replace(self.partial, self.path)
         for path in self._part_files():
             path.unlink(missing_ok=True)
 
-    def _guarded(self, fn: Callable[..., T], *args: object) -> T:
-        with self._io_cond:
-            if self._fd < 0:
-                raise OSError(errno.EBADF, "the download was closed")
-            self._io_busy += 1
-        try:
-            return fn(*args)
-        finally:
-            with self._io_cond:
-                self._io_busy -= 1
-                self._io_cond.notify_all()
-
-    def _pwrite(self, data: bytes | bytearray, offset: int) -> None:
-        _pwrite_all(self._fd, data, offset)
-
-    def _hash_range(self, hasher: hashlib._Hash, start: int, end: int) -> None:
-        _hash_range(self._fd, hasher, start, end)
-
-    async def _io(self, fn: Callable[..., T], *args: object) -> T:
-        """Run file work on the open descriptor in a thread (see ``_close_fd``)."""
-        return await asyncio.to_thread(self._guarded, fn, *args)
-
-    def _close_fd(self) -> None:
-        with self._io_cond:
-            self._io_cond.wait_for(lambda: self._io_busy == 0, timeout=60)
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+    @property
+    def _data(self) -> PartialFile:
+        """The open partial file (from :meth:`_prepare` on)."""
+        assert self._file is not None, "the download is not prepared"
+        return self._file
 
     def _frontier(self) -> int:
         """End of the contiguous completed prefix of the file."""
@@ -400,17 +369,18 @@ class BlobDownload:
         return frontier
 
     async def _hash_in_order(self) -> str:
-        hasher = hashlib.sha256()
-        hashed = 0
+        """Follow the completed prefix with the hash: a write that continues it was hashed
+        from memory already; what the other parts wrote is read back when the prefix
+        reaches it."""
+        file = self._data
         while True:
             self._progressed.clear()
             frontier = self._frontier()
-            if frontier > hashed:
-                await self._io(self._hash_range, hasher, hashed, frontier)
-                hashed = frontier
+            if frontier > file.hashed:
+                await file.run(file.hash_to, frontier)
                 continue
-            if hashed >= self.total:
-                return f"sha256:{hasher.hexdigest()}"
+            if file.hashed >= self.total:
+                return file.digest()
             await self._progressed.wait()
 
     async def _download_part(self, part: Part, sem: asyncio.Semaphore) -> None:
@@ -419,7 +389,7 @@ class BlobDownload:
             while not part.done:
                 before = part.completed
                 try:
-                    await self._fetch_part(part, await self._direct_url())
+                    await self._fetch_part(part)
                 except (PartStalled, httpx.ReadTimeout):
                     stalls = 0 if part.completed > before else stalls + 1
                     log.info(
@@ -458,58 +428,77 @@ class BlobDownload:
                 )
                 await asyncio.sleep(delay)
 
-    async def _fetch_part(self, part: Part, url: httpx.URL) -> None:
-        """One attempt at the rest of a part. Received bytes are written in order, one buffer
-        in flight while the next is read; whatever arrived before an error is kept."""
-        same_host = self.session.is_registry_host(url)
-        headers = {"Range": f"bytes={part.start}-{part.end - 1}", "Accept-Encoding": "identity"}
-        ok = () if same_host else (401, 403)
-        response = await self.session.send("GET", url, headers=headers, ok_statuses=ok)
-        buffer = bytearray()
+    async def _fetch_part(self, part: Part) -> None:
+        """One attempt at the rest of a part. What arrives is written in order in batches,
+        one batch in flight while the next is read, so batches grow with the link's speed
+        (from :data:`_MIN_FLUSH` to :data:`_MAX_FLUSH`); whatever arrived before an error is
+        kept."""
+        response = await self._request_part(part)
+        batch: list[bytes] = []
+        size = 0
         writing: asyncio.Task[None] | None = None
-        received = part.start  # where the next byte of the body belongs
-        stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
         try:
             skip = self._check_part_response(response, part)
-            chunks = response.aiter_raw()
-            while received < part.end:
-                try:
-                    async with asyncio.timeout(stall):
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise PartStalled() from None
-                if skip:
-                    dropped = min(skip, len(chunk))
-                    chunk, skip = chunk[dropped:], skip - dropped
-                chunk = chunk[: part.end - received]
-                buffer += chunk
-                received += len(chunk)
-                if len(buffer) >= _FLUSH_BYTES:
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.create_task(self._flush(part, bytes(buffer)))
-                    buffer = bytearray()
+            async with contextlib.aclosing(self._body(response, skip, part)) as body:
+                async for pieces in body:
+                    batch += pieces
+                    size += sum(len(p) for p in pieces)
+                    idle = writing is None or writing.done()
+                    if size >= _MAX_FLUSH or (size >= _MIN_FLUSH and idle):
+                        writing = await self._write_next(part, batch, writing)
+                        batch, size = [], 0
+            if batch:  # the body's last bytes
+                writing = await self._write_next(part, batch, writing)
+                batch, size = [], 0
         finally:
             failed = False
             if writing is not None:  # let the write in flight land before anything else
                 await asyncio.gather(writing, return_exceptions=True)
                 failed = writing.cancelled() or writing.exception() is not None
-            if buffer and not failed:  # bytes that arrived are good: keep them for the retry
+            if batch and not failed:  # bytes that arrived are good: keep them for the retry
                 try:
-                    self._write(part, buffer)
+                    self._write(part, batch)
                 except Exception as exc:  # noqa: BLE001 - the original error matters more
-                    log.warning("could not keep %d bytes of %s: %s", len(buffer), self.digest, exc)
+                    log.warning("could not keep %d bytes of %s: %s", size, self.digest, exc)
             await response.aclose()
         if writing is not None and not writing.cancelled() and writing.exception() is not None:
             raise writing.exception()  # type: ignore[misc]
         if not part.done:
             raise ShortRead(f"connection closed at {part.start} of part {part.n}")
 
-    @staticmethod
-    def _check_part_response(response: httpx.Response, part: Part) -> int:
-        """Bytes to skip at the start of the body (a server that ignored the Range)."""
+    async def _body(
+        self, response: httpx.Response, skip: int, part: Part
+    ) -> AsyncIterator[list[bytes]]:
+        """The body's bytes that belong to the part from ``part.start`` on, in the pieces
+        they arrived in: the first ``skip`` dropped, nothing past the part's end.
+        :class:`PartStalled` when nothing arrives for the stall timeout."""
+        stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
+        want = part.end - part.start
+        read = _reader(response)
+        while want > 0:
+            try:
+                async with asyncio.timeout(stall):
+                    pieces = await read()
+            except TimeoutError:
+                raise PartStalled() from None
+            if not pieces:
+                return
+            kept: list[bytes] = []
+            for piece in pieces:
+                if skip:
+                    dropped = min(skip, len(piece))
+                    piece, skip = piece[dropped:], skip - dropped
+                if len(piece) > want:
+                    piece = piece[:want]
+                if piece:
+                    kept.append(piece)
+                    want -= len(piece)
+            if kept:
+                yield kept
+
+    def _check_part_response(self, response: httpx.Response, part: Part) -> int:
+        """Bytes to skip at the start of the body (a server that ignored the Range). The
+        blob's size the answer gives must be the manifest's."""
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding not in ("", "identity"):
             raise RegistryError(f"blob sent with Content-Encoding {encoding!r}", 400)
@@ -517,26 +506,44 @@ class BlobDownload:
             content_range = response.headers.get("content-range", "")
             if content_range and not content_range.startswith(f"bytes {part.start}-"):
                 raise RegistryError(f"unexpected Content-Range {content_range!r}")
+            self._check_size(content_range.rpartition("/")[2])
             return 0
         if response.status_code == 200:
+            self._check_size(response.headers.get("content-length", ""))
             return part.start
         if response.status_code in (401, 403):
             raise DirectURLExpired()
         raise RegistryError(f"unexpected status code {response.status_code}")
 
-    async def _flush(self, part: Part, data: bytes) -> None:
-        try:
-            await self._io(self._pwrite, data, part.start)
-        except OSError as exc:
-            raise self._disk_error(exc) from exc
-        self._advance(part, len(data))
+    def _check_size(self, reported: str) -> None:
+        if reported.isdigit() and int(reported) != self.total:
+            raise RegistryError(  # the registry's blob is not the manifest's: no retry
+                f"registry reports {reported} bytes for {self.digest}, the manifest {self.total}",
+                400,
+            )
 
-    def _write(self, part: Part, data: bytearray) -> None:
+    async def _write_next(
+        self, part: Part, batch: list[bytes], writing: asyncio.Task[None] | None
+    ) -> asyncio.Task[None]:
+        """Start writing a batch once the write before it has landed (or raise its error)."""
+        if writing is not None:
+            await writing
+        return asyncio.create_task(self._flush(part, batch))
+
+    async def _flush(self, part: Part, batch: list[bytes]) -> None:
         try:
-            _pwrite_all(self._fd, data, part.start)
+            size = await self._data.run(self._data.write, batch, part.start)
         except OSError as exc:
             raise self._disk_error(exc) from exc
-        self._advance(part, len(data))
+        self._advance(part, size)
+
+    def _write(self, part: Part, batch: list[bytes]) -> None:
+        """:meth:`_flush` in this thread (a part's last bytes, after an error)."""
+        try:
+            size = self._data.call(self._data.write, batch, part.start)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
+        self._advance(part, size)
 
     def _advance(self, part: Part, count: int) -> None:
         part.completed += count

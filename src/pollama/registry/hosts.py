@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import httpcore
 import httpx
 
+from pollama.registry import netstream
 from pollama.registry.errors import HostNotAllowed
 
 __all__ = ["DEFAULT_REGISTRY_HOSTS", "HostPolicy", "guarded_transport"]
@@ -189,11 +190,11 @@ class HostPolicy:
 
 
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Connects only to addresses the policy allows, and to exactly the address it checked."""
+    """Connects only to addresses the policy allows, and to exactly the address it checked,
+    with :mod:`pollama.registry.netstream`'s streams (large reads)."""
 
     def __init__(self, policy: HostPolicy) -> None:
         self._policy = policy
-        self._inner = httpcore.AnyIOBackend()
 
     async def connect_tcp(
         self,
@@ -210,7 +211,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         last: Exception | None = None
         for ip in addresses:
             try:
-                return await self._inner.connect_tcp(
+                return await netstream.connect(
                     str(ip),
                     port,
                     timeout=timeout,
@@ -231,7 +232,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         raise HostNotAllowed("registry connections over unix sockets are not allowed")
 
     async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+        await asyncio.sleep(seconds)
 
 
 @functools.lru_cache(maxsize=1)

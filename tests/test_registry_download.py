@@ -1,0 +1,405 @@
+"""The fast download path: bodies read straight from the connection, the partial file's
+in-order hash, a registry without ``Range``, corrupted and abandoned downloads, progress
+throttling, and the byte pipe under httpx (plain and TLS).
+
+Pulls run against a real registry (Debian's docker-registry) through a :class:`FaultProxy`;
+the byte pipe is tested against small servers written here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pollama.names import ModelName
+from pollama.registry import (
+    BlobDigestMismatch,
+    HostPolicy,
+    RegistryError,
+    TransferOptions,
+    netstream,
+)
+from pollama.registry.hosts import guarded_transport
+from pollama.registry.partial import PartialFile
+from pollama.store import Store
+from pollama.store.manifests import MANIFEST_MEDIA_TYPE, Manifest
+from registry_helpers import DockerRegistry, Fault, FaultProxy, Reply, free_port
+from test_registry import FAST, collect, make_model, model_layer, run, service, strays
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
+    running = DockerRegistry(tmp_path_factory.mktemp("registry"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
+    running = FaultProxy(registry.url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "models")
+    s.ensure()
+    return s
+
+
+@pytest.fixture(scope="module")
+def model(registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    """A ~1.5 MB model pushed once as ``library/dl:latest``."""
+    tmp = tmp_path_factory.mktemp("dl")
+    scratch = Store(tmp / "models")
+    scratch.ensure()
+    name = ModelName.parse(f"{registry.netloc}/library/dl:latest")
+    manifest = make_model(scratch, name, tmp, seed=7, n_embd=128)
+    run(service(scratch, tmp).push(name, insecure=True))
+    return manifest
+
+
+def through(proxy: FaultProxy) -> ModelName:
+    return ModelName.parse(f"{proxy.netloc}/library/dl:latest")
+
+
+ONE_PART = TransferOptions(
+    backoff_base=0.02, backoff_max=0.1, stall_timeout=0.5, checkpoint_interval=0.05
+)
+
+
+# -- pulls ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [FAST, ONE_PART], ids=["parts", "one-part"])
+def test_a_registry_without_range_support_still_works(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest, opts: TransferOptions
+) -> None:
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="no-range", times=None))
+    items = run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
+    assert items[-1] == {"status": "success"}
+    assert set(store.blobs.digests()) == model.digests()
+    assert strays(store) == []
+    gets = [r for r in proxy.requests if r.method == "GET" and layer.digest in r.path]
+    assert gets and all(r.headers["range"].startswith("bytes=") for r in gets)
+    if opts is FAST:  # each part got the whole blob and kept only its own range
+        assert len(gets) > 1 and proxy.blob_bytes() > layer.size
+
+
+def test_a_corrupted_download_is_detected_and_fetched_again(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
+) -> None:
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="corrupt", after=layer.size // 2, times=1))
+    with pytest.raises(BlobDigestMismatch):
+        run(service(store, tmp_path, ONE_PART).pull(through(proxy), insecure=True))
+    assert not store.blobs.exists(layer.digest) and strays(store) == []
+    fetched = proxy.blob_bytes()
+    items = run(service(store, tmp_path, ONE_PART).pull(through(proxy), insecure=True))
+    assert items[-1] == {"status": "success"}
+    assert set(store.blobs.digests()) == model.digests()
+    assert proxy.blob_bytes() - fetched >= layer.size  # all of it again, nothing reused
+    data = store.blobs.path(layer.digest).read_bytes()
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
+
+
+def test_progress_is_throttled_and_the_last_reports_the_whole_blob(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
+) -> None:
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="throttle", rate=1_500_000, times=None))
+    opts = TransferOptions(progress_interval=0.1, stall_timeout=5)  # one part
+    started = time.monotonic()
+    items = run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
+    elapsed = time.monotonic() - started
+    ours = [item for item in items if item.get("digest") == layer.digest]
+    # One object per interval at most (plus the first and the last), not one per piece read.
+    assert elapsed > 0.5 and 3 <= len(ours) <= elapsed / 0.1 + 3
+    done = [item.get("completed", 0) for item in ours]
+    assert done == sorted(done)
+    assert ours[-1]["completed"] == ours[-1]["total"] == layer.size
+
+
+def test_a_pull_nobody_follows_stops_fetching(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
+) -> None:
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="throttle", rate=300_000, times=None))
+    svc = service(store, tmp_path, ONE_PART)
+
+    async def leave_early() -> None:
+        events = svc.pull(through(proxy), insecure=True)
+        async for item in events:
+            if item.digest == layer.digest and item.completed > 0:
+                break
+        await events.aclose()  # the client goes away
+        await asyncio.sleep(0.3)
+        assert svc.downloads.active() == []
+
+    asyncio.run(leave_early())
+    time.sleep(0.5)  # the proxy's write in flight when the connection closed fails now
+    sent = proxy.blob_bytes()
+    time.sleep(0.5)
+    assert proxy.blob_bytes() == sent < layer.size  # nothing more was asked for
+    assert not store.blobs.exists(layer.digest)
+    assert any(name.endswith("-partial") for name in strays(store))  # kept to resume
+
+
+def test_a_manifest_size_the_registry_contradicts_fails_without_retrying(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest, registry: DockerRegistry
+) -> None:
+    layer = model_layer(model)
+    accept = {"Accept": MANIFEST_MEDIA_TYPE}
+    raw = httpx.get(f"{registry.url}/v2/library/dl/manifests/latest", headers=accept).content
+    wrong = raw.replace(f'"size":{layer.size}'.encode(), f'"size":{layer.size + 1}'.encode())
+    wrong = wrong.replace(f'"size": {layer.size}'.encode(), f'"size": {layer.size + 1}'.encode())
+    assert wrong != raw
+    reply = Reply(200, {"content-type": MANIFEST_MEDIA_TYPE}, wrong)
+    proxy.add(Fault(path="/manifests/", action="reply", reply=reply))
+    slow = TransferOptions(backoff_base=5, backoff_max=5)  # a retry would take seconds
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=f"registry reports {layer.size} bytes for"):
+        run(service(store, tmp_path, slow).pull(through(proxy), insecure=True))
+    assert time.monotonic() - started < 4
+    assert not store.blobs.exists(layer.digest)
+
+
+def test_concurrent_followers_each_see_the_end(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
+) -> None:
+    svc = service(store, tmp_path, ONE_PART)
+
+    async def both() -> list[list[dict[str, Any]]]:
+        pulls = [collect(svc.pull(through(proxy), insecure=True)) for _ in range(2)]
+        return list(await asyncio.gather(*pulls))
+
+    for items in asyncio.run(both()):
+        assert items[-1] == {"status": "success"}
+    assert set(store.blobs.digests()) == model.digests()
+
+
+# -- the partial file -------------------------------------------------------------------------
+
+
+def test_the_partial_file_hashes_in_order_whatever_order_parts_land_in(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    a, b, c = data[: 1 << 20], data[1 << 20 : 2 << 20], data[2 << 20 :]
+    fd = os.open(tmp_path / "x-partial", os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, len(data))
+    file = PartialFile(fd)
+    file.call(file.write, [c[:100], c[100:]], 2 << 20)  # a later part first: not hashed yet
+    assert file.hashed == 0
+    file.call(file.write, [a], 0)  # continues the hash: from memory
+    assert file.hashed == 1 << 20
+    file.call(file.write, [b], 1 << 20)
+    assert file.hashed == 2 << 20
+    file.call(file.hash_to, len(data))  # the rest is read back
+    assert file.digest() == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert os.pread(fd, len(data), 0) == data
+    file.close()
+    assert file.closed
+    with pytest.raises(OSError):
+        file.call(file.write, [b"late"], 0)
+
+
+def test_a_write_of_many_small_pieces_and_a_large_one_lands_whole(tmp_path: Path) -> None:
+    small = [os.urandom(n) for n in range(1, 1500)]  # a slow link: more pieces than an iovec
+    data = b"".join(small) + os.urandom(5 << 20)  # and one piece larger than a write call
+    fd = os.open(tmp_path / "y-partial", os.O_RDWR | os.O_CREAT, 0o644)
+    file = PartialFile(fd)
+    assert file.call(file.write, [*small, data[len(b"".join(small)) :]], 0) == len(data)
+    assert file.hashed == len(data)
+    assert file.digest() == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert os.pread(fd, len(data) + 1, 0) == data
+    file.close()
+
+
+# -- the byte pipe ----------------------------------------------------------------------------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler, context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    """A server on a free loopback port (yielded) whose connections all end with it."""
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.add(writer)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)  # let the transports finish closing (TLS ones too)
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=guarded_transport(HostPolicy(["127.0.0.1"])))
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def test_bodies_are_read_straight_from_the_connection_when_that_is_safe() -> None:
+    body = os.urandom(3 << 20)
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            head = await read_head(reader)
+            if b"/small" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+            elif b"/chunked" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                writer.write(b"5\r\nhello\r\n0\r\n\r\n")
+            else:  # a 100 Continue first, and the head split over several writes
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+                writer.write(f"content-length: {len(body)}\r\n\r".encode())
+                await writer.drain()
+                await asyncio.sleep(0.01)
+                writer.write(b"\n" + body)
+            await writer.drain()
+
+    async def main() -> None:
+        async with serving(handler) as port, client() as http:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(2):  # kept alive: bodies read through httpx leave it reusable
+                assert (await http.get(f"{url}/small")).content == b"hello"
+            async with http.stream("GET", f"{url}/chunked") as response:
+                assert netstream.raw_body(response) is None
+                assert await response.aread() == b"hello"
+            assert connections == 1
+            async with http.stream("GET", f"{url}/big") as response:
+                raw = netstream.raw_body(response)
+                assert raw is not None and netstream.raw_body(response) is None
+                got = []
+                while pieces := await raw.read():
+                    got += pieces
+                assert b"".join(got) == body
+            assert (await http.get(f"{url}/small")).content == b"hello"
+            assert connections == 2  # a body read directly closes its connection
+
+    asyncio.run(main())
+
+
+def test_a_connection_that_closes_early_is_a_short_body() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 40)
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(handler) as port, client() as http:
+            url = f"http://127.0.0.1:{port}"
+            async with http.stream("GET", url) as response:
+                raw = netstream.raw_body(response)
+                assert raw is not None
+                got = b""
+                while pieces := await raw.read():
+                    got += b"".join(pieces)
+                assert got == b"x" * 40
+
+    asyncio.run(main())
+
+
+def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    trusting = ssl.create_default_context(cafile=tmp / "cert.pem")
+    return server, trusting
+
+
+def test_tls_is_asyncio_s_with_its_checks(tmp_path: Path) -> None:
+    server_context, trusting = _self_signed(tmp_path)
+    body = os.urandom(1 << 20)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+
+    async def fetch(port: int, hostname: str, context: ssl.SSLContext) -> bytes:
+        stream = await netstream.connect("127.0.0.1", port, timeout=5)
+        tls = await stream.start_tls(context, server_hostname=hostname, timeout=5)
+        assert tls.get_extra_info("ssl_object") is not None
+        await tls.write(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n", timeout=5)
+        data = b""
+        while chunk := await tls.read(65536, timeout=5):
+            data += chunk
+        await tls.aclose()
+        return data
+
+    async def main() -> None:
+        async with serving(handler, server_context) as port:
+            assert (await fetch(port, "localhost", trusting)).endswith(body)
+            with pytest.raises(httpcore.ConnectError):  # the name is not the certificate's
+                await fetch(port, "another.example", trusting)
+            with pytest.raises(httpcore.ConnectError):  # nobody vouches for the certificate
+                await fetch(port, "localhost", ssl.create_default_context())
+
+    asyncio.run(main())
+
+
+def test_connection_errors_are_httpcore_s() -> None:
+    async def main() -> None:
+        with pytest.raises(httpcore.ConnectError):  # nothing listens there
+            await netstream.connect("127.0.0.1", free_port(), timeout=2)
+
+    asyncio.run(main())
