@@ -49,8 +49,13 @@ _.eval_duration
 _.load_duration_ns  # RunnerInfo (worker protocol) and Lease (tests time the load with it)
 _.num_keep  # SamplingOptions holds every runtime option of the table (options.py)
 
-# httpcore's network backend interface (registry/hosts.py)
+# httpcore's network backend interface (registry/hosts.py) and asyncio's protocol hooks
+# (registry/netstream.py)
+_.connect_tcp
 _.connect_unix_socket
+_.eof_received
+_.pause_writing
+_.resume_writing
 
 # ctypes structure fields llama.cpp reads (runner/llama.py, runner/quantize.py)
 _.load_mode
@@ -78,3 +83,7 @@ _.exposition
 # ctypes structure fields written for llama.cpp to read (mtmd_context_params)
 _.use_gpu
 _.print_timings
+
+# gguf.GGUFWriter.write_tensor_data calls it on each tensor the converter streams out
+# (convert/writer.py, _Blocks)
+_.tofile

@@ -12,7 +12,9 @@ request the KV holds exactly ``slot.tokens``. A context shift (a window of 128 h
 ``num_keep`` entries, drops half of the rest and moves the others back, so positions stay
 the indexes and the window never overflows; a request that shifted leaves only its kept
 prefix for the next one; a slot with media, a cache that cannot shift or ``shift`` off end
-with ``length`` at the window instead.
+with ``length`` at the window instead. Drafts of speculative decoding (a fake model that
+mostly repeats itself) go into the cells after the pending token and the ones not kept are
+cut: the output is the same as without drafting, and so is what the KV holds.
 """
 
 from __future__ import annotations
@@ -190,8 +192,9 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> Any:
     fake.DEFAULT_SEED = 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
 
-    def make(projector: Any = None, shiftable: bool = True) -> Engine:
-        engine = Engine(_Model(), _Context(shiftable=shiftable), n_ctx=128, n_batch=16,  # type: ignore[arg-type]
+    def make(projector: Any = None, shiftable: bool = True, context: Any = None) -> Engine:
+        context = context or _Context(shiftable=shiftable)
+        engine = Engine(_Model(), context, n_ctx=128, n_batch=16,  # type: ignore[arg-type]
                         n_parallel=1, projector=projector)
         thread = threading.Thread(target=engine.run, daemon=True)
         thread.start()
@@ -323,3 +326,72 @@ def test_without_a_shift_a_full_window_ends_with_length(engine: Any, why: str) -
     assert done.eval_count == 128 + 1 - done.prompt_eval_count  # the last one never decoded
     assert eng.ctx.shifts == []  # type: ignore[attr-defined]
     assert [w for _, w in _kv(eng)] == _held(eng)
+
+
+class _Repeating(_Context):
+    """A model whose next token depends on each row's own token and position: mostly a
+    cycle through 20..39 (so drafts from its own output are right), but 41 at every 13th
+    position (so some drafts are wrong)."""
+
+    def decode(self, batch: _Batch) -> int:
+        self.rows = [(int(batch.token[i]), int(batch.pos[i])) for i in range(batch.n_tokens)]
+        return super().decode(batch)
+
+    def logits(self, row: int) -> np.ndarray:
+        token, pos = self.rows[row]
+        logits = np.zeros(N_VOCAB, dtype=np.float32)
+        logits[41 if pos % 13 == 0 else 20 + (token * 7 + 3) % 20] = 1.0
+        return logits
+
+
+@pytest.fixture
+def cheap_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows cost almost nothing, so every draft found is verified whole."""
+    from pollama.runner import ngram
+
+    monkeypatch.setattr(ngram.StepCosts, "time", lambda self, rows: 1.0 + 0.01 * rows)
+
+
+def _greedy(n: int, draft: int) -> SamplingOptions:
+    return SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=n,
+                           draft_num_predict=draft)
+
+
+@pytest.mark.usefixtures("cheap_rows")
+@pytest.mark.parametrize("n", [5, 60, 300])
+def test_drafts_change_nothing_but_the_number_of_decodes(engine: Any, n: int) -> None:
+    prompt = [20, 23, 30, 21, 20, 23]
+    outputs = {}
+    for draft in (0, 8):
+        eng = engine(context=_Repeating())
+        done = _run(eng, CompletionRequest(tokens=prompt, options=_greedy(n, draft),
+                                           return_tokens=True))
+        assert (done.done_reason, done.eval_count) == ("length", n)
+        outputs[draft] = (done.tokens, done.context_shifted, eng.ctx.decodes)  # type: ignore[attr-defined]
+        _positions_are_indexes(eng)  # the cells of drafts not kept were cut
+        if draft == 0:
+            assert done.draft_tokens == done.draft_accepted == 0
+        elif n > 5:
+            assert 0 < done.draft_accepted < done.draft_tokens  # kept some, not all
+    (plain, shifted, decodes), (drafted, shifted_d, decodes_d) = outputs[0], outputs[8]
+    assert drafted == plain and shifted_d == shifted
+    if n == 300:
+        assert shifted > 0  # drafts never reach past the window: the fake would overflow
+        assert decodes_d < decodes / 2
+
+
+@pytest.mark.usefixtures("cheap_rows")
+def test_a_draft_never_reaches_past_the_window_without_a_shift(engine: Any) -> None:
+    prompt = [20, 23, 30, 21, 20, 23]
+    eng = engine(context=_Repeating())
+    done = _run(eng, CompletionRequest(tokens=prompt, options=_greedy(300, 8), shift=False))
+    assert done.done_reason == "length" and done.eval_count == 128 + 1 - len(prompt)
+    assert done.draft_accepted > 0
+    _positions_are_indexes(eng)
+
+
+def test_media_and_unshiftable_caches_never_draft(engine: Any) -> None:
+    image = CompletionRequest(prompt="20 23 I 20 23", media=(b"image",), options=_greedy(30, 8))
+    assert _run(engine(_Projector()), image).draft_tokens == 0
+    text = CompletionRequest(tokens=[20, 23, 30, 20, 23], options=_greedy(30, 8))
+    assert _run(engine(context=_Repeating(shiftable=False)), text).draft_tokens == 0

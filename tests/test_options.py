@@ -33,7 +33,7 @@ def test_defaults_match_ollama_default_options() -> None:
         "main_gpu": None,
         "use_mmap": None,
         "num_thread": 0,
-        "draft_num_predict": 4,
+        "draft_num_predict": 16,  # Ollama: 4 with a draft model; n-gram drafts (runner/ngram.py)
         "num_keep": 4,
         "seed": -1,
         "num_predict": -1,
@@ -62,8 +62,8 @@ def test_default_options_is_a_fresh_copy() -> None:
 
 
 RELOAD = {name for name, spec in OPTIONS.items() if spec.reload}
-# num_gpu is resolved into LoadSpec.gpu_layers (scheduler/placement.py); no draft model
-UNUSED = {"num_gpu", "draft_num_predict"}
+# num_gpu is resolved into LoadSpec.gpu_layers (scheduler/placement.py)
+UNUSED = {"num_gpu"}
 
 
 def test_reload_options_are_the_load_spec_fields() -> None:

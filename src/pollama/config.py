@@ -104,6 +104,7 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "POLLAMA_ACCESS_LOG",
     "POLLAMA_LOG_PROMPTS",
     "POLLAMA_REQUIRE_GPU",
+    "POLLAMA_KV_CACHE_MAX_BYTES",
     # pollama's own (registry transfers; see registry/hosts.py, registry/download.py)
     "POLLAMA_REGISTRY_HOSTS",
     "POLLAMA_PULL_STALL_TIMEOUT",
@@ -357,6 +358,7 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "responses_max": _go_parse_uint,
     "responses_max_age": _parse_duration_setting,
     "responses_max_bytes": _go_parse_uint,
+    "kv_cache_max_bytes": _go_parse_uint,
 }
 _BOOL_FIELDS = frozenset({
     "flash_attention", "noprune", "nohistory", "sched_spread", "igpu_enable", "vulkan",
@@ -541,6 +543,13 @@ class Settings(BaseSettings):
         "Most bytes of stored responses in all, compressed (default 1 GiB); the oldest go "
         "first",
     )
+    # The prompt cache across unloads (runner/kvstate.py, store/kvcache.py), under the home.
+    kv_cache_max_bytes: int = _env(
+        "POLLAMA_KV_CACHE_MAX_BYTES", 2 << 30,
+        "Most bytes of KV cache kept on disk (~/.ollama/kvcache) when a model unloads, so a "
+        "conversation's next turn after an unload or a restart skips its history (default "
+        "2 GiB; least recently used first out; 0 keeps nothing)",
+    )
     access_log: str = _env(
         "POLLAMA_ACCESS_LOG", "-",
         "Where JSON access-log lines go: '-' stderr (default), a file path, or 'off'",
@@ -646,6 +655,11 @@ class Settings(BaseSettings):
     def responses_path(self) -> Path:
         """``~/.ollama/responses.sqlite3``, the stored responses of ``/v1/responses``."""
         return self.home / "responses.sqlite3"
+
+    @property
+    def kv_cache_path(self) -> Path:
+        """``~/.ollama/kvcache``, the prompt cache kept across unloads."""
+        return self.home / "kvcache"
 
     @property
     def history_path(self) -> Path:

@@ -115,12 +115,16 @@ OPTIONS: Mapping[str, OptionSpec] = MappingProxyType(
             _int("num_batch", 512, reload=True, lo=1, hi=MAX_CONTEXT),
             # num_gpu and main_gpu decide where the layers go (scheduler/placement.py): num_gpu
             # becomes LoadSpec.gpu_layers (-1: as many as fit), so a change of it reloads too;
-            # draft_num_predict is accepted (Ollama's clients send it) and unused: no draft model
+            # draft_num_predict bounds a draft of speculative decoding from the prompt's
+            # n-grams (runner/ngram.py; 0: off), a runtime option here: no draft model to load.
+            # Ollama's 4 is for a draft model; drafts that cost nothing to make pay best long
+            # (the engine still drafts only where it pays): 16, measured in
+            # bench/results/2026-12-05-speculative.md
             _int("num_gpu", -1, lo=-1),
             _int("main_gpu", None, reload=True, lo=0),  # None: the plan's choice
             OptionSpec("use_mmap", "bool", None, reload=True),
             _int("num_thread", 0, reload=True, lo=0, hi=4096),  # 0: the CPUs the worker may use
-            _int("draft_num_predict", 4, lo=0, hi=1024),
+            _int("draft_num_predict", 16, lo=0, hi=1024),
             # runtime (api.Options): SamplingOptions' fields
             _int("num_keep", 4, lo=-1),
             _int("seed", -1, lo=INT64_MIN, hi=INT64_MAX),  # -1: random

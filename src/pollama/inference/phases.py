@@ -209,6 +209,7 @@ def final_event(
     event.done_reason = chunk.done_reason
     event.stop_sequence = chunk.stop_sequence
     event.context_shifted = chunk.context_shifted
+    event.draft_tokens, event.draft_accepted = chunk.draft_tokens, chunk.draft_accepted
     event.metrics = Metrics(
         total_duration=time.monotonic_ns() - g.started,
         load_duration=g.load_duration,

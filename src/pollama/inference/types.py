@@ -119,3 +119,6 @@ class InferenceEvent:
     stop_sequence: str = ""
     # On the final event: how many tokens context shifts dropped from the window (0: none).
     context_shifted: int = 0
+    # On the final event: tokens speculative decoding drafted, and how many it kept.
+    draft_tokens: int = 0
+    draft_accepted: int = 0

@@ -91,6 +91,8 @@ class SamplingOptions:
     num_predict: int = DEFAULT_OPTIONS["num_predict"]
     num_keep: int = DEFAULT_OPTIONS["num_keep"]
     stop: tuple[str, ...] = tuple(DEFAULT_OPTIONS["stop"])
+    # The most tokens one draft of speculative decoding holds (0: never draft).
+    draft_num_predict: int = DEFAULT_OPTIONS["draft_num_predict"]
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SamplingOptions:
@@ -222,6 +224,8 @@ class CompletionChunk:
     ``stop_sequence`` on the final chunk is the stop string that ended the response
     (``done_reason`` ``stop``), "" otherwise. ``context_shifted`` on the final chunk is how
     many tokens context shifts dropped from the window while generating (0: none).
+    ``draft_tokens`` and ``draft_accepted`` on the final chunk are how many tokens
+    speculative decoding drafted and how many of them the model's own sampling kept.
     """
 
     text: str = ""
@@ -236,6 +240,8 @@ class CompletionChunk:
     logprobs: list[Logprob] | None = None
     stop_sequence: str = ""
     context_shifted: int = 0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass

@@ -26,6 +26,26 @@ are not one position each); any other, or one that asked for ``shift: false``, e
 ``length`` there. Generation is bounded either way: ``num_predict``, a negative or huge
 one bounded to ten windows as Ollama bounds it (:func:`generation_budget`).
 
+Speculative decoding from the prompt (``draft_num_predict`` > 0, the default): a generating
+slot may put a draft after its pending token, the tokens that followed the latest earlier
+occurrence of its last few tokens in the prompt and output (``runner/ngram.py``), every row
+with logits. After the decode the pending token's row is sampled as always; while the token
+drawn is the one drafted next, that drafted token is kept (it already sits in the KV) and
+its own row is sampled, with the same chain, grammar, logprobs, stop strings and budget as
+a token decoded alone. At the first difference the drawn token becomes the pending one and
+the cells of the rows not kept are cut (``seq_rm``). Drawing the target's own token at each
+row and keeping the draft while they agree is the rejection rule for a draft that is one
+token for sure (accept with probability p(d), else a token from p without d), so sampled
+output keeps its distribution (a seeded chain even makes the same draws) and greedy output
+is the same, as far as llama.cpp computes a row of a batch as it computes it alone: its CPU
+kernels do not quite (a few tenths of a logit apart for Qwen2.5's Q4_K, and for any model
+once the context is long), so where two tokens are nearly tied either may come, exactly as
+when several streams decode together. A request drafts only where it pays: its recent
+acceptance rate against the measured cost of more rows in this batch (``ngram.best_length``),
+with an exponential back-off of its probes. A request with media, or on a cache that cannot
+cut a range (M-RoPE, recurrent, hybrid: ``can_shift``), never drafts; a draft never reaches
+past the window, the request's budget or the batch.
+
 What must stay true:
 
 * Only the loop thread (:meth:`Engine.run`) touches the context, the batch and the samplers.
@@ -34,7 +54,9 @@ What must stay true:
 * ``slot.tokens`` is exactly what that slot's KV sequence holds, in order (token ids, and a
   medium's key once per embedding row). After a request the KV stays (prompt + generated
   tokens but the last one, which was never decoded) so that the next request with the same
-  prefix evaluates only the rest.
+  prefix evaluates only the rest. The one exception lasts from a decode to the end of its
+  sampling: a draft's cells are in the KV, and its tokens join ``slot.tokens`` one by one as
+  they are kept; the rest are cut before the step ends (:meth:`Engine._verify`).
 * Every cell a later request may reuse holds what evaluating ``slot.tokens`` afresh would:
   the cells after a shift's kept prefix were computed while the dropped tokens were still
   in the window, so a request that shifted leaves its slot cut back to that prefix
@@ -86,6 +108,7 @@ from pollama.runner.base import (
     SamplingOptions,
 )
 from pollama.runner.logprobs import HeldLogprobs, Vector, log_softmax, token_entry
+from pollama.runner.ngram import INDEX_LIMIT, Acceptance, NgramIndex, StepCosts, expected_tokens
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
     from pollama.runner.grammar import Constraint, Grammars
@@ -363,6 +386,14 @@ class _Job:
     shift: bool = False  # may shift its context when the window is full
     keep: int = 0  # entries a shift keeps at the start of the window
     shifted: int = 0  # tokens shifts dropped so far
+    # Speculative decoding (``runner/ngram.py``): None when the request never drafts.
+    drafting: Acceptance | None = None
+    draft_max: int = 0  # draft_num_predict: the most tokens one draft holds
+    index: NgramIndex | None = None  # the prompt and output, built at the first draft
+    indexed: int = 0  # generated tokens already in the index
+    draft: list[int] = field(default_factory=list)  # drafted tokens in the batch being decoded
+    draft_row: int = -1  # the batch row of the first of them
+    draft_key: int = 0  # the length of the match they were drafted from
 
     def next_span(self) -> MediaSpan | None:
         """The first media span not yet wholly in the KV cache (None: only text is left)."""
@@ -441,6 +472,8 @@ class Engine:
         self._grammars: Grammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
         self.can_shift = ctx.can_shift()
+        # Decode time by rows, per number of generating slots (``runner/ngram.py``).
+        self._costs: dict[int, StepCosts] = {}
 
     # -- called from any thread --------------------------------------------------------
 
@@ -487,6 +520,9 @@ class Engine:
         job.shift = request.shift and self.can_shift and not job.media
         job.keep = self._keep(request.options.num_keep, len(prompt))
         job.stops = StopMatcher(request.options.stop)
+        job.draft_max = request.options.draft_num_predict
+        if job.draft_max > 0 and self.can_shift and not job.media:
+            job.drafting = Acceptance()
         if request.logprobs:
             job.held, job.top_logprobs = HeldLogprobs(), request.top_logprobs
         if request.format is not None:
@@ -745,8 +781,11 @@ class Engine:
         if self._media_pool is not None:
             self._decode_media()
         decoding, prefilling = self._add_pending_tokens()
-        chunked = self._add_prompt_chunks(prefilling, len(decoding))
-        if self.batch.n_tokens == 0:
+        if decoding:
+            self._add_drafts(decoding)
+        chunked = self._add_prompt_chunks(prefilling, self.batch.n_tokens)
+        rows = self.batch.n_tokens
+        if rows == 0:
             return
         sharing = self._media_pool is not None and self._share_cores()  # only with media
         tuner = None if sharing else self.tuner
@@ -754,20 +793,25 @@ class Engine:
             if chunked:
                 tuner.interrupt()
             else:
-                tuner.threads_for_step(len(decoding))
+                tuner.threads_for_step(rows)
         start = time.perf_counter_ns()
         rc = self.ctx.decode(self.batch)
         now = time.perf_counter_ns()
         if rc != 0:
             self._decode_failed(rc, decoding + chunked)
             return
-        if tuner is not None and not chunked:
-            tuner.record(len(decoding), (now - start) / 1e9)
+        if not chunked and not sharing:  # decode-only steps: what drafting weighs
+            if tuner is not None:
+                tuner.record(rows, (now - start) / 1e9)
+            self._costs.setdefault(len(decoding), StepCosts()).record(rows, (now - start) / 1e9)
         self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
         self._record_decoded(decoding, chunked, now)
         for job in decoding + chunked:
             if job.row >= 0 and job.slot is not None:
-                self._sample(job)
+                if job.draft:
+                    self._verify(job)
+                else:
+                    self._sample(job)
 
     def _share_cores(self) -> bool:
         """Whether this step yields cores to an encode running on the media thread (then
@@ -837,10 +881,79 @@ class Engine:
                 self.ctx.seq_rm(slot.seq, -1, -1)
                 slot.reset()
 
+    def _add_drafts(self, decoding: list[_Job]) -> None:
+        """After the pending tokens, the draft of every generating job that drafts, has one
+        and finds it pays in this batch (``runner/ngram.py``), its rows one after another,
+        each with logits. A draft ends before the window's end, the job's budget (each row
+        yields at most one token) and the batch's end."""
+        costs = self._costs.setdefault(len(decoding), StepCosts())
+        expected = float(len(decoding))  # every pending token yields one
+        batch = self.batch
+        for job in decoding:
+            job.draft = []
+            slot, drafting = job.slot, job.drafting
+            if drafting is None or slot is None or slot.held:
+                continue
+            room = min(
+                job.draft_max,
+                job.budget - len(job.generated) - 1,
+                self.n_ctx - len(slot.tokens) - 1,  # the pending token is not in them yet
+                self.n_batch - batch.n_tokens,
+            )
+            candidate, key = self._lookup(job, room) if room > 0 else ([], 0)
+            if not candidate:
+                continue
+            k = drafting.length(key, len(candidate), expected, batch.n_tokens, costs)
+            if k == 0:
+                continue
+            job.draft, job.draft_key = candidate[:k], key
+            job.draft_row = batch.n_tokens
+            pos = len(slot.tokens) + 1 - slot.lag
+            for i, token in enumerate(job.draft):
+                batch.add(token, pos + i, slot.seq, True)
+            expected += expected_tokens(drafting.rate(key), k) - 1
+
+    @staticmethod
+    def _lookup(job: _Job, limit: int) -> tuple[list[int], int]:
+        """Up to ``limit`` tokens drafted from the job's prompt and output so far, and the
+        length of the match; the index is built at the first look, then follows the output."""
+        if job.index is None:
+            job.index = NgramIndex(job.prompt[-INDEX_LIMIT:] + job.generated)
+        else:
+            job.index.extend(job.generated[job.indexed :])
+        job.indexed = len(job.generated)
+        return job.index.draft(limit)
+
+    def _verify(self, job: _Job) -> None:
+        """Sample the pending token's row, then each drafted row while the token drawn is
+        the one drafted there: that token is kept (its cell already holds it) and its row
+        gives the next one. Then the cells of the drafted rows not kept are cut, so that
+        the slot's tokens are again what its sequence holds."""
+        slot, draft, drafting = job.slot, job.draft, job.drafting
+        assert slot is not None and drafting is not None
+        job.draft = []
+        kept = 0
+        drafting.drafted += len(draft)  # counted first: a sample may end the request
+        self._sample(job)
+        while slot.job is job and kept < len(draft) and job.pending == draft[kept]:
+            slot.tokens.append(draft[kept])
+            job.row = job.draft_row + kept
+            kept += 1
+            drafting.accepted += 1
+            self._sample(job)
+        drafting.record(job.draft_key, len(draft), kept)
+        if kept == len(draft) and slot.job is job:
+            return
+        if not self.ctx.seq_rm(slot.seq, len(slot.tokens) - slot.lag, -1):
+            self.ctx.seq_rm(slot.seq, -1, -1)  # what it holds is unknown: start over
+            slot.reset()
+            if slot.job is job:
+                self._finish(job, "", failure="the KV cache refused to drop a draft")
+
     def _add_prompt_chunks(self, prefilling: list[_Job], decoding: int) -> list[_Job]:
-        """Add chunks of the prompts being evaluated, sharing what the ``decoding`` pending
-        tokens left of the batch fairly (and at most the prefill cap); returns the jobs that
-        got a chunk. Only a prompt's last chunk asks for logits."""
+        """Add chunks of the prompts being evaluated, sharing what the ``decoding`` rows
+        (pending tokens and drafts) left of the batch fairly (and at most the prefill cap);
+        returns the jobs that got a chunk. Only a prompt's last chunk asks for logits."""
         budget = min(self.n_batch - decoding, self._prefill_cap)
         shares = fair_share(budget, [j.text_left() for j in prefilling])
         now = time.perf_counter_ns()
@@ -1098,5 +1211,38 @@ class Engine:
                 tokens=tokens,
                 stop_sequence=job.stops.matched if reason == "stop" else "",
                 context_shifted=job.shifted,
+                draft_tokens=job.drafting.drafted if job.drafting is not None else 0,
+                draft_accepted=job.drafting.accepted if job.drafting is not None else 0,
             )
         )
+
+    # -- the prompt cache on disk (runner/kvstate.py) -----------------------------------
+    # Called only while the loop is not running (before :meth:`run`, or after it returned),
+    # on the thread that runs it: they read and set what the slots hold.
+
+    def resting_slots(self) -> list[tuple[int, list[int]]]:
+        """``(seq, tokens)`` of every idle slot a file can hold, most recently used first:
+        text only (no medium's rows), on a cache whose entries are one position each
+        (:attr:`can_shift`: not M-RoPE, recurrent or hybrid), so that the tokens alone say
+        where every cell sits."""
+        if not self.can_shift:
+            return []
+        idle = [
+            slot
+            for slot in self.slots
+            if slot.job is None and slot.tokens and not slot.held and min(slot.tokens) >= 0
+        ]
+        idle.sort(key=lambda slot: slot.last_used, reverse=True)
+        return [(slot.seq, list(slot.tokens)) for slot in idle]
+
+    def empty_slots(self) -> list[int]:
+        """The sequences that hold nothing (where a saved sequence may be read back)."""
+        return [slot.seq for slot in self.slots if slot.job is None and not slot.tokens]
+
+    def adopt_slot(self, seq: int, tokens: list[int]) -> None:
+        """The empty sequence ``seq`` now holds ``tokens`` at positions 0.. (a saved
+        sequence read back); it is the most recently used slot."""
+        slot = self.slots[seq]
+        assert slot.job is None and not slot.tokens
+        slot.tokens.extend(tokens)
+        slot.last_used = next(self._clock)

@@ -52,6 +52,7 @@ __all__ = [
     "flash_attn_type",
     "guidance_tokenizer",
     "kv_cache_types",
+    "state_format",
 ]
 
 KV_CACHE_TYPES: dict[str, int] = {
@@ -130,6 +131,18 @@ def kv_cache_types(
         warning = f"kv cache type {key} does not fit head sizes {head_dims}: using f16"
         return lc.GGML_TYPE_F16, lc.GGML_TYPE_F16, warning
     return kind, kind, ""
+
+
+def state_format() -> str:
+    """The engine and its sequence-state format: a state saved by another may not read
+    back the same (part of the prompt cache's key, ``runner/kvstate.py``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("llama_cpp_python")
+    except PackageNotFoundError:
+        package = "unknown"
+    return f"llama-cpp-python {package}, seq state {lc.LLAMA_STATE_SEQ_VERSION}"
 
 
 def flash_attn_type(flash_attention: bool | None, kv_cache_type: str) -> int:
@@ -456,6 +469,34 @@ class Context:
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
+
+    # Sequence state (the prompt cache on disk, runner/kvstate.py)
+
+    def seq_state(self, seq: int) -> bytearray:
+        """A copy of ``seq``'s KV cells, in llama.cpp's own format (which says, and checks
+        when read back, the layers, the cache's types and the V layout)."""
+        size = int(lc.llama_state_seq_get_size(self.ptr, seq))
+        data = bytearray(size)
+        if size:
+            view = (ctypes.c_uint8 * size).from_buffer(data)
+            written = int(lc.llama_state_seq_get_data(self.ptr, view, size, seq))
+            del view
+            del data[written:]
+        return data
+
+    def set_seq_state(self, seq: int, state: memoryview) -> bool:
+        """Put a copy made by :meth:`seq_state` into the empty sequence ``seq``. False when
+        llama.cpp refused it or read only part of it; the sequence is then emptied."""
+        size = len(state)
+        if size == 0:
+            return False
+        view = (ctypes.c_uint8 * size).from_buffer(state)
+        read = int(lc.llama_state_seq_set_data(self.ptr, view, size, seq))
+        del view
+        if read == size:
+            return True
+        self.seq_rm(seq, -1, -1)
+        return False
 
     def set_lora(self, paths: Sequence[str], scale: float = 1.0) -> None:
         """Load LoRA adapters and apply them to this context (loading fails loudly)."""

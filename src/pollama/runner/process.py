@@ -91,7 +91,9 @@ class SubprocessRunner:
     ``command`` replaces ``[python, "-m", "pollama.runner.worker"]`` (tests run a fake
     worker); ``--fd N --spec JSON`` are appended to it. ``load_timeout`` bounds
     :meth:`start` (``OLLAMA_LOAD_TIMEOUT``; ``inf`` waits forever); ``close_timeout`` is how
-    long :meth:`close` lets the worker exit on its own before killing it.
+    long :meth:`close` lets the worker exit on its own before killing it (a worker saves
+    its prompt cache in that time: ``runner/kvstate.py``, ``SAVE_SECONDS``). ``kv_cache``
+    is the prompt cache's directory and bound in bytes, for the real worker (None: off).
     """
 
     def __init__(
@@ -105,10 +107,13 @@ class SubprocessRunner:
         env: Mapping[str, str] | None = None,
         log: logging.Logger = _default_log,
         output_lines: int = 50,
+        kv_cache: tuple[str, int] | None = None,
     ) -> None:
         self.spec = spec
         default = [python, "-m", "pollama.runner.worker"]
         self._argv = list(command) if command is not None else default
+        if kv_cache is not None and kv_cache[1] > 0:  # the prompt cache (runner/kvstate.py)
+            self._argv += ["--kv-cache", kv_cache[0], "--kv-cache-max-bytes", str(kv_cache[1])]
         self._load_timeout = load_timeout
         self._close_timeout = close_timeout
         self._env = dict(env) if env is not None else None
@@ -530,8 +535,12 @@ def subprocess_factory(
     settings: Settings, **options: Any
 ) -> Callable[[LoadSpec], SubprocessRunner]:
     """The production ``runner_factory`` for the scheduler: one worker per load, with
-    ``OLLAMA_LOAD_TIMEOUT``; ``options`` go to :class:`SubprocessRunner` (``command``,
-    ``env``, ``close_timeout``...)."""
+    ``OLLAMA_LOAD_TIMEOUT`` and the prompt cache across unloads
+    (``POLLAMA_KV_CACHE_MAX_BYTES``); ``options`` go to :class:`SubprocessRunner`
+    (``command``, ``env``, ``close_timeout``...). A ``command`` that replaces the worker (a
+    test's stand-in) takes only the protocol's own arguments: no prompt cache."""
+    if "command" not in options:
+        options.setdefault("kv_cache", (str(settings.kv_cache_path), settings.kv_cache_max_bytes))
 
     def make(spec: LoadSpec) -> SubprocessRunner:
         return SubprocessRunner(spec, load_timeout=settings.load_timeout, **options)

@@ -28,7 +28,9 @@ worker → server
                                            {token, logprob, bytes, top_logprobs: [...]}
     {"id": 1, "type": "done", CompletionChunk fields except text and logprobs}
                                            (stop_sequence: the stop string that ended it;
-                                           context_shifted: tokens a context shift dropped)
+                                           context_shifted: tokens a context shift dropped;
+                                           draft_tokens, draft_accepted: drafted tokens and
+                                           those kept, speculative decoding)
     {"id": 2, "type": "result", "tokens": [...]} / {"id": 3, "type": "result", "text": "..."}
     {"id": 4, "type": "result", "vectors": ["<base64 of little-endian float32>", ...],
      "token_counts": [...]}                  one vector per input, in order, not normalized

@@ -22,6 +22,10 @@ embedding loop on the main thread, and completions refused.
 
 The worker exits cleanly on ``shutdown`` or when the socket closes (the server died), and
 never writes anything but protocol messages to the socket; llama.cpp's log goes to stderr.
+With ``--kv-cache DIR --kv-cache-max-bytes N`` (the server passes them) it keeps its prompt
+cache across unloads (``runner/kvstate.py``): after ``ready`` and before the loop admits a
+request it reads saved sequences back into its empty slots, and once the loop has stopped it
+saves its idle ones, within a few seconds.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +66,7 @@ from pollama.runner.protocol import (
 if TYPE_CHECKING:
     from pollama.runner.embedder import EmbeddingLoop
     from pollama.runner.engine import Engine, Event
+    from pollama.runner.kvstate import PromptCache
     from pollama.runner.llama import Context, EmbeddingContext, LogSink, Model
     from pollama.runner.media import Projector
 
@@ -215,6 +220,7 @@ class Loaded:
             raise
         self.n_ctx = min(spec.num_ctx, self.ctx.n_ctx_seq)
         self.n_batch = n_batch
+        self.kv_types = (type_k, type_v)
         self._kv_bytes = (
             2 * self.model.n_layer * self.ctx.n_ctx
             * self.model.n_head_kv * (self.model.n_embd // max(1, self.model.n_head))
@@ -443,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pollama.runner.worker")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
     parser.add_argument("--spec", required=True, help="the LoadSpec as JSON")
+    parser.add_argument("--kv-cache", default="", help="the prompt cache's directory")
+    parser.add_argument(
+        "--kv-cache-max-bytes", type=int, default=0, help="its bound in bytes (0: off)"
+    )
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     writer = Writer(sock)
@@ -474,7 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     reader.start()
     if engine is not None:
+        cache = _prompt_cache(args.kv_cache, args.kv_cache_max_bytes, loaded, spec)
+        if cache is not None:  # before the loop admits the first request
+            _guarded(lambda: cache.restore(engine))
         engine.run()
+        if cache is not None:  # a graceful stop: the loop is over, its slots are idle
+            _guarded(lambda: cache.save(engine))
     else:
         embedder.run()
     reader.join(timeout=2.0)
@@ -505,6 +520,29 @@ def _load(spec: LoadSpec, log: LogSink, writer: Writer) -> Loaded | None:
         detail = f" ({log.last_error})" if log.last_error and log.last_error not in str(exc) else ""
         writer.send({"type": "fatal", "message": f"{exc}{detail}"})
         return None
+
+
+def _prompt_cache(root: str, max_bytes: int, loaded: Loaded, spec: LoadSpec) -> PromptCache | None:
+    """The prompt cache across unloads (``runner/kvstate.py``), None when it is off."""
+    from pollama.runner.kvstate import PromptCache, cache_material
+
+    if not root or max_bytes <= 0 or loaded.ctx is None:
+        return None
+    try:
+        type_k, type_v = loaded.kv_types
+        material = cache_material(spec, n_ctx=loaded.n_ctx, type_k=type_k, type_v=type_v)
+    except OSError as exc:
+        _log(f"prompt cache off: {exc}")
+        return None
+    return PromptCache.open(root, max_bytes, material, _log)
+
+
+def _guarded(action: Callable[[], object]) -> None:
+    """Run a prompt-cache step; a failure costs the cache, never the worker."""
+    try:
+        action()
+    except Exception as exc:
+        _log(f"prompt cache: {type(exc).__name__}: {exc}")
 
 
 def _engine(loaded: Loaded, spec: LoadSpec) -> Engine | None:

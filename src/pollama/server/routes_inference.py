@@ -77,6 +77,9 @@ def _final_fields(event: InferenceEvent, body: dict[str, Any]) -> None:
         body["num_ctx"] = event.truncation.num_ctx
     if event.context_shifted:
         body["context_shifted"] = event.context_shifted  # beyond Ollama: never silent
+    if event.draft_tokens:  # beyond Ollama: what speculative decoding did
+        body["draft_tokens"] = event.draft_tokens
+        body["draft_accepted"] = event.draft_accepted
 
 
 def _token_logprob(entry: TokenLogprob) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""The pure parts of speculative decoding (``runner/ngram.py``): the n-gram lookup, the
+expected yield of a draft, the measured cost of rows and the per-request back-off."""
+
+from __future__ import annotations
+
+import pytest
+
+from pollama.runner.ngram import (
+    Acceptance,
+    NgramIndex,
+    StepCosts,
+    best_length,
+    cheapest_probe,
+    expected_tokens,
+)
+
+
+def test_the_draft_is_what_followed_the_latest_occurrence_of_the_tail() -> None:
+    index = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3])
+    # "2 3" occurred twice before the tail: the latest was followed by 7 8 6 2 3
+    assert index.draft(3) == ([7, 8, 6], 2)
+    assert index.draft(10) == ([7, 8, 6, 2, 3], 2)  # up to the end of the history
+    assert index.draft(0) == ([], 0)
+
+
+def test_the_longest_matching_key_wins_over_a_later_short_one() -> None:
+    # "1 2 3 4" is followed by 50; a later "3 4" by 60. The tail "1 2 3 4" matches both.
+    history = [1, 2, 3, 4, 50, 51, 9, 3, 4, 60, 61, 1, 2, 3, 4]
+    assert NgramIndex(history).draft(2) == ([50, 51], 4)
+    # With only the two-token key the latest occurrence is taken.
+    assert NgramIndex(history, sizes=(2,)).draft(2) == ([60, 61], 2)
+
+
+def test_the_tail_itself_is_never_a_match_and_extend_follows_the_output() -> None:
+    index = NgramIndex([5, 6, 7])
+    assert index.draft(4) == ([], 0)  # "6 7" occurs only at the end
+    index.extend([5, 6])
+    assert index.draft(4) == ([7, 5, 6], 2)
+    # a repeating pattern drafts its own continuation, overlapping the tail
+    loop = NgramIndex([1, 2, 1, 2, 1, 2])
+    assert loop.draft(5) == ([1, 2], 4)
+
+
+def test_a_single_token_never_drafts() -> None:
+    index = NgramIndex([4, 8, 4])
+    assert index.draft(3) == ([], 0)
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(1.0, 8) == 9.0
+
+
+def _costs(a: float, b: float, rows: range = range(1, 40)) -> StepCosts:
+    """Decode times ``a + b * rows``, measured for every row count in ``rows``."""
+    costs = StepCosts()
+    for n in rows:
+        costs.record(n, a + b * n)
+    return costs
+
+
+def test_measured_times_and_hopeful_guesses() -> None:
+    costs = StepCosts()
+    assert costs.time(5) / costs.time(1) == pytest.approx(2.0)  # the prior: a quarter a row
+    costs.record(1, 0.04)
+    costs.record(4, 0.06)
+    costs.record(5, 0.09)  # rows go four at a time: five cost more than eight might
+    assert (costs.time(1), costs.time(4), costs.time(5)) == (0.04, 0.06, 0.09)
+    # never measured: the nearest count under it, and a quarter of one row's time a row
+    assert costs.time(9) == pytest.approx(0.09 + 4 * 0.01)
+    for _ in range(20):
+        costs.record(1, 0.02)
+    assert costs.time(1) == pytest.approx(0.02, rel=0.05)  # a moving average
+    drafted_first = StepCosts()  # the first step measured already held a draft
+    drafted_first.record(9, 0.06)
+    assert drafted_first.time(1) == pytest.approx(0.02)  # the prior's line through it
+    assert 0 < drafted_first.time(1) < drafted_first.time(2) < 0.06
+
+
+def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
+    cheap = _costs(0.02, 0.002)  # a row is a tenth of a step
+    dear = _costs(0.0, 0.01)  # a row costs as much as a step: batching gains nothing
+    assert best_length(0.98, 16, 1.0, 1, cheap) == 16
+    assert best_length(0.1, 16, 1.0, 1, cheap) == 0
+    assert best_length(0.98, 16, 1.0, 1, dear) == 0
+    # with four streams decoding, the same draft slows them all: it must pay more
+    middling = _costs(0.02, 0.006)
+    alone = best_length(0.7, 16, 1.0, 1, middling)
+    shared = best_length(0.7, 16, 4.0, 4, middling)
+    assert alone > shared
+
+
+def test_acceptance_follows_the_recent_rate_of_each_key_length() -> None:
+    acceptance = Acceptance()
+    assert acceptance.rate(8) > acceptance.rate(4) > acceptance.rate(2)  # the priors
+    prior, long_prior = acceptance.rate(4), acceptance.rate(8)
+    for _ in range(5):
+        acceptance.record(4, 8, 8)
+    assert acceptance.rate(4) > 0.95
+    for _ in range(5):
+        acceptance.record(4, 8, 0)
+    assert acceptance.rate(4) < prior
+    assert acceptance.rate(8) == long_prior  # each length keeps its own
+
+
+def test_probes_back_off_exponentially_while_drafting_does_not_pay() -> None:
+    costs = _costs(0.0, 0.01)  # never pays
+    acceptance = Acceptance()
+    probes = []
+    for step in range(300):
+        if acceptance.length(4, 8, 1.0, 1, costs):
+            probes.append(step)
+            acceptance.record(4, 1, 0)
+    # a probe of one token at the first opportunity, then gaps of 2, 4, 8, ...
+    assert probes[:5] == [0, 2, 6, 14, 30]
+    assert len(probes) <= 9
+    # two common tokens in a row are no reason to probe
+    assert not any(Acceptance().length(2, 8, 1.0, 1, costs) for _ in range(50))
+    # a probe that brings the rate back resets the gap
+    good = _costs(0.02, 0.002)
+    for _ in range(6):
+        acceptance.record(4, 4, 4)
+    assert acceptance.length(4, 8, 1.0, 1, good) > 1
+
+
+def test_a_probe_takes_the_rows_that_cost_least() -> None:
+    costs = _costs(0.0, 0.01, range(1, 10))  # each row costs as much as a step
+    assert cheapest_probe(8, 1, costs) == 1
+    kernels = StepCosts()  # as llama.cpp's CPU kernels do: four rows cost what two do
+    for rows, seconds in ((1, 0.025), (2, 0.055), (3, 0.08), (4, 0.056), (5, 0.11)):
+        kernels.record(rows, seconds)
+    assert cheapest_probe(3, 1, kernels) == 3  # 4 rows: within 2 % of 2 rows
+    assert cheapest_probe(8, 1, kernels) == 3  # 6 rows and more are guessed dearer
+    assert cheapest_probe(2, 1, kernels) == 1
