@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from inprocess import anthropic_client, native_client, openai_client
 from pollama.config import Settings, load_settings
 from pollama.server.app import create_app
+from registry_helpers import DockerRegistry, FaultProxy
 
 
 @pytest.fixture(autouse=True)
@@ -221,3 +222,19 @@ def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     with default_model_server(home, {"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_MAX_QUEUE": "10"}
                               ) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
+    """A real registry (Debian's docker-registry) for the module's pull and push tests."""
+    running = DockerRegistry(tmp_path_factory.mktemp("registry"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
+    """A proxy in front of ``registry`` that injects the faults a test asks for."""
+    running = FaultProxy(registry.url)
+    yield running
+    running.stop()

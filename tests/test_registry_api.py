@@ -22,13 +22,6 @@ from test_registry import make_model
 BASE = "http://127.0.0.1:11434"
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
-    running = DockerRegistry(tmp_path_factory.mktemp("registry"))
-    yield running
-    running.stop()
-
-
 def app_client(settings: Settings) -> TestClient:
     return TestClient(create_app(settings), base_url=BASE)
 

@@ -15,7 +15,7 @@ import hashlib
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +41,6 @@ from pollama.store import Store
 from pollama.store.manifests import MANIFEST_MEDIA_TYPE, Manifest
 from registry_helpers import DockerRegistry, Fault, FaultProxy, Reply, free_port
 from test_registry import FAST, collect, make_model, model_layer, run, service, strays
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
-    running = DockerRegistry(tmp_path_factory.mktemp("registry"))
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
-    running = FaultProxy(registry.url)
-    yield running
-    running.stop()
 
 
 @pytest.fixture

@@ -40,13 +40,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
-    running = DockerRegistry(tmp_path_factory.mktemp("registry"))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """A server that also serves its models to other machines, and pushes to the test's
     registry on loopback (listed, as a user lists a registry of their own)."""
