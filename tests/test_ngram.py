@@ -133,3 +133,15 @@ def test_a_probe_takes_the_rows_that_cost_least() -> None:
     assert cheapest_probe(3, 1, kernels) == 3  # 4 rows: within 2 % of 2 rows
     assert cheapest_probe(8, 1, kernels) == 3  # 6 rows and more are guessed dearer
     assert cheapest_probe(2, 1, kernels) == 1
+
+
+def test_a_step_timed_at_zero_never_divides_by_zero() -> None:
+    from pollama.runner.ngram import StepCosts, best_length
+
+    costs = StepCosts()
+    costs.record(1, 0.0)  # ignored: not a measurement
+    assert costs.time(0) > 0  # no measurement yet: the prior, even for an empty batch
+    costs.record(6, 0.012)
+    for rows in (0, 1, 3, 6, 9):
+        assert costs.time(rows) > 0, rows
+    assert 0 <= best_length(0.9, 8, 1.0, 0, costs) <= 8

@@ -148,6 +148,11 @@ class StepCosts:
         self._ema[rows] = seconds if ema is None else ema + _EMA * (seconds - ema)
 
     def time(self, rows: int) -> float:
+        """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse
+        clock must not divide by zero in :func:`best_length`)."""
+        return max(self._guess(rows), 1e-9)
+
+    def _guess(self, rows: int) -> float:
         known = self._ema.get(rows)
         if known is not None:
             return known
