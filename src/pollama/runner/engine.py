@@ -38,7 +38,7 @@ row and keeping the draft while they agree is the rejection rule for a draft tha
 token for sure (accept with probability p(d), else a token from p without d), so sampled
 output keeps its distribution (a seeded chain even makes the same draws) and greedy output
 is the same, as far as llama.cpp computes a row of a batch as it computes it alone: its CPU
-kernels do not quite (a few tenths of a logit apart for Qwen2.5's Q4_K, and for any model
+kernels do not quite (a few tenths of a logit apart for Qwen2.5-Coder, and for SmolLM2
 once the context is long), so where two tokens are nearly tied either may come, exactly as
 when several streams decode together. A request drafts only where it pays: its recent
 acceptance rate against the measured cost of more rows in this batch (``ngram.best_length``),
