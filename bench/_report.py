@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
@@ -208,3 +209,13 @@ def _memory(results: dict[str, Any]) -> list[str]:
                 f"| {_ratio(_get(po, 'rss'), _get(ls, 'rss'))} |"
             )
     return [*out, ""]
+
+
+def publish(text: str, out: Path) -> int:
+    """Write a benchmark's markdown to ``out`` (its folder made), print it and where it went;
+    the exit status of a run that got this far (0)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+    return 0

@@ -40,6 +40,7 @@ from typing import Any
 
 import _procs
 import httpx
+from _report import publish
 from run_bench import FOLLOW_UPS, ROOT, Pollama, chat_history, git_commit
 from structured_bench import cpu_model
 
@@ -233,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pollama-kv-restore-") as home:
         rows = run(args, Path(home))
     text = render(meta, rows)
-    out = args.out or ROOT / "bench" / "results" / f"{date}-kv-restore.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
-    return 0
+    return publish(text, args.out or ROOT / "bench" / "results" / f"{date}-kv-restore.md")
 
 
 if __name__ == "__main__":

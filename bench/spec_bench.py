@@ -39,6 +39,7 @@ from typing import Any
 
 import _procs
 import httpx
+from _report import publish
 from run_bench import LOGS, ROOT, Pollama, git_commit, llama_server_bin
 from structured_bench import cpu_model
 
@@ -308,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pollama-spec-") as home:
         rows = run(args, Path(home))
     text = render(meta, rows)
-    out = args.out or ROOT / "bench" / "results" / f"{date}-speculative.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
-    return 0
+    return publish(text, args.out or ROOT / "bench" / "results" / f"{date}-speculative.md")
 
 
 if __name__ == "__main__":

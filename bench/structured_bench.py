@@ -27,6 +27,7 @@ from typing import Any
 
 import _procs
 import httpx
+from _report import publish
 from run_bench import ROOT, Pollama, git_commit
 
 # The prompt and schema of the end-to-end tests (tests/test_e2e_structured.py).
@@ -303,12 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         server = measure_server(args, Path(home))
     cost = measure_engine_cost(args)
     text = render(meta, server, cost)
-    out = args.out or ROOT / "bench" / "results" / f"{date}-structured.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
-    return 0
+    return publish(text, args.out or ROOT / "bench" / "results" / f"{date}-structured.md")
 
 
 if __name__ == "__main__":
