@@ -52,6 +52,11 @@ def fake_vector(tokens: Sequence[int], dim: int = FAKE_EMBEDDING_DIM) -> list[fl
     return [float(digest[i % len(digest)] - 127.5) * 0.37 for i in range(dim)]
 
 
+def fake_pair_tokens(query: str, document: str) -> list[int]:
+    """The fake cross-encoder's sequence of a pair: BOS, the query, BOS again, the document."""
+    return [BOS_TOKEN, *query.encode(), BOS_TOKEN, *document.encode()]
+
+
 class FakeRunner:
     """A runner that replays ``script`` (chunks, or a function of the request).
 
@@ -172,9 +177,20 @@ class FakeRunner:
             if not finished:
                 self.cancelled += 1
 
-    async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
-        """Byte tokens plus BOS, cut to ``num_ctx`` (or refused, as the worker does)."""
+    async def embed(
+        self,
+        inputs: Sequence[str],
+        truncate: bool = True,
+        *,
+        query: str | None = None,
+        label: str = "input",
+    ) -> EmbeddingResult:
+        """Byte tokens plus BOS, cut to ``num_ctx`` (or refused, as the worker does). With a
+        ``query`` each input is paired: ``fake_pair_tokens``, whose fake vector's first
+        value is the pair's score."""
         self.calls.append(("embed", (list(inputs), truncate)))
+        if query is not None:
+            self.calls.append(("pair", (query, label)))
         self._check_alive()
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -187,7 +203,8 @@ class FakeRunner:
             counts: list[int] = []
             make = self.embedding or (lambda t: fake_vector(t, self.embedding_dim))
             for text in inputs:
-                tokens = [BOS_TOKEN, *text.encode()]
+                tokens = fake_pair_tokens(query, text) if query is not None else [
+                    BOS_TOKEN, *text.encode()]
                 if len(tokens) > self.spec.num_ctx:
                     if not truncate:
                         raise ContextOverflow(

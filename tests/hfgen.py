@@ -13,6 +13,7 @@ random models for the unit tests. ``wordpiece`` and ``bert_forward`` are a plain
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import struct
 import unicodedata
@@ -516,3 +517,32 @@ def bert_forward(ids: list[int], weights: dict[str, np.ndarray], config: dict[st
 def mean_pooled(hidden: np.ndarray) -> np.ndarray:
     vector = hidden.mean(0)
     return vector / np.linalg.norm(vector)
+
+
+def cross_encoder_folder(minilm: Path, folder: Path, *, seed: int = 18) -> dict[str, np.ndarray]:
+    """A BERT cross-encoder made from all-MiniLM's weights (as ``bert.*``, its pooler kept)
+    and a random one-label classification head (fixed seed), written as the folder of a
+    ``BertForSequenceClassification``; returns its weights."""
+    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("model.safetensors",
+                                                                   "modules.json", "1_Pooling"))
+    weights = {f"bert.{k}": v for k, v in read_safetensors(minilm / "model.safetensors").items()}
+    rng = np.random.default_rng(seed)
+    weights["classifier.weight"] = (rng.standard_normal((1, 384)) * 0.05).astype(np.float32)
+    weights["classifier.bias"] = np.asarray([0.25], dtype=np.float32)
+    write_safetensors(folder / "model.safetensors", weights)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0})
+    (folder / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+def cross_encoder_score(ids: list[int], weights: dict[str, np.ndarray],
+                        config: dict[str, Any]) -> float:
+    """What transformers' BertForSequenceClassification computes for a pair's ``ids``
+    (token type 0 throughout, as llama.cpp's BERT graph has no segment ids): the pooler's
+    dense layer and tanh over the [CLS] row, then the classifier."""
+    hidden = bert_forward(ids, weights, config, prefix="bert.")
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    pooled = np.tanh(w["bert.pooler.dense.weight"] @ hidden[0] + w["bert.pooler.dense.bias"])
+    return float((w["classifier.weight"] @ pooled + w["classifier.bias"])[0])

@@ -32,6 +32,7 @@ import pytest
 from conftest import RunningServer, create_default_model, start_server, stop_server
 from hfgen import (
     bert_forward,
+    cross_encoder_folder,
     llama_folder_from_gguf,
     mean_pooled,
     read_safetensors,
@@ -140,18 +141,8 @@ def test_all_minilm_embeds_as_the_model_does(
 
 def test_a_cross_encoder_keeps_its_head(srv: RunningServer, minilm: Path, tmp_path: Path) -> None:
     folder = tmp_path / "cross-encoder"
-    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("model.safetensors",
-                                                                   "modules.json", "1_Pooling"))
-    weights = {f"bert.{k}": v for k, v in read_safetensors(minilm / "model.safetensors").items()}
-    rng = np.random.default_rng(18)
-    head = (rng.standard_normal((1, 384)) * 0.05).astype(np.float32)
-    bias = np.asarray([0.25], dtype=np.float32)
-    write_safetensors(folder / "model.safetensors",
-                      {**weights, "classifier.weight": head, "classifier.bias": bias})
-    config = json.loads((folder / "config.json").read_text())
-    config.update(architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"},
-                  label2id={"LABEL_0": 0})
-    (folder / "config.json").write_text(json.dumps(config))
+    weights = cross_encoder_folder(minilm, folder)
+    head, bias = weights["classifier.weight"], weights["classifier.bias"]
     create(srv, "minilm-reranker", folder)
     reader = model_gguf(srv, "minilm-reranker")
     meta = {name: field.contents() for name, field in reader.fields.items()}

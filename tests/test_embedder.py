@@ -14,12 +14,13 @@ import random
 import struct
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from pollama.errors import ContextOverflow, InvalidRequest
 from pollama.runner.base import EmbeddingResult
-from pollama.runner.embedder import FILLER, EmbeddingLoop, fit_tokens, plan, run_plan
+from pollama.runner.embedder import FILLER, EmbeddingLoop, Naming, fit_tokens, plan, run_plan
 
 PAD = 999
 
@@ -41,7 +42,9 @@ class SimBackend:
         align: int = 4,
         round_tokens: int = 0,
         n_tail: int = 0,
+        ranks: bool = False,
     ) -> None:
+        self.ranks = ranks
         self.limit, self.n_batch, self.n_seq_max, self.n_ctx = limit, n_batch, n_seq_max, n_ctx
         self.splittable, self.align, self.round_tokens, self.n_tail = (
             splittable, align, round_tokens, n_tail
@@ -54,6 +57,12 @@ class SimBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return [1, *text.encode()] if text != "<nothing>" else []
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def pair_frame(self, query: str) -> tuple[list[int], list[int]]:
+        return [1, *query.encode(), 2], [2]  # [CLS] query [SEP] document [SEP]
 
     def clear(self) -> None:
         self.cache.clear()
@@ -219,7 +228,8 @@ def test_run_plan_stops_between_passes_when_cancelled() -> None:
     assert backend.passes == 2
 
 
-def _wait(loop: EmbeddingLoop, req_id: object, inputs: list[str], truncate: bool = True):
+def _wait(loop: EmbeddingLoop, req_id: object, inputs: list[str], truncate: bool = True,
+          **kwargs: Any):
     done = threading.Event()
     box: list[EmbeddingResult | BaseException] = []
 
@@ -227,7 +237,7 @@ def _wait(loop: EmbeddingLoop, req_id: object, inputs: list[str], truncate: bool
         box.append(result)
         done.set()
 
-    loop.submit(req_id, inputs, truncate, reply)
+    loop.submit(req_id, inputs, truncate, reply, **kwargs)
     assert done.wait(10), "no reply"
     return box[0]
 
@@ -293,3 +303,35 @@ def test_loop_cancel_drops_a_queued_job_without_reply() -> None:
     assert loop.join(5)
     with pytest.raises(RuntimeError):
         loop.submit(4, ["late"], True, replies.append)
+
+
+def test_a_cross_encoder_scores_pairs_cutting_the_document_never_the_query() -> None:
+    loop = EmbeddingLoop(lambda: SimBackend(limit=12, ranks=True), background=True)
+    docs = ["ab", "a long document"]
+    result = _wait(loop, 1, docs, query="qq", naming=Naming("document"))
+    assert isinstance(result, EmbeddingResult)
+    pair0 = [1, *b"qq", 2, *b"ab", 2]
+    pair1 = [1, *b"qq", 2, *b"a long ", 2]  # 12 tokens: the document cut, the last [SEP] kept
+    assert result.token_counts == [7, 12]
+    assert result.vectors == [sim_vector(pair0), sim_vector(pair1)]
+    refused = _wait(loop, 2, docs, False, query="qq", naming=Naming("document", offset=256))
+    assert isinstance(refused, ContextOverflow)
+    assert "document 257 has 20 tokens with the query, the context holds 12" in refused.message
+    long_query = _wait(loop, 3, docs, query="q" * 10)
+    assert isinstance(long_query, ContextOverflow) and "the query is too long" in long_query.message
+    no_pairs = _wait(loop, 4, ["x"])  # a cross-encoder has no embeddings
+    assert isinstance(no_pairs, InvalidRequest) and "is a reranker" in no_pairs.message
+    loop.stop()
+    assert loop.join(5)
+
+
+def test_only_a_cross_encoder_scores_pairs_and_names_follow_the_request() -> None:
+    loop = EmbeddingLoop(lambda: SimBackend(limit=8), background=True)
+    refused = _wait(loop, 1, ["x"], query="q")
+    assert isinstance(refused, InvalidRequest) and "does not score pairs" in refused.message
+    over = _wait(loop, 2, ["ok", "a much longer input"], False, naming=Naming("input", 256))
+    assert isinstance(over, ContextOverflow) and "input 257 has" in over.message
+    query = _wait(loop, 3, ["a much longer input"], False, naming=Naming("query"))
+    assert isinstance(query, ContextOverflow) and "the query has" in query.message
+    loop.stop()
+    assert loop.join(5)

@@ -106,11 +106,20 @@ def test_truncation_and_refusals(mean: WorkerClient) -> None:
     assert bad["type"] == "error" and bad["kind"] == "invalid"
 
 
-def test_a_reranking_model_cannot_load_for_embeddings(models: dict[str, Path]) -> None:
+def test_a_reranking_model_scores_pairs_and_has_no_embeddings(models: dict[str, Path]) -> None:
     client = WorkerClient(LoadSpec(model_path=str(models["rank"]), num_ctx=256, embedding=True))
-    assert client.ready["type"] == "fatal"
-    assert "a reranking model (pooling type rank) has no embeddings" in client.ready["message"]
-    assert client.close() == 1
+    assert client.ready["type"] == "ready"
+    reply = client.call({"op": "embed", "inputs": ["x"]})
+    assert reply["type"] == "error" and "is a reranker" in reply["message"]
+    reply = client.call({"op": "embed", "inputs": ["a", "bb"], "query": "q",
+                         "label": "document"})  # fmt: skip
+    assert reply["type"] == "result" and len(reply["token_counts"]) == 2
+    assert reply["token_counts"][1] > reply["token_counts"][0]
+    for score in vectors(reply):
+        assert score.shape == (1,) and np.isfinite(score).all()  # one classifier output
+    reply = client.call({"op": "embed", "inputs": ["a"], "query": 3})
+    assert reply["type"] == "error" and "query must be a string" in reply["message"]
+    assert client.close() == 0
 
 
 # -- a generation model asked for embeddings (the real model) -------------------------------------

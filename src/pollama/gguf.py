@@ -51,6 +51,7 @@ __all__ = [
     "FillInMiddleTokens",
     "GGML_TYPES",
     "GGUFInfo",
+    "POOLING_RANK",
     "TensorInfo",
     "file_type_name",
     "read_gguf",
@@ -70,6 +71,9 @@ scores, types and merges) hold about 1.3 M."""
 DEFAULT_MAX_HEADER: Final = 256 << 20
 """Bytes from the start of the file to the end of the tensor table. Real headers are a few
 MB (the vocabulary) to a few tens of MB."""
+
+POOLING_RANK: Final = 4
+"""``<arch>.pooling_type`` of a cross-encoder (llama.cpp's ``LLAMA_POOLING_TYPE_RANK``)."""
 
 _MAGIC: Final = b"GGUF"
 _MAX_DIMS: Final = 4  # GGML_MAX_DIMS
@@ -314,6 +318,11 @@ class GGUFInfo:
     @property
     def block_count(self) -> int | None:
         return self._arch_int("block_count")
+
+    @property
+    def ranks(self) -> bool:
+        """A cross-encoder: its pooling type is rank (it scores pairs, no embeddings)."""
+        return self.pooling_type == POOLING_RANK
 
     @property
     def pooling_type(self) -> int | None:

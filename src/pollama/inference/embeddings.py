@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pollama.errors import ContextOverflow, InvalidRequest, ModelNotFound
-from pollama.gguf import GGUFInfo
+from pollama.gguf import POOLING_RANK, GGUFInfo
 from pollama.inference.bounds import TokenFloor
 from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
 from pollama.names import ModelName
 from pollama.runner.base import LoadSpec, RunnerInfo
+from pollama.runner.embedder import Naming
 from pollama.scheduler import ModelRef, parse_keep_alive
 from pollama.store import LocalModel
 from pollama.store.describe import model_gguf
@@ -45,6 +46,7 @@ __all__ = [
     "EmbedResponse",
     "EmbeddingService",
     "PreparedEmbed",
+    "bounded_inputs",
     "embedding_inputs",
     "legacy_raw",
 ]
@@ -107,18 +109,23 @@ def legacy_raw(info: GGUFInfo) -> bool:
     return False
 
 
-def _bounded(inputs: list[str], info: RunnerInfo, *, truncate: bool) -> list[str]:
+def bounded_inputs(
+    inputs: list[str], info: RunnerInfo, *, truncate: bool, naming: Naming | None = None
+) -> list[str]:
     """The inputs as the worker may take them: one far longer than the context is cut
     (``truncate``, keeping more than the tokens truncation keeps) or refused naming both
-    counts, before the worker spends memory on all of it (``inference/bounds.py``)."""
+    counts, before the worker spends memory on all of it (``inference/bounds.py``).
+    ``naming`` says how the error names an input (``input 3``, ``document 3``)."""
     floor = TokenFloor(info.max_token_bytes)
+    naming = naming or Naming()
     bounded = []
     for i, text in enumerate(inputs):
         least = floor.of(text)
         if least > info.n_ctx:
             if not truncate:
                 raise ContextOverflow(
-                    f"the input length exceeds the context length: input {i} has at least "
+                    f"the input length exceeds the context length: "
+                    f"{naming.name(i, len(inputs))} has at least "
                     f"{least} tokens, the context holds {info.n_ctx}"
                 )
             text = floor.cut(text, info.n_ctx)
@@ -142,6 +149,11 @@ class EmbeddingService:
         info = model_gguf(model)
         if info is None:
             raise InvalidRequest(f"model '{req.model}' has no weights to run")
+        if info.pooling_type == POOLING_RANK:
+            raise InvalidRequest(
+                f"model '{req.model}' is a reranker (a cross-encoder): it scores "
+                "query-document pairs through /api/rerank and has no embeddings"
+            )
         placement = self.inference.placement(model, info, req.options)
         return PreparedEmbed(
             request=req,
@@ -181,7 +193,7 @@ class EmbeddingService:
                 load_duration = time.monotonic_ns() - started
                 if not req.inputs:
                     return EmbedResponse(req.model, [])  # Ollama reports no durations here
-                inputs = _bounded(req.inputs, lease.info, truncate=req.truncate)
+                inputs = bounded_inputs(req.inputs, lease.info, truncate=req.truncate)
                 result = await lease.runner.embed(inputs, truncate=req.truncate)
             from pollama.inference import vectors  # numpy: only once something is embedded
 

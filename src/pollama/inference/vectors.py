@@ -22,6 +22,7 @@ from pollama.errors import InternalError, InvalidRequest
 
 __all__ = [
     "Vector",
+    "checked_float",
     "finish",
     "from_bytes",
     "to_base64",
@@ -66,6 +67,14 @@ def finish(vector: Vector, *, dimensions: int | None = None, normalize: bool = T
         if normalize:
             vector = _normalized(vector)
     return vector
+
+
+def checked_float(value: float) -> float:
+    """A score as a JSON number: finite (else the same error as a vector's), written as its
+    shortest float32 decimal, as :func:`to_float32_list` writes each value."""
+    if not np.isfinite(value):
+        raise InternalError("the model's score is NaN or Inf")
+    return float(str(np.float32(value)))
 
 
 def to_float32_list(vector: Vector) -> list[float]:

@@ -322,9 +322,20 @@ class Runner(Protocol):
         """Each token's bytes (special tokens as their text); ids are checked by the worker."""
         ...
 
-    async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
+    async def embed(
+        self,
+        inputs: Sequence[str],
+        truncate: bool = True,
+        *,
+        query: str | None = None,
+        label: str = "input",
+    ) -> EmbeddingResult:
         """Each input's pooled vector. An input longer than the model's embedding context is
-        cut to fit when ``truncate``, else refused (``InvalidRequest`` naming both counts)."""
+        cut to fit when ``truncate``, else refused (``InvalidRequest`` naming both counts).
+
+        With a ``query`` (a cross-encoder only), each input is a document and its "vector"
+        is the model's scores for the pair. ``label`` names the inputs in errors ("input",
+        "document", or "query" for a single one)."""
         ...
 
     @property

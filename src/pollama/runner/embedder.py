@@ -16,6 +16,12 @@ How a request's inputs are packed (:func:`plan`):
   vector is the last token's). Otherwise (mean or CLS pooling, or bidirectional attention
   such as BERT's) a round is one pass holding whole inputs.
 
+Reranking (a job with a ``query``) runs on the same plan: each input is then a document, and
+its sequence is the pair the backend frames (:meth:`EmbeddingBackend.pair_frame`: the
+query's tokens and the model's separators around the document's); a cross-encoder's pooled
+"vector" is its classifier's scores for the pair. Truncation cuts the document, never the
+query.
+
 What must stay true: an input's vector does not depend on what else is in its batch. The
 sequences of one pass never attend to each other (their seq ids differ), the cache is
 cleared before every round, every input starts at an aligned cell, and the backend keeps
@@ -40,6 +46,7 @@ __all__ = [
     "FILLER",
     "EmbeddingBackend",
     "EmbeddingLoop",
+    "Naming",
     "Piece",
     "fit_tokens",
     "plan",
@@ -61,9 +68,17 @@ class EmbeddingBackend(Protocol):
     align: int  # inputs start at multiples of it in the cache (see :func:`plan`)
     round_tokens: int  # the tokens a round of several inputs may hold (see :func:`plan`)
     pad_token: int  # the filler's token
+    ranks: bool  # a cross-encoder (pooling type rank): it scores pairs, it has no embeddings
 
     def tokenize(self, text: str) -> list[int]:
         """The input's tokens, with the special tokens the model adds (BOS, SEP…)."""
+
+    def pair_frame(self, query: str) -> tuple[list[int], list[int]]:
+        """A cross-encoder's tokens before and after a document for this query: the pair's
+        sequence is ``before + tokenize_text(document) + after``."""
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """The text's tokens alone: no special tokens added, none parsed from the text."""
 
     def clear(self) -> None:
         """Empty the cache (a new round starts)."""
@@ -233,12 +248,30 @@ def run_plan(
     return [v for v in vectors if v is not None]
 
 
+@dataclass(frozen=True)
+class Naming:
+    """How errors name a job's inputs: ``label`` and the index of its first input in the
+    caller's request (a request is cut into several jobs: ``runner/process.py``)."""
+
+    label: str = "input"  # "input", "document" or "query"
+    offset: int = 0
+
+    def name(self, i: int, count: int) -> str:
+        if self.label == "query":
+            return "the query"
+        if self.label == "input" and count == 1 and self.offset == 0:
+            return "the input"
+        return f"{self.label} {self.offset + i}"
+
+
 @dataclass(eq=False)
 class _Job:
     req_id: object
     inputs: list[str]
     truncate: bool
     reply: Callable[[EmbeddingResult | BaseException], object]
+    query: str | None = None  # rerank: score each input paired with it
+    naming: Naming = field(default_factory=Naming)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -275,8 +308,13 @@ class EmbeddingLoop:
         inputs: list[str],
         truncate: bool,
         reply: Callable[[EmbeddingResult | BaseException], object],
+        *,
+        query: str | None = None,
+        naming: Naming | None = None,
     ) -> None:
-        job = _Job(req_id, list(inputs), truncate, reply)
+        """Queue a job: embed ``inputs``, or with a ``query`` score each input paired with
+        it (a cross-encoder's job)."""
+        job = _Job(req_id, list(inputs), truncate, reply, query, naming or Naming())
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the embedding loop has stopped")
@@ -340,16 +378,54 @@ class EmbeddingLoop:
 
     def _embed(self, job: _Job) -> EmbeddingResult:
         backend = self._backend_for_jobs()
-        tokens: list[list[int]] = []
-        for i, text in enumerate(job.inputs):
-            name = f"input {i}" if len(job.inputs) > 1 else "the input"
-            toks = backend.tokenize(text)
-            if not toks:
-                raise InvalidRequest(f"{name} is empty: it has no tokens to embed")
-            tokens.append(
-                fit_tokens(
-                    toks, backend.limit, n_tail=backend.n_tail, truncate=job.truncate, name=name
-                )
+        if job.query is not None:
+            tokens = _pair_tokens(backend, job)
+        elif backend.ranks:
+            raise InvalidRequest(
+                "this model is a reranker (pooling type rank): it scores query-document pairs "
+                "through /api/rerank and has no embeddings"
             )
+        else:
+            tokens = []
+            for i, text in enumerate(job.inputs):
+                name = job.naming.name(i, len(job.inputs))
+                toks = backend.tokenize(text)
+                if not toks:
+                    raise InvalidRequest(f"{name} is empty: it has no tokens to embed")
+                tokens.append(fit_tokens(
+                    toks, backend.limit, n_tail=backend.n_tail, truncate=job.truncate, name=name
+                ))  # fmt: skip
         vectors = run_plan(backend, tokens, job.cancelled.is_set)
         return EmbeddingResult(vectors=vectors, token_counts=[len(t) for t in tokens])
+
+
+def _pair_tokens(backend: EmbeddingBackend, job: _Job) -> list[list[int]]:
+    """Each document's pair sequence (see :meth:`EmbeddingBackend.pair_frame`), the document
+    cut to what the window leaves after the query (or refused, naming it, with ``truncate``
+    off). A query that leaves no room for one token of a document is refused whatever
+    ``truncate`` says: cutting the query would rank against another question."""
+    if not backend.ranks:
+        raise InvalidRequest(
+            "this model does not score pairs: only a cross-encoder (pooling type rank) does"
+        )
+    assert job.query is not None
+    before, after = backend.pair_frame(job.query)
+    room = backend.limit - len(before) - len(after)
+    if room < 1:
+        raise ContextOverflow(
+            f"the query is too long: with the model's separators it has "
+            f"{len(before) + len(after)} tokens, and the context holds {backend.limit}, "
+            "which leaves no room for a document"
+        )
+    tokens = []
+    for i, text in enumerate(job.inputs):
+        document = backend.tokenize_text(text)
+        if len(document) > room and not job.truncate:
+            total = len(before) + len(document) + len(after)
+            raise ContextOverflow(
+                f"the input length exceeds the context length: "
+                f"{job.naming.name(i, len(job.inputs))} has {total} tokens with the query, "
+                f"the context holds {backend.limit}"
+            )
+        tokens.append(before + document[:room] + after)
+    return tokens

@@ -793,12 +793,11 @@ class EmbeddingContext:
         arch = model.meta("general.architecture") or ""
         declared = model.meta(f"{arch}.pooling_type")
         pooling = int(declared) if declared and declared.isdigit() else None
-        if pooling == lc.LLAMA_POOLING_TYPE_RANK:
-            raise InvalidOption("a reranking model (pooling type rank) has no embeddings")
         if pooling not in (
             lc.LLAMA_POOLING_TYPE_MEAN,
             lc.LLAMA_POOLING_TYPE_CLS,
             lc.LLAMA_POOLING_TYPE_LAST,
+            lc.LLAMA_POOLING_TYPE_RANK,
         ):
             pooling = lc.LLAMA_POOLING_TYPE_LAST
         self.pooling = _POOLING_NAMES[pooling]
@@ -830,7 +829,9 @@ class EmbeddingContext:
         self.splittable: bool = last and bool(lc.llama_get_causal_attn(self.ctx.ptr))
         self.limit: int = min(n_ctx, self.n_ctx if self.splittable else self.n_batch)
         self.n_tail: int = model.n_tail_specials
-        self.dim: int = model.n_embd_out
+        self.ranks: bool = pooling == lc.LLAMA_POOLING_TYPE_RANK
+        # A cross-encoder's pooled output is its classifier's n_cls_out scores.
+        self.dim: int = lc.llama_model_n_cls_out(model.ptr) if self.ranks else model.n_embd_out
         self.align = _CELL_ALIGN
         self.round_tokens = _ROUND_TOKENS
         bos = lc.llama_vocab_bos(model.vocab)
@@ -839,6 +840,48 @@ class EmbeddingContext:
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=False, parse_special=False)
+
+    def pair_frame(self, query: str) -> tuple[list[int], list[int]]:
+        """A cross-encoder's tokens around a document (``runner/embedder.py``).
+
+        With the GGUF's rerank template (``tokenizer.chat_template.rerank``, as llama-server
+        reads it), the template's text around ``{document}``, the query's tokens where it
+        says ``{query}``. Otherwise llama-server's pair ``[BOS] query [EOS] [SEP] document
+        [EOS]`` by the vocabulary's add-BOS/EOS/SEP flags, plus the closing ``[SEP]`` of a
+        vocabulary that adds SEP but no EOS (BERT's WordPiece): ``[CLS] q [SEP] d [SEP]``,
+        the pair a BERT cross-encoder was trained on, where llama-server leaves the last
+        ``[SEP]`` off. The query and documents are user text: their special-token strings
+        stay text; only the template's own are parsed.
+        """
+        template = self.model.meta("tokenizer.chat_template.rerank")
+        if template and "{document}" in template:
+            head, tail = template.split("{document}", 1)
+            return self._template_tokens(head, query), self._template_tokens(tail, query)
+        vocab = self.model.vocab
+        eos = lc.llama_vocab_eos(vocab)
+        if eos < 0:
+            eos = lc.llama_vocab_sep(vocab)
+        add_eos = lc.llama_vocab_get_add_eos(vocab) and eos >= 0
+        sep = lc.llama_vocab_sep(vocab)
+        add_sep = lc.llama_vocab_get_add_sep(vocab) and sep >= 0
+        before = [lc.llama_vocab_bos(vocab)] if lc.llama_vocab_get_add_bos(vocab) else []
+        before += self.tokenize_text(query)
+        before += [eos] if add_eos else []
+        before += [sep] if add_sep else []
+        after = [eos] if add_eos else [sep] if add_sep else []
+        return before, after
+
+    def _template_tokens(self, text: str, query: str) -> list[int]:
+        tokens: list[int] = []
+        for i, part in enumerate(text.split("{query}")):
+            if i:
+                tokens += self.tokenize_text(query)
+            if part:
+                tokens += self.model.tokenize(part, add_special=False, parse_special=True)
+        return tokens
 
     def clear(self) -> None:
         self.ctx.clear()  # llama_memory_clear ignores the NULL memory of cache-less encoders

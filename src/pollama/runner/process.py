@@ -315,20 +315,33 @@ class SubprocessRunner:
             raise InternalError("malformed pieces result from the model runner")
         return [base64.b64decode(str(p)) for p in pieces]
 
-    async def embed(self, inputs: Sequence[str], truncate: bool = True) -> EmbeddingResult:
-        """The pooled vector of each input (see :class:`~pollama.runner.base.Runner`)."""
+    async def embed(
+        self,
+        inputs: Sequence[str],
+        truncate: bool = True,
+        *,
+        query: str | None = None,
+        label: str = "input",
+    ) -> EmbeddingResult:
+        """The pooled vector of each input, or with a ``query`` a cross-encoder's scores of
+        each pair (see :class:`~pollama.runner.base.Runner`)."""
         result = EmbeddingResult(vectors=[], token_counts=[])
+        op: dict[str, Any] = {"op": "embed", "truncate": truncate, "label": label}
+        if query is not None:
+            op["query"] = query
         for group in _embed_groups(list(inputs)):
-            part = await self._embed_op(group, truncate)
+            op.update(inputs=group, offset=len(result.vectors))
+            part = await self._embed_op(op)
             result.vectors.extend(part.vectors)
             result.token_counts.extend(part.token_counts)
         return result
 
-    async def _embed_op(self, inputs: list[str], truncate: bool) -> EmbeddingResult:
+    async def _embed_op(self, op: dict[str, Any]) -> EmbeddingResult:
         rid, queue = await self._open()
         finished = False
+        inputs = op["inputs"]
         try:
-            await self._send({"op": "embed", "id": rid, "inputs": inputs, "truncate": truncate})
+            await self._send({**op, "id": rid})
             reply = await self._next(queue)
             finished = True
             if reply.get("type") != "result":

@@ -15,7 +15,11 @@ server → worker
                  logprobs, top_logprobs, shift}}
     {"op": "cancel", "id": 1}              stop that completion within one decode step
                                            (or that embedding job at its next pass)
-    {"op": "embed", "id": 4, "inputs": ["...", ...], "truncate": true}
+    {"op": "embed", "id": 4, "inputs": ["...", ...], "truncate": true,
+     "query": "...", "label": "document", "offset": 0}
+                                           query (optional): a cross-encoder scores each
+                                           input paired with it; label and offset: how
+                                           errors name the inputs ("document 3")
     {"op": "tokenize", "id": 2, "text": "...", "add_special": true}
     {"op": "detokenize", "id": 3, "tokens": [...]}
     {"op": "shutdown"}
@@ -34,6 +38,7 @@ worker → server
     {"id": 2, "type": "result", "tokens": [...]} / {"id": 3, "type": "result", "text": "..."}
     {"id": 4, "type": "result", "vectors": ["<base64 of little-endian float32>", ...],
      "token_counts": [...]}                  one vector per input, in order, not normalized
+                                           (with a query: the classifier's scores)
     {"id": 1, "type": "error", "kind": "invalid" | "internal", "message": "..."}
 
 What must stay true: every completion ends with exactly one ``done`` or ``error`` message

@@ -52,6 +52,7 @@ from pollama.runner.base import (
     kv_bytes_per_element,
     usable_cpus,
 )
+from pollama.runner.embedder import EmbeddingLoop, Naming
 from pollama.runner.offload import CPU_DEVICE, OffloadReport
 from pollama.runner.protocol import (
     MAX_LINE,
@@ -64,7 +65,6 @@ from pollama.runner.protocol import (
 )
 
 if TYPE_CHECKING:
-    from pollama.runner.embedder import EmbeddingLoop
     from pollama.runner.engine import Engine, Event
     from pollama.runner.kvstate import PromptCache
     from pollama.runner.llama import Context, EmbeddingContext, LogSink, Model
@@ -320,6 +320,23 @@ def _embedding_reply(writer: Writer, req_id: Any) -> Any:
     return reply
 
 
+def _submit_embed(
+    message: dict[str, Any],
+    embedder: EmbeddingLoop,
+    reply: Callable[[EmbeddingResult | BaseException], object],
+) -> None:
+    """Queue an ``embed`` op (see ``runner/protocol.py``) on the embedding loop."""
+    inputs = message["inputs"]
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+        raise ValueError("inputs must be a list of strings")
+    query = message.get("query")
+    if query is not None and not isinstance(query, str):
+        raise ValueError("query must be a string")
+    naming = Naming(str(message.get("label", "input")), int(message.get("offset", 0)))
+    truncate = bool(message.get("truncate", True))
+    embedder.submit(message.get("id"), inputs, truncate, reply, query=query, naming=naming)
+
+
 def _handle(
     message: dict[str, Any],
     loaded: Loaded,
@@ -342,11 +359,7 @@ def _handle(
             request = request_from_json(message["request"], media)
             engine.submit(req_id, request, _emitter(writer, req_id))
         elif op == "embed":
-            inputs = message["inputs"]
-            if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
-                raise ValueError("inputs must be a list of strings")
-            truncate = bool(message.get("truncate", True))
-            embedder.submit(req_id, inputs, truncate, _embedding_reply(writer, req_id))
+            _submit_embed(message, embedder, _embedding_reply(writer, req_id))
         elif op == "cancel":
             inbox.take(req_id)
             if engine is not None:
@@ -466,7 +479,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = _load(spec, log, writer)
     if loaded is None:
         return 1
-    from pollama.runner.embedder import EmbeddingLoop
 
     engine = _engine(loaded, spec)
     if engine is not None:

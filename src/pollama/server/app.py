@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from pollama import __version__
 from pollama.config import Settings
 from pollama.inference.embeddings import EmbeddingService
+from pollama.inference.rerank import RerankService
 from pollama.inference.service import InferenceService
 from pollama.runner.base import LoadSpec, Runner
 from pollama.runner.devices import PROBE_TIMEOUT, DeviceInventory, probe_devices
@@ -23,6 +24,7 @@ from pollama.server import (
     routes_models,
     routes_openai,
     routes_registry,
+    routes_rerank,
     routes_responses,
     routes_status,
 )
@@ -116,9 +118,10 @@ def create_app(
     app.state.inference = inference
     app.state.responses = responses
     app.state.embeddings = EmbeddingService(inference)
+    app.state.rerank = RerankService(inference)
     install_error_handlers(app)
     for routes in (routes_models, routes_registry, routes_inference, routes_openai,
-                   routes_anthropic, routes_responses, routes_status):
+                   routes_anthropic, routes_responses, routes_rerank, routes_status):
         app.include_router(routes.router)
     install_middleware(app, settings, metrics=metrics)  # keys, Host/Origin, limits, logs, /metrics
     metrics.watch_devices(lambda: app.state.devices, scheduler)

@@ -140,7 +140,7 @@ def error_body(path: str, status: int, kind: str, message: str) -> dict[str, Any
     ``kind`` is Anthropic's error type (``authentication_error``, ``request_too_large``…)."""
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return anthropic_body(status, message, kind)
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/") or path == "/rerank":  # llama-server's rerank path
         return openai_body(status, message, kind)
     return ollama_body(message)
 

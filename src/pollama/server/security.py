@@ -71,6 +71,8 @@ _INFERENCE_ROUTES = frozenset(
         "/api/chat",
         "/api/embed",
         "/api/embeddings",
+        "/api/rerank",
+        "/rerank",  # llama-server's path
         "/api/tokenize",  # they load the model, as generate does
         "/api/detokenize",
     }

@@ -91,7 +91,10 @@ def capabilities(model: LocalModel) -> list[str]:
         info = None
     config_caps = model.config().get("capabilities")
     if info is not None:
-        caps.append("embedding" if info.pooling_type is not None else "completion")
+        if info.ranks:
+            caps.append("rerank")  # a cross-encoder: pairs in, scores out, no embeddings
+        else:
+            caps.append("embedding" if info.pooling_type is not None else "completion")
         caps += _senses(model, info)
         if info.pooling_type is None and info.fim_tokens is not None:
             caps.append("insert")  # the vocabulary's fill-in-the-middle tokens
@@ -112,7 +115,9 @@ def capabilities(model: LocalModel) -> list[str]:
     return _ordered(caps)
 
 
-_CAP_ORDER = ["completion", "embedding", "tools", "insert", "vision", "thinking", "audio", "image"]
+_CAP_ORDER = [
+    "completion", "embedding", "rerank", "tools", "insert", "vision", "thinking", "audio", "image"
+]
 
 
 def _ordered(caps: list[str]) -> list[str]:
