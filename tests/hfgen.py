@@ -13,8 +13,8 @@ random models for the unit tests. ``wordpiece`` and ``bert_forward`` are a plain
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 import struct
 import unicodedata
 from pathlib import Path

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from hfgen import (
     mean_pooled,
     read_safetensors,
     wordpiece,
-    write_safetensors,
 )
 from models import minilm_fixture  # noqa: F401  (the ``minilm`` fixture)
 from pollama.names import ModelName
