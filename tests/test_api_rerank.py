@@ -66,7 +66,8 @@ def test_a_cross_encoder_scores_each_pair_and_sorts(api: TestClient) -> None:
         assert body["model"] == "ranker" and body["method"] == "cross-encoder"
         assert [x["index"] for x in body["results"]] == order
         for item in body["results"]:
-            assert item["relevance_score"] == pytest.approx(expected[item["index"]], rel=1e-6, abs=1e-6)
+            want = expected[item["index"]]
+            assert item["relevance_score"] == pytest.approx(want, rel=1e-6, abs=1e-6)
             assert "document" not in item
         tokens = sum(len(fake_pair_tokens(QUERY, d)) for d in DOCS)
         assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
