@@ -9,6 +9,7 @@ generation model ``gen`` and an embedding model ``embedder`` (it has a pooling t
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pollama.errors import InternalError, InvalidRequest
 from pollama.gguf import read_gguf
 from pollama.inference import vectors
 from pollama.inference.embeddings import legacy_raw
+from pollama.server.vectors_json import dumps
 
 
 def expected(text: str, dims: int | None = None, num_ctx: int | None = None) -> np.ndarray:
@@ -76,9 +78,11 @@ def test_finish_normalizes_and_shortens() -> None:
 
 def test_float32_values_are_written_as_go_writes_them() -> None:
     v = np.array([0.1, 1 / 3, -2.5e-8, 7.0], dtype=np.float32)
-    out = vectors.to_float32_list(v)
-    assert [repr(x) for x in out] == ["0.1", "0.33333334", "-2.5e-08", "7.0"]
+    text = dumps({"embeddings": [v]})
+    assert text == b'{"embeddings":[[0.1,0.33333334,-2.5e-8,7.0]]}'  # Go's json spelling
+    out = json.loads(text)["embeddings"][0]
     assert np.array(out, dtype=np.float32).tobytes() == v.tobytes()  # exactly the same floats
+    assert vectors.checked_float(float(v[1])) == 0.33333334
     wide = vectors.to_float64_list(v)
     assert wide[0] == float(np.float32(0.1)) != 0.1  # widened, as Go's float64(v)
     raw = base64.b64decode(vectors.to_base64(v))

@@ -64,11 +64,6 @@ class EmbedResponse:
     total_duration: int = 0  # nanoseconds
     load_duration: int = 0
 
-    def float32_lists(self) -> list[list[float]]:
-        from pollama.inference import vectors
-
-        return [vectors.to_float32_list(v) for v in self.vectors]
-
     def float64_lists(self) -> list[list[float]]:
         from pollama.inference import vectors
 

@@ -7,8 +7,9 @@ carry numpy (about 15 MiB resident).
 Ollama's rules (docs/ollama-behaviour.md#embeddings, ``server/routes.go`` ``normalize``): every
 vector is scaled to norm 1 (a zero vector stays zero); ``0 < dimensions < len`` keeps the first
 ``dimensions`` values and normalizes again; a NaN or infinite value is an error. Values are
-float32, as Ollama's are, and are written the way Go writes a float32 (the shortest decimal that
-reads back as the same float32) rather than as float64 noise.
+float32, as Ollama's are, and are written (``server/vectors_json.py``) the way Go writes a
+float32 (the shortest decimal that reads back as the same float32) rather than as float64
+noise.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ __all__ = [
     "finish",
     "from_bytes",
     "to_base64",
-    "to_float32_list",
     "to_float64_list",
 ]
 
@@ -71,19 +71,10 @@ def finish(vector: Vector, *, dimensions: int | None = None, normalize: bool = T
 
 def checked_float(value: float) -> float:
     """A score as a JSON number: finite (else the same error as a vector's), written as its
-    shortest float32 decimal, as :func:`to_float32_list` writes each value."""
+    shortest float32 decimal, as ``server/vectors_json.py`` writes a vector's values."""
     if not np.isfinite(value):
         raise InternalError("the model's score is NaN or Inf")
     return float(str(np.float32(value)))
-
-
-def to_float32_list(vector: Vector) -> list[float]:
-    """JSON numbers written as Go writes float32s (``0.012345679``, not ``0.01234567910...``).
-
-    Each value becomes the Python float of its shortest float32 decimal, whose ``repr`` is
-    that decimal; the value read back as float32 is exactly the vector's.
-    """
-    return [float(text) for text in vector.astype(np.float32).astype(str)]
 
 
 def to_float64_list(vector: Vector) -> list[float]:

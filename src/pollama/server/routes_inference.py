@@ -38,6 +38,7 @@ from pollama.server.disconnect import collect_while_connected, while_connected
 from pollama.server.errors import error_response
 from pollama.server.model_views import process_model
 from pollama.server.streaming import Ndjson, stream_response
+from pollama.server.vectors_json import VectorsResponse
 
 router = APIRouter()
 
@@ -214,12 +215,12 @@ async def embed(request: Request) -> Response:
         )
     except Exception as exc:  # noqa: BLE001 - one mapping, in server.errors
         return error_response(exc)
-    answer: dict[str, Any] = {"model": result.model, "embeddings": result.float32_lists()}
+    answer: dict[str, Any] = {"model": result.model, "embeddings": result.vectors}
     for key in ("total_duration", "load_duration", "prompt_eval_count"):
         value = getattr(result, key)
         if value:
             answer[key] = value
-    return JSONResponse(answer)
+    return VectorsResponse(answer)
 
 
 @router.post("/api/embeddings")

@@ -54,6 +54,7 @@ from pollama.server.disconnect import collect_while_connected, while_connected
 from pollama.server.errors import openai_error_response, validation_message
 from pollama.server.multipart import FormPart, parse_form, read_bounded
 from pollama.server.streaming import Sse, stream_response
+from pollama.server.vectors_json import VectorsResponse
 from pollama.store import Store
 
 router = APIRouter(prefix="/v1")
@@ -349,13 +350,13 @@ async def embeddings(request: Request) -> Response:
         )
     except Exception as exc:  # noqa: BLE001 - one mapping in server.errors
         return openai_error_response(exc)
-    vectors: list[Any] = result.base64_strings() if parsed.base64 else result.float32_lists()
+    vectors: list[Any] = result.base64_strings() if parsed.base64 else list(result.vectors)
     data = [
         {"object": "embedding", "embedding": vector, "index": i}
         for i, vector in enumerate(vectors)
     ]
     tokens = result.prompt_eval_count
-    return JSONResponse(
+    return VectorsResponse(
         {
             "object": "list",
             "data": data,
