@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pollama.runner.ngram import (
+    MODEL_KEY,
     Acceptance,
     NgramIndex,
     StepCosts,
@@ -89,6 +90,17 @@ def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
     alone = best_length(0.7, 16, 1.0, 1, middling)
     shared = best_length(0.7, 16, 4.0, 4, middling)
     assert alone > shared
+
+
+def test_a_draft_models_cost_per_token_counts_against_its_draft() -> None:
+    cheap = _costs(0.02, 0.002)
+    assert best_length(0.9, 8, 1.0, 1, cheap, per_token=0.002) > 0  # a draft a tenth the size
+    assert best_length(0.9, 8, 1.0, 1, cheap, per_token=0.02) == 0  # as big as the model
+    # a draft model that does not pay is still probed now and then, with back-off
+    acceptance = Acceptance()
+    probes = [step for step in range(100)
+              if acceptance.length(MODEL_KEY, 8, 1.0, 1, cheap, per_token=0.05)]
+    assert probes[:3] == [0, 2, 6] and len(probes) <= 7
 
 
 def test_acceptance_follows_the_recent_rate_of_each_key_length() -> None:

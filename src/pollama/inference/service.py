@@ -348,9 +348,10 @@ class InferenceService:
             use_mmap=options.get("use_mmap"),
             adapters=tuple(str(p) for p in model.adapter_paths()),
             projectors=tuple(str(p) for p in model.projector_paths()),
+            draft_path=str(model.draft_path() or ""),
         )
         if info.pooling_type is not None:
-            spec = dataclasses.replace(spec, embedding=True, num_parallel=1)
+            spec = dataclasses.replace(spec, embedding=True, num_parallel=1, draft_path="")
         offload = self._offload(info, spec, options)
         return offload.apply(spec), offload
 

@@ -45,6 +45,7 @@ class LoadSpec:
     adapters: tuple[str, ...] = ()
     embedding: bool = False
     projectors: tuple[str, ...] = ()  # the model's projector GGUFs (images, audio)
+    draft_path: str = ""  # the draft model's GGUF (Modelfile DRAFT): speculative decoding
     # Where the layers go (``scheduler/placement.py`` decides, from ``num_gpu`` and the
     # devices' free memory): how many of the model's layers llama.cpp offloads to the
     # accelerators (0: all on the CPU; -1: all of them), the device that holds what is not

@@ -107,8 +107,16 @@ from pollama.runner.base import (
     Logprob,
     SamplingOptions,
 )
+from pollama.runner.drafter import DRAFT_MODEL_MAX, DraftModel, DraftRequest
 from pollama.runner.logprobs import HeldLogprobs, Vector, log_softmax, token_entry
-from pollama.runner.ngram import INDEX_LIMIT, Acceptance, NgramIndex, StepCosts, expected_tokens
+from pollama.runner.ngram import (
+    INDEX_LIMIT,
+    MODEL_KEY,
+    Acceptance,
+    NgramIndex,
+    StepCosts,
+    expected_tokens,
+)
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
     from pollama.runner.grammar import Constraint, Grammars
@@ -438,10 +446,12 @@ class Engine:
         projector: Projector | None = None,
         n_threads: int = 1,
         log: Callable[[str], None] = lambda _message: None,
+        drafter: DraftModel | None = None,
     ) -> None:
         from pollama.runner.llama import Batch
 
         self.model = model
+        self.drafter = drafter  # a draft model (Modelfile DRAFT), beside the prompt's n-grams
         self.ctx = ctx
         self.tuner = tuner
         self.projector = projector
@@ -889,6 +899,7 @@ class Engine:
         costs = self._costs.setdefault(len(decoding), StepCosts())
         expected = float(len(decoding))  # every pending token yields one
         batch = self.batch
+        wants: list[tuple[_Job, int]] = []  # jobs the draft model drafts for, and how much
         for job in decoding:
             job.draft = []
             slot, drafting = job.slot, job.drafting
@@ -901,17 +912,47 @@ class Engine:
                 self.n_batch - batch.n_tokens,
             )
             candidate, key = self._lookup(job, room) if room > 0 else ([], 0)
-            if not candidate:
-                continue
-            k = drafting.length(key, len(candidate), expected, batch.n_tokens, costs)
-            if k == 0:
-                continue
-            job.draft, job.draft_key = candidate[:k], key
-            job.draft_row = batch.n_tokens
-            pos = len(slot.tokens) + 1 - slot.lag
-            for i, token in enumerate(job.draft):
-                batch.add(token, pos + i, slot.seq, True)
-            expected += expected_tokens(drafting.rate(key), k) - 1
+            k = drafting.length(key, len(candidate), expected, batch.n_tokens, costs) if (
+                candidate) else 0
+            if k > 0:
+                self._add_draft(job, candidate[:k], key)
+                expected += expected_tokens(drafting.rate(key), k) - 1
+            elif self.drafter is not None and room > 0:
+                limit = min(room, DRAFT_MODEL_MAX)
+                per_token = self.drafter.step_seconds
+                k = drafting.length(MODEL_KEY, limit, expected, batch.n_tokens, costs, per_token)
+                if k > 0:
+                    wants.append((job, k))
+                    expected += expected_tokens(drafting.rate(MODEL_KEY), k) - 1
+        if wants:
+            self._add_model_drafts(wants)
+
+    def _add_draft(self, job: _Job, draft: list[int], key: int) -> None:
+        """Put ``draft`` in the batch after the job's pending token, every row with logits."""
+        slot = job.slot
+        assert slot is not None
+        job.draft, job.draft_key = draft, key
+        job.draft_row = self.batch.n_tokens
+        pos = len(slot.tokens) + 1 - slot.lag
+        for i, token in enumerate(draft):
+            self.batch.add(token, pos + i, slot.seq, True)
+
+    def _add_model_drafts(self, wants: list[tuple[_Job, int]]) -> None:
+        """Drafts from the draft model for ``wants`` (one shared decode per drafted token),
+        each cut to what the batch still holds."""
+        assert self.drafter is not None
+        asks = []
+        for job, k in wants:
+            slot = job.slot
+            assert slot is not None
+            asks.append(DraftRequest(slot.seq, [*slot.tokens, job.pending], k))
+        drafts = self.drafter.draft(asks, lambda: self._stopping)
+        for (job, _k), draft in zip(wants, drafts, strict=True):
+            draft = draft[: self.n_batch - self.batch.n_tokens]
+            if draft:
+                self._add_draft(job, draft, MODEL_KEY)
+            elif job.drafting is not None:  # the draft model was unsure: its work was lost
+                job.drafting.record(MODEL_KEY, 1, 0)
 
     @staticmethod
     def _lookup(job: _Job, limit: int) -> tuple[list[int], int]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "MODEL_KEY",
     "Acceptance",
     "NgramIndex",
     "StepCosts",
@@ -95,17 +96,20 @@ _PAYS = 1.03
 noisy, and a draft that only breaks even costs the rows it adds to every stream."""
 
 
-def best_length(rate: float, limit: int, tokens: float, rows: int, costs: StepCosts) -> int:
+def best_length(
+    rate: float, limit: int, tokens: float, rows: int, costs: StepCosts, per_token: float = 0.0
+) -> int:
     """The draft length in 0..``limit`` that makes the most tokens per second of the step:
     the batch already holds ``rows`` rows expected to yield ``tokens`` tokens (every
-    pending token yields one), and a draft of k adds k rows and ``expected_tokens - 1``."""
+    pending token yields one), and a draft of k adds k rows and ``expected_tokens - 1``;
+    making it costs ``per_token`` seconds a token (a draft model's decode; 0 for n-grams)."""
     base = costs.time(rows)
     best_k, best = 0, _PAYS * tokens / base
     total, term = tokens, 1.0
     for k in range(1, limit + 1):
         term *= rate
         total += term
-        value = total / costs.time(rows + k)
+        value = total / (costs.time(rows + k) + k * per_token)
         if value > best:
             best_k, best = k, value
     return best_k
@@ -166,7 +170,9 @@ class StepCosts:
         return self._ema[below] + _PRIOR_ROW_COST * one * (rows - below)
 
 
-_PRIORS = {2: (1.0, 1.0), 3: (2.0, 1.0), 4: (3.0, 1.0), 8: (6.0, 1.0)}
+MODEL_KEY = 0
+"""The key of drafts from a draft model (``runner/drafter.py``), beside the n-gram lengths."""
+_PRIORS = {MODEL_KEY: (2.0, 1.0), 2: (1.0, 1.0), 3: (2.0, 1.0), 4: (3.0, 1.0), 8: (6.0, 1.0)}
 """Each key length's starting (hits, misses): a longer matching key is a safer guess."""
 _DECAY = 0.8  # weight of the past at each verification: the rate follows the text
 _PROBE_KEY = 3  # two common tokens in a row match all the time in chat: no probe on those
@@ -194,14 +200,22 @@ class Acceptance:
         hits, misses = self._counts[key]
         return hits / (hits + misses)
 
-    def length(self, key: int, limit: int, tokens: float, rows: int, costs: StepCosts) -> int:
-        """How many of ``limit`` tokens drafted from a ``key``-token match to verify now
-        (0: none)."""
-        k = best_length(self.rate(key), limit, tokens, rows, costs)
+    def length(
+        self,
+        key: int,
+        limit: int,
+        tokens: float,
+        rows: int,
+        costs: StepCosts,
+        per_token: float = 0.0,
+    ) -> int:
+        """How many of ``limit`` tokens drafted from a ``key``-token match (or by the draft
+        model, :data:`MODEL_KEY`, at ``per_token`` seconds each) to verify now (0: none)."""
+        k = best_length(self.rate(key), limit, tokens, rows, costs, per_token)
         if k > 0:
             self._gap, self._idle = 1, 0
             return k
-        if key < _PROBE_KEY:
+        if key < _PROBE_KEY and key != MODEL_KEY:
             return 0
         self._idle += 1
         if self._idle < self._gap:

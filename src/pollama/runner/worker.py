@@ -65,6 +65,7 @@ from pollama.runner.protocol import (
 )
 
 if TYPE_CHECKING:
+    from pollama.runner.drafter import DraftModel
     from pollama.runner.engine import Engine, Event
     from pollama.runner.kvstate import PromptCache
     from pollama.runner.llama import Context, EmbeddingContext, LogSink, Model
@@ -99,6 +100,11 @@ class Writer:
         for callback in self.on_close:
             callback()
         return False
+
+
+_VOCAB_SLACK = 128
+"""How many tokens a draft model's vocabulary may have more or fewer than the model's (llama.cpp's
+``SPEC_VOCAB_MAX_SIZE_DIFFERENCE``: added special tokens at the end)."""
 
 
 def _threads(spec: LoadSpec) -> int:
@@ -142,6 +148,10 @@ class Loaded:
         self.projector: Projector | None = None
         if spec.projectors and not spec.embedding:
             self._load_projector(spec.projectors[0], log.report)
+        self.drafter: DraftModel | None = None
+        self._draft_parts: list[Context | Model] = []  # closed in order
+        if spec.draft_path and not spec.embedding:
+            self._load_draft_model(spec.flash_attention)
         self.info = self._info(log.report, time.perf_counter_ns() - start)
 
     def _info(self, report: OffloadReport, load_ns: int) -> RunnerInfo:
@@ -190,6 +200,53 @@ class Loaded:
         except Exception:
             self.close()
             raise
+
+    def _load_draft_model(self, flash_attention: bool | None) -> None:
+        """The draft model (Modelfile ``DRAFT``, ``runner/drafter.py``) and its context: the
+        target's slots, each with :data:`DRAFT_MODEL_MAX` cells more, an f16 cache, on the
+        CPU. One whose vocabulary is not the target's fails the load (create refuses such a
+        pair; a model pulled from elsewhere may still hold one)."""
+        from pollama.runner import llama
+        from pollama.runner.drafter import DRAFT_MODEL_MAX, DraftModel
+
+        spec = self.spec
+        try:
+            model = llama.Model(spec.draft_path, use_mmap=spec.use_mmap)
+        except Exception:
+            self.close()
+            raise
+        self._draft_parts.append(model)
+        if abs(model.n_vocab - self.model.n_vocab) > _VOCAB_SLACK:
+            self.close()
+            raise ValueError(
+                f"the draft model's vocabulary ({model.n_vocab} tokens) is not the model's "
+                f"({self.model.n_vocab} tokens)"
+            )
+        n_batch = max(spec.num_batch, spec.num_parallel)
+        params = llama.ContextParams(
+            n_ctx=(spec.num_ctx + DRAFT_MODEL_MAX) * spec.num_parallel,
+            n_seq_max=spec.num_parallel,
+            n_batch=n_batch,
+            n_ubatch=min(n_batch, MAX_UBATCH),
+            n_threads=self.n_threads,
+            flash_attn_type=llama.flash_attn_type(flash_attention, "f16"),
+            kv_unified=False,
+        )
+        try:
+            ctx = llama.Context(model, params)
+            self._draft_parts.insert(0, ctx)  # closed before its model
+            ctx.warmup()
+        except Exception:
+            self.close()
+            raise
+        self.drafter = DraftModel(
+            ctx,
+            llama.Batch(n_batch),
+            spec.num_parallel,
+            n_vocab_target=self.model.n_vocab,
+            n_ctx=ctx.n_ctx_seq,
+        )
+        _log(f"draft model: {os.path.basename(spec.draft_path)}, {model.n_vocab} tokens")
 
     def _load_generation_model(self, type_k: int, type_v: int) -> None:
         from pollama.runner import llama
@@ -267,6 +324,8 @@ class Loaded:
         projector = getattr(self, "projector", None)
         if projector is not None:
             projector.close()
+        for part in getattr(self, "_draft_parts", []):
+            part.close()
         if self.embedding is not None:
             self.embedding.close()
         if self.ctx is not None:
@@ -578,6 +637,7 @@ def _engine(loaded: Loaded, spec: LoadSpec) -> Engine | None:
         projector=loaded.projector,
         n_threads=loaded.n_threads,
         log=_log,
+        drafter=loaded.drafter,
     )
 
 

@@ -20,14 +20,15 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pollama.errors import InsufficientMemory
+from pollama.errors import GGUFError, InsufficientMemory
 from pollama.format import human_bytes
 from pollama.gguf import GGUFInfo
 from pollama.runner.base import MAX_UBATCH, LoadSpec, kv_bytes_per_element
+from pollama.store.gguf_cache import gguf_info
 
 __all__ = [
     "Footprint",
@@ -303,11 +304,31 @@ def footprint(info: GGUFInfo, spec: LoadSpec) -> Footprint:
         layers=tuple(w + c for w, c in zip(weights, kv, strict=True)),
         output_host=output_host,
         output_device=output_device,
-        host_rest=rest + adapters,
+        host_rest=rest + adapters + draft_model_bytes(spec),
         graph=compute_buffer_bytes(info, spec),
         host_graph=host_graph,
         projector=_file_bytes(spec.projectors),
     )
+
+
+def draft_model_bytes(spec: LoadSpec) -> int:
+    """What a draft model (``spec.draft_path``) adds, all on the host (the worker keeps it
+    on the CPU): its file, its KV cache over the same slots (``runner/drafter.py`` keeps
+    :data:`DRAFT_MODEL_MAX` more cells a slot) and its compute buffers; 0 without one, or
+    with a file that is gone (the load will say so)."""
+    if not spec.draft_path:
+        return 0
+    from pollama.runner.drafter import DRAFT_MODEL_MAX
+
+    path = Path(spec.draft_path)
+    try:
+        info = gguf_info(path, display_name=path.name)
+    except (OSError, GGUFError):
+        return 0
+    draft_spec = replace(spec, num_ctx=spec.num_ctx + DRAFT_MODEL_MAX, kv_cache_type="f16",
+                         draft_path="", gpu_layers=0)  # fmt: skip
+    return path.stat().st_size + kv_cache_bytes(info, draft_spec) + compute_buffer_bytes(
+        info, draft_spec)
 
 
 def estimate_memory(info: GGUFInfo, spec: LoadSpec) -> int:

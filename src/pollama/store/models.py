@@ -22,6 +22,7 @@ from pollama.names import ModelName
 from pollama.store.blobs import BlobStore
 from pollama.store.manifests import (
     MEDIA_ADAPTER,
+    MEDIA_DRAFT,
     MEDIA_LICENSE,
     MEDIA_MESSAGES,
     MEDIA_MODEL,
@@ -85,6 +86,11 @@ class LocalModel:
 
     def adapter_paths(self) -> list[Path]:
         return [self.blobs.path(layer.digest) for layer in self.layers_of(MEDIA_ADAPTER)]
+
+    def draft_path(self) -> Path | None:
+        """The draft model's GGUF (Modelfile ``DRAFT``: speculative decoding), if any."""
+        layers = self.layers_of(MEDIA_DRAFT)
+        return self.blobs.path(layers[0].digest) if layers else None
 
     def projector_paths(self) -> list[Path]:
         return [self.blobs.path(layer.digest) for layer in self.layers_of(MEDIA_PROJECTOR)]
