@@ -1,6 +1,7 @@
 """pollama vs the engine's own speed (plain loop) vs llama.cpp's llama-server, in one run.
 
-Same GGUF, same thread count, flash attention off and on, 1/2/4/8 concurrent streams;
+Same GGUF, same thread count, flash attention on (every engine's default here; ``--fa off
+on`` for both), 1/4/8/16 concurrent streams, each point the median of interleaved repeats;
 follow-up chat TTFT (warm prefix cache vs cold); resident memory with the model loaded.
 Writes ``bench/results/<YYYY-MM-DD>-<cpu>.md`` (quick mode: ``bench/.build/quick.md``) and
 the raw numbers next to it under ``bench/.build/results/``.
@@ -26,6 +27,7 @@ import random
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -260,6 +262,19 @@ class Pollama:
                                  + (out.stderr or out.stdout).strip()[-400:])
         self.created = True
 
+    def create_with_draft(self, base: str, name: str, draft: Path) -> None:
+        """Create ``name``: this engine's model with ``DRAFT`` (speculative decoding from a
+        draft model), on the running server at ``base``."""
+        env = self._env(int(base.rsplit(":", 1)[1]), 1, True)
+        modelfile = self.home / f"{name}.Modelfile"
+        modelfile.write_text(f"FROM {self.model}\nDRAFT {draft}\n")
+        out = subprocess.run([sys.executable, "-m", "pollama", "create", name, "-f",
+                              str(modelfile)], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        if out.returncode != 0:
+            raise cl.Unavailable("pollama create failed: "
+                                 + (out.stderr or out.stdout).strip()[-400:])
+
     def options(self, n_predict: int) -> dict[str, Any]:
         return {"num_predict": n_predict, "temperature": 0, "seed": 1,
                 "num_thread": self.threads}
@@ -317,19 +332,32 @@ def _run_streams(engine: Engine, base: str, prompts: list[str], n_predict: int
 
 
 class Points:
-    """The best of the repeats for each (engine, FA, streams), and the memory seen."""
+    """Every repeat of each (engine, FA, streams), and the memory seen. A point is shown as
+    the median of its repeats (:meth:`medians`), not the best: the repeats are interleaved
+    across engines, so a drift of the shared machine hits all of them alike."""
+
+    _MEDIAN_KEYS = ("per_stream_tok_s", "aggregate_tok_s", "wall_tok_s", "ttft_s",
+                    "step_ms_median", "sample_ms_per_token", "foreign_load")
 
     def __init__(self) -> None:
-        self.best: dict[tuple[str, bool, int], dict[str, Any]] = {}
+        self.rows: dict[tuple[str, bool, int], list[dict[str, Any]]] = {}
         self.memory: dict[tuple[str, bool, int], dict[str, Any]] = {}
 
     def add(self, key: tuple[str, bool, int], row: dict[str, Any]) -> None:
-        samples = [*self.best.get(key, {}).get("aggregate_samples", []), row["aggregate_tok_s"]]
-        row["aggregate_samples"] = samples
-        if key in self.best:
-            self.best[key]["aggregate_samples"] = samples
-        if key not in self.best or row["aggregate_tok_s"] > self.best[key]["aggregate_tok_s"]:
-            self.best[key] = row
+        self.rows.setdefault(key, []).append(row)
+
+    def medians(self) -> list[dict[str, Any]]:
+        out = []
+        for rows in self.rows.values():
+            point = dict(rows[0])
+            for name in self._MEDIAN_KEYS:
+                values = [r[name] for r in rows if r.get(name) is not None]
+                if values:
+                    point[name] = statistics.median(values)
+            point["aggregate_samples"] = [r["aggregate_tok_s"] for r in rows]
+            point["wall_samples"] = [r["wall_tok_s"] for r in rows]
+            out.append(point)
+        return out
 
 
 def measure_server(engine: Engine, args: argparse.Namespace, fa: bool, n: int, rep: int,
@@ -469,10 +497,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--fa", choices=["off", "on"], nargs="+", default=["off", "on"])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
+    # llama.cpp's default, "auto", turns flash attention on wherever the backend has it (the
+    # CPU has): "on" is every engine's default here
+    ap.add_argument("--fa", choices=["off", "on"], nargs="+", default=["on"])
     ap.add_argument("--n-predict", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3, help="repeats per point, best kept")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="repeats per point, interleaved; the median is shown")
     ap.add_argument("--only", choices=ENGINES, nargs="+", default=list(ENGINES))
     ap.add_argument("--no-followup", action="store_true")
     ap.add_argument("--max-foreign", type=float, default=0.10,
@@ -510,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         "model_name": args.model.name, "model_bytes": args.model.stat().st_size,
         "threads": args.threads, "n_predict": args.n_predict, "streams": args.streams,
-        "fa_modes": [m == "on" for m in args.fa], "quick": args.quick,
+        "fa_modes": [m == "on" for m in args.fa], "quick": args.quick, "repeat": args.repeat,
         "max_foreign": args.max_foreign,
         "llama_cpp_python": version("llama_cpp_python"),
         "llama_server_version": llama_server_version(), "pollama": pollama_version,
@@ -552,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                         guarded(name, f"FA {mode} follow-up",
                                 partial(measure_followup, engines[name], args, fa, results),
                                 results, worked)
-        results["throughput"] = list(points.best.values())
+        results["throughput"] = points.medians()
         results["memory"] = list(points.memory.values())
 
     out = args.out or (BUILD / "quick.md" if args.quick
