@@ -1,11 +1,12 @@
 """``pollama create``: read a Modelfile, upload its files as blobs, ask the server to create.
 
-The server never opens a path we give it: every local file named by FROM or ADAPTER is
-hashed here, uploaded with ``HEAD``/``POST /api/blobs/<digest>`` (skipped when the server
-already has it), and referred to in ``files``/``adapters`` by digest
-(docs/ollama-behaviour.md#create). ``FROM`` a Hugging Face folder uploads the files the
-server's converter reads (:func:`hf_model_files`, Ollama's ``filesForModel``), named by their
-paths in the folder (``1_Pooling/config.json``).
+The server never opens a path we give it: every local file named by FROM, ADAPTER or DRAFT
+is hashed here, uploaded with ``HEAD``/``POST /api/blobs/<digest>`` (skipped when the server
+already has it), and referred to in ``files``/``adapters``/``draft_files`` by digest
+(docs/ollama-behaviour.md#create). A DRAFT that is no file may name a local model
+(``draft``), whose weights the server then keeps as the draft. ``FROM`` a Hugging Face
+folder uploads the files the server's converter reads (:func:`hf_model_files`, Ollama's
+``filesForModel``), named by their paths in the folder (``1_Pooling/config.json``).
 """
 
 from __future__ import annotations
@@ -148,9 +149,35 @@ def _split_froms(froms: list[str], base: Path) -> tuple[list[str], list[tuple[st
     return names, folders[0] if folders else _named(list(dict.fromkeys(paths)))
 
 
+def _draft(api: Client, value: str, base: Path, display: ProgressDisplay) -> dict[str, Any]:
+    """The request's draft model: the file (or a folder's one GGUF) DRAFT names, uploaded
+    (``draft_files``), or, when no such file exists and the value cannot be a path, a
+    local model's name (``draft``: the server checks it is one)."""
+    path = _expand(value, base)
+    if path.is_dir() and _files(path, "*.safetensors") and not _files(path, "*.gguf"):
+        raise InvalidRequest(
+            f"DRAFT '{value}' is a safetensors folder: pollama takes a draft model as one GGUF "
+            "file (convert it with llama.cpp's convert_hf_to_gguf.py)"
+        )
+    if path.exists():
+        return {"draft_files": _upload(api, _named(_model_files(path)), display)}
+    if _looks_like_path(value):
+        raise InvalidRequest(
+            f"DRAFT '{value}' does not exist (relative paths start from the Modelfile's "
+            f"folder, {base})"
+        )
+    return {"draft": value}
+
+
 def build_request(
-    api: Client, modelfile: Modelfile, base: Path, display: ProgressDisplay, quantize: str | None
+    api: Client,
+    modelfile: Modelfile,
+    base: Path,
+    display: ProgressDisplay,
+    quantize: str | None,
+    draft_quantize: str | None = None,
 ) -> dict[str, Any]:
+    """The ``/api/create`` body a Modelfile stands for, its local files uploaded first."""
     fields = modelfile.to_create_fields()
     request: dict[str, Any] = {}
     names, model_files = _split_froms(fields.froms, base)
@@ -166,6 +193,8 @@ def build_request(
                 raise InvalidRequest(f"ADAPTER '{value}' does not exist")
             adapter_paths += _model_files(path)
         request["adapters"] = _upload(api, _named(adapter_paths), display)
+    if fields.draft:
+        request.update(_draft(api, fields.draft, base, display))
     for key in ("template", "system", "renderer", "parser", "requires"):
         value = getattr(fields, key)
         if value is not None:
@@ -178,6 +207,8 @@ def build_request(
         request["messages"] = fields.messages
     if quantize:
         request["quantize"] = quantize
+    if draft_quantize:
+        request["draft_quantize"] = draft_quantize
     return request
 
 
@@ -189,8 +220,16 @@ def build_request(
 @click.option(
     "-q", "--quantize", default=None, help="Quantize model to this level (e.g. q4_K_M, q8_0)"
 )
+@click.option(
+    "--draft-quantize",
+    "draft_quantize",
+    default=None,
+    help="Quantize the draft model to this level (e.g. q8_0)",
+)
 @reports_errors
-def create(model: str, file: str | None, quantize: str | None) -> None:
+def create(
+    model: str, file: str | None, quantize: str | None, draft_quantize: str | None
+) -> None:
     """Create a model from a Modelfile."""
     ModelName.parse(model)
     if file is None:
@@ -214,7 +253,7 @@ def create(model: str, file: str | None, quantize: str | None) -> None:
     api.heartbeat()
     with ProgressDisplay() as display:
         display.status("gathering model components")
-        request = build_request(api, modelfile, base, display, quantize)
+        request = build_request(api, modelfile, base, display, quantize, draft_quantize)
         request["model"] = model
         for item in api.create(request):
             display.handle(item)

@@ -44,6 +44,9 @@ class CreateRequest(OllamaModel):
     from_: str | None = Field(default=None, alias="from")
     files: dict[str, str] | None = None
     adapters: dict[str, str] | None = None
+    draft_files: dict[str, str] | None = None  # Modelfile DRAFT: an uploaded GGUF
+    draft: str | None = None  # beyond Ollama: DRAFT naming a local model
+    draft_quantize: str | None = None  # ollama create --draft-quantize
     template: str | None = None
     license: str | list[str] | None = None
     system: str | None = None
@@ -55,15 +58,18 @@ class CreateRequest(OllamaModel):
 
     def to_spec(self) -> CreateSpec:
         """The store's terms: ``model`` (or ``name``), ``from``, ``quantize`` (or
-        ``quantization``, trimmed), a license string as a one-item list, messages as
-        stored (unset fields left out)."""
+        ``quantization``, trimmed) and ``draft_quantize`` (trimmed), a license string as a
+        one-item list, messages as stored (unset fields left out)."""
         license_ = [self.license] if isinstance(self.license, str) else (self.license or [])
         return CreateSpec(
             name=self.model or self.name,
             base=self.from_ or "",
             files=dict(self.files or {}),
             adapters=dict(self.adapters or {}),
+            draft_files=dict(self.draft_files or {}),
+            draft=(self.draft or "").strip(),
             quantize=(self.quantize or self.quantization or "").strip(),
+            draft_quantize=(self.draft_quantize or "").strip(),
             template=self.template or "",
             system=self.system or "",
             license=tuple(license_),

@@ -8,8 +8,9 @@ is checked by our bounds-checked reader instead of being rewritten.
 Nothing is visible under the new name until every layer is in place and the manifest has
 been written atomically; a failure at any step leaves the store's manifests as they were.
 The uploaded files are read and checked before the first progress line and before any write
-(one model GGUF, at most one projector, whose output width fits the model: ``_check_parts``),
-so a wrong set of files is a plain 4xx that leaves the store untouched. A Hugging Face
+(one model GGUF, at most one projector, whose output width fits the model: ``_check_parts``;
+a draft model whose vocabulary is the model's: ``store/draft.py``), so a wrong set of files is
+a plain 4xx that leaves the store untouched. A Hugging Face
 safetensors folder among the files is converted to a GGUF first (``store/hf_import.py`` over
 ``pollama.convert``), every check of it also before the first progress line.
 """
@@ -37,6 +38,7 @@ from pollama.gguf import GGUFInfo
 from pollama.names import ModelName
 from pollama.options import validate_parameters
 from pollama.store.blobs import StoredBlob, parse_digest
+from pollama.store.draft import vocabulary_mismatch
 from pollama.store.gguf_cache import gguf_info
 from pollama.store.hf_import import check_gguf_upload, convert_to_blob, plan_import
 from pollama.store.manifests import (
@@ -70,13 +72,19 @@ class CreateSpec:
     """What to build a model from, as an ``/api/create`` request says it (the server's
     ``CreateRequest.to_spec()``): ``base`` a local model's name, or ``files`` uploaded GGUF
     blobs or a Hugging Face folder's files (``{filename: digest}``), then the layers that
-    override the base's. Empty values mean "not given" (keep the base's)."""
+    override the base's. Empty values mean "not given" (keep the base's). The draft model
+    of speculative decoding is ``draft_files`` (an uploaded GGUF) or ``draft`` (a local
+    model's name, whose weights become the draft); ``quantize`` applies to the model's
+    weights and ``draft_quantize`` to the draft's, each alone."""
 
     name: str
     base: str = ""
     files: dict[str, str] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)
+    draft_files: dict[str, str] = field(default_factory=dict)
+    draft: str = ""
     quantize: str = ""
+    draft_quantize: str = ""
     template: str = ""
     system: str = ""
     license: tuple[str, ...] = ()
@@ -153,7 +161,7 @@ def check_request(spec: CreateSpec) -> tuple[ModelName, CreateSpec]:
     """Everything that can be refused before streaming starts (so it gets a real 4xx); the
     name, and the spec with its parameters as they will be stored."""
     name = ModelName.parse(spec.name)
-    for group in (spec.files, spec.adapters):
+    for group in (spec.files, spec.adapters, spec.draft_files):
         for filename, digest in group.items():
             if not _valid_relative_path(filename):
                 raise InvalidRequest("file path must be relative")
@@ -162,6 +170,7 @@ def check_request(spec: CreateSpec) -> tuple[ModelName, CreateSpec]:
         raise InvalidRequest("only one adapter is currently supported")
     if not spec.base and not spec.files:
         raise InvalidRequest("neither 'from' or 'files' was specified")
+    _check_draft_request(spec)
     if spec.quantize:
         normalize_quantization(spec.quantize)
     if spec.template:
@@ -169,6 +178,32 @@ def check_request(spec: CreateSpec) -> tuple[ModelName, CreateSpec]:
     if spec.parameters:
         spec = dataclasses.replace(spec, parameters=validate_parameters(spec.parameters))
     return name, spec
+
+
+def _check_draft_request(spec: CreateSpec) -> None:
+    """The draft fields on their own: one draft model, given one way, and a
+    ``draft_quantize`` only beside a new draft (Ollama's rule and message)."""
+    if len(spec.draft_files) > 1:
+        raise InvalidRequest("only one draft model is currently supported")
+    if spec.draft_files and spec.draft:
+        raise InvalidRequest(
+            "a draft model is either uploaded ('draft_files') or a local model's name "
+            "('draft'), not both"
+        )
+    if spec.draft:
+        try:
+            ModelName.parse(spec.draft)
+        except InvalidRequest:
+            raise InvalidRequest(f"invalid model name {spec.draft!r} in DRAFT") from None
+    if spec.draft_quantize:
+        if not spec.draft_files and not spec.draft:
+            raise InvalidRequest("--draft-quantize requires a DRAFT model")
+        normalize_quantization(spec.draft_quantize)
+    if is_safetensors_upload(spec.draft_files):
+        raise ConversionError(
+            "DRAFT names safetensors files: pollama takes a draft model as one GGUF file "
+            "(convert it with llama.cpp's convert_hf_to_gguf.py)"
+        )
 
 
 def _parse_template(text: str) -> None:
@@ -205,19 +240,26 @@ class ModelCreator:
         plan = self._import_plan()
         files = [] if plan is not None else self._read_files(spec.files)
         adapters = self._read_files(spec.adapters, adapter=True)
+        drafts = self._read_draft()
         if spec.base:
             layers = _with_projector(self._from_model(spec.base, config), files, spec.base)
         elif plan is not None:
             layers = yield from self._convert(plan)
         else:
             layers = _check_parts(files)
-        for _ in (*files, *adapters):
+        for draft in drafts:  # before any write (after a conversion's, which is pruned)
+            _check_draft(layers, draft)
+        for _ in (*files, *adapters, *spec.draft_files):
             yield CreateProgress(status="parsing GGUF")
         if not spec.base:
             layers += self._detected_template(layers)
         layers += adapters
+        if drafts:  # a new draft replaces the base model's
+            layers = _without(layers, MEDIA_DRAFT) + drafts
         if spec.quantize:
-            layers = yield from self._quantize(layers, spec.quantize)
+            layers = yield from self._quantize(layers, spec.quantize, MEDIA_MODEL)
+        if spec.draft_quantize:
+            layers = yield from self._quantize(layers, spec.draft_quantize, MEDIA_DRAFT)
         self._fill_config(config, layers)
         layers = self._apply_overrides(layers)
         config_blob = store.blobs.put_bytes(config.to_bytes())
@@ -300,9 +342,49 @@ class ModelCreator:
             layers.append(_Layer(new, f"using existing layer {layer.digest}", info))
         return layers
 
-    def _read_files(self, files: dict[str, str], *, adapter: bool = False) -> list[_Layer]:
+    def _read_draft(self) -> list[_Layer]:
+        """The new draft model's layer (none when the request names no draft): the uploaded
+        GGUF, or the weights of the local model ``draft`` names, which must be a model's
+        (llama.cpp loads a draft as a whole model), not an adapter's or a projector's."""
+        spec = self.spec
+        if spec.draft_files:
+            found = self._read_files(spec.draft_files, draft=True)
+        elif spec.draft:
+            found = [self._draft_from_model(spec.draft)]
+        else:
+            return []
+        for item in found:
+            assert item.info is not None
+            what = _not_a_model(item.info)
+            if what:
+                raise InvalidRequest(
+                    f"DRAFT '{item.filename}' is {what}, not a model: a draft model is a "
+                    "smaller model GGUF with the model's vocabulary"
+                )
+        return found
+
+    def _draft_from_model(self, ref: str) -> _Layer:
+        """``draft``: the weights layer of a local model, kept as the draft layer."""
+        model = self.store.find(ModelName.parse(ref))
+        if model is None:
+            raise ModelNotFound(
+                f"draft model '{ref}' not found: DRAFT must name a local model, or the CLI "
+                "must be given a path to a GGUF file"
+            )
+        layer = model.model_layer
+        if layer is None:
+            raise InvalidRequest(f"DRAFT {ref} names a model without weights")
+        shortest = model.name.display_shortest()
+        info = gguf_info(self.store.blobs.path(layer.digest), display_name=shortest)
+        new = Layer(MEDIA_DRAFT, layer.digest, layer.size, shortest)
+        return _Layer(new, f"using existing layer {layer.digest}", info, ref)
+
+    def _read_files(
+        self, files: dict[str, str], *, adapter: bool = False, draft: bool = False
+    ) -> list[_Layer]:
         """Each uploaded GGUF's header, classified by what the file is (model, projector,
-        adapter), never by its position or name, so the FROM lines may come in any order."""
+        adapter), never by its position or name, so the FROM lines may come in any order;
+        ``draft`` files are the draft layer whatever they are (``_read_draft`` checks)."""
         layers: list[_Layer] = []
         for filename in sorted(files):
             digest = parse_digest(files[filename])
@@ -320,7 +402,9 @@ class ModelCreator:
                     f"write it as a second FROM line: FROM ./{filename} (with the path you "
                     "gave ADAPTER)"
                 )
-            if adapter or info.general_type == "adapter":
+            if draft:
+                media = MEDIA_DRAFT
+            elif adapter or info.general_type == "adapter":
                 media = MEDIA_ADAPTER
             elif is_projector(info):
                 media = MEDIA_PROJECTOR
@@ -351,15 +435,20 @@ class ModelCreator:
                 found.append(self._new_layer(MEDIA_PARAMS, named.params_json()))
         return found
 
-    def _quantize(self, layers: list[_Layer], type_name: str) -> Iterator[CreateProgress]:
+    def _quantize(
+        self, layers: list[_Layer], type_name: str, media_type: str
+    ) -> Iterator[CreateProgress]:
+        """Quantize the layers of ``media_type`` (the model's weights, or the draft's: the
+        two are asked for apart, ``quantize`` and ``draft_quantize``)."""
         target = normalize_quantization(type_name)
+        kind = "draft model" if media_type == MEDIA_DRAFT else "model"
         out: list[_Layer] = []
         for item in layers:
-            if item.layer.media_type not in (MEDIA_MODEL, MEDIA_DRAFT) or item.info is None:
+            if item.layer.media_type != media_type or item.info is None:
                 out.append(item)
                 continue
             source = self.store.blobs.path(item.layer.digest)
-            status = f"quantizing {item.info.file_type} model to {target}"
+            status = f"quantizing {item.info.file_type} {kind} to {target}"
             total = item.layer.size
             progress: list[CreateProgress] = []
 
@@ -512,6 +601,31 @@ def _with_projector(base: list[_Layer], files: list[_Layer], ref: str) -> list[_
     if model is not None:
         _check_fit(model, files[0])
     return _without(base, MEDIA_PROJECTOR) + files
+
+
+def _not_a_model(info: GGUFInfo) -> str:
+    """What a GGUF given as a draft model is instead of a model ('' for a model)."""
+    if info.general_type == "adapter":
+        return "a LoRA adapter"
+    if is_projector(info):
+        return "a multimodal projector"
+    return ""
+
+
+def _check_draft(layers: list[_Layer], draft: _Layer) -> None:
+    """Refuse a draft llama.cpp would refuse beside the model at every load: the model's
+    own weights, or a vocabulary that is not the model's (``store/draft.py``)."""
+    model = next((item for item in layers if item.media_type == MEDIA_MODEL), None)
+    if model is None or model.info is None or draft.info is None:
+        return
+    if model.layer.digest == draft.layer.digest:
+        raise InvalidRequest(
+            "the draft model is the model itself: a draft model is a smaller model with the "
+            "same vocabulary"
+        )
+    mismatch = vocabulary_mismatch(model.info, draft.info)
+    if mismatch:
+        raise InvalidRequest(f"the draft model's vocabulary does not match the model: {mismatch}")
 
 
 def _check_fit(model: _Layer, projector: _Layer) -> None:

@@ -137,12 +137,13 @@ def parameters_text(params: dict[str, Any]) -> str:
 def modelfile(model: LocalModel, *, system: str | None, params: dict[str, Any]) -> str:
     """The Modelfile that would build ``model`` again (``/api/show``'s ``modelfile``), with
     ``system`` and ``params`` in place of the stored ones."""
-    model_path = model.model_path()
+    model_path, draft_path = model.model_path(), model.draft_path()
     config = model.config()
     return render_modelfile(
         str(model_path) if model_path else model.name.display_shortest(),
         name=model.name.display_shortest(),
         adapters=[str(p) for p in model.adapter_paths()],
+        draft=str(draft_path) if draft_path else None,
         projectors=[str(p) for p in model.projector_paths()],
         template=model.template(),
         system=system,
