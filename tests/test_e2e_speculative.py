@@ -230,3 +230,47 @@ def test_sampled_drafts_keep_the_distribution(smol: httpx.Client) -> None:
     assert drafted_plain == 0 and n_drafted >= 50 and 10 <= n_kept < n_drafted
     distance = sum(abs(plain[t] - drafted[t]) for t in plain | drafted) / (2 * len(SEEDS))
     assert distance <= 0.05
+
+
+# -- a draft model (Modelfile DRAFT) ------------------------------------------------------------
+
+STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+def renamed_copy(source: Path, target: Path) -> Path:
+    """``source`` with one letter of its ``general.name`` changed: the same weights and
+    vocabulary in another file (create refuses the model itself as its draft)."""
+    data = bytearray(source.read_bytes())
+    key = data.index(b"general.name")
+    value = key + len(b"general.name") + 4 + 8  # the value's type (u32), length (u64)
+    data[value] = ord("X") if data[value] != ord("X") else ord("Y")
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_draft_model_from_the_modelfile_drafts_and_keeps_the_answer(
+    model_server: RunningServer, smol: httpx.Client
+) -> None:
+    from pollama.default_model import default_gguf_path, default_modelfile
+
+    home = model_server.models.parent.parent
+    draft = renamed_copy(default_gguf_path(), home / "smol-draft.gguf")
+    modelfile = home / "Modelfile.drafted"
+    modelfile.write_text(default_modelfile() + f"\nDRAFT {draft}\n")
+    model_server.cli("create", "smol-drafted", "-f", str(modelfile), check=True)
+    shown = smol.post("/api/show", json={"model": "smol-drafted"}).json()["modelfile"]
+    assert "\nDRAFT /" in shown
+    try:
+        body = {"messages": STORY, "options": GREEDY}
+        plain = _stream(smol, "/api/chat", {**body, "model": PLAIN})
+        drafted = _stream(smol, "/api/chat", {**body, "model": "smol-drafted"})
+        text = "".join(line["message"]["content"] for line in drafted)
+        assert text == "".join(line["message"]["content"] for line in plain)
+        # a draft as big as the model never pays: probed, its guesses kept, then left off
+        final = _final(drafted)
+        assert 1 <= final["draft_accepted"] <= final["draft_tokens"] <= 16, final
+        (loaded,) = [m for m in smol.get("/api/ps").json()["models"]
+                     if m["name"] == "smol-drafted:latest"]
+        assert loaded["size"] > 2 * draft.stat().st_size  # the target and its draft
+    finally:
+        smol.post("/api/generate", json={"model": "smol-drafted", "keep_alive": 0})
