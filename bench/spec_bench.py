@@ -170,6 +170,8 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
     models = {"rewrite": args.rewrite_model, "chat": args.chat_model}
     if args.large_model is not None:
         models["rewrite-large"] = args.large_model
+    if args.tasks:
+        models = {task: model for task, model in models.items() if task in args.tasks}
     out: dict[str, list[Target]] = {}
     for task, model in models.items():
         engine = Pollama(model, args.threads, home / task)
@@ -181,9 +183,11 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
             Target("pollama, drafts (default)", base, engine.model_name, options),
         ]
         drafting = task == "rewrite-large" and args.draft_model is not None
-        if drafting:
-            engine.create_with_draft(base, "bench-draft", args.draft_model)
-            out[task].append(Target("pollama, DRAFT model", base, "bench-draft", options))
+        if drafting:  # a server of its own: the same weights with another spec would reload
+            drafted = Pollama(model, args.threads, home / f"{task}-draft")
+            _srv, url = stack.enter_context(drafted.serve(parallel=1, fa=True))
+            drafted.create_with_draft(url, "bench-draft", args.draft_model)
+            out[task].append(Target("pollama, DRAFT model", url, "bench-draft", options))
         if args.llama_server and llama_server_bin().exists():
             for spec in (False, True):
                 url = stack.enter_context(llama_server(model, args.threads, spec))
@@ -302,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-model", type=Path,
                     help="a draft GGUF for the larger model (Qwen2.5-Coder-0.5B): adds "
                          "pollama with DRAFT and llama-server -md on rewrite-large")
+    ap.add_argument("--tasks", nargs="+", choices=["rewrite", "chat", "rewrite-large"],
+                    help="only these tasks (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-llama-server", dest="llama_server", action="store_false")

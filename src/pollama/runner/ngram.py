@@ -193,8 +193,10 @@ class Acceptance:
         self._counts = {key: list(prior) for key, prior in _PRIORS.items()}
         self.drafted = 0
         self.accepted = 0
-        self._gap = 1
-        self._idle = 0
+        # the probes' back-off, one for n-gram drafts and one for the draft model's, so that
+        # one source's probing does not starve the other's
+        self._gap = {False: 1, True: 1}
+        self._idle = {False: 0, True: 0}
 
     def rate(self, key: int) -> float:
         hits, misses = self._counts[key]
@@ -212,15 +214,16 @@ class Acceptance:
         """How many of ``limit`` tokens drafted from a ``key``-token match (or by the draft
         model, :data:`MODEL_KEY`, at ``per_token`` seconds each) to verify now (0: none)."""
         k = best_length(self.rate(key), limit, tokens, rows, costs, per_token)
+        source = key == MODEL_KEY
         if k > 0:
-            self._gap, self._idle = 1, 0
+            self._gap[source], self._idle[source] = 1, 0
             return k
-        if key < _PROBE_KEY and key != MODEL_KEY:
+        if key < _PROBE_KEY and not source:
             return 0
-        self._idle += 1
-        if self._idle < self._gap:
+        self._idle[source] += 1
+        if self._idle[source] < self._gap[source]:
             return 0
-        self._idle, self._gap = 0, min(_MAX_GAP, self._gap * 2)
+        self._idle[source], self._gap[source] = 0, min(_MAX_GAP, self._gap[source] * 2)
         return cheapest_probe(limit, rows, costs)
 
     def record(self, key: int, drafted: int, accepted: int) -> None:
