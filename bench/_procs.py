@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -241,3 +242,19 @@ def wait_quiet(threshold: float = 0.1, window: float = 1.0, patience: float = 12
         load = foreign_load(a, cpu_snapshot())
         if load < threshold or time.monotonic() > deadline:
             return load
+
+
+def add_quiet_options(ap: Any, *, repeats: int, patience: float = 60.0,
+                      llama_server: bool = True) -> None:
+    """The options of a benchmark that measures in interleaved repeats on a shared machine:
+    ``--threads``, ``--repeats``, ``--max-foreign`` (measure again when other processes used
+    more of the CPUs), ``--patience`` (seconds to wait for quiet), ``--tries``, ``--out`` and,
+    with a peer, ``--no-llama-server``."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    if llama_server:
+        ap.add_argument("--no-llama-server", dest="llama_server", action="store_false")
+    ap.add_argument("--max-foreign", type=float, default=0.10)
+    ap.add_argument("--patience", type=float, default=patience)
+    ap.add_argument("--tries", type=int, default=3, help="per measurement, on a busy machine")
+    ap.add_argument("--out", type=Path)

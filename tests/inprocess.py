@@ -29,6 +29,23 @@ from pollama.server.app import create_app
 BASE = "http://127.0.0.1:11434"
 
 
+def upload(api: TestClient, path: Path) -> str:
+    """``path`` as a blob, as the CLI uploads it; its digest."""
+    data = path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert api.post(f"/api/blobs/{digest}", content=data).status_code in (200, 201)
+    return digest
+
+
+def create(api: TestClient, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A successful ``/api/create``'s progress lines."""
+    response = api.post("/api/create", json=body)
+    assert response.status_code == 200, response.text
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines[-1] == {"status": "success"}, lines
+    return lines
+
+
 def create_models(client: TestClient, gguf: Path, models: Mapping[str, Mapping[str, Any]]
                   ) -> None:
     """Upload ``gguf`` as a blob, then create each named model from it with the extra

@@ -12,8 +12,6 @@ texts from id 5), an adapter or a projector given as a draft, two drafts, and a
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from conftest import tree_snapshot
 from ggufgen import tiny_vocab, write_projector_header, write_tiny_model
+from inprocess import create, upload
 from pollama.cli.main import cli
 from pollama.client import Client
 from pollama.gguf import read_gguf
@@ -34,20 +33,6 @@ from pollama.store.manifests import MEDIA_DRAFT, MEDIA_MODEL
 
 MISMATCH = "the draft model's vocabulary does not match the model: "
 
-
-def upload(api: TestClient, path: Path) -> str:
-    data = path.read_bytes()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    assert api.post(f"/api/blobs/{digest}", content=data).status_code in (200, 201)
-    return digest
-
-
-def create(api: TestClient, body: dict[str, Any]) -> list[dict[str, Any]]:
-    response = api.post("/api/create", json=body)
-    assert response.status_code == 200, response.text
-    lines = [json.loads(line) for line in response.text.splitlines()]
-    assert lines[-1] == {"status": "success"}, lines
-    return lines
 
 
 def refused(api: TestClient, body: dict[str, Any], status: int = 400) -> str:

@@ -12,8 +12,6 @@ with both widths, before anything is written. The CLI side is in
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from conftest import tree_snapshot
 from ggufgen import write_gguf, write_projector_header, write_tiny_model
+from inprocess import create, upload
 from pollama.cli.models import format_show
 from pollama.gguf import read_gguf
 from pollama.names import ModelName
@@ -32,20 +31,6 @@ from pollama.store.projector import input_width, output_widths
 
 N_EMBD = 64  # write_tiny_model's default embedding length
 
-
-def upload(api: TestClient, path: Path) -> str:
-    data = path.read_bytes()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    assert api.post(f"/api/blobs/{digest}", content=data).status_code in (200, 201)
-    return digest
-
-
-def create(api: TestClient, body: dict[str, Any]) -> list[dict[str, Any]]:
-    response = api.post("/api/create", json=body)
-    assert response.status_code == 200, response.text
-    lines = [json.loads(line) for line in response.text.splitlines()]
-    assert lines[-1] == {"status": "success"}, lines
-    return lines
 
 
 def layers(models_dir: Path, name: str) -> list[str]:
