@@ -186,6 +186,10 @@ def test_bad_requests_through_the_real_server(http: httpx.Client) -> None:
 
     assert "documents is empty" in error("/api/rerank", documents=[])
     assert "top_n must be at least 1" in error("/v1/rerank", documents=["a"], top_n=0)
+    huge = "word " * 200_000  # a megabyte: refused by its size before any tokenizing
+    r = http.post("/api/rerank", json={"model": "minilm-reranker", "query": huge,
+                                       "documents": ["a"]})
+    assert r.status_code == 400 and "the query is too long" in r.json()["error"]
     assert "is a reranker" in http.post(
         "/api/embed", json={"model": "minilm-reranker", "input": "x"}
     ).json()["error"]

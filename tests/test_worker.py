@@ -462,6 +462,34 @@ def test_smol_ready_info(smol: WorkerClient) -> None:
     assert size < info["memory_bytes"] < 4 * size + 4096 * 23_040 * 2
 
 
+def _messages(client: WorkerClient, req_id: int) -> list[dict[str, Any]]:
+    out = [client.next(req_id)]
+    while out[-1]["type"] == "chunk":
+        out.append(client.next(req_id))
+    return out
+
+
+@pytest.mark.slow
+def test_smol_text_is_sent_in_frames_and_logprobs_a_token_each(smol: WorkerClient) -> None:
+    """A fast stream's text reaches the server at most once a ``FRAME_INTERVAL`` (the first
+    token at once), all of it before ``done``; with logprobs every token is its own chunk."""
+    from pollama.runner.worker import FRAME_INTERVAL
+
+    prompt = CHAT.format("Write a long story about a lighthouse keeper.")
+    options = {"temperature": 0, "num_predict": 120}
+    messages = _messages(smol, smol.start(prompt, **options))
+    chunks, done = messages[:-1], messages[-1]
+    n = done["eval_count"]
+    assert done["type"] == "done" and n >= 60
+    assert 1 < len(chunks) < n  # several tokens a frame
+    assert FRAME_INTERVAL <= 0.05
+    framed = "".join(c["text"] for c in chunks)
+    with_logprobs = _messages(smol, smol.start(prompt, **options, logprobs=True))
+    assert len(with_logprobs) - 1 == n
+    assert all(len(c["logprobs"]) == 1 for c in with_logprobs[:-1])
+    assert "".join(c["text"] for c in with_logprobs[:-1]) == framed
+
+
 @pytest.mark.slow
 def test_smol_same_seed_same_text(smol: WorkerClient) -> None:
     prompt = CHAT.format("Name three colors.")

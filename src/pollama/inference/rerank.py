@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pollama.errors import InvalidRequest, ModelNotFound
+from pollama.errors import ContextOverflow, InvalidRequest, ModelNotFound
+from pollama.inference.bounds import TokenFloor
 from pollama.inference.embeddings import bounded_inputs
 from pollama.names import ModelName
-from pollama.runner.base import LoadSpec
+from pollama.runner.base import LoadSpec, RunnerInfo
 from pollama.runner.embedder import Naming
 from pollama.scheduler import ModelRef, parse_keep_alive
 from pollama.store.describe import capabilities, model_gguf
@@ -144,6 +145,7 @@ class RerankService:
                 )
                 runner = lease.runner
                 if p.method == "cross-encoder":
+                    _check_query(req.query, lease.info)
                     pairs = await runner.embed(
                         docs, req.truncate, query=req.query, label="document"
                     )
@@ -167,6 +169,18 @@ class RerankService:
             total_tokens=tokens,
             total_duration=time.monotonic_ns() - started,
             load_duration=load_duration,
+        )
+
+
+def _check_query(query: str, info: RunnerInfo) -> None:
+    """Refuse, before the worker tokenizes it, a query whose token floor
+    (``inference/bounds.py``) already fills the window: it goes with every document, and
+    the worker would refuse it after tokenizing megabytes once per batch of documents."""
+    least = TokenFloor(info.max_token_bytes).of(query)
+    if least >= info.n_ctx:
+        raise ContextOverflow(
+            f"the query is too long: it has at least {least} tokens, and the context holds "
+            f"{info.n_ctx}, which leaves no room for a document"
         )
 
 
