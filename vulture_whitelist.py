@@ -87,3 +87,7 @@ _.print_timings
 # gguf.GGUFWriter.write_tensor_data calls it on each tensor the converter streams out
 # (convert/writer.py, _Blocks)
 _.tofile
+
+# Python calls a module's __getattr__ for a name it lacks (PEP 562): convert/__init__.py's
+# lazy names
+_.__getattr__

@@ -330,3 +330,22 @@ def test_the_server_does_not_import_pillow_until_an_image_arrives() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_server_does_not_import_numpy_or_gguf_until_a_model_needs_them() -> None:
+    """numpy (~15 MiB resident) loads with the first embedding, image or conversion, not at
+    start: the safetensors converter's package stays light until a folder is converted."""
+    code = (
+        "import sys\n"
+        "from pollama.config import load_settings\n"
+        "from pollama.server.app import create_app\n"
+        "create_app(load_settings({}))\n"
+        "assert 'numpy' not in sys.modules and 'gguf' not in sys.modules, 'imported at start'\n"
+        "from pollama import convert\n"
+        "assert convert.is_safetensors_upload(['model.safetensors'])\n"
+        "assert 'numpy' not in sys.modules\n"
+        "assert 'BertModel' in convert.KNOWN_ARCHITECTURES and 'numpy' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr

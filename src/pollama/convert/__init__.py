@@ -14,13 +14,14 @@ files as ``{name in the folder: blob path}`` and the output path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pollama.convert import bert, llama
-from pollama.convert.source import HFFolder, is_safetensors_upload, refuse_pickles
-from pollama.convert.writer import ConvertPlan, write_gguf
-from pollama.errors import ConversionError
+from pollama.convert.upload import is_safetensors_upload
+
+if TYPE_CHECKING:
+    from pollama.convert.plan import KNOWN_ARCHITECTURES, plan_conversion
+    from pollama.convert.source import refuse_pickles
+    from pollama.convert.writer import ConvertPlan, write_gguf
 
 __all__ = [
     "KNOWN_ARCHITECTURES",
@@ -31,29 +32,21 @@ __all__ = [
     "write_gguf",
 ]
 
-_PLANNERS: dict[str, Callable[[HFFolder, dict, str], ConvertPlan]] = {
-    **{name: bert.plan_bert for name in bert.ARCHITECTURES},
-    **{name: llama.plan_llama for name in llama.ARCHITECTURES},
+# numpy and gguf load only when a folder is converted: ``import pollama.convert`` (which the
+# server does at start, through the store's create) stays light.
+_LAZY = {
+    "KNOWN_ARCHITECTURES": "pollama.convert.plan",
+    "plan_conversion": "pollama.convert.plan",
+    "refuse_pickles": "pollama.convert.source",
+    "ConvertPlan": "pollama.convert.writer",
+    "write_gguf": "pollama.convert.writer",
 }
-KNOWN_ARCHITECTURES = tuple(_PLANNERS)
 
 
-def plan_conversion(files: Mapping[str, Path]) -> ConvertPlan:
-    """Read and check a Hugging Face folder (``{name: path}``); every ``ConversionError``
-    comes from here, before anything is written."""
-    folder = HFFolder(files)
-    config = folder.config()
-    architectures = config.get("architectures")
-    if not isinstance(architectures, list) or not architectures:
-        raise ConversionError(
-            "'config.json' names no architecture (its \"architectures\" list); pollama "
-            f"converts {', '.join(KNOWN_ARCHITECTURES)}"
-        )
-    architecture = architectures[0]
-    planner = _PLANNERS.get(architecture) if isinstance(architecture, str) else None
-    if planner is None:
-        raise ConversionError(
-            f"unsupported architecture {architecture!r}: pollama converts "
-            f"{', '.join(KNOWN_ARCHITECTURES)}"
-        )
-    return planner(folder, config, architecture)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pollama.convert' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_TOKENIZER_BYTES",
     "HFFolder",
-    "is_safetensors_upload",
     "refuse_pickles",
 ]
 
@@ -35,12 +34,6 @@ MAX_TOKENIZER_BYTES = 64 << 20
 """tokenizer.json (Gemma's is 33 MB, Llama 3's 9 MB) and vocab.txt."""
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def is_safetensors_upload(names: Iterable[str]) -> bool:
-    """Whether ``/api/create`` files are a Hugging Face folder rather than GGUF files (as
-    Ollama's ``detectModelTypeFromFiles``: any ``*.safetensors``)."""
-    return any(name.lower().endswith(".safetensors") for name in names)
 
 
 def refuse_pickles(files: Mapping[str, Path]) -> None:

@@ -23,9 +23,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pollama.convert import ConvertPlan, is_safetensors_upload
+from pollama.convert import is_safetensors_upload
+
+if TYPE_CHECKING:
+    from pollama import convert
 from pollama.errors import (
     BlobNotFound,
     ConversionError,
@@ -278,7 +281,7 @@ class ModelCreator:
                 store.prune(old.stored.manifest.digests())
         yield CreateProgress(status="success")
 
-    def _import_plan(self) -> ConvertPlan | None:
+    def _import_plan(self) -> convert.ConvertPlan | None:
         """The conversion of a Hugging Face folder among the files (None: GGUF files), all
         of its checks done (docs/ollama-behaviour.md#create)."""
         spec = self.spec
@@ -297,7 +300,7 @@ class ModelCreator:
             )
         return plan_import(self.store, spec.files, quantize=bool(spec.quantize))
 
-    def _convert(self, plan: ConvertPlan) -> Iterator[CreateProgress]:
+    def _convert(self, plan: convert.ConvertPlan) -> Iterator[CreateProgress]:
         """Ollama's ``converting model`` step, as a bar of the GGUF's bytes written."""
         total, shown = plan.output_bytes, 0
         yield CreateProgress("converting model", _CONVERT_BAR, total, 0)

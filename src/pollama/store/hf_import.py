@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pollama.convert import ConvertPlan, plan_conversion, refuse_pickles, write_gguf
+from pollama import convert  # its numpy side loads on first use (pollama/convert/__init__.py)
 from pollama.errors import BlobNotFound, InvalidRequest
 from pollama.format import human_bytes
 from pollama.store.blobs import StoredBlob, parse_digest
@@ -41,10 +41,10 @@ def check_gguf_upload(store: Store, files: dict[str, str]) -> None:
     """Files that are not a safetensors folder may still be pickled weights, refused with
     the same advice (``refuse_pickles``)."""
     paths = {name: store.blobs.path(parse_digest(digest)) for name, digest in files.items()}
-    refuse_pickles({name: path for name, path in paths.items() if path.is_file()})
+    convert.refuse_pickles({name: path for name, path in paths.items() if path.is_file()})
 
 
-def plan_import(store: Store, files: dict[str, str], *, quantize: bool) -> ConvertPlan:
+def plan_import(store: Store, files: dict[str, str], *, quantize: bool) -> convert.ConvertPlan:
     """Every check, before anything is written: the folder (``ConversionError``, 400), and
     room on disk for the converted model (twice, when it is quantized afterwards: the
     16-bit file and the quantized one exist together for a moment)."""
@@ -52,7 +52,7 @@ def plan_import(store: Store, files: dict[str, str], *, quantize: bool) -> Conve
         raise InvalidRequest(
             "the FROM files mix GGUF and safetensors files: a model is one or the other"
         )
-    plan = plan_conversion(_paths(store, files))
+    plan = convert.plan_conversion(_paths(store, files))
     store.ensure()
     needed = plan.output_bytes * (2 if quantize else 1)
     free = shutil.disk_usage(store.blobs.dir).free
@@ -64,10 +64,12 @@ def plan_import(store: Store, files: dict[str, str], *, quantize: bool) -> Conve
     return plan
 
 
-def convert_to_blob(store: Store, plan: ConvertPlan) -> Iterator[tuple[int, int] | StoredBlob]:
+def convert_to_blob(
+    store: Store, plan: convert.ConvertPlan
+) -> Iterator[tuple[int, int] | StoredBlob]:
     """Write the converted GGUF, yielding ``(done, total)`` bytes as it goes, then the blob
     it became. Nothing of it stays in the store if the iterator is not run to its end."""
     with tempfile.TemporaryDirectory(dir=store.blobs.dir, prefix="tmp-") as tmp:
         dest = Path(tmp) / "converted.gguf"
-        yield from write_gguf(plan, dest)
+        yield from convert.write_gguf(plan, dest)
         yield store.blobs.put_file(dest)
