@@ -613,3 +613,44 @@ def test_smol_logprobs_are_measured_before_the_grammar_mask(
     assert entries[0]["token"] == "{"
     assert entries[0]["top_logprobs"][0]["token"] != "{"
     assert entries[0]["logprob"] < entries[0]["top_logprobs"][0]["logprob"]
+
+
+def test_the_emitter_holds_text_between_frames_and_flushes_it_before_the_rest() -> None:
+    """``_Emitter`` with a clock: the first token at once, the next ones held until a frame
+    is due, and what is held always sent before an error, a logprob chunk or the end."""
+    from pollama.runner.base import CompletionChunk
+    from pollama.runner.engine import RequestFailed
+    from pollama.runner.logprobs import Logprob
+    from pollama.runner.worker import FRAME_INTERVAL, _Emitter
+
+    class Sink:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+
+        def send(self, message: dict[str, Any]) -> bool:
+            self.sent.append(message)
+            return True
+
+    sink = Sink()
+    emit = _Emitter(sink, 5)  # type: ignore[arg-type]
+    for text in ("a", "b", "c"):
+        assert emit(CompletionChunk(text=text))
+    assert [m["text"] for m in sink.sent] == ["a"]  # b and c wait for the next frame
+    emit.sent -= FRAME_INTERVAL  # the frame is due
+    emit(CompletionChunk(text="d"))
+    assert [m["text"] for m in sink.sent] == ["a", "bcd"]
+    emit(CompletionChunk(text="e"))
+    entry = Logprob(token="f", logprob=-0.5, bytes=[102], top_logprobs=[])
+    emit(CompletionChunk(text="f", logprobs=[entry]))
+    assert [m["text"] for m in sink.sent][-2:] == ["e", "f"]
+    emit(CompletionChunk(text="g"))
+    emit(RequestFailed("internal", "boom"))
+    assert sink.sent[-2] == {"id": 5, "type": "chunk", "text": "g"}
+    assert sink.sent[-1]["type"] == "error"
+    done = Sink()
+    emit = _Emitter(done, 6)  # type: ignore[arg-type]
+    emit(CompletionChunk(text="x"))
+    emit(CompletionChunk(text="y"))
+    emit(CompletionChunk(done=True, done_reason="stop"))
+    assert [m["type"] for m in done.sent] == ["chunk", "chunk", "done"]
+    assert done.sent[1]["text"] == "y"

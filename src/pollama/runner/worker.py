@@ -377,16 +377,16 @@ class _Emitter:
 
     def __call__(self, event: Event) -> bool:
         req_id, send = self.req_id, self.writer.send
+        if not isinstance(event, CompletionChunk) or event.done or event.logprobs:
+            # what was held goes first: the text before an error, an end or a logprob
+            if self.held and not send(self._held()):
+                return False
         if not isinstance(event, CompletionChunk):
             return send({"id": req_id, "type": "error", "kind": event.kind,
                          "message": event.message})  # fmt: skip
         if event.done:
-            if self.held and not send(self._held()):
-                return False
             return send({"id": req_id, "type": "done", **done_to_json(event)})
         if event.logprobs:
-            if self.held and not send(self._held()):
-                return False
             return send({"id": req_id, "type": "chunk", **chunk_to_json(event)})
         self.held.append(event.text)
         now = time.perf_counter()
