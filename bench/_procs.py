@@ -11,10 +11,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -258,3 +258,23 @@ def add_quiet_options(ap: Any, *, repeats: int, patience: float = 60.0,
     ap.add_argument("--patience", type=float, default=patience)
     ap.add_argument("--tries", type=int, default=3, help="per measurement, on a busy machine")
     ap.add_argument("--out", type=Path)
+
+
+T = TypeVar("T")
+
+
+def quiet_measure(work: Callable[[], T], args: Any,
+                  prepare: Callable[[], object] = lambda: None) -> tuple[T, float]:
+    """``work()`` measured on a quiet machine: ``prepare()``, wait for quiet
+    (``args.max_foreign``, ``args.patience``), run it, and again (up to ``args.tries``
+    times) while other processes used more than ``max_foreign`` of the CPUs meanwhile.
+    Returns the last result and the share of the CPUs others used during it."""
+    for _ in range(max(1, args.tries)):
+        prepare()
+        wait_quiet(args.max_foreign, patience=args.patience)
+        before = cpu_snapshot()
+        result = work()
+        foreign = foreign_load(before, cpu_snapshot())
+        if foreign <= args.max_foreign:
+            break
+    return result, foreign

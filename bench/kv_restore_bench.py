@@ -118,14 +118,8 @@ class Session:
     def measure(self, mode: str) -> dict[str, Any]:
         """One next turn as ``mode`` says; measured again (up to ``--tries`` times) while
         other processes used more than ``--max-foreign`` of the CPUs during it."""
-        for _ in range(self.args.tries):
-            self.prepare(mode)
-            _procs.wait_quiet(self.args.max_foreign, patience=self.args.patience)
-            before = _procs.cpu_snapshot()
-            got = self.chat(self.next_turn, 8)
-            foreign = _procs.foreign_load(before, _procs.cpu_snapshot())
-            if foreign <= self.args.max_foreign:
-                break
+        got, foreign = _procs.quiet_measure(lambda: self.chat(self.next_turn, 8), self.args,
+                                            prepare=lambda: self.prepare(mode))
         final = got.final
         return {"mode": mode, "ttft": got.ttft, "history": self.history_tokens,
                 "prompt_tokens": int(final.get("prompt_eval_count") or 0),
@@ -212,15 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="GGUF (default: pollama's default model)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--turns", type=int, nargs="+", default=[6, 12],
                     help="user turns of history (6: run_bench.py's follow-up chat)")
     ap.add_argument("--fa", choices=["off", "on"], default="on")
-    ap.add_argument("--max-foreign", type=float, default=0.10)
-    ap.add_argument("--patience", type=float, default=120.0)
-    ap.add_argument("--tries", type=int, default=3, help="per measurement, on a busy machine")
-    ap.add_argument("--out", type=Path)
+    _procs.add_quiet_options(ap, repeats=5, patience=120.0, llama_server=False)
     args = ap.parse_args(argv)
     if args.model is None:
         sys.path.insert(0, str(ROOT / "src"))

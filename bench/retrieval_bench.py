@@ -137,17 +137,11 @@ def configs(stack: ExitStack, args: argparse.Namespace, home: Path) -> Configs:
     return out
 
 
-def measure(work: Callable[[], None], args: argparse.Namespace) -> tuple[float, float]:
-    for _ in range(args.tries):
-        _procs.wait_quiet(args.max_foreign, patience=args.patience)
-        before = _procs.cpu_snapshot()
-        started = time.perf_counter()
-        work()
-        seconds = time.perf_counter() - started
-        foreign = _procs.foreign_load(before, _procs.cpu_snapshot())
-        if foreign <= args.max_foreign:
-            break
-    return seconds, foreign
+def timed(work: Callable[[], None]) -> float:
+    """Seconds ``work()`` takes, client side."""
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
@@ -159,7 +153,8 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
             found.items[name][1]()
         for rep in range(args.repeats):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
-                seconds, foreign = measure(found.items[name][1], args)
+                seconds, foreign = _procs.quiet_measure(
+                    lambda n=name: timed(found.items[n][1]), args)
                 rows.append({"config": name, "unit": found.items[name][0], "repeat": rep,
                              "seconds": seconds, "foreign": foreign})
                 print(f"  {rep} {name:32s} {seconds:7.3f} s (others {foreign:.0%})", flush=True)

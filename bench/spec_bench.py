@@ -205,17 +205,6 @@ def _kind(task: str) -> str:
     return task.split("-")[0]
 
 
-def measure(target: Target, task: str, args: argparse.Namespace) -> tuple[Result, float]:
-    for _ in range(args.tries):
-        _procs.wait_quiet(args.max_foreign, patience=args.patience)
-        before = _procs.cpu_snapshot()
-        result = target.ask(*TASKS[_kind(task)])
-        foreign = _procs.foreign_load(before, _procs.cpu_snapshot())
-        if foreign <= args.max_foreign:
-            break
-    return result, foreign
-
-
 def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
@@ -227,7 +216,8 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
             for task, group in configs.items():
                 order = group[rep % len(group):] + group[: rep % len(group)]
                 for target in order:
-                    result, foreign = measure(target, task, args)
+                    result, foreign = _procs.quiet_measure(
+                        lambda t=target, k=task: t.ask(*TASKS[_kind(k)]), args)
                     rows.append({"task": task, "config": target.name, "repeat": rep,
                                  "tok_s": result.tok_s, "tokens": result.tokens,
                                  "drafted": result.drafted, "accepted": result.accepted,
