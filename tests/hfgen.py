@@ -546,3 +546,12 @@ def cross_encoder_score(ids: list[int], weights: dict[str, np.ndarray],
     w = {k: v.astype(np.float64) for k, v in weights.items()}
     pooled = np.tanh(w["bert.pooler.dense.weight"] @ hidden[0] + w["bert.pooler.dense.bias"])
     return float((w["classifier.weight"] @ pooled + w["classifier.bias"])[0])
+
+
+def folder_reference(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, int]]:
+    """A Hugging Face BERT folder's weights, ``config.json`` and WordPiece vocabulary, for the
+    numpy reference (:func:`bert_forward`, :func:`wordpiece`)."""
+    weights = read_safetensors(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    return weights, config, vocab

@@ -15,7 +15,6 @@ and real workers score, and the scores are the model's.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from hfgen import (
     bert_forward,
     cross_encoder_folder,
     cross_encoder_score,
+    folder_reference,
     mean_pooled,
-    read_safetensors,
     wordpiece,
 )
 from models import minilm_fixture  # noqa: F401  (the ``minilm`` fixture)
@@ -77,9 +76,17 @@ def http(srv: RunningServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def tokenizer(minilm: Path) -> dict[str, int]:
-    vocab: dict[str, int] = json.loads((minilm / "tokenizer.json").read_text())["model"]["vocab"]
-    return vocab
+Reference = tuple[dict[str, np.ndarray], dict[str, Any], dict[str, int]]
+
+
+@pytest.fixture(scope="module")
+def minilm_ref(minilm: Path) -> Reference:
+    return folder_reference(minilm)
+
+
+@pytest.fixture(scope="module")
+def cross_ref(cross: Path) -> Reference:
+    return folder_reference(cross)
 
 
 def pair_ids(query: str, document: str, vocab: dict[str, int], window: int = 0) -> list[int]:
@@ -98,16 +105,14 @@ def rerank(http: httpx.Client, **body: Any) -> dict[str, Any]:
     return result
 
 
-def test_an_embedding_model_ranks_by_cosine(http: httpx.Client, minilm: Path) -> None:
+def test_an_embedding_model_ranks_by_cosine(http: httpx.Client, minilm_ref: Reference) -> None:
     body = rerank(http, model="all-minilm", query=QUERY, documents=DOCUMENTS,
                   return_documents=True)  # fmt: skip
     assert body["method"] == "cosine"
     order = [item["index"] for item in body["results"]]
     assert order[0] == 2 and order[-1] == 0  # machine learning first, the French market last
     assert body["results"][0]["document"] == {"text": DOCUMENTS[2]}
-    weights = read_safetensors(minilm / "model.safetensors")
-    config = json.loads((minilm / "config.json").read_text())
-    vocab = tokenizer(minilm)
+    weights, config, vocab = minilm_ref
     q = mean_pooled(bert_forward(wordpiece(QUERY, vocab), weights, config))
     for item in body["results"]:
         d = mean_pooled(bert_forward(wordpiece(DOCUMENTS[item["index"]], vocab), weights, config))
@@ -117,11 +122,9 @@ def test_an_embedding_model_ranks_by_cosine(http: httpx.Client, minilm: Path) ->
 
 
 def test_a_cross_encoder_scores_as_its_head_does(
-    http: httpx.Client, minilm: Path, cross: Path
+    http: httpx.Client, cross_ref: Reference
 ) -> None:
-    weights = read_safetensors(cross / "model.safetensors")
-    config = json.loads((minilm / "config.json").read_text())
-    vocab = tokenizer(minilm)
+    weights, config, vocab = cross_ref
     expected = [cross_encoder_score(pair_ids(QUERY, d, vocab), weights, config)
                 for d in DOCUMENTS]  # fmt: skip
     for route in ("/api/rerank", "/v1/rerank", "/rerank"):
@@ -158,11 +161,9 @@ def test_a_score_does_not_depend_on_the_other_documents(http: httpx.Client) -> N
 
 
 def test_a_long_document_is_cut_or_refused_by_name(
-    http: httpx.Client, minilm: Path, cross: Path
+    http: httpx.Client, cross_ref: Reference
 ) -> None:
-    weights = read_safetensors(cross / "model.safetensors")
-    config = json.loads((minilm / "config.json").read_text())
-    vocab = tokenizer(minilm)
+    weights, config, vocab = cross_ref
     ids = pair_ids(QUERY, LONG, vocab, WINDOW)
     assert len(ids) == WINDOW
     body = rerank(http, model="minilm-reranker", query=QUERY, documents=["short", LONG])

@@ -18,10 +18,8 @@ converts it, real workers run the GGUF, and what they compute is the model's.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gguf
 import httpx
@@ -32,9 +30,9 @@ from conftest import RunningServer, create_default_model, start_server, stop_ser
 from hfgen import (
     bert_forward,
     cross_encoder_folder,
+    folder_reference,
     llama_folder_from_gguf,
     mean_pooled,
-    read_safetensors,
     wordpiece,
 )
 from models import minilm_fixture  # noqa: F401  (the ``minilm`` fixture)
@@ -89,13 +87,6 @@ def model_gguf(srv: RunningServer, name: str) -> gguf.GGUFReader:
     return gguf.GGUFReader(Store(srv.models).blobs.path(layer.digest))
 
 
-def reference(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, int]]:
-    weights = read_safetensors(folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    return weights, config, vocab
-
-
 def http_show_status(srv: RunningServer, name: str) -> int:
     return httpx.post(f"{srv.url}/api/show", json={"model": name}, timeout=30).status_code
 
@@ -113,7 +104,7 @@ def test_all_minilm_embeds_as_the_model_does(
 ) -> None:
     progress = create(srv, "all-minilm", minilm)
     assert "converting model 100%" in progress
-    weights, config, vocab = reference(minilm)
+    weights, config, vocab = folder_reference(minilm)
     ids = [wordpiece(text, vocab, WINDOW) for text in [*TEXTS, LONG]]
     assert len(ids[5]) == WINDOW and len(wordpiece(LONG, vocab)) > WINDOW
     expected = [mean_pooled(bert_forward(i, weights, config)) for i in ids]
