@@ -26,8 +26,9 @@ import pytest
 from ggufgen import write_gguf, write_tiny_model
 from pollama.default_model import default_gguf_path
 from pollama.runner.base import LoadSpec
-from pollama.runner.engine import StopMatcher, Utf8Decoder, common_prefix, fair_share
+from pollama.runner.engine import StopMatcher, Utf8Decoder, fair_share
 from pollama.runner.protocol import decode, encode
+from pollama.runner.tokens import common_prefix
 from pollama.runner.tuning import ThreadTuner
 
 TIMEOUT = 60.0

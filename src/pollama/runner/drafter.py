@@ -26,6 +26,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from pollama.runner.tokens import common_prefix
+
 __all__ = ["DRAFT_MODEL_MAX", "P_MIN", "DraftModel", "DraftRequest"]
 
 P_MIN = 0.75
@@ -147,7 +149,7 @@ class DraftModel:
         todo: list[tuple[int, int]] = []  # (ask index, first token to evaluate)
         for i, ask in enumerate(asks):
             held = self.held[ask.seq]
-            common = min(_common_prefix(held, ask.history), len(ask.history) - 1)
+            common = min(common_prefix(held, ask.history), len(ask.history) - 1)
             if common < len(held):
                 if not self.ctx.seq_rm(ask.seq, common, -1):
                     self.forget(ask.seq)
@@ -194,16 +196,3 @@ class DraftModel:
         if 1.0 / mass < P_MIN or token >= self.n_vocab_target:
             return None
         return token
-
-
-def _common_prefix(held: list[int], history: Sequence[int]) -> int:
-    """How many first tokens ``held`` and ``history`` share. Usually all that is held (the
-    slot only went on), which one list comparison in C tells, without a Python loop over a
-    long conversation at every step."""
-    n = min(len(held), len(history))
-    if list(history[:n]) == held[:n]:
-        return n
-    i = 0
-    while held[i] == history[i]:
-        i += 1
-    return i

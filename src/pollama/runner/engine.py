@@ -117,6 +117,7 @@ from pollama.runner.ngram import (
     StepCosts,
     expected_tokens,
 )
+from pollama.runner.tokens import common_prefix
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
     from pollama.runner.grammar import Constraint, Grammars
@@ -131,7 +132,6 @@ __all__ = [
     "StopMatcher",
     "Utf8Decoder",
     "build_sampler",
-    "common_prefix",
     "fair_share",
     "generation_budget",
 ]
@@ -267,15 +267,6 @@ def generation_budget(num_predict: int, n_ctx: int) -> int:
     still ends (0 stays 0: only the prompt is evaluated)."""
     bound = _PREDICT_WINDOWS * n_ctx
     return bound if num_predict < 0 or num_predict > bound else num_predict
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64)
-    return int(diff.argmax()) if diff.any() else n
 
 
 def build_sampler(opts: SamplingOptions, n_vocab: int, n_ctx: int) -> tuple[SamplerChain, int]:
