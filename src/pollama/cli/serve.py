@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 import uvicorn
 
 from pollama.cli.common import fail, reports_errors, settings
 from pollama.config import SERVE_ENV_VARS, env_help
+from pollama.config.report import config_rows, format_config
 from pollama.server.app import create_app, take_inventory
 from pollama.server.limits import guarded_h11_protocol
 from pollama.server.security import auth_summary, bind_refusal
 
 
 @click.command(epilog="\b" + env_help(SERVE_ENV_VARS))
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print each setting's value and where it came from (environment, file, default), "
+    "and the per-model presets; then exit",
+)
 @reports_errors
-def serve() -> None:
+def serve(print_config: bool) -> None:
     """Start pollama."""
+    if print_config:
+        rows, effective = config_rows(os.environ)
+        click.echo(format_config(rows, effective), nl=False)
+        return
     s = settings()
     logging.addLevelName(5, "TRACE")
     logging.basicConfig(
@@ -27,7 +39,8 @@ def serve() -> None:
     refusal = bind_refusal(s)
     if refusal is not None:
         fail(refusal)
-    app = create_app(s, inventory=take_inventory())
+    # SIGHUP and a changed pollama.toml reload keys, limits and presets (server/reload.py).
+    app = create_app(s, inventory=take_inventory(), reload_environ=os.environ)
     click.echo(auth_summary(s), err=True)
     click.echo(
         f"pollama listening on {s.host.bind_host}:{s.host.port} (models: {s.models})", err=True

@@ -33,7 +33,7 @@ from pollama.inference.embed_request import EmbeddingJob, embedding_inputs
 from pollama.names import ModelName
 from pollama.runner.base import LoadSpec, RunnerInfo
 from pollama.runner.embedder import Naming
-from pollama.scheduler import ModelRef, parse_keep_alive
+from pollama.scheduler import ModelRef
 from pollama.store import LocalModel
 from pollama.store.describe import model_gguf
 
@@ -155,7 +155,7 @@ class EmbeddingService:
             model=model,
             spec=placement.spec,
             ref=placement.ref,
-            keep_alive=parse_keep_alive(req.keep_alive),
+            keep_alive=placement.keep_alive_for(req.keep_alive),
             normalize=req.endpoint == "embed" or not legacy_raw(info),
         )
 

@@ -30,7 +30,7 @@ from pollama.inference.embeddings import bounded_inputs
 from pollama.names import ModelName
 from pollama.runner.base import LoadSpec, RunnerInfo
 from pollama.runner.embedder import Naming
-from pollama.scheduler import ModelRef, parse_keep_alive
+from pollama.scheduler import ModelRef
 from pollama.store.describe import capabilities, model_gguf
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class RerankService:
             method="cross-encoder" if info.ranks else "cosine",
             spec=placement.spec,
             ref=placement.ref,
-            keep_alive=parse_keep_alive(req.keep_alive),
+            keep_alive=placement.keep_alive_for(req.keep_alive),
         )
 
     def _rankers(self) -> str:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pollama.config import Settings
+from pollama.config import ModelPreset, Settings
 from pollama.errors import (
     CapabilityMissing,
     ContextOverflow,
@@ -70,6 +70,7 @@ from pollama.inference.parsers import (
     tool_names,
 )
 from pollama.inference.phases import GenerationRun, OutputPlan, generate
+from pollama.inference.presets import NO_PRESET, preset_for
 from pollama.inference.prompt import (
     PromptResult,
     PromptTemplate,
@@ -145,6 +146,13 @@ class Placement:
     options: dict[str, Any]
     spec: LoadSpec
     ref: ModelRef
+    keep_alive: float | None = None  # the model's preset's, for requests that set none
+
+    def keep_alive_for(self, requested: Any) -> float | None:
+        """A request's ``keep_alive``, else its model's preset's (else None: the runner's
+        or the server's)."""
+        parsed = parse_keep_alive(requested)
+        return self.keep_alive if parsed is None else parsed
 
 
 @dataclass
@@ -219,7 +227,7 @@ class InferenceService:
             options=placement.options,
             spec=placement.spec,
             ref=placement.ref,
-            keep_alive=parse_keep_alive(req.keep_alive),
+            keep_alive=placement.keep_alive_for(req.keep_alive),
             think=think,
             format=fmt,
             tools=tools,
@@ -305,8 +313,9 @@ class InferenceService:
         coerced, warnings = coerce_options(request_options or {})
         for warning in warnings:
             log.warning("%s", warning)
-        options = merge_options(model.params(), coerced)
-        spec, offload = self._load_spec(model, info, options)
+        preset = preset_for(self.settings, model.name)
+        options = merge_options(model.params(), preset.options(), coerced)
+        spec, offload = self._load_spec(model, info, options, preset)
         ref = ModelRef(
             key=spec.model_path,
             name=model.name.display_shortest(),
@@ -315,11 +324,16 @@ class InferenceService:
             details=dataclasses.asdict(details(model)),
             estimate_bytes=offload.host_bytes,
             device_bytes=dict(offload.device_bytes),
+            pinned=preset.pinned,
         )
-        return Placement(options=options, spec=spec, ref=ref)
+        return Placement(options=options, spec=spec, ref=ref, keep_alive=preset.keep_alive)
 
     def _load_spec(
-        self, model: LocalModel, info: GGUFInfo, options: dict[str, Any]
+        self,
+        model: LocalModel,
+        info: GGUFInfo,
+        options: dict[str, Any],
+        preset: ModelPreset = NO_PRESET,
     ) -> tuple[LoadSpec, Offload]:
         """The spec a model loads with, and where its layers go (:meth:`_offload`). An
         embedding model (its GGUF has a pooling type) loads alone: one sequence. Load
@@ -328,7 +342,9 @@ class InferenceService:
         ``num_batch`` to the context (a batch bigger than a sequence can never fill) and
         ``num_thread`` to the CPUs present. ``repeat_last_n`` is clamped where the sampler
         is built (``runner/engine.py``). A params layer is stored as pulled, unchecked, so a
-        0 there may reach ``num_batch``: it means the table's default, as it always has."""
+        0 there may reach ``num_batch``: it means the table's default, as it always has.
+        The model's preset (``pollama.toml``) sets its slots, flash attention and KV cache
+        type over the server-wide settings."""
         num_ctx = (
             int(options.get("num_ctx") or 0) or self.settings.context_length or DEFAULT_NUM_CTX
         )
@@ -340,11 +356,15 @@ class InferenceService:
         spec = LoadSpec(
             model_path=str(model_path),
             num_ctx=num_ctx,
-            num_parallel=max(self.settings.num_parallel, 1),
+            num_parallel=max(preset.num_parallel or self.settings.num_parallel, 1),
             num_batch=min(int(options.get("num_batch") or DEFAULT_OPTIONS["num_batch"]), num_ctx),
             num_thread=min(int(options.get("num_thread") or 0), usable_cpus()),
-            flash_attention=self.settings.flash_attention,
-            kv_cache_type=self.settings.kv_cache_type or "f16",
+            flash_attention=(
+                self.settings.flash_attention
+                if preset.flash_attention is None
+                else preset.flash_attention
+            ),
+            kv_cache_type=preset.kv_cache_type or self.settings.kv_cache_type or "f16",
             use_mmap=options.get("use_mmap"),
             adapters=tuple(str(p) for p in model.adapter_paths()),
             projectors=tuple(str(p) for p in model.projector_paths()),
@@ -393,6 +413,17 @@ class InferenceService:
     # -- work ----------------------------------------------------------------------------
 
     async def load(self, p: Prepared) -> None:
+        async with self.scheduler.use(p.ref, p.spec, p.keep_alive):
+            pass
+
+    async def preload(self, name: str) -> None:
+        """Load ``name`` with its preset and no request (a pinned preset, at start or on a
+        reload): generation and embedding models alike."""
+        model = self.store.get(ModelName.parse(name))
+        info = model_gguf(model)
+        if info is None:
+            raise InvalidRequest(f"model '{name}' has no weights to run")
+        p = self.placement(model, info, None)
         async with self.scheduler.use(p.ref, p.spec, p.keep_alive):
             pass
 

@@ -20,7 +20,6 @@ from typing import Any
 from pollama.errors import InvalidRequest, ModelNotFound
 from pollama.inference.service import InferenceService, Placement
 from pollama.names import ModelName
-from pollama.scheduler import parse_keep_alive
 from pollama.store.describe import model_gguf
 
 __all__ = ["MAX_CONTENT_BYTES", "MAX_TOKENS", "TokenizerService", "Tokenized", "join_pieces"]
@@ -103,7 +102,7 @@ class TokenizerService:
             )
         place = self._placement(name, options)
         scheduler = self.inference.scheduler
-        async with scheduler.use(place.ref, place.spec, parse_keep_alive(keep_alive)) as lease:
+        async with scheduler.use(place.ref, place.spec, place.keep_alive_for(keep_alive)) as lease:
             tokens = await lease.runner.tokenize(content, add_special)
             if len(tokens) > MAX_TOKENS:
                 raise InvalidRequest(f"content is {len(tokens)} tokens (at most {MAX_TOKENS})")
@@ -122,6 +121,6 @@ class TokenizerService:
         check_tokens(tokens)  # types and count: before anything loads
         place = self._placement(name, options)
         scheduler = self.inference.scheduler
-        async with scheduler.use(place.ref, place.spec, parse_keep_alive(keep_alive)) as lease:
+        async with scheduler.use(place.ref, place.spec, place.keep_alive_for(keep_alive)) as lease:
             ids = check_tokens(tokens, lease.info.n_vocab or None)
             return await lease.runner.detokenize(ids)

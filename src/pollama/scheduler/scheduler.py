@@ -43,6 +43,7 @@ reference count happens in synchronous code, so cancellation cannot leave it hal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -55,7 +56,13 @@ from functools import partial
 from typing import Any
 
 from pollama.config import Settings
-from pollama.errors import AcceleratorUnavailable, InternalError, RunnerCrashed, ServerBusy
+from pollama.errors import (
+    AcceleratorUnavailable,
+    InsufficientMemory,
+    InternalError,
+    RunnerCrashed,
+    ServerBusy,
+)
 from pollama.runner.base import DeviceInfo, LoadSpec, Runner, RunnerInfo
 from pollama.runner.devices import DeviceInventory, offload_shortfall, planned_cpu_reason
 from pollama.runner.offload import CPU_DEVICE
@@ -92,6 +99,9 @@ class ModelRef:
     details: Mapping[str, Any] = field(default_factory=dict, compare=False)
     estimate_bytes: int = 0
     device_bytes: Mapping[str, int] = field(default_factory=dict, compare=False)
+    pinned: bool = field(default=False, compare=False)
+    """Pinned by its preset (``keep_alive = "pinned"``): never expires, never evicted to
+    make room for another model; only an explicit unload (``pollama stop``) ends it."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +237,16 @@ def _gpu_required(name: str, reason: str) -> AcceleratorUnavailable:
     )
 
 
+def _all_pinned(name: str, entries: list[_Entry]) -> InsufficientMemory:
+    """The error for a load that only an unload of pinned models could make room for."""
+    pinned = ", ".join(sorted(entry.model.name for entry in entries))
+    return InsufficientMemory(
+        f"cannot load {name!r}: the loaded models ({pinned}) are pinned by their presets "
+        "(keep_alive = \"pinned\" in pollama.toml) and there is no room beside them; "
+        "unpin one, stop one (pollama stop), or raise OLLAMA_MAX_LOADED_MODELS"
+    )
+
+
 def _local_now() -> datetime:
     return datetime.now().astimezone()
 
@@ -267,6 +287,12 @@ class Scheduler:
 
     # -- the request path --------------------------------------------------------------------
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Settings reloaded (``SIGHUP``, a changed ``pollama.toml``): the queue cap, the
+        default keep-alive and the loaded-model cap apply from the next request; loaded
+        runners keep the spec they were loaded with."""
+        self._settings = settings
+
     @asynccontextmanager
     async def use(
         self, model: ModelRef, spec: LoadSpec, keep_alive: float | None = None
@@ -300,6 +326,7 @@ class Scheduler:
         self._check_open()
         entry = self._usable(model.key, spec)
         if entry is not None and entry.slot_free():
+            self._follow_pin(entry, model)
             self._ref(entry, keep_alive)
             entry.active += 1
             return entry, 0
@@ -350,6 +377,7 @@ class Scheduler:
         """
         entry = self._usable(model.key, spec)
         if entry is not None:
+            self._follow_pin(entry, model)
             self._ref(entry, keep_alive)
             return entry, 0
         ticket = _Ticket(model, spec, keep_alive)
@@ -398,9 +426,19 @@ class Scheduler:
                 return
         entry.active -= 1
 
+    @staticmethod
+    def _follow_pin(entry: _Entry, model: ModelRef) -> None:
+        """A reloaded preset may pin or unpin a loaded model: its next request says which."""
+        if entry.model.pinned != model.pinned:
+            entry.model = dataclasses.replace(entry.model, pinned=model.pinned)
+            if model.pinned:
+                entry.keep_alive = math.inf
+
     def _ref(self, entry: _Entry, keep_alive: float | None) -> None:
         entry.refs += 1
         self._cancel_timer(entry)
+        if entry.model.pinned:
+            keep_alive = math.inf  # a request's keep_alive cannot unpin it
         if keep_alive is not None:
             entry.keep_alive = keep_alive
             entry.expired = False
@@ -480,6 +518,8 @@ class Scheduler:
             elif not others:
                 return  # only the device plan is short, and nothing is left to evict
             victim = self._pick_victim(others)
+            if victim is None:
+                raise _all_pinned(ticket.model.name, others)
             log.info("unloading %s to make room for %s", victim.model.name, ticket.model.name)
             await self._retire(victim, "evicted")
 
@@ -490,13 +530,17 @@ class Scheduler:
         room = device_room(self.devices(), self.device_usage(), self._settings.gpu_overhead)
         return all(need <= room.get(name, 0) for name, need in model.device_bytes.items())
 
-    def _pick_victim(self, entries: list[_Entry]) -> _Entry:
-        idle = [e for e in entries if e.refs == 0 and e.state is _State.READY]
-        return min(idle or entries, key=lambda e: e.last_used)
+    def _pick_victim(self, entries: list[_Entry]) -> _Entry | None:
+        """The least recently used runner, idle ones first; never a pinned one."""
+        movable = [e for e in entries if not e.model.pinned]
+        idle = [e for e in movable if e.refs == 0 and e.state is _State.READY]
+        return min(idle or movable, key=lambda e: e.last_used, default=None)
 
     async def _start(self, ticket: _Ticket) -> tuple[_Entry, int]:
         model, spec = ticket.model, ticket.spec
         keep_alive = self._settings.keep_alive if ticket.keep_alive is None else ticket.keep_alive
+        if model.pinned:
+            keep_alive = math.inf
         runner = self._factory(spec)
         entry = _Entry(model, spec, runner, keep_alive=normalize_keep_alive(keep_alive))
         entry.last_used = started = self._clock()

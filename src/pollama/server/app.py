@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +31,7 @@ from pollama.server import (
 from pollama.server.errors import install_error_handlers
 from pollama.server.metrics import PrometheusMetrics
 from pollama.server.middleware import install_middleware
+from pollama.server.reload import ConfigReloader
 from pollama.store import Store
 from pollama.store.responses import ResponseStore
 
@@ -66,17 +67,50 @@ def take_inventory(timeout: float = PROBE_TIMEOUT) -> DeviceInventory:
     return inventory
 
 
+def _lifespan(
+    reload_environ: Mapping[str, str] | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's start and end: the store made ready and pruned, the configuration
+    reloader (when the app has an environment to reload from); at the end, the runners
+    stopped and the thread pools and databases closed."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        await run_in_threadpool(state.store.ensure)
+        freed = await run_in_threadpool(state.store.prune_on_start)
+        if freed:
+            log.info("pruned %d bytes of unused blobs", freed)
+        reloader = None if reload_environ is None else ConfigReloader(app, reload_environ)
+        if reloader is not None:
+            reloader.start()
+        try:
+            yield
+        finally:
+            if reloader is not None:
+                reloader.stop()
+            await state.scheduler.shutdown()
+            state.inference.close()
+            state.responses.close()
+
+    return lifespan
+
+
 def create_app(
     settings: Settings,
     *,
     runner_factory: Callable[[LoadSpec], Runner] | None = None,
     inventory: DeviceInventory | None = None,
+    reload_environ: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The app. ``inventory`` is the compute devices llama.cpp sees, which ``pollama serve``
     asks a subprocess for before it builds the app (``runner/devices.py``: the server never
     loads llama.cpp itself); None (tests) is an empty one whose ``error`` says it was not
     asked. It is ``app.state.inventory``, and its devices ``app.state.devices`` (a list of
-    ``DeviceInfo``, what the load planner reads)."""
+    ``DeviceInfo``, what the load planner reads). ``reload_environ``, the environment
+    ``settings`` came from, makes the app reload its configuration on ``SIGHUP`` and when
+    ``pollama.toml`` changes (``server/reload.py``; ``pollama serve`` passes it), warn about
+    presets for models it does not have, and load the pinned ones."""
     inventory = inventory or DeviceInventory(error="no device inventory was taken")
     store = Store(settings.models, noprune=settings.noprune)
     metrics = PrometheusMetrics()
@@ -89,23 +123,10 @@ def create_app(
     inference = InferenceService(settings, store, scheduler, telemetry=metrics)
     responses = ResponseStore.from_settings(settings)
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(store.ensure)
-        freed = await run_in_threadpool(store.prune_on_start)
-        if freed:
-            log.info("pruned %d bytes of unused blobs", freed)
-        try:
-            yield
-        finally:
-            await scheduler.shutdown()
-            inference.close()
-            responses.close()
-
     app = FastAPI(
         title="pollama",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=_lifespan(reload_environ),
         docs_url=None,
         openapi_url=None,
         redoc_url=None,

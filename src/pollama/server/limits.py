@@ -38,6 +38,7 @@ clients, connections per client, and ``Retry-After`` on every 503.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 from collections import Counter
@@ -49,6 +50,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pollama.config import Settings
 from pollama.errors import InvalidRequest
 from pollama.server.access_log import current_record, route_template
 from pollama.server.errors import ollama_body
@@ -135,23 +137,38 @@ def _positive(seconds: float) -> float | None:
     return seconds if seconds > 0 else None
 
 
+@dataclass
+class BodyLimits:
+    """The request-body limits :class:`LimitsMiddleware` reads at each request: one object,
+    updated in place when the configuration is reloaded (``server/reload.py``), so the next
+    request sees the new values and requests under way keep theirs."""
+
+    max_body: int
+    max_uploads: int
+    client_timeout: float | None
+    body_timeout: float | None = None
+    min_upload_rate: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BodyLimits:
+        """0 or less means no timeout; at least one upload at a time."""
+        return cls(
+            max_body=settings.max_body_size,
+            max_uploads=max(settings.max_uploads, 1),
+            client_timeout=_positive(settings.client_timeout),
+            body_timeout=_positive(settings.body_timeout),
+            min_upload_rate=max(settings.min_upload_rate, 0),
+        )
+
+    def update(self, settings: Settings) -> None:
+        """Take the reloaded settings' values."""
+        self.__dict__.update(dataclasses.asdict(BodyLimits.from_settings(settings)))
+
+
 class LimitsMiddleware:
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        max_body: int,
-        max_uploads: int,
-        client_timeout: float,
-        body_timeout: float = 0,
-        min_upload_rate: int = 0,
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, limits: BodyLimits) -> None:
         self.app = app
-        self.max_body = max_body
-        self.max_uploads = max(max_uploads, 1)
-        self.client_timeout = _positive(client_timeout)
-        self.body_timeout = _positive(body_timeout)
-        self.min_upload_rate = max(min_upload_rate, 0)
+        self.limits = limits
         self.uploads = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,14 +180,15 @@ class LimitsMiddleware:
         upload = (scope["method"], template) in UPLOAD_ROUTES
         declared = Headers(scope=scope).get("content-length")
 
-        if not upload and declared and declared.isdigit() and int(declared) > self.max_body:
+        max_body = self.limits.max_body
+        if not upload and declared and declared.isdigit() and int(declared) > max_body:
             await self._refuse(scope, receive, send, "body_size", 413, "request_too_large",
                                self._too_large_message())  # fmt: skip
             return
         if upload:
-            if self.uploads >= self.max_uploads:
+            if self.uploads >= self.limits.max_uploads:
                 await self._refuse(scope, receive, send, "uploads", 503, "overloaded_error", (
-                    f"too many uploads at once (at most {self.max_uploads}, "
+                    f"too many uploads at once (at most {self.limits.max_uploads}, "
                     "POLLAMA_MAX_UPLOADS); try again shortly"
                 ))  # fmt: skip
                 return
@@ -189,9 +207,9 @@ class LimitsMiddleware:
         body_done = False
         started = False
         tripped: _BodyTooLarge | _BodyTimeout | None = None  # a limit hit while reading
-        limit = None if upload else self.max_body
-        deadlines = _BodyDeadlines(self.client_timeout, self.body_timeout,
-                                   self.min_upload_rate, upload)  # fmt: skip
+        limit = None if upload else self.limits.max_body
+        deadlines = _BodyDeadlines(self.limits.client_timeout, self.limits.body_timeout,
+                                   self.limits.min_upload_rate, upload)  # fmt: skip
         loop = asyncio.get_running_loop()
 
         async def guarded_receive() -> Message:
@@ -250,7 +268,8 @@ class LimitsMiddleware:
 
     def _too_large_message(self) -> str:
         return (
-            f"request body is larger than {self.max_body} bytes (POLLAMA_MAX_BODY_SIZE); "
+            f"request body is larger than {self.limits.max_body} bytes "
+            "(POLLAMA_MAX_BODY_SIZE); "
             "upload model files as blobs (POST /api/blobs/<digest>) instead"
         )
 

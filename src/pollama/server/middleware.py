@@ -16,7 +16,7 @@ from pollama.config import Settings
 from pollama.keys import KeyStore
 from pollama.server import metrics as metrics_routes
 from pollama.server.access_log import AccessLog, RequestContextMiddleware
-from pollama.server.limits import LimitsMiddleware
+from pollama.server.limits import BodyLimits, LimitsMiddleware
 from pollama.server.metrics import PrometheusMetrics
 from pollama.server.security import AccessPolicy, SecurityMiddleware
 
@@ -40,17 +40,13 @@ def install_middleware(
     scheduler = getattr(app.state, "scheduler", None)
     if scheduler is not None:
         metrics.watch_scheduler(scheduler)
-    policy = AccessPolicy.from_settings(settings, keys)
+    # Both objects are read at each request and updated in place by a reload
+    # (server/reload.py): app.state holds them for it.
+    policy = app.state.access_policy = AccessPolicy.from_settings(settings, keys)
+    limits = app.state.body_limits = BodyLimits.from_settings(settings)
     app.include_router(metrics_routes.router)
     # add_middleware puts each new one outside the previous ones: innermost first.
-    app.add_middleware(
-        LimitsMiddleware,
-        max_body=settings.max_body_size,
-        max_uploads=settings.max_uploads,
-        client_timeout=settings.client_timeout,
-        body_timeout=settings.body_timeout,
-        min_upload_rate=settings.min_upload_rate,
-    )
+    app.add_middleware(LimitsMiddleware, limits=limits)
     app.add_middleware(SecurityMiddleware, policy=policy)
     app.add_middleware(
         RequestContextMiddleware,

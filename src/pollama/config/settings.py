@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,14 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pollama.config.file import ConfigFile, ConfigFileError, find_config, read_config
+from pollama.config.presets import ModelPreset
 from pollama.format import NANOSECONDS_PER_SECOND, parse_go_duration_ns
 from pollama.options import DEFAULT_NUM_CTX, go_parse_bool
 
 __all__ = [
     "CLIENT_ENV_VARS",
+    "ConfigFileError",
     "DEFAULT_PORT",
     "FOREVER_SECONDS",
     "RUN_ENV_VARS",
@@ -51,6 +55,7 @@ __all__ = [
     "env_help",
     "load_settings",
     "parse_host",
+    "read_config_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,7 +90,9 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "OLLAMA_IGPU_ENABLE",
     "OLLAMA_LOAD_TIMEOUT",
     # pollama's own (security and operations; see keys.py, server/security.py, limits.py)
+    "POLLAMA_CONFIG",
     "POLLAMA_KEYS_FILE",
+    "POLLAMA_API_KEY",
     "POLLAMA_ALLOW_NO_AUTH",
     "POLLAMA_ALLOWED_HOSTS",
     "POLLAMA_MAX_BODY_SIZE",
@@ -465,6 +472,12 @@ class Settings(BaseSettings):
         "POLLAMA_KEYS_FILE", None,
         "API keys file (hashes only; default ~/.ollama/api_keys.json); see 'pollama keys'",
     )
+    server_api_key: str | None = _env(
+        "POLLAMA_API_KEY", None,
+        "A key the server accepts, given only by the environment and stored nowhere "
+        "(containers; 'pollama keys' manages the keys file)",
+        repr=False,
+    )
     allow_no_auth: bool = _env(
         "POLLAMA_ALLOW_NO_AUTH", False,
         "Serve on a non-loopback address without API keys (only on a network you trust)",
@@ -580,6 +593,15 @@ class Settings(BaseSettings):
     user_home: Path = _env(
         "HOME", None, "The user's home directory; ~/.ollama holds keys, history and models"
     )
+    config: Path | None = _env(
+        "POLLAMA_CONFIG", None,
+        "The configuration file (default ~/.ollama/pollama.toml, else "
+        "/etc/pollama/pollama.toml); the environment wins over it",
+    )
+    presets: Mapping[str, ModelPreset] = Field(
+        default_factory=dict,
+        description="Per-model presets, by model name as the file writes it ([models.\"name\"])",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -590,11 +612,15 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Keyword arguments first, then the environment read with Ollama's rules; no dotenv
-        or secret files (Ollama reads neither)."""
+        """Keyword arguments first, then the environment read with Ollama's rules, then
+        ``pollama.toml`` (:mod:`pollama.config.file`); no dotenv or secret files."""
         environ = _ENVIRON_OVERRIDE.get()
-        source = _OllamaEnvSource(settings_cls, os.environ if environ is None else environ)
-        return (init_settings, source)
+        environ = os.environ if environ is None else environ
+        return (
+            init_settings,
+            _OllamaEnvSource(settings_cls, environ),
+            _ConfigFileSource(settings_cls, environ),
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -732,24 +758,102 @@ class _OllamaEnvSource(PydanticBaseSettingsSource):
         return dict(self._read())
 
 
+def _file_names() -> dict[str, str]:
+    """Each key a file may use (the variable's name and the field's) -> the field."""
+    names: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        env_name = _env_name(field)
+        if env_name is not None:
+            names[env_name] = name
+            names[name] = name
+    return names
+
+
+_UINT_PARSERS = frozenset(k for k, v in _STRING_PARSERS.items() if v is _go_parse_uint)
+_DURATION_PARSERS = frozenset(
+    k for k, v in _STRING_PARSERS.items() if v is _parse_duration_setting
+)
+
+
+def _file_value_problem(name: str, text: str) -> str | None:
+    """Why a file's value cannot be ``name``'s, or None. Stricter than the environment's
+    rules (where a bad value logs and keeps the default): a file is edited on purpose, so a
+    mistake in it is reported and, on a reload, keeps the previous configuration."""
+    text = text.strip()
+    if name in _BOOL_FIELDS:
+        return None if go_parse_bool(text) is not None else f"takes true or false, not {text!r}"
+    parser = _STRING_PARSERS.get(name)
+    if parser is None or parser(text) is not None:
+        return None
+    if name in _UINT_PARSERS:
+        return f"takes a whole number of 0 or more, not {text!r}"
+    if name in _DURATION_PARSERS:
+        return f"takes a duration ('5m', '1h30m') or whole seconds, not {text!r}"
+    return f"invalid value {text!r}"
+
+
+def read_config_file(environ: Mapping[str, str]) -> ConfigFile:
+    """The configuration file this environment points at, read and checked (an empty
+    :class:`ConfigFile` when there is none). Raises :class:`ConfigFileError`; logs each of
+    the file's warnings."""
+    home = Path(_go_var(environ.get("HOME", "")) or Path.home())
+    path = find_config(environ, home)
+    if path is None:
+        return ConfigFile()
+    checks = {name: partial(_file_value_problem, name) for name in Settings.model_fields}
+    config = read_config(Settings, path, _file_names(), checks)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return config
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """``pollama.toml``'s settings, below the environment's; its presets; where it is."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        preread = _CONFIG_OVERRIDE.get()
+        self._config = preread if preread is not None else read_config_file(environ)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        config = self._config
+        if config.path is None:
+            return {}
+        return {**config.values, "presets": dict(config.presets), "config": config.path}
+
+
 # Set only while load_settings() builds one Settings from a caller's mapping instead of
 # os.environ (pydantic-settings builds its sources in a classmethod, so the mapping cannot
 # travel on the instance). It never outlives that call.
 _ENVIRON_OVERRIDE: ContextVar[Mapping[str, str] | None] = ContextVar(
     "pollama_settings_environ", default=None
 )
+# Likewise a configuration file already read (a reload checks the file before it builds the
+# settings from it, so that a bad file changes nothing).
+_CONFIG_OVERRIDE: ContextVar[ConfigFile | None] = ContextVar("pollama_config_file", default=None)
 
 
-def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Build :class:`Settings` from ``env`` (default ``os.environ``) plus keyword overrides.
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    config_file: ConfigFile | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``), the configuration file
+    it points at (or ``config_file``, already read) and keyword overrides.
 
     Only ``env`` is read: variables in ``os.environ`` are ignored when a mapping is given,
-    which is what tests want.
+    which is what tests want. Raises :class:`ConfigFileError` for a file that cannot be used.
     """
     token = _ENVIRON_OVERRIDE.set(env)
+    file_token = _CONFIG_OVERRIDE.set(config_file)
     try:
         return Settings(**overrides)
     finally:
+        _CONFIG_OVERRIDE.reset(file_token)
         _ENVIRON_OVERRIDE.reset(token)
 
 
