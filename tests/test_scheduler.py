@@ -6,6 +6,7 @@ memory fit, /api/ps, and the promise that no runner is ever closed under an in-f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 from collections.abc import Awaitable, Callable
@@ -305,6 +306,46 @@ def test_lru_idle_runner_is_evicted() -> None:
         loaded = sorted(r.spec.model_path for r in factory.live())
         assert loaded == ["/blobs/a", "/blobs/c"]
         assert ("close", "/blobs/b") in factory.events
+        await sched.shutdown()
+
+    run(body)
+
+
+def test_a_pinned_model_is_never_evicted_and_ignores_keep_alive() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        factory = FakeRunnerFactory()
+        sched = Scheduler(make_settings(max_loaded_models=2), factory, clock=clock)
+        pinned = dataclasses.replace(model("a"), pinned=True)
+        async with sched.use(pinned, spec("a"), keep_alive=0):  # cannot unpin it
+            pass
+        for name in ("b", "c"):  # "a" is the least recently used, but pinned
+            clock.now += 1
+            async with sched.use(model(name), spec(name)):
+                pass
+        assert sorted(r.spec.model_path for r in factory.live()) == ["/blobs/a", "/blobs/c"]
+        (row,) = [m for m in sched.loaded() if m.name == "a:latest"]
+        assert row.expires_at.year > 2100
+        await sched.shutdown()
+
+    run(body)
+
+
+def test_no_room_beside_pinned_models_is_an_error_naming_them() -> None:
+    async def body() -> None:
+        factory = FakeRunnerFactory()
+        sched = scheduler(factory, max_loaded_models=1)
+        async with sched.use(dataclasses.replace(model("a"), pinned=True), spec("a")):
+            pass
+        with pytest.raises(InsufficientMemory, match=r"'b:latest'.*\(a:latest\) are pinned"):
+            async with sched.use(model("b"), spec("b")):
+                pass
+        # A reloaded preset unpins it: the next request for it says so, and it may go.
+        async with sched.use(model("a"), spec("a")):
+            pass
+        async with sched.use(model("b"), spec("b")):
+            pass
+        assert [r.spec.model_path for r in factory.live()] == ["/blobs/b"]
         await sched.shutdown()
 
     run(body)
