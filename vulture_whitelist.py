@@ -91,3 +91,8 @@ _.tofile
 # Python calls a module's __getattr__ for a name it lacks (PEP 562): convert/__init__.py's
 # lazy names
 _.__getattr__
+
+# click calls a completion class's and a parameter type's hooks (cli/completion.py)
+_.source_template
+_.complete
+_.shell_complete

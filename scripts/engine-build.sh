@@ -16,8 +16,9 @@
 # The kind and its CMake arguments are recorded in VENV/.engine-build. A different record (a
 # new POLLAMA_BUILD, a machine that newly has the driver) rebuilds from source with pip's cache
 # off, because pip's wheel cache is keyed by version, not by CMAKE_ARGS, and would hand back the
-# wheel of another kind. Without a record, an installed engine whose libraries match the kind
-# (no libggml-cuda/-vulkan/-metal for the CPU) is kept and the record written: no rebuild.
+# wheel of another kind (or one built without RPC). Without a record, an installed engine whose
+# libraries match the kind (no libggml-cuda/-vulkan/-metal for the CPU) and that has libggml-rpc
+# is kept and the record written: no rebuild.
 set -euo pipefail
 
 KINDS="cpu cuda metal vulkan"
@@ -103,6 +104,9 @@ building for the CPU; POLLAMA_BUILD=cuda builds for CUDA anyway"
         vulkan) CMAKE="-DGGML_VULKAN=on" ;;
         cpu) ;;
     esac
+    # Every kind gets llama.cpp's RPC backend (libggml-rpc): `pollama rpc` serves this
+    # machine's devices with it, and OLLAMA_RPC_SERVERS adds remote ones (README.md#rpc).
+    CMAKE="${CMAKE:+$CMAKE }-DGGML_RPC=ON"
     # The user's own CMAKE_ARGS (a BLAS, another backend) go last, so they win, and into the
     # record, so changing them rebuilds too.
     if [[ -n "${CMAKE_ARGS:-}" ]]; then
@@ -131,9 +135,10 @@ install() {
     record="$venv/.engine-build"
     want="$KIND${CMAKE:+ $CMAKE}"
     libdir="$(lib_dir "$venv")"
-    # Up to date: the same record, and the engine with libmtmd (images, audio) is there.
+    # Up to date: the same record, and the engine with libmtmd (images, audio) and the RPC
+    # backend is there.
     if [[ -n "$libdir" && -f "$record" && "$(cat "$record")" == "$want" ]] &&
-        compgen -G "$libdir/libmtmd.*" >/dev/null; then
+        has_libs "$libdir"; then
         return
     fi
     [[ -n "${REASON:-}" ]] && note "$REASON"
@@ -147,20 +152,13 @@ install() {
     fi
     version="$(sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml | head -1)"
     [[ -n "$version" ]] || { note "no llama-cpp-python==X pin in pyproject.toml"; exit 1; }
-    # The plain CPU kind may take a wheel from pip's cache, as `pip install` always did here;
-    # it is kept only when it really is a CPU engine with libmtmd.
-    if [[ "$KIND" == cpu && -z "$CMAKE" ]]; then
-        pip_engine "$venv" "$version" ""
-        if engine_is "$venv" cpu; then
-            echo "$want" >"$record"
-            return
-        fi
-    fi
+    # Never from pip's wheel cache, not even for the CPU: a cached wheel of this version may be
+    # a plain `pip install` one, without the RPC backend.
     note "building llama-cpp-python $version for $KIND (CMAKE_ARGS='$CMAKE'); \
 the CPU takes ~5 min on 2 cores, CUDA much longer (README.md#gpu)"
     pip_engine "$venv" "$version" --no-cache-dir
     if ! engine_is "$venv" "$KIND"; then
-        note "the build finished without libmtmd or the $KIND backend in $venv"
+        note "the build finished without libmtmd, libggml-rpc or the $KIND backend in $venv"
         exit 1
     fi
     echo "$want" >"$record"
@@ -176,12 +174,19 @@ pip_engine() {
         "$1/bin/pip" install --no-deps --force-reinstall $3 "llama-cpp-python==$2"
 }
 
-# engine_is VENV KIND: the installed engine has libmtmd and is of KIND. On macOS llama-cpp-python
-# always builds Metal in, so any kind is taken there once built.
+# has_libs LIBDIR: libmtmd is there, and libggml-rpc too unless the user's CMAKE_ARGS turn
+# GGML_RPC off (they come last, so they win).
+has_libs() {
+    compgen -G "$1/libmtmd.*" >/dev/null || return 1
+    [[ "$CMAKE" == *-DGGML_RPC=[Oo][Ff][Ff]* ]] || compgen -G "$1/libggml-rpc.*" >/dev/null
+}
+
+# engine_is VENV KIND: the installed engine has libmtmd and libggml-rpc and is of KIND. On macOS
+# llama-cpp-python always builds Metal in, so any kind is taken there once built.
 engine_is() {
     local libdir
     libdir="$(lib_dir "$1")"
-    [[ -n "$libdir" ]] && compgen -G "$libdir/libmtmd.*" >/dev/null || return 1
+    [[ -n "$libdir" ]] && has_libs "$libdir" || return 1
     [[ "$(uname -s)" == Darwin || "$(installed_kind "$libdir")" == "$2" ]]
 }
 

@@ -58,20 +58,21 @@ def _nvidia(bin_dir: Path, caps: str = "9.0") -> None:
 
 
 def test_plain_machine_builds_for_the_cpu(tmp_path: Path) -> None:
-    assert _detect(_bin(tmp_path)) == {"kind": "cpu", "cmake_args": ""}
+    assert _detect(_bin(tmp_path)) == {"kind": "cpu", "cmake_args": "-DGGML_RPC=ON"}
 
 
 def test_nvcc_and_driver_build_cuda_for_the_gpu_alone(tmp_path: Path) -> None:
     bin_dir = _bin(tmp_path)
     _nvidia(bin_dir)
     assert _detect(bin_dir) == {
-        "kind": "cuda", "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90"}
+        "kind": "cuda", "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_RPC=ON"}
 
 
 def test_several_gpus_give_each_architecture_once(tmp_path: Path) -> None:
     bin_dir = _bin(tmp_path)
     _nvidia(bin_dir, caps="8.6\\n9.0\\n8.6")
-    assert _detect(bin_dir)["cmake_args"] == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86;90"
+    assert _detect(bin_dir)["cmake_args"] == (
+        "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86;90 -DGGML_RPC=ON")
 
 
 def test_nvcc_without_a_driver_stays_on_the_cpu_and_says_why(tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ def test_forced_cuda_without_nvidia_smi_keeps_llama_cpp_default_architectures(
     bin_dir = _bin(tmp_path)
     _fake(bin_dir, "nvcc", "true")
     assert _detect(bin_dir, POLLAMA_BUILD="cuda") == {
-        "kind": "cuda", "cmake_args": "-DGGML_CUDA=on"}
+        "kind": "cuda", "cmake_args": "-DGGML_CUDA=on -DGGML_RPC=ON"}
 
 
 def test_nvcc_off_path_is_found_in_the_toolkit_folder_and_named_to_cmake(
@@ -101,12 +102,13 @@ def test_nvcc_off_path_is_found_in_the_toolkit_folder_and_named_to_cmake(
     found = _detect(bin_dir, POLLAMA_TOOL_DIRS=str(cuda_bin))
     assert found["kind"] == "cuda"
     assert found["cmake_args"] == (
-        f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={cuda_bin}/nvcc -DCMAKE_CUDA_ARCHITECTURES=89")
+        f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={cuda_bin}/nvcc -DCMAKE_CUDA_ARCHITECTURES=89"
+        " -DGGML_RPC=ON")
 
 
 def test_apple_silicon_builds_metal(tmp_path: Path) -> None:
     bin_dir = _bin(tmp_path, os_name="Darwin", machine="arm64")
-    assert _detect(bin_dir) == {"kind": "metal", "cmake_args": "-DGGML_METAL=on"}
+    assert _detect(bin_dir) == {"kind": "metal", "cmake_args": "-DGGML_METAL=on -DGGML_RPC=ON"}
 
 
 def test_intel_mac_is_not_apple_silicon(tmp_path: Path) -> None:
@@ -123,7 +125,7 @@ def test_vulkan_needs_glslc_and_the_sdk(tmp_path: Path, sdk: str) -> None:
     else:
         _fake(bin_dir, "pkg-config", '[ "$1 $2" = "--exists vulkan" ]')
         found = _detect(bin_dir)
-    assert found == {"kind": "vulkan", "cmake_args": "-DGGML_VULKAN=on"}
+    assert found == {"kind": "vulkan", "cmake_args": "-DGGML_VULKAN=on -DGGML_RPC=ON"}
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda", "metal", "vulkan"])
@@ -139,7 +141,7 @@ def test_cuda_wins_over_vulkan_and_user_cmake_args_come_last(tmp_path: Path) -> 
     _fake(bin_dir, "glslc", "true")
     found = _detect(bin_dir, VULKAN_SDK="/sdk", CMAKE_ARGS="-DGGML_CUDA_FA_ALL_QUANTS=on")
     assert found == {"kind": "cuda", "cmake_args": (
-        "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA_ALL_QUANTS=on")}
+        "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_RPC=ON -DGGML_CUDA_FA_ALL_QUANTS=on")}
 
 
 def test_unknown_pollama_build_is_an_error_naming_the_kinds(tmp_path: Path) -> None:
@@ -165,6 +167,7 @@ def _venv(tmp_path: Path, libs: tuple[str, ...]) -> tuple[Path, Path]:
     # The fake build "produces" the libraries of the kind asked for, as the real one would.
     _fake(venv / "bin", "pip", f"""echo "CMAKE_ARGS=$CMAKE_ARGS $*" >> {log}
 touch {libdir}/libmtmd.so
+case "$CMAKE_ARGS" in *GGML_RPC=ON*) touch {libdir}/libggml-rpc.so;; esac
 case "$CMAKE_ARGS" in *GGML_CUDA=on*) touch {libdir}/libggml-cuda.so;; esac""")
     return venv, log
 
@@ -172,11 +175,12 @@ case "$CMAKE_ARGS" in *GGML_CUDA=on*) touch {libdir}/libggml-cuda.so;; esac""")
 def test_installed_cpu_engine_is_recorded_without_a_rebuild(tmp_path: Path) -> None:
     bin_dir = _bin(tmp_path)
     _fake(bin_dir, "nvcc", "true")  # this machine: a toolkit, no driver
-    venv, log = _venv(tmp_path, ("libllama.so", "libggml-cpu.so", "libmtmd.so"))
+    venv, log = _venv(
+        tmp_path, ("libllama.so", "libggml-cpu.so", "libggml-rpc.so", "libmtmd.so"))
     result = _run(bin_dir, "install", str(venv))
     assert result.returncode == 0, result.stderr
     assert not log.exists()
-    assert (venv / ".engine-build").read_text() == "cpu\n"
+    assert (venv / ".engine-build").read_text() == "cpu -DGGML_RPC=ON\n"
     again = _run(bin_dir, "install", str(venv))
     assert (again.returncode, again.stderr, again.stdout) == (0, "", "")
 
@@ -189,11 +193,11 @@ def test_a_new_gpu_driver_rebuilds_for_cuda_without_pips_cache(tmp_path: Path) -
     result = _run(bin_dir, "install", str(venv))
     assert result.returncode == 0, result.stderr
     call = log.read_text()
-    assert "CMAKE_ARGS=-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 " in call
+    assert "CMAKE_ARGS=-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_RPC=ON " in call
     assert "--no-cache-dir" in call and "--force-reinstall" in call
     assert "llama-cpp-python==" in call
     assert (venv / ".engine-build").read_text() == (
-        "cuda -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90\n")
+        "cuda -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_RPC=ON\n")
 
 
 def test_installed_cpu_engine_is_not_taken_for_a_cuda_one(tmp_path: Path) -> None:
@@ -210,4 +214,38 @@ def test_engine_without_libmtmd_is_rebuilt(tmp_path: Path) -> None:
     (venv / ".engine-build").write_text("cpu\n")
     assert _run(bin_dir, "install", str(venv)).returncode == 0
     assert "llama-cpp-python==" in log.read_text()
-    assert (venv / ".engine-build").read_text() == "cpu\n"
+    assert (venv / ".engine-build").read_text() == "cpu -DGGML_RPC=ON\n"
+
+
+def test_an_engine_without_rpc_is_rebuilt_from_source_not_pips_cache(tmp_path: Path) -> None:
+    """A venv from before the RPC backend (record "cpu", no libggml-rpc): rebuilt, and never
+    from pip's wheel cache, whose wheel of this version may be a plain build without RPC."""
+    bin_dir = _bin(tmp_path)
+    venv, log = _venv(tmp_path, ("libllama.so", "libggml-cpu.so", "libmtmd.so"))
+    (venv / ".engine-build").write_text("cpu\n")
+    result = _run(bin_dir, "install", str(venv))
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1
+    assert calls[0].startswith("CMAKE_ARGS=-DGGML_RPC=ON ")
+    assert "--no-cache-dir" in calls[0]
+    assert (venv / ".engine-build").read_text() == "cpu -DGGML_RPC=ON\n"
+    assert (_run(bin_dir, "install", str(venv)).returncode, len(log.read_text().splitlines())) == (
+        0, 1)
+
+
+def test_no_record_and_no_rpc_library_is_not_kept(tmp_path: Path) -> None:
+    bin_dir = _bin(tmp_path)
+    venv, log = _venv(tmp_path, ("libllama.so", "libggml-cpu.so", "libmtmd.so"))
+    assert _run(bin_dir, "install", str(venv)).returncode == 0
+    assert "-DGGML_RPC=ON" in log.read_text()
+
+
+def test_users_rpc_off_wins_and_needs_no_rpc_library(tmp_path: Path) -> None:
+    bin_dir = _bin(tmp_path)
+    venv, log = _venv(tmp_path, ("libllama.so", "libggml-cpu.so", "libmtmd.so"))
+    want = "cpu -DGGML_RPC=ON -DGGML_RPC=OFF\n"
+    (venv / ".engine-build").write_text(want)
+    result = _run(bin_dir, "install", str(venv), CMAKE_ARGS="-DGGML_RPC=OFF")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not log.exists()

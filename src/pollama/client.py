@@ -67,7 +67,11 @@ class Client:
     ) -> None:
         self.base_url = (host or DEFAULT_HOST).rstrip("/")
         headers = {"User-Agent": f"pollama/{__version__}"}
-        key = api_key if api_key is not None else os.environ.get("OLLAMA_API_KEY")
+        # OLLAMA_API_KEY as Ollama's clients read it; else the key a container's server was
+        # given (POLLAMA_API_KEY), so `docker exec pollama pollama list` needs no wrapper.
+        key = api_key if api_key is not None else (
+            os.environ.get("OLLAMA_API_KEY") or os.environ.get("POLLAMA_API_KEY")
+        )
         if key:
             headers["Authorization"] = f"Bearer {key}"
         if http is None:

@@ -163,6 +163,11 @@ class AcceleratorUnavailable(PollamaError):
     message says why (a CPU-only build, no device found, or the model did not fit)."""
 
 
+class RpcServerUnavailable(PollamaError):
+    """An RPC server of ``OLLAMA_RPC_SERVERS`` does not answer and the model does not fit
+    without it; the message names it (README.md#rpc)."""
+
+
 class InternalError(PollamaError):
     """An unexpected failure on the server side (disk, subprocess, bug)."""
 

@@ -15,6 +15,10 @@ Bearer key; pollama checks keys itself. What must stay true:
   refused: anyone who can write it could add a key.
 * **Changes take effect at once.** The server stats the file on each check and reloads
   when its identity (inode, size, mtime, ctime) changes; no restart, no signal.
+* **A key may also come from the environment** (``POLLAMA_API_KEY``, for containers):
+  :class:`EnvKey` keeps only its hash, compares it in constant time like the file's keys,
+  and refuses a key too short to resist guessing (:data:`MIN_ENV_KEY_LENGTH`). It is
+  written nowhere; its record has the fixed id ``env``.
 * **Failure is closed.** A file that exists but cannot be read or trusted, and a path that
   is a symbolic link to nothing (the file or a folder above it), make
   :meth:`KeyStore.authenticate` refuse every key (the server logs why) and ``pollama serve``
@@ -42,8 +46,11 @@ from typing import Any
 from pollama.errors import InvalidRequest, NotFound, PollamaError
 
 __all__ = [
+    "ENV_KEY_ID",
     "KEY_PREFIX",
+    "MIN_ENV_KEY_LENGTH",
     "ApiKey",
+    "EnvKey",
     "KeyFileError",
     "KeyStore",
     "Permission",
@@ -53,6 +60,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "pollama_"
+ENV_KEY_ID = "env"
+"""The id of the ``POLLAMA_API_KEY`` key: file keys have 8 hex digits, so never this one."""
+ENV_KEY_VARIABLE = "POLLAMA_API_KEY"
+MIN_ENV_KEY_LENGTH = 16
+"""The shortest ``POLLAMA_API_KEY`` accepted: 16 random characters are 64 bits or more (hex
+digits are the poorest), beyond guessing over HTTP; a word or a PIN is not."""
 _FORMAT_VERSION = 1
 _MAX_NAME = 64
 _MAX_FILE = 4 << 20
@@ -338,6 +351,46 @@ def _check_trusted(path: Path, st: os.stat_result) -> None:
         )
     if st.st_mode & 0o044:
         log.warning("keys file %s is readable by other users; run 'chmod 600 %s'", path, path)
+
+
+class EnvKey:
+    """The key given by ``POLLAMA_API_KEY``: a container's key, stored nowhere.
+
+    Only its SHA-256 is kept (the settings object holds the text, ``repr=False``), so a
+    crash dump of this object or a log line with it shows nothing usable. A key that is too
+    short or holds characters an HTTP header cannot carry has a :attr:`problem`: it then
+    matches nothing (fail closed) and ``pollama serve`` refuses to start, saying why.
+    """
+
+    __slots__ = ("_digest", "problem", "record")
+
+    def __init__(self, secret: str) -> None:
+        self.problem = _env_key_problem(secret)
+        self._digest = _hash(secret)
+        self.record = ApiKey(id=ENV_KEY_ID, name=ENV_KEY_VARIABLE, scope=Scope.ALL,
+                             sha256=self._digest, hint="", created_at="")  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"EnvKey(problem={self.problem!r})"
+
+    def authenticate(self, presented: str | None) -> ApiKey | None:
+        """This key's record if ``presented`` is it, else None; constant time in the key."""
+        digest = _hash(presented or "")
+        matched = hmac.compare_digest(digest, self._digest)  # always compared: no early exit
+        return self.record if matched and presented and self.problem is None else None
+
+
+def _env_key_problem(secret: str) -> str | None:
+    """Why ``secret`` may not be the server's key, or None. The message never shows it."""
+    how = (f"use a long random key, e.g. {ENV_KEY_VARIABLE}=$(openssl rand -hex 32), or "
+           "create keys with 'pollama keys create' instead")
+    if len(secret) < MIN_ENV_KEY_LENGTH:
+        return (f"{ENV_KEY_VARIABLE} is too short ({len(secret)} characters; at least "
+                f"{MIN_ENV_KEY_LENGTH}): anyone who can reach the server could guess it; {how}")
+    if not all(33 <= ord(c) <= 126 for c in secret):
+        return (f"{ENV_KEY_VARIABLE} holds spaces, control or non-ASCII characters, which "
+                f"clients cannot send reliably in an Authorization header; {how}")
+    return None
 
 
 def _parse_scope(value: Scope | str) -> Scope:

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from conftest import tree_snapshot
 from ggufgen import write_tiny_model
 from pollama.server.access_log import app_routes
+from pollama.server.routes_ui import PAGE_ROUTES
 from tiny_projector import wav_bytes
 
 BAD_NAMES = [
@@ -75,7 +76,7 @@ CASES = set(_name_bodies("x")) | {
     ("GET", "/v2/{namespace}/{model}/blobs/{digest}"),
 }  # fmt: skip
 NO_NAME = {"/", "/api/version", "/api/tags", "/api/ps", "/metrics", "/healthz", "/readyz",
-           "/openapi.json", "/v1/models", "/api/status", "/v2/"}  # fmt: skip
+           "/openapi.json", "/v1/models", "/api/status", "/v2/"} | PAGE_ROUTES  # fmt: skip
 
 
 @pytest.fixture

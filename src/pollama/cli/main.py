@@ -3,16 +3,19 @@
 Subcommands are imported when they run, not all at start-up (:class:`LazyGroup`): the
 long-running ``pollama serve`` process must not carry the REPL's prompt_toolkit, rich and
 the HTTP client (about 11 MiB resident), and every other command starts faster. ``--help``
-still lists them all, importing each for its short help.
+still lists them all, importing each for its short help. A command's model argument gets
+its name completion as it is loaded (``cli.completion``).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
 from pollama import __version__
+from pollama.cli.completion import complete_model_arguments
 from pollama.errors import PollamaError
 
 # name -> "module:attribute"; order is the order `pollama --help` lists them in
@@ -32,6 +35,9 @@ COMMANDS: dict[str, str] = {
     "purge": "pollama.cli.models:purge",
     "pubkey": "pollama.cli.registry:pubkey",
     "keys": "pollama.cli.keys:keys",
+    "service": "pollama.cli.service:service",
+    "completion": "pollama.cli.completion:completion",
+    "rpc": "pollama.cli.rpc:rpc",
 }
 
 
@@ -53,19 +59,51 @@ class LazyGroup(click.Group):
         command = getattr(importlib.import_module(module), attr)
         if not isinstance(command, click.Command):
             raise TypeError(f"{target} is not a click command")
+        complete_model_arguments(cmd_name, command)
         return command
 
 
+def _server_version() -> dict[str, Any]:
+    """The running server's ``/api/version`` (``version``: the Ollama API; a pollama server
+    adds ``pollama_version``). Never starts a server, and gives up after 5 seconds."""
+    import httpx
+
+    from pollama.cli.common import settings
+    from pollama.client import Client
+
+    class _VersionClient(Client):
+        def version_info(self) -> dict[str, Any]:
+            body = self._request("GET", "/api/version").json()
+            return body if isinstance(body, dict) else {}
+
+    s = settings()
+    try:
+        with _VersionClient(s.host.url, timeout=5.0, api_key=s.api_key or None) as api:
+            return api.version_info()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise PollamaError(f"could not read the server's version ({type(exc).__name__})") from None
+
+
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """Ollama's ``versionHandler``: the server's version, then a warning with the client's
+    when the two differ (or no server answered)."""
     if not value or ctx.resilient_parsing:
         return
-    from pollama.cli.common import client
+    from pollama.client import ServerUnreachable
 
+    info: dict[str, Any] = {}
     try:
-        server_version = client(autostart=False).version()
-        click.echo(f"pollama version is {__version__} (Ollama API {server_version})")
-    except PollamaError:
+        info = _server_version()
+    except ServerUnreachable:
         click.echo("Warning: could not connect to a running pollama instance")
+    except PollamaError as exc:
+        click.echo(f"Warning: {exc}")
+    server, api = info.get("pollama_version"), info.get("version")
+    if server:
+        click.echo(f"pollama version is {server} (Ollama API {api})")
+    elif api:  # an Ollama server at OLLAMA_HOST
+        click.echo(f"ollama version is {api}")
+    if server != __version__:
         click.echo(f"Warning: client version is {__version__}")
     ctx.exit()
 

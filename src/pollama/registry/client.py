@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from pollama import __version__
+from pollama import OLLAMA_API_VERSION, __version__
 from pollama.names import ModelName
 from pollama.registry.auth import (
     Challenge,
@@ -53,7 +53,6 @@ _SHOWN_ERROR_CHARS = 1000
 
 Content = bytes | Callable[[], AsyncIterator[bytes]] | None
 
-OLLAMA_COMPAT_VERSION = "0.33.0"
 """The Ollama release whose registry behaviour this matches (also in ``/api/version``)."""
 
 
@@ -62,7 +61,7 @@ def user_agent() -> str:
     registries may choose what to serve by it (Hugging Face serves Ollama clients GGUF
     manifests), so it starts as Ollama's does."""
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    return f"ollama/{OLLAMA_COMPAT_VERSION} ({arch} {sys.platform}) pollama/{__version__}"
+    return f"ollama/{OLLAMA_API_VERSION} ({arch} {sys.platform}) pollama/{__version__}"
 
 
 def _netloc(url: httpx.URL) -> str:

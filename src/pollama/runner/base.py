@@ -54,12 +54,17 @@ class LoadSpec:
     gpu_layers: int = 0
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
+    # The RPC servers (``host:port``) whose devices the worker adds before loading, in this
+    # order (``OLLAMA_RPC_SERVERS``, less those down or held by another model): llama.cpp
+    # numbers their devices first, so ``tensor_split`` indexes them before local GPUs.
+    rpc_servers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["adapters"] = list(self.adapters)
         data["projectors"] = list(self.projectors)
         data["tensor_split"] = list(self.tensor_split)
+        data["rpc_servers"] = list(self.rpc_servers)
         return data
 
     @classmethod
@@ -70,6 +75,7 @@ class LoadSpec:
                 "adapters": tuple(data.get("adapters") or ()),
                 "projectors": tuple(data.get("projectors") or ()),
                 "tensor_split": tuple(float(x) for x in data.get("tensor_split") or ()),
+                "rpc_servers": tuple(str(x) for x in data.get("rpc_servers") or ()),
             }
         )
 
@@ -293,7 +299,8 @@ class RunnerInfo:
 class DeviceInfo:
     """A compute device as llama.cpp's device API reports it (``runner/devices.py``):
     ``kind`` is ``cpu``, ``gpu``, ``igpu`` or ``accel``; memory in bytes, free as of the
-    query. The CPU device's memory is the system's."""
+    query. The CPU device's memory is the system's. A remote device (``runner/rpc.py``) is
+    named as llama.cpp names its buffers, ``RPC<n>[host:port]``."""
 
     name: str
     description: str
@@ -304,6 +311,19 @@ class DeviceInfo:
     @property
     def accelerator(self) -> bool:
         return self.kind in ("gpu", "igpu")
+
+    @property
+    def endpoint(self) -> str:
+        """The ``host:port`` of the RPC server a remote device is on; "" for a local one."""
+        return rpc_endpoint(self.name)
+
+
+def rpc_endpoint(device: str) -> str:
+    """The ``host:port`` in a remote device's name (``RPC0[127.0.0.1:50052]``, the name
+    llama.cpp gives its buffers); "" for a local device's name."""
+    if device.startswith("RPC") and device.endswith("]") and "[" in device:
+        return device[device.index("[") + 1 : -1]
+    return ""
 
 
 class Runner(Protocol):

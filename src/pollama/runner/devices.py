@@ -24,7 +24,9 @@ What must stay true:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -41,6 +43,7 @@ __all__ = [
     "offload_shortfall",
     "planned_cpu_reason",
     "probe_devices",
+    "probe_rpc_server",
     "query_devices",
 ]
 
@@ -49,6 +52,7 @@ _DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel", "meta")
 # Registries that run on the host, next to the CPU backend: their presence does not make a
 # build an accelerator build (BLAS and AMX speed up CPU work; RPC reaches other machines).
 _HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC", "ZENDNN", "OPENVINO", "AMX"})
+_log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 60.0
 """Seconds :func:`probe_devices` waits: a CUDA runtime's first initialization can take
 tens of seconds on a machine with several GPUs."""
@@ -58,7 +62,8 @@ tens of seconds on a machine with several GPUs."""
 class BuildInfo:
     """What the engine was built with: the backend registries it has (``CPU``, ``CUDA``,
     ``Metal``, ``Vulkan``...), and llama.cpp's own ``llama_supports_gpu_offload()`` (true
-    only when an offload device was found)."""
+    only when a local offload device was found: its RPC clause, true for any build with the
+    RPC backend, is left out)."""
 
     backends: tuple[str, ...] = ()
     gpu_offload: bool = False
@@ -132,10 +137,12 @@ class DeviceInventory:
 
 def offload_devices(devices: Sequence[DeviceInfo]) -> list[DeviceInfo]:
     """The devices llama.cpp offloads layers to, in its numbering (``main_gpu`` and the
-    indexes of ``tensor_split``): the discrete GPUs in registry order, or the integrated ones
-    when there is no discrete GPU (``llama_model_load_from_file``'s rule)."""
-    gpus = [d for d in devices if d.kind == "gpu"]
-    return gpus or [d for d in devices if d.kind == "igpu"]
+    indexes of ``tensor_split``): the RPC servers' devices first, then the discrete GPUs in
+    registry order, or the integrated ones when there is no discrete GPU (the RPC devices
+    do not count there): ``llama_prepare_model_devices``'s rule (``src/llama.cpp``)."""
+    remote = [d for d in devices if d.endpoint]
+    gpus = [d for d in devices if d.kind == "gpu" and not d.endpoint]
+    return remote + (gpus or [d for d in devices if d.kind == "igpu" and not d.endpoint])
 
 
 def planned_cpu_reason(spec: LoadSpec, inventory: DeviceInventory) -> str:
@@ -236,14 +243,76 @@ def query_devices() -> DeviceInventory:
         for i in range(lib.ggml_backend_reg_count())
     )
     devices = tuple(_device(lib, i) for i in range(lib.ggml_backend_dev_count()))
-    build = BuildInfo(backends=backends, gpu_offload=bool(lc.llama_supports_gpu_offload()))
+    # llama_supports_gpu_offload() less its llama_supports_rpc() clause, which is true for
+    # every build with the RPC backend (all of pollama's: scripts/engine-build.sh): a local
+    # GPU or integrated GPU found. RPC servers' devices are the inventory's own entries.
+    local_gpu = any(d.accelerator and not d.endpoint for d in devices)
+    build = BuildInfo(
+        backends=backends,
+        gpu_offload=local_gpu and bool(lc.llama_supports_gpu_offload()),
+    )
     return DeviceInventory(devices=devices, build=build)
 
 
-def probe_devices(timeout: float = PROBE_TIMEOUT, python: str = sys.executable) -> DeviceInventory:
+RPC_QUERY_TIMEOUT = 20.0
+"""Seconds one RPC server's device query may take: a server busy with another client
+(it serves one at a time) would hold it for as long as that client stays."""
+
+
+def probe_devices(
+    timeout: float = PROBE_TIMEOUT,
+    python: str = sys.executable,
+    rpc_servers: Sequence[str] = (),
+) -> DeviceInventory:
     """The inventory from ``python -m pollama.runner.devices`` in a subprocess, so the caller
-    never loads llama.cpp. Never raises: a timeout, a crash or bad output is an inventory
-    with ``error`` saying which (the server logs it as a warning and goes on)."""
+    never loads llama.cpp, followed by the devices of each RPC server (``rpc_servers``: the
+    server passes ``OLLAMA_RPC_SERVERS`` from its settings), each asked by a subprocess of its own
+    (``runner/rpc.py``: llama.cpp aborts on a server it cannot reach). Never raises: a
+    timeout, a crash or bad output is an inventory with ``error`` saying which (the server
+    logs it as a warning and goes on); an RPC server that does not answer is logged as a
+    warning and left out (a later load checks it again: ``inference/service.py``)."""
+    inventory = _probe_local(timeout, python)
+    remote: list[DeviceInfo] = []
+    for endpoint in rpc_servers:
+        found, problem = probe_rpc_server(endpoint, python=python)
+        if problem:
+            _log.warning("RPC server %s left out: %s", endpoint, problem)
+        remote.extend(found)
+    if not remote:
+        return inventory
+    return dataclasses.replace(inventory, devices=inventory.devices + tuple(remote))
+
+
+def probe_rpc_server(
+    endpoint: str, timeout: float = RPC_QUERY_TIMEOUT, python: str = sys.executable
+) -> tuple[list[DeviceInfo], str]:
+    """One RPC server's devices and memory, and "" or why there are none (unreachable,
+    busy, an engine without RPC)."""
+    from pollama.runner.rpc import unreachable
+
+    if unreachable([endpoint]):
+        return [], "unreachable (connection failed)"
+    command = [python, "-m", "pollama.runner.rpc", "query", endpoint]
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter and module, no shell
+            command, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        return [], f"no answer in {timeout:g}s (serving another client?)"
+    except OSError as exc:
+        return [], f"the query could not start: {exc}"
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    if done.returncode != 0:
+        return [], lines[-1] if lines else f"exit status {done.returncode}"
+    try:
+        data = json.loads(done.stdout)
+        return list(DeviceInventory.from_json({"devices": data}).devices), ""
+    except (ValueError, TypeError, KeyError) as exc:
+        return [], f"the query printed no device list: {exc}"
+
+
+def _probe_local(timeout: float, python: str) -> DeviceInventory:
+    """This machine's devices (:func:`probe_devices` without the RPC servers)."""
     command = [python, "-m", "pollama.runner.devices"]
     try:
         done = subprocess.run(  # noqa: S603 - our own interpreter and module, no shell

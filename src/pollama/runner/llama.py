@@ -106,6 +106,15 @@ def backend_init() -> None:
     load_backends()
 
 
+def add_rpc_servers(endpoints: Sequence[str]) -> None:
+    """The RPC servers' devices added to llama.cpp's registry (``runner/rpc.py``), once per
+    worker, after :func:`backend_init` and before the model loads. A server that is down
+    raises ``ConnectionError`` naming it (llama.cpp itself would abort the process)."""
+    from pollama.runner.rpc import add_servers
+
+    add_servers(endpoints)
+
+
 def kv_cache_types(
     name: str, flash_attention: bool | None, head_dims: tuple[int, int] = (0, 0)
 ) -> tuple[int, int, str]:

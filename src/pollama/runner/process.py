@@ -59,6 +59,7 @@ from pollama.runner.protocol import (
     media_messages,
     request_to_json,
 )
+from pollama.runner.rpc import unreachable
 
 __all__ = ["SubprocessRunner", "subprocess_factory"]
 
@@ -179,7 +180,7 @@ class SubprocessRunner:
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
                     pass_fds=(child.fileno(),),
-                    env=self._env,
+                    env=self._worker_env(),
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -209,6 +210,16 @@ class SubprocessRunner:
         self._ready = True
         self._router = loop.create_task(self._route())
         return self.info
+
+    def _worker_env(self) -> Mapping[str, str] | None:
+        """The worker's environment: the given one, and for a worker on RPC servers no
+        backtrace on ``GGML_ABORT`` (a lost server aborts it by design, ``runner/rpc.py``;
+        ggml would attach gdb and bury the one line that says why under a hundred)."""
+        if not self.spec.rpc_servers:
+            return self._env
+        env = dict(os.environ if self._env is None else self._env)
+        env.setdefault("GGML_NO_BACKTRACE", "1")
+        return env
 
     async def _handshake(self, message: dict[str, Any] | None) -> RunnerInfo:
         if message is None:
@@ -455,6 +466,8 @@ class SubprocessRunner:
         self._eof = True
         await self._wait_exit()
         detail = violation or self._crash_detail()
+        if not self._closing and self.spec.rpc_servers:
+            detail = await _name_lost_servers(detail, self.spec.rpc_servers)
         if not self._closing:
             self._log.error("model runner pid %s stopped: %s", self.pid, detail or "no output")
         self._fail_all(detail)
@@ -521,6 +534,18 @@ class SubprocessRunner:
         state = "alive" if self.alive else "stopped"
         name = os.path.basename(self.spec.model_path)
         return f"<SubprocessRunner {name} pid={self.pid} {state}>"
+
+
+async def _name_lost_servers(detail: str, endpoints: Sequence[str]) -> str:
+    """A crash detail that names the RPC servers the worker used that no longer take a
+    connection: llama.cpp aborts with "Remote RPC server crashed or returned malformed
+    response" and never says which (``runner/rpc.py``). Checked once the worker is gone,
+    so no live connection of ours holds the single-client servers."""
+    down = await asyncio.to_thread(unreachable, endpoints)
+    if not down:
+        return detail
+    lost = f"RPC server {', '.join(down)} is unreachable"
+    return f"{lost} ({detail})" if detail else lost
 
 
 def _text_chunk(message: dict[str, Any]) -> CompletionChunk:

@@ -125,6 +125,8 @@ class Loaded:
             raise ValueError("num_ctx, num_parallel and num_batch must be positive")
         start = time.perf_counter_ns()
         llama.backend_init()
+        # Before the load: llama.cpp takes every registered device, RPC ones first.
+        llama.add_rpc_servers(spec.rpc_servers)
         offload = llama.OffloadParams(spec.gpu_layers, spec.main_gpu, spec.tensor_split)
         self.model: Model = llama.Model(spec.model_path, use_mmap=spec.use_mmap, offload=offload)
         try:

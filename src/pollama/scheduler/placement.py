@@ -16,6 +16,12 @@
   out). ``main_gpu`` set puts everything on that one device.
 * No accelerator (only the CPU device, or none reported), or integrated GPUs without
   ``OLLAMA_IGPU_ENABLE``: nothing is offloaded and the spec is the CPU one, unchanged.
+* RPC servers' devices (``OLLAMA_RPC_SERVERS``, ``runner/rpc.py``) or a preset's
+  ``tensor_split``: the layers go over every device in proportion to its room (a machine
+  without a local accelerator counts its CPU, by its free memory, as one of them: the CPU
+  keeps the first layers), or in the preset's shares, with ``num_gpu`` layers offloaded
+  (all by default); llama.cpp's own rule, made explicit so that the estimate per device is
+  the split it loads (README.md#rpc).
 
 What must stay true: the plan depends only on the model, the spec and the devices passed in;
 a plan with 0 layers leaves ``gpu_layers``, ``main_gpu`` and ``tensor_split`` at their
@@ -26,16 +32,17 @@ copies a device needs (compute buffers on each device, a tied output's copy).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pollama.errors import InvalidOption
 from pollama.format import human_bytes
 from pollama.gguf import GGUFInfo
-from pollama.runner.base import DeviceInfo, LoadSpec
+from pollama.runner.base import DeviceInfo, LoadSpec, rpc_endpoint
 from pollama.runner.devices import offload_devices
 from pollama.scheduler.memory import Footprint, footprint
 
-__all__ = ["DEVICE_RESERVE", "Offload", "device_room", "plan_offload"]
+__all__ = ["DEVICE_RESERVE", "Offload", "device_room", "plan_offload", "usable_devices"]
 
 DEVICE_RESERVE = 457 << 20
 """Bytes kept free on every accelerator besides ``OLLAMA_GPU_OVERHEAD``: the CUDA context and
@@ -54,6 +61,7 @@ class Offload:
     device_bytes: Mapping[str, int] = field(default_factory=dict)
     host_bytes: int = 0
     reason: str = ""
+    rpc_servers: tuple[str, ...] = ()  # the RPC servers the worker adds (LoadSpec's)
 
     def apply(self, spec: LoadSpec) -> LoadSpec:
         """``spec`` with this plan's placement fields."""
@@ -62,6 +70,7 @@ class Offload:
             gpu_layers=self.gpu_layers,
             main_gpu=self.main_gpu,
             tensor_split=self.tensor_split,
+            rpc_servers=self.rpc_servers,
         )
 
 
@@ -203,14 +212,16 @@ def plan_offload(
     overhead: int = 0,
     spread: bool = False,
     igpu: bool = False,
+    split: Sequence[float] = (),
 ) -> Offload:
     """Where ``info``'s layers go for ``spec`` on ``devices`` (the rules are the module's).
 
     ``num_gpu`` and ``main_gpu`` are the options (None: unset); ``overhead`` is
     ``OLLAMA_GPU_OVERHEAD``, ``spread`` ``OLLAMA_SCHED_SPREAD``, ``igpu``
-    ``OLLAMA_IGPU_ENABLE``. The plan is for the devices alone, as Ollama fits a model before
-    it evicts others for it: the scheduler then makes room beside the loaded runners
-    (:func:`device_room`). The spec's own placement fields are ignored."""
+    ``OLLAMA_IGPU_ENABLE``, ``split`` a preset's ``tensor_split``. The plan is for the
+    devices alone, as Ollama fits a model before it evicts others for it: the scheduler then
+    makes room beside the loaded runners (:func:`device_room`). The spec's own placement
+    fields are ignored."""
     fp = footprint(info, spec)
     candidates = _targets(devices, igpu)
     if not candidates or not fp.layers:
@@ -222,6 +233,8 @@ def plan_offload(
     room = device_room(candidates, {}, overhead)
     rooms = [(device, room[device.name]) for device in candidates]
     main = main_gpu if main_gpu is not None and main_gpu < len(candidates) else None
+    if main is None and (split or any(device.endpoint for device in candidates)):
+        return _plan_split(fp, rooms, devices, want if explicit else None, split)
     slots = _choose(fp, rooms, want, spread, main)
     fitted = _placed(slots)
     if explicit and fitted < want:
@@ -230,7 +243,9 @@ def plan_offload(
     if layers == 0:
         free = human_bytes(max(r for _, r in rooms))
         return _cpu(fp, f"no layer fits in the accelerators' memory ({free} usable)")
-    return _offload(fp, slots, len(candidates), main, _reason(fp, slots, want, fitted, explicit))
+    offload = _offload(fp, slots, len(candidates), main, _reason(fp, slots, want, fitted, explicit))
+    servers = tuple(dict.fromkeys(d.endpoint for d in candidates if d.endpoint))
+    return dataclasses.replace(offload, rpc_servers=servers)
 
 
 def _offload(
@@ -268,3 +283,104 @@ def _reason(fp: Footprint, slots: list[_Slot], want: int, fitted: int, explicit:
     if layers == fp.n_layers:
         return f"all {layers} layers fit on {names}"
     return f"{layers} of {fp.n_layers} layers fit on {names}; the rest on the CPU"
+
+
+def _shares_of(weights: Sequence[float], total: int) -> list[int]:
+    """``total`` whole layers in proportion to ``weights`` (largest remainders first; ties
+    to the earlier device); all zero weights give nothing."""
+    whole = sum(weights)
+    if total <= 0 or whole <= 0:
+        return [0] * len(weights)
+    exact = [w * total / whole for w in weights]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _plan_split(
+    fp: Footprint,
+    rooms: list[tuple[DeviceInfo, int]],
+    devices: Sequence[DeviceInfo],
+    num_gpu: int | None,
+    split: Sequence[float],
+) -> Offload:
+    """The proportional split (the module's RPC rule): each candidate's layers from the
+    preset's shares or its room; without a local accelerator and without ``num_gpu``, the
+    local CPU takes its share by its free memory first (the first layers stay on the host).
+    ``tensor_split`` is the whole-layer counts, which llama.cpp's loader turns back into the
+    same contiguous runs (``llama_model_base::load_tensors``)."""
+    if len(split) > len(rooms):
+        names = ", ".join(device.name for device, _ in rooms)
+        raise InvalidOption(
+            f"tensor_split names {len(split)} devices; there are {len(rooms)} ({names})"
+        )
+    want = fp.n_layers if num_gpu is None else num_gpu
+    if split:
+        weights = [float(x) for x in split] + [0.0] * (len(rooms) - len(split))
+    else:
+        weights = [float(room) for _, room in rooms]
+        local = any(not device.endpoint for device, _ in rooms)
+        cpu = next((d for d in devices if d.kind == "cpu"), None)
+        if num_gpu is None and not local and cpu is not None:
+            want -= _shares_of([*weights, float(cpu.free_bytes)], fp.n_layers)[-1]
+    counts = _shares_of(weights, want)
+    if not any(counts):
+        return _cpu(fp, "the split leaves every layer on the CPU")
+    slots = [_Slot(i, device, room) for i, (device, room) in enumerate(rooms)]
+    for slot, count in zip(slots, counts, strict=True):
+        slot.blocks = count
+    if want > len(fp.layers):  # the output layer: the last device that takes a layer
+        last = max(i for i, count in enumerate(counts) if count)
+        slots[last].blocks -= 1
+        slots[last].output = True
+    placed = zip(slots, counts, strict=True)
+    names = ", ".join(f"{slot.device.name} ({n})" for slot, n in placed if n)
+    host = fp.n_layers - sum(counts)
+    how = "in the preset's shares" if split else "by free memory"
+    reason = f"split {how}: {names}; {host} of {fp.n_layers} layers on the CPU"
+    offload = _offload(fp, [s for s in slots if s.blocks or s.output], len(rooms), None, reason)
+    return _drop_idle_servers(offload, [device for device, _ in rooms], counts)
+
+
+def _drop_idle_servers(
+    offload: Offload, candidates: Sequence[DeviceInfo], counts: Sequence[int]
+) -> Offload:
+    """The plan with only the RPC servers that take a layer, and ``tensor_split`` over the
+    devices the worker will then have: an idle server is not connected to at all (it serves
+    one client at a time, and another model may want it)."""
+    used = {d.endpoint for d, n in zip(candidates, counts, strict=True) if d.endpoint and n}
+    kept = [(d, n) for d, n in zip(candidates, counts, strict=True)
+            if not d.endpoint or d.endpoint in used]  # fmt: skip
+    servers = tuple(dict.fromkeys(d.endpoint for d, _ in kept if d.endpoint))
+    split = tuple(float(n) for _, n in kept)
+    busiest = max(range(len(kept)), key=lambda i: (kept[i][1], -i))
+    return dataclasses.replace(
+        offload, tensor_split=split, rpc_servers=servers, main_gpu=busiest
+    )
+
+
+def usable_devices(
+    devices: Sequence[DeviceInfo],
+    held: Iterable[str],
+    own: Sequence[str],
+    check: Callable[[list[str]], list[str]],
+) -> tuple[list[DeviceInfo], list[str], list[str]]:
+    """The devices a new load may plan on, the RPC servers left out because they are down,
+    and those left out because another loaded model holds them.
+
+    ``held`` names the devices loaded runners use (``Scheduler.device_usage``); ``own`` are
+    the servers of this model's own runner, which the new load replaces (so they are not
+    "held"); ``check`` returns the unreachable ones of those it is given (``runner/rpc.py``
+    ``unreachable``). An RPC server serves one client at a time, so one held by another
+    model is not used, nor connected to: a connect to it would wait in its backlog."""
+    endpoints = list(dict.fromkeys(d.endpoint for d in devices if d.endpoint))
+    if not endpoints:
+        return list(devices), [], []
+    taken = {rpc_endpoint(name) for name in held} - {""} - set(own)
+    busy = [e for e in endpoints if e in taken]
+    down = check([e for e in endpoints if e not in taken])
+    usable = set(endpoints) - set(busy) - set(down)
+    kept = [d for d in devices if not d.endpoint or d.endpoint in usable]
+    return kept, down, busy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
@@ -27,6 +27,7 @@ from pollama.server import (
     routes_rerank,
     routes_responses,
     routes_status,
+    routes_ui,
 )
 from pollama.server.errors import install_error_handlers
 from pollama.server.metrics import PrometheusMetrics
@@ -42,13 +43,16 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def take_inventory(timeout: float = PROBE_TIMEOUT) -> DeviceInventory:
+def take_inventory(
+    timeout: float = PROBE_TIMEOUT, rpc_servers: Sequence[str] = ()
+) -> DeviceInventory:
     """The devices llama.cpp sees, asked once of a subprocess (``runner/devices.py``) when
     ``pollama serve`` starts, and logged: each device with its total and free memory (as
     Ollama logs its "inference compute"), a warning when the query failed (the server runs
     on regardless) and a warning when a build with a GPU backend found no GPU (a driver or
-    runtime went missing: Ollama's silent CPU fallback, said aloud)."""
-    inventory = probe_devices(timeout)
+    runtime went missing: Ollama's silent CPU fallback, said aloud). ``rpc_servers``
+    (``OLLAMA_RPC_SERVERS``) adds each RPC server's devices."""
+    inventory = probe_devices(timeout, rpc_servers=rpc_servers)
     if inventory.error:
         log.warning("could not list compute devices: %s", inventory.error)
         return inventory
@@ -144,6 +148,7 @@ def create_app(
     for routes in (routes_models, routes_registry, routes_inference, routes_openai,
                    routes_anthropic, routes_responses, routes_rerank, routes_status):
         app.include_router(routes.router)
+    app.include_router(routes_ui.router)  # GET /ui: the chat page (its files need no key)
     install_middleware(app, settings, metrics=metrics)  # keys, Host/Origin, limits, logs, /metrics
     metrics.watch_devices(lambda: app.state.devices, scheduler)
     return app

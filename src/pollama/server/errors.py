@@ -50,6 +50,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.PollamaError], int], ...] = (
     (errors.AlreadyExists, 409),
     (errors.ServerBusy, 503),
     (errors.AcceleratorUnavailable, 503),
+    (errors.RpcServerUnavailable, 503),
     (errors.InsufficientMemory, 500),
     (errors.InternalError, 500),
 )

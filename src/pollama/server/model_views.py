@@ -110,4 +110,5 @@ def process_model(loaded: LoadedModel) -> ProcessModel:
         expires_at=rfc3339_local(loaded.expires_at),
         size_vram=loaded.size_vram,
         context_length=loaded.context_length,
+        devices={name: int(size) for name, size in loaded.device_bytes.items() if size > 0},
     )

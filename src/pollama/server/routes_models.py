@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pollama import __version__
+from pollama import OLLAMA_API_VERSION, __version__
 from pollama.errors import InvalidRequest, ModelNotFound
 from pollama.names import ModelName
 from pollama.protocol.ollama import (
@@ -33,7 +33,6 @@ from pollama.store import Store, parse_digest
 from pollama.store.create import CreateProgress, ModelCreator
 
 # The Ollama release whose behaviour we match; clients gate features on /api/version.
-OLLAMA_COMPAT_VERSION = "0.33.0"
 
 router = APIRouter()
 
@@ -56,7 +55,7 @@ async def root() -> Response:
 
 @router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version() -> Response:
-    body = VersionResponse(version=OLLAMA_COMPAT_VERSION, pollama_version=__version__)
+    body = VersionResponse(version=OLLAMA_API_VERSION, pollama_version=__version__)
     return JSONResponse(body.model_dump())
 
 

@@ -18,14 +18,16 @@ run in this order, and each refusal is a JSON body that says what to change:
    pattern matches any run of characters, except that a final ``:*`` matches a port only:
    ``http://localhost:*`` does not match ``http://localhost.evil.example`` (gin-contrib
    drops the ``:`` before the ``*``, so Ollama lets any ``localhost.<attacker domain>`` in).
-3. **API key.** Keys are required when any exist (``pollama keys create``), and always when
-   the server is bound to a non-loopback address without ``POLLAMA_ALLOW_NO_AUTH``, so that
-   revoking the last key closes the server instead of opening it. The key comes from
+3. **API key.** Keys are required when any exist (``pollama keys create``, or one given by
+   ``POLLAMA_API_KEY``, :class:`~pollama.keys.EnvKey`), and always when the server is bound
+   to a non-loopback address without ``POLLAMA_ALLOW_NO_AUTH``, so that revoking the last
+   key closes the server instead of opening it. The key comes from
    ``Authorization: Bearer <key>`` or ``x-api-key`` (Anthropic clients). What a route needs
    is decided from its method and path template by :func:`permission_for`; routes it does not
-   know that write anything need the ``manage`` scope (fail closed). Only ``/healthz`` and
-   ``/readyz`` are open. A missing or wrong key gets 401, a key without the scope 403, in the
-   error shape of the route's protocol.
+   know that write anything need the ``manage`` scope (fail closed). Only ``/healthz``,
+   ``/readyz`` and the chat page's own files (``GET /ui``, ``routes_ui.PAGE_ROUTES``: the
+   page must load to ask for a key) are open. A missing or wrong key gets 401, a key
+   without the scope 403, in the error shape of the route's protocol.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pollama.config import Settings
-from pollama.keys import KeyFileError, KeyStore, Permission
+from pollama.keys import MIN_ENV_KEY_LENGTH, ApiKey, EnvKey, KeyFileError, KeyStore, Permission
 from pollama.server.access_log import RequestRecord, current_record, route_template
 from pollama.server.refusals import json_error
+from pollama.server.routes_ui import PAGE_ROUTES
 
 __all__ = [
     "KEY_ID_STATE",
@@ -62,8 +65,10 @@ __all__ = [
 KEY_ID_STATE = "api_key_id"
 """``request.state`` attribute holding the id of the API key a request was let in with (absent
 on a server that requires no key)."""
-PUBLIC_ROUTES = frozenset({"/healthz", "/readyz"})
-"""Answered without a key: they say only whether the process is alive and ready."""
+PUBLIC_ROUTES = frozenset({"/healthz", "/readyz"}) | PAGE_ROUTES
+"""Answered without a key (GET and HEAD only): ``/healthz`` and ``/readyz`` say only whether
+the process is alive and ready; the chat page's static files (``routes_ui``) hold no data, and
+the page needs them to show its key form. The API calls the page makes need a key as before."""
 
 _INFERENCE_ROUTES = frozenset(
     {
@@ -274,6 +279,7 @@ class AccessPolicy:
     hosts: HostGuard
     origins: OriginPolicy
     keys_always_required: bool
+    env_key: EnvKey | None = None  # POLLAMA_API_KEY
 
     @classmethod
     def from_settings(cls, settings: Settings, keys: KeyStore | None = None) -> AccessPolicy:
@@ -283,11 +289,31 @@ class AccessPolicy:
             hosts=HostGuard(settings.host.host, settings.allowed_hosts),
             origins=OriginPolicy(settings.allowed_origins()),
             keys_always_required=not settings.allow_no_auth and not is_loopback_bind(bind),
+            env_key=_env_key(settings),
         )
 
     def keys_required(self) -> bool:
         configured, _ = self.keys.state()
-        return configured or self.keys_always_required
+        return configured or self.env_key is not None or self.keys_always_required
+
+    def authenticate(self, presented: str | None) -> ApiKey | None:
+        """The key ``presented`` is, from the keys file or ``POLLAMA_API_KEY``, else None.
+
+        Both are always checked (no early exit). A keys file that cannot be used refuses
+        the environment's key too: failure is closed for every key, as ``pollama serve``'s
+        start refusal and the 401 message say.
+        """
+        found = self.keys.authenticate(presented)
+        if self.env_key is not None:
+            from_env = self.env_key.authenticate(presented)
+            if found is None and self.keys.state()[1] is None:
+                found = from_env
+        return found
+
+
+def _env_key(settings: Settings) -> EnvKey | None:
+    """``POLLAMA_API_KEY`` as a key, or None when it is not set (an empty value is unset)."""
+    return EnvKey(settings.server_api_key) if settings.server_api_key else None
 
 
 _HOW_TO_PASS = (
@@ -387,7 +413,7 @@ class SecurityMiddleware:
         permission = permission_for(method, template)
         if permission is None or not self.policy.keys_required():
             return None
-        key = self.policy.keys.authenticate(_presented_key(headers))
+        key = self.policy.authenticate(_presented_key(headers))
         if key is None:
             message = _refusal_message(self.policy, headers)
             return _Refusal("key", 401, "authentication_error", message, cors + [
@@ -432,15 +458,19 @@ def bind_refusal(settings: Settings, keys: KeyStore | None = None) -> str | None
     """Why ``pollama serve`` must not start with these settings, or None.
 
     It refuses a non-loopback bind with no key configured (unless ``POLLAMA_ALLOW_NO_AUTH``),
-    and a keys file it cannot trust, whatever the bind: either would leave the server open
-    or silently locked. The message gives the ways forward.
+    and, whatever the bind, a keys file it cannot trust or a ``POLLAMA_API_KEY`` too weak
+    to be a key: each would leave the server open or silently locked. The message gives the
+    ways forward. ``POLLAMA_API_KEY`` alone counts as a configured key.
     """
     keys = keys or KeyStore(settings.api_keys_path)
     configured, error = keys.state()
     if error is not None:
         return f"{error}. Fix or remove the file, or point POLLAMA_KEYS_FILE at another one."
+    env_key = _env_key(settings)
+    if env_key is not None and env_key.problem is not None:
+        return env_key.problem
     bind = settings.host.bind_host
-    if configured or settings.allow_no_auth or is_loopback_bind(bind):
+    if configured or env_key is not None or settings.allow_no_auth or is_loopback_bind(bind):
         return None
     where = f"[{bind}]:{settings.host.port}" if ":" in bind else f"{bind}:{settings.host.port}"
     return (
@@ -450,6 +480,9 @@ def bind_refusal(settings: Settings, keys: KeyStore | None = None) -> str | None
         "  1. create a key, and give it to clients as 'Authorization: Bearer <key>' "
         "(the pollama and ollama CLIs read OLLAMA_API_KEY):\n"
         "       pollama keys create --name <who-uses-it>\n"
+        "     or give the server one in the environment (at least "
+        f"{MIN_ENV_KEY_LENGTH} characters; stored nowhere):\n"
+        "       POLLAMA_API_KEY=$(openssl rand -hex 32) pollama serve\n"
         "  2. or, only on a network you trust, allow requests without a key:\n"
         "       POLLAMA_ALLOW_NO_AUTH=1 pollama serve\n"
         "  (or bind to loopback only: OLLAMA_HOST=127.0.0.1)"
@@ -463,8 +496,11 @@ def auth_summary(settings: Settings, keys: KeyStore | None = None) -> str:
         count = len(keys.keys())
     except KeyFileError:
         count = 0
-    if count:
-        return f"API keys required ({count} in {keys.path})"
+    where = [f"{count} in {keys.path}"] if count else []
+    if settings.server_api_key:  # named, never shown
+        where.insert(0, "one from the environment (POLLAMA_API_KEY)")
+    if where:
+        return f"API keys required ({', '.join(where)})"
     if not is_loopback_bind(settings.host.bind_host):
         return ("WARNING: no API keys and POLLAMA_ALLOW_NO_AUTH is set: anyone who can reach "
                 "this address can use every route")
