@@ -28,6 +28,7 @@ from inprocess import anthropic_client, native_client, openai_client
 from pollama.config import Settings, load_settings
 from pollama.server.app import create_app
 from registry_helpers import DockerRegistry, FaultProxy
+from stub_ollama import StubServer
 
 
 @pytest.fixture(autouse=True)
@@ -134,17 +135,35 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None) -> Running
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    wait_until_serving(proc, url, log)
+    return RunningServer(url, env["OLLAMA_HOST"], env, Path(env["OLLAMA_MODELS"]), proc, log)
+
+
+def wait_until_serving(
+    proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 30
+) -> None:
+    """Poll ``url`` until it answers; if the process exits first or the time runs out, kill
+    it and fail with its log."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             httpx.get(url, timeout=1)
-            break
+            return
         except httpx.HTTPError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
+                proc.wait()
                 raise RuntimeError(f"server did not start:\n{log.read_text()}") from None
             time.sleep(0.1)
-    return RunningServer(url, env["OLLAMA_HOST"], env, Path(env["OLLAMA_MODELS"]), proc, log)
+
+
+@pytest.fixture
+def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubServer]:
+    """A scripted Ollama-like server that OLLAMA_HOST points at (``stub_ollama.py``)."""
+    server = StubServer()
+    monkeypatch.setenv("OLLAMA_HOST", server.host)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")

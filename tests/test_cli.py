@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -110,14 +109,6 @@ def test_version_is_the_servers_with_a_warning_when_the_client_differs() -> None
         "Warning: could not connect to a running pollama instance\n"
         f"Warning: client version is {__version__}\n"
     )
-
-
-@pytest.fixture
-def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubServer]:
-    server = StubServer()
-    monkeypatch.setenv("OLLAMA_HOST", server.host)
-    yield server
-    server.close()
 
 
 def test_run_without_a_model_lists_the_installed_ones(stub: StubServer) -> None:

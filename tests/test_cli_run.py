@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from pollama.config import load_settings
 from stub_ollama import StubServer
 
 THINKING = "Thinking...\nLet me think about it.\n...done thinking.\n\nDone.\n\n"
-
-
-@pytest.fixture
-def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubServer]:
-    server = StubServer()
-    monkeypatch.setenv("OLLAMA_HOST", server.host)
-    yield server
-    server.close()
 
 
 def run(*args: str, input: str | None = None) -> Result:

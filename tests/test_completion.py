@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -44,14 +43,6 @@ def stored(models_dir: Path) -> list[str]:
 @pytest.fixture
 def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
-
-
-@pytest.fixture
-def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubServer]:
-    server = StubServer()
-    monkeypatch.setenv("OLLAMA_HOST", server.host)
-    yield server
-    server.close()
 
 
 def complete(shell: str, **env: str) -> list[str]:

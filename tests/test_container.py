@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until_serving
 from pollama.cli.container import EXIT_NO_KEY, no_key_refusal
 from pollama.config import load_settings
 from pollama.keys import KeyStore
@@ -312,16 +312,7 @@ def entry_server(
         proc = subprocess.Popen(_entry(dockerfile), env=env, stdout=out,
                                 stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url + "/healthz", timeout=1)
-            break
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the entry point did not start a server:\n{log.read_text()}")
-            time.sleep(0.2)
+    wait_until_serving(proc, url + "/healthz", log, timeout=60)
     yield proc, env, url
     if proc.poll() is None:
         proc.kill()

@@ -24,16 +24,14 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-import time
 import zipfile
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import RunningServer, free_port, stop_server
+from conftest import RunningServer, free_port, stop_server, wait_until_serving
 from pollama import OLLAMA_API_VERSION, __version__
 from pollama.default_model import DEFAULT_MODEL, default_gguf_path
 
@@ -173,16 +171,7 @@ def _serve(bin_dir: Path, env: dict[str, str], home: Path) -> RunningServer:
         process = subprocess.Popen([str(bin_dir / "pollama"), "serve"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://{env['OLLAMA_HOST']}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.HTTPError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"server did not start:\n{log.read_text()}") from None
-            time.sleep(0.1)
+    wait_until_serving(process, url, log, timeout=60)
     return RunningServer(url, env["OLLAMA_HOST"], env, Path(env["OLLAMA_MODELS"]), process, log)
 
 

@@ -6,15 +6,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import RunningServer, free_port, stop_server
+from conftest import RunningServer, free_port, wait_until_serving
 from pollama.config import load_settings
 from pollama.keys import KeyStore
 from pollama.server.app import create_app
@@ -71,14 +69,5 @@ def launch(
     url = f"http://127.0.0.1:{port}"
     server = RunningServer(url, host, env, Path(env["OLLAMA_MODELS"]), proc, log)
     if wait:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=1)
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    stop_server(server)
-                    raise RuntimeError(f"server did not start:\n{log.read_text()}") from None
-                time.sleep(0.1)
+        wait_until_serving(proc, url + "/healthz", log)
     return server
