@@ -5,10 +5,12 @@ servers: ``/api/ps`` and ``/metrics``); its greedy output through the split equa
 local run's; an RPC process killed mid-stream ends the stream with an error line naming it,
 the server keeps serving, and once the process is back the next request loads the split
 again; a server down at load time leaves the model to the devices that are up, with a
-warning (the refusal when the model does not fit without it is in ``test_rpc.py``)."""
+warning (the refusal when the model does not fit without it is in ``test_rpc.py``); a
+server down when the server started joins once it answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -24,6 +26,9 @@ import httpx
 import pytest
 
 from conftest import MODEL, RunningServer, default_model_server, free_port
+from pollama.config import load_settings
+from pollama.server.app import create_app
+from pollama.server.rpc_watch import find_returned_servers
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +187,23 @@ def test_a_server_down_at_load_time_is_left_out_with_a_warning(
     assert set(placed) == {"CPU", f"RPC0[{rpcs[1].endpoint}]"}, placed
     assert f"RPC server {down.endpoint} is unreachable: loading without it" in (
         srv.log.read_text())
+
+
+def test_a_server_down_at_start_joins_when_it_comes_back(
+    tmp_path: Path, isolated_env: Path
+) -> None:
+    """The inventory is taken at start; a listed server that was down then is found by the
+    watcher (server/rpc_watch.py) once it answers, and the next load plans on it."""
+    late = RpcProcess(free_port(), tmp_path / "late.log")
+    settings = load_settings({"HOME": str(isolated_env), "OLLAMA_RPC_SERVERS": late.endpoint})
+    app = create_app(settings)
+    assert asyncio.run(find_returned_servers(app)) == []  # still down: nothing added
+    late.start()
+    try:
+        assert asyncio.run(find_returned_servers(app)) == [late.endpoint]
+        names = [d.name for d in app.state.scheduler.devices()]
+        assert names == [f"RPC0[{late.endpoint}]"]
+        assert [d.name for d in app.state.devices] == names  # what /metrics reads
+        assert asyncio.run(find_returned_servers(app)) == []  # known now: not asked again
+    finally:
+        late.kill()

@@ -47,7 +47,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -667,6 +667,16 @@ class Scheduler:
     def devices(self) -> tuple[DeviceInfo, ...]:
         """The compute devices of the inventory the scheduler was given."""
         return self._inventory.devices
+
+    def add_devices(self, devices: Sequence[DeviceInfo]) -> None:
+        """Devices found after the start (an RPC server that was down then is back): the
+        next load plans on them."""
+        known = {d.name for d in self._inventory.devices}
+        fresh = tuple(d for d in devices if d.name not in known)
+        if fresh:
+            self._inventory = dataclasses.replace(
+                self._inventory, devices=self._inventory.devices + fresh
+            )
 
     def loaded_spec(self, key: str) -> LoadSpec | None:
         """The spec of the runner loaded (or loading) for ``key`` that new requests may still

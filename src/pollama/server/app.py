@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -33,6 +34,7 @@ from pollama.server.errors import install_error_handlers
 from pollama.server.metrics import PrometheusMetrics
 from pollama.server.middleware import install_middleware
 from pollama.server.reload import ConfigReloader
+from pollama.server.rpc_watch import watch_rpc_servers
 from pollama.store import Store
 from pollama.store.responses import ResponseStore
 
@@ -75,7 +77,8 @@ def _lifespan(
     reload_environ: Mapping[str, str] | None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The app's start and end: the store made ready and pruned, the configuration
-    reloader (when the app has an environment to reload from); at the end, the runners
+    reloader (when the app has an environment to reload from), the watch for RPC servers
+    that come back (``server/rpc_watch.py``); at the end, the runners
     stopped and the thread pools and databases closed."""
 
     @asynccontextmanager
@@ -88,9 +91,11 @@ def _lifespan(
         reloader = None if reload_environ is None else ConfigReloader(app, reload_environ)
         if reloader is not None:
             reloader.start()
+        rpc_watch = asyncio.create_task(watch_rpc_servers(app), name="pollama-rpc-watch")
         try:
             yield
         finally:
+            rpc_watch.cancel()
             if reloader is not None:
                 reloader.stop()
             await state.scheduler.shutdown()
