@@ -96,3 +96,7 @@ _.__getattr__
 _.source_template
 _.complete
 _.shell_complete
+
+# asyncio's protocol hooks (registry/netstream.py: a BufferedProtocol reads with recv_into)
+_.get_buffer
+_.buffer_updated

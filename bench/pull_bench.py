@@ -8,6 +8,9 @@ each per round, ``--repeat`` rounds, medians):
 * ``copy``: ``shutil.copyfile`` of the blob to the same filesystem, plus ``fsync`` (page cache
   warm), the ceiling for anything that writes the blob once;
 * ``sha256``: hashing it, which a verified pull must also do;
+* ``registry to /dev/null``: ``curl -o /dev/null`` of the blob's URL, what the registry itself
+  serves on loopback (no write, no hash): the ceiling of any pull through it (when ``curl``
+  is installed);
 * ``pull`` in one part (Ollama's part sizing: blobs under 100 MB are one part) and in 16
   parts, by :class:`pollama.registry.RegistryService` in-process;
 * ``pull via serve``: ``POST /api/pull`` to a real ``pollama serve`` (progress stream and
@@ -36,6 +39,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +63,7 @@ from registry_helpers import DockerRegistry  # noqa: E402
 
 MB = 1_000_000
 COPY = "copy + fsync"
+CEILING = "registry to /dev/null (curl)"
 
 
 def model_file(size_mb: int, tmp: Path) -> tuple[Path, str]:
@@ -125,6 +130,19 @@ def pull_via_serve(server: RunningServer, name: ModelName) -> float:
     return seconds
 
 
+def curl_blob(url: str) -> None:
+    """The blob from the registry into /dev/null, by curl (no Python, no disk)."""
+    subprocess.run(["curl", "-sSf", "-o", "/dev/null", url], check=True)
+
+
+def blob_url(registry: DockerRegistry, source: Path) -> str:
+    h = hashlib.sha256()
+    with open(source, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return f"{registry.url}/v2/library/bench/blobs/sha256:{h.hexdigest()}"
+
+
 def publish(home: Path, registry: DockerRegistry, source: Path) -> ModelName:
     """Push the blob as ``library/bench:latest`` to the registry."""
     store = Store(home / "origin")
@@ -144,6 +162,23 @@ def publish(home: Path, registry: DockerRegistry, source: Path) -> ModelName:
     return name
 
 
+def local_measures(
+    registry: DockerRegistry, name: ModelName, home: Path, source: Path
+) -> dict[str, Callable[[], float]]:
+    """The references (copy, sha256, the registry into /dev/null) and the in-process pulls."""
+    sixteen = TransferOptions(min_part_size=max(1, source.stat().st_size // 16 + 1))
+    measures: dict[str, Callable[[], float]] = {
+        COPY: lambda: timed(lambda: copy_once(source, home / "copy.bin")),
+        "sha256": lambda: timed(lambda: hash_once(source)),
+    }
+    if shutil.which("curl"):
+        url = blob_url(registry, source)
+        measures[CEILING] = lambda: timed(lambda: curl_blob(url))
+    measures["pull, 1 part"] = lambda: pull_in_process(name, home, TransferOptions())
+    measures["pull, 16 parts"] = lambda: pull_in_process(name, home, sixteen)
+    return measures
+
+
 def quiet_round(
     measures: dict[str, Callable[[], float]], args: argparse.Namespace
 ) -> tuple[dict[str, float], float]:
@@ -160,19 +195,23 @@ def quiet_round(
 
 
 def report(runs: dict[str, list[float]], loads: list[float], size: int, what: str) -> str:
-    """The markdown: a line on what was measured, then the table."""
+    """The markdown: a line on what was measured, then the table (each median against the
+    copy's, and against the registry's own rate into /dev/null where curl measured it)."""
     copy_s = statistics.median(runs[COPY])
     lines = [
         f"Blob: {what}, {size / MB:.1f} MB; {len(runs[COPY])} interleaved rounds, medians; "
         f"{os.cpu_count()} CPUs; others used {statistics.median(loads):.0%} of them (median).",
         "",
-        "| measure | seconds | MB/s | vs copy |",
-        "|---|---:|---:|---:|",
+        "| measure | seconds | MB/s | vs copy | vs registry |",
+        "|---|---:|---:|---:|---:|",
     ]
+    ceiling_s = statistics.median(runs[CEILING]) if CEILING in runs else None
     for label, values in runs.items():
         seconds = statistics.median(values)
+        of_ceiling = f"{ceiling_s / seconds:.2f}" if ceiling_s else "-"
         lines.append(
-            f"| {label} | {seconds:.3f} | {size / MB / seconds:.0f} | {copy_s / seconds:.2f} |"
+            f"| {label} | {seconds:.3f} | {size / MB / seconds:.0f} | {copy_s / seconds:.2f} "
+            f"| {of_ceiling} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -197,13 +236,7 @@ def main() -> None:
         size = source.stat().st_size
         name = publish(home, registry, source)
         hash_once(source)  # warm the page cache for the copy and hash references
-        sixteen = TransferOptions(min_part_size=max(1, size // 16 + 1))
-        measures: dict[str, Callable[[], float]] = {
-            COPY: lambda: timed(lambda: copy_once(source, home / "copy.bin")),
-            "sha256": lambda: timed(lambda: hash_once(source)),
-            "pull, 1 part": lambda: pull_in_process(name, home, TransferOptions()),
-            "pull, 16 parts": lambda: pull_in_process(name, home, sixteen),
-        }
+        measures = local_measures(registry, name, home, source)
         if not args.no_serve:
             # A loopback registry is reached only when the server lists it (README, "Registries").
             (home / "serve").mkdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import hashlib
 import os
 import ssl
@@ -31,9 +32,12 @@ from pollama.names import ModelName
 from pollama.registry import (
     BlobDigestMismatch,
     HostPolicy,
+    InsufficientDiskSpace,
     RegistryError,
     TransferOptions,
+    download,
     netstream,
+    partial,
 )
 from pollama.registry.hosts import guarded_transport
 from pollama.registry.partial import PartialFile
@@ -105,6 +109,74 @@ def test_a_corrupted_download_is_detected_and_fetched_again(
     assert proxy.blob_bytes() - fetched >= layer.size  # all of it again, nothing reused
     data = store.blobs.path(layer.digest).read_bytes()
     assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
+
+
+@pytest.mark.parametrize("opts", [FAST, ONE_PART], ids=["parts", "one-part"])
+def test_bodies_read_through_httpx_are_verified_and_resume_after_a_cut(
+    proxy: FaultProxy,
+    store: Store,
+    tmp_path: Path,
+    model: Manifest,
+    opts: TransferOptions,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The path for bodies the byte pipe cannot hand over (chunked, a proxy's connection):
+    the same buffers, the same in-order hash, the bytes before a cut kept."""
+    monkeypatch.setattr(download, "raw_body", lambda _response: None)
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="drop", after=layer.size // 3, times=1))
+    items = run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
+    assert items[-1] == {"status": "success"}
+    assert set(store.blobs.digests()) == model.digests()
+    assert strays(store) == []
+    assert proxy.blob_bytes() < layer.size * 1.5  # what arrived before the cut was kept
+    data = store.blobs.path(layer.digest).read_bytes()
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
+
+
+def test_a_corrupted_part_among_many_is_refused(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
+) -> None:
+    """Parts land in any order; a flipped byte in a later one (read back, not hashed from
+    memory) still fails the digest, and nothing is installed or left behind."""
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="corrupt", after=100, times=None))
+    opts = TransferOptions(**{**FAST.__dict__, "max_retries": 0})
+    with pytest.raises(BlobDigestMismatch):
+        run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
+    assert not store.blobs.exists(layer.digest) and strays(store) == []
+
+
+def test_a_disk_that_cannot_hold_the_blob_is_refused_before_any_byte_is_fetched(
+    proxy: FaultProxy,
+    store: Store,
+    tmp_path: Path,
+    model: Manifest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The partial file's blocks are reserved up front: no room is an error at once."""
+
+    def full(_fd: int, _size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "preallocate", full)
+    with pytest.raises(InsufficientDiskSpace):
+        run(service(store, tmp_path, ONE_PART).pull(through(proxy), insecure=True))
+    assert proxy.blob_bytes() == 0 and not store.blobs.exists(model_layer(model).digest)
+
+
+def test_preallocate_reserves_the_blocks_and_keeps_what_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "p-partial"
+    path.write_bytes(b"kept")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        partial.preallocate(fd, 8 << 20)
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes()[:4] == b"kept"
+    if partial._fallocate() is not None:  # Linux (ext4, xfs, btrfs, tmpfs all can)
+        assert info.st_size == 8 << 20 and info.st_blocks * 512 >= 8 << 20
 
 
 def test_progress_is_throttled_and_the_last_reports_the_whole_blob(
@@ -192,12 +264,14 @@ def test_the_partial_file_hashes_in_order_whatever_order_parts_land_in(tmp_path:
     os.ftruncate(fd, len(data))
     file = PartialFile(fd)
     file.call(file.write, [c[:100], c[100:]], 2 << 20)  # a later part first: not hashed yet
-    assert file.hashed == 0
-    file.call(file.write, [a], 0)  # continues the hash: from memory
-    assert file.hashed == 1 << 20
+    assert file.claimed == 0
+    file.call(file.write, [a], 0)  # continues the hash: given to it from memory
+    assert file.claimed == 1 << 20
     file.call(file.write, [b], 1 << 20)
-    assert file.hashed == 2 << 20
-    file.call(file.hash_to, len(data))  # the rest is read back
+    assert file.claimed == 2 << 20
+    file.call(file.wait_hashed, 2 << 20)
+    file.claim(len(data))  # the rest is read back
+    file.call(file.wait_hashed, len(data))
     assert file.digest() == "sha256:" + hashlib.sha256(data).hexdigest()
     assert os.pread(fd, len(data), 0) == data
     file.close()
@@ -212,10 +286,50 @@ def test_a_write_of_many_small_pieces_and_a_large_one_lands_whole(tmp_path: Path
     fd = os.open(tmp_path / "y-partial", os.O_RDWR | os.O_CREAT, 0o644)
     file = PartialFile(fd)
     assert file.call(file.write, [*small, data[len(b"".join(small)) :]], 0) == len(data)
-    assert file.hashed == len(data)
+    file.call(file.wait_hashed, len(data))
     assert file.digest() == "sha256:" + hashlib.sha256(data).hexdigest()
     assert os.pread(fd, len(data) + 1, 0) == data
     file.close()
+
+
+def test_a_buffer_is_reused_only_once_the_write_and_the_hash_are_done_with_it(
+    tmp_path: Path,
+) -> None:
+    """Buffers go back to the pool from the hash thread; one handed out again while the
+    hash still read it would change the digest. Every buffer taken is scribbled over at
+    once, so an early reuse shows."""
+    data = os.urandom(24 << 20)
+    fd = os.open(tmp_path / "z-partial", os.O_RDWR | os.O_CREAT, 0o644)
+    file = PartialFile(fd)
+    step = partial.BUFFER_SIZE // 2 + 1  # not a multiple of anything
+    for offset in range(0, len(data), step):
+        buffer = partial.take_buffer()
+        piece = data[offset : offset + step]
+        buffer[: len(piece)] = piece
+        file.call(file.write, [buffer[: len(piece)]], offset, buffer)
+        spare = partial.take_buffer()  # maybe the buffer the hash just finished with
+        spare[:] = b"\xff" * len(spare)
+        partial.recycle_buffer(spare)
+    file.call(file.wait_hashed, len(data))
+    assert file.digest() == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert os.pread(fd, len(data), 0) == data
+    file.close()
+
+
+def test_a_failed_read_back_fails_the_hash_and_close_stops_it(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "w-partial", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"x" * 100)
+    file = PartialFile(fd)
+    file.claim(4096)  # the file holds less than that
+    with pytest.raises(OSError, match="shorter than its progress"):
+        file.call(file.wait_hashed, 4096)
+    file.claim(8192)  # taken by nobody now: no thread is left waiting on it
+    file.close()
+    again = PartialFile(os.open(tmp_path / "w-partial", os.O_RDWR))
+    again.call(again.write, [b"y" * 10], 0)
+    again.close()  # drops what the hash was given and not hashed yet; nothing is left running
+    assert again.closed
+    assert again._thread is not None and not again._thread.is_alive()
 
 
 # -- the byte pipe ----------------------------------------------------------------------------
@@ -256,6 +370,15 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+async def read_all(raw: netstream.RawBody, size: int) -> bytes:
+    """The body, filled into buffers of ``size`` bytes (each filled completely but the last)."""
+    got = b""
+    buffer = memoryview(bytearray(size))
+    while count := await raw.fill(buffer, size, 5):
+        got += buffer[:count]
+    return got
+
+
 def test_bodies_are_read_straight_from_the_connection_when_that_is_safe() -> None:
     body = os.urandom(3 << 20)
     connections = 0
@@ -292,10 +415,7 @@ def test_bodies_are_read_straight_from_the_connection_when_that_is_safe() -> Non
             async with http.stream("GET", f"{url}/big") as response:
                 raw = netstream.raw_body(response)
                 assert raw is not None and netstream.raw_body(response) is None
-                got = []
-                while pieces := await raw.read():
-                    got += pieces
-                assert b"".join(got) == body
+                assert await read_all(raw, 1 << 20) == body
             assert (await http.get(f"{url}/small")).content == b"hello"
             assert connections == 2  # a body read directly closes its connection
 
@@ -314,10 +434,45 @@ def test_a_connection_that_closes_early_is_a_short_body() -> None:
             async with http.stream("GET", url) as response:
                 raw = netstream.raw_body(response)
                 assert raw is not None
-                got = b""
-                while pieces := await raw.read():
-                    got += b"".join(pieces)
-                assert got == b"x" * 40
+                assert await read_all(raw, 64) == b"x" * 40
+
+    asyncio.run(main())
+
+
+def test_a_fill_returns_what_arrived_before_a_stall_and_wakes_when_lowered() -> None:
+    go, last = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1300\r\n\r\n" + b"a" * 100)
+        await writer.drain()
+        await go.wait()
+        writer.write(b"b" * 200)
+        await writer.drain()
+        await last.wait()
+        writer.write(b"c" * 1000)
+        await writer.drain()
+
+    async def main() -> None:
+        async with serving(handler) as port, client() as http:
+            async with http.stream("GET", f"http://127.0.0.1:{port}") as response:
+                raw = netstream.raw_body(response)
+                assert raw is not None
+                buffer = memoryview(bytearray(1000))
+                # 100 bytes, then nothing: they come back when the link goes quiet...
+                assert await raw.fill(buffer, 1000, 0.3) == 100
+                with pytest.raises(TimeoutError):  # ...and the next fill finds the stall
+                    await raw.fill(buffer, 1000, 0.2)
+                go.set()
+                filling = asyncio.create_task(raw.fill(buffer, 1000, 5))
+                await asyncio.sleep(0.2)
+                assert not filling.done()  # 200 bytes are not enough...
+                raw.lower(150)  # ...until they are
+                assert await asyncio.wait_for(filling, 2) == 200
+                assert bytes(buffer[:200]) == b"b" * 200
+                last.set()
+                assert await raw.fill(buffer, 1000, 5) == 1000
+                assert await raw.fill(buffer, 1000, 5) == 0  # the end of the body
 
     asyncio.run(main())
 

@@ -8,8 +8,9 @@ killed server or a reboot continues from the bytes on disk, and Ollama and polla
 resume the other's. What must stay true:
 
 * **Nothing unverified gets a blob's name.** The data is hashed in file order while it is
-  written (from memory when a write continues the hashed prefix, by reading back what the
-  other parts wrote once the prefix reaches it: :mod:`pollama.registry.partial`), and
+  written, in a thread of its own (from memory once a write that continues the hashed prefix
+  has landed, by reading back what the other parts wrote once the prefix reaches it:
+  :mod:`pollama.registry.partial`), and
   ``-partial`` is renamed to the blob only when the sha256 equals the digest. A mismatch
   deletes the partial data and its part files, nothing else.
 * **A part file never claims bytes that are not on disk.** Counters move only after
@@ -26,7 +27,6 @@ resume the other's. What must stay true:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import glob
@@ -37,14 +37,14 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
 from pollama.registry.client import RegistrySession
 from pollama.registry.errors import BlobDigestMismatch, InsufficientDiskSpace, RegistryError
 from pollama.registry.netstream import raw_body
-from pollama.registry.partial import PartialFile
+from pollama.registry.partial import PartialFile, preallocate, recycle_buffer, take_buffer
 from pollama.registry.transfer import Part, TransferOptions, describe, retryable
 from pollama.store.blobs import PARTIAL_SUFFIX, TEMP_PREFIX, BlobStore
 
@@ -52,9 +52,8 @@ log = logging.getLogger(__name__)
 
 _MIN_FLUSH = 1 << 20
 """A part hands what it received to a write once it holds this much and its previous write
-has landed, so progress moves in steps of about this size on a slow link."""
-_MAX_FLUSH = 4 << 20
-"""While the previous write still runs, a part holds at most this much before it waits."""
+has landed, so progress moves in steps of about this size on a slow link (while the previous
+write still runs, it fills its buffer)."""
 _MAX_PART_FILE = 4096
 T = TypeVar("T")
 
@@ -73,21 +72,56 @@ class DirectURLExpired(Exception):
     """A CDN refused the direct URL (expired signature): resolve it again."""
 
 
-def _reader(response: httpx.Response) -> Callable[[], Awaitable[list[bytes]]]:
-    """How to read a body in pieces (``[]`` at its end): straight from the connection where
-    :func:`~pollama.registry.netstream.raw_body` allows it, else through httpx."""
-    raw = raw_body(response)
-    if raw is not None:
-        return raw.read
-    chunks = response.aiter_raw()
+class _Source(Protocol):
+    """A response body, received into the caller's buffers."""
 
-    async def read() -> list[bytes]:
-        try:
-            return [await anext(chunks)]
-        except StopAsyncIteration:
-            return []
+    async def fill(self, buffer: memoryview, enough: int, idle_timeout: float | None) -> int: ...
 
-    return read
+    def lower(self, enough: int) -> None: ...
+
+
+class _ChunkSource:
+    """A body read through httpx (where :func:`~pollama.registry.netstream.raw_body` does
+    not allow reading it directly): its chunks copied into the caller's buffers, with
+    :class:`~pollama.registry.netstream.RawBody`'s :meth:`fill` contract."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._chunks = response.aiter_raw()
+        self._rest = memoryview(b"")
+        self._error: BaseException | None = None
+
+    def lower(self, enough: int) -> None:
+        """Nothing to do: a fill here returns as soon as what it holds is enough."""
+
+    async def fill(self, buffer: memoryview, enough: int, idle_timeout: float | None) -> int:
+        """Up to ``enough`` bytes; an error (a stall too) after some bytes is raised by the
+        next call, so the bytes that arrived are kept."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        filled, enough = 0, min(max(1, enough), len(buffer))
+        while filled < enough:
+            if not self._rest:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        self._rest = memoryview(await anext(self._chunks))
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    if not filled:
+                        raise
+                    self._error = exc
+                    break
+            count = min(len(self._rest), len(buffer) - filled)
+            buffer[filled : filled + count] = self._rest[:count]
+            self._rest = self._rest[count:]
+            filled += count
+        return filled
+
+
+def _source(response: httpx.Response) -> _Source:
+    """The body straight from the connection where that is safe, else through httpx."""
+    return raw_body(response) or _ChunkSource(response)
 
 
 class BlobDownload:
@@ -266,6 +300,10 @@ class BlobDownload:
         self.blobs.active.update(paths)
         if os.fstat(fd).st_size != self.total:
             os.ftruncate(fd, self.total)
+        try:
+            await asyncio.to_thread(preallocate, fd, self.total)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
         if parts:
             log.info("downloading %s in %d part(s)", self.digest[7:19], len(parts))
 
@@ -369,17 +407,15 @@ class BlobDownload:
         return frontier
 
     async def _hash_in_order(self) -> str:
-        """Follow the completed prefix with the hash: a write that continues it was hashed
-        from memory already; what the other parts wrote is read back when the prefix
-        reaches it."""
+        """Feed the hash the completed prefix as it grows: a write that continues it gave
+        the hash its bytes already; what the other parts wrote is read back by the hash
+        thread once the prefix reaches it (:meth:`PartialFile.claim`)."""
         file = self._data
         while True:
             self._progressed.clear()
-            frontier = self._frontier()
-            if frontier > file.hashed:
-                await file.run(file.hash_to, frontier)
-                continue
-            if file.hashed >= self.total:
+            file.claim(self._frontier())
+            if file.claimed >= self.total:
+                await file.run(file.wait_hashed, self.total)
                 return file.digest()
             await self._progressed.wait()
 
@@ -429,72 +465,70 @@ class BlobDownload:
                 await asyncio.sleep(delay)
 
     async def _fetch_part(self, part: Part) -> None:
-        """One attempt at the rest of a part. What arrives is written in order in batches,
-        one batch in flight while the next is read, so batches grow with the link's speed
-        (from :data:`_MIN_FLUSH` to :data:`_MAX_FLUSH`); whatever arrived before an error is
-        kept."""
+        """One attempt at the rest of a part. What arrives is received into buffers of
+        :data:`~pollama.registry.partial.BUFFER_SIZE` bytes that are written in order, one
+        in flight while the next fills; a buffer is handed over once it holds
+        :data:`_MIN_FLUSH` bytes and the write before it has landed (or once it is full), so
+        batches grow with the link's speed. Whatever arrived before an error is kept."""
         response = await self._request_part(part)
-        batch: list[bytes] = []
-        size = 0
+        buffer = take_buffer()
+        filled = 0
         writing: asyncio.Task[None] | None = None
         try:
-            skip = self._check_part_response(response, part)
-            async with contextlib.aclosing(self._body(response, skip, part)) as body:
-                async for pieces in body:
-                    batch += pieces
-                    size += sum(len(p) for p in pieces)
-                    idle = writing is None or writing.done()
-                    if size >= _MAX_FLUSH or (size >= _MIN_FLUSH and idle):
-                        writing = await self._write_next(part, batch, writing)
-                        batch, size = [], 0
-            if batch:  # the body's last bytes
-                writing = await self._write_next(part, batch, writing)
-                batch, size = [], 0
+            source = _source(response)
+            await self._skip(source, buffer, self._check_part_response(response, part))
+            left = part.end - part.start
+            while left > 0:
+                got = await self._receive(source, buffer[filled : filled + left], filled, writing)
+                if not got:
+                    break
+                filled, left = filled + got, left - got
+                idle = writing is None or writing.done()
+                if filled == len(buffer) or not left or (filled >= _MIN_FLUSH and idle):
+                    writing = await self._write_next(part, buffer, filled, writing)
+                    buffer, filled = take_buffer(), 0
         finally:
             failed = False
             if writing is not None:  # let the write in flight land before anything else
                 await asyncio.gather(writing, return_exceptions=True)
                 failed = writing.cancelled() or writing.exception() is not None
-            if batch and not failed:  # bytes that arrived are good: keep them for the retry
+            if filled and not failed:  # bytes that arrived are good: keep them for the retry
                 try:
-                    self._write(part, batch)
+                    self._write(part, buffer, filled)
                 except Exception as exc:  # noqa: BLE001 - the original error matters more
-                    log.warning("could not keep %d bytes of %s: %s", size, self.digest, exc)
+                    log.warning("could not keep %d bytes of %s: %s", filled, self.digest, exc)
+            elif not filled:
+                recycle_buffer(buffer)
             await response.aclose()
         if writing is not None and not writing.cancelled() and writing.exception() is not None:
             raise writing.exception()  # type: ignore[misc]
         if not part.done:
             raise ShortRead(f"connection closed at {part.start} of part {part.n}")
 
-    async def _body(
-        self, response: httpx.Response, skip: int, part: Part
-    ) -> AsyncIterator[list[bytes]]:
-        """The body's bytes that belong to the part from ``part.start`` on, in the pieces
-        they arrived in: the first ``skip`` dropped, nothing past the part's end.
-        :class:`PartStalled` when nothing arrives for the stall timeout."""
+    async def _receive(
+        self, source: _Source, free: memoryview, filled: int, writing: asyncio.Task[None] | None
+    ) -> int:
+        """Fill ``free`` (the rest of a buffer holding ``filled`` bytes): up to
+        :data:`_MIN_FLUSH` in all while no write runs, else until it is full or the write
+        lands. :class:`PartStalled` when nothing arrives for the stall timeout."""
+        early = _MIN_FLUSH - filled
+        enough = early
+        if writing is not None and not writing.done():
+            writing.add_done_callback(lambda _task: source.lower(early))
+            enough = len(free)
         stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
-        want = part.end - part.start
-        read = _reader(response)
-        while want > 0:
-            try:
-                async with asyncio.timeout(stall):
-                    pieces = await read()
-            except TimeoutError:
-                raise PartStalled() from None
-            if not pieces:
-                return
-            kept: list[bytes] = []
-            for piece in pieces:
-                if skip:
-                    dropped = min(skip, len(piece))
-                    piece, skip = piece[dropped:], skip - dropped
-                if len(piece) > want:
-                    piece = piece[:want]
-                if piece:
-                    kept.append(piece)
-                    want -= len(piece)
-            if kept:
-                yield kept
+        try:
+            return await source.fill(free, enough, stall)
+        except TimeoutError:
+            raise PartStalled() from None
+
+    async def _skip(self, source: _Source, buffer: memoryview, skip: int) -> None:
+        """Drop the body's first ``skip`` bytes (a server that ignored the ``Range``)."""
+        while skip > 0:
+            got = await self._receive(source, buffer[:skip], 0, None)
+            if not got:
+                raise ShortRead("connection closed before the part's range")
+            skip -= got
 
     def _check_part_response(self, response: httpx.Response, part: Part) -> int:
         """Bytes to skip at the start of the body (a server that ignored the Range). The
@@ -523,24 +557,27 @@ class BlobDownload:
             )
 
     async def _write_next(
-        self, part: Part, batch: list[bytes], writing: asyncio.Task[None] | None
+        self, part: Part, buffer: memoryview, size: int, writing: asyncio.Task[None] | None
     ) -> asyncio.Task[None]:
-        """Start writing a batch once the write before it has landed (or raise its error)."""
+        """Start writing a buffer's first ``size`` bytes once the write before it has landed
+        (or raise its error); the buffer belongs to the file from then on."""
         if writing is not None:
             await writing
-        return asyncio.create_task(self._flush(part, batch))
+        return asyncio.create_task(self._flush(part, buffer, size))
 
-    async def _flush(self, part: Part, batch: list[bytes]) -> None:
+    async def _flush(self, part: Part, buffer: memoryview, size: int) -> None:
+        file = self._data
         try:
-            size = await self._data.run(self._data.write, batch, part.start)
+            await file.run(file.write, [buffer[:size]], part.start, buffer)
         except OSError as exc:
             raise self._disk_error(exc) from exc
         self._advance(part, size)
 
-    def _write(self, part: Part, batch: list[bytes]) -> None:
+    def _write(self, part: Part, buffer: memoryview, size: int) -> None:
         """:meth:`_flush` in this thread (a part's last bytes, after an error)."""
+        file = self._data
         try:
-            size = self._data.call(self._data.write, batch, part.start)
+            file.call(file.write, [buffer[:size]], part.start, buffer)
         except OSError as exc:
             raise self._disk_error(exc) from exc
         self._advance(part, size)

@@ -4,11 +4,12 @@ httpcore's default stream (anyio over asyncio) gives the HTTP parser at most 64 
 and pauses and resumes the transport around each one, and h11 and httpcore then copy every
 byte of a body four times, so the Python work per byte, not the network or the disk, held a blob
 download to a fifth of disk speed (``bench/pull_bench.py``). Here the transport reads on its
-own (256 KiB per ``recv``) into a queue; a read returns everything queued, up to
+own (up to 256 KiB per ``recv``) into a queue; a read returns everything queued, up to
 :data:`READ_SIZE`, so the work per byte falls as the transfer gets faster; and a large body
-can be taken from the queue as it arrived, past the parser (:func:`raw_body`). TLS is
-asyncio's (``loop.start_tls``: the context's certificate and host name checks, and runs of
-decrypted records in one piece).
+is received past the parser straight into the downloader's buffers (:func:`raw_body`,
+:meth:`RawBody.fill`: ``recv_into``, no bytes object per read, no copy). TLS is asyncio's
+(``loop.start_tls``: the context's certificate and host name checks; records are decrypted
+into the same buffers).
 
 What must stay true:
 
@@ -23,7 +24,11 @@ What must stay true:
   anything else (a proxy's connection, HTTP/2, chunked or encoded bodies) is read through
   httpx as before. A connection whose body was read directly is closed, never reused.
 * **Bounded memory.** The transport stops reading while more than :data:`HIGH_WATER` bytes
-  wait in the queue, and writes wait while the transport's send buffer is full.
+  wait in the queue, or while a body's buffer is full, and writes wait while the transport's
+  send buffer is full.
+* **A buffer is lent for one read at a time.** :meth:`_Pipe.get_buffer` lends a filling
+  body's free space only between a :meth:`RawBody.fill`'s start and its return; at any other
+  time a read lands in the scratch buffer and is queued (and the next fill copies it out).
 * A read may return more than httpcore's ``max_bytes`` (h11 takes any amount), never more
   than :data:`READ_SIZE` but for one piece the transport received whole; ``b""`` only at the
   end of the stream.
@@ -48,6 +53,8 @@ READ_SIZE = 1 << 20
 """The most one read returns."""
 HIGH_WATER = 4 << 20
 """Queued bytes at which the transport stops reading until the queue drains."""
+_SCRATCH = 256 << 10
+"""The buffer a read goes into when no body is filling (its bytes are then queued)."""
 _MAX_HEAD = 64 << 10
 """Longer than any response head h11 accepts."""
 _ADDRESSES = {"client_addr": "sockname", "server_addr": "peername"}
@@ -63,8 +70,12 @@ def _mapped(timeout_error: type[Exception], error: type[Exception]) -> Iterator[
         raise error(str(exc) or type(exc).__name__) from exc
 
 
-class _Pipe(asyncio.Protocol):
-    """What the transport received, queued for :meth:`_Stream.read`; write flow control."""
+class _Pipe(asyncio.BufferedProtocol):
+    """What the transport received, queued for :meth:`_Stream.read`; write flow control.
+
+    The transport receives into the buffer :meth:`get_buffer` lends it: a :class:`RawBody`'s
+    while one is filling (the body's bytes land where they will be written from, with no
+    copy and no new object per read), else a scratch buffer whose bytes are queued."""
 
     def __init__(self) -> None:
         self.chunks: deque[bytes] = deque()
@@ -73,6 +84,9 @@ class _Pipe(asyncio.Protocol):
         self.error: Exception | None = None
         self.transport: asyncio.Transport | None = None
         self.paused_reading = False
+        self.sink: RawBody | None = None
+        self._lent: RawBody | None = None
+        self._scratch = memoryview(bytearray(_SCRATCH))
         self._readable: asyncio.Event = asyncio.Event()
         self._writable: asyncio.Event = asyncio.Event()
         self._writable.set()
@@ -80,17 +94,44 @@ class _Pipe(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
 
+    def get_buffer(self, _sizehint: int) -> memoryview:
+        sink = self.sink
+        if sink is not None and sink.room:
+            self._lent = sink
+            return sink.free
+        self._lent = None
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._lent is not None:
+            if not self._lent.received(nbytes):  # full: the socket keeps the rest for now
+                self.pause()
+            return
+        self.data_received(bytes(self._scratch[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
         self.queued += len(data)
         self._readable.set()
-        if self.queued > HIGH_WATER and self.transport is not None and not self.paused_reading:
+        if self.queued > HIGH_WATER:
+            self.pause()
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.paused_reading:
             self.transport.pause_reading()
             self.paused_reading = True
+
+    def resume(self) -> None:
+        """Read again, unless the queue is still too full (:meth:`take_pieces` resumes)."""
+        if self.paused_reading and self.queued <= HIGH_WATER // 2 and self.transport is not None:
+            self.paused_reading = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
         self._readable.set()
+        if self.sink is not None:
+            self.sink.wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -98,6 +139,8 @@ class _Pipe(asyncio.Protocol):
         self.error = exc
         self._readable.set()
         self._writable.set()
+        if self.sink is not None:
+            self.sink.wake()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -117,9 +160,7 @@ class _Pipe(asyncio.Protocol):
             pieces.append(piece)
             size += len(piece)
         self.queued -= size
-        if self.paused_reading and self.queued <= HIGH_WATER // 2 and self.transport is not None:
-            self.paused_reading = False
-            self.transport.resume_reading()
+        self.resume()
         return pieces
 
     def take(self, limit: int) -> bytes:
@@ -266,8 +307,8 @@ async def connect(
 
 
 class RawBody:
-    """The rest of a response's body, read straight from the connection's queue: the pieces
-    as the transport received them, with no HTTP parser copying each byte on the way.
+    """The rest of a response's body, received straight into the caller's buffers
+    (:meth:`fill`): no HTTP parser copying each byte, no bytes object per read.
 
     Only for a plain ``Content-Length`` body whose head ended exactly where the connection's
     last read ended (nothing of the body is in the parser's buffer); :func:`raw_body` checks
@@ -278,21 +319,77 @@ class RawBody:
     def __init__(self, stream: _Stream, length: int) -> None:
         self._pipe = stream._pipe
         self._left = length
+        self._view = memoryview(b"")
+        self._filled = 0
+        self._enough = 0
+        self._ready = asyncio.Event()
 
-    async def read(self) -> list[bytes]:
-        """The next pieces (waiting for one), at most the rest of the body; ``[]`` at its
-        end, or when the connection closed early (the caller counts the bytes it got)."""
+    @property
+    def room(self) -> int:
+        """Free bytes in the buffer being filled."""
+        return len(self._view) - self._filled
+
+    @property
+    def free(self) -> memoryview:
+        return self._view[self._filled :]
+
+    def received(self, count: int) -> bool:
+        """The transport put ``count`` bytes into :attr:`free`; False once the buffer is full."""
+        self._filled += count
+        if self._filled >= self._enough:
+            self._ready.set()
+        return self._filled < len(self._view)
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    def lower(self, enough: int) -> None:
+        """Let the :meth:`fill` in progress return once it holds ``enough`` bytes."""
+        self._enough = min(self._enough, max(1, enough))
+        if self._filled >= self._enough:
+            self._ready.set()
+
+    async def fill(self, buffer: memoryview, enough: int, idle_timeout: float | None) -> int:
+        """Receive into ``buffer`` until it holds ``enough`` bytes, is full, or the body
+        ends; return how many it holds. 0 only at the end of the body, or when the
+        connection closed early (the caller counts the bytes it got). ``TimeoutError`` when
+        no byte arrives for ``idle_timeout`` seconds (a slow link that keeps sending is not
+        idle: the wait only ends early when ``enough`` bytes are in)."""
         pipe = self._pipe
-        if self._left <= 0:
-            return []
-        await pipe.wait_readable()
-        if not pipe.chunks:
-            if pipe.error is not None:
-                raise httpx.ReadError(str(pipe.error) or type(pipe.error).__name__)
-            return []
-        pieces = pipe.take_pieces(self._left)
-        self._left -= sum(len(p) for p in pieces)
-        return pieces
+        buffer = buffer[: self._left]
+        filled = 0
+        while pipe.chunks and filled < len(buffer):  # what the queue took before: copied
+            piece = pipe.take(len(buffer) - filled)
+            buffer[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        self._view, self._filled, self._enough = buffer, filled, min(max(1, enough), len(buffer))
+        try:
+            if self._filled < self._enough and not pipe.eof:
+                await self._wait(idle_timeout)
+        finally:
+            filled, self._view, self._filled = self._filled, memoryview(b""), 0
+            pipe.sink = None
+        self._left -= filled
+        if not filled and pipe.error is not None:
+            raise httpx.ReadError(str(pipe.error) or type(pipe.error).__name__)
+        return filled
+
+    async def _wait(self, idle_timeout: float | None) -> None:
+        pipe = self._pipe
+        pipe.sink = self
+        pipe.resume()
+        seen = self._filled
+        while self._filled < self._enough and not pipe.eof:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                if self._filled == seen:
+                    if self._filled:  # return what arrived; the next fill finds the stall
+                        return
+                    raise
+            seen = self._filled
 
 
 def raw_body(response: httpx.Response) -> RawBody | None:
