@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,15 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _up_and_down() -> Iterator[tuple[str, str]]:
+    """Two loopback endpoints: one that takes connections, one where nothing listens."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        yield f"127.0.0.1:{server.getsockname()[1]}", f"127.0.0.1:{_closed_port()}"
 
 
 # -- pollama rpc ------------------------------------------------------------------------------
@@ -171,11 +182,7 @@ def test_endpoints_and_device_names() -> None:
 
 
 def test_unreachable_is_a_tcp_connect() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(4)
-        up = f"127.0.0.1:{server.getsockname()[1]}"
-        down = f"127.0.0.1:{_closed_port()}"
+    with _up_and_down() as (up, down):
         assert unreachable([up, down, "nonsense"], timeout=2.0) == [down, "nonsense"]
 
 
@@ -288,11 +295,7 @@ def test_a_server_down_at_load_time_is_a_clear_error_when_the_model_needs_it(
 
 
 def test_a_crash_detail_names_the_server_that_went_away() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(4)
-        up = f"127.0.0.1:{server.getsockname()[1]}"
-        down = f"127.0.0.1:{_closed_port()}"
+    with _up_and_down() as (up, down):
         abort = "ggml-rpc.cpp:566: Remote RPC server crashed or returned malformed response"
         named = asyncio.run(_name_lost_servers(abort, [up, down]))
         assert named == f"RPC server {down} is unreachable ({abort})"

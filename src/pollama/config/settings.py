@@ -54,6 +54,7 @@ __all__ = [
     "describe_env",
     "env_help",
     "load_settings",
+    "config_path",
     "parse_host",
     "read_config_file",
 ]
@@ -810,12 +811,18 @@ def _file_value_problem(name: str, text: str) -> str | None:
     return f"invalid value {text!r}"
 
 
+def config_path(environ: Mapping[str, str]) -> Path | None:
+    """The configuration file this environment points at (``POLLAMA_CONFIG``, else the
+    user's, else the system's), or None. Raises :class:`ConfigFileError` when
+    ``POLLAMA_CONFIG`` names no file."""
+    return find_config(environ, Path(_go_var(environ.get("HOME", "")) or Path.home()))
+
+
 def read_config_file(environ: Mapping[str, str]) -> ConfigFile:
     """The configuration file this environment points at, read and checked (an empty
     :class:`ConfigFile` when there is none). Raises :class:`ConfigFileError`; logs each of
     the file's warnings."""
-    home = Path(_go_var(environ.get("HOME", "")) or Path.home())
-    path = find_config(environ, home)
+    path = config_path(environ)
     if path is None:
         return ConfigFile()
     checks = {name: partial(_file_value_problem, name) for name in Settings.model_fields}

@@ -403,10 +403,6 @@ class _Emitter:
         return {"id": self.req_id, "type": "chunk", "text": text}
 
 
-def _emitter(writer: Writer, req_id: Any) -> Any:
-    return _Emitter(writer, req_id)
-
-
 def _embedding_reply(writer: Writer, req_id: Any) -> Any:
     def reply(result: EmbeddingResult | BaseException) -> bool:
         if isinstance(result, EmbeddingResult):
@@ -455,7 +451,7 @@ def _handle(
             if engine is None:
                 raise ValueError("this is an embedding model: it does not support generate")
             request = request_from_json(message["request"], media)
-            engine.submit(req_id, request, _emitter(writer, req_id))
+            engine.submit(req_id, request, _Emitter(writer, req_id))
         elif op == "embed":
             _submit_embed(message, embedder, _embedding_reply(writer, req_id))
         elif op == "cancel":

@@ -22,12 +22,16 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine, Mapping
-from pathlib import Path
 
 from fastapi import FastAPI
 
-from pollama.config import ConfigFileError, Settings, load_settings, read_config_file
-from pollama.config.file import find_config
+from pollama.config import (
+    ConfigFileError,
+    Settings,
+    config_path,
+    load_settings,
+    read_config_file,
+)
 from pollama.inference.presets import unmatched_presets
 from pollama.server.security import AccessPolicy
 
@@ -89,8 +93,7 @@ class ConfigReloader:
 
     def _fingerprint(self) -> _Fingerprint:
         try:
-            home = Path(self.environ.get("HOME") or Path.home())
-            path = find_config(self.environ, home)
+            path = config_path(self.environ)
             if path is None:
                 return None
             st = path.stat()
