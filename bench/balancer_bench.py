@@ -7,8 +7,8 @@ conversation with its own ``X-Session-Id`` and sends ``--requests`` streamed
 model). The session ids are picked so that the hash gives each node half of the clients: the
 benchmark measures what two nodes can do, not how evenly 8 ids happen to hash.
 
-The set-ups, all started at once and measured in turn, ``--repeats`` rounds (each set-up's
-best run kept):
+The set-ups, all started at once and measured in turn, ``--repeats`` rounds (the median of
+each set-up's rounds reported):
 
 * ``1 node``: one node, clients straight to it (``OLLAMA_NUM_PARALLEL`` = ``--parallel``);
 * ``1 node + nginx``: the same node behind nginx (what the balancer costs);
@@ -199,9 +199,8 @@ def measure(args: argparse.Namespace, url: str, sessions: list[str]) -> dict[str
 
 
 def measure_all(args: argparse.Namespace, root: Path, parallel: int) -> list[dict[str, Any]]:
-    """``--repeats`` rounds, the set-ups interleaved in each; each set-up's best run."""
-    best: dict[str, dict[str, Any]] = {}
-    runs: dict[str, list[list[float]]] = {name: [] for name in SETUPS}
+    """``--repeats`` rounds, the set-ups interleaved in each; each set-up's medians."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
     with ExitStack() as stack:
         setups = start_setups(stack, root, parallel, args.clients)
         for round_ in range(args.repeats):
@@ -209,10 +208,14 @@ def measure_all(args: argparse.Namespace, root: Path, parallel: int) -> list[dic
                 row = measure(args, *setups[name])
                 row.update(setup=name, parallel=parallel, round=round_)
                 print(json.dumps(row), flush=True)
-                runs[name].append([row["tok_s"], row["foreign_load"]])
-                if name not in best or row["tok_s"] > best[name]["tok_s"]:
-                    best[name] = row
-    return [{**best[name], "runs_tok_s_foreign": runs[name]} for name in SETUPS]
+                runs[name].append(row)
+    keys = ("tok_s", "ttft_median_s", "latency_median_s", "foreign_load")
+    return [
+        {"setup": name, "parallel": parallel,
+         **{key: round(statistics.median(r[key] for r in runs[name]), 3) for key in keys},
+         "runs": runs[name]}
+        for name in SETUPS
+    ]  # fmt: skip
 
 
 def render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
@@ -226,8 +229,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         f"{args.requests} streamed `/api/generate` requests in a row of {args.tokens} tokens "
         f"(SmolLM2-135M Q4_1), {version.replace('nginx version: ', '')} running "
         "`deploy/nginx/pollama.conf`. tok/s = generated tokens / wall time of the whole run; "
-        f"set-ups interleaved, {args.repeats} rounds, best run of each; others' CPU = the "
-        "share of the CPUs other processes used during that run.",
+        f"set-ups interleaved, {args.repeats} rounds, the median of each set-up's rounds; "
+        "others' CPU = the share of the CPUs other processes used during its runs (median).",
         "",
     ]
     for parallel in args.parallel:
@@ -258,7 +261,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, nargs="+", default=[1],
                     help="OLLAMA_NUM_PARALLEL of every node; one table each")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds; each set-up's best")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each set-up's median")
     ap.add_argument("--tries", type=int, default=3, help="per run, on a busy machine")
     ap.add_argument("--max-foreign", type=float, default=0.10)
     ap.add_argument("--patience", type=float, default=60.0)

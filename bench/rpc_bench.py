@@ -12,8 +12,9 @@ device over TCP (three hops and the graph's bookkeeping per token), never extra 
 
 Per measurement one non-streamed ``/api/generate`` with ``temperature`` 0, a prompt of
 about 300 tokens made unique per request (so no prompt cache), ``num_predict`` 64; prompt
-throughput is ``prompt_eval_count / prompt_eval_duration``, decode throughput
-``eval_count / eval_duration`` (the engine's own timings). Every process gets
+throughput is ``prompt_eval_count / prompt_eval_duration`` (the engine's own timing: it
+happens before a client sees anything); decode throughput and time to first token are the
+client's, from a streamed request. Every process gets
 ``--threads`` threads (default 2: this machine's two cores). Medians of ``--repeats``
 (default 3). Writes ``bench/results/<date>-rpc.md``.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import re
 import statistics
@@ -54,15 +56,27 @@ def _prompt(n: int) -> str:
 
 
 def _measure(base: str, model: str, options: dict[str, Any], n: int) -> dict[str, float]:
-    body = {"model": model, "prompt": _prompt(n), "stream": False, "keep_alive": "10m",
+    """One streamed request: the client's time to first token and decode rate (tokens
+    after the first per second of wall time to the last), and the engine's prompt rate
+    (prompt evaluation happens before any byte reaches a client)."""
+    body = {"model": model, "prompt": _prompt(n), "stream": True, "keep_alive": "10m",
             "options": {"temperature": 0, "seed": 1, "num_predict": 64, "num_ctx": 1024,
                         **options}}  # fmt: skip
-    reply = httpx.post(f"{base}/api/generate", json=body, timeout=600)
-    reply.raise_for_status()
-    data = reply.json()
+    sent, first, data = time.perf_counter(), None, None
+    with httpx.stream("POST", f"{base}/api/generate", json=body, timeout=600) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            item = json.loads(line) if line else {}
+            if first is None and item.get("response"):
+                first = time.perf_counter()
+            if item.get("done"):
+                data = item
+    end = time.perf_counter()
+    assert data is not None and first is not None, "the stream ended without tokens"
     return {
         "prompt": data["prompt_eval_count"] / (data["prompt_eval_duration"] / 1e9),
-        "decode": data["eval_count"] / (data["eval_duration"] / 1e9),
+        "ttft": first - sent,
+        "decode": (data["eval_count"] - 1) / (end - first),
         "prompt_tokens": data["prompt_eval_count"],
     }
 
@@ -73,21 +87,37 @@ def _placement(base: str) -> str:
     return ", ".join(f"{device} {float(size) / 2**20:.0f} MiB" for device, size in found)
 
 
+PLACEMENTS = (("local", {"num_gpu": 0}), ("split", {}))
+
+
 def _run(base: str, model: str, threads: int, repeats: int) -> list[dict[str, Any]]:
+    """``repeats`` rounds, local and split interleaved in each: each measured request comes
+    after an unload and a request that loads that placement. Medians per placement."""
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in PLACEMENTS}
+    where: dict[str, str] = {}
+    for i in range(repeats):
+        for label, options in PLACEMENTS:
+            options = {**options, "num_thread": threads}
+            # Unload first: an automatic placement would keep the loaded runner's layers
+            # (Ollama's num_gpu -1 matches any loaded runner), so "split" must load afresh.
+            _unload(base, model)
+            _measure(base, model, options, 0)  # load and warm up
+            where[label] = _placement(base)
+            runs[label].append(_measure(base, model, options, i + 1))
     rows = []
-    for label, options in (("local", {"num_gpu": 0}), ("split", {})):
-        options = {**options, "num_thread": threads}
-        _measure(base, model, options, 0)  # load and warm up
-        where = _placement(base)
-        runs = [_measure(base, model, options, i + 1) for i in range(repeats)]
+    for label, _ in PLACEMENTS:
         rows.append({
-            "model": model, "placement": label, "where": where,
-            "prompt": statistics.median(r["prompt"] for r in runs),
-            "decode": statistics.median(r["decode"] for r in runs),
-            "prompt_tokens": runs[0]["prompt_tokens"],
+            "model": model, "placement": label, "where": where[label],
+            **{key: statistics.median(r[key] for r in runs[label])
+               for key in ("prompt", "ttft", "decode")},
+            "prompt_tokens": runs[label][0]["prompt_tokens"],
         })  # fmt: skip
-        httpx.post(f"{base}/api/generate", json={"model": model, "keep_alive": 0}, timeout=60)
+    _unload(base, model)
     return rows
+
+
+def _unload(base: str, model: str) -> None:
+    httpx.post(f"{base}/api/generate", json={"model": model, "keep_alive": 0}, timeout=60)
 
 
 def _render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -97,11 +127,12 @@ def _render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{cpu_model()}, {os.cpu_count()} CPUs; commit {git_commit()}; `bench/rpc_bench.py "
         f"--repeats {args.repeats} --threads {args.threads}`. Two `pollama rpc` processes on "
         "127.0.0.1 and one `pollama serve` with `OLLAMA_RPC_SERVERS` naming both; local is "
-        "`num_gpu` 0, split the automatic plan (this CPU and the two servers). Medians; "
-        "tokens per second from the engine's own timings.",
+        "`num_gpu` 0, split the automatic plan (this CPU and the two servers), interleaved in "
+        "each round. Medians of the rounds. Decode tok/s and time to first token are the "
+        "client's (streamed, wall clock); prompt tok/s is the engine's own timing.",
         "",
-        "| model | placement | prompt tok/s | decode tok/s | decode vs local | where |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | placement | prompt tok/s | TTFT (s) | decode tok/s | decode vs local | where |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     local: dict[str, float] = {}
     for row in rows:
@@ -110,7 +141,7 @@ def _render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ratio = row["decode"] / local[row["model"]] if row["model"] in local else 1.0
         lines.append(
             f"| {row['model']} | {row['placement']} | {row['prompt']:.1f} | "
-            f"{row['decode']:.1f} | {ratio:.2f}x | {row['where']} |"
+            f"{row['ttft']:.2f} | {row['decode']:.1f} | {ratio:.2f}x | {row['where']} |"
         )
     lines += ["", "The cost of the hop per generated token: "]
     for model, decode in local.items():
