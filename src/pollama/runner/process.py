@@ -31,10 +31,9 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +59,9 @@ from pollama.runner.protocol import (
     request_to_json,
 )
 from pollama.runner.rpc import unreachable
+from pollama.runner.spare import SpareWorkers, spawn_worker
 
-__all__ = ["SubprocessRunner", "subprocess_factory"]
+__all__ = ["SubprocessRunner", "WorkerFactory", "subprocess_factory"]
 
 _default_log = logging.getLogger("pollama.runner.worker")
 _ERROR_LINE = re.compile(
@@ -95,6 +95,8 @@ class SubprocessRunner:
     long :meth:`close` lets the worker exit on its own before killing it (a worker saves
     its prompt cache in that time: ``runner/kvstate.py``, ``SAVE_SECONDS``). ``kv_cache``
     is the prompt cache's directory and bound in bytes, for the real worker (None: off).
+    ``spares`` hands :meth:`start` a worker already started (``runner/spare.py``) when one
+    of this command and environment waits; closing a runner starts the next one.
     """
 
     def __init__(
@@ -109,12 +111,11 @@ class SubprocessRunner:
         log: logging.Logger = _default_log,
         output_lines: int = 50,
         kv_cache: tuple[str, int] | None = None,
+        spares: SpareWorkers | None = None,
     ) -> None:
         self.spec = spec
-        default = [python, "-m", "pollama.runner.worker"]
-        self._argv = list(command) if command is not None else default
-        if kv_cache is not None and kv_cache[1] > 0:  # the prompt cache (runner/kvstate.py)
-            self._argv += ["--kv-cache", kv_cache[0], "--kv-cache-max-bytes", str(kv_cache[1])]
+        self._spares = spares
+        self._argv = worker_argv(command, kv_cache, python)
         self._load_timeout = load_timeout
         self._close_timeout = close_timeout
         self._env = dict(env) if env is not None else None
@@ -164,32 +165,21 @@ class SubprocessRunner:
             raise RuntimeError("runner already started")
         loop = asyncio.get_running_loop()
         self._gone = loop.create_future()
-        parent, child = socket.socketpair()
-        try:
-            argv = [
-                *self._argv,
-                "--fd",
-                str(child.fileno()),
-                "--spec",
-                json.dumps(self.spec.to_json(), separators=(",", ":")),
-            ]
+        spec_json = json.dumps(self.spec.to_json(), separators=(",", ":"))
+        env = self._worker_env()
+        spare = None if self._spares is None else await self._spares.take(self._argv, env)
+        if spare is not None:  # imports done: it waits for the spec (runner/spare.py)
+            self._proc, parent = spare.proc, spare.sock
+        else:
             try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    pass_fds=(child.fileno(),),
-                    env=self._worker_env(),
-                    start_new_session=True,
-                )
+                self._proc, parent = await spawn_worker([*self._argv, "--spec", spec_json], env)
             except OSError as exc:
-                parent.close()
                 raise InternalError(f"failed to start the model runner: {exc}") from exc
-        finally:
-            child.close()
         self._pump = loop.create_task(self._pump_output())
-        self._log.debug("started model runner pid %s for %s", self._proc.pid, self.spec.model_path)
+        self._log.debug(
+            "started model runner pid %s for %s%s",
+            self._proc.pid, self.spec.model_path, " (spare)" if spare is not None else "",
+        )
         try:
             try:
                 self._reader, self._writer = await asyncio.open_unix_connection(
@@ -198,6 +188,8 @@ class SubprocessRunner:
             except BaseException:
                 parent.close()
                 raise
+            if spare is not None:
+                self._writer.write(encode({"type": "load", "spec": json.loads(spec_json)}))
             timeout = None if self._load_timeout == float("inf") else self._load_timeout
             try:
                 message = await asyncio.wait_for(self._read_message(), timeout)
@@ -243,6 +235,8 @@ class SubprocessRunner:
         if self._proc is None:
             return
         if self._close_task is None:
+            if self._spares is not None:  # cores are being freed: the next load's worker
+                self._spares.refill()
             self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
         await asyncio.shield(self._close_task)
 
@@ -569,18 +563,53 @@ def _embed_groups(inputs: list[str]) -> list[list[str]]:
     return groups
 
 
-def subprocess_factory(
-    settings: Settings, **options: Any
-) -> Callable[[LoadSpec], SubprocessRunner]:
+def worker_argv(
+    command: Sequence[str] | None,
+    kv_cache: tuple[str, int] | None,
+    python: str = sys.executable,
+) -> list[str]:
+    """A worker's command line before ``--fd`` and ``--spec``: ``command`` (a test's
+    stand-in) or the real worker, with the prompt cache's directory and bound."""
+    argv = list(command) if command is not None else [python, "-m", "pollama.runner.worker"]
+    if kv_cache is not None and kv_cache[1] > 0:  # the prompt cache (runner/kvstate.py)
+        argv += ["--kv-cache", kv_cache[0], "--kv-cache-max-bytes", str(kv_cache[1])]
+    return argv
+
+
+def subprocess_factory(settings: Settings, **options: Any) -> WorkerFactory:
     """The production ``runner_factory`` for the scheduler: one worker per load, with
-    ``OLLAMA_LOAD_TIMEOUT`` and the prompt cache across unloads
-    (``POLLAMA_KV_CACHE_MAX_BYTES``); ``options`` go to :class:`SubprocessRunner`
-    (``command``, ``env``, ``close_timeout``...). A ``command`` that replaces the worker (a
-    test's stand-in) takes only the protocol's own arguments: no prompt cache."""
+    ``OLLAMA_LOAD_TIMEOUT``, the prompt cache across unloads (``POLLAMA_KV_CACHE_MAX_BYTES``)
+    and a spare worker (``POLLAMA_SPARE_WORKER``); ``options`` go to
+    :class:`SubprocessRunner` (``command``, ``env``, ``close_timeout``...). A ``command``
+    that replaces the worker (a test's stand-in) takes only the protocol's own arguments:
+    no prompt cache, no spare."""
+    spares = None
     if "command" not in options:
         options.setdefault("kv_cache", (str(settings.kv_cache_path), settings.kv_cache_max_bytes))
+        if settings.spare_worker:
+            argv = worker_argv(options.get("command"), options.get("kv_cache"))
+            spares = SpareWorkers(argv, options.get("env"))
+    return WorkerFactory(settings, spares, options)
 
-    def make(spec: LoadSpec) -> SubprocessRunner:
-        return SubprocessRunner(spec, load_timeout=settings.load_timeout, **options)
 
-    return make
+class WorkerFactory:
+    """Makes a :class:`SubprocessRunner` for a spec; holds the spare worker, which the app
+    starts with :meth:`start` and ends with :meth:`aclose` (before its runners close)."""
+
+    def __init__(
+        self, settings: Settings, spares: SpareWorkers | None, options: dict[str, Any]
+    ) -> None:
+        self._settings, self.spares, self._options = settings, spares, options
+
+    def __call__(self, spec: LoadSpec) -> SubprocessRunner:
+        return SubprocessRunner(
+            spec, load_timeout=self._settings.load_timeout, spares=self.spares, **self._options
+        )
+
+    def start(self) -> None:
+        if self.spares is not None:
+            self.spares.refill()
+
+    async def aclose(self) -> None:
+        if self.spares is not None:
+            await self.spares.close()

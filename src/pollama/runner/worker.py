@@ -553,23 +553,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The worker process: load the model the spec names, say ``ready``, then serve
     operations (``_read_loop``, on a thread) while this thread runs the engine's loop, or
     the embedder's for an embedding model. 1 when the model never became ready."""
-    parser = argparse.ArgumentParser(prog="pollama.runner.worker")
-    parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
-    parser.add_argument("--spec", required=True, help="the LoadSpec as JSON")
-    parser.add_argument("--kv-cache", default="", help="the prompt cache's directory")
-    parser.add_argument(
-        "--kv-cache-max-bytes", type=int, default=0, help="its bound in bytes (0: off)"
-    )
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     writer = Writer(sock)
+    # Held by this frame for the life of the process: llama.cpp calls back into it.
+    log = _open_log()
+    if args.spec is not None:
+        spec_text: str | bytes = args.spec
+    else:
+        line = _receive_load(sock)
+        if line is None:  # the server let its spare go
+            return 0
+        spec_text = line
     try:
-        spec = LoadSpec.from_json(json.loads(args.spec))
+        spec = _parse_spec(spec_text, spare=args.spec is None)
     except (TypeError, ValueError) as exc:
         writer.send({"type": "fatal", "message": f"invalid load spec: {exc}"})
         return 1
-    # Held by this frame for the life of the process: llama.cpp calls back into it.
-    log = _open_log()
     loaded = _load(spec, log, writer)
     if loaded is None:
         return 1
@@ -604,6 +604,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if embedder.join(timeout=2.0) and not reader.is_alive():
         loaded.close()
     return 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pollama.runner.worker")
+    parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
+    parser.add_argument(
+        "--spec", help="the LoadSpec as JSON (without it: a spare, runner/spare.py, that "
+        "imports llama.cpp, then waits for a load message with the spec)"
+    )
+    parser.add_argument("--kv-cache", default="", help="the prompt cache's directory")
+    parser.add_argument(
+        "--kv-cache-max-bytes", type=int, default=0, help="its bound in bytes (0: off)"
+    )
+    return parser.parse_args(argv)
+
+
+def _receive_load(sock: socket.socket) -> bytes | None:
+    """A spare's first line, the ``load`` message; None at EOF (or a line past
+    :data:`MAX_LINE`). Reads exactly up to its newline (peeking first), so that whatever
+    follows stays on the socket for the read loop."""
+    line = bytearray()
+    while len(line) <= MAX_LINE:
+        ahead = sock.recv(1 << 16, socket.MSG_PEEK)
+        if not ahead:
+            return None
+        end = ahead.find(b"\n")
+        part = sock.recv(len(ahead) if end < 0 else end + 1)
+        line += part
+        if part.endswith(b"\n"):
+            return bytes(line)
+    return None
+
+
+def _parse_spec(text: str | bytes, *, spare: bool) -> LoadSpec:
+    """The spec from ``--spec``, or from a spare's ``{"type": "load", "spec": ...}``."""
+    value = json.loads(text)
+    if spare:
+        if not isinstance(value, dict) or value.get("type") != "load":
+            raise ValueError("a spare worker's first message must be a load message")
+        value = value.get("spec")
+    return LoadSpec.from_json(value)
 
 
 def _open_log() -> LogSink:

@@ -78,8 +78,8 @@ def _lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The app's start and end: the store made ready and pruned, the configuration
     reloader (when the app has an environment to reload from), the watch for RPC servers
-    that come back (``server/rpc_watch.py``); at the end, the runners
-    stopped and the thread pools and databases closed."""
+    that come back (``server/rpc_watch.py``), the spare worker; at the end, the spare and
+    the runners stopped and the thread pools and databases closed."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,12 +92,17 @@ def _lifespan(
         if reloader is not None:
             reloader.start()
         rpc_watch = asyncio.create_task(watch_rpc_servers(app), name="pollama-rpc-watch")
+        workers = state.worker_factory
+        if workers is not None:
+            workers.start()  # the spare worker (runner/spare.py)
         try:
             yield
         finally:
             rpc_watch.cancel()
             if reloader is not None:
                 reloader.stop()
+            if workers is not None:  # first: closing runners would start another spare
+                await workers.aclose()
             await state.scheduler.shutdown()
             state.inference.close()
             state.responses.close()
@@ -123,9 +128,10 @@ def create_app(
     inventory = inventory or DeviceInventory(error="no device inventory was taken")
     store = Store(settings.models, noprune=settings.noprune)
     metrics = PrometheusMetrics()
+    worker_factory = subprocess_factory(settings) if runner_factory is None else None
     scheduler = Scheduler(
         settings,
-        runner_factory or subprocess_factory(settings),
+        runner_factory or worker_factory,
         telemetry=metrics,
         inventory=inventory,
     )
@@ -145,6 +151,7 @@ def create_app(
     app.state.devices = list(inventory.devices)
     app.state.store = store
     app.state.scheduler = scheduler
+    app.state.worker_factory = worker_factory
     app.state.inference = inference
     app.state.responses = responses
     app.state.embeddings = EmbeddingService(inference)

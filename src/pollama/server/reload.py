@@ -43,7 +43,7 @@ RESTART_ONLY = frozenset({
     "host", "models", "user_home", "config", "header_timeout", "max_connections",
     "max_connections_per_client", "access_log", "log_prompts", "noprune", "kv_cache_max_bytes",
     "load_timeout", "responses_max", "responses_max_age", "responses_max_bytes", "llm_library",
-    "vulkan", "serve_registry", "server_api_key",
+    "vulkan", "serve_registry", "server_api_key", "spare_worker",
 })  # fmt: skip
 """Settings read once, when the server starts: a reload logs that they changed."""
 
