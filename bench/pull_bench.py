@@ -66,7 +66,9 @@ COPY = "copy + fsync"
 CEILING = "registry to /dev/null (curl)"
 
 
-def model_file(size_mb: int, tmp: Path) -> tuple[Path, str]:
+def model_file(size_mb: int, tmp: Path, blob: Path | None = None) -> tuple[Path, str]:
+    if blob is not None:
+        return blob, blob.name
     try:
         from pollama.default_model import default_gguf_path
 
@@ -219,6 +221,7 @@ def report(runs: dict[str, list[float]], loads: list[float], size: int, what: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="MB of random data if no model")
+    parser.add_argument("--blob", type=Path, help="pull this file (default: the default model)")
     parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--json", type=Path, help="also write the raw runs here")
     parser.add_argument("--markdown", type=Path, help="also write the table and the raw runs")
@@ -232,7 +235,7 @@ def main() -> None:
     registry = DockerRegistry(home / "registry")
     server: RunningServer | None = None
     try:
-        source, what = model_file(args.size, home)
+        source, what = model_file(args.size, home, args.blob)
         size = source.stat().st_size
         name = publish(home, registry, source)
         hash_once(source)  # warm the page cache for the copy and hash references

@@ -1,0 +1,196 @@
+"""How fast n-gram drafting could make a task on this machine: the ceiling of any drafter.
+
+Speculative decoding from the prompt gains as much as one decode of k rows costs less than k
+decodes of one row, for the rows whose drafted token is kept. Both halves are measured here,
+in-process, with the engine itself (it imports ``llama_cpp`` directly: a benchmark, not the
+product), for one task of ``spec_bench.py``:
+
+* the **step costs**: ``llama_decode`` of 1..17 rows at the end of the task's prompt (flash
+  attention on, one sequence, every row with logits), the median of ``--repeats`` tries;
+* the **answer**: the model's greedy answer, one row at a time, as its tokens.
+
+It then replays the answer through the n-gram lookup pollama uses (``runner/ngram.py``
+``NgramIndex``) and prices each step with the measured costs:
+
+* **oracle**: the fewest decode seconds any choice of draft lengths gives, knowing the
+  answer (a dynamic program over the answer's positions: the lookup's draft at a position
+  depends only on the tokens before it): no drafting policy can do better with these
+  drafts;
+* **pollama's policy**: ``Acceptance`` and ``best_length``, as the worker runs them, with the
+  measured costs in place of its own running measurements;
+* **always**: a full draft at every match (llama-server's ``--spec-type ngram-simple`` drafts
+  up to 48 tokens: ``--draft-max 48`` replays that).
+
+The speedups are against one row per token, the same answer: the ratio ``spec_bench.py``
+measures end to end, minus everything that is not a decode. Prints a Markdown table.
+
+    .venv/bin/python bench/spec_ceiling.py --task rewrite
+    .venv/bin/python bench/spec_ceiling.py --task edit --model qwen2.5-coder-1.5b…gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as lc
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from spec_bench import TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from pollama.runner.ngram import Acceptance, NgramIndex, StepCosts  # noqa: E402
+
+DRAFT_MAX = 16  # draft_num_predict's default (--draft-max changes it)
+
+
+def load(path: Path, threads: int) -> tuple[Any, Any, lc.Llama]:
+    """The engine's model and a context (for timing), and the high-level wrapper (for the
+    chat template and greedy generation)."""
+    llm = lc.Llama(str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                   flash_attn=True, verbose=False)
+    return llm._model.model, llm._ctx.ctx, llm
+
+
+def prompt_tokens(llm: lc.Llama, text: str) -> list[int]:
+    template = llm.metadata["tokenizer.chat_template"]
+    fmt = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+    prompt = fmt(messages=[{"role": "user", "content": text}]).prompt
+    return llm.tokenize(prompt.encode(), add_bos=False, special=True)
+
+
+def greedy_answer(llm: lc.Llama, prompt: list[int], limit: int) -> list[int]:
+    out: list[int] = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if lc.llama_vocab_is_eog(llm._model.vocab, token) or len(out) >= limit:
+            break
+        out.append(token)
+    return out
+
+
+def step_costs(ctx: Any, prompt: list[int], repeats: int) -> dict[int, float]:
+    """Seconds of one ``llama_decode`` by rows, after the prompt (evaluated first)."""
+    mem = lc.llama_get_memory(ctx)
+    lc.llama_memory_clear(mem, True)
+    batch = lc.llama_batch_init(max(len(prompt), DRAFT_MAX + 1), 0, 1)
+
+    def decode(tokens: list[int], pos0: int, logits_all: bool) -> float:
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos0 + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = logits_all or i == len(tokens) - 1
+        batch.n_tokens = len(tokens)
+        started = time.perf_counter()
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return time.perf_counter() - started
+
+    try:
+        decode(prompt, 0, False)
+        costs: dict[int, list[float]] = {}
+        for _ in range(repeats):  # rounds over every row count, so drift hits them alike
+            for rows in range(1, DRAFT_MAX + 2):
+                costs.setdefault(rows, []).append(decode(prompt[:rows], len(prompt), True))
+                lc.llama_memory_seq_rm(mem, 0, len(prompt), -1)
+        return {rows: statistics.median(times) for rows, times in costs.items()}
+    finally:
+        lc.llama_batch_free(batch)
+
+
+def replay(prompt: list[int], answer: list[int], costs: dict[int, float],
+           policy: str) -> tuple[float, int]:
+    """Decode seconds and steps to produce ``answer`` drafting by ``policy``."""
+    measured = StepCosts()
+    for rows, seconds in costs.items():
+        measured.record(rows, seconds)
+    acceptance = Acceptance()
+    index = NgramIndex(prompt + answer[:1])  # the first token comes with the prompt
+    done, seconds, steps = 1, 0.0, 0
+    while done < len(answer):
+        candidate, key = index.draft(DRAFT_MAX)
+        kept = 0
+        while kept < len(candidate) and done + kept < len(answer) and (
+                answer[done + kept] == candidate[kept]):
+            kept += 1
+        if policy == "always":
+            k = len(candidate)
+        elif policy == "pollama":
+            k = acceptance.length(key, len(candidate), 1.0, 1, measured) if candidate else 0
+        else:
+            k = 0
+        kept = min(kept, k)
+        if k:
+            acceptance.record(key, k, kept)
+        seconds += costs[1 + k]
+        steps += 1
+        new = answer[done : done + kept + 1]
+        index.extend(new)
+        done += len(new)
+    return seconds, steps
+
+
+def oracle(prompt: list[int], answer: list[int], costs: dict[int, float]) -> tuple[float, int]:
+    """The fewest decode seconds (and its steps) to produce ``answer`` with the lookup's
+    drafts, choosing each step's draft length knowing what will be kept."""
+    index = NgramIndex(prompt + answer[:1])
+    drafts: list[tuple[int, int]] = [(0, 0)]  # per position: the draft's length, kept
+    for done in range(1, len(answer)):
+        candidate, _key = index.draft(DRAFT_MAX)
+        kept = 0
+        while kept < len(candidate) and done + kept < len(answer) and (
+                answer[done + kept] == candidate[kept]):
+            kept += 1
+        drafts.append((len(candidate), kept))
+        index.extend(answer[done : done + 1])
+    best: list[tuple[float, int]] = [(0.0, 0)] * (len(answer) + 1)
+    for done in range(len(answer) - 1, 0, -1):
+        length, kept = drafts[done]
+        options = []
+        for k in range(length + 1):
+            seconds, steps = best[min(len(answer), done + min(kept, k) + 1)]
+            options.append((costs[1 + k] + seconds, steps + 1))
+        best[done] = min(options)
+    return best[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["rewrite", "edit"], default="rewrite")
+    ap.add_argument("--model", type=Path, help="GGUF (default: Qwen2.5-Coder-0.5B)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--draft-max", type=int, default=DRAFT_MAX, help="the longest draft")
+    args = ap.parse_args()
+    globals()["DRAFT_MAX"] = args.draft_max
+    if args.model is None:
+        from models import qwen_coder_gguf
+
+        args.model = qwen_coder_gguf()
+    _model, ctx, llm = load(args.model, args.threads)
+    text, limit, _sampling = TASKS[args.task]
+    prompt = prompt_tokens(llm, text)
+    answer = greedy_answer(llm, prompt, limit)
+    costs = step_costs(ctx, prompt, args.repeats)
+    base, _ = replay(prompt, answer, costs, "none")
+    print(f"{args.task} on {args.model.name}, {args.threads} threads: prompt {len(prompt)} "
+          f"tokens, answer {len(answer)} tokens\n")
+    print("rows | " + " | ".join(str(r) for r in costs))
+    print("ms | " + " | ".join(f"{costs[r] * 1e3:.1f}" for r in costs) + "\n")
+    print("| drafting | steps | decode s | speedup |\n|---|--:|--:|--:|")
+    for policy, label in (("none", "none"), ("always", f"always {DRAFT_MAX}"),
+                          ("pollama", "pollama's policy"), ("oracle", "oracle (ceiling)")):
+        seconds, steps = (oracle(prompt, answer, costs) if policy == "oracle"
+                          else replay(prompt, answer, costs, policy))
+        print(f"| {label} | {steps} | {seconds:.2f} | {base / seconds:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
