@@ -254,7 +254,9 @@ def test_streaming_passes_through_token_by_token(cluster: Cluster, http: httpx.C
     # arrive over the generation's own duration.
     tokens_span = arrivals[-2] - arrivals[0]
     generation = last["eval_duration"] / 1e9
-    assert len(arrivals) >= 16
+    # the worker sends a stream's text at most every 25 ms (runner/worker.py FRAME_INTERVAL):
+    # on a fast machine a line carries a few tokens, so fewer lines than tokens
+    assert len(arrivals) >= 8
     assert tokens_span >= 0.5 * generation * (len(arrivals) - 2) / last["eval_count"], (
         tokens_span, generation,
     )

@@ -112,7 +112,7 @@ def test_a_spare_that_died_is_not_used(tmp_path: Path) -> None:
 def test_a_spare_is_only_for_its_own_command_and_environment(tmp_path: Path) -> None:
     async def body() -> None:
         spares = SpareWorkers(WORKER, {"A": "1"})
-        spares.refill()
+        spares.start()
         assert await spares.take(WORKER, None) is None
         assert await spares.take(WORKER, {"A": "2"}) is None
         assert await spares.take([*WORKER, "--kv-cache", "x"], {"A": "1"}) is None
@@ -122,6 +122,21 @@ def test_a_spare_is_only_for_its_own_command_and_environment(tmp_path: Path) -> 
         spare.sock.close()  # given up: it sees EOF and exits on its own, with 0
         assert await asyncio.wait_for(spare.proc.wait(), 60) == 0
         await spares.close()
+
+    run(body)
+
+
+def test_a_factory_nobody_started_leaves_no_process(tmp_path: Path) -> None:
+    """Only the app's lifespan starts spares (and closes them): a factory used on its own,
+    as a scheduler in a test uses it, never starts one, not even when a runner closes."""
+    async def body() -> None:
+        workers = factory(tmp_path)
+        runner = workers(spec())
+        await runner.start()
+        await runner.close()
+        await asyncio.sleep(0.3)
+        assert workers.spares is not None
+        assert workers.spares._spare is None and workers.spares._starting is None
 
     run(body)
 

@@ -608,7 +608,7 @@ class WorkerFactory:
 
     def start(self) -> None:
         if self.spares is not None:
-            self.spares.refill()
+            self.spares.start()
 
     async def aclose(self) -> None:
         if self.spares is not None:

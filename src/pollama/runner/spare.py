@@ -15,6 +15,8 @@ What must stay true:
 * at most one spare exists. It is started when the server starts and when a runner closes,
   when cores are being freed, never right after a take, so that its imports do not compete
   with the load that took the last one or with that model's first prompt;
+* only an owner that will close them starts spares (:meth:`SpareWorkers.start`, the app's
+  lifespan): a factory used on its own never leaves a process behind;
 * a spare that exited is never handed out (it is reaped), and a spare whose server went
   away sees EOF and exits; :meth:`SpareWorkers.close` kills the one left, and no spare
   starts after it.
@@ -78,11 +80,20 @@ class SpareWorkers:
         self.env = None if env is None else dict(env)
         self._spare: Spare | None = None
         self._starting: asyncio.Task[None] | None = None
+        self._started = False
         self._closed = False
 
+    def start(self) -> None:
+        """Keep a spare from now on, until :meth:`close`. Only an owner that will close it
+        starts it (the app's lifespan): a factory used on its own (a test's scheduler)
+        never leaves a process behind."""
+        self._started = True
+        self.refill()
+
     def refill(self) -> None:
-        """Start a spare in the background unless one is there or on its way."""
-        if self._closed or self._spare is not None:
+        """Start a spare in the background unless one is there or on its way (or spares
+        were never started, or are closed)."""
+        if not self._started or self._closed or self._spare is not None:
             return
         if self._starting is not None and not self._starting.done():
             return
@@ -132,8 +143,12 @@ class SpareWorkers:
 
 
 async def _discard(spare: Spare) -> None:
-    """Close the socket (a waiting spare exits on EOF), kill it and reap it."""
+    """Close the socket (a waiting spare exits on EOF), kill it, reap it and read its
+    output pipe to the end (which closes the pipe's transport: nobody else reads it)."""
     spare.sock.close()
     with suppress(ProcessLookupError):
         spare.proc.kill()
     await spare.proc.wait()
+    if spare.proc.stdout is not None:
+        with suppress(Exception):
+            await asyncio.wait_for(spare.proc.stdout.read(), 5)
