@@ -58,33 +58,31 @@ _SYNC_FILE_RANGE_WRITE = 2
 Buffer = bytes | bytearray | memoryview
 
 
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), which Python's ``os`` does not offer; or None."""
+def _libc(name: str, *argtypes: type) -> Callable[[int, int, int, int], int] | None:
+    """A libc function Python's ``os`` does not offer (Linux only), typed to return an
+    ``int``; None elsewhere or when this libc lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range``; or None."""
+    return _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 @functools.cache
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``fallocate`` (Linux), without ``posix_fallocate``'s fallback of writing
-    zeros where the filesystem cannot allocate; or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    """libc's ``fallocate``, without ``posix_fallocate``'s fallback of writing zeros where
+    the filesystem cannot allocate; or None."""
+    return _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def preallocate(fd: int, size: int) -> None:
