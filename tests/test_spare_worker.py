@@ -21,7 +21,7 @@ from conftest import MODEL, default_model_server, stop_server
 from pollama.config import load_settings
 from pollama.default_model import default_gguf_path
 from pollama.runner.base import CompletionRequest, LoadSpec, SamplingOptions
-from pollama.runner.process import WorkerFactory, subprocess_factory
+from pollama.runner.process import SubprocessRunner, WorkerFactory, subprocess_factory
 from pollama.runner.protocol import decode, encode
 from pollama.runner.spare import SpareWorkers
 
@@ -55,10 +55,10 @@ async def spare_pid(workers: WorkerFactory) -> int:
     raise AssertionError("no spare started")
 
 
-async def greedy(runner: object, prompt: str) -> str:
+async def greedy(runner: SubprocessRunner, prompt: str) -> str:
     request = CompletionRequest(prompt=prompt, options=SamplingOptions(temperature=0.0,
                                                                        num_predict=8))
-    return "".join([c.text async for c in runner.completion(request)])  # type: ignore[attr-defined]
+    return "".join([c.text async for c in runner.completion(request)])
 
 
 def test_a_load_takes_the_spare_and_closing_starts_the_next(tmp_path: Path) -> None:

@@ -165,14 +165,15 @@ class SubprocessRunner:
             raise RuntimeError("runner already started")
         loop = asyncio.get_running_loop()
         self._gone = loop.create_future()
-        spec_json = json.dumps(self.spec.to_json(), separators=(",", ":"))
+        spec = self.spec.to_json()
         env = self._worker_env()
         spare = None if self._spares is None else await self._spares.take(self._argv, env)
         if spare is not None:  # imports done: it waits for the spec (runner/spare.py)
             self._proc, parent = spare.proc, spare.sock
         else:
+            argv = [*self._argv, "--spec", json.dumps(spec, separators=(",", ":"))]
             try:
-                self._proc, parent = await spawn_worker([*self._argv, "--spec", spec_json], env)
+                self._proc, parent = await spawn_worker(argv, env)
             except OSError as exc:
                 raise InternalError(f"failed to start the model runner: {exc}") from exc
         self._pump = loop.create_task(self._pump_output())
@@ -189,7 +190,7 @@ class SubprocessRunner:
                 parent.close()
                 raise
             if spare is not None:
-                self._writer.write(encode({"type": "load", "spec": json.loads(spec_json)}))
+                self._writer.write(encode({"type": "load", "spec": spec}))
             timeout = None if self._load_timeout == float("inf") else self._load_timeout
             try:
                 message = await asyncio.wait_for(self._read_message(), timeout)
@@ -586,8 +587,8 @@ def subprocess_factory(settings: Settings, **options: Any) -> WorkerFactory:
     spares = None
     if "command" not in options:
         options.setdefault("kv_cache", (str(settings.kv_cache_path), settings.kv_cache_max_bytes))
-        if settings.spare_worker:
-            argv = worker_argv(options.get("command"), options.get("kv_cache"))
+        if settings.spare_worker:  # the command line every runner of this factory gets
+            argv = worker_argv(None, options["kv_cache"], options.get("python", sys.executable))
             spares = SpareWorkers(argv, options.get("env"))
     return WorkerFactory(settings, spares, options)
 

@@ -52,7 +52,7 @@ async def spawn_worker(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             pass_fds=(child.fileno(),),
-            env=None if env is None else dict(env),
+            env=_copy(env),
             start_new_session=True,
         )
     except BaseException:
@@ -77,7 +77,7 @@ class SpareWorkers:
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.argv = list(argv)
-        self.env = None if env is None else dict(env)
+        self.env = _copy(env)
         self._spare: Spare | None = None
         self._starting: asyncio.Task[None] | None = None
         self._started = False
@@ -116,9 +116,7 @@ class SpareWorkers:
     async def take(self, argv: Sequence[str], env: Mapping[str, str] | None) -> Spare | None:
         """The spare, for a runner of ``argv`` in ``env``, or None: none is there, it was
         started otherwise, or it exited (then it is reaped)."""
-        if self._closed or list(argv) != self.argv or (env is None) != (self.env is None):
-            return None
-        if env is not None and dict(env) != self.env:
+        if self._closed or list(argv) != self.argv or _copy(env) != self.env:
             return None
         if self._starting is not None and not self._starting.done():
             await asyncio.shield(self._starting)  # fork and exec only: the imports come after
@@ -140,6 +138,10 @@ class SpareWorkers:
         spare, self._spare = self._spare, None
         if spare is not None:
             await _discard(spare)
+
+
+def _copy(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    return None if env is None else dict(env)
 
 
 async def _discard(spare: Spare) -> None:
