@@ -1,5 +1,5 @@
 """Speculative decoding from the prompt: pollama with and without drafts (and llama-server
-with and without ``--spec-type ngram-simple`` when it is built), on two tasks.
+with and without ``--spec-type ngram-simple`` when it is built), on these tasks.
 
 * **rewrite**: Qwen2.5-Coder-0.5B-Instruct (``tests/models.py`` caches it) is asked to
   rename one variable in a 17-line function, so most of its answer repeats its prompt;

@@ -50,12 +50,12 @@ from pollama.runner.ngram import Acceptance, NgramIndex, StepCosts  # noqa: E402
 DRAFT_MAX = 16  # draft_num_predict's default (--draft-max changes it)
 
 
-def load(path: Path, threads: int) -> tuple[Any, Any, lc.Llama]:
-    """The engine's model and a context (for timing), and the high-level wrapper (for the
-    chat template and greedy generation)."""
+def load(path: Path, threads: int) -> tuple[Any, lc.Llama]:
+    """A context of the engine's own (for timing), and the high-level wrapper around it
+    (for the chat template and greedy generation)."""
     llm = lc.Llama(str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
                    flash_attn=True, verbose=False)
-    return llm._model.model, llm._ctx.ctx, llm
+    return llm._ctx.ctx, llm
 
 
 def prompt_tokens(llm: lc.Llama, text: str) -> list[int]:
@@ -74,11 +74,12 @@ def greedy_answer(llm: lc.Llama, prompt: list[int], limit: int) -> list[int]:
     return out
 
 
-def step_costs(ctx: Any, prompt: list[int], repeats: int) -> dict[int, float]:
-    """Seconds of one ``llama_decode`` by rows, after the prompt (evaluated first)."""
+def step_costs(ctx: Any, prompt: list[int], repeats: int, max_rows: int) -> dict[int, float]:
+    """Seconds of one ``llama_decode`` by rows (1..``max_rows``), after the prompt
+    (evaluated first)."""
     mem = lc.llama_get_memory(ctx)
     lc.llama_memory_clear(mem, True)
-    batch = lc.llama_batch_init(max(len(prompt), DRAFT_MAX + 1), 0, 1)
+    batch = lc.llama_batch_init(max(len(prompt), max_rows), 0, 1)
 
     def decode(tokens: list[int], pos0: int, logits_all: bool) -> float:
         for i, token in enumerate(tokens):
@@ -95,7 +96,7 @@ def step_costs(ctx: Any, prompt: list[int], repeats: int) -> dict[int, float]:
         decode(prompt, 0, False)
         costs: dict[int, list[float]] = {}
         for _ in range(repeats):  # rounds over every row count, so drift hits them alike
-            for rows in range(1, DRAFT_MAX + 2):
+            for rows in range(1, max_rows + 1):
                 costs.setdefault(rows, []).append(decode(prompt[:rows], len(prompt), True))
                 lc.llama_memory_seq_rm(mem, 0, len(prompt), -1)
         return {rows: statistics.median(times) for rows, times in costs.items()}
@@ -103,57 +104,61 @@ def step_costs(ctx: Any, prompt: list[int], repeats: int) -> dict[int, float]:
         lc.llama_batch_free(batch)
 
 
-def replay(prompt: list[int], answer: list[int], costs: dict[int, float],
-           policy: str) -> tuple[float, int]:
-    """Decode seconds and steps to produce ``answer`` drafting by ``policy``."""
+Lookup = tuple[int, int, int]
+"""At a position of the answer: the draft's length, its key's length, how much of it holds."""
+
+
+def lookups(prompt: list[int], answer: list[int], draft_max: int) -> list[Lookup]:
+    """The lookup's draft at each position of ``answer`` (index 0, which the prompt's
+    evaluation samples, has none): a draft depends only on the tokens before its position,
+    so every policy meets the same ones."""
+    index = NgramIndex(prompt + answer[:1])
+    found: list[Lookup] = [(0, 0, 0)]
+    for done in range(1, len(answer)):
+        candidate, key = index.draft(draft_max)
+        kept = 0
+        while kept < len(candidate) and done + kept < len(answer) and (
+                answer[done + kept] == candidate[kept]):
+            kept += 1
+        found.append((len(candidate), key, kept))
+        index.extend(answer[done : done + 1])
+    return found
+
+
+def replay(drafts: list[Lookup], costs: dict[int, float], policy: str) -> tuple[float, int]:
+    """Decode seconds and steps to produce the answer drafting by ``policy``."""
     measured = StepCosts()
     for rows, seconds in costs.items():
         measured.record(rows, seconds)
     acceptance = Acceptance()
-    index = NgramIndex(prompt + answer[:1])  # the first token comes with the prompt
     done, seconds, steps = 1, 0.0, 0
-    while done < len(answer):
-        candidate, key = index.draft(DRAFT_MAX)
-        kept = 0
-        while kept < len(candidate) and done + kept < len(answer) and (
-                answer[done + kept] == candidate[kept]):
-            kept += 1
+    while done < len(drafts):
+        length, key, kept = drafts[done]
         if policy == "always":
-            k = len(candidate)
+            k = length
         elif policy == "pollama":
-            k = acceptance.length(key, len(candidate), 1.0, 1, measured) if candidate else 0
+            k = acceptance.length(key, length, 1.0, 1, measured) if length else 0
         else:
             k = 0
-        kept = min(kept, k)
         if k:
-            acceptance.record(key, k, kept)
+            acceptance.record(key, k, min(kept, k))
         seconds += costs[1 + k]
         steps += 1
-        new = answer[done : done + kept + 1]
-        index.extend(new)
-        done += len(new)
+        done += min(kept, k) + 1
     return seconds, steps
 
 
-def oracle(prompt: list[int], answer: list[int], costs: dict[int, float]) -> tuple[float, int]:
-    """The fewest decode seconds (and its steps) to produce ``answer`` with the lookup's
-    drafts, choosing each step's draft length knowing what will be kept."""
-    index = NgramIndex(prompt + answer[:1])
-    drafts: list[tuple[int, int]] = [(0, 0)]  # per position: the draft's length, kept
-    for done in range(1, len(answer)):
-        candidate, _key = index.draft(DRAFT_MAX)
-        kept = 0
-        while kept < len(candidate) and done + kept < len(answer) and (
-                answer[done + kept] == candidate[kept]):
-            kept += 1
-        drafts.append((len(candidate), kept))
-        index.extend(answer[done : done + 1])
-    best: list[tuple[float, int]] = [(0.0, 0)] * (len(answer) + 1)
-    for done in range(len(answer) - 1, 0, -1):
-        length, kept = drafts[done]
+def oracle(drafts: list[Lookup], costs: dict[int, float]) -> tuple[float, int]:
+    """The fewest decode seconds (and its steps) to produce the answer with these drafts,
+    choosing each step's draft length knowing what will be kept (a dynamic program from
+    the end of the answer)."""
+    end = len(drafts)
+    best: list[tuple[float, int]] = [(0.0, 0)] * (end + 1)
+    for done in range(end - 1, 0, -1):
+        length, _key, kept = drafts[done]
         options = []
         for k in range(length + 1):
-            seconds, steps = best[min(len(answer), done + min(kept, k) + 1)]
+            seconds, steps = best[min(end, done + min(kept, k) + 1)]
             options.append((costs[1 + k] + seconds, steps + 1))
         best[done] = min(options)
     return best[1]
@@ -168,26 +173,26 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--draft-max", type=int, default=DRAFT_MAX, help="the longest draft")
     args = ap.parse_args()
-    globals()["DRAFT_MAX"] = args.draft_max
     if args.model is None:
         from models import qwen_coder_gguf
 
         args.model = qwen_coder_gguf()
-    _model, ctx, llm = load(args.model, args.threads)
+    ctx, llm = load(args.model, args.threads)
     text, limit, _sampling = TASKS[args.task]
     prompt = prompt_tokens(llm, text)
     answer = greedy_answer(llm, prompt, limit)
-    costs = step_costs(ctx, prompt, args.repeats)
-    base, _ = replay(prompt, answer, costs, "none")
+    costs = step_costs(ctx, prompt, args.repeats, args.draft_max + 1)
+    drafts = lookups(prompt, answer, args.draft_max)
+    base, _ = replay(drafts, costs, "none")
     print(f"{args.task} on {args.model.name}, {args.threads} threads: prompt {len(prompt)} "
           f"tokens, answer {len(answer)} tokens\n")
     print("rows | " + " | ".join(str(r) for r in costs))
     print("ms | " + " | ".join(f"{costs[r] * 1e3:.1f}" for r in costs) + "\n")
     print("| drafting | steps | decode s | speedup |\n|---|--:|--:|--:|")
-    for policy, label in (("none", "none"), ("always", f"always {DRAFT_MAX}"),
+    for policy, label in (("none", "none"), ("always", f"always {args.draft_max}"),
                           ("pollama", "pollama's policy"), ("oracle", "oracle (ceiling)")):
-        seconds, steps = (oracle(prompt, answer, costs) if policy == "oracle"
-                          else replay(prompt, answer, costs, policy))
+        seconds, steps = oracle(drafts, costs) if policy == "oracle" else replay(
+            drafts, costs, policy)
         print(f"| {label} | {steps} | {seconds:.2f} | {base / seconds:.2f} |")
     return 0
 
