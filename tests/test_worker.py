@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,17 +208,21 @@ class _Machine:
         self.threads = 2
         self.speed = {2: 0.010, 1: 0.018}
         self.sets: list[int] = []
+        self.threads_used: list[int] = []  # per step
 
     def set(self, n: int) -> None:
         self.threads = n
         self.sets.append(n)
 
-    def run(self, tuner: ThreadTuner, steps: int, rows: int = 1) -> None:
-        for _ in range(steps):
-            tuner.threads_for_step(rows)
-            seconds = self.speed[self.threads]
+    def run(self, tuner: ThreadTuner, steps: int, rows: int | Sequence[int] = 1) -> None:
+        shapes = [rows] if isinstance(rows, int) else list(rows)
+        for i in range(steps):
+            shape = shapes[i % len(shapes)]
+            tuner.threads_for_step(shape)
+            seconds = self.speed[self.threads] * (1 + (shape - 1) / 3)  # 4 rows cost 2
+            self.threads_used.append(self.threads)
             self.now += seconds
-            tuner.record(rows, seconds)
+            tuner.record(shape, seconds)
 
 
 def test_thread_tuner_drops_threads_under_contention_and_comes_back() -> None:
@@ -245,6 +249,37 @@ def test_thread_tuner_keeps_threads_when_fewer_do_not_help() -> None:
     machine.run(tuner, 300, rows=4)
     assert tuner.current == 2 and machine.sets.count(1) == 2  # the early try, one on slowing
     tuner.interrupt()
+
+
+def test_thread_tuner_is_not_fooled_by_batches_changing_shape() -> None:
+    """Drafts and streams coming and going change the rows from one step to the next. A
+    probe weighs each of its steps against the same shape's time, so a change of shape
+    neither voids it nor starts another: before, every step after the first early try ran
+    on one thread here (396 of 400 in a replay of a drafting request's shapes)."""
+    drafting = [1, 17, 17, 5, 17]
+    machine = _Machine()
+    tuner = ThreadTuner(2, machine.set, clock=lambda: machine.now)
+    machine.run(tuner, 2000, rows=drafting)  # an idle machine
+    assert tuner.current == 2 and machine.threads_used.count(1) <= 40
+    machine.speed = {2: 0.200, 1: 0.030}  # a busy neighbour: two threads collapse
+    machine.threads_used.clear()
+    machine.run(tuner, 200, rows=drafting)
+    assert tuner.current == 1 and machine.threads_used.count(1) >= 180
+    machine.speed = {2: 0.010, 1: 0.018}  # the neighbour is gone
+    machine.run(tuner, 3000, rows=drafting)
+    assert tuner.current == 2 and machine.threads == 2
+
+
+def test_an_interrupted_probe_waits_before_the_next() -> None:
+    """Prompt chunks drop a running probe; prompts arriving at every step must not keep
+    the decode on the probe's thread count."""
+    machine = _Machine()
+    tuner = ThreadTuner(2, machine.set, clock=lambda: machine.now)
+    for _ in range(1000):  # 20 s of steps, a prompt chunk after each decode step
+        machine.run(tuner, 1, rows=4)
+        tuner.interrupt()
+    assert machine.now == pytest.approx(20.0, rel=0.05)
+    assert machine.threads_used.count(1) <= 21 and tuner.current == 2  # one a second at most
 
 
 def test_thread_tuner_finds_a_neighbour_that_was_there_from_the_start() -> None:

@@ -12,9 +12,15 @@ in case the neighbour was there from the start); from fewer threads it tries all
 again now and then. Tries that fail come less and less often; on an idle machine they cost
 about 0.3 % (four slower steps every minute).
 
-What must stay true: only steps that decode one token per active sequence are measured
-(prompt chunks vary too much), and ``set_threads`` is only called between decodes, from the
-loop thread. The thread count never changes results, only speed.
+Steps are weighed by their shape (the rows in the batch): drafts and streams joining or
+leaving change it from one step to the next, so a probe compares each of its steps with the
+current thread count's time for the same shape and judges the median ratio; a probe must
+never be voided by a change of shape, or every step would start a new one and run on the
+probe's thread count.
+
+What must stay true: only decode steps are measured (prompt chunks vary too much), and
+``set_threads`` is only called between decodes, from the loop thread. The thread count
+never changes results, only speed.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ _SLOW = 1.5  # a moving average this much above the best seen triggers a probe
 _BETTER = 0.85  # a probe must be this much faster to switch
 _GIVE_UP = 2.0  # a probe step this much slower ends the probe at once (a collapse costs 100 ms)
 _PROBE_STEPS = 4  # the first of them is not counted (the thread team changes)
+_PROBE_STEPS_MAX = 12  # a probe that met too few shapes measured before gives up
+_HOLD_S = 1.0  # after an interrupted probe, the wait before the next one
 _FORGET = 1.002  # the best seen drifts up per step, so a longer context becomes the new normal
 _RETRY_S, _RETRY_MAX_S = 1.0, 16.0  # from fewer threads, how often to try all of them
 _EXPLORE_AFTER = 4  # measured steps before the first try of fewer threads (a busy start)
@@ -56,8 +64,9 @@ class ThreadTuner:
         self._ema: dict[tuple[int, int], float] = {}
         self._best: dict[tuple[int, int], float] = {}
         self._probe: int | None = None  # the thread count being tried
-        self._probe_rows = 0
-        self._probe_times: list[float] = []
+        self._probe_steps = 0  # decode steps since it began
+        self._probe_ratios: list[float] = []  # their times over the current count's
+        self._hold_until = 0.0  # no probe before this (after one was interrupted)
         self._retry_s = _RETRY_S
         self._next_retry = 0.0
         self._explore_s = _EXPLORE_S
@@ -70,7 +79,7 @@ class ThreadTuner:
 
     def threads_for_step(self, rows: int) -> None:
         """Before a decode-only step of ``rows`` sequences: start a probe if one is due."""
-        if not self.enabled or self._probe is not None:
+        if not self.enabled or self._probe is not None or self._clock() < self._hold_until:
             return
         key = (self.current, rows)
         if self.current == self.n_max:
@@ -80,24 +89,16 @@ class ThreadTuner:
             slow = ema >= _SLOW * best  # slower than before: something else runs
             due = self._measured >= _EXPLORE_AFTER and self._clock() >= self._next_explore
             if slow or due:  # (due: it may have been running since we started)
-                self._start_probe(self.n_low, rows)
+                self._start_probe(self.n_low)
         elif self._clock() >= self._next_retry:
-            self._start_probe(self.n_max, rows)
+            self._start_probe(self.n_max)
 
     def record(self, rows: int, seconds: float) -> None:
         """After a decode-only step of ``rows`` sequences that took ``seconds``."""
         if not self.enabled:
             return
         if self._probe is not None:
-            if rows != self._probe_rows:  # the batch changed shape: the probe is void
-                self._end_probe(switch=False)
-                return
-            self._probe_times.append(seconds)
-            reference = self._ema.get((self.current, rows))
-            if reference is not None and seconds > _GIVE_UP * reference:
-                self._fail_probe(rows, reference)  # clearly worse: do not wait for more steps
-            elif len(self._probe_times) >= _PROBE_STEPS:
-                self._finish_probe(rows)
+            self._record_probe(rows, seconds)
             return
         self._measured += 1
         key = (self.current, rows)
@@ -107,38 +108,61 @@ class ThreadTuner:
         self._best[key] = seconds if best is None else min(best * _FORGET, seconds)
 
     def interrupt(self) -> None:
-        """A step that is not measured (prompt chunks) came between: drop a running probe."""
+        """A step that is not measured (prompt chunks) came between: drop a running probe,
+        and wait a little before the next one, so that prompts arriving often cannot keep
+        the decode on a probe's thread count."""
         if self._probe is not None:
             self._end_probe(switch=False)
+            self._hold_until = self._clock() + _HOLD_S
 
-    def _start_probe(self, n: int, rows: int) -> None:
-        self._probe, self._probe_rows, self._probe_times = n, rows, []
+    def _start_probe(self, n: int) -> None:
+        self._probe, self._probe_steps, self._probe_ratios = n, 0, []
         self._set(n)
 
-    def _finish_probe(self, rows: int) -> None:
-        assert self._probe is not None
-        times = sorted(self._probe_times[1:])
-        probed = times[len(times) // 2]
-        reference = self._ema.get((self.current, rows), probed)
-        n = self._probe
-        if probed < _BETTER * reference:
-            self._end_probe(switch=True)
-            self._ema[(n, rows)] = probed
-            self._best[(n, rows)] = min(self._best.get((n, rows), probed), probed)
-            self._retry_s, self._explore_s = _RETRY_S, _EXPLORE_S
-            self._next_retry = self._clock() + self._retry_s
-            self._next_explore = self._clock() + self._explore_s
+    def _record_probe(self, rows: int, seconds: float) -> None:
+        """A probe step, weighed against the current thread count's time for the same
+        number of rows: batches change shape from step to step (drafts, streams joining
+        and leaving), so a probe compares ratios, never raw times."""
+        self._probe_steps += 1
+        reference = self._ema.get((self.current, rows))
+        if reference is None:  # a shape never measured: nothing to weigh it against
+            if self._probe_steps >= _PROBE_STEPS_MAX:
+                self._fail_probe()
             return
-        self._fail_probe(rows, reference)
+        ratio = seconds / reference
+        if ratio > _GIVE_UP:
+            self._fail_probe()  # clearly worse: do not wait for more steps
+        elif self._probe_steps > 1:  # the first is not counted (the thread team changes)
+            self._probe_ratios.append(ratio)
+            if len(self._probe_ratios) >= _PROBE_STEPS - 1:
+                self._finish_probe()
 
-    def _fail_probe(self, rows: int, reference: float) -> None:
+    def _finish_probe(self) -> None:
+        assert self._probe is not None
+        ratios = sorted(self._probe_ratios)
+        ratio = ratios[len(ratios) // 2]
+        if ratio >= _BETTER:
+            self._fail_probe()
+            return
+        old, new = self.current, self._probe
+        for (n, rows), ema in list(self._ema.items()):
+            if n == old:  # what each shape should cost now, from this probe
+                self._ema[(new, rows)] = self._best[(new, rows)] = ema * ratio
+        self._end_probe(switch=True)
+        self._retry_s, self._explore_s = _RETRY_S, _EXPLORE_S
+        self._next_retry = self._clock() + self._retry_s
+        self._next_explore = self._clock() + self._explore_s
+
+    def _fail_probe(self) -> None:
         n = self._probe
         self._end_probe(switch=False)
         if n == self.n_max:  # all threads are still worse: try again later, then less often
             self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
             self._next_retry = self._clock() + self._retry_s
         else:  # fewer threads do not help: this slower pace is the new normal
-            self._best[(self.current, rows)] = reference
+            for key, ema in self._ema.items():
+                if key[0] == self.current:
+                    self._best[key] = ema
             self._explore_s = min(_EXPLORE_MAX_S, self._explore_s * 2)
             self._next_explore = self._clock() + self._explore_s
 
@@ -149,4 +173,4 @@ class ThreadTuner:
         else:
             self._set(self.current)
         self._probe = None
-        self._probe_times = []
+        self._probe_ratios = []
