@@ -390,6 +390,35 @@ def test_a_draft_never_reaches_past_the_window_without_a_shift(engine: Any) -> N
     _positions_are_indexes(eng)
 
 
+class _Copying(_Context):
+    """A model that follows each row's token with its successor in :attr:`NEXT` (11
+    otherwise), so that it copies a prompt holding that chain."""
+
+    NEXT = {20: 21, 21: 22, 22: 23, 23: EOG}
+
+    def decode(self, batch: _Batch) -> int:
+        self.rows = [int(batch.token[i]) for i in range(batch.n_tokens)]
+        return super().decode(batch)
+
+    def logits(self, row: int) -> np.ndarray:
+        logits = np.zeros(N_VOCAB, dtype=np.float32)
+        logits[self.NEXT.get(self.rows[row], 11)] = 1.0
+        return logits
+
+
+@pytest.mark.usefixtures("cheap_rows")
+def test_a_draft_ends_at_an_end_of_generation_token(engine: Any) -> None:
+    """The prompt holds the answer, then an end of turn and more text (as a chat template
+    does): the draft that copies it stops after that end, since nothing after it can be
+    kept."""
+    prompt = [20, 21, 22, 23, EOG, 30, 31, 32, 33, 34, 35, 36, 20, 21]
+    done = _run(engine(context=_Copying()), CompletionRequest(
+        tokens=prompt, options=_greedy(20, 8), return_tokens=True))
+    assert done.done_reason == "stop" and done.tokens == [*prompt, 22, 23]
+    # drafted [23, EOG], not 8 tokens; the end itself ends the request rather than being kept
+    assert (done.draft_tokens, done.draft_accepted) == (2, 1)
+
+
 def test_media_and_unshiftable_caches_never_draft(engine: Any) -> None:
     image = CompletionRequest(prompt="20 23 I 20 23", media=(b"image",), options=_greedy(30, 8))
     assert _run(engine(_Projector()), image).draft_tokens == 0

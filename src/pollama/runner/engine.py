@@ -903,6 +903,7 @@ class Engine:
                 self.n_batch - batch.n_tokens,
             )
             candidate, key = self._lookup(job, room) if room > 0 else ([], 0)
+            candidate = self._through_end(candidate)
             k = drafting.length(key, len(candidate), expected, batch.n_tokens, costs) if (
                 candidate) else 0
             if k > 0:
@@ -939,11 +940,22 @@ class Engine:
             asks.append(DraftRequest(slot.seq, [*slot.tokens, job.pending], k))
         drafts = self.drafter.draft(asks, lambda: self._stopping)
         for (job, _k), draft in zip(wants, drafts, strict=True):
-            draft = draft[: self.n_batch - self.batch.n_tokens]
+            draft = self._through_end(draft[: self.n_batch - self.batch.n_tokens])
             if draft:
                 self._add_draft(job, draft, MODEL_KEY)
             elif job.drafting is not None:  # the draft model was unsure: its work was lost
                 job.drafting.record(MODEL_KEY, 1, 0)
+
+    def _through_end(self, draft: list[int]) -> list[int]:
+        """``draft`` up to its first end-of-generation token, that token included: nothing
+        after it can be kept (the request ends there), and a copy of the prompt runs on
+        into the chat template's next turn (``<|im_end|>``, then the turn's header), so the
+        last draft of an answer that copies its prompt would otherwise verify a full draft
+        for one token."""
+        for i, token in enumerate(draft):
+            if self.model.is_eog(token):
+                return draft[: i + 1]
+        return draft
 
     @staticmethod
     def _lookup(job: _Job, limit: int) -> tuple[list[int], int]:
