@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pollama.runner.ngram import Acceptance, NgramIndex, StepCosts  # noqa: E402
 
-DRAFT_MAX = 16  # draft_num_predict's default (--draft-max changes it)
+DRAFT_MAX = 48  # draft_num_predict's default (--draft-max changes it)
 
 
 def load(path: Path, threads: int) -> tuple[Any, lc.Llama]:
