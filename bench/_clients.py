@@ -160,9 +160,16 @@ def _final(chunk: dict[str, Any], t_sent: float, t_first: float, text: str) -> S
 
 
 async def pollama_generate(
-    client: httpx.AsyncClient, base: str, model: str, prompt: str, options: dict[str, Any]
+    client: httpx.AsyncClient,
+    base: str,
+    model: str,
+    prompt: str,
+    options: dict[str, Any],
+    raw: bool = False,
 ) -> StreamResult:
-    body = {"model": model, "prompt": prompt, "stream": True, "options": options}
+    """``raw``: the prompt as it is, no template (what llama-server's ``/completion`` and
+    the plain loop evaluate), so that every engine does the same work."""
+    body = {"model": model, "prompt": prompt, "stream": True, "options": options, "raw": raw}
     t_sent = time.perf_counter()
     t_first = 0.0
     text: list[str] = []
@@ -215,6 +222,7 @@ class RunSummary:
     wall_tok_s: float  # generated tokens / wall time from first send to last done
     ttft_s: float  # mean time to first token (includes queueing and prefill)
     tokens: int
+    prompt_tokens: int = 0  # prompt tokens evaluated, all streams (the same work everywhere)
 
     @staticmethod
     def of(streams: int, results: list[StreamResult]) -> RunSummary:
@@ -228,6 +236,7 @@ class RunSummary:
             wall_tok_s=round(tokens / wall, 2),
             ttft_s=round(sum(r.ttft for r in results) / len(results), 3),
             tokens=tokens,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
         )
 
 

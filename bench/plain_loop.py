@@ -98,7 +98,8 @@ def _attach_threadpool(ctx: Any, n_threads: int, poll: int) -> Any:
 def _tokenize(vocab: Any, text: str) -> list[int]:
     raw = text.encode()
     buf = (lc.llama_token * (len(raw) + 16))()
-    n = lc.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
+    # special tokens parsed, as llama-server's /completion and pollama's raw prompts do
+    n = lc.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, True)
     if n < 0:
         raise RuntimeError("tokenize failed")
     return list(buf[:n])
@@ -137,6 +138,7 @@ class Engine:
         n_predict: int = 128,
         n_ctx_per_seq: int = 4096,
         prompt: str = DEFAULT_PROMPT,
+        prompts: list[str] | None = None,
         top_k: int = 0,
         threadpool: bool = False,
         poll: int = 50,
@@ -164,11 +166,12 @@ class Engine:
         try:
             self._warm_up(ctx, batch)
             lc.llama_memory_clear(mem, True)
-            prompts = [_tokenize(self.vocab, f"Story {i + 1}. {prompt}") for i in range(streams)]
+            texts = prompts or [f"Story {i + 1}. {prompt}" for i in range(streams)]
+            prompt_ids = [_tokenize(self.vocab, text) for text in texts[:streams]]
             t0 = time.perf_counter()
-            logits_idx = self._prefill(ctx, batch, prompts)
+            logits_idx = self._prefill(ctx, batch, prompt_ids)
             t1 = time.perf_counter()
-            positions = [len(p) for p in prompts]
+            positions = [len(p) for p in prompt_ids]
             step_times: list[float] = []
             sample_s = 0.0
             for _ in range(n_predict):
@@ -199,7 +202,7 @@ class Engine:
             flash_attn=flash_attn,
             threads=threads,
             n_predict=n_predict,
-            prompt_tokens=sum(len(p) for p in prompts),
+            prompt_tokens=sum(len(p) for p in prompt_ids),
             prefill_s=round(t1 - t0, 4),
             decode_s=round(decode_s, 4),
             per_stream_tok_s=round(n_predict / decode_s, 2),
@@ -273,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=0, help="0 = greedy; else top-k, temp 0.8, dist")
     ap.add_argument("--threadpool", action="store_true", help="attach a persistent ggml pool")
     ap.add_argument("--poll", type=int, default=50, help="pool polling level (with --threadpool)")
+    ap.add_argument("--prompts", type=Path,
+                    help="a JSON list of whole prompts, one per stream (special tokens parsed)")
     args = ap.parse_args(argv)
+    prompts = json.loads(args.prompts.read_text()) if args.prompts else None
     model = args.model or _default_model()
     engine = Engine(model)
     for n in args.streams:
@@ -284,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             n_predict=args.n_predict,
             n_ctx_per_seq=args.n_ctx_per_seq,
             top_k=args.top_k,
+            prompts=prompts,
             threadpool=args.threadpool,
             poll=args.poll,
         )

@@ -96,6 +96,23 @@ def kv_bytes_per_token(model: Path) -> int:
     return n_layer * n_head_kv * (k_dim + v_dim) * 2
 
 
+def story_prompts(model: Path, rep: int, n: int) -> list[str]:
+    """The prompts of one measurement, each rendered with the model's chat template (as
+    pollama's ``/api/generate`` would) and then sent as they are to every engine (pollama
+    ``raw``, llama-server's ``/completion``, the plain loop), so that all three evaluate the
+    same tokens. A chat prompt also keeps this model from ending its story before
+    ``--n-predict`` tokens, as llama-server's ``ignore_eos`` and the plain loop do not."""
+    from gguf import GGUFReader
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    field = GGUFReader(model).fields.get("tokenizer.chat_template")
+    texts = [f"Story {rep}-{i + 1}. {PROMPT}" for i in range(n)]
+    if field is None:
+        return texts
+    fmt = Jinja2ChatFormatter(template=str(field.contents()), eos_token="", bos_token="")
+    return [fmt(messages=[{"role": "user", "content": t}]).prompt for t in texts]
+
+
 def llama_server_bin() -> Path:
     return BUILD / "llama-server"
 
@@ -284,8 +301,9 @@ class Pollama:
             await cl.pollama_generate(c, base, self.model_name, "Hello", self.options(2))
 
     def generate(self, base: str, prompt: str, n_predict: int) -> cl.StreamFn:
-        opts = self.options(n_predict)
-        return lambda c, _i: cl.pollama_generate(c, base, self.model_name, prompt, opts)
+        opts = self.options(n_predict)  # raw: the prompt llama-server and the plain loop get
+        return lambda c, _i: cl.pollama_generate(c, base, self.model_name, prompt, opts,
+                                                 raw=True)
 
     def chat(self, base: str, messages: list[dict[str, str]], n: int) -> cl.StreamFn:
         opts = self.options(n)
@@ -365,7 +383,7 @@ def measure_server(engine: Engine, args: argparse.Namespace, fa: bool, n: int, r
     """One measurement: a fresh server with N slots, N concurrent streams, its memory."""
     with engine.serve(n, fa) as (srv, base):
         asyncio.run(engine.warm_up(base))
-        prompts = [f"Story {rep}-{i + 1}. {PROMPT}" for i in range(n)]
+        prompts = story_prompts(args.model, rep, n)
         summary, load = clean(partial(_run_streams, engine, base, prompts, args.n_predict),
                               f"{engine.name} FA {_onoff(fa)} N={n}", args)
         mem = _procs.tree_memory(srv.pid)
@@ -376,33 +394,41 @@ def measure_server(engine: Engine, args: argparse.Namespace, fa: bool, n: int, r
                           "budget": budget(n)}
     print(f"    {engine.name:12s} FA {_onoff(fa)} N={n} #{rep + 1}: "
           f"{summary.per_stream_tok_s:6.1f}/stream {summary.aggregate_tok_s:6.1f} agg "
-          f"{summary.wall_tok_s:6.1f} wall, RSS {mem.rss / MiB:.0f} MiB, others {load:.0%}",
+          f"{summary.wall_tok_s:6.1f} wall, prompts {summary.prompt_tokens} tokens, "
+          f"RSS {mem.rss / MiB:.0f} MiB, others {load:.0%}",
           flush=True)
 
 
-def _plain_once(args: argparse.Namespace, fa: bool, n: int) -> dict[str, Any]:
+def _plain_once(args: argparse.Namespace, fa: bool, n: int, rep: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(story_prompts(args.model, rep, n), f)
     cmd = [sys.executable, str(BENCH / "plain_loop.py"), "--model", str(args.model),
            "--threads", str(args.threads), "--n-predict", str(args.n_predict),
-           "--flash-attn", _onoff(fa), "--streams", str(n)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--flash-attn", _onoff(fa), "--streams", str(n), "--prompts", f.name]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    finally:
+        os.unlink(f.name)
     if out.returncode != 0:
         raise RuntimeError(f"plain_loop failed: {out.stderr[-1000:]}")
     return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
 def measure_plain(args: argparse.Namespace, fa: bool, n: int, rep: int, points: Points) -> None:
-    r, load = clean(partial(bracket, partial(_plain_once, args, fa, n)),
+    r, load = clean(partial(bracket, partial(_plain_once, args, fa, n, rep)),
                     f"plain FA {_onoff(fa)} N={n}", args)
     points.add(("plain", fa, n), {
         "engine": "plain", "fa": fa, "streams": n, "per_stream_tok_s": r["per_stream_tok_s"],
         "aggregate_tok_s": r["aggregate_tok_s"], "wall_tok_s": r["wall_tok_s"],
         "ttft_s": r["prefill_s"], "tokens": n * r["n_predict"],
+        "prompt_tokens": r["prompt_tokens"],
         "step_ms_median": r["step_ms_median"], "sample_ms_per_token": r["sample_ms_per_token"],
         "foreign_load": round(load, 3),
     })
     print(f"    {'plain':12s} FA {_onoff(fa)} N={n} #{rep + 1}: "
           f"{r['per_stream_tok_s']:6.1f}/stream {r['aggregate_tok_s']:6.1f} agg "
-          f"{r['wall_tok_s']:6.1f} wall, step {r['step_ms_median']:.1f} ms, others {load:.0%}",
+          f"{r['wall_tok_s']:6.1f} wall, prompts {r['prompt_tokens']} tokens, "
+          f"step {r['step_ms_median']:.1f} ms, others {load:.0%}",
           flush=True)
 
 
