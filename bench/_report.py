@@ -79,16 +79,21 @@ def render(results: dict[str, Any]) -> str:
         "tokens / decode time), averaged over the N concurrent requests. *aggregate*: the sum "
         "of those rates. *wall*: all generated tokens / wall time from the first request sent "
         "to the last one done, as the client sees it (includes queueing, prefill and HTTP).",
+        "- Every engine evaluates the same prompt tokens: a story request rendered with the "
+        "model's chat template and sent as it is (pollama `raw`, llama-server `/completion`, "
+        "the plain loop's tokenizer, special tokens parsed); the prompt tokens of each "
+        "measurement are in the raw results. Each prompt has a unique prefix so no prefix "
+        "cache helps.",
         "- llama-server: `-t T -tb T -np N -c 4096·N --flash-attn on|off`, `/completion` "
         "streaming with `ignore_eos`; pollama: `OLLAMA_NUM_PARALLEL=N`, "
         "`OLLAMA_CONTEXT_LENGTH=4096`, `OLLAMA_FLASH_ATTENTION=0|1`, `/api/generate` streaming "
-        "with `options: {num_predict, temperature: 0, seed: 1, num_thread: T}` (may stop "
-        "early at EOS; rates are per generated token); plain loop: `bench/plain_loop.py` "
-        "(one context with `n_seq_max=N`, batched prefill, one `llama_decode` per step, "
-        "greedy `llama_sampler` chain per stream). Each prompt has a unique prefix so no "
-        "prefix cache helps. Every measurement starts a fresh server (or loop process); the "
+        "with `raw: true` and `options: {num_predict, temperature: 0, seed: 1, num_thread: T}` "
+        "(its other defaults on: drafting from the prompt; it could stop at EOS, rates are "
+        "per generated token); plain loop: `bench/plain_loop.py` (one context with "
+        "`n_seq_max=N`, batched prefill, one `llama_decode` per step, greedy `llama_sampler` "
+        "chain per stream). Every measurement starts a fresh server (or loop process); the "
         "engines are interleaved and their order rotated between repeats, so the machine's "
-        "drift over minutes hits all of them alike; the table keeps the best repeat.",
+        "drift over minutes hits all of them alike; the table shows the median repeat.",
         "- Follow-up TTFT: a chat with a multi-turn history; request 1 = history, request 2 = "
         "history + the reply + one new user message. *warm*: request 2 right after request 1 "
         "on the same server (`NUM_PARALLEL=1` / `-np 1`), the median over three chained "
