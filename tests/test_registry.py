@@ -228,7 +228,14 @@ def test_wrong_bytes_install_nothing(
         f"digest mismatch, file must be downloaded again: want {layer.digest}, got sha256:"
     )
     assert store.manifests.resolve(name) is None
-    assert set(store.blobs.digests()) == {unrelated.digest}
+    # the other layers, fetched beside it, may stay (verified, for the next pull; pruned at
+    # the next start if none comes): never the blob whose bytes were wrong
+    present = set(store.blobs.digests())
+    left = present - {unrelated.digest}
+    assert unrelated.digest in present and layer.digest not in left
+    assert left <= manifest.digests()
+    for digest in left:
+        assert hashlib.sha256(store.blobs.path(digest).read_bytes()).hexdigest() == digest[7:]
     assert strays(store) == []
 
 
@@ -242,6 +249,58 @@ def test_a_stalled_part_is_retried_at_once(
     assert items[-1] == {"status": "success"}
     assert time.monotonic() - started < 4  # not waiting out the 5 s stall
     assert proxy.faults[0].hits == 1
+
+
+def test_the_next_layers_download_while_one_is_reported(
+    proxy: FaultProxy, store: Store, tmp_path: Path, pushed: tuple[ModelName, Manifest]
+) -> None:
+    """The small layers after the model's (its parameters, its config) are fetched while the
+    model's layer is still coming, so they cost no round trip of their own at the end; the
+    progress still reports the layers one after another, in the manifest's order."""
+    name, manifest = pushed
+    layer = model_layer(manifest)
+    proxy.add(Fault(path=layer.digest, action="throttle", rate=400_000, times=None))
+    items = run(service(store, tmp_path).pull(name, insecure=True))
+    assert items[-1] == {"status": "success"}
+    order = [lay.digest for lay in [*manifest.layers, manifest.config]]
+    reported = [item["digest"] for item in items if "digest" in item]
+    assert [d for i, d in enumerate(reported) if i == 0 or reported[i - 1] != d] == order
+    for later in order[order.index(layer.digest) + 1 :]:
+        first = next(item for item in items if item.get("digest") == later)
+        assert first["completed"] == first["total"]  # already whole when first reported
+
+
+def test_a_pull_that_ends_early_releases_the_layers_it_fetched_ahead(
+    proxy: FaultProxy, store: Store, tmp_path: Path, pushed: tuple[ModelName, Manifest]
+) -> None:
+    """The layers after the one being reported are downloaded ahead and held by the pull:
+    when it ends early (the client went away), it lets go of them, and a download nobody
+    follows any more is cancelled; nothing keeps running."""
+    name, manifest = pushed
+    later = [lay.digest for lay in [*manifest.layers, manifest.config]][1:]
+    for digest in later:  # seconds for a few bytes: still running when the client goes
+        proxy.add(Fault(path=digest, action="throttle", rate=5, times=None))
+    proxy.add(Fault(path=model_layer(manifest).digest, action="throttle", rate=20_000,
+                    times=None))
+    svc = service(store, tmp_path)
+
+    async def leave_early() -> None:
+        events = svc.pull(name, insecure=True)
+        async for item in events:
+            if item.digest:
+                assert set(svc.downloads.active()) >= set(later)  # fetched ahead
+                break
+        await events.aclose()
+        deadline = time.monotonic() + 1.5  # well before the slow layers could finish
+        while svc.downloads.active() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert svc.downloads.active() == []
+        assert not set(store.blobs.digests()) & set(later)  # cancelled, not completed
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not [t for t in others if t.get_name().startswith("pull ")]
+
+    asyncio.run(leave_early())
+    assert store.manifests.resolve(name) is None
 
 
 def test_cancelled_pull_resumes_from_the_bytes_on_disk(

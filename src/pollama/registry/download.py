@@ -142,6 +142,7 @@ class BlobDownload:
         self.partial = Path(str(self.path) + PARTIAL_SUFFIX)
         self.total = size
         self.completed = 0
+        self.resumed = 0  # bytes that were on disk from an earlier pull when this one began
         self.parts: list[Part] = []
         self.opts = opts
         self.session = session.acquire()
@@ -166,7 +167,7 @@ class BlobDownload:
         Leaving early (a client that went away) drops this follower; the last one to leave
         cancels the download, which keeps what it has on disk for the next pull.
         """
-        self.refs += 1
+        self.hold()
         try:
             yield self.total, self.completed
             while True:
@@ -177,10 +178,20 @@ class BlobDownload:
             self.task.result()
             yield self.total, self.total
         finally:
-            self.refs -= 1
-            if self.refs == 0 and not self.task.done():
-                self.abandoned = True
-                self.task.cancel()
+            self.release()
+
+    def hold(self) -> None:
+        """One more pull needs this download (a follower, or a pull that will follow it
+        once the layers before it are done)."""
+        self.refs += 1
+
+    def release(self) -> None:
+        """A pull no longer needs it; the last one to leave cancels the download, which
+        keeps what it has on disk for the next pull."""
+        self.refs -= 1
+        if self.refs == 0 and not self.task.done():
+            self.abandoned = True
+            self.task.cancel()
 
     # -- files --------------------------------------------------------------------------------
 
@@ -294,7 +305,7 @@ class BlobDownload:
             log.info("resuming %s from %d bytes", self.digest[7:19], done)
         self.parts = parts
         self._saved = {p.n: p.completed for p in parts}
-        self.completed = sum(p.completed for p in parts)
+        self.completed = self.resumed = sum(p.completed for p in parts)
         paths = {self._part_path(p.n) for p in parts}
         self._active_paths |= paths
         self.blobs.active.update(paths)

@@ -9,7 +9,9 @@ the first item is a transfer.
 What a pull guarantees: a model appears in the store only after every one of its blobs is
 present and verified and its manifest (the registry's bytes, unchanged, so the model ID
 matches the registry's) has been written atomically. A failed or cancelled pull leaves at
-most ``-partial`` files, which the next pull of the same blobs resumes.
+most ``-partial`` files, which the next pull of the same blobs resumes, and verified blobs of
+the layers it had fetched ahead, which the next pull reuses (unused ones are pruned at the
+next start, as any blob no manifest names).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import shutil
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from pollama.format import human_bytes
 from pollama.names import ModelName
 from pollama.registry.auth import DockerCredentials, IdentityKey
 from pollama.registry.client import RegistrySession
-from pollama.registry.download import DownloadManager
+from pollama.registry.download import BlobDownload, DownloadManager
 from pollama.registry.errors import InsufficientDiskSpace, RegistryError
 from pollama.registry.hosts import DEFAULT_REGISTRY_HOSTS, HostPolicy
 from pollama.registry.transfer import TransferOptions
@@ -47,17 +50,22 @@ from pollama.store.manifests import (
 
 log = logging.getLogger(__name__)
 
+LAYERS_AHEAD = 3
+"""How many layers after the one being reported a pull already downloads."""
+
 __all__ = ["TransferProgress", "RegistryService"]
 
 
 @dataclass(frozen=True)
 class TransferProgress:
-    """One progress object of a pull or push (Go's ``api.ProgressResponse``)."""
+    """One progress object of a pull or push (Go's ``api.ProgressResponse``; ``received``
+    is for the server's metrics, not the client)."""
 
     status: str
     digest: str = ""
     total: int = 0
     completed: int = 0
+    received: int = 0  # of ``completed``, the bytes this download fetched (not resumed)
 
     def to_json(self) -> dict[str, Any]:
         """Go's ``omitempty``: digest, total and completed only when non-zero."""
@@ -132,8 +140,8 @@ class RegistryService:
             manifest, raw = await self._fetch_manifest(session)
             layers = [*manifest.layers, manifest.config]
             await asyncio.to_thread(self._check_space, target, layers)
-            for layer in layers:
-                async for item in self._download(session, layer):
+            async with aclosing(self._download_layers(session, layers)) as progress:
+                async for item in progress:  # (closed at once if the caller leaves)
                     yield item
             yield TransferProgress("verifying sha256 digest")
             missing = [lay.digest for lay in layers if not store.blobs.exists(lay.digest)]
@@ -200,18 +208,46 @@ class RegistryService:
                 f"{human_bytes(needed)} more, and {human_bytes(free)} is free in {self.store.root}"
             )
 
-    async def _download(
-        self, session: RegistrySession, layer: Layer
+    async def _download_layers(
+        self, session: RegistrySession, layers: list[Layer]
     ) -> AsyncIterator[TransferProgress]:
+        """Each layer's progress in the manifest's order, while the downloads of the next
+        :data:`LAYERS_AHEAD` layers already run: a model's small layers (its config,
+        template, parameters) cost a round trip each, which then overlaps the large one's
+        transfer instead of following it. At most that many more downloads run at once,
+        whatever the manifest lists, and every one this pull started but did not follow is
+        released when it ends (the last pull to leave a download cancels it)."""
+        started: list[BlobDownload | None] = []  # None: the blob was already in the store
+        try:
+            for i, layer in enumerate(layers):
+                while len(started) < min(len(layers), i + 1 + LAYERS_AHEAD):
+                    started.append(await self._start(session, layers[len(started)]))
+                status = f"pulling {layer.digest[7:19]}"
+                download = started[i]
+                if download is None:
+                    size = await asyncio.to_thread(self.store.blobs.size, layer.digest)
+                    yield TransferProgress(status, layer.digest, size, size)
+                    continue
+                try:
+                    async for total, completed in download.follow():
+                        received = max(0, completed - download.resumed)
+                        yield TransferProgress(status, layer.digest, total, completed, received)
+                finally:
+                    started[i] = None
+                    download.release()
+        finally:
+            for download in started:
+                if download is not None:
+                    download.release()
+
+    async def _start(self, session: RegistrySession, layer: Layer) -> BlobDownload | None:
+        """The layer's download, started (or joined) and held; None if the store has it."""
         blobs = self.store.blobs
-        status = f"pulling {layer.digest[7:19]}"
         if await asyncio.to_thread(blobs.exists, layer.digest):
-            size = await asyncio.to_thread(blobs.size, layer.digest)
-            yield TransferProgress(status, layer.digest, size, size)
-            return
+            return None
         download = self.downloads.get(blobs, layer.digest, layer.size, session, self.options)
-        async for total, completed in download.follow():
-            yield TransferProgress(status, layer.digest, total, completed)
+        download.hold()
+        return download
 
     def _write_manifest(self, name: ModelName, raw: bytes) -> None:
         with self.store.lock:

@@ -95,16 +95,17 @@ def _parse_name(text: str) -> ModelName:
 async def _counting_downloads(
     events: AsyncIterator[TransferProgress], telemetry: Telemetry
 ) -> AsyncIterator[TransferProgress]:
-    """The pull's progress, reporting the bytes each layer gained since its first report
-    (``pollama_pull_bytes_total``: downloaded now, not resumed from an earlier pull)."""
+    """The pull's progress, reporting the bytes each layer's download received since its
+    last report (``pollama_pull_bytes_total``: downloaded now, not resumed from an earlier
+    pull; a layer may have been fetched whole before its first report, while an earlier
+    layer was being reported)."""
     seen: dict[str, int] = {}
     async with aclosing(events):
         async for item in events:
-            if item.digest:
-                before = seen.setdefault(item.digest, item.completed)
-                if item.completed > before:
-                    telemetry.pull_bytes(item.completed - before)
-                    seen[item.digest] = item.completed
+            before = seen.get(item.digest, 0)
+            if item.digest and item.received > before:
+                telemetry.pull_bytes(item.received - before)
+                seen[item.digest] = item.received
             yield item
 
 
