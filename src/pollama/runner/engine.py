@@ -903,12 +903,11 @@ class Engine:
                 self.n_batch - batch.n_tokens,
             )
             candidate, key = self._lookup(job, room) if room > 0 else ([], 0)
-            candidate = self._through_end(candidate)
             k = drafting.length(key, len(candidate), expected, batch.n_tokens, costs) if (
                 candidate) else 0
             if k > 0:
                 self._add_draft(job, candidate[:k], key)
-                expected += expected_tokens(drafting.rate(key), k) - 1
+                expected += expected_tokens(drafting.rate(key), len(job.draft)) - 1
             elif self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
@@ -920,14 +919,22 @@ class Engine:
             self._add_model_drafts(wants)
 
     def _add_draft(self, job: _Job, draft: list[int], key: int) -> None:
-        """Put ``draft`` in the batch after the job's pending token, every row with logits."""
+        """Put ``draft`` in the batch after the job's pending token, every row with logits,
+        up to its first end-of-generation token (that token included): nothing after it
+        can be kept, since the request ends there, and a copy of the prompt runs on into
+        the chat template's next turn (``<|im_end|>``, then the turn's header), so the last
+        draft of an answer that copies its prompt would otherwise verify a full draft for
+        one token. Only the chosen draft is checked, never a lookup that is not drafted."""
         slot = job.slot
         assert slot is not None
-        job.draft, job.draft_key = draft, key
+        job.draft, job.draft_key = [], key
         job.draft_row = self.batch.n_tokens
         pos = len(slot.tokens) + 1 - slot.lag
-        for i, token in enumerate(draft):
-            self.batch.add(token, pos + i, slot.seq, True)
+        for token in draft:
+            self.batch.add(token, pos + len(job.draft), slot.seq, True)
+            job.draft.append(token)
+            if self.model.is_eog(token):
+                break
 
     def _add_model_drafts(self, wants: list[tuple[_Job, int]]) -> None:
         """Drafts from the draft model for ``wants`` (one shared decode per drafted token),
@@ -940,22 +947,11 @@ class Engine:
             asks.append(DraftRequest(slot.seq, [*slot.tokens, job.pending], k))
         drafts = self.drafter.draft(asks, lambda: self._stopping)
         for (job, _k), draft in zip(wants, drafts, strict=True):
-            draft = self._through_end(draft[: self.n_batch - self.batch.n_tokens])
+            draft = draft[: self.n_batch - self.batch.n_tokens]
             if draft:
                 self._add_draft(job, draft, MODEL_KEY)
             elif job.drafting is not None:  # the draft model was unsure: its work was lost
                 job.drafting.record(MODEL_KEY, 1, 0)
-
-    def _through_end(self, draft: list[int]) -> list[int]:
-        """``draft`` up to its first end-of-generation token, that token included: nothing
-        after it can be kept (the request ends there), and a copy of the prompt runs on
-        into the chat template's next turn (``<|im_end|>``, then the turn's header), so the
-        last draft of an answer that copies its prompt would otherwise verify a full draft
-        for one token."""
-        for i, token in enumerate(draft):
-            if self.model.is_eog(token):
-                return draft[: i + 1]
-        return draft
 
     @staticmethod
     def _lookup(job: _Job, limit: int) -> tuple[list[int], int]:
