@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -217,13 +218,13 @@ class RegistryService:
         transfer instead of following it. At most that many more downloads run at once,
         whatever the manifest lists, and every one this pull started but did not follow is
         released when it ends (the last pull to leave a download cancels it)."""
-        started: list[BlobDownload | None] = []  # None: the blob was already in the store
+        ahead: deque[BlobDownload | None] = deque()  # held, in order; None: already stored
         try:
             for i, layer in enumerate(layers):
-                while len(started) < min(len(layers), i + 1 + LAYERS_AHEAD):
-                    started.append(await self._start(session, layers[len(started)]))
+                for nxt in layers[i + len(ahead) : i + 1 + LAYERS_AHEAD]:
+                    ahead.append(await self._start(session, nxt))
+                download = ahead.popleft()
                 status = f"pulling {layer.digest[7:19]}"
-                download = started[i]
                 if download is None:
                     size = await asyncio.to_thread(self.store.blobs.size, layer.digest)
                     yield TransferProgress(status, layer.digest, size, size)
@@ -233,12 +234,11 @@ class RegistryService:
                         received = max(0, completed - download.resumed)
                         yield TransferProgress(status, layer.digest, total, completed, received)
                 finally:
-                    started[i] = None
                     download.release()
         finally:
-            for download in started:
-                if download is not None:
-                    download.release()
+            for held in ahead:
+                if held is not None:
+                    held.release()
 
     async def _start(self, session: RegistrySession, layer: Layer) -> BlobDownload | None:
         """The layer's download, started (or joined) and held; None if the store has it."""
