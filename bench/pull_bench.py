@@ -237,6 +237,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="pull-bench-"))
     registry = DockerRegistry(home / "registry")
     server: RunningServer | None = None
+    http = httpx.Client(verify=False)  # plain http on loopback: no TLS to verify
     try:
         source, what = model_file(args.size, home, args.blob)
         size = source.stat().st_size
@@ -248,7 +249,6 @@ def main() -> None:
             (home / "serve").mkdir()
             server = start_server(home / "serve", {"POLLAMA_REGISTRY_HOSTS": name.host})
             running = server
-            http = httpx.Client(verify=False)  # plain http on loopback: no TLS to verify
             measures["pull via pollama serve (/api/pull)"] = lambda: pull_via_serve(
                 running, name, http)
         for measure in measures.values():  # a first round, not counted: imports, connections
@@ -262,6 +262,7 @@ def main() -> None:
                 runs[label].append(seconds)
             print(f"  round {n + 1}: " + ", ".join(f"{v:.3f}" for v in values.values()), flush=True)
     finally:
+        http.close()
         if server is not None:
             stop_server(server)
         registry.stop()

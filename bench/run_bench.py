@@ -103,14 +103,21 @@ def story_prompts(model: Path, rep: int, n: int) -> list[str]:
     same tokens. A chat prompt also keeps this model from ending its story before
     ``--n-predict`` tokens, as llama-server's ``ignore_eos`` and the plain loop do not."""
     from gguf import GGUFReader
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     field = GGUFReader(model).fields.get("tokenizer.chat_template")
     texts = [f"Story {rep}-{i + 1}. {PROMPT}" for i in range(n)]
     if field is None:
         return texts
-    fmt = Jinja2ChatFormatter(template=str(field.contents()), eos_token="", bos_token="")
-    return [fmt(messages=[{"role": "user", "content": t}]).prompt for t in texts]
+    return [chat_prompt(str(field.contents()), text) for text in texts]
+
+
+def chat_prompt(template: str, text: str) -> str:
+    """``text`` as one user turn of the chat ``template`` (a GGUF's Jinja template), with
+    the assistant's turn opened, as pollama's ``/api/generate`` renders it."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+    return fmt(messages=[{"role": "user", "content": text}]).prompt
 
 
 def llama_server_bin() -> Path:

@@ -5,8 +5,9 @@ decodes of one row, for the rows whose drafted token is kept. Both halves are me
 in-process, with the engine itself (it imports ``llama_cpp`` directly: a benchmark, not the
 product), for one task of ``spec_bench.py``:
 
-* the **step costs**: ``llama_decode`` of 1..17 rows at the end of the task's prompt (flash
-  attention on, one sequence, every row with logits), the median of ``--repeats`` tries;
+* the **step costs**: ``llama_decode`` of 1 to ``--draft-max`` + 1 rows at the end of the
+  task's prompt (flash attention on, one sequence, every row with logits), the median of
+  ``--repeats`` tries;
 * the **answer**: the model's greedy answer, one row at a time, as its tokens.
 
 It then replays the answer through the n-gram lookup pollama uses (``runner/ngram.py``
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from run_bench import chat_prompt
 from spec_bench import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +60,7 @@ def load(path: Path, threads: int) -> tuple[Any, lc.Llama]:
 
 
 def prompt_tokens(llm: lc.Llama, text: str) -> list[int]:
-    template = llm.metadata["tokenizer.chat_template"]
-    fmt = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
-    prompt = fmt(messages=[{"role": "user", "content": text}]).prompt
+    prompt = chat_prompt(llm.metadata["tokenizer.chat_template"], text)
     return llm.tokenize(prompt.encode(), add_bos=False, special=True)
 
 
