@@ -7,6 +7,7 @@ import pytest
 
 from pollama.runner.ngram import (
     MODEL_KEY,
+    SUBS_MAX,
     Acceptance,
     NgramIndex,
     StepCosts,
@@ -48,9 +49,10 @@ def test_a_single_token_never_drafts() -> None:
 
 
 def test_expected_tokens() -> None:
-    assert expected_tokens(0.5, 0) == 1.0
-    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
-    assert expected_tokens(1.0, 8) == 9.0
+    assert expected_tokens([]) == 1.0
+    assert expected_tokens([0.5] * 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens([1.0] * 8) == 9.0
+    assert expected_tokens([0.5, 1.0, 0.0, 1.0]) == pytest.approx(1 + 0.5 + 0.5)
 
 
 def _costs(a: float, b: float, rows: range = range(1, 40)) -> StepCosts:
@@ -82,20 +84,20 @@ def test_measured_times_and_hopeful_guesses() -> None:
 def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
     cheap = _costs(0.02, 0.002)  # a row is a tenth of a step
     dear = _costs(0.0, 0.01)  # a row costs as much as a step: batching gains nothing
-    assert best_length(0.98, 16, 1.0, 1, cheap) == 16
-    assert best_length(0.1, 16, 1.0, 1, cheap) == 0
-    assert best_length(0.98, 16, 1.0, 1, dear) == 0
+    assert best_length([0.98] * 16, 1.0, 1, cheap) == 16
+    assert best_length([0.1] * 16, 1.0, 1, cheap) == 0
+    assert best_length([0.98] * 16, 1.0, 1, dear) == 0
     # with four streams decoding, the same draft slows them all: it must pay more
     middling = _costs(0.02, 0.006)
-    alone = best_length(0.7, 16, 1.0, 1, middling)
-    shared = best_length(0.7, 16, 4.0, 4, middling)
+    alone = best_length([0.7] * 16, 1.0, 1, middling)
+    shared = best_length([0.7] * 16, 4.0, 4, middling)
     assert alone > shared
 
 
 def test_a_draft_models_cost_per_token_counts_against_its_draft() -> None:
     cheap = _costs(0.02, 0.002)
-    assert best_length(0.9, 8, 1.0, 1, cheap, per_token=0.002) > 0  # a draft a tenth the size
-    assert best_length(0.9, 8, 1.0, 1, cheap, per_token=0.02) == 0  # as big as the model
+    assert best_length([0.9] * 8, 1.0, 1, cheap, per_token=0.002) > 0  # a draft a tenth the size
+    assert best_length([0.9] * 8, 1.0, 1, cheap, per_token=0.02) == 0  # as big as the model
     # a draft model that does not pay is still probed now and then, with back-off
     acceptance = Acceptance()
     probes = [step for step in range(100)
@@ -103,17 +105,22 @@ def test_a_draft_models_cost_per_token_counts_against_its_draft() -> None:
     assert probes[:3] == [0, 2, 6] and len(probes) <= 7
 
 
-def test_acceptance_follows_the_recent_rate_of_each_key_length() -> None:
+def test_acceptance_follows_the_recent_odds_by_the_run_of_the_copy() -> None:
     acceptance = Acceptance()
-    assert acceptance.rate(8) > acceptance.rate(4) > acceptance.rate(2)  # the priors
-    prior, long_prior = acceptance.rate(4), acceptance.rate(8)
+    (odds_3,), (odds_8,), (odds_64,) = (acceptance.rates(run, 1) for run in (3, 8, 64))
+    assert odds_64 > odds_8 > odds_3  # the priors: a copy that agreed long goes on agreeing
+    # a draft's later tokens sit further into the copy: their odds are those of longer runs
+    assert acceptance.rates(8, 60)[-1] == odds_64
     for _ in range(5):
-        acceptance.record(4, 8, 8)
-    assert acceptance.rate(4) > 0.95
+        acceptance.record(8, 2, 2)
+    assert acceptance.rates(8, 1)[0] > 0.95
     for _ in range(5):
-        acceptance.record(4, 8, 0)
-    assert acceptance.rate(4) < prior
-    assert acceptance.rate(8) == long_prior  # each length keeps its own
+        acceptance.record(8, 2, 0)
+    assert acceptance.rates(8, 1)[0] < odds_8
+    assert acceptance.rates(64, 1)[0] == pytest.approx(odds_64, rel=0.05)  # each run its own
+    model = acceptance.rates(MODEL_KEY, 3)
+    assert len(set(model)) == 1 and model[0] == pytest.approx(2 / 3)  # the draft model's
+    assert acceptance.expected(MODEL_KEY, 2) == pytest.approx(1 + 2 / 3 + 4 / 9)
 
 
 def test_probes_back_off_exponentially_while_drafting_does_not_pay() -> None:
@@ -156,4 +163,74 @@ def test_a_step_timed_at_zero_never_divides_by_zero() -> None:
     costs.record(6, 0.012)
     for rows in (0, 1, 3, 6, 9):
         assert costs.time(rows) > 0, rows
-    assert 0 <= best_length(0.9, 8, 1.0, 0, costs) <= 8
+    assert 0 <= best_length([0.9] * 8, 1.0, 0, costs) <= 8
+
+
+# A document of distinct tokens, with one word (OLD) at three places, and a rename of it.
+OLD, NEW = 900, (901, 902)
+DOC = [1, 2, 3, 4, 5, 6, OLD, 7, 8, 9, 10, 11, 12, 13, OLD, 14, 15, 16, 17, 18, OLD, 19, 20, 21]
+
+
+def _renamed(tokens: list[int]) -> list[int]:
+    out: list[int] = []
+    for token in tokens:
+        out += NEW if token == OLD else (token,)
+    return out
+
+
+def _generate(index: NgramIndex, tokens: list[int]) -> None:
+    """The output comes a token at a time, looked up before each (as the engine drafts)."""
+    for token in tokens:
+        index.draft(8)
+        index.extend([token])
+
+
+def test_a_rename_is_learned_at_its_first_place_and_drafted_at_the_next() -> None:
+    index = NgramIndex([100, *DOC, 101])
+    first = DOC.index(OLD)
+    index.extend(DOC[:first])  # the copy agreed for six tokens, then the output renames
+    assert index.draft(3) == ([OLD, 7, 8], 6)
+    index.extend([*NEW, 7, 8, 9])  # ...and agrees with the copy again for three tokens
+    draft, run = index.draft(16)
+    assert index.learned == {(OLD,): NEW}
+    # the next occurrence is drafted as renamed, and the copy goes on after it
+    assert draft[:9] == [10, 11, 12, 13, *NEW, 14, 15, 16]
+    # following the copy past the new name, whose tokens never occur in the prompt
+    second = DOC.index(OLD, first + 1)
+    index.extend(_renamed(DOC[first + 4 : second + 1]))
+    draft, run = index.draft(4)
+    assert draft == [14, 15, 16, 17] and run > 8
+
+
+def test_a_substitution_the_output_does_not_make_is_forgotten() -> None:
+    index = NgramIndex([100, *DOC, 101])
+    first = DOC.index(OLD)
+    second = DOC.index(OLD, first + 1)
+    _generate(index, _renamed(DOC[:second]))
+    assert index.learned == {(OLD,): NEW}
+    assert index.draft(2)[0] == [*NEW]
+    index.extend([OLD])  # here the output kept the old word
+    assert index.learned == {}
+    assert index.draft(3)[0] == [14, 15, 16]  # and the copy is found again
+
+
+def test_a_short_match_that_breaks_teaches_nothing() -> None:
+    # two tokens agreed, not a copy: what comes after is no substitution
+    index = NgramIndex([100, 1, 2, 3, 4, 5, 6, 7, 101])
+    index.extend([1, 2])
+    assert index.draft(3) == ([3, 4, 5], 2)
+    index.extend([60, 4, 5, 6, 7])
+    index.draft(3)
+    assert index.learned == {}
+
+
+def test_substitutions_are_bounded() -> None:
+    # forty words, each renamed at its only place, with six tokens of copy around each
+    doc: list[int] = []
+    for word in range(40):
+        doc += [1000 + 10 * word + i for i in range(6)] + [5000 + word]
+    index = NgramIndex([100, *doc, 101])
+    _generate(index, [token + 1000 if token >= 5000 else token for token in doc])
+    assert len(index.learned) == SUBS_MAX
+    assert (5000,) not in index.learned  # the oldest went first
+    assert (5000 + 38,) in index.learned

@@ -33,7 +33,7 @@ def test_defaults_match_ollama_default_options() -> None:
         "main_gpu": None,
         "use_mmap": None,
         "num_thread": 0,
-        "draft_num_predict": 48,  # Ollama: 4 with a draft model; n-gram drafts (runner/ngram.py)
+        "draft_num_predict": 63,  # Ollama: 4 with a draft model; n-gram drafts (runner/ngram.py)
         "num_keep": 4,
         "seed": -1,
         "num_predict": -1,

@@ -119,13 +119,15 @@ OPTIONS: Mapping[str, OptionSpec] = MappingProxyType(
             # n-grams (runner/ngram.py; 0: off), a runtime option here: no draft model to load.
             # Ollama's 4 is for a draft model; drafts that cost nothing to make pay best long
             # (the engine still drafts only where it pays and grows a draft as its request's
-            # drafts are kept): 48, llama-server's n-gram draft length; on a CPU a row costs
-            # less the more rows a decode holds (bench/results/*-speculative.md)
+            # drafts are kept): 63, so that with the pending token a decode holds 64 rows; on
+            # a CPU a row costs less the more rows a decode holds, and llama.cpp's kernels
+            # take them 16 at a time, so a multiple of 16 costs least for its rows
+            # (bench/spec_ceiling.py measures it)
             _int("num_gpu", -1, lo=-1),
             _int("main_gpu", None, reload=True, lo=0),  # None: the plan's choice
             OptionSpec("use_mmap", "bool", None, reload=True),
             _int("num_thread", 0, reload=True, lo=0, hi=4096),  # 0: the CPUs the worker may use
-            _int("draft_num_predict", 48, lo=0, hi=1024),
+            _int("draft_num_predict", 63, lo=0, hi=1024),
             # runtime (api.Options): SamplingOptions' fields
             _int("num_keep", 4, lo=-1),
             _int("seed", -1, lo=INT64_MIN, hi=INT64_MAX),  # -1: random

@@ -115,7 +115,6 @@ from pollama.runner.ngram import (
     Acceptance,
     NgramIndex,
     StepCosts,
-    expected_tokens,
 )
 from pollama.runner.tokens import common_prefix
 
@@ -392,7 +391,7 @@ class _Job:
     indexed: int = 0  # generated tokens already in the index
     draft: list[int] = field(default_factory=list)  # drafted tokens in the batch being decoded
     draft_row: int = -1  # the batch row of the first of them
-    draft_key: int = 0  # the length of the match they were drafted from
+    draft_key: int = 0  # the run of the copy they came from (MODEL_KEY: the draft model)
 
     def next_span(self) -> MediaSpan | None:
         """The first media span not yet wholly in the KV cache (None: only text is left)."""
@@ -907,14 +906,14 @@ class Engine:
                 candidate) else 0
             if k > 0:
                 self._add_draft(job, candidate[:k], key)
-                expected += expected_tokens(drafting.rate(key), len(job.draft)) - 1
+                expected += drafting.expected(key, len(job.draft)) - 1
             elif self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
                 k = drafting.length(MODEL_KEY, limit, expected, batch.n_tokens, costs, per_token)
                 if k > 0:
                     wants.append((job, k))
-                    expected += expected_tokens(drafting.rate(MODEL_KEY), k) - 1
+                    expected += drafting.expected(MODEL_KEY, k) - 1
         if wants:
             self._add_model_drafts(wants)
 
@@ -956,7 +955,8 @@ class Engine:
     @staticmethod
     def _lookup(job: _Job, limit: int) -> tuple[list[int], int]:
         """Up to ``limit`` tokens drafted from the job's prompt and output so far, and the
-        length of the match; the index is built at the first look, then follows the output."""
+        run of the copy they continue; the index is built at the first look, then follows
+        the output."""
         if job.index is None:
             job.index = NgramIndex(job.prompt[-INDEX_LIMIT:] + job.generated)
         else:
