@@ -17,8 +17,9 @@ It then replays the answer through the n-gram lookup pollama uses (``runner/ngra
   answer (a dynamic program over the answer's positions: the lookup's draft at a position
   depends only on the tokens before it): no drafting policy can do better with these
   drafts;
-* **pollama's policy**: ``Acceptance`` and ``best_length``, as the worker runs them, with the
-  measured costs in place of its own running measurements;
+* **pollama's policy**: ``NgramIndex``, ``Acceptance`` and ``best_length``, as the worker
+  runs them (one lookup per step, the index following its copy and learning its edits),
+  with the measured costs in place of its own running measurements;
 * **always**: a full draft at every match (llama-server's ``--spec-type ngram-simple`` drafts
   up to 48 tokens: ``--draft-max 48`` replays that).
 
@@ -48,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pollama.runner.ngram import Acceptance, NgramIndex, StepCosts  # noqa: E402
 
-DRAFT_MAX = 48  # draft_num_predict's default (--draft-max changes it)
+DRAFT_MAX = 63  # draft_num_predict's default (--draft-max changes it)
 
 
 def load(path: Path, threads: int) -> tuple[Any, lc.Llama]:
@@ -104,7 +105,7 @@ def step_costs(ctx: Any, prompt: list[int], repeats: int, max_rows: int) -> dict
 
 
 Lookup = tuple[int, int, int]
-"""At a position of the answer: the draft's length, its key's length, how much of it holds."""
+"""At a position of the answer: the draft's length, its copy's run, how much of it holds."""
 
 
 def lookups(prompt: list[int], answer: list[int], draft_max: int) -> list[Lookup]:
@@ -114,35 +115,51 @@ def lookups(prompt: list[int], answer: list[int], draft_max: int) -> list[Lookup
     index = NgramIndex(prompt + answer[:1])
     found: list[Lookup] = [(0, 0, 0)]
     for done in range(1, len(answer)):
-        candidate, key = index.draft(draft_max)
+        candidate, run = index.draft(draft_max)
         kept = 0
         while kept < len(candidate) and done + kept < len(answer) and (
                 answer[done + kept] == candidate[kept]):
             kept += 1
-        found.append((len(candidate), key, kept))
+        found.append((len(candidate), run, kept))
         index.extend(answer[done : done + 1])
     return found
 
 
 def replay(drafts: list[Lookup], costs: dict[int, float], policy: str) -> tuple[float, int]:
-    """Decode seconds and steps to produce the answer drafting by ``policy``."""
+    """Decode seconds and steps to produce the answer drafting a whole draft at every match
+    (``always``) or none (``none``)."""
+    done, seconds, steps = 1, 0.0, 0
+    while done < len(drafts):
+        length, _run, kept = drafts[done]
+        k = length if policy == "always" else 0
+        seconds += costs[1 + k]
+        steps += 1
+        done += min(kept, k) + 1
+    return seconds, steps
+
+
+def replay_pollama(
+    prompt: list[int], answer: list[int], costs: dict[int, float], draft_max: int
+) -> tuple[float, int]:
+    """Decode seconds and steps to produce the answer as the worker drafts it: one lookup
+    per step (the index follows its copy and learns its edits from the tokens it is given,
+    so it runs along the steps, not over :func:`lookups`), ``Acceptance`` choosing."""
     measured = StepCosts()
     for rows, seconds in costs.items():
         measured.record(rows, seconds)
-    acceptance = Acceptance()
+    index, acceptance = NgramIndex(prompt + answer[:1]), Acceptance()
     done, seconds, steps = 1, 0.0, 0
-    while done < len(drafts):
-        length, key, kept = drafts[done]
-        if policy == "always":
-            k = length
-        elif policy == "pollama":
-            k = acceptance.length(key, length, 1.0, 1, measured) if length else 0
-        else:
-            k = 0
+    while done < len(answer):
+        candidate, run = index.draft(min(draft_max, len(answer) - done))
+        kept = 0
+        while kept < len(candidate) and answer[done + kept] == candidate[kept]:
+            kept += 1
+        k = acceptance.length(run, len(candidate), 1.0, 1, measured) if candidate else 0
         if k:
-            acceptance.record(key, k, min(kept, k))
+            acceptance.record(run, k, min(kept, k))
         seconds += costs[1 + k]
         steps += 1
+        index.extend(answer[done : done + min(kept, k) + 1])
         done += min(kept, k) + 1
     return seconds, steps
 
@@ -154,7 +171,7 @@ def oracle(drafts: list[Lookup], costs: dict[int, float]) -> tuple[float, int]:
     end = len(drafts)
     best: list[tuple[float, int]] = [(0.0, 0)] * (end + 1)
     for done in range(end - 1, 0, -1):
-        length, _key, kept = drafts[done]
+        length, _run, kept = drafts[done]
         options = []
         for k in range(length + 1):
             seconds, steps = best[min(end, done + min(kept, k) + 1)]
@@ -190,8 +207,12 @@ def main() -> int:
     print("| drafting | steps | decode s | speedup |\n|---|--:|--:|--:|")
     for policy, label in (("none", "none"), ("always", f"always {args.draft_max}"),
                           ("pollama", "pollama's policy"), ("oracle", "oracle (ceiling)")):
-        seconds, steps = oracle(drafts, costs) if policy == "oracle" else replay(
-            drafts, costs, policy)
+        if policy == "oracle":
+            seconds, steps = oracle(drafts, costs)
+        elif policy == "pollama":
+            seconds, steps = replay_pollama(prompt, answer, costs, args.draft_max)
+        else:
+            seconds, steps = replay(drafts, costs, policy)
         print(f"| {label} | {steps} | {seconds:.2f} | {base / seconds:.2f} |")
     return 0
 
