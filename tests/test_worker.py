@@ -270,6 +270,23 @@ def test_thread_tuner_is_not_fooled_by_batches_changing_shape() -> None:
     assert tuner.current == 2 and machine.threads == 2
 
 
+def test_an_exploring_probe_runs_no_dear_step_on_fewer_threads() -> None:
+    """The tries of fewer threads that nothing asked for (no slowdown seen) skip the steps
+    that cost far more than the cheapest: a long draft's decode on one thread is a slow step
+    for a probe that an idle machine does not need. Before, in a replay of a drafting
+    request's shapes, a tenth of the time went to such steps."""
+    drafting = [1, 1, 2, 16, 49, 49, 1, 3, 9, 45, 45, 1, 1, 64]
+    machine = _Machine()
+    tuner = ThreadTuner(2, machine.set, clock=lambda: machine.now)
+    machine.run(tuner, 1400, rows=drafting)  # an idle machine, about a minute
+    on_one = [rows for rows, n in zip(drafting * 100, machine.threads_used, strict=True) if n == 1]
+    assert on_one and max(on_one) <= 4 and tuner.current == 2
+    # a neighbour that arrives is still found, dear steps or not
+    machine.speed = {2: 0.200, 1: 0.030}
+    machine.run(tuner, 100, rows=drafting)
+    assert tuner.current == 1
+
+
 def test_an_interrupted_probe_waits_before_the_next() -> None:
     """Prompt chunks drop a running probe; prompts arriving at every step must not keep
     the decode on the probe's thread count."""

@@ -8,12 +8,15 @@ that the request's own sampling would have drawn (llama-server's ``--spec-type
 ngram-simple``). This module holds the pure parts, with no llama.cpp in them:
 
 * :class:`NgramIndex`, the lookup: where each n-gram of the request's tokens (prompt, then
-  output) was last followed by something, for the longest key that matches;
+  output) was last followed by something, for the longest key that matches; the copy it
+  finds is followed while the output agrees with it, and the edits the output makes to it
+  (a renamed variable) are learned and drafted at their next occurrences;
 * :class:`StepCosts`, what a decode costs by its number of rows, measured on the loop's own
   decode-only steps (a row count never measured is guessed optimistically, then tried);
-* :class:`Acceptance`, per request: how often drafted tokens were accepted lately, and the
-  draft length that makes the most tokens per second of decoding (:func:`best_length`),
-  with a back-off of its probes when drafting does not pay.
+* :class:`Acceptance`, per request: how often drafted tokens were accepted lately, by how
+  long their copy had agreed, and the draft length that makes the most tokens per second
+  of decoding (:func:`best_length`), with a back-off of its probes when drafting does not
+  pay.
 
 On a CPU a batch of k rows costs far more than one row (small models are compute-bound), so
 the decision weighs the expected extra tokens against the measured extra time, for the whole
@@ -193,26 +196,30 @@ class NgramIndex:
 
     def _learn(self) -> None:
         """After a copy broke: learn the smallest change after which the output agrees with
-        the copy again, once the output holds it; give up when it cannot be that small."""
+        the copy again, once the output holds it; give up when it cannot be that small.
+        About twenty short copies and lookups per call, whatever the history holds."""
         assert self._broken is not None
         at, source = self._broken
         history = self.tokens
         have = len(history) - at
         if have > SUB_MAX + _RESYNC:
-            self._broken = None
-        for total in range(2, 2 * SUB_MAX + 1):  # the smallest change first
-            for new_len in range(1, min(total, SUB_MAX + 1)):
-                old_len = total - new_len
-                if old_len > SUB_MAX or new_len + _RESYNC > have:
-                    continue
-                again = self._copy(source + old_len, _RESYNC)[0]
-                if history[at + new_len : at + new_len + _RESYNC] == again:
-                    self._broken = None
-                    old = tuple(history[source : source + old_len])
-                    new = tuple(history[at : at + new_len])
-                    if old != new:
-                        self._remember(old, new)
-                    return
+            self._broken = None  # this look is the last
+        if have <= _RESYNC:
+            return
+        # what the copy says after skipping n of its tokens, n = 1..SUB_MAX (the least wins)
+        after = {tuple(self._copy(source + n, _RESYNC)[0]): n for n in range(SUB_MAX, 0, -1)}
+        best: tuple[int, int] | None = None  # (old_len, new_len) of the smallest change
+        for new_len in range(1, min(SUB_MAX, have - _RESYNC) + 1):
+            old_len = after.get(tuple(history[at + new_len : at + new_len + _RESYNC]))
+            if old_len is not None and (best is None or old_len + new_len < sum(best)):
+                best = (old_len, new_len)
+        if best is None:
+            return
+        self._broken = None
+        old_len, new_len = best
+        old, new = tuple(history[source : source + old_len]), tuple(history[at : at + new_len])
+        if old != new:
+            self._remember(old, new)
 
     def _remember(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         self._forget(old)

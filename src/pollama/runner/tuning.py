@@ -10,7 +10,9 @@ measures: when decode steps get much slower than the best seen, it tries fewer t
 few steps and keeps them if they are faster (also once early and then every minute or so,
 in case the neighbour was there from the start); from fewer threads it tries all of them
 again now and then. Tries that fail come less and less often; on an idle machine they cost
-about 0.3 % (four slower steps every minute).
+about 0.3 % (four slower steps every minute). A try that nothing asked for (no slowdown seen)
+runs only on steps that cost at most twice the cheapest shape: a long draft's decode on one
+thread would cost more than all the one-row steps of the try.
 
 Steps are weighed by their shape (the rows in the batch): drafts and streams joining or
 leaving change it from one step to the next, so a probe compares each of its steps with the
@@ -41,6 +43,7 @@ _FORGET = 1.002  # the best seen drifts up per step, so a longer context becomes
 _RETRY_S, _RETRY_MAX_S = 1.0, 16.0  # from fewer threads, how often to try all of them
 _EXPLORE_AFTER = 4  # measured steps before the first try of fewer threads (a busy start)
 _EXPLORE_S, _EXPLORE_MAX_S = 5.0, 60.0  # then how often, when nothing looks slow
+_EXPLORE_DEAR = 2.0  # such a try runs no step dearer than this many of the cheapest shape
 
 
 class ThreadTuner:
@@ -66,6 +69,7 @@ class ThreadTuner:
         self._probe: int | None = None  # the thread count being tried
         self._probe_steps = 0  # decode steps since it began
         self._probe_ratios: list[float] = []  # their times over the current count's
+        self._exploring = False  # the probe is a try nothing asked for (not a slowdown)
         self._hold_until = 0.0  # no probe before this (after one was interrupted)
         self._retry_s = _RETRY_S
         self._next_retry = 0.0
@@ -78,8 +82,15 @@ class ThreadTuner:
         return self.n_low < self.n_max
 
     def threads_for_step(self, rows: int) -> None:
-        """Before a decode-only step of ``rows`` sequences: start a probe if one is due."""
-        if not self.enabled or self._probe is not None or self._clock() < self._hold_until:
+        """Before a decode-only step of ``rows`` rows: start a probe if one is due; end an
+        exploring probe rather than run a dear step on fewer threads."""
+        if not self.enabled:
+            return
+        if self._probe is not None:
+            if self._exploring and self._dear(rows):
+                self._fail_probe()
+            return
+        if self._clock() < self._hold_until:
             return
         key = (self.current, rows)
         if self.current == self.n_max:
@@ -88,10 +99,22 @@ class ThreadTuner:
                 return
             slow = ema >= _SLOW * best  # slower than before: something else runs
             due = self._measured >= _EXPLORE_AFTER and self._clock() >= self._next_explore
-            if slow or due:  # (due: it may have been running since we started)
+            if slow:
                 self._start_probe(self.n_low)
+            elif due and not self._dear(rows):  # it may have been running since we started
+                self._start_probe(self.n_low, exploring=True)
         elif self._clock() >= self._next_retry:
             self._start_probe(self.n_max)
+
+    def _dear(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows costs more than :data:`_EXPLORE_DEAR` times the
+        cheapest shape measured (or is not measured at all): a long draft's decode on one
+        thread costs ten one-row steps' worth, for a probe that nothing said was needed."""
+        reference = self._reference(rows)
+        cheapest = min(
+            (ema for (n, _), ema in self._ema.items() if n == self.current), default=None
+        )
+        return reference is None or cheapest is None or reference > _EXPLORE_DEAR * cheapest
 
     def record(self, rows: int, seconds: float) -> None:
         """After a decode-only step of ``rows`` sequences that took ``seconds``."""
@@ -115,8 +138,9 @@ class ThreadTuner:
             self._end_probe(switch=False)
             self._hold_until = self._clock() + _HOLD_S
 
-    def _start_probe(self, n: int) -> None:
+    def _start_probe(self, n: int, *, exploring: bool = False) -> None:
         self._probe, self._probe_steps, self._probe_ratios = n, 0, []
+        self._exploring = exploring
         self._set(n)
 
     def _record_probe(self, rows: int, seconds: float) -> None:
@@ -124,8 +148,8 @@ class ThreadTuner:
         number of rows: batches change shape from step to step (drafts, streams joining
         and leaving), so a probe compares ratios, never raw times."""
         self._probe_steps += 1
-        reference = self._ema.get((self.current, rows))
-        if reference is None:  # a shape never measured: nothing to weigh it against
+        reference = self._reference(rows)
+        if reference is None:  # nothing measured to weigh this shape against
             if self._probe_steps >= _PROBE_STEPS_MAX:
                 self._fail_probe()
             return
@@ -136,6 +160,26 @@ class ThreadTuner:
             self._probe_ratios.append(ratio)
             if len(self._probe_ratios) >= _PROBE_STEPS - 1:
                 self._finish_probe()
+
+    def _reference(self, rows: int) -> float | None:
+        """The current thread count's time for a step of ``rows`` rows: measured, else drawn
+        on a line from the nearest shapes measured around it, else scaled down from the
+        nearest larger one by rows. Drafts make many shapes, most of them rare, and a probe
+        that only counted the shapes measured before ran on for a dozen steps of drafts
+        (each one a long decode on one thread). Both guesses err low, since a row costs less
+        the more rows a step holds: a probe then looks slower than it is, never faster,
+        so a guess can end a probe but never make it switch wrongly."""
+        known = {r: ema for (n, r), ema in self._ema.items() if n == self.current}
+        if rows in known:
+            return known[rows]
+        below = max((r for r in known if r < rows), default=None)
+        above = min((r for r in known if r > rows), default=None)
+        if above is None:
+            return None
+        if below is None:
+            return known[above] * rows / above
+        share = (rows - below) / (above - below)
+        return known[below] + share * (known[above] - known[below])
 
     def _finish_probe(self) -> None:
         assert self._probe is not None
