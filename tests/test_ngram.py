@@ -195,6 +195,8 @@ def test_a_rename_is_learned_at_its_first_place_and_drafted_at_the_next() -> Non
     assert index.learned == {(OLD,): NEW}
     # the next occurrence is drafted as renamed, and the copy goes on after it
     assert draft[:9] == [10, 11, 12, 13, *NEW, 14, 15, 16]
+    # the edit is explained, so the copy's run goes on through it: 6 before, 2 new, 3 after
+    assert run == 11
     # following the copy past the new name, whose tokens never occur in the prompt
     second = DOC.index(OLD, first + 1)
     index.extend(_renamed(DOC[first + 4 : second + 1]))

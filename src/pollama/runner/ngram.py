@@ -101,7 +101,8 @@ class NgramIndex:
         self._origin: list[int | tuple[int, ...]] = []
         self._source = -1
         self._run = 0
-        self._broken: tuple[int, int] | None = None  # (history index, source index) of a break
+        # a break: its history index, the source index the copy expected, the copy's run
+        self._broken: tuple[int, int, int] | None = None
         self._index(tokens)
 
     def _index(self, tokens: Sequence[int]) -> None:
@@ -132,7 +133,7 @@ class NgramIndex:
         if isinstance(origin, tuple):
             self._forget(origin)  # the output kept the original here
         elif origin is not None and self._run >= _RELIABLE:
-            self._broken = (len(self.tokens), origin)
+            self._broken = (len(self.tokens), origin, self._run)
         self._expect, self._origin, self._source, self._run = [], [], -1, 0
 
     def draft(self, limit: int) -> tuple[list[int], int]:
@@ -199,7 +200,7 @@ class NgramIndex:
         the copy again, once the output holds it; give up when it cannot be that small.
         About twenty short copies and lookups per call, whatever the history holds."""
         assert self._broken is not None
-        at, source = self._broken
+        at, source, run = self._broken
         history = self.tokens
         have = len(history) - at
         if have > SUB_MAX + _RESYNC:
@@ -218,8 +219,15 @@ class NgramIndex:
         self._broken = None
         old_len, new_len = best
         old, new = tuple(history[source : source + old_len]), tuple(history[at : at + new_len])
-        if old != new:
-            self._remember(old, new)
+        if old == new:
+            return
+        self._remember(old, new)
+        # the copy goes on, and the edit is explained: its run did not end at the break
+        since = history[at + new_len :]
+        copied, _origin, after = self._copy(source + old_len, len(since))
+        if copied == since:
+            self._expect, self._origin, self._source = [], [], after
+            self._run = run + new_len + len(since)
 
     def _remember(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         self._forget(old)
