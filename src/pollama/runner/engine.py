@@ -32,8 +32,9 @@ occurrence of its last few tokens in the prompt and output, or the copy it is fo
 the edits learned from it (``runner/ngram.py``), every row with logits. After the decode
 the pending token's row is sampled as always; while the token drawn is the one drafted
 next, that drafted token is kept (it already sits in the KV) and its own row is sampled,
-with the same chain, grammar, logprobs, stop strings and budget as a token decoded alone. At the first difference the drawn token becomes the pending one and
-the cells of the rows not kept are cut (``seq_rm``). Drawing the target's own token at each
+with the same chain, grammar, logprobs, stop strings and budget as a token decoded alone.
+At the first difference the drawn token becomes the pending one and the cells of the rows
+not kept are cut (``seq_rm``). Drawing the target's own token at each
 row and keeping the draft while they agree is the rejection rule for a draft that is one
 token for sure (accept with probability p(d), else a token from p without d), so sampled
 output keeps its distribution (a seeded chain even makes the same draws) and greedy output
