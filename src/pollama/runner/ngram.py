@@ -344,12 +344,14 @@ the run of its copy (:meth:`NgramIndex.draft`), at least 2."""
 _MODEL_PRIOR = (2.0, 1.0)  # a draft model's starting (hits, misses)
 _MODEL_DECAY = 0.8  # weight of its past at each verification: the rate follows the text
 _RUN_EDGES = (0, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-_RUN_PRIORS = (0.5, 0.8, 0.85, 0.88, 0.9, 0.93, 0.95, 0.97, 0.98, 0.985, 0.99)
+_RUN_PRIORS = (0.5, 0.67, 0.75, 0.88, 0.9, 0.93, 0.95, 0.97, 0.98, 0.985, 0.99)
 """A drafted token's starting odds of being accepted, by the run of the copy at it (the
 ``_RUN_EDGES`` bucket): a copy that has agreed for long goes on agreeing. From greedy answers
 of Qwen2.5-Coder 0.5B and 1.5B to ``bench/spec_bench.py``'s edit and rewrite prompts, the
 next token followed the copy 62 % of the time after a run of 2, 90 % after 8 to 11, 97 %
-after 16 to 31 and 99.6 % after 64."""
+after 16 to 31 and 99.6 % after 64. Runs of 3 to 5 start lower than those answers say: in a
+chat they are mostly two or three common tokens met again, and a chat must not pay for
+drafts (``spec_bench.py``'s chat drafted 5-token drafts at runs of 3, all refused)."""
 _PRIOR_WEIGHT = 4.0  # the priors count as this many tokens
 _RUN_DECAY = 0.995  # weight of the past at each drafted token tested: the odds follow the text
 _BUCKET = [max(i for i, edge in enumerate(_RUN_EDGES) if run >= edge) for run in range(RUN_CAP + 1)]
