@@ -114,7 +114,9 @@ def test_a_rewrite_is_drafted_from_its_prompt_and_unchanged(qwen: httpx.Client) 
     assert final["eval_count"] == plain_final["eval_count"]
     assert "draft_tokens" not in plain_final
     _drafted(final)
-    assert final["draft_accepted"] >= final["eval_count"] // 3  # most of it was copied
+    # most of it was copied, the rename too: the drafts learn it at its first place (of
+    # three) and draft it renamed at the next ones (88 of 101 tokens kept here; 76 before)
+    assert final["draft_accepted"] >= final["eval_count"] * 4 // 5
 
 
 def test_chat_is_the_same_with_and_without_drafts(smol: httpx.Client) -> None:
