@@ -349,9 +349,9 @@ _RUN_PRIORS = (0.5, 0.67, 0.75, 0.88, 0.9, 0.93, 0.95, 0.97, 0.98, 0.985, 0.99)
 ``_RUN_EDGES`` bucket): a copy that has agreed for long goes on agreeing. From greedy answers
 of Qwen2.5-Coder 0.5B and 1.5B to ``bench/spec_bench.py``'s edit and rewrite prompts, the
 next token followed the copy 62 % of the time after a run of 2, 90 % after 8 to 11, 97 %
-after 16 to 31 and 99.6 % after 64. Runs of 3 to 5 start lower than those answers say: in a
-chat they are mostly two or three common tokens met again, and a chat must not pay for
-drafts (``spec_bench.py``'s chat drafted 5-token drafts at runs of 3, all refused)."""
+after 16 to 31 and 99.6 % after 64. Runs of 3 to 5 start lower than those answers say, where
+the key-length priors started them: in a chat they are mostly two or three common tokens met
+again, and a chat must not pay for drafts."""
 _PRIOR_WEIGHT = 4.0  # the priors count as this many tokens
 _RUN_DECAY = 0.995  # weight of the past at each drafted token tested: the odds follow the text
 _BUCKET = [max(i for i, edge in enumerate(_RUN_EDGES) if run >= edge) for run in range(RUN_CAP + 1)]
