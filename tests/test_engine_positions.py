@@ -135,6 +135,9 @@ class _Model:
     def token_to_piece(self, token: int) -> bytes:
         return b"x"
 
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return []  # no other spellings of a learned edit
+
 
 @dataclass
 class _Span:

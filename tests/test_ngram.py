@@ -3,6 +3,8 @@ expected yield of a draft, the measured cost of rows and the per-request back-of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from pollama.runner.ngram import (
@@ -14,6 +16,7 @@ from pollama.runner.ngram import (
     best_length,
     cheapest_probe,
     expected_tokens,
+    word_variants,
 )
 
 
@@ -227,12 +230,44 @@ def test_a_short_match_that_breaks_teaches_nothing() -> None:
 
 
 def test_substitutions_are_bounded() -> None:
-    # forty words, each renamed at its only place, with six tokens of copy around each
+    # more words than are remembered, each renamed at its only place, with six tokens of
+    # copy around each
+    words = SUBS_MAX + 8
     doc: list[int] = []
-    for word in range(40):
-        doc += [1000 + 10 * word + i for i in range(6)] + [5000 + word]
+    for word in range(words):
+        doc += [10000 + 10 * word + i for i in range(6)] + [5000 + word]
     index = NgramIndex([100, *doc, 101])
-    _generate(index, [token + 1000 if token >= 5000 else token for token in doc])
+    _generate(index, [token + 1000 if 5000 <= token < 6000 else token for token in doc])
     assert len(index.learned) == SUBS_MAX
     assert (5000,) not in index.learned  # the oldest went first
-    assert (5000 + 38,) in index.learned
+    assert (5000 + words - 2,) in index.learned
+
+
+def test_other_spellings_of_a_word_are_learned_with_it() -> None:
+    assert word_variants(" total", " grand_total")[:2] == [
+        ("total", "grand_total"), (".total", ".grand_total")]
+    assert word_variants(" a b", " c") == []  # not one word
+    assert word_variants(" total", " total") == []
+
+    class Vocabulary:
+        """" total" 900, " grand" 901, "_total" 902, "total" 903, "grand" 904."""
+
+        pieces = {900: " total", 901: " grand", 902: "_total", 903: "total", 904: "grand"}
+
+        def text(self, tokens: Sequence[int]) -> str:
+            return "".join(self.pieces.get(t, "?") for t in tokens)
+
+        def tokens(self, text: str) -> list[int]:
+            spelled = {"total": [903], "grand_total": [904, 902]}
+            return spelled.get(text, [])
+
+    # the word after a space, then as a dict key ("total" is another token there)
+    doc = [1, 2, 3, 4, 5, 6, 900, 7, 8, 9, 10, 11, 12, 13, 903, 14, 15, 16, 17]
+    index = NgramIndex([100, *doc, 101], spelling=Vocabulary())
+    _generate(index, [1, 2, 3, 4, 5, 6, 901, 902, 7, 8, 9])
+    index.draft(8)
+    assert index.learned == {(900,): (901, 902), (903,): (904, 902)}
+    assert index.draft(8)[0] == [10, 11, 12, 13, 904, 902, 14, 15]
+    without = NgramIndex([100, *doc, 101])  # no tokenizer: the one spelling only
+    _generate(without, [1, 2, 3, 4, 5, 6, 901, 902, 7, 8, 9])
+    assert without.draft(8)[0] == [10, 11, 12, 13, 903, 14, 15, 16]

@@ -422,6 +422,21 @@ class _Job:
         )
 
 
+class _ModelSpelling:
+    """The model's tokenizer as the n-gram index's :class:`~pollama.runner.ngram.Spelling`:
+    a learned rename of ``" total"`` is then also drafted where the prompt spells the word
+    ``"total"`` (a dict key), which is another token."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._model.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def tokens(self, text: str) -> list[int]:
+        return self._model.tokenize(text, add_special=False, parse_special=False)
+
+
 class Engine:
     """Runs completions on one context; see the module docstring for the invariants."""
 
@@ -475,6 +490,7 @@ class Engine:
         self.can_shift = ctx.can_shift()
         # Decode time by rows, per number of generating slots (``runner/ngram.py``).
         self._costs: dict[int, StepCosts] = {}
+        self._spelling = _ModelSpelling(model)  # a learned edit's other spellings
 
     # -- called from any thread --------------------------------------------------------
 
@@ -953,13 +969,14 @@ class Engine:
             elif job.drafting is not None:  # the draft model was unsure: its work was lost
                 job.drafting.record(MODEL_KEY, 1, 0)
 
-    @staticmethod
-    def _lookup(job: _Job, limit: int) -> tuple[list[int], int]:
+    def _lookup(self, job: _Job, limit: int) -> tuple[list[int], int]:
         """Up to ``limit`` tokens drafted from the job's prompt and output so far, and the
         run of the copy they continue; the index is built at the first look, then follows
         the output."""
         if job.index is None:
-            job.index = NgramIndex(job.prompt[-INDEX_LIMIT:] + job.generated)
+            job.index = NgramIndex(
+                job.prompt[-INDEX_LIMIT:] + job.generated, spelling=self._spelling
+            )
         else:
             job.index.extend(job.generated[job.indexed :])
         job.indexed = len(job.generated)

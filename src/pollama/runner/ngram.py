@@ -29,10 +29,13 @@ fast it comes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Protocol
 
 __all__ = [
     "SUBS_MAX",
+    "Spelling",
     "MODEL_KEY",
     "Acceptance",
     "NgramIndex",
@@ -40,6 +43,7 @@ __all__ = [
     "best_length",
     "cheapest_probe",
     "expected_tokens",
+    "word_variants",
 ]
 
 KEY_SIZES = (8, 4, 3, 2)
@@ -53,10 +57,41 @@ RUN_CAP = 64
 the next token agrees no longer change much."""
 SUB_MAX = 16
 """The longest span, in tokens, that a learned substitution replaces or puts in its place."""
-SUBS_MAX = 32
-"""The most substitutions one request remembers (the oldest goes first)."""
+SUBS_MAX = 64
+"""The most substitutions one request remembers, other spellings included (the oldest goes
+first)."""
 _RELIABLE = 4  # a run of this many agreeing tokens is a copy, whose break teaches a substitution
 _RESYNC = 3  # tokens that must agree again after a changed span, to learn what it became
+
+
+_WORD = re.compile(r"\w+")
+_SPELLING_PREFIXES = ("", " ", ".", "'", '"', "(", "[", "`")
+"""What may come before a word inside one token: a rename learned where the word followed a
+space (``" total"``) also applies where it follows a quote (``{"total": ...}``), which the
+tokenizer spells with other tokens."""
+
+
+def word_variants(old: str, new: str) -> list[tuple[str, str]]:
+    """Other spellings of an edit of one word: ``old`` and ``new`` with what comes before
+    the word in both (spaces, punctuation) replaced by each of :data:`_SPELLING_PREFIXES`;
+    none when the edit is not of one word into one word."""
+    lead = 0
+    while lead < min(len(old), len(new)) and old[lead] == new[lead] and not (
+        old[lead].isalnum() or old[lead] == "_"
+    ):
+        lead += 1
+    word, renamed = old[lead:], new[lead:]
+    if not (_WORD.fullmatch(word) and _WORD.fullmatch(renamed)) or word == renamed:
+        return []
+    return [(p + word, p + renamed) for p in _SPELLING_PREFIXES if p != old[:lead]]
+
+
+class Spelling(Protocol):
+    """The tokenizer, for the other spellings of a learned edit (:func:`word_variants`)."""
+
+    def text(self, tokens: Sequence[int]) -> str: ...
+
+    def tokens(self, text: str) -> list[int]: ...
 
 
 class NgramIndex:
@@ -79,8 +114,11 @@ class NgramIndex:
     tokens breaks, the index finds the smallest span after the break, of at most
     :data:`SUB_MAX` tokens on each side, after which the output agrees with the copy again
     for :data:`_RESYNC` tokens, and learns it: the source's span becomes the output's. Later
-    drafts apply it, so the next occurrence is drafted as changed. A substitution that a
-    draft then sees broken is forgotten (the output kept the original there).
+    drafts apply it, so the next occurrence is drafted as changed. With a ``spelling`` (the
+    tokenizer), an edit of one word is also learned in the word's other spellings
+    (:func:`word_variants`: after a quote, a dot, nothing), which are other tokens. A
+    substitution that a draft then sees broken is forgotten (the output kept the original
+    there).
 
     What must stay true: the draft is only ever a guess (the engine keeps what sampling
     would have drawn), and a lookup's work is bounded by the draft's length, not by the
@@ -88,8 +126,14 @@ class NgramIndex:
     token).
     """
 
-    def __init__(self, tokens: Sequence[int] = (), sizes: Sequence[int] = KEY_SIZES) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[int] = (),
+        sizes: Sequence[int] = KEY_SIZES,
+        spelling: Spelling | None = None,
+    ) -> None:
         self.tokens: list[int] = []
+        self._spelling = spelling
         self._sizes = tuple(sorted(sizes, reverse=True))
         self._next: dict[tuple[int, ...], int] = {}
         # learned substitutions, in the order learned, and by the first token they replace
@@ -222,12 +266,30 @@ class NgramIndex:
         if old == new:
             return
         self._remember(old, new)
+        if self._spelling is not None:
+            self._respell(old, new)
         # the copy goes on, and the edit is explained: its run did not end at the break
         since = history[at + new_len :]
         copied, _origin, after = self._copy(source + old_len, len(since))
         if copied == since:
             self._expect, self._origin, self._source = [], [], after
             self._run = run + new_len + len(since)
+
+    def _respell(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        """Learn the other spellings of a one-word edit, as the tokenizer spells them."""
+        assert self._spelling is not None
+        text = self._spelling.text
+        for old_text, new_text in word_variants(text(old), text(new)):
+            other = tuple(self._spelling.tokens(old_text))
+            renamed = tuple(self._spelling.tokens(new_text))
+            if (
+                other
+                and len(other) <= SUB_MAX
+                and len(renamed) <= SUB_MAX
+                and other != renamed
+                and other not in self.learned
+            ):
+                self._remember(other, renamed)
 
     def _remember(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         self._forget(old)
