@@ -18,8 +18,9 @@ It then replays the answer through the n-gram lookup pollama uses (``runner/ngra
   depends only on the tokens before it): no drafting policy can do better with these
   drafts;
 * **pollama's policy**: ``NgramIndex``, ``Acceptance`` and ``best_length``, as the worker
-  runs them (one lookup per step, the index following its copy and learning its edits),
-  with the measured costs in place of its own running measurements;
+  runs them (one lookup per step, the index following its copy and learning its edits and
+  their other spellings through the model's tokenizer), with the measured costs in place of
+  its own running measurements;
 * **always**: a full draft at every match (llama-server's ``--spec-type ngram-simple`` drafts
   up to 48 tokens: ``--draft-max 48`` replays that).
 
@@ -36,6 +37,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pollama.runner.ngram import Acceptance, NgramIndex, StepCosts  # noqa: E402
+from pollama.runner.ngram import Acceptance, NgramIndex, Spelling, StepCosts  # noqa: E402
 
 DRAFT_MAX = 63  # draft_num_predict's default (--draft-max changes it)
 
@@ -108,11 +110,27 @@ Lookup = tuple[int, int, int]
 """At a position of the answer: the draft's length, its copy's run, how much of it holds."""
 
 
-def lookups(prompt: list[int], answer: list[int], draft_max: int) -> list[Lookup]:
+class LlmSpelling:
+    """The model's tokenizer, for the other spellings of a learned edit (the worker gives its
+    index the same)."""
+
+    def __init__(self, llm: lc.Llama) -> None:
+        self.llm = llm
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens)).decode("utf-8", "replace")
+
+    def tokens(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def lookups(
+    prompt: list[int], answer: list[int], draft_max: int, spelling: Spelling | None = None
+) -> list[Lookup]:
     """The lookup's draft at each position of ``answer`` (index 0, which the prompt's
     evaluation samples, has none): a draft depends only on the tokens before its position,
     so every policy meets the same ones."""
-    index = NgramIndex(prompt + answer[:1])
+    index = NgramIndex(prompt + answer[:1], spelling=spelling)
     found: list[Lookup] = [(0, 0, 0)]
     for done in range(1, len(answer)):
         candidate, run = index.draft(draft_max)
@@ -139,7 +157,11 @@ def replay(drafts: list[Lookup], costs: dict[int, float], policy: str) -> tuple[
 
 
 def replay_pollama(
-    prompt: list[int], answer: list[int], costs: dict[int, float], draft_max: int
+    prompt: list[int],
+    answer: list[int],
+    costs: dict[int, float],
+    draft_max: int,
+    spelling: Spelling | None = None,
 ) -> tuple[float, int]:
     """Decode seconds and steps to produce the answer as the worker drafts it: one lookup
     per step (the index follows its copy and learns its edits from the tokens it is given,
@@ -147,7 +169,7 @@ def replay_pollama(
     measured = StepCosts()
     for rows, seconds in costs.items():
         measured.record(rows, seconds)
-    index, acceptance = NgramIndex(prompt + answer[:1]), Acceptance()
+    index, acceptance = NgramIndex(prompt + answer[:1], spelling=spelling), Acceptance()
     done, seconds, steps = 1, 0.0, 0
     while done < len(answer):
         candidate, run = index.draft(min(draft_max, len(answer) - done))
@@ -198,7 +220,8 @@ def main() -> int:
     prompt = prompt_tokens(llm, text)
     answer = greedy_answer(llm, prompt, limit)
     costs = step_costs(ctx, prompt, args.repeats, args.draft_max + 1)
-    drafts = lookups(prompt, answer, args.draft_max)
+    spelling = LlmSpelling(llm)
+    drafts = lookups(prompt, answer, args.draft_max, spelling)
     base, _ = replay(drafts, costs, "none")
     print(f"{args.task} on {args.model.name}, {args.threads} threads: prompt {len(prompt)} "
           f"tokens, answer {len(answer)} tokens\n")
@@ -210,7 +233,7 @@ def main() -> int:
         if policy == "oracle":
             seconds, steps = oracle(drafts, costs)
         elif policy == "pollama":
-            seconds, steps = replay_pollama(prompt, answer, costs, args.draft_max)
+            seconds, steps = replay_pollama(prompt, answer, costs, args.draft_max, spelling)
         else:
             seconds, steps = replay(drafts, costs, policy)
         print(f"| {label} | {steps} | {seconds:.2f} | {base / seconds:.2f} |")
