@@ -268,6 +268,17 @@ def test_other_spellings_of_a_word_are_learned_with_it() -> None:
     index.draft(8)
     assert index.learned == {(900,): (901, 902), (903,): (904, 902)}
     assert index.draft(8)[0] == [10, 11, 12, 13, 904, 902, 14, 15]
+    # where the output keeps the word's other spelling, the guess is forgotten and the
+    # copy goes on with the original
+    kept = NgramIndex([100, *doc, 101], spelling=Vocabulary())
+    _generate(kept, [1, 2, 3, 4, 5, 6, 901, 902, 7, 8, 9, 10, 11, 12, 13])
+    assert kept.draft(3)[0] == [904, 902, 14]
+    kept.extend([903, 14])
+    assert (903,) not in kept.learned and (900,) in kept.learned
+    assert kept.draft(3) == ([15, 16, 17], kept.draft(3)[1])
+    # the copy did not break: its run goes on from before the rename (a lookup after a break
+    # would find a run of 9, back to the renamed place)
+    assert kept.draft(3)[1] == 17
     without = NgramIndex([100, *doc, 101])  # no tokenizer: the one spelling only
     _generate(without, [1, 2, 3, 4, 5, 6, 901, 902, 7, 8, 9])
     assert without.draft(8)[0] == [10, 11, 12, 13, 903, 14, 15, 16]

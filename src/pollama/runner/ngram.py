@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "SUBS_MAX",
@@ -86,6 +86,14 @@ def word_variants(old: str, new: str) -> list[tuple[str, str]]:
     return [(p + word, p + renamed) for p in _SPELLING_PREFIXES if p != old[:lead]]
 
 
+class _Span(NamedTuple):
+    """Where a drafted token came from when a substitution made it: what it replaced, and
+    the history index of that."""
+
+    old: tuple[int, ...]
+    source: int
+
+
 class Spelling(Protocol):
     """The tokenizer, for the other spellings of a learned edit (:func:`word_variants`)."""
 
@@ -118,7 +126,8 @@ class NgramIndex:
     tokenizer), an edit of one word is also learned in the word's other spellings
     (:func:`word_variants`: after a quote, a dot, nothing), which are other tokens. A
     substitution that a draft then sees broken is forgotten (the output kept the original
-    there).
+    there); where the output does not take such a guessed spelling, the copy goes on with
+    the original, unbroken (a model may rename a variable and keep a dict key).
 
     What must stay true: the draft is only ever a guess (the engine keeps what sampling
     would have drawn), and a lookup's work is bounded by the draft's length, not by the
@@ -138,11 +147,12 @@ class NgramIndex:
         self._next: dict[tuple[int, ...], int] = {}
         # learned substitutions, in the order learned, and by the first token they replace
         self.learned: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._guessed: set[tuple[int, ...]] = set()  # spellings not yet seen in the output
         self._subs: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {}
         # the copy followed: its expected tokens, where each came from (a history index, or
         # the substitution it belongs to), and the history index after them (-1: none)
         self._expect: list[int] = []
-        self._origin: list[int | tuple[int, ...]] = []
+        self._origin: list[int | _Span] = []
         self._source = -1
         self._run = 0
         # a break: its history index, the source index the copy expected, the copy's run
@@ -164,18 +174,37 @@ class NgramIndex:
             if self._source >= 0:
                 if not self._expect:
                     self._expect, self._origin, self._source = self._copy(self._source, 1)
+                if self._expect and self._expect[0] != token:
+                    self._unguess()  # a guessed spelling not taken: expect the original
                 if self._expect and self._expect[0] == token:
+                    origin = self._origin[0]
                     del self._expect[0], self._origin[0]
                     self._run += 1
+                    if isinstance(origin, _Span) and not (
+                        self._origin and self._origin[0] is origin
+                    ):
+                        self._guessed.discard(origin.old)  # the output spelled it so
                 else:
                     self._break()
             self._index((token,))
 
+    def _unguess(self) -> None:
+        """The output did not take a guessed spelling (:meth:`_respell`) where the copy
+        expected it, at its first token: forget the guess and expect the original there."""
+        origin = self._origin[0] if self._origin else None
+        if not (isinstance(origin, _Span) and origin.old in self._guessed):
+            return
+        whole = len(self.learned[origin.old])
+        if sum(1 for o in self._origin[:whole] if o is origin) < whole:
+            return  # the guess was half taken: the copy is broken
+        self._forget(origin.old)
+        self._expect, self._origin, self._source = self._copy(origin.source, 1)
+
     def _break(self) -> None:
         """The output left the copy at the next history index."""
         origin = self._origin[0] if self._origin else None
-        if isinstance(origin, tuple):
-            self._forget(origin)  # the output kept the original here
+        if isinstance(origin, _Span):
+            self._forget(origin.old)  # the output kept the original here
         elif origin is not None and self._run >= _RELIABLE:
             self._broken = (len(self.tokens), origin, self._run)
         self._expect, self._origin, self._source, self._run = [], [], -1, 0
@@ -218,19 +247,19 @@ class NgramIndex:
 
     def _copy(
         self, source: int, limit: int
-    ) -> tuple[list[int], list[int | tuple[int, ...]], int]:
+    ) -> tuple[list[int], list[int | _Span], int]:
         """Up to ``limit`` tokens of the history from ``source`` on, substitutions applied
         (a substitution is copied whole, so it may pass ``limit``), where each came from, and
         the history index after them."""
         history, subs = self.tokens, self._subs
         out: list[int] = []
-        origin: list[int | tuple[int, ...]] = []
+        origin: list[int | _Span] = []
         end = len(history)
         while len(out) < limit and source < end:
             for old, new in subs.get(history[source], {}).items():
                 if tuple(history[source : source + len(old)]) == old:
                     out += new
-                    origin += [old] * len(new)
+                    origin += [_Span(old, source)] * len(new)
                     source += len(old)
                     break
             else:
@@ -290,6 +319,7 @@ class NgramIndex:
                 and other not in self.learned
             ):
                 self._remember(other, renamed)
+                self._guessed.add(other)
 
     def _remember(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         self._forget(old)
@@ -302,6 +332,7 @@ class NgramIndex:
             self._expect, self._origin, self._source = self._copy(self._origin[0], 1)
 
     def _forget(self, old: tuple[int, ...]) -> None:
+        self._guessed.discard(old)
         if self.learned.pop(old, None) is not None:
             by_first = self._subs[old[0]]
             del by_first[old]
