@@ -109,12 +109,11 @@ class ThreadTuner:
     def _dear(self, rows: int) -> bool:
         """Whether a step of ``rows`` rows costs more than :data:`_EXPLORE_DEAR` times the
         cheapest shape measured (or is not measured at all): a long draft's decode on one
-        thread costs ten one-row steps' worth, for a probe that nothing said was needed."""
-        reference = self._reference(rows)
-        cheapest = min(
-            (ema for (n, _), ema in self._ema.items() if n == self.current), default=None
-        )
-        return reference is None or cheapest is None or reference > _EXPLORE_DEAR * cheapest
+        thread costs as much as many one-row steps, for a probe that nothing said was
+        needed."""
+        known = self._known()
+        reference = self._reference(rows, known)
+        return reference is None or reference > _EXPLORE_DEAR * min(known.values())
 
     def record(self, rows: int, seconds: float) -> None:
         """After a decode-only step of ``rows`` sequences that took ``seconds``."""
@@ -161,15 +160,21 @@ class ThreadTuner:
             if len(self._probe_ratios) >= _PROBE_STEPS - 1:
                 self._finish_probe()
 
-    def _reference(self, rows: int) -> float | None:
-        """The current thread count's time for a step of ``rows`` rows: measured, else drawn
-        on a line from the nearest shapes measured around it, else scaled down from the
-        nearest larger one by rows. Drafts make many shapes, most of them rare, and a probe
-        that only counted the shapes measured before ran on for a dozen steps of drafts
-        (each one a long decode on one thread). Both guesses err low, since a row costs less
-        the more rows a step holds: a probe then looks slower than it is, never faster,
-        so a guess can end a probe but never make it switch wrongly."""
-        known = {r: ema for (n, r), ema in self._ema.items() if n == self.current}
+    def _known(self) -> dict[int, float]:
+        """The current thread count's moving average by shape."""
+        return {rows: ema for (n, rows), ema in self._ema.items() if n == self.current}
+
+    def _reference(self, rows: int, known: dict[int, float] | None = None) -> float | None:
+        """The current thread count's time for a step of ``rows`` rows (``known``: from
+        :meth:`_known`): measured, else drawn on a line from the nearest shapes measured
+        around it, else scaled down from the nearest larger one by rows. Drafts make many
+        shapes, most of them rare, and a probe that only counted the shapes measured before
+        ran on for a dozen steps of drafts (each one a long decode on one thread). A row
+        mostly costs less the more rows a step holds, so both guesses mostly err low: a
+        probe then looks slower than it is, and a guess is more likely to end a probe than
+        to make it switch (llama.cpp's kernels make some shapes cheaper than their
+        neighbours, so not always)."""
+        known = self._known() if known is None else known
         if rows in known:
             return known[rows]
         below = max((r for r in known if r < rows), default=None)
