@@ -84,6 +84,32 @@ def test_measured_times_and_hopeful_guesses() -> None:
     assert 0 < drafted_first.time(1) < drafted_first.time(2) < 0.06
 
 
+def test_a_shape_between_two_measured_ones_is_guessed_on_the_line_through_them() -> None:
+    costs = StepCosts()
+    for rows, seconds in ((1, 0.036), (3, 0.1), (43, 0.67)):
+        costs.record(rows, seconds)
+    # the line from 3 rows to 43, not 3 rows and a quarter of a row per row: a 42-row draft
+    # must not look 20 % cheaper than the 43 rows measured beside it
+    assert costs.time(23) == pytest.approx(0.1 + (0.67 - 0.1) * 20 / 40)
+    assert costs.time(2) == pytest.approx(0.068)
+    assert costs.time(64) == pytest.approx(0.67 + 21 * 0.25 * 0.036)  # above: hopeful
+
+
+def test_one_slow_first_sample_of_a_rare_shape_is_outweighed_by_the_next() -> None:
+    costs = StepCosts()
+    costs.record(64, 1.1)  # another process was busy during the first long draft
+    costs.record(64, 0.8)
+    assert costs.time(64) == pytest.approx(0.95)  # the plain mean: not 1.1 - 0.2 * 0.3
+    costs.record(64, 0.8)
+    assert costs.time(64) == pytest.approx(0.9)
+    for _ in range(40):
+        costs.record(64, 0.8)
+    assert costs.time(64) == pytest.approx(0.8, rel=0.01)
+    for _ in range(3):  # later, a moving average: the cost follows the machine
+        costs.record(64, 1.6)
+    assert 1.1 < costs.time(64) < 1.3
+
+
 def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
     cheap = _costs(0.02, 0.002)  # a row is a tenth of a step
     dear = _costs(0.0, 0.01)  # a row costs as much as a step: batching gains nothing

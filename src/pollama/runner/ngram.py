@@ -29,6 +29,7 @@ fast it comes.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
@@ -389,28 +390,43 @@ def cheapest_probe(limit: int, rows: int, costs: StepCosts) -> int:
 
 
 _PRIOR_ROW_COST = 0.25
-"""A row count never measured is guessed to cost what the nearest smaller one measured
-costs, and this fraction of a one-row decode per row more: optimistic on purpose, so that
-a draft that would pay if rows were that cheap is tried once, and from then on the measured
+"""A row count above every one measured is guessed to cost what the largest measured costs,
+and this fraction of a one-row decode per row more: optimistic on purpose, so that a
+draft that would pay if rows were that cheap is tried once, and from then on the measured
 time decides."""
 _EMA = 0.2
 
 
 class StepCosts:
     """Decode time by number of rows, measured on decode-only steps (no prompt chunk, no
-    medium): a moving average per row count, since the cost is far from a line (llama.cpp's
-    CPU kernels take rows four at a time, so 5 rows can cost more than 8); a row count not
-    yet measured is guessed from the nearest smaller one measured (:data:`_PRIOR_ROW_COST`).
+    medium): an average per row count, since the cost is far from a line (llama.cpp's CPU
+    kernels take rows sixteen at a time, so 15 rows can cost more than 16).
+
+    A row count's first samples are averaged plainly and only later moved by a moving
+    average (:data:`_EMA`): long drafts are rare, so a long shape is measured a few times
+    in a model's life, and one slow first sample (another process busy at that moment)
+    weighed fully for ever would keep the drafts short. A count never measured is drawn on
+    the line between the nearest counts measured below and above it: guessed from the one
+    below alone (:data:`_PRIOR_ROW_COST`), a shape between two measured ones looked cheaper
+    than both, and a request drafted a string of never-measured lengths one after another.
     Only ratios matter to :func:`best_length`."""
 
     def __init__(self) -> None:
         self._ema: dict[int, float] = {}
+        self._samples: dict[int, int] = {}
+        self._rows: list[int] = []  # the measured counts, sorted
 
     def record(self, rows: int, seconds: float) -> None:
         if rows < 1 or seconds <= 0:
             return
+        n = self._samples.get(rows, 0) + 1
+        self._samples[rows] = n
         ema = self._ema.get(rows)
-        self._ema[rows] = seconds if ema is None else ema + _EMA * (seconds - ema)
+        if ema is None:
+            self._ema[rows] = seconds
+            bisect.insort(self._rows, rows)
+        else:
+            self._ema[rows] = ema + max(1.0 / n, _EMA) * (seconds - ema)
 
     def time(self, rows: int) -> float:
         """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse
@@ -421,14 +437,20 @@ class StepCosts:
         known = self._ema.get(rows)
         if known is not None:
             return known
-        if not self._ema:
+        measured = self._rows
+        if not measured:
             return 1.0 + _PRIOR_ROW_COST * (rows - 1)
-        base = min(self._ema)
+        at = bisect.bisect_left(measured, rows)
+        if 0 < at < len(measured):  # between two measured counts: on the line through them
+            below, above = measured[at - 1], measured[at]
+            low, high = self._ema[below], self._ema[above]
+            return low + (high - low) * (rows - below) / (above - below)
+        base = measured[0]
         one = self._ema[base] / (1.0 + _PRIOR_ROW_COST * (base - 1))  # a row's guessed cost
-        if rows < base:
+        if at == 0:
             return self._ema[base] - _PRIOR_ROW_COST * one * (base - rows)
-        below = max(n for n in self._ema if n < rows)  # the nearest measured count under it
-        return self._ema[below] + _PRIOR_ROW_COST * one * (rows - below)
+        top = measured[-1]
+        return self._ema[top] + _PRIOR_ROW_COST * one * (rows - top)
 
 
 MODEL_KEY = 0
