@@ -95,6 +95,18 @@ def test_a_shape_between_two_measured_ones_is_guessed_on_the_line_through_them()
     assert costs.time(64) == pytest.approx(0.67 + 21 * 0.25 * 0.036)  # above: hopeful
 
 
+def test_the_line_between_measured_shapes_stops_at_both_ends() -> None:
+    from pollama.runner.shapes import on_the_line
+
+    times = {2: 0.06, 4: 0.1, 16: 0.3}
+    counts = sorted(times)
+    assert on_the_line(3, counts, times) == pytest.approx(0.08)
+    assert on_the_line(10, counts, times) == pytest.approx(0.2)
+    assert on_the_line(16, counts, times) == pytest.approx(0.3)  # a measured count: its time
+    assert [on_the_line(r, counts, times) for r in (1, 2, 17)] == [None, None, None]
+    assert on_the_line(5, [], {}) is None
+
+
 def test_one_slow_first_sample_of_a_rare_shape_is_outweighed_by_the_next() -> None:
     costs = StepCosts()
     costs.record(64, 1.1)  # another process was busy during the first long draft

@@ -34,6 +34,8 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from pollama.runner.shapes import on_the_line
+
 __all__ = [
     "SUBS_MAX",
     "Spelling",
@@ -440,14 +442,12 @@ class StepCosts:
         measured = self._rows
         if not measured:
             return 1.0 + _PRIOR_ROW_COST * (rows - 1)
-        at = bisect.bisect_left(measured, rows)
-        if 0 < at < len(measured):  # between two measured counts: on the line through them
-            below, above = measured[at - 1], measured[at]
-            low, high = self._ema[below], self._ema[above]
-            return low + (high - low) * (rows - below) / (above - below)
+        between = on_the_line(rows, measured, self._ema)
+        if between is not None:
+            return between
         base = measured[0]
         one = self._ema[base] / (1.0 + _PRIOR_ROW_COST * (base - 1))  # a row's guessed cost
-        if at == 0:
+        if rows < base:
             return self._ema[base] - _PRIOR_ROW_COST * one * (base - rows)
         top = measured[-1]
         return self._ema[top] + _PRIOR_ROW_COST * one * (rows - top)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from pollama.runner.shapes import on_the_line
+
 __all__ = ["ThreadTuner"]
 
 _ALPHA = 0.25  # weight of a new step in the moving average
@@ -177,14 +179,13 @@ class ThreadTuner:
         known = self._known() if known is None else known
         if rows in known:
             return known[rows]
-        below = max((r for r in known if r < rows), default=None)
-        above = min((r for r in known if r > rows), default=None)
-        if above is None:
+        counts = sorted(known)
+        between = on_the_line(rows, counts, known)
+        if between is not None:
+            return between
+        if not counts or rows > counts[-1]:
             return None
-        if below is None:
-            return known[above] * rows / above
-        share = (rows - below) / (above - below)
-        return known[below] + share * (known[above] - known[below])
+        return known[counts[0]] * rows / counts[0]  # below every shape measured
 
     def _finish_probe(self) -> None:
         assert self._probe is not None
