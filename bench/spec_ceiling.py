@@ -124,6 +124,15 @@ class LlmSpelling:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)
 
 
+def agreeing(candidate: Sequence[int], answer: Sequence[int], done: int) -> int:
+    """How many of a draft's first tokens the answer has from position ``done`` on."""
+    kept = 0
+    while kept < len(candidate) and done + kept < len(answer) and (
+            answer[done + kept] == candidate[kept]):
+        kept += 1
+    return kept
+
+
 def lookups(
     prompt: list[int], answer: list[int], draft_max: int, spelling: Spelling | None = None
 ) -> list[Lookup]:
@@ -134,11 +143,7 @@ def lookups(
     found: list[Lookup] = [(0, 0, 0)]
     for done in range(1, len(answer)):
         candidate, run = index.draft(draft_max)
-        kept = 0
-        while kept < len(candidate) and done + kept < len(answer) and (
-                answer[done + kept] == candidate[kept]):
-            kept += 1
-        found.append((len(candidate), run, kept))
+        found.append((len(candidate), run, agreeing(candidate, answer, done)))
         index.extend(answer[done : done + 1])
     return found
 
@@ -173,9 +178,7 @@ def replay_pollama(
     done, seconds, steps = 1, 0.0, 0
     while done < len(answer):
         candidate, run = index.draft(min(draft_max, len(answer) - done))
-        kept = 0
-        while kept < len(candidate) and answer[done + kept] == candidate[kept]:
-            kept += 1
+        kept = agreeing(candidate, answer, done)
         k = acceptance.length(run, len(candidate), 1.0, 1, measured) if candidate else 0
         if k:
             acceptance.record(run, k, min(kept, k))
