@@ -27,23 +27,27 @@ resume the other's. What must stay true:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import json
 import logging
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from pollama.registry import spliced
 from pollama.registry.client import RegistrySession
 from pollama.registry.errors import BlobDigestMismatch, InsufficientDiskSpace, RegistryError
-from pollama.registry.netstream import raw_body
+from pollama.registry.netstream import RawBody, raw_body
 from pollama.registry.partial import PartialFile, preallocate, recycle_buffer, take_buffer
 from pollama.registry.transfer import Part, TransferOptions, describe, retryable
 from pollama.store.blobs import PARTIAL_SUFFIX, TEMP_PREFIX, BlobStore
@@ -55,6 +59,9 @@ _MIN_FLUSH = 1 << 20
 has landed, so progress moves in steps of about this size on a slow link (while the previous
 write still runs, it fills its buffer)."""
 _MAX_PART_FILE = 4096
+_MAX_MOVERS = 64
+"""Parts moved from socket to file at once, in all downloads of the process (four downloads
+of 16 parts)."""
 T = TypeVar("T")
 
 __all__ = ["BlobDownload", "DownloadManager", "Part", "TransferOptions"]
@@ -409,7 +416,8 @@ class BlobDownload:
         return self._file
 
     def _frontier(self) -> int:
-        """End of the contiguous completed prefix of the file."""
+        """End of the contiguous completed prefix of the file (a part's bytes are in the
+        file from its offset up to ``start``)."""
         frontier = 0
         for part in self.parts:
             if not part.done:
@@ -487,8 +495,13 @@ class BlobDownload:
         writing: asyncio.Task[None] | None = None
         try:
             source = _source(response)
-            await self._skip(source, buffer, self._check_part_response(response, part))
-            left = part.end - part.start
+            skip = self._check_part_response(response, part)
+            handed = self._hand_over(source, skip)
+            if handed is not None:
+                await self._move_part(part, *handed)
+            else:
+                await self._skip(source, buffer, skip)
+            left = 0 if handed is not None else part.end - part.start
             while left > 0:
                 got = await self._receive(source, buffer[filled : filled + left], filled, writing)
                 if not got:
@@ -515,6 +528,73 @@ class BlobDownload:
             raise writing.exception()  # type: ignore[misc]
         if not part.done:
             raise ShortRead(f"connection closed at {part.start} of part {part.n}")
+
+    def _hand_over(self, source: _Source, skip: int) -> tuple[int, list[bytes]] | None:
+        """The socket and what it had received, where the body can go to the file in the
+        kernel (:mod:`pollama.registry.spliced`): a plain connection's body, from the
+        part's first byte, on a platform that splices, unless the options say not to."""
+        if skip or not (self.opts.splice and spliced.AVAILABLE) or not isinstance(source, RawBody):
+            return None
+        return source.hand_over()
+
+    async def _move_part(self, part: Part, sock: int, received: list[bytes]) -> None:
+        """The rest of a part straight from the socket into the file, in a thread of its own
+        (:func:`pollama.registry.spliced.move`), after the bytes the connection had received
+        already. Progress reaches the event loop in batches (a report made while the one
+        before it still waits for the loop joins it). Returns once the thread has stopped,
+        whatever happened (a cancelled pull stops it), so the socket and the file outlive
+        it."""
+        file = self._data
+        pieces = _cut(received, part.end - part.start)
+        if pieces:
+            with self._disk_errors():
+                size = await file.run(file.write, pieces, part.start)
+            self._advance(part, size)
+        if part.done:
+            return
+        loop = asyncio.get_running_loop()
+        lock, unreported = threading.Lock(), [0]
+
+        def take() -> None:
+            with lock:
+                count, unreported[0] = unreported[0], 0
+            if count:
+                self._advance(part, count)
+
+        def report(count: int) -> None:
+            with lock:
+                unreported[0] += count
+                if unreported[0] > count:  # a report is on its way and will take these too
+                    return
+            with contextlib.suppress(RuntimeError):  # the loop closed: the end takes them
+                loop.call_soon_threadsafe(take)
+
+        wakeup = spliced.Wakeup()
+        stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
+        moving = loop.run_in_executor(
+            _movers(),
+            functools.partial(
+                spliced.move,
+                sock,
+                file,
+                part.start,
+                part.end - part.start,
+                wakeup=wakeup,
+                idle_timeout=stall,
+                report=report,
+            ),
+        )
+        try:
+            with self._disk_errors():
+                await asyncio.shield(moving)
+        except TimeoutError:
+            raise PartStalled() from None
+        finally:
+            if not moving.done():
+                wakeup.set()
+                await _until_done(moving)
+            wakeup.close()
+            take()
 
     async def _receive(
         self, source: _Source, free: memoryview, filled: int, writing: asyncio.Task[None] | None
@@ -578,20 +658,27 @@ class BlobDownload:
 
     async def _flush(self, part: Part, buffer: memoryview, size: int) -> None:
         file = self._data
-        try:
+        with self._disk_errors():
             await file.run(file.write, [buffer[:size]], part.start, buffer)
-        except OSError as exc:
-            raise self._disk_error(exc) from exc
         self._advance(part, size)
 
     def _write(self, part: Part, buffer: memoryview, size: int) -> None:
         """:meth:`_flush` in this thread (a part's last bytes, after an error)."""
         file = self._data
-        try:
+        with self._disk_errors():
             file.call(file.write, [buffer[:size]], part.start, buffer)
-        except OSError as exc:
-            raise self._disk_error(exc) from exc
         self._advance(part, size)
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A failure of the file raised as :meth:`_disk_error` says it (a ``TimeoutError``,
+        which only a stalled socket raises, stays one)."""
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            raise self._disk_error(exc) from exc
 
     def _advance(self, part: Part, count: int) -> None:
         part.completed += count
@@ -602,6 +689,39 @@ class BlobDownload:
         if exc.errno == errno.ENOSPC:
             return InsufficientDiskSpace(f"no space left on device while downloading {self.digest}")
         return exc
+
+
+def _cut(pieces: list[bytes], limit: int) -> list[bytes]:
+    """The first ``limit`` bytes of ``pieces``, as pieces."""
+    kept: list[bytes] = []
+    for piece in pieces:
+        if limit <= 0:
+            break
+        kept.append(piece[:limit])
+        limit -= len(kept[-1])
+    return kept
+
+
+@functools.cache
+def _movers() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that move bodies from sockets to files: one per part being moved, up to
+    :data:`_MAX_MOVERS` (more wait their turn), kept for the next download."""
+    return concurrent.futures.ThreadPoolExecutor(_MAX_MOVERS, thread_name_prefix="blob-splice")
+
+
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to end, whatever it ends with, even when this task is cancelled
+    meanwhile (the cancellation is raised once it ended)."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not future.cancelled():
+        future.exception()  # retrieved: the caller has its own error to raise
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class DownloadManager:

@@ -32,6 +32,10 @@ What must stay true:
 * A read may return more than httpcore's ``max_bytes`` (h11 takes any amount), never more
   than :data:`READ_SIZE` but for one piece the transport received whole; ``b""`` only at the
   end of the stream.
+* **A handed-over socket is read by one reader.** :meth:`RawBody.hand_over` stops the
+  transport's reading for good (nothing resumes it), so the caller that takes the socket's
+  descriptor is its only reader; the descriptor stays open until the response is closed,
+  which the caller does only once it stopped using it.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class _Pipe(asyncio.BufferedProtocol):
         self.error: Exception | None = None
         self.transport: asyncio.Transport | None = None
         self.paused_reading = False
+        self.handed_over = False  # a reader took the socket: the transport never reads again
         self.sink: RawBody | None = None
         self._lent: RawBody | None = None
         self._scratch = memoryview(bytearray(_SCRATCH))
@@ -122,7 +127,10 @@ class _Pipe(asyncio.BufferedProtocol):
             self.paused_reading = True
 
     def resume(self) -> None:
-        """Read again, unless the queue is still too full (:meth:`take_pieces` resumes)."""
+        """Read again, unless the queue is still too full (:meth:`take_pieces` resumes) or
+        the socket was handed over."""
+        if self.handed_over:
+            return
         if self.paused_reading and self.queued <= HIGH_WATER // 2 and self.transport is not None:
             self.paused_reading = False
             self.transport.resume_reading()
@@ -182,9 +190,10 @@ class _Pipe(asyncio.BufferedProtocol):
 
 
 class _Stream(httpcore.AsyncNetworkStream):
-    def __init__(self, transport: asyncio.Transport, pipe: _Pipe) -> None:
+    def __init__(self, transport: asyncio.Transport, pipe: _Pipe, *, tls: bool = False) -> None:
         self._transport = transport
         self._pipe = pipe
+        self.tls = tls  # the socket carries TLS records, not the body's bytes
         # Response heads: from a request's first write until the head of its final response
         # has been read, a read ends at the end of a head at the latest (see raw_body).
         self._in_head = False
@@ -267,7 +276,7 @@ class _Stream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectError("the connection closed during the TLS handshake")
         tls = typing.cast(asyncio.Transport, transport)
         self._pipe.transport = tls  # flow control now goes through the TLS layer
-        return _Stream(tls, self._pipe)
+        return _Stream(tls, self._pipe, tls=True)
 
     def get_extra_info(self, info: str) -> typing.Any:
         if info == "is_readable":  # an idle connection the server closed, or sent junk on
@@ -318,6 +327,7 @@ class RawBody:
 
     def __init__(self, stream: _Stream, length: int) -> None:
         self._pipe = stream._pipe
+        self._stream = stream
         self._left = length
         self._view = memoryview(b"")
         self._filled = 0
@@ -348,6 +358,24 @@ class RawBody:
         self._enough = min(self._enough, max(1, enough))
         if self._filled >= self._enough:
             self._ready.set()
+
+    def hand_over(self) -> tuple[int, list[bytes]] | None:
+        """The socket itself, for a reader that moves the rest of the body without Python
+        touching its bytes (:mod:`pollama.registry.spliced`): the transport stops reading
+        for good, and this returns the socket's descriptor (non-blocking) and what the
+        transport had received of the body already, which comes first. The caller reads at
+        most the body's remaining length from the descriptor and never closes it (closing
+        the response does). None where the socket's bytes are not the body's (TLS), or when
+        the connection already ended or failed (read the body with :meth:`fill`)."""
+        pipe = self._pipe
+        sock = self._stream._transport.get_extra_info("socket")
+        if self._stream.tls or sock is None or pipe.eof or pipe.error is not None:
+            return None
+        pipe.pause()
+        pipe.handed_over = True
+        received = pipe.take_pieces(self._left)
+        self._left -= sum(len(piece) for piece in received)
+        return sock.fileno(), received
 
     async def fill(self, buffer: memoryview, enough: int, idle_timeout: float | None) -> int:
         """Receive into ``buffer`` until it holds ``enough`` bytes, is full, or the body

@@ -258,6 +258,24 @@ class PartialFile:
             recycle_buffer(owned)
         return size
 
+    def splice_in(self, pipe: int, size: int, offset: int) -> None:
+        """Move ``size`` bytes waiting in ``pipe`` into the file at ``offset`` (``splice``:
+        in the kernel, no copy through Python) and start their writeback. If they continue
+        what the hash was given, it reads them back from the file at once, and this waits
+        while it has more than :data:`_MAX_HELD` bytes to catch up on: a hash far behind
+        would be left alone at the end, on one core, instead of sharing the transfer's."""
+        done = 0
+        while done < size:
+            moved = os.splice(pipe, self._fd, size - done, offset_dst=offset + done)
+            if not moved:
+                raise OSError(errno.EIO, "the pipe ended before its bytes were in the file")
+            done += moved
+        _start_writeback(self._fd, offset, size)
+        with self._cond:
+            if self._claimed == offset and not self._idle:
+                self._enqueue(_HashJob(offset, size, None, None))
+                self._cond.wait_for(lambda: self._claimed - self._hashed <= _MAX_HELD or self._idle)
+
     def claim(self, end: int) -> None:
         """Have the hash read back the file from ``claimed`` to ``end`` (bytes that other
         parts wrote), after what it was given before."""

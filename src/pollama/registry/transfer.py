@@ -32,6 +32,9 @@ class TransferOptions:
     max_part_size: int = 1_000_000_000
     checkpoint_interval: float = 2.0
     progress_interval: float = 0.06
+    splice: bool = True
+    """Move a plain-HTTP body from the socket to the file in the kernel where the platform
+    can (:mod:`pollama.registry.spliced`); False reads every body into Python's buffers."""
 
     def backoff(self, tries: int) -> float:
         """``base * 2^(tries-1)`` capped, jittered 0.5-1.5x against thundering herds."""
