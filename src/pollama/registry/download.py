@@ -285,7 +285,8 @@ class BlobDownload:
             await self.session.release()
 
     async def _prepare(self) -> None:
-        """Lock the partial file, then resume its recorded parts or plan new ones."""
+        """Lock the partial file, then resume its recorded parts or plan new ones (the file
+        work in two thread calls: what is recorded, then laying out what is planned)."""
         self.blobs.ensure()
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -295,35 +296,47 @@ class BlobDownload:
             raise RegistryError(
                 f"{self.digest} is being downloaded by another process; try again when it ends"
             ) from None
-        self._file = PartialFile(fd)
+        file = self._file = PartialFile(fd)
         self._active_paths = {self.partial}
         self.blobs.active.add(self.partial)
-        parts = await asyncio.to_thread(self._load_parts, os.fstat(fd).st_size)
+        parts = await file.run(self._recorded_parts, fd)
+        fresh = parts is None
         if parts is None:
-            for path in await asyncio.to_thread(self._part_files):
-                path.unlink(missing_ok=True)
             if not self.total:  # the manifest's size is checked against the first answer
                 self.total = await self._remote_size()
             parts = [Part(n, off, size) for n, (off, size) in enumerate(self.opts.plan(self.total))]
-            for part in parts:
-                await asyncio.to_thread(self._write_part, part, 0)
         else:
             done = sum(p.completed for p in parts)
             log.info("resuming %s from %d bytes", self.digest[7:19], done)
+        with self._disk_errors():
+            await file.run(self._lay_out, fd, parts, fresh)
         self.parts = parts
         self._saved = {p.n: p.completed for p in parts}
         self.completed = self.resumed = sum(p.completed for p in parts)
         paths = {self._part_path(p.n) for p in parts}
         self._active_paths |= paths
         self.blobs.active.update(paths)
-        if os.fstat(fd).st_size != self.total:
-            os.ftruncate(fd, self.total)
-        try:
-            await asyncio.to_thread(preallocate, fd, self.total)
-        except OSError as exc:
-            raise self._disk_error(exc) from exc
         if parts:
             log.info("downloading %s in %d part(s)", self.digest[7:19], len(parts))
+
+    def _recorded_parts(self, fd: int) -> list[Part] | None:
+        """The parts an earlier download recorded; None (its part files deleted) when
+        there are none to resume."""
+        parts = self._load_parts(os.fstat(fd).st_size)
+        if parts is None:
+            for path in self._part_files():
+                path.unlink(missing_ok=True)
+        return parts
+
+    def _lay_out(self, fd: int, parts: list[Part], fresh: bool) -> None:
+        """Record new parts (Ollama's part files), give the data file its size and reserve
+        its blocks."""
+        if fresh:
+            for part in parts:
+                self._write_part(part, 0)
+        if os.fstat(fd).st_size != self.total:
+            os.ftruncate(fd, self.total)
+        preallocate(fd, self.total)
 
     async def _remote_size(self) -> int:
         """``HEAD`` the blob, for a manifest that gives no size (Ollama always asks)."""
@@ -540,18 +553,12 @@ class BlobDownload:
     async def _move_part(self, part: Part, sock: int, received: list[bytes]) -> None:
         """The rest of a part straight from the socket into the file, in a thread of its own
         (:func:`pollama.registry.spliced.move`), after the bytes the connection had received
-        already. Progress reaches the event loop in batches (a report made while the one
-        before it still waits for the loop joins it). Returns once the thread has stopped,
-        whatever happened (a cancelled pull stops it), so the socket and the file outlive
-        it."""
+        already (which that thread writes first). Progress reaches the event loop in batches
+        (a report made while the one before it still waits for the loop joins it). Returns
+        once the thread has stopped, whatever happened (a cancelled pull stops it), so the
+        socket and the file outlive it."""
         file = self._data
         pieces = _cut(received, part.end - part.start)
-        if pieces:
-            with self._disk_errors():
-                size = await file.run(file.write, pieces, part.start)
-            self._advance(part, size)
-        if part.done:
-            return
         loop = asyncio.get_running_loop()
         lock, unreported = threading.Lock(), [0]
 
@@ -571,19 +578,24 @@ class BlobDownload:
 
         wakeup = spliced.Wakeup()
         stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
-        moving = loop.run_in_executor(
-            _movers(),
-            functools.partial(
-                spliced.move,
-                sock,
-                file,
-                part.start,
-                part.end - part.start,
-                wakeup=wakeup,
-                idle_timeout=stall,
-                report=report,
-            ),
-        )
+        start, count = part.start, part.end - part.start
+
+        def move() -> None:
+            received = file.call(file.write, pieces, start) if pieces else 0
+            if received:
+                report(received)
+            if received < count:
+                spliced.move(
+                    sock,
+                    file,
+                    start + received,
+                    count - received,
+                    wakeup=wakeup,
+                    idle_timeout=stall,
+                    report=report,
+                )
+
+        moving = loop.run_in_executor(_movers(), move)
         try:
             with self._disk_errors():
                 await asyncio.shield(moving)
