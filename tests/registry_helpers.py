@@ -155,6 +155,8 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.sent: Counter[str] = Counter()  # body bytes sent, by path
+        self.bodies: Counter[str] = Counter()  # bodies being sent now, by path
+        self.most_bodies: Counter[str] = Counter()  # the most sent at once, by path
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -170,6 +172,10 @@ class FaultProxy:
 
     def blob_bytes(self) -> int:
         return sum(n for path, n in self.sent.items() if "/blobs/sha256:" in path)
+
+    def most_at_once(self, digest: str) -> int:
+        """The most bodies of the blob ``digest`` that were being sent at the same time."""
+        return max((n for path, n in self.most_bodies.items() if digest in path), default=0)
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.requests if method is None or r.method == method]
@@ -289,30 +295,59 @@ class FaultProxy:
             await writer.drain()
             if request.method == "HEAD":
                 return
-            position = 0
-            started = time.monotonic()
-            async for chunk in response.aiter_raw(65536):
-                if fault is not None and fault.action in ("drop", "stall"):
-                    if position + len(chunk) >= fault.after:
-                        keep = chunk[: max(0, fault.after - position)]
-                        writer.write(keep)
-                        self.sent[request.path] += len(keep)
-                        await writer.drain()
-                        if fault.action == "stall":
-                            await asyncio.sleep(fault.seconds)
-                        writer.transport.abort()
-                        return
-                if fault is not None and fault.action == "corrupt":
-                    if position <= fault.after < position + len(chunk):
-                        index = fault.after - position
-                        chunk = chunk[:index] + bytes([chunk[index] ^ 0xFF]) + chunk[index + 1 :]
-                writer.write(chunk)
-                self.sent[request.path] += len(chunk)
-                position += len(chunk)
-                await writer.drain()
-                if fault is not None and fault.action == "throttle" and fault.rate:
-                    ahead = position / fault.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+            await self._relay(writer, request, fault, response)
         finally:
             await response.aclose()
+
+    async def _relay(
+        self,
+        writer: asyncio.StreamWriter,
+        request: Request,
+        fault: Fault | None,
+        response: httpx.Response,
+    ) -> None:
+        """The upstream body to the client, with the fault applied; counted in ``bodies``
+        until its last byte is written."""
+        path, length = request.path, int(response.headers.get("content-length", -1))
+        self.bodies[path] += 1
+        self.most_bodies[path] = max(self.most_bodies[path], self.bodies[path])
+        try:
+            await self._relay_chunks(writer, request, fault, response, length)
+        finally:
+            self.bodies[path] -= 1
+
+    async def _relay_chunks(
+        self,
+        writer: asyncio.StreamWriter,
+        request: Request,
+        fault: Fault | None,
+        response: httpx.Response,
+        length: int,
+    ) -> None:
+        position = 0
+        started = time.monotonic()
+        async for chunk in response.aiter_raw(65536):
+            if fault is not None and fault.action in ("drop", "stall"):
+                if position + len(chunk) >= fault.after:
+                    keep = chunk[: max(0, fault.after - position)]
+                    writer.write(keep)
+                    self.sent[request.path] += len(keep)
+                    await writer.drain()
+                    if fault.action == "stall":
+                        await asyncio.sleep(fault.seconds)
+                    writer.transport.abort()
+                    return
+            if fault is not None and fault.action == "corrupt":
+                if position <= fault.after < position + len(chunk):
+                    index = fault.after - position
+                    chunk = chunk[:index] + bytes([chunk[index] ^ 0xFF]) + chunk[index + 1 :]
+            writer.write(chunk)
+            self.sent[request.path] += len(chunk)
+            position += len(chunk)
+            await writer.drain()
+            if position == length:  # all written: the client may ask for its next part now
+                return
+            if fault is not None and fault.action == "throttle" and fault.rate:
+                ahead = position / fault.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)

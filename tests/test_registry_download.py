@@ -209,6 +209,49 @@ def test_progress_is_throttled_and_the_last_reports_the_whole_blob(
     assert ours[-1]["completed"] == ours[-1]["total"] == layer.size
 
 
+def test_a_link_that_keeps_up_fetches_the_parts_over_one_connection_in_order(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
+) -> None:
+    """One connection takes the parts one after another while the link is fast enough, so
+    the hash reads each as it lands (``fast_link`` of 1 byte/s: any link is)."""
+    layer = model_layer(model)
+    opts = TransferOptions(min_part_size=256 << 10, ramp_interval=0.05, fast_link=1)
+    items = run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
+    assert items[-1] == {"status": "success"}
+    assert set(store.blobs.digests()) == model.digests()
+    gets = [r for r in proxy.requests if r.method == "GET" and layer.digest in r.path]
+    starts = [int(r.headers["range"].split("=")[1].split("-")[0]) for r in gets]
+    assert len(gets) == len(opts.plan(layer.size)) > 1 and starts == sorted(starts)
+    assert proxy.most_at_once(layer.digest) == 1
+
+
+@pytest.mark.parametrize(
+    ("ramp", "connections"), [(0.02, 4), (0, 4), (60, 1)], ids=["ramped", "all-at-once", "later"]
+)
+def test_a_slow_link_gets_more_connections(
+    proxy: FaultProxy,
+    store: Store,
+    tmp_path: Path,
+    model: Manifest,
+    ramp: float,
+    connections: int,
+) -> None:
+    """Slower than ``fast_link``: the connections double every ``ramp_interval`` up to
+    ``max_parts`` (0: all of them at once, Ollama's way); before the first interval ends
+    there is one."""
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="throttle", rate=2_000_000, times=None))
+    opts = TransferOptions(min_part_size=128 << 10, max_parts=4, ramp_interval=ramp)
+    started = time.monotonic()
+    items = run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
+    elapsed = time.monotonic() - started
+    assert items[-1] == {"status": "success"}
+    assert set(store.blobs.digests()) == model.digests()
+    assert len(opts.plan(layer.size)) == 4 and proxy.most_at_once(layer.digest) == connections
+    if connections > 1:  # each connection is throttled on its own: together they go faster
+        assert elapsed < layer.size / 2_000_000
+
+
 def test_a_pull_nobody_follows_stops_fetching(
     proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest
 ) -> None:

@@ -32,6 +32,14 @@ class TransferOptions:
     max_part_size: int = 1_000_000_000
     checkpoint_interval: float = 2.0
     progress_interval: float = 0.06
+    ramp_interval: float = 0.25
+    """A download starts with one connection and, every this many seconds while it moves
+    fewer than :attr:`fast_link` bytes a second, doubles them up to ``max_parts``; 0 opens
+    ``max_parts`` at once, as Ollama does."""
+    fast_link: int = 128_000_000
+    """Bytes a second at which a download opens no more connections: a link this fast is
+    not what limits it (the disk and the sha256 are), and more parts in flight would only
+    leave more of the file to hash after the last byte arrives."""
     splice: bool = True
     """Move a plain-HTTP body from the socket to the file in the kernel where the platform
     can (:mod:`pollama.registry.spliced`); False reads every body into Python's buffers."""
