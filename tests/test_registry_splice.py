@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 import test_registry_download as downloads
-from pollama.registry import TransferOptions, netstream, spliced
+from pollama.registry import TransferOptions, download, netstream, spliced
 from pollama.registry.partial import PartialFile
 from pollama.store import Store
 from pollama.store.manifests import Manifest
@@ -360,6 +360,7 @@ def test_a_pull_left_mid_move_stops_its_thread_at_once(
 
     assert asyncio.run(leave_early()) < 1
     assert len(moves) == 1 and 0 < moves[0] < layer.size  # the move returned what it had
+    assert download._MOVER_SLOTS._value == download._MAX_MOVERS  # type: ignore[attr-defined]
     assert not store.blobs.exists(layer.digest)
     assert any(name.endswith("-partial") for name in strays(store))
 
@@ -374,3 +375,30 @@ def test_the_progress_of_a_slow_spliced_body_is_reported_as_it_comes(
     done = [i.get("completed", 0) for i in items if i.get("digest") == layer.digest]
     assert moves and len(set(done)) >= 5  # many steps, not one at the end
     assert done == sorted(done) and done[-1] == layer.size
+
+
+def test_a_part_that_finds_every_mover_busy_is_read_on_the_event_loop(
+    proxy: FaultProxy,
+    store: Store,
+    tmp_path: Path,
+    model: Manifest,
+    moves: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Threads are bounded: with no mover free a part does not wait for one."""
+    none_free = threading.BoundedSemaphore(1)
+    none_free.acquire()
+    monkeypatch.setattr(download, "_MOVER_SLOTS", none_free)
+    items = run(service(store, tmp_path, ONE_PART).pull(through(proxy), insecure=True))
+    assert items[-1] == {"status": "success"} and moves == []
+    assert set(store.blobs.digests()) == model.digests()
+
+
+def test_every_move_gives_its_mover_back(
+    proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest, moves: list[int]
+) -> None:
+    """After a pull of many parts, one of them cut and fetched again, every slot is free."""
+    layer = model_layer(model)
+    proxy.add(Fault(path=layer.digest, action="drop", after=layer.size // 3, times=1))
+    run(service(store, tmp_path, FAST).pull(through(proxy), insecure=True))
+    assert moves and download._MOVER_SLOTS._value == download._MAX_MOVERS  # type: ignore[attr-defined]

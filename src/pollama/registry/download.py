@@ -61,7 +61,9 @@ write still runs, it fills its buffer)."""
 _MAX_PART_FILE = 4096
 _MAX_MOVERS = 64
 """Parts moved from socket to file at once, in all downloads of the process (four downloads
-of 16 parts)."""
+of 16 parts): one thread each. A part that finds them all busy is read on the event loop
+instead, so a move never waits for a thread (nor does a pull that leaves)."""
+_MOVER_SLOTS = threading.BoundedSemaphore(_MAX_MOVERS)
 T = TypeVar("T")
 
 __all__ = ["BlobDownload", "DownloadManager", "Part", "TransferOptions"]
@@ -570,7 +572,12 @@ class BlobDownload:
         part's first byte, on a platform that splices, unless the options say not to."""
         if skip or not (self.opts.splice and spliced.AVAILABLE) or not isinstance(source, RawBody):
             return None
-        return source.hand_over()
+        if not _MOVER_SLOTS.acquire(blocking=False):  # all movers busy: read it here
+            return None
+        handed = source.hand_over()
+        if handed is None:
+            _MOVER_SLOTS.release()
+        return handed
 
     async def _move_part(self, part: Part, sock: int, received: list[bytes]) -> None:
         """The rest of a part straight from the socket into the file, in a thread of its own
@@ -579,6 +586,12 @@ class BlobDownload:
         (a report made while the one before it still waits for the loop joins it). Returns
         once the thread has stopped, whatever happened (a cancelled pull stops it), so the
         socket and the file outlive it."""
+        try:
+            await self._move_in_thread(part, sock, received)
+        finally:
+            _MOVER_SLOTS.release()  # taken by _hand_over
+
+    async def _move_in_thread(self, part: Part, sock: int, received: list[bytes]) -> None:
         file = self._data
         pieces = _cut(received, part.end - part.start)
         loop = asyncio.get_running_loop()
@@ -738,8 +751,9 @@ def _cut(pieces: list[bytes], limit: int) -> list[bytes]:
 
 @functools.cache
 def _movers() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that move bodies from sockets to files: one per part being moved, up to
-    :data:`_MAX_MOVERS` (more wait their turn), kept for the next download."""
+    """The threads that move bodies from sockets to files: one per part being moved (at
+    most :data:`_MAX_MOVERS`, which :data:`_MOVER_SLOTS` counts), kept for the next
+    download."""
     return concurrent.futures.ThreadPoolExecutor(_MAX_MOVERS, thread_name_prefix="blob-splice")
 
 
