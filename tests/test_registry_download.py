@@ -222,11 +222,11 @@ def test_a_link_that_keeps_up_fetches_the_parts_over_one_connection_in_order(
     gets = [r for r in proxy.requests if r.method == "GET" and layer.digest in r.path]
     starts = [int(r.headers["range"].split("=")[1].split("-")[0]) for r in gets]
     assert len(gets) == len(opts.plan(layer.size)) > 1 and starts == sorted(starts)
-    assert proxy.most_at_once(layer.digest) == 1
+    assert proxy.most_at_once(layer.digest) <= 2  # one receiving, the next one asked for
 
 
 @pytest.mark.parametrize(
-    ("ramp", "connections"), [(0.02, 4), (0, 4), (60, 1)], ids=["ramped", "all-at-once", "later"]
+    ("ramp", "connections"), [(0.02, 4), (0, 4), (60, 2)], ids=["ramped", "all-at-once", "later"]
 )
 def test_a_slow_link_gets_more_connections(
     proxy: FaultProxy,
@@ -238,7 +238,8 @@ def test_a_slow_link_gets_more_connections(
 ) -> None:
     """Slower than ``fast_link``: the connections double every ``ramp_interval`` up to
     ``max_parts`` (0: all of them at once, Ollama's way); before the first interval ends
-    there is one."""
+    one receives and the next part's request is on its way (the server sends two bodies,
+    one of them held back by the client)."""
     layer = model_layer(model)
     proxy.add(Fault(path=layer.digest, action="throttle", rate=2_000_000, times=None))
     opts = TransferOptions(min_part_size=128 << 10, max_parts=4, ramp_interval=ramp)
@@ -248,7 +249,7 @@ def test_a_slow_link_gets_more_connections(
     assert items[-1] == {"status": "success"}
     assert set(store.blobs.digests()) == model.digests()
     assert len(opts.plan(layer.size)) == 4 and proxy.most_at_once(layer.digest) == connections
-    if connections > 1:  # each connection is throttled on its own: together they go faster
+    if connections == 4:  # each connection is throttled on its own: together they go faster
         assert elapsed < layer.size / 2_000_000
 
 

@@ -238,6 +238,31 @@ def test_a_handed_over_socket_has_one_reader_and_keeps_what_was_received_first()
     asyncio.run(main())
 
 
+def test_a_body_waits_in_the_socket_until_it_is_read() -> None:
+    """A response whose body nobody reads yet (the next part's, asked for ahead) is not
+    received into Python meanwhile; reading it then gets all of it."""
+    body = os.urandom(8 << 20)
+    done = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await done.wait()
+
+    async def main() -> None:
+        async with serving(handler) as port, client() as http:
+            async with http.stream("GET", f"http://127.0.0.1:{port}/big") as response:
+                await asyncio.sleep(0.3)  # the server has sent all it could meanwhile
+                stream = response.extensions["network_stream"]
+                assert isinstance(stream, netstream._Stream)
+                assert stream._pipe.queued <= 256 << 10  # what came with the head at most
+                assert await response.aread() == body
+            done.set()
+
+    asyncio.run(main())
+
+
 def test_a_tls_body_is_never_handed_over(tmp_path: Path) -> None:
     server_context, trusting = _self_signed(tmp_path)
     body = os.urandom(1 << 20)

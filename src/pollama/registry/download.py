@@ -388,13 +388,13 @@ class BlobDownload:
 
     async def _download(self) -> None:
         ramped = self.opts.ramp_interval > 0
-        lanes = asyncio.Semaphore(1 if ramped else self.opts.max_parts)
+        conns = _Connections(1, ahead=1) if ramped else _Connections(self.opts.max_parts)
         workers = [
-            asyncio.create_task(self._download_part(p, lanes)) for p in self.parts if not p.done
+            asyncio.create_task(self._download_part(p, conns)) for p in self.parts if not p.done
         ]
         hasher = asyncio.create_task(self._hash_in_order())
         checkpointer = asyncio.create_task(self._checkpoint_loop())
-        ramp = asyncio.create_task(self._ramp(lanes, len(workers))) if ramped else None
+        ramp = asyncio.create_task(self._ramp(conns, len(workers))) if ramped else None
         try:
             pending = set(workers)
             while pending:
@@ -411,7 +411,7 @@ class BlobDownload:
             await asyncio.gather(*others, return_exceptions=True)
         await asyncio.to_thread(self._finish, actual)
 
-    async def _ramp(self, lanes: asyncio.Semaphore, parts: int) -> None:
+    async def _ramp(self, conns: _Connections, parts: int) -> None:
         """Open more connections while the link is what limits the download: every
         ``ramp_interval``, if fewer than ``fast_link`` bytes a second came in, double the
         connections (up to ``max_parts`` and the parts to fetch). Parts take connections in
@@ -419,16 +419,14 @@ class BlobDownload:
         another and the hash reads each as it lands, instead of most of the file after the
         last byte (which on a loopback registry made a 491 MB pull in 5 parts a third
         slower than in one); on a slower link, parallel parts still add up their speeds."""
-        opened, limit = 1, min(self.opts.max_parts, parts)
+        limit = min(self.opts.max_parts, parts)
         seen = self.completed
-        while opened < limit:
+        while conns.count < limit:
             await asyncio.sleep(self.opts.ramp_interval)
             rate = (self.completed - seen) / self.opts.ramp_interval
             seen = self.completed
             if rate < self.opts.fast_link:
-                for _ in range(min(opened, limit - opened)):
-                    lanes.release()
-                opened = min(2 * opened, limit)
+                conns.grow(min(conns.count, limit - conns.count))
 
     def _finish(self, actual: str) -> None:
         """Publish the verified blob, or delete the bad data (and only that)."""
@@ -475,13 +473,13 @@ class BlobDownload:
                 return file.digest()
             await self._progressed.wait()
 
-    async def _download_part(self, part: Part, lanes: asyncio.Semaphore) -> None:
-        async with lanes:
+    async def _download_part(self, part: Part, conns: _Connections) -> None:
+        async with conns.asking:
             tries = stalls = 0
             while not part.done:
                 before = part.completed
                 try:
-                    await self._fetch_part(part)
+                    await self._fetch_part(part, conns)
                 except (PartStalled, httpx.ReadTimeout):
                     stalls = 0 if part.completed > before else stalls + 1
                     log.info(
@@ -520,13 +518,23 @@ class BlobDownload:
                 )
                 await asyncio.sleep(delay)
 
-    async def _fetch_part(self, part: Part) -> None:
-        """One attempt at the rest of a part. What arrives is received into buffers of
+    async def _fetch_part(self, part: Part, conns: _Connections) -> None:
+        """One attempt at the rest of a part: its request, then its body once one of the
+        connections that receive is free."""
+        response = await self._request_part(part)
+        try:
+            async with conns.receiving:
+                await self._receive_part(part, response)
+        finally:
+            await response.aclose()
+
+    async def _receive_part(self, part: Part, response: httpx.Response) -> None:
+        """The body of a part's answer. It goes from the socket to the file in the kernel
+        where it can (:meth:`_move_part`); else what arrives is received into buffers of
         :data:`~pollama.registry.partial.BUFFER_SIZE` bytes that are written in order, one
         in flight while the next fills; a buffer is handed over once it holds
         :data:`_MIN_FLUSH` bytes and the write before it has landed (or once it is full), so
         batches grow with the link's speed. Whatever arrived before an error is kept."""
-        response = await self._request_part(part)
         buffer = take_buffer()
         filled = 0
         writing: asyncio.Task[None] | None = None
@@ -560,7 +568,6 @@ class BlobDownload:
                     log.warning("could not keep %d bytes of %s: %s", filled, self.digest, exc)
             elif not filled:
                 recycle_buffer(buffer)
-            await response.aclose()
         if writing is not None and not writing.cancelled() and writing.exception() is not None:
             raise writing.exception()  # type: ignore[misc]
         if not part.done:
@@ -736,6 +743,30 @@ class BlobDownload:
         if exc.errno == errno.ENOSPC:
             return InsufficientDiskSpace(f"no space left on device while downloading {self.digest}")
         return exc
+
+
+class _Connections:
+    """How many parts of a download receive at once, and how many have asked for theirs.
+
+    While one part receives, the next part's request is already on its way (``ahead``), so
+    the registry's time to its first byte passes while the part before it arrives instead
+    of between the two. Once more connections receive, none asks ahead: on a link slow
+    enough to need them, an answer kept waiting could be closed by the server meanwhile."""
+
+    def __init__(self, count: int, *, ahead: int = 0) -> None:
+        self.count = count
+        self.ahead = ahead
+        self.receiving = asyncio.Semaphore(count)
+        self.asking = asyncio.Semaphore(count + ahead)
+
+    def grow(self, more: int) -> None:
+        """``more`` connections receive from now on (the request ahead becomes one)."""
+        for _ in range(more):
+            self.receiving.release()
+        for _ in range(more - self.ahead):
+            self.asking.release()
+        self.count += more
+        self.ahead = 0
 
 
 def _cut(pieces: list[bytes], limit: int) -> list[bytes]:

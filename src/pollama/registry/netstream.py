@@ -20,7 +20,9 @@ What must stay true:
   streams, so httpx (and the transfer's retry rules) see what they saw before.
 * **A body bypasses the parser only when the parser holds none of it.** From a request's
   first write until the head of its final response, a read stops at the end of a response
-  head, and :func:`raw_body` hands out a body only when the last read ended exactly there;
+  head (and the transport stops reading there, so a body nobody reads yet, such as the
+  next part's asked for ahead, waits in the socket, not in Python's memory), and
+  :func:`raw_body` hands out a body only when the last read ended exactly there;
   anything else (a proxy's connection, HTTP/2, chunked or encoded bodies) is read through
   httpx as before. A connection whose body was read directly is closed, never reused.
 * **Bounded memory.** The transport stops reading while more than :data:`HIGH_WATER` bytes
@@ -207,6 +209,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
             if self.detached:
                 raise OSError("the body of this response is being read directly")
+            pipe.resume()
             async with asyncio.timeout(timeout):
                 await pipe.wait_readable()
             if not pipe.chunks and pipe.error is not None:
@@ -237,6 +240,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         if not informational:
             self._in_head = False
             self.at_body = True
+            self._pipe.pause()  # the body stays in the socket until someone reads it
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
