@@ -564,14 +564,21 @@ def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, trusting
 
 
-def test_tls_is_asyncio_s_with_its_checks(tmp_path: Path) -> None:
-    server_context, trusting = _self_signed(tmp_path)
-    body = os.urandom(1 << 20)
+def answering(body: bytes) -> Handler:
+    """A handler that answers one request with ``body``."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
+
+    return handler
+
+
+def test_tls_is_asyncio_s_with_its_checks(tmp_path: Path) -> None:
+    server_context, trusting = _self_signed(tmp_path)
+    body = os.urandom(1 << 20)
+    handler = answering(body)
 
     async def fetch(port: int, hostname: str, context: ssl.SSLContext) -> bytes:
         stream = await netstream.connect("127.0.0.1", port, timeout=5)

@@ -32,7 +32,15 @@ from pollama.store import Store
 from pollama.store.manifests import Manifest
 from registry_helpers import Fault, FaultProxy
 from test_registry import FAST, model_layer, run, service, strays
-from test_registry_download import ONE_PART, _self_signed, client, read_head, serving, through
+from test_registry_download import (
+    ONE_PART,
+    _self_signed,
+    answering,
+    client,
+    read_head,
+    serving,
+    through,
+)
 
 pytestmark = pytest.mark.skipif(not spliced.AVAILABLE, reason="splice is Linux's")
 store, model = downloads.store, downloads.model  # the download tests' fixtures
@@ -267,13 +275,8 @@ def test_a_tls_body_is_never_handed_over(tmp_path: Path) -> None:
     server_context, trusting = _self_signed(tmp_path)
     body = os.urandom(1 << 20)
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
-        await writer.drain()
-
     async def main() -> None:
-        async with serving(handler, server_context) as port:
+        async with serving(answering(body), server_context) as port:
             stream = await netstream.connect("127.0.0.1", port, timeout=5)
             tls = await stream.start_tls(trusting, server_hostname="localhost", timeout=5)
             await tls.write(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n", timeout=5)
@@ -333,13 +336,20 @@ def test_a_plain_http_pull_moves_its_bodies_in_the_kernel_and_verifies_them(
     assert len(moves) > 1 if opts is FAST else layer.size // 2 < sum(moves) <= layer.size
 
 
+def pulled_without_moves(
+    proxy: FaultProxy, store: Store, tmp: Path, model: Manifest, moves: list[int],
+    opts: TransferOptions,
+) -> None:  # fmt: skip
+    """A pull succeeds with every body read on the event loop."""
+    items = run(service(store, tmp, opts).pull(through(proxy), insecure=True))
+    assert items[-1] == {"status": "success"} and moves == []
+    assert set(store.blobs.digests()) == model.digests()
+
+
 def test_splicing_can_be_turned_off(
     proxy: FaultProxy, store: Store, tmp_path: Path, model: Manifest, moves: list[int]
 ) -> None:
-    opts = TransferOptions(splice=False)
-    items = run(service(store, tmp_path, opts).pull(through(proxy), insecure=True))
-    assert items[-1] == {"status": "success"} and moves == []
-    assert set(store.blobs.digests()) == model.digests()
+    pulled_without_moves(proxy, store, tmp_path, model, moves, TransferOptions(splice=False))
 
 
 def test_a_spliced_part_that_is_cut_resumes_from_the_bytes_in_the_file(
@@ -414,9 +424,7 @@ def test_a_part_that_finds_every_mover_busy_is_read_on_the_event_loop(
     none_free = threading.BoundedSemaphore(1)
     none_free.acquire()
     monkeypatch.setattr(download, "_MOVER_SLOTS", none_free)
-    items = run(service(store, tmp_path, ONE_PART).pull(through(proxy), insecure=True))
-    assert items[-1] == {"status": "success"} and moves == []
-    assert set(store.blobs.digests()) == model.digests()
+    pulled_without_moves(proxy, store, tmp_path, model, moves, ONE_PART)
 
 
 def test_every_move_gives_its_mover_back(
