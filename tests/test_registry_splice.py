@@ -271,6 +271,32 @@ def test_a_body_waits_in_the_socket_until_it_is_read() -> None:
     asyncio.run(main())
 
 
+def test_an_idle_connection_the_server_closed_after_a_bodiless_answer_is_not_reused() -> None:
+    """After a HEAD (no body to read, so the transport stays paused at the head's end) the
+    pool still sees that the server closed the connection, and asks on a new one."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        if not head.startswith(b"HEAD"):
+            writer.write(b"hello")
+        await writer.drain()
+        # then the server closes it: an idle connection it no longer keeps
+
+    async def main() -> None:
+        async with serving(handler) as port, client() as http:
+            url = f"http://127.0.0.1:{port}/blob"
+            assert (await http.head(url)).headers["content-length"] == "5"
+            await asyncio.sleep(0.2)
+            assert (await http.get(url)).content == b"hello"
+            assert connections == 2
+
+    asyncio.run(main())
+
+
 def test_a_tls_body_is_never_handed_over(tmp_path: Path) -> None:
     server_context, trusting = _self_signed(tmp_path)
     body = os.urandom(1 << 20)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import ssl
 import typing
@@ -191,6 +192,15 @@ class _Pipe(asyncio.BufferedProtocol):
         await self._writable.wait()
 
 
+def _readable(fd: int) -> bool:
+    """Whether a read from ``fd`` would return at once (bytes, or the end)."""
+    if not hasattr(select, "poll"):  # Windows: select takes any socket there
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class _Stream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, pipe: _Pipe, *, tls: bool = False) -> None:
         self._transport = transport
@@ -284,7 +294,13 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> typing.Any:
         if info == "is_readable":  # an idle connection the server closed, or sent junk on
-            return bool(self._pipe.chunks) or self._pipe.eof
+            pipe = self._pipe
+            if pipe.chunks or pipe.eof:
+                return True
+            # Paused at the end of a head with no body read after it (HEAD, 204, an empty
+            # body): the transport has not looked since, so look at the socket itself.
+            sock = self._transport.get_extra_info("socket")
+            return pipe.paused_reading and sock is not None and _readable(sock.fileno())
         if info in _ADDRESSES:
             return self._transport.get_extra_info(_ADDRESSES[info])
         return self._transport.get_extra_info(info)
