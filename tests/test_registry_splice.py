@@ -234,9 +234,10 @@ def test_a_handed_over_socket_has_one_reader_and_keeps_what_was_received_first()
                 await asyncio.sleep(0.2)
                 handed = raw.hand_over()
                 assert handed is not None
-                fd, received = handed
+                fd, received, left = handed
                 first = b"".join(received)
                 assert body.startswith(first) and len(first) >= 1000
+                assert left == len(body) - len(first)  # what the taker may read, no more
                 go.set()
                 await asyncio.sleep(0.2)  # the event loop runs: the transport reads nothing
                 rest = await asyncio.to_thread(read_rest, fd, len(body) - len(first))

@@ -47,7 +47,7 @@ import httpx
 from pollama.registry import spliced
 from pollama.registry.client import RegistrySession
 from pollama.registry.errors import BlobDigestMismatch, InsufficientDiskSpace, RegistryError
-from pollama.registry.netstream import RawBody, raw_body
+from pollama.registry.netstream import HandedOver, RawBody, raw_body
 from pollama.registry.partial import PartialFile, preallocate, recycle_buffer, take_buffer
 from pollama.registry.transfer import Part, TransferOptions, describe, retryable
 from pollama.store.blobs import PARTIAL_SUFFIX, TEMP_PREFIX, BlobStore
@@ -543,7 +543,7 @@ class BlobDownload:
             skip = self._check_part_response(response, part)
             handed = self._hand_over(source, skip)
             if handed is not None:
-                await self._move_part(part, *handed)
+                await self._move_part(part, handed)
             else:
                 await self._skip(source, buffer, skip)
             left = 0 if handed is not None else part.end - part.start
@@ -573,7 +573,7 @@ class BlobDownload:
         if not part.done:
             raise ShortRead(f"connection closed at {part.start} of part {part.n}")
 
-    def _hand_over(self, source: _Source, skip: int) -> tuple[int, list[bytes]] | None:
+    def _hand_over(self, source: _Source, skip: int) -> HandedOver | None:
         """The socket and what it had received, where the body can go to the file in the
         kernel (:mod:`pollama.registry.spliced`): a plain connection's body, from the
         part's first byte, on a platform that splices, unless the options say not to."""
@@ -586,7 +586,7 @@ class BlobDownload:
             _MOVER_SLOTS.release()
         return handed
 
-    async def _move_part(self, part: Part, sock: int, received: list[bytes]) -> None:
+    async def _move_part(self, part: Part, handed: HandedOver) -> None:
         """The rest of a part straight from the socket into the file, in a thread of its own
         (:func:`pollama.registry.spliced.move`), after the bytes the connection had received
         already (which that thread writes first). Progress reaches the event loop in batches
@@ -594,13 +594,16 @@ class BlobDownload:
         once the thread has stopped, whatever happened (a cancelled pull stops it), so the
         socket and the file outlive it."""
         try:
-            await self._move_in_thread(part, sock, received)
+            await self._move_in_thread(part, handed)
         finally:
             _MOVER_SLOTS.release()  # taken by _hand_over
 
-    async def _move_in_thread(self, part: Part, sock: int, received: list[bytes]) -> None:
+    async def _move_in_thread(self, part: Part, handed: HandedOver) -> None:
         file = self._data
-        pieces = _cut(received, part.end - part.start)
+        start = part.start
+        # No more than the part, nor than the body (a shorter answer is a short read).
+        count = min(part.end - start, sum(len(p) for p in handed.received) + handed.left)
+        pieces = _cut(handed.received, count)
         loop = asyncio.get_running_loop()
         lock, unreported = threading.Lock(), [0]
 
@@ -620,7 +623,6 @@ class BlobDownload:
 
         wakeup = spliced.Wakeup()
         stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
-        start, count = part.start, part.end - part.start
 
         def move() -> None:
             received = file.call(file.write, pieces, start) if pieces else 0
@@ -628,7 +630,7 @@ class BlobDownload:
                 report(received)
             if received < count:
                 spliced.move(
-                    sock,
+                    handed.fd,
                     file,
                     start + received,
                     count - received,

@@ -54,7 +54,7 @@ from collections.abc import Iterator
 import httpcore
 import httpx
 
-__all__ = ["READ_SIZE", "RawBody", "connect", "raw_body"]
+__all__ = ["READ_SIZE", "HandedOver", "RawBody", "connect", "raw_body"]
 
 READ_SIZE = 1 << 20
 """The most one read returns."""
@@ -335,6 +335,17 @@ async def connect(
     return _Stream(transport, pipe)
 
 
+class HandedOver(typing.NamedTuple):
+    """A body's socket, given up by :meth:`RawBody.hand_over`."""
+
+    fd: int
+    """The socket's descriptor (non-blocking)."""
+    received: list[bytes]
+    """What the transport had received of the body already: it comes first."""
+    left: int
+    """The body's bytes still to read from the socket."""
+
+
 class RawBody:
     """The rest of a response's body, received straight into the caller's buffers
     (:meth:`fill`): no HTTP parser copying each byte, no bytes object per read.
@@ -379,14 +390,13 @@ class RawBody:
         if self._filled >= self._enough:
             self._ready.set()
 
-    def hand_over(self) -> tuple[int, list[bytes]] | None:
+    def hand_over(self) -> HandedOver | None:
         """The socket itself, for a reader that moves the rest of the body without Python
         touching its bytes (:mod:`pollama.registry.spliced`): the transport stops reading
-        for good, and this returns the socket's descriptor (non-blocking) and what the
-        transport had received of the body already, which comes first. The caller reads at
-        most the body's remaining length from the descriptor and never closes it (closing
-        the response does). None where the socket's bytes are not the body's (TLS), or when
-        the connection already ended or failed (read the body with :meth:`fill`)."""
+        for good. The caller reads at most :attr:`HandedOver.left` bytes from the descriptor
+        and never closes it (closing the response does). None where the socket's bytes are
+        not the body's (TLS), or when the connection already ended or failed (read the body
+        with :meth:`fill`)."""
         pipe = self._pipe
         sock = self._stream._transport.get_extra_info("socket")
         if self._stream.tls or sock is None or pipe.eof or pipe.error is not None:
@@ -395,7 +405,7 @@ class RawBody:
         pipe.handed_over = True
         received = pipe.take_pieces(self._left)
         self._left -= sum(len(piece) for piece in received)
-        return sock.fileno(), received
+        return HandedOver(sock.fileno(), received, self._left)
 
     async def fill(self, buffer: memoryview, enough: int, idle_timeout: float | None) -> int:
         """Receive into ``buffer`` until it holds ``enough`` bytes, is full, or the body
