@@ -1,21 +1,24 @@
 """Resumable, verified, shared blob downloads (docs/ollama-behaviour.md#downloads, Ollama's
 ``server/download.go``).
 
-A blob is fetched in up to 16 ranged parts in parallel into ``<blob>-partial`` in the store,
-with each part's progress recorded in ``<blob>-partial-<N>`` as Ollama records it
+A blob is fetched in up to 16 ranged parts into ``<blob>-partial`` in the store, with each
+part's progress recorded in ``<blob>-partial-<N>`` as Ollama records it
 (``{"N","Offset","Size","Completed"}``), so a download interrupted by a cancelled request, a
 killed server or a reboot continues from the bytes on disk, and Ollama and pollama can each
-resume the other's. What must stay true:
+resume the other's. The parts take connections in file order, one at first, more while the
+link is slower than ``fast_link`` (:meth:`BlobDownload._ramp`); a plain-HTTP body goes from
+the socket to the file in the kernel (:mod:`pollama.registry.spliced`). What must stay true:
 
 * **Nothing unverified gets a blob's name.** The data is hashed in file order while it is
   written, in a thread of its own (from memory once a write that continues the hashed prefix
-  has landed, by reading back what the other parts wrote once the prefix reaches it:
-  :mod:`pollama.registry.partial`), and
+  has landed, else by reading back what was spliced or what the other parts wrote once the
+  prefix reaches it: :mod:`pollama.registry.partial`), and
   ``-partial`` is renamed to the blob only when the sha256 equals the digest. A mismatch
   deletes the partial data and its part files, nothing else.
 * **A part file never claims bytes that are not on disk.** Counters move only after
-  ``pwrite`` returns, and a checkpoint ``fdatasync``\\ s the data before it writes the part
-  files (atomically), so even a power cut leaves a state that resumes correctly.
+  ``pwrite`` (or the ``splice`` into the file) returns, and a checkpoint ``fdatasync``\\ s
+  the data before it writes the part files (atomically), so even a power cut leaves a state
+  that resumes correctly.
 * **A stall is not a failure.** A part that receives nothing for ``stall_timeout`` seconds
   is retried at once from where it stopped, without using up a retry; other errors retry
   with exponential backoff, and an attempt that made progress resets the count.
@@ -599,6 +602,7 @@ class BlobDownload:
             _MOVER_SLOTS.release()  # taken by _hand_over
 
     async def _move_in_thread(self, part: Part, handed: HandedOver) -> None:
+        """:meth:`_move_part`, with its mover slot taken."""
         file = self._data
         start = part.start
         # No more than the part, nor than the body (a shorter answer is a short read).
@@ -609,14 +613,14 @@ class BlobDownload:
 
         def take() -> None:
             with lock:
-                count, unreported[0] = unreported[0], 0
-            if count:
-                self._advance(part, count)
+                n, unreported[0] = unreported[0], 0
+            if n:
+                self._advance(part, n)
 
-        def report(count: int) -> None:
+        def report(n: int) -> None:
             with lock:
-                unreported[0] += count
-                if unreported[0] > count:  # a report is on its way and will take these too
+                unreported[0] += n
+                if unreported[0] > n:  # a report is on its way and will take these too
                     return
             with contextlib.suppress(RuntimeError):  # the loop closed: the end takes them
                 loop.call_soon_threadsafe(take)
