@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 import test_registry_download as downloads
-from pollama.registry import TransferOptions, download, netstream, spliced
+from pollama.registry import TransferOptions, netstream, spliced
 from pollama.registry.partial import PartialFile
 from pollama.store import Store
 from pollama.store.manifests import Manifest
@@ -422,7 +422,7 @@ def test_a_pull_left_mid_move_stops_its_thread_at_once(
 
     assert asyncio.run(leave_early()) < 1
     assert len(moves) == 1 and 0 < moves[0] < layer.size  # the move returned what it had
-    assert download._MOVER_SLOTS._value == download._MAX_MOVERS  # type: ignore[attr-defined]
+    assert spliced._movers_free._value == spliced.MAX_MOVERS  # type: ignore[attr-defined]
     assert not store.blobs.exists(layer.digest)
     assert any(name.endswith("-partial") for name in strays(store))
 
@@ -450,7 +450,7 @@ def test_a_part_that_finds_every_mover_busy_is_read_on_the_event_loop(
     """Threads are bounded: with no mover free a part does not wait for one."""
     none_free = threading.BoundedSemaphore(1)
     none_free.acquire()
-    monkeypatch.setattr(download, "_MOVER_SLOTS", none_free)
+    monkeypatch.setattr(spliced, "_movers_free", none_free)
     pulled_without_moves(proxy, store, tmp_path, model, moves, ONE_PART)
 
 
@@ -461,4 +461,4 @@ def test_every_move_gives_its_mover_back(
     layer = model_layer(model)
     proxy.add(Fault(path=layer.digest, action="drop", after=layer.size // 3, times=1))
     run(service(store, tmp_path, FAST).pull(through(proxy), insecure=True))
-    assert moves and download._MOVER_SLOTS._value == download._MAX_MOVERS  # type: ignore[attr-defined]
+    assert moves and spliced._movers_free._value == spliced.MAX_MOVERS  # type: ignore[attr-defined]

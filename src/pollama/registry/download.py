@@ -30,11 +30,9 @@ the socket to the file in the kernel (:mod:`pollama.registry.spliced`). What mus
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import fcntl
-import functools
 import glob
 import json
 import logging
@@ -62,11 +60,6 @@ _MIN_FLUSH = 1 << 20
 has landed, so progress moves in steps of about this size on a slow link (while the previous
 write still runs, it fills its buffer)."""
 _MAX_PART_FILE = 4096
-_MAX_MOVERS = 64
-"""Parts moved from socket to file at once, in all downloads of the process (four downloads
-of 16 parts): one thread each. A part that finds them all busy is read on the event loop
-instead, so a move never waits for a thread (nor does a pull that leaves)."""
-_MOVER_SLOTS = threading.BoundedSemaphore(_MAX_MOVERS)
 T = TypeVar("T")
 
 __all__ = ["BlobDownload", "DownloadManager", "Part", "TransferOptions"]
@@ -579,82 +572,35 @@ class BlobDownload:
     def _hand_over(self, source: _Source, skip: int) -> HandedOver | None:
         """The socket and what it had received, where the body can go to the file in the
         kernel (:mod:`pollama.registry.spliced`): a plain connection's body, from the
-        part's first byte, on a platform that splices, unless the options say not to."""
+        part's first byte, on a platform that splices, unless the options say not to, and
+        while a mover is free (else the body is read here)."""
         if skip or not (self.opts.splice and spliced.AVAILABLE) or not isinstance(source, RawBody):
             return None
-        if not _MOVER_SLOTS.acquire(blocking=False):  # all movers busy: read it here
+        if not spliced.take_mover():
             return None
         handed = source.hand_over()
         if handed is None:
-            _MOVER_SLOTS.release()
+            spliced.give_back_mover()
         return handed
 
     async def _move_part(self, part: Part, handed: HandedOver) -> None:
-        """The rest of a part straight from the socket into the file, in a thread of its own
-        (:func:`pollama.registry.spliced.move`), after the bytes the connection had received
-        already (which that thread writes first). Progress reaches the event loop in batches
-        (a report made while the one before it still waits for the loop joins it). Returns
-        once the thread has stopped, whatever happened (a cancelled pull stops it), so the
-        socket and the file outlive it."""
-        try:
-            await self._move_in_thread(part, handed)
-        finally:
-            _MOVER_SLOTS.release()  # taken by _hand_over
-
-    async def _move_in_thread(self, part: Part, handed: HandedOver) -> None:
-        """:meth:`_move_part`, with its mover slot taken."""
-        file = self._data
-        start = part.start
-        # No more than the part, nor than the body (a shorter answer is a short read).
-        count = min(part.end - start, sum(len(p) for p in handed.received) + handed.left)
-        pieces = _cut(handed.received, count)
-        loop = asyncio.get_running_loop()
-        lock, unreported = threading.Lock(), [0]
-
-        def take() -> None:
-            with lock:
-                n, unreported[0] = unreported[0], 0
-            if n:
-                self._advance(part, n)
-
-        def report(n: int) -> None:
-            with lock:
-                unreported[0] += n
-                if unreported[0] > n:  # a report is on its way and will take these too
-                    return
-            with contextlib.suppress(RuntimeError):  # the loop closed: the end takes them
-                loop.call_soon_threadsafe(take)
-
-        wakeup = spliced.Wakeup()
+        """The rest of a part from the handed-over socket into the file
+        (:func:`pollama.registry.spliced.move_body`); gives the mover back."""
         stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
-
-        def move() -> None:
-            received = file.call(file.write, pieces, start) if pieces else 0
-            if received:
-                report(received)
-            if received < count:
-                spliced.move(
-                    handed.fd,
-                    file,
-                    start + received,
-                    count - received,
-                    wakeup=wakeup,
-                    idle_timeout=stall,
-                    report=report,
-                )
-
-        moving = loop.run_in_executor(_movers(), move)
         try:
             with self._disk_errors():
-                await asyncio.shield(moving)
+                await spliced.move_body(
+                    self._data,
+                    handed,
+                    part.start,
+                    part.end - part.start,
+                    idle_timeout=stall,
+                    advance=lambda n: self._advance(part, n),
+                )
         except TimeoutError:
             raise PartStalled() from None
         finally:
-            if not moving.done():
-                wakeup.set()
-                await _until_done(moving)
-            wakeup.close()
-            take()
+            spliced.give_back_mover()
 
     async def _receive(
         self, source: _Source, free: memoryview, filled: int, writing: asyncio.Task[None] | None
@@ -773,40 +719,6 @@ class _Connections:
             self.asking.release()
         self.count += more
         self.ahead = 0
-
-
-def _cut(pieces: list[bytes], limit: int) -> list[bytes]:
-    """The first ``limit`` bytes of ``pieces``, as pieces."""
-    kept: list[bytes] = []
-    for piece in pieces:
-        if limit <= 0:
-            break
-        kept.append(piece[:limit])
-        limit -= len(kept[-1])
-    return kept
-
-
-@functools.cache
-def _movers() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that move bodies from sockets to files: one per part being moved (at
-    most :data:`_MAX_MOVERS`, which :data:`_MOVER_SLOTS` counts), kept for the next
-    download."""
-    return concurrent.futures.ThreadPoolExecutor(_MAX_MOVERS, thread_name_prefix="blob-splice")
-
-
-async def _until_done(future: asyncio.Future[Any]) -> None:
-    """Wait for ``future`` to end, whatever it ends with, even when this task is cancelled
-    meanwhile (the cancellation is raised once it ended)."""
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.wait({future})
-        except asyncio.CancelledError:
-            cancelled = True
-    if not future.cancelled():
-        future.exception()  # retrieved: the caller has its own error to raise
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 class DownloadManager:

@@ -14,35 +14,57 @@ What must stay true:
 * **The same guarantees as a write.** Bytes count as received (``report``) only once they
   are in the file, and each range is handed to the file's writeback as a write's is.
 * **At most ``count`` bytes are read from the socket**: nothing past the body's end.
-* **Bounded and stoppable.** One thread, one pipe of at most :data:`PIPE_SIZE` bytes, no
-  buffer in Python. It waits for the socket in ``poll`` together with a :class:`Wakeup`,
-  so :meth:`Wakeup.set` stops it at once; and it raises ``TimeoutError`` when nothing
-  arrives for ``idle_timeout`` seconds. Its caller waits for it to end before the socket or
-  the file closes.
+* **Bounded and stoppable.** One thread per body, at most :data:`MAX_MOVERS` in the
+  process (:func:`take_mover`: a body that finds none free is not moved here), one pipe of
+  at most :data:`PIPE_SIZE` bytes each, no buffer in Python. A move waits for the socket in
+  ``poll`` together with a :class:`Wakeup`, so :meth:`Wakeup.set` stops it at once; and it
+  raises ``TimeoutError`` when nothing arrives for ``idle_timeout`` seconds.
+  :func:`move_body` returns only once its thread has ended, so the socket and the file
+  outlive it.
 * **Errors keep their side.** A failure of the socket is an ``httpx.ReadError`` (a transfer
   error the retry rules know); a failure of the file (``ENOSPC``) stays an ``OSError``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import os
 import select
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 
+from pollama.registry.netstream import HandedOver
 from pollama.registry.partial import PartialFile
 
-__all__ = ["AVAILABLE", "PIPE_SIZE", "Wakeup", "move"]
+__all__ = [
+    "AVAILABLE",
+    "MAX_MOVERS",
+    "PIPE_SIZE",
+    "Wakeup",
+    "give_back_mover",
+    "move",
+    "move_body",
+    "take_mover",
+]
 
 AVAILABLE = hasattr(os, "splice") and hasattr(select, "poll")
 """Whether this platform can splice (Linux, Python 3.10+)."""
 PIPE_SIZE = 1 << 20
 """The pipe between the socket and the file: bytes moved per round (the kernel may give less:
 ``/proc/sys/fs/pipe-max-size``, a user's pipe quota)."""
+MAX_MOVERS = 64
+"""Bodies moved at once in the process (four downloads of 16 parts): a thread each. A part
+that finds them all taken is read on the event loop instead, so a move never waits for a
+thread (nor does a pull that leaves)."""
+_movers_free = threading.BoundedSemaphore(MAX_MOVERS)
 REPORT_SIZE = 8 << 20
 REPORT_EVERY = 0.02
 """Bytes in the file are reported once this many have come in, or this many seconds after
@@ -150,3 +172,109 @@ def move(
         if unreported:
             report(unreported)
     return moved
+
+
+def take_mover() -> bool:
+    """Take one of the :data:`MAX_MOVERS` movers; False when none is free."""
+    return _movers_free.acquire(blocking=False)
+
+
+def give_back_mover() -> None:
+    """Give back a mover that :func:`take_mover` gave (once its move has ended)."""
+    _movers_free.release()
+
+
+async def move_body(
+    file: PartialFile,
+    handed: HandedOver,
+    start: int,
+    count: int,
+    *,
+    idle_timeout: float | None,
+    advance: Callable[[int], None],
+) -> None:
+    """Bytes ``[start, start + count)`` of the file from a handed-over body, in a mover
+    thread: what the connection had received first, then the socket's (:func:`move`), no
+    more than the body holds (a shorter body is a short read for the caller to find).
+    ``advance(n)`` runs on the event loop once ``n`` more bytes are in the file, in batches
+    (a report made while the one before it still waits for the loop joins it). Returns
+    once the thread has stopped, whatever happened (a cancelled caller stops it first), so
+    the socket and the file outlive it. Raises :func:`move`'s errors."""
+    count = min(count, sum(len(piece) for piece in handed.received) + handed.left)
+    pieces = _cut(handed.received, count)
+    loop = asyncio.get_running_loop()
+    lock, unreported = threading.Lock(), [0]
+
+    def take() -> None:
+        with lock:
+            n, unreported[0] = unreported[0], 0
+        if n:
+            advance(n)
+
+    def report(n: int) -> None:
+        with lock:
+            unreported[0] += n
+            if unreported[0] > n:  # a report is on its way and will take these too
+                return
+        with contextlib.suppress(RuntimeError):  # the loop closed: the end takes them
+            loop.call_soon_threadsafe(take)
+
+    wakeup = Wakeup()
+
+    def work() -> None:
+        received = file.call(file.write, pieces, start) if pieces else 0
+        if received:
+            report(received)
+        if received < count:
+            move(
+                handed.fd,
+                file,
+                start + received,
+                count - received,
+                wakeup=wakeup,
+                idle_timeout=idle_timeout,
+                report=report,
+            )
+
+    moving = loop.run_in_executor(_movers(), work)
+    try:
+        await asyncio.shield(moving)
+    finally:
+        if not moving.done():
+            wakeup.set()
+            await _until_done(moving)
+        wakeup.close()
+        take()
+
+
+def _cut(pieces: list[bytes], limit: int) -> list[bytes]:
+    """The first ``limit`` bytes of ``pieces``, as pieces."""
+    kept: list[bytes] = []
+    for piece in pieces:
+        if limit <= 0:
+            break
+        kept.append(piece[:limit])
+        limit -= len(kept[-1])
+    return kept
+
+
+@functools.cache
+def _movers() -> concurrent.futures.ThreadPoolExecutor:
+    """The mover threads (at most :data:`MAX_MOVERS`, which :func:`take_mover` counts, so
+    a move never waits for one), kept for the next download."""
+    return concurrent.futures.ThreadPoolExecutor(MAX_MOVERS, thread_name_prefix="blob-splice")
+
+
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to end, whatever it ends with, even when this task is cancelled
+    meanwhile (the cancellation is raised once it ended)."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not future.cancelled():
+        future.exception()  # retrieved: the caller has its own error to raise
+    if cancelled:
+        raise asyncio.CancelledError
