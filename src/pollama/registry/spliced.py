@@ -197,34 +197,19 @@ async def move_body(
     thread: what the connection had received first, then the socket's (:func:`move`), no
     more than the body holds (a shorter body is a short read for the caller to find).
     ``advance(n)`` runs on the event loop once ``n`` more bytes are in the file, in batches
-    (a report made while the one before it still waits for the loop joins it). Returns
+    (:class:`_Progress`). Returns
     once the thread has stopped, whatever happened (a cancelled caller stops it first), so
     the socket and the file outlive it. Raises :func:`move`'s errors."""
     count = min(count, sum(len(piece) for piece in handed.received) + handed.left)
     pieces = _cut(handed.received, count)
     loop = asyncio.get_running_loop()
-    lock, unreported = threading.Lock(), [0]
-
-    def take() -> None:
-        with lock:
-            n, unreported[0] = unreported[0], 0
-        if n:
-            advance(n)
-
-    def report(n: int) -> None:
-        with lock:
-            unreported[0] += n
-            if unreported[0] > n:  # a report is on its way and will take these too
-                return
-        with contextlib.suppress(RuntimeError):  # the loop closed: the end takes them
-            loop.call_soon_threadsafe(take)
-
+    progress = _Progress(loop, advance)
     wakeup = Wakeup()
 
     def work() -> None:
         received = file.call(file.write, pieces, start) if pieces else 0
         if received:
-            report(received)
+            progress.report(received)
         if received < count:
             move(
                 handed.fd,
@@ -233,7 +218,7 @@ async def move_body(
                 count - received,
                 wakeup=wakeup,
                 idle_timeout=idle_timeout,
-                report=report,
+                report=progress.report,
             )
 
     moving = loop.run_in_executor(_movers(), work)
@@ -244,7 +229,33 @@ async def move_body(
             wakeup.set()
             await _until_done(moving)
         wakeup.close()
-        take()
+        progress.take()
+
+
+class _Progress:
+    """Bytes a mover reports (any thread), handed to ``advance`` on the event loop: a report
+    made while the one before it still waits for the loop joins it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, advance: Callable[[int], None]) -> None:
+        self._loop = loop
+        self._advance = advance
+        self._lock = threading.Lock()
+        self._unreported = 0
+
+    def report(self, n: int) -> None:
+        with self._lock:
+            self._unreported += n
+            if self._unreported > n:  # a report is on its way and will take these too
+                return
+        with contextlib.suppress(RuntimeError):  # the loop closed: the end takes them
+            self._loop.call_soon_threadsafe(self.take)
+
+    def take(self) -> None:
+        """On the event loop: advance by what was reported since the last take."""
+        with self._lock:
+            n, self._unreported = self._unreported, 0
+        if n:
+            self._advance(n)
 
 
 def _cut(pieces: list[bytes], limit: int) -> list[bytes]:
