@@ -586,7 +586,6 @@ class BlobDownload:
     async def _move_part(self, part: Part, handed: HandedOver) -> None:
         """The rest of a part from the handed-over socket into the file
         (:func:`pollama.registry.spliced.move_body`); gives the mover back."""
-        stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
         try:
             with self._disk_errors():
                 await spliced.move_body(
@@ -594,7 +593,7 @@ class BlobDownload:
                     handed,
                     part.start,
                     part.end - part.start,
-                    idle_timeout=stall,
+                    idle_timeout=self.opts.idle_timeout,
                     advance=lambda n: self._advance(part, n),
                 )
         except TimeoutError:
@@ -613,9 +612,8 @@ class BlobDownload:
         if writing is not None and not writing.done():
             writing.add_done_callback(lambda _task: source.lower(early))
             enough = len(free)
-        stall = None if self.opts.stall_timeout == float("inf") else self.opts.stall_timeout
         try:
-            return await source.fill(free, enough, stall)
+            return await source.fill(free, enough, self.opts.idle_timeout)
         except TimeoutError:
             raise PartStalled() from None
 

@@ -117,7 +117,7 @@ class RegistryService:
 
     def session(self, name: ModelName, insecure: bool) -> RegistrySession:
         policy = HostPolicy(self.allowed_hosts, insecure=insecure)
-        timeout = None if self.options.stall_timeout == float("inf") else self.options.stall_timeout
+        timeout = self.options.idle_timeout
         return RegistrySession(
             name,
             policy=policy,

@@ -44,6 +44,11 @@ class TransferOptions:
     """Move a plain-HTTP body from the socket to the file in the kernel where the platform
     can (:mod:`pollama.registry.spliced`); False reads every body into Python's buffers."""
 
+    @property
+    def idle_timeout(self) -> float | None:
+        """``stall_timeout`` as a wait's timeout: None (wait for ever) when it is infinite."""
+        return None if self.stall_timeout == float("inf") else self.stall_timeout
+
     def backoff(self, tries: int) -> float:
         """``base * 2^(tries-1)`` capped, jittered 0.5-1.5x against thundering herds."""
         delay = min(self.backoff_base * 2.0 ** (tries - 1), self.backoff_max)
