@@ -48,7 +48,7 @@ RUN apt-get update \
 WORKDIR /src
 # The engine first, from the pin in pyproject.toml: its slow layer survives changes to src/.
 COPY pyproject.toml README.md LICENSE ./
-COPY scripts/engine-build.sh scripts/engine-build.sh
+COPY scripts/engine-build.sh scripts/gcc-amx-tilecfg.h scripts/
 RUN python3 -m venv /opt/pollama \
     && POLLAMA_BUILD="${POLLAMA_BUILD}" CMAKE_ARGS="${CMAKE_ARGS}" \
         scripts/engine-build.sh install /opt/pollama

@@ -21,9 +21,15 @@ if [[ -z "$PY" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
 
+# The C++ flags the engine's CPU build gets (GCC's AMX intrinsic mended, scripts/engine-build.sh),
+# so that llama-server runs the same kernels and does not crash where pollama's engine would not;
+# a build tree of its own when there are any.
+CXX_FLAGS="$(POLLAMA_BUILD=cpu "$ROOT/scripts/engine-build.sh" detect 2>/dev/null |
+    sed -n 's/^cmake_args=.*-DCMAKE_CXX_FLAGS=\([^ ]*\).*/\1/p')"
+
 SDIST_DIR="$BUILD_ROOT/sdist"
 SRC_DIR="$BUILD_ROOT/llama_cpp_python-$VERSION"
-CMAKE_DIR="$BUILD_ROOT/llama-server-$VERSION"
+CMAKE_DIR="$BUILD_ROOT/llama-server-$VERSION${CXX_FLAGS:+-mended}"
 mkdir -p "$SDIST_DIR"
 
 SDIST="$SDIST_DIR/llama_cpp_python-$VERSION.tar.gz"
@@ -46,7 +52,8 @@ if [[ ! -f "$CMAKE_DIR/CMakeCache.txt" ]]; then
         -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DBUILD_SHARED_LIBS=OFF
+        -DBUILD_SHARED_LIBS=OFF \
+        ${CXX_FLAGS:+"-DCMAKE_CXX_FLAGS=$CXX_FLAGS"}
 fi
 
 echo "== building llama-server (-j$JOBS)"

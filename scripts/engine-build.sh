@@ -28,6 +28,27 @@ TOOL_DIRS="${POLLAMA_TOOL_DIRS-/usr/local/cuda/bin /usr/local/nvidia/bin}"
 
 note() { echo "engine-build: $*" >&2; }
 
+# GCC's AMX tile-config intrinsic is wrong (scripts/gcc-amx-tilecfg.h says how): an engine
+# built with it on a CPU with AMX crashes at its first decode. This header, forced into every
+# C++ file, mends it. Its absolute path goes into the CMake arguments and so into the record:
+# a checkout moved elsewhere rebuilds on such a machine.
+HERE="${BASH_SOURCE[0]%/*}"
+[[ "$HERE" == "${BASH_SOURCE[0]}" ]] && HERE=.
+AMX_FIX="$(cd "$HERE" && pwd)/gcc-amx-tilecfg.h"
+
+# compiles_amx_with_gcc: llama.cpp's AMX kernels will be built, by GCC. They are built by
+# -march=native on a CPU whose flags have amx_tile (POLLAMA_CPUINFO: another cpuinfo, for the
+# tests), or when the user's CMAKE_ARGS turn them on; the C++ compiler is $CXX or c++.
+compiles_amx_with_gcc() {
+    local cpuinfo="" macros
+    [[ "$(uname -m)" == x86_64 ]] || return 1
+    [[ -r "${POLLAMA_CPUINFO:-/proc/cpuinfo}" ]] && cpuinfo="$(<"${POLLAMA_CPUINFO:-/proc/cpuinfo}")"
+    [[ "$cpuinfo" =~ [[:space:]]amx_tile([[:space:]]|$) || "${CMAKE_ARGS:-}" == *GGML_AMX* ]] ||
+        return 1
+    macros="$("${CXX:-c++}" -dM -E -x c++ /dev/null 2>/dev/null)" || return 1
+    [[ "$macros" == *" __GNUC__ "* && "$macros" != *" __clang__ "* ]]
+}
+
 # find_tool NAME: the path of NAME on PATH or in TOOL_DIRS, or nothing.
 find_tool() {
     local found dir
@@ -107,6 +128,14 @@ building for the CPU; POLLAMA_BUILD=cuda builds for CUDA anyway"
     # Every kind gets llama.cpp's RPC backend (libggml-rpc): `pollama rpc` serves this
     # machine's devices with it, and OLLAMA_RPC_SERVERS adds remote ones (README.md#rpc).
     CMAKE="${CMAKE:+$CMAKE }-DGGML_RPC=ON"
+    if compiles_amx_with_gcc; then
+        if [[ "$AMX_FIX" =~ [[:space:]] ]]; then
+            note "cannot mend GCC's AMX intrinsic from a path with spaces ($AMX_FIX): the \
+engine may crash at its first decode; move the checkout or set CXX=clang++"
+        else
+            CMAKE="$CMAKE -DCMAKE_CXX_FLAGS=-include$AMX_FIX"
+        fi
+    fi
     # The user's own CMAKE_ARGS (a BLAS, another backend) go last, so they win, and into the
     # record, so changing them rebuilds too.
     if [[ -n "${CMAKE_ARGS:-}" ]]; then

@@ -216,6 +216,7 @@ def test_build_context_is_an_allow_list(dockerfile: tuple[dict[str, str], list[S
     copied = [word for stage in dockerfile[1] for args in stage.all("COPY")
               if not args.startswith("--from") for word in args.split()[:-1]]  # fmt: skip
     assert "src" in copied and "scripts/engine-build.sh" in copied
+    assert "scripts/gcc-amx-tilecfg.h" in copied  # the engine build forces it in on AMX + GCC
     for path in copied:
         assert (ROOT / path).exists(), path
         assert not _ignored(path, patterns), path

@@ -144,6 +144,110 @@ def test_cuda_wins_over_vulkan_and_user_cmake_args_come_last(tmp_path: Path) -> 
         "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_RPC=ON -DGGML_CUDA_FA_ALL_QUANTS=on")}
 
 
+# --- GCC's AMX intrinsic (scripts/gcc-amx-tilecfg.h) -------------------------------------------
+
+AMX_FIX = f"-DCMAKE_CXX_FLAGS=-include{ROOT / 'scripts' / 'gcc-amx-tilecfg.h'}"
+
+
+def _machine(bin_dir: Path, flags: str, compiler: str) -> dict[str, str]:
+    """A cpuinfo with ``flags`` and a c++ that predefines what ``compiler`` does."""
+    cpuinfo = bin_dir.parent / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags}\nbogomips\t: 4000\n")
+    macros = {"gcc": "#define __GNUC__ 12", "clang": "#define __GNUC__ 4\n#define __clang__ 1"}
+    _fake(bin_dir, "c++", f"printf '{macros[compiler]}\\n'")
+    return {"POLLAMA_CPUINFO": str(cpuinfo)}
+
+
+@pytest.mark.parametrize("flags", ["avx512f amx_tile amx_int8", "avx512f amx_int8 amx_tile"])
+def test_gcc_on_a_cpu_with_amx_gets_the_tile_config_mended(tmp_path: Path, flags: str) -> None:
+    bin_dir = _bin(tmp_path)
+    found = _detect(bin_dir, **_machine(bin_dir, flags, "gcc"))
+    assert found == {"kind": "cpu", "cmake_args": f"-DGGML_RPC=ON {AMX_FIX}"}
+    header = ROOT / "scripts" / "gcc-amx-tilecfg.h"
+    assert header.is_file() and " " not in str(header)
+
+
+@pytest.mark.parametrize(("flags", "compiler", "machine"), [
+    ("avx512f amx_tile", "clang", "x86_64"),   # clang's intrinsics are right
+    ("avx512f avx512_vnni", "gcc", "x86_64"),  # no AMX: the kernels are not built
+    ("avx512f amx_tilex", "gcc", "x86_64"),    # a flag that only starts like it
+    ("asimd amx_tile", "gcc", "aarch64"),
+])
+def test_no_mend_where_the_amx_kernels_are_not_built_by_gcc(
+    tmp_path: Path, flags: str, compiler: str, machine: str,
+) -> None:
+    bin_dir = _bin(tmp_path, machine=machine)
+    assert _detect(bin_dir, **_machine(bin_dir, flags, compiler))["cmake_args"] == "-DGGML_RPC=ON"
+
+
+def test_users_amx_flags_get_the_mend_and_their_cmake_args_still_come_last(tmp_path: Path) -> None:
+    bin_dir = _bin(tmp_path)
+    env = _machine(bin_dir, "avx512f", "gcc")
+    found = _detect(bin_dir, CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_INT8=ON", **env)
+    assert found["cmake_args"] == f"-DGGML_RPC=ON {AMX_FIX} -DGGML_NATIVE=OFF -DGGML_AMX_INT8=ON"
+
+
+def test_the_mended_intrinsic_loads_a_whole_tile_config(tmp_path: Path) -> None:
+    """Where this machine has AMX and GCC: a tile config filled field by field, as
+    ggml-cpu/amx/mmq.cpp fills it, over a stack left full of 0xff, is loaded by ldtilecfg
+    (GCC's own intrinsic let -O3 drop the fields' stores: a general protection fault)."""
+    gxx = shutil.which("g++")
+    cpuinfo = Path("/proc/cpuinfo")
+    if gxx is None or not cpuinfo.exists() or " amx_tile" not in cpuinfo.read_text():
+        pytest.skip("needs g++ and a CPU with AMX")
+    probe = tmp_path / "probe.cpp"
+    probe.write_text(AMX_PROBE)
+    binary = tmp_path / "probe"
+    mend = f"-include{ROOT / 'scripts' / 'gcc-amx-tilecfg.h'}"
+    subprocess.run([gxx, "-O3", "-march=native", mend, str(probe), "-o", str(binary)],
+                   check=True, timeout=120)
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30)
+    assert (ran.returncode, ran.stdout) == (0, "loaded\n")
+
+
+AMX_PROBE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct tile_config_t {
+    uint8_t palette_id = 0;
+    uint8_t start_row = 0;
+    uint8_t reserved_0[14] = {0};
+    uint16_t colsb[16] = {0};
+    uint8_t rows[16] = {0};
+};
+
+__attribute__((noinline)) void dirty_the_stack() {
+    volatile unsigned char junk[4096];
+    for (int i = 0; i < 4096; i++) junk[i] = 0xff;
+}
+
+__attribute__((noinline)) void load() {
+    alignas(64) tile_config_t tc = {};
+    tc.palette_id = 1;
+    tc.rows[0] = 8;  tc.colsb[0] = 64;
+    tc.rows[2] = 16; tc.colsb[2] = 32;
+    tc.rows[7] = 16; tc.colsb[7] = 64;
+    _tile_loadconfig(&tc);
+}
+
+int main() {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) {
+        puts("no permission");
+        return 2;
+    }
+    dirty_the_stack();
+    load();
+    _tile_release();
+    puts("loaded");
+    return 0;
+}
+"""
+
+
 def test_unknown_pollama_build_is_an_error_naming_the_kinds(tmp_path: Path) -> None:
     result = _run(_bin(tmp_path), "detect", POLLAMA_BUILD="rocm")
     assert result.returncode != 0

@@ -121,7 +121,8 @@ def test_the_sdist_holds_what_the_wheel_needs(built: Built) -> None:
     with tarfile.open(built.sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     for name in ("LICENSE", "README.md", "pyproject.toml", "Makefile", "scripts/engine-build.sh",
-                 "docs/architecture.md", "tests/conftest.py", "src/pollama/__init__.py"):
+                 "scripts/gcc-amx-tilecfg.h", "docs/architecture.md", "tests/conftest.py",
+                 "src/pollama/__init__.py"):
         assert name in names
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
 
