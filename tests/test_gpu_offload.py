@@ -96,6 +96,21 @@ def test_cpu_log_lines_are_all_cpu_with_no_layer_offloaded() -> None:
     assert report.gpu_layers == 0 and report.accelerator_bytes == 0
 
 
+def test_a_cpu_with_amx_is_all_cpu_with_no_layer_offloaded() -> None:
+    """An Intel CPU with AMX: llama.cpp repacks most weights into an ``AMX`` buffer and still
+    prints its offload count; none of it is an accelerator (``size_vram`` 0, not "100% GPU")."""
+    lines = [
+        "load_tensors: offloaded 31/31 layers to GPU",
+        "load_tensors:          AMX model buffer size =    95.34 MiB",
+        "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB",
+        *CPU_LOG[2:],
+    ]
+    report = _report(lines)
+    assert set(report.device_bytes) == {"CPU"}
+    assert report.gpu_layers == 0 and report.accelerator_bytes == 0
+    assert report.total_bytes == sum(_mib(x) for x in (95.34, 92.10, 0.19, 30.00, 98.51))
+
+
 def test_a_partial_offload_keeps_llama_cpps_count() -> None:
     lines = [
         "load_tensors: offloaded 8/25 layers to GPU",
@@ -119,6 +134,8 @@ def test_an_offload_count_without_device_buffers_is_not_believed() -> None:
         ("CPU", "CPU"),
         ("CPU_Mapped", "CPU"),
         ("CPU_REPACK", "CPU"),
+        ("CPU_KLEIDIAI", "CPU"),
+        ("AMX", "CPU"),  # weights repacked for Intel AMX, in host memory
         ("CUDA_Host", "CPU"),
         ("Vulkan_Host", "CPU"),
         ("CUDA0", "CUDA0"),

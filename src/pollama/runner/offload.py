@@ -13,8 +13,10 @@ how many layers it offloaded::
 These lines are the most exact figure there is (the scheduler's estimate comes before the
 load, this after it), so ``/api/ps`` ``size_vram`` and ``pollama ps`` are built from them.
 The buffer type's name says the device: ``CPU``, ``CPU_Mapped`` (the mapped file),
-``CPU_REPACK`` and any ``<backend>_Host`` (pinned host memory of a GPU backend) are host
-memory and count as ``CPU``; ``<device>_Mapped`` (Metal's mapped file, in the GPU's unified
+``CPU_REPACK`` (and the CPU backend's other repacked layouts, ``CPU_KLEIDIAI``, ``CPU_HBM``…),
+``AMX`` (weights repacked for Intel's AMX tiles, the one such type whose name lacks the
+prefix) and any ``<backend>_Host`` (pinned host memory of a GPU backend) are host memory and
+count as ``CPU``; ``<device>_Mapped`` (Metal's mapped file, in the GPU's unified
 memory) counts as that device; anything else is a device name as llama.cpp gives it
 (``CUDA0``, ``MTL0``, ``Vulkan0``).
 
@@ -31,6 +33,8 @@ import re
 __all__ = ["CPU_DEVICE", "OffloadReport", "device_of_buffer"]
 
 CPU_DEVICE = "CPU"
+# The CPU backend's extra buffer types (ggml-cpu) whose names do not start with "CPU".
+_HOST_BUFFER_TYPES = frozenset({"AMX"})
 _MIB = 1 << 20
 _BUFFER = re.compile(rb":\s+(\S+)\s+(?:\S+\s+)*?buffer size =\s*([0-9.]+) MiB")
 _OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
@@ -38,7 +42,11 @@ _OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
 
 def device_of_buffer(buffer_type: str) -> str:
     """The device a buffer type's memory is on (see the module docstring)."""
-    if buffer_type.upper().startswith(CPU_DEVICE) or buffer_type.endswith("_Host"):
+    if (
+        buffer_type.upper().startswith(CPU_DEVICE)
+        or buffer_type.endswith("_Host")
+        or buffer_type in _HOST_BUFFER_TYPES
+    ):
         return CPU_DEVICE
     if buffer_type.endswith("_Mapped"):
         return buffer_type[: -len("_Mapped")]
