@@ -187,7 +187,8 @@ def test_logprobs_and_stop_strings_across_a_shift(srv: RunningServer) -> None:
 
 @slow
 def test_structured_output_stays_valid_across_a_shift(srv: RunningServer) -> None:
-    body = {**GENERATE, "prompt": "Write a very long story as JSON.", "format": "json"}
+    body = {**GENERATE, "prompt": "Write a long story as JSON, with a title and ten chapters.",
+            "format": "json"}
     text, final = _answer(srv, "/api/generate", body)
     assert final["context_shifted"] > 0 and final["done_reason"] in ("stop", "length")
     assert isinstance(json.loads(text), dict)

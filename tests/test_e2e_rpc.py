@@ -103,7 +103,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory, rpcs: list[RpcProcess]
 
 def _generate(http: httpx.Client, keep_alive: str = "10m", **options: Any) -> dict[str, Any]:
     body = {"model": MODEL, "prompt": PROMPT, "stream": False, "logprobs": True,
-            "keep_alive": keep_alive, "options": {**GREEDY, **options}}  # fmt: skip
+            "top_logprobs": 3, "keep_alive": keep_alive,
+            "options": {**GREEDY, **options}}  # fmt: skip
     reply = http.post("/api/generate", json=body)
     assert reply.status_code == 200, reply.text
     return dict(reply.json())
@@ -142,13 +143,38 @@ def test_split_over_three_devices_matches_the_local_run(
     # Unloaded: a loaded runner would serve the next automatic placement as it is
     # (Ollama's num_gpu -1 matches any loaded runner).
     assert http.post("/api/generate", json={"model": MODEL, "keep_alive": 0}).status_code == 200
-    # The same CPU backend computes every layer on each side of the hop (the RPC servers
-    # run ggml's CPU backend too), so greedy decoding gives the same tokens; the
-    # log-probabilities agree within float32 noise of the split's different graph.
-    assert split["response"] == local["response"]
+    _same_greedy_run(split, local, repacked=_cpu_has_amx())
+
+
+def _cpu_has_amx() -> bool:
+    """This machine's CPU has AMX, so the engine (built for it) repacks the local layers'
+    weights for the AMX kernels, which the RPC servers' plain CPU backend does not."""
+    try:
+        return " amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _same_greedy_run(split: dict[str, Any], local: dict[str, Any], repacked: bool) -> None:
+    """The same CPU backend computes every layer on each side of the hop (the RPC servers
+    run ggml's CPU backend too), so greedy decoding gives the same tokens, and the
+    log-probabilities agree within float32 noise of the split's different graph.
+
+    Where the local side runs the AMX kernels (``repacked``), its rounding differs from the
+    plain kernels' more (measured here: log-probabilities up to 0.09 apart): the runs agree
+    token for token, log-probabilities within 0.15, until the first near-tie (the split's
+    token among the local run's top 3, within 0.3 of its choice), where either token may win
+    and the texts part."""
+    tolerance = 0.15 if repacked else 1e-3
     for a, b in zip(split["logprobs"], local["logprobs"], strict=True):
-        assert a["token"] == b["token"]
-        assert abs(a["logprob"] - b["logprob"]) < 1e-3, (a, b)
+        if a["token"] != b["token"] and repacked:
+            runner_up = {t["token"]: t["logprob"] for t in b["top_logprobs"]}
+            assert a["token"] in runner_up, (a, b)
+            assert b["logprob"] - runner_up[a["token"]] < 0.3, (a, b)
+            return
+        assert a["token"] == b["token"], (a, b)
+        assert abs(a["logprob"] - b["logprob"]) < tolerance, (a, b)
+    assert split["response"] == local["response"]
 
 
 def test_an_rpc_server_killed_mid_stream_is_an_error_then_recovery(

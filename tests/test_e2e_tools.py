@@ -33,7 +33,7 @@ from models import qwen_coder_fixture  # noqa: F401 - provides the fixture qwen_
 pytestmark = pytest.mark.slow
 
 MODEL = "qwen-coder"
-QUESTION = "What is the weather in Paris?"
+QUESTION = "How is the weather in Paris?"
 RESULT = "It is 22 degrees and sunny in Paris."
 FOLLOW_UP = "Thanks. So, what is the weather in Paris? Reply in plain text."
 PARAMETERS = {"type": "object", "properties": {
