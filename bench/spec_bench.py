@@ -246,8 +246,11 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         mine = [r for r in rows if r["task"] == task]
         configs = list(dict.fromkeys(r["config"] for r in mine))
         base = statistics.median(r["tok_s"] for r in mine if r["config"] == configs[0])
+        base_by_repeat = {r["repeat"]: r["tok_s"] for r in mine if r["config"] == configs[0]}
         for config in configs:
             own = [r for r in mine if r["config"] == config]
+            paired = statistics.median(r["tok_s"] / base_by_repeat[r["repeat"]] for r in own
+                                       if r["repeat"] in base_by_repeat)
             engine = config.split(",")[0]  # each engine against itself without drafts
             plain = next(c for c in configs if c.split(",")[0] == engine)
             reference = {r["text"] for r in mine if r["config"] == plain}
@@ -255,7 +258,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             drafted = statistics.median(r["drafted"] for r in own)
             kept = statistics.median(r["accepted"] for r in own)
             same = "yes" if {r["text"] for r in own} == reference else "no"
-            out.append(f"| {task} | {config} | {speed:.1f} | {speed / base:.2f} | "
+            out.append(f"| {task} | {config} | {speed:.1f} | {speed / base:.2f} | {paired:.2f} | "
                        f"{int(statistics.median(r['tokens'] for r in own))} | "
                        f"{int(drafted)} / {int(kept)} | {same} |")
     return out
@@ -274,11 +277,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         + f"; chat: {meta['chat_model']}, temperature 0.8, seed 1. Streamed, "
         "client-side tokens per second of wall time (prompt cached), medians of "
         f"{meta['repeats']} interleaved repeats. The ratio is to pollama without drafts "
-        "(`draft_num_predict 0`). drafted / kept: tokens drafted and kept per request "
+        "(`draft_num_predict 0`): of the medians, and paired (the median over repeats of "
+        "each repeat's own ratio, which cancels what drifts between repeats). drafted / kept: "
+        "tokens drafted and kept per request "
         "(medians). same text: every repeat's answer equals the same engine's without drafts.",
         "",
-        "| task | configuration | tok/s | ratio | tokens | drafted / kept | same text |",
-        "|---|---|--:|--:|--:|--:|---|",
+        "| task | configuration | tok/s | ratio | paired | tokens | drafted / kept | same text |",
+        "|---|---|--:|--:|--:|--:|--:|---|",
         *_table(rows),
         "",
         "Every measurement:",
