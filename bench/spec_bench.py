@@ -155,13 +155,13 @@ def _piece(chunk: dict[str, Any], llama: bool) -> str:
 
 
 @contextmanager
-def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = None
-                 ) -> Iterator[str]:
+def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = None,
+                 fa: str = "on") -> Iterator[str]:
     """llama-server on ``model``: plain, with n-gram drafts (``spec``), or with a draft
     model (``-md``, its default draft settings)."""
     port = _procs.free_port()
     cmd = [str(llama_server_bin()), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-           "-np", "1", "-c", "4096", "--flash-attn", "on", "--host", "127.0.0.1",
+           "-np", "1", "-c", "4096", "--flash-attn", fa, "--host", "127.0.0.1",
            "--port", str(port), "--no-webui"]
     if spec:
         cmd += ["--spec-type", "ngram-simple"]
@@ -186,7 +186,7 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
     out: dict[str, list[Target]] = {}
     for task, model in models.items():
         engine = Pollama(model, args.threads, home / task)
-        _srv, base = stack.enter_context(engine.serve(parallel=1, fa=True))
+        _srv, base = stack.enter_context(engine.serve(parallel=1, fa=args.fa == "on"))
         options = {"num_thread": args.threads}
         out[task] = [
             Target("pollama, no drafts", base, engine.model_name,
@@ -196,17 +196,17 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
         drafting = task == "rewrite-large" and args.draft_model is not None
         if drafting:  # a server of its own: the same weights with another spec would reload
             drafted = Pollama(model, args.threads, home / f"{task}-draft")
-            _srv, url = stack.enter_context(drafted.serve(parallel=1, fa=True))
+            _srv, url = stack.enter_context(drafted.serve(parallel=1, fa=args.fa == "on"))
             drafted.create_with_draft(url, "bench-draft", args.draft_model)
             out[task].append(Target("pollama, DRAFT model", url, "bench-draft", options))
         if args.llama_server and llama_server_bin().exists():
             for spec in (False, True):
-                url = stack.enter_context(llama_server(model, args.threads, spec))
+                url = stack.enter_context(llama_server(model, args.threads, spec, fa=args.fa))
                 label = "llama-server, ngram-simple" if spec else "llama-server"
                 out[task].append(Target(label, url, "", {}, llama=True))
             if drafting:
                 url = stack.enter_context(
-                    llama_server(model, args.threads, False, args.draft_model))
+                    llama_server(model, args.threads, False, args.draft_model, fa=args.fa))
                 out[task].append(Target("llama-server, -md", url, "", {}, llama=True))
     return out
 
@@ -268,7 +268,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     out = [
         f"# Speculative decoding from the prompt ({meta['date']})",
         "",
-        f"{meta['cpu']}, {meta['threads']} threads, flash attention on, one sequence; "
+        f"{meta['cpu']}, {meta['threads']} threads, flash attention {meta['fa']}, one sequence; "
         f"commit {meta['commit']}. `{meta['command']}`",
         "",
         f"rewrite and edit: {meta['rewrite_model']}, greedy"
@@ -306,6 +306,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fa", choices=["on", "off"], default="on",
+                    help="flash attention, for every engine (default: on)")
     ap.add_argument("--rewrite-model", type=Path, help="GGUF (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--chat-model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--large-model", type=Path,
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.chat_model = default_gguf_path()
     date = dt.date.today().isoformat()
-    meta = {"date": date, "cpu": cpu_model(), "threads": args.threads,
+    meta = {"date": date, "cpu": cpu_model(), "threads": args.threads, "fa": args.fa,
             "rewrite_model": Path(args.rewrite_model).name,
             "chat_model": Path(args.chat_model).name, "repeats": args.repeats,
             "large_model": Path(args.large_model).name if args.large_model else "",
