@@ -40,9 +40,9 @@ AMX_FIX="$(cd "$HERE" && pwd)/gcc-amx-tilecfg.h"
 # -march=native on a CPU whose flags have amx_tile (POLLAMA_CPUINFO: another cpuinfo, for the
 # tests), or when the user's CMAKE_ARGS turn them on; the C++ compiler is $CXX or c++.
 compiles_amx_with_gcc() {
-    local cpuinfo="" macros
+    local source="${POLLAMA_CPUINFO:-/proc/cpuinfo}" cpuinfo="" macros
     [[ "$(uname -m)" == x86_64 ]] || return 1
-    [[ -r "${POLLAMA_CPUINFO:-/proc/cpuinfo}" ]] && cpuinfo="$(<"${POLLAMA_CPUINFO:-/proc/cpuinfo}")"
+    [[ -r "$source" ]] && cpuinfo="$(<"$source")"
     [[ "$cpuinfo" =~ [[:space:]]amx_tile([[:space:]]|$) || "${CMAKE_ARGS:-}" == *GGML_AMX* ]] ||
         return 1
     macros="$("${CXX:-c++}" -dM -E -x c++ /dev/null 2>/dev/null)" || return 1

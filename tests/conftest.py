@@ -89,6 +89,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_has_amx() -> bool:
+    """This machine's CPU has Intel AMX (``amx_tile`` among its flags): the engine, built for
+    it, then runs llama.cpp's AMX kernels (``scripts/gcc-amx-tilecfg.h``)."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 @dataclass
 class RunningServer:
     url: str

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import MODEL, RunningServer, default_model_server, free_port
+from conftest import MODEL, RunningServer, cpu_has_amx, default_model_server, free_port
 from pollama.config import load_settings
 from pollama.server.app import create_app
 from pollama.server.rpc_watch import find_returned_servers
@@ -143,16 +143,9 @@ def test_split_over_three_devices_matches_the_local_run(
     # Unloaded: a loaded runner would serve the next automatic placement as it is
     # (Ollama's num_gpu -1 matches any loaded runner).
     assert http.post("/api/generate", json={"model": MODEL, "keep_alive": 0}).status_code == 200
-    _same_greedy_run(split, local, repacked=_cpu_has_amx())
-
-
-def _cpu_has_amx() -> bool:
-    """This machine's CPU has AMX, so the engine (built for it) repacks the local layers'
-    weights for the AMX kernels, which the RPC servers' plain CPU backend does not."""
-    try:
-        return " amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    # With AMX the engine repacks the local layers' weights for the AMX kernels, which the
+    # RPC servers' plain CPU backend does not.
+    _same_greedy_run(split, local, repacked=cpu_has_amx())
 
 
 def _same_greedy_run(split: dict[str, Any], local: dict[str, Any], repacked: bool) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cpu_has_amx
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "engine-build.sh"
 BASH = shutil.which("bash") or "/bin/bash"
@@ -146,7 +148,8 @@ def test_cuda_wins_over_vulkan_and_user_cmake_args_come_last(tmp_path: Path) -> 
 
 # --- GCC's AMX intrinsic (scripts/gcc-amx-tilecfg.h) -------------------------------------------
 
-AMX_FIX = f"-DCMAKE_CXX_FLAGS=-include{ROOT / 'scripts' / 'gcc-amx-tilecfg.h'}"
+AMX_HEADER = ROOT / "scripts" / "gcc-amx-tilecfg.h"
+AMX_FIX = f"-DCMAKE_CXX_FLAGS=-include{AMX_HEADER}"
 
 
 def _machine(bin_dir: Path, flags: str, compiler: str) -> dict[str, str]:
@@ -163,8 +166,7 @@ def test_gcc_on_a_cpu_with_amx_gets_the_tile_config_mended(tmp_path: Path, flags
     bin_dir = _bin(tmp_path)
     found = _detect(bin_dir, **_machine(bin_dir, flags, "gcc"))
     assert found == {"kind": "cpu", "cmake_args": f"-DGGML_RPC=ON {AMX_FIX}"}
-    header = ROOT / "scripts" / "gcc-amx-tilecfg.h"
-    assert header.is_file() and " " not in str(header)
+    assert AMX_HEADER.is_file() and " " not in str(AMX_HEADER)
 
 
 @pytest.mark.parametrize(("flags", "compiler", "machine"), [
@@ -192,15 +194,13 @@ def test_the_mended_intrinsic_loads_a_whole_tile_config(tmp_path: Path) -> None:
     ggml-cpu/amx/mmq.cpp fills it, over a stack left full of 0xff, is loaded by ldtilecfg
     (GCC's own intrinsic let -O3 drop the fields' stores: a general protection fault)."""
     gxx = shutil.which("g++")
-    cpuinfo = Path("/proc/cpuinfo")
-    if gxx is None or not cpuinfo.exists() or " amx_tile" not in cpuinfo.read_text():
+    if gxx is None or not cpu_has_amx():
         pytest.skip("needs g++ and a CPU with AMX")
     probe = tmp_path / "probe.cpp"
     probe.write_text(AMX_PROBE)
     binary = tmp_path / "probe"
-    mend = f"-include{ROOT / 'scripts' / 'gcc-amx-tilecfg.h'}"
-    subprocess.run([gxx, "-O3", "-march=native", mend, str(probe), "-o", str(binary)],
-                   check=True, timeout=120)
+    command = [gxx, "-O3", "-march=native", f"-include{AMX_HEADER}", str(probe), "-o", str(binary)]
+    subprocess.run(command, check=True, timeout=120)
     ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30)
     assert (ran.returncode, ran.stdout) == (0, "loaded\n")
 

@@ -197,9 +197,9 @@ async def move_body(
     thread: what the connection had received first, then the socket's (:func:`move`), no
     more than the body holds (a shorter body is a short read for the caller to find).
     ``advance(n)`` runs on the event loop once ``n`` more bytes are in the file, in batches
-    (:class:`_Progress`). Returns
-    once the thread has stopped, whatever happened (a cancelled caller stops it first), so
-    the socket and the file outlive it. Raises :func:`move`'s errors."""
+    (:class:`_Progress`). Returns once the thread has stopped, whatever happened (a
+    cancelled caller stops it first), so the socket and the file outlive it. Raises
+    :func:`move`'s errors."""
     count = min(count, sum(len(piece) for piece in handed.received) + handed.left)
     pieces = _cut(handed.received, count)
     loop = asyncio.get_running_loop()
