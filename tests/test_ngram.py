@@ -1,5 +1,5 @@
 """The pure parts of speculative decoding (``runner/ngram.py``): the n-gram lookup, the
-expected yield of a draft, the measured cost of rows and the per-request back-off."""
+expected yield of a draft, the measured cost of rows and what each request learns."""
 
 from __future__ import annotations
 
@@ -157,31 +157,69 @@ def test_acceptance_follows_the_recent_odds_by_the_run_of_the_copy() -> None:
     assert acceptance.rates(8, 1)[0] > 0.95
     for _ in range(5):
         acceptance.record(8, 2, 0)
-    assert acceptance.rates(8, 1)[0] < odds_8
-    assert acceptance.rates(64, 1)[0] == pytest.approx(odds_64, rel=0.05)  # each run its own
+    # a run tested follows its tokens (ten kept of fifteen) more than its prior
+    assert acceptance.rates(8, 1)[0] == pytest.approx(10 / 15, abs=0.05)
     model = acceptance.rates(MODEL_KEY, 3)
     assert len(set(model)) == 1 and model[0] == pytest.approx(2 / 3)  # the draft model's
     assert acceptance.expected(MODEL_KEY, 2) == pytest.approx(1 + 2 / 3 + 4 / 9)
 
 
-def test_probes_back_off_exponentially_while_drafting_does_not_pay() -> None:
+def test_copies_not_drafted_teach_their_odds_and_are_never_probed() -> None:
+    dear = _costs(0.0, 0.01)  # a row costs a step: no draft pays
+    acceptance = Acceptance()
+    assert not any(acceptance.length(4, 8, 1.0, 1, dear) for _ in range(300))
+    (prior,) = acceptance.rates(4, 1)
+    for _ in range(20):
+        acceptance.observe(4, False)  # the token drawn was not the copy's
+    (missed,) = acceptance.rates(4, 1)
+    assert missed < prior / 2
+    for _ in range(60):
+        acceptance.observe(4, True)
+    assert acceptance.rates(4, 1)[0] > missed + 0.3
+    # what the observations taught is what drafting then weighs
+    cheap = _costs(0.02, 0.002)
+    assert acceptance.length(4, 8, 1.0, 1, cheap) > 1
+    assert Acceptance().length(4, 8, 1.0, 1, cheap) >= 1
+
+
+def test_copies_that_break_early_make_every_copy_less_trusted() -> None:
+    """A story meets a phrase of its own again, drafts a long copy of it and keeps two
+    tokens: the odds of runs it never drafted (their priors come from code) fall too, so
+    its next long copy is not drafted at 16 rows; a faithful copy keeps them whole."""
+    costs = _costs(0.01, 0.002)  # a second row costs a sixth of a step more
+    story, faithful = Acceptance(), Acceptance()
+    (prior_32,) = story.rates(32, 1)
+    assert story.length(32, 16, 1.0, 1, costs) == 16
+    for _ in range(2):
+        story.record(6, 13, 2)
+    assert story.rates(32, 1)[0] < prior_32 * 0.6
+    assert story.length(32, 16, 1.0, 1, costs) < 4
+    for _ in range(2):
+        faithful.record(6, 13, 13)
+    assert faithful.rates(32, 1)[0] >= prior_32
+    assert faithful.length(32, 16, 1.0, 1, costs) == 16
+    # its copies hold again: the trust comes back
+    for _ in range(30):
+        story.observe(8, True)
+    assert story.rates(32, 1)[0] > prior_32 * 0.9
+
+
+def test_a_draft_model_is_probed_with_back_off_while_it_does_not_pay() -> None:
     costs = _costs(0.0, 0.01)  # never pays
     acceptance = Acceptance()
     probes = []
     for step in range(300):
-        if acceptance.length(4, 8, 1.0, 1, costs):
+        if acceptance.length(MODEL_KEY, 8, 1.0, 1, costs):
             probes.append(step)
-            acceptance.record(4, 1, 0)
+            acceptance.record(MODEL_KEY, 1, 0)
     # a probe of one token at the first opportunity, then gaps of 2, 4, 8, ...
     assert probes[:5] == [0, 2, 6, 14, 30]
     assert len(probes) <= 9
-    # two common tokens in a row are no reason to probe
-    assert not any(Acceptance().length(2, 8, 1.0, 1, costs) for _ in range(50))
     # a probe that brings the rate back resets the gap
     good = _costs(0.02, 0.002)
     for _ in range(6):
-        acceptance.record(4, 4, 4)
-    assert acceptance.length(4, 8, 1.0, 1, good) > 1
+        acceptance.record(MODEL_KEY, 4, 4)
+    assert acceptance.length(MODEL_KEY, 8, 1.0, 1, good) > 1
 
 
 def test_a_probe_takes_the_rows_that_cost_least() -> None:

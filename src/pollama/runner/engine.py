@@ -393,6 +393,8 @@ class _Job:
     draft: list[int] = field(default_factory=list)  # drafted tokens in the batch being decoded
     draft_row: int = -1  # the batch row of the first of them
     draft_key: int = 0  # the run of the copy they came from (MODEL_KEY: the draft model)
+    # a copy found but not drafted: (its first token, its run), checked against the next draw
+    shadow: tuple[int, int] | None = None
 
     def next_span(self) -> MediaSpan | None:
         """The first media span not yet wholly in the KV cache (None: only text is left)."""
@@ -828,7 +830,7 @@ class Engine:
                 if job.draft:
                     self._verify(job)
                 else:
-                    self._sample(job)
+                    self._sample_and_observe(job)
 
     def _share_cores(self) -> bool:
         """Whether this step yields cores to an encode running on the media thread (then
@@ -908,7 +910,7 @@ class Engine:
         batch = self.batch
         wants: list[tuple[_Job, int]] = []  # jobs the draft model drafts for, and how much
         for job in decoding:
-            job.draft = []
+            job.draft, job.shadow = [], None
             slot, drafting = job.slot, job.drafting
             if drafting is None or slot is None or slot.held:
                 continue
@@ -924,7 +926,10 @@ class Engine:
             if k > 0:
                 self._add_draft(job, candidate[:k], key)
                 expected += drafting.expected(key, len(job.draft)) - 1
-            elif self.drafter is not None and room > 0:
+                continue
+            if candidate:
+                job.shadow = (candidate[0], key)
+            if self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
                 k = drafting.length(MODEL_KEY, limit, expected, batch.n_tokens, costs, per_token)
@@ -981,6 +986,14 @@ class Engine:
             job.index.extend(job.generated[job.indexed :])
         job.indexed = len(job.generated)
         return job.index.draft(limit)
+
+    def _sample_and_observe(self, job: _Job) -> None:
+        """Sample the job's row; where a copy was found but not drafted, tell the job's
+        odds whether its first token is the one drawn (``Acceptance.observe``)."""
+        n, shadow = len(job.generated), job.shadow
+        self._sample(job)
+        if shadow is not None and job.drafting is not None and len(job.generated) > n:
+            job.drafting.observe(shadow[1], job.generated[n] == shadow[0])
 
     def _verify(self, job: _Job) -> None:
         """Sample the pending token's row, then each drafted row while the token drawn is

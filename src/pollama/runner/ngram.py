@@ -15,8 +15,8 @@ ngram-simple``). This module holds the pure parts, with no llama.cpp in them:
   decode-only steps (a row count never measured is guessed optimistically, then tried);
 * :class:`Acceptance`, per request: how often drafted tokens were accepted lately, by how
   long their copy had agreed, and the draft length that makes the most tokens per second
-  of decoding (:func:`best_length`), with a back-off of its probes when drafting does not
-  pay.
+  of decoding (:func:`best_length`); the odds also learn from the copies not drafted,
+  checked against the token each step draws.
 
 On a CPU a batch of k rows costs far more than one row (small models are compute-bound), so
 the decision weighs the expected extra tokens against the measured extra time, for the whole
@@ -470,8 +470,10 @@ again, and a chat must not pay for drafts."""
 _PRIOR_WEIGHT = 4.0  # the priors count as this many tokens
 _RUN_DECAY = 0.995  # weight of the past at each drafted token tested: the odds follow the text
 _BUCKET = [max(i for i, edge in enumerate(_RUN_EDGES) if run >= edge) for run in range(RUN_CAP + 1)]
-_PROBE_KEY = 3  # two common tokens in a row match all the time in chat: no probe on those
 _MAX_GAP = 256
+_FIT_PRIOR = 2.0  # the request's fit starts as this many tokens kept of as many foreseen
+_FIT_RUNS = 16  # copies with a shorter run say whether the text copies (a long one breaks at edits)
+_FIT_DECAY = 0.97  # weight of the past fit for each token foreseen since
 
 
 class Acceptance:
@@ -480,31 +482,46 @@ class Acceptance:
     that trust a longer run more; ``_RUN_PRIORS``), the draft model's recent rate, and the
     totals the final chunk reports.
 
-    When the best length is 0 the request still probes now and then on a copy with a run
-    of three tokens or more (:func:`cheapest_probe`: usually one token), since the odds only
-    move with drafts; each probe that does not bring drafting back doubles the gap to the
-    next (exponential back-off), so an ordinary chat pays a handful of rows over a whole
-    answer."""
+    The n-gram odds learn at every step, drafted or not: where the best length is 0, the
+    engine still looks the copy up, and checks its first token against the token the step
+    then samples (:meth:`observe`), which is the event a draft of that token would have been
+    kept on. So a chat whose copies do not hold teaches its odds for free, and no draft is
+    ever sent only to learn.
+
+    A run's prior (from code, ``_RUN_PRIORS``) is scaled by the request's *fit*: the tokens
+    its copies of a run under ``_FIT_RUNS`` kept lately, against what their priors foresaw
+    (at most 1). A story that meets a phrase of its own again and then goes its own way
+    keeps far fewer than code would, so the runs it has not tested yet (the long ones, whose
+    priors are near 1) are trusted less too, and a failed long draft is seldom followed by
+    another; a run it has tested follows its own tokens. A long copy's break does not count: an edit of code
+    breaks one once, and the copy goes on.
+
+    The draft model's drafts cost its decode to make, so they have
+    no such check: when its best length is 0 the request still probes now and then
+    (:func:`cheapest_probe`), and each probe that does not bring drafting back doubles the
+    gap to the next (exponential back-off)."""
 
     def __init__(self) -> None:
-        self._runs = [[p * _PRIOR_WEIGHT, (1 - p) * _PRIOR_WEIGHT] for p in _RUN_PRIORS]
+        # per run bucket: the tokens seen kept and refused, and the weight left to its prior
+        self._runs = [[0.0, 0.0, _PRIOR_WEIGHT] for _ in _RUN_PRIORS]
+        self._fit = [_FIT_PRIOR, _FIT_PRIOR]  # tokens kept, and foreseen by the runs' priors
         self._model = list(_MODEL_PRIOR)
         self.drafted = 0
         self.accepted = 0
-        # the probes' back-off, one for n-gram drafts and one for the draft model's, so that
-        # one source's probing does not starve the other's
-        self._gap = {False: 1, True: 1}
-        self._idle = {False: 0, True: 0}
+        self._gap, self._idle = 1, 0  # the draft model's probes' back-off
 
     def rates(self, key: int, limit: int) -> list[float]:
         """The odds of each of ``limit`` drafted tokens, given the ones before it."""
         if key == MODEL_KEY:
             hits, misses = self._model
             return [hits / (hits + misses)] * limit
+        kept, foreseen = self._fit
+        fit = min(1.0, kept / foreseen)
         odds = []
         for i in range(limit):
-            hits, misses = self._runs[_BUCKET[min(key + i, RUN_CAP)]]
-            odds.append(hits / (hits + misses))
+            bucket = _BUCKET[min(key + i, RUN_CAP)]
+            hits, misses, weight = self._runs[bucket]
+            odds.append((hits + fit * _RUN_PRIORS[bucket] * weight) / (hits + misses + weight))
         return odds
 
     def expected(self, key: int, k: int) -> float:
@@ -523,17 +540,22 @@ class Acceptance:
         """How many of ``limit`` tokens drafted from a copy with run ``key`` (or by the draft
         model, :data:`MODEL_KEY`, at ``per_token`` seconds each) to verify now (0: none)."""
         k = best_length(self.rates(key, limit), tokens, rows, costs, per_token)
-        source = key == MODEL_KEY
-        if k > 0:
-            self._gap[source], self._idle[source] = 1, 0
+        if key != MODEL_KEY:
             return k
-        if key < _PROBE_KEY and not source:
+        if k > 0:
+            self._gap, self._idle = 1, 0
+            return k
+        self._idle += 1
+        if self._idle < self._gap:
             return 0
-        self._idle[source] += 1
-        if self._idle[source] < self._gap[source]:
-            return 0
-        self._idle[source], self._gap[source] = 0, min(_MAX_GAP, self._gap[source] * 2)
+        self._idle, self._gap = 0, min(_MAX_GAP, self._gap * 2)
         return cheapest_probe(limit, rows, costs)
+
+    def observe(self, key: int, hit: bool) -> None:
+        """The first token of a copy with run ``key`` that was not drafted was (``hit``) or
+        was not the token the request drew next: what a one-token draft would have taught,
+        learned without its row."""
+        self.record(key, 1, 1 if hit else 0)
 
     def record(self, key: int, drafted: int, accepted: int) -> None:
         """A verification of ``drafted`` tokens drafted with ``key`` kept the first
@@ -546,10 +568,16 @@ class Acceptance:
             counts[0] = _MODEL_DECAY * counts[0] + accepted
             counts[1] = _MODEL_DECAY * counts[1] + (1 if missed else 0)
             return
+        if key < _FIT_RUNS:
+            priors = [_RUN_PRIORS[_BUCKET[min(key + i, RUN_CAP)]] for i in range(drafted)]
+            foreseen = expected_tokens(priors) - 1
+            keep = _FIT_DECAY**foreseen
+            self._fit = [keep * self._fit[0] + accepted, keep * self._fit[1] + foreseen]
         decay = _RUN_DECAY ** (accepted + missed)
         for counts in self._runs:
             counts[0] *= decay
             counts[1] *= decay
+            counts[2] *= decay
         for i in range(accepted):
             self._runs[_BUCKET[min(key + i, RUN_CAP)]][0] += 1
         if missed:
