@@ -30,8 +30,11 @@ def _get(row: dict[str, Any] | None, key: str) -> float | None:
     return None if row is None else row.get(key)
 
 
-def _fa(on: bool) -> str:
-    return "on" if on else "off"
+def _fa(mode: str | bool) -> str:
+    """``auto``, ``on`` or ``off`` (results before ``auto`` existed kept a bool)."""
+    if isinstance(mode, str):
+        return mode
+    return "on" if mode else "off"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -84,9 +87,13 @@ def render(results: dict[str, Any]) -> str:
         "the plain loop's tokenizer, special tokens parsed); the prompt tokens of each "
         "measurement are in the raw results. Each prompt has a unique prefix so no prefix "
         "cache helps.",
-        "- llama-server: `-t T -tb T -np N -c 4096·N --flash-attn on|off`, `/completion` "
+        "- FA *auto* is each engine's default, llama.cpp's auto (on wherever the backend has "
+        "the kernel, the CPU included; pollama with `OLLAMA_FLASH_ATTENTION` unset); *on* and "
+        "*off* force it for all three.",
+        "- llama-server: `-t T -tb T -np N -c 4096·N --flash-attn auto|on|off`, `/completion` "
         "streaming with `ignore_eos`; pollama: `OLLAMA_NUM_PARALLEL=N`, "
-        "`OLLAMA_CONTEXT_LENGTH=4096`, `OLLAMA_FLASH_ATTENTION=0|1`, `/api/generate` streaming "
+        "`OLLAMA_CONTEXT_LENGTH=4096`, `OLLAMA_FLASH_ATTENTION` unset, `1` or `0`, "
+        "`/api/generate` streaming "
         "with `raw: true` and `options: {num_predict, temperature: 0, seed: 1, num_thread: T}` "
         "(its other defaults on: drafting from the prompt; it could stop at EOS, rates are "
         "per generated token); plain loop: `bench/plain_loop.py` (one context with "

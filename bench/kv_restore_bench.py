@@ -132,7 +132,7 @@ class Session:
 def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
     engine = Pollama(args.model, args.threads, home)
     rows: list[dict[str, Any]] = []
-    with engine.serve(parallel=1, fa=args.fa == "on") as (_srv, base):
+    with engine.serve(parallel=1, fa=args.fa) as (_srv, base):
         sessions = [Session(engine, base, args, turns) for turns in args.turns]
         for session in sessions:
             session.prepare("warm")  # fixes the conversation's next turn
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--turns", type=int, nargs="+", default=[6, 12],
                     help="user turns of history (6: run_bench.py's follow-up chat)")
-    ap.add_argument("--fa", choices=["off", "on"], default="on")
+    ap.add_argument("--fa", choices=["auto", "off", "on"], default="auto")
     _procs.add_quiet_options(ap, repeats=5, patience=120.0, llama_server=False)
     args = ap.parse_args(argv)
     if args.model is None:

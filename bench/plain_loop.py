@@ -40,7 +40,7 @@ GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level in ggml.h
 @dataclass
 class PlainResult:
     streams: int
-    flash_attn: bool
+    flash_attn: str  # auto | on | off
     threads: int
     n_predict: int
     prompt_tokens: int
@@ -133,7 +133,7 @@ class Engine:
         self,
         streams: int,
         *,
-        flash_attn: bool,
+        flash_attn: str,
         threads: int = 2,
         n_predict: int = 128,
         n_ctx_per_seq: int = 4096,
@@ -150,9 +150,11 @@ class Engine:
         cparams.n_seq_max = streams
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.flash_attn_type = (
-            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        cparams.flash_attn_type = {
+            "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
         cparams.kv_unified = False
         cparams.no_perf = True
         ctx = lc.llama_init_from_model(self.model, cparams)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="GGUF file (default: pollama's default model)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--flash-attn", choices=["on", "off"], default="off")
+    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="off")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-predict", type=int, default=128)
     ap.add_argument("--n-ctx-per-seq", type=int, default=4096)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.streams:
         result = engine.run(
             n,
-            flash_attn=args.flash_attn == "on",
+            flash_attn=args.flash_attn,
             threads=args.threads,
             n_predict=args.n_predict,
             n_ctx_per_seq=args.n_ctx_per_seq,

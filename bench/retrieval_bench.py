@@ -112,10 +112,10 @@ def configs(stack: ExitStack, args: argparse.Namespace, home: Path) -> Configs:
     out = Configs()
     embedder = Pollama(args.minilm, args.threads, home / "embed")
     embedder.model_name = "all-minilm"
-    _srv, base = stack.enter_context(embedder.serve(parallel=1, fa=False))
+    _srv, base = stack.enter_context(embedder.serve(parallel=1, fa="off"))
     ranker = Pollama(cross, args.threads, home / "embed")
     ranker.model_name = "minilm-reranker"
-    ranker._create(embedder._env(int(base.rsplit(":", 1)[1]), 1, False))  # the same server
+    ranker._create(embedder._env(int(base.rsplit(":", 1)[1]), 1, "off"))  # the same server
     options = {"num_thread": args.threads}
     out.add("pollama embed, one call", "texts/s", lambda: _post(
         client, f"{base}/api/embed", {"model": "all-minilm", "input": docs, "options": options}))

@@ -1,8 +1,10 @@
 """pollama vs the engine's own speed (plain loop) vs llama.cpp's llama-server, in one run.
 
-Same GGUF, same thread count, flash attention on (every engine's default here; ``--fa off
-on`` for both), 1/4/8/16 concurrent streams, each point the median of interleaved repeats;
-follow-up chat TTFT (warm prefix cache vs cold); resident memory with the model loaded.
+Same GGUF, same thread count, flash attention at each engine's default (``--fa auto``:
+every engine leaves it to llama.cpp's auto, which turns it on for the CPU), or forced ``on``
+or ``off`` for all; 1/4/8/16 concurrent streams, each point the median of interleaved
+repeats; follow-up chat TTFT (warm prefix cache vs cold); resident memory with the model
+loaded.
 Writes ``bench/results/<YYYY-MM-DD>-<cpu>.md`` (quick mode: ``bench/.build/quick.md``) and
 the raw numbers next to it under ``bench/.build/results/``.
 
@@ -208,11 +210,11 @@ class LlamaServer:
         self.model, self.threads = model, threads
 
     @contextmanager
-    def serve(self, parallel: int, fa: bool) -> Iterator[tuple[_procs.Server, str]]:
+    def serve(self, parallel: int, fa: str) -> Iterator[tuple[_procs.Server, str]]:
         port = _procs.free_port()
         cmd = [str(llama_server_bin()), "-m", str(self.model), "-t", str(self.threads),
                "-tb", str(self.threads), "-np", str(parallel), "-c", str(4096 * parallel),
-               "--flash-attn", "on" if fa else "off", "--host", "127.0.0.1",
+               "--flash-attn", fa, "--host", "127.0.0.1",
                "--port", str(port), "--no-webui"]
         with _procs.Server(self.name, cmd, os.environ, LOGS / f"llama-server-{port}.log",
                            ROOT) as srv:
@@ -240,23 +242,24 @@ class Pollama:
         self.model, self.threads, self.home = model, threads, home
         self.created = False
 
-    def _env(self, port: int, parallel: int, fa: bool) -> dict[str, str]:
+    def _env(self, port: int, parallel: int, fa: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
         env.update(
             HOME=str(self.home / "home"),
             OLLAMA_MODELS=str(self.home / "models"),
             OLLAMA_HOST=f"127.0.0.1:{port}",
             OLLAMA_NUM_PARALLEL=str(parallel),
-            OLLAMA_FLASH_ATTENTION="1" if fa else "0",
             OLLAMA_CONTEXT_LENGTH="4096",
             OLLAMA_KEEP_ALIVE="30m",
             PYTHONPATH=str(ROOT / "src"),
         )
+        if fa != "auto":  # auto: unset, pollama's default (llama.cpp's auto)
+            env["OLLAMA_FLASH_ATTENTION"] = "1" if fa == "on" else "0"
         (self.home / "home").mkdir(parents=True, exist_ok=True)
         return env
 
     @contextmanager
-    def serve(self, parallel: int, fa: bool) -> Iterator[tuple[_procs.Server, str]]:
+    def serve(self, parallel: int, fa: str) -> Iterator[tuple[_procs.Server, str]]:
         port = _procs.free_port()
         env = self._env(port, parallel, fa)
         cmd = [sys.executable, "-m", "pollama", "serve"]
@@ -289,7 +292,7 @@ class Pollama:
     def create_with_draft(self, base: str, name: str, draft: Path) -> None:
         """Create ``name``: this engine's model with ``DRAFT`` (speculative decoding from a
         draft model), on the running server at ``base``."""
-        env = self._env(int(base.rsplit(":", 1)[1]), 1, True)
+        env = self._env(int(base.rsplit(":", 1)[1]), 1, "auto")
         modelfile = self.home / f"{name}.Modelfile"
         modelfile.write_text(f"FROM {self.model}\nDRAFT {draft}\n")
         out = subprocess.run([sys.executable, "-m", "pollama", "create", name, "-f",
@@ -385,33 +388,33 @@ class Points:
         return out
 
 
-def measure_server(engine: Engine, args: argparse.Namespace, fa: bool, n: int, rep: int,
+def measure_server(engine: Engine, args: argparse.Namespace, fa: str, n: int, rep: int,
                    points: Points, budget: Callable[[int], int]) -> None:
     """One measurement: a fresh server with N slots, N concurrent streams, its memory."""
     with engine.serve(n, fa) as (srv, base):
         asyncio.run(engine.warm_up(base))
         prompts = story_prompts(args.model, rep, n)
         summary, load = clean(partial(_run_streams, engine, base, prompts, args.n_predict),
-                              f"{engine.name} FA {_onoff(fa)} N={n}", args)
+                              f"{engine.name} FA {fa} N={n}", args)
         mem = _procs.tree_memory(srv.pid)
     key = (engine.name, fa, n)
     points.add(key, {"engine": engine.name, "fa": fa, **asdict(summary),
                      "foreign_load": round(load, 3)})
     points.memory[key] = {"engine": engine.name, "fa": fa, "streams": n, **asdict(mem),
                           "budget": budget(n)}
-    print(f"    {engine.name:12s} FA {_onoff(fa)} N={n} #{rep + 1}: "
+    print(f"    {engine.name:12s} FA {fa} N={n} #{rep + 1}: "
           f"{summary.per_stream_tok_s:6.1f}/stream {summary.aggregate_tok_s:6.1f} agg "
           f"{summary.wall_tok_s:6.1f} wall, prompts {summary.prompt_tokens} tokens, "
           f"RSS {mem.rss / MiB:.0f} MiB, others {load:.0%}",
           flush=True)
 
 
-def _plain_once(args: argparse.Namespace, fa: bool, n: int, rep: int) -> dict[str, Any]:
+def _plain_once(args: argparse.Namespace, fa: str, n: int, rep: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(story_prompts(args.model, rep, n), f)
     cmd = [sys.executable, str(BENCH / "plain_loop.py"), "--model", str(args.model),
            "--threads", str(args.threads), "--n-predict", str(args.n_predict),
-           "--flash-attn", _onoff(fa), "--streams", str(n), "--prompts", f.name]
+           "--flash-attn", fa, "--streams", str(n), "--prompts", f.name]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     finally:
@@ -421,9 +424,9 @@ def _plain_once(args: argparse.Namespace, fa: bool, n: int, rep: int) -> dict[st
     return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
-def measure_plain(args: argparse.Namespace, fa: bool, n: int, rep: int, points: Points) -> None:
+def measure_plain(args: argparse.Namespace, fa: str, n: int, rep: int, points: Points) -> None:
     r, load = clean(partial(bracket, partial(_plain_once, args, fa, n, rep)),
-                    f"plain FA {_onoff(fa)} N={n}", args)
+                    f"plain FA {fa} N={n}", args)
     points.add(("plain", fa, n), {
         "engine": "plain", "fa": fa, "streams": n, "per_stream_tok_s": r["per_stream_tok_s"],
         "aggregate_tok_s": r["aggregate_tok_s"], "wall_tok_s": r["wall_tok_s"],
@@ -432,18 +435,14 @@ def measure_plain(args: argparse.Namespace, fa: bool, n: int, rep: int, points: 
         "step_ms_median": r["step_ms_median"], "sample_ms_per_token": r["sample_ms_per_token"],
         "foreign_load": round(load, 3),
     })
-    print(f"    {'plain':12s} FA {_onoff(fa)} N={n} #{rep + 1}: "
+    print(f"    {'plain':12s} FA {fa} N={n} #{rep + 1}: "
           f"{r['per_stream_tok_s']:6.1f}/stream {r['aggregate_tok_s']:6.1f} agg "
           f"{r['wall_tok_s']:6.1f} wall, prompts {r['prompt_tokens']} tokens, "
           f"step {r['step_ms_median']:.1f} ms, others {load:.0%}",
           flush=True)
 
 
-def _onoff(fa: bool) -> str:
-    return "on" if fa else "off"
-
-
-def measure_followup(engine: Engine, args: argparse.Namespace, fa: bool,
+def measure_followup(engine: Engine, args: argparse.Namespace, fa: str,
                      results: dict[str, Any]) -> None:
     history = chat_history()
     follow: list[dict[str, str]] = []
@@ -489,7 +488,7 @@ def measure_followup(engine: Engine, args: argparse.Namespace, fa: bool,
         "prompt_cold": cold.prompt_tokens, "prompt_warm": warm_samples[0].prompt_tokens,
         "foreign_load": round(max(load_w, load_c), 3),
     })
-    print(f"  {engine.name:12s} FA {_onoff(fa)} follow-up TTFT: cold "
+    print(f"  {engine.name:12s} FA {fa} follow-up TTFT: cold "
           f"{cold.ttft:.3f}s ({cold.prompt_tokens} tok) warm {warm_ttft:.3f}s (median of "
           f"{', '.join(f'{t:.3f}' for t in ttfts)}; {warm_samples[0].prompt_tokens} tok), "
           f"others {max(load_w, load_c):.0%}", flush=True)
@@ -531,9 +530,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
-    # llama.cpp's default, "auto", turns flash attention on wherever the backend has it (the
+    # auto: each engine's default, llama.cpp's "auto", which turns flash attention on
+    # wherever the backend has it (the CPU has)
     # CPU has): "on" is every engine's default here
-    ap.add_argument("--fa", choices=["off", "on"], nargs="+", default=["on"])
+    ap.add_argument("--fa", choices=["auto", "off", "on"], nargs="+", default=["auto"])
     ap.add_argument("--n-predict", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3,
                     help="repeats per point, interleaved; the median is shown")
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         "model_name": args.model.name, "model_bytes": args.model.stat().st_size,
         "threads": args.threads, "n_predict": args.n_predict, "streams": args.streams,
-        "fa_modes": [m == "on" for m in args.fa], "quick": args.quick, "repeat": args.repeat,
+        "fa_modes": list(args.fa), "quick": args.quick, "repeat": args.repeat,
         "max_foreign": args.max_foreign,
         "llama_cpp_python": version("llama_cpp_python"),
         "llama_server_version": llama_server_version(), "pollama": pollama_version,
@@ -594,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         worked: set[str] = set()
         points = Points()
-        for mode in args.fa:
-            fa = mode == "on"
+        for fa in args.fa:
+            mode = fa
             for n in args.streams:
                 for rep in range(args.repeat):
                     # interleave the engines (rotating the order) so that the machine's

@@ -186,7 +186,7 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
     out: dict[str, list[Target]] = {}
     for task, model in models.items():
         engine = Pollama(model, args.threads, home / task)
-        _srv, base = stack.enter_context(engine.serve(parallel=1, fa=args.fa == "on"))
+        _srv, base = stack.enter_context(engine.serve(parallel=1, fa=args.fa))
         options = {"num_thread": args.threads}
         out[task] = [
             Target("pollama, no drafts", base, engine.model_name,
@@ -196,7 +196,7 @@ def targets(stack: ExitStack, args: argparse.Namespace, home: Path) -> dict[str,
         drafting = task == "rewrite-large" and args.draft_model is not None
         if drafting:  # a server of its own: the same weights with another spec would reload
             drafted = Pollama(model, args.threads, home / f"{task}-draft")
-            _srv, url = stack.enter_context(drafted.serve(parallel=1, fa=args.fa == "on"))
+            _srv, url = stack.enter_context(drafted.serve(parallel=1, fa=args.fa))
             drafted.create_with_draft(url, "bench-draft", args.draft_model)
             out[task].append(Target("pollama, DRAFT model", url, "bench-draft", options))
         if args.llama_server and llama_server_bin().exists():
@@ -305,8 +305,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fa", choices=["on", "off"], default="on",
-                    help="flash attention, for every engine (default: on)")
+    ap.add_argument("--fa", choices=["auto", "on", "off"], default="auto",
+                    help="flash attention, for every engine (default: auto, llama.cpp's own "
+                         "choice, which is on for the CPU)")
     ap.add_argument("--rewrite-model", type=Path, help="GGUF (default: Qwen2.5-Coder-0.5B)")
     ap.add_argument("--chat-model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--large-model", type=Path,

@@ -65,7 +65,7 @@ def measure_server(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     engine = Pollama(args.model, args.threads, home)
     best: dict[tuple[str, float], dict[str, Any]] = {}
     memory: dict[str, int] = {}
-    with engine.serve(parallel=1, fa=args.fa == "on") as (srv, base):
+    with engine.serve(parallel=1, fa=args.fa) as (srv, base):
         generate(base, None, 0.0, 1, args)  # load and warm up
         memory["before"] = _procs.tree_memory(srv.pid).split.get("worker", 0)
         generate(base, "json", 0.0, 1, args)

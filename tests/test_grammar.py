@@ -68,7 +68,7 @@ def grammars() -> Iterator[Grammars]:
         yield Grammars(llama.guidance_tokenizer(model))
     finally:
         model.close()
-        del sink
+        sink.close()
 
 
 def feed(c: Constraint, g: Grammars, text: str) -> None:

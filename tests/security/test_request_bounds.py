@@ -122,7 +122,7 @@ def smol_vocab() -> Iterator[object]:
         yield model
     finally:
         model.close()
-        del sink
+        sink.close()
 
 
 def test_special_token_text_tokenizes_in_linear_time_with_the_same_tokens(

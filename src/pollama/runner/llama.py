@@ -85,6 +85,12 @@ class LogSink:
         self._callback = lc.llama_log_callback(self._log)
         lc.llama_log_set(self._callback, ctypes.c_void_p(0))
 
+    def close(self) -> None:
+        """Hand llama.cpp's logging to a silent callback that lives as long as the process:
+        llama.cpp keeps the function pointer, so a sink dropped without this leaves it
+        dangling, and the next line llama.cpp logs (any model load) crashes the process."""
+        lc.llama_log_set(_SILENT, ctypes.c_void_p(0))
+
     def _log(self, level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
         if text is None:
             return
@@ -95,6 +101,9 @@ class LogSink:
             self.last_error = text.decode("utf-8", "replace").strip()
         if self.verbose or self._level >= _LOG_WARN:
             sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+_SILENT = lc.llama_log_callback(lambda _level, _text, _user: None)
 
 
 def backend_init() -> None:

@@ -493,8 +493,8 @@ class Acceptance:
     (at most 1). A story that meets a phrase of its own again and then goes its own way
     keeps far fewer than code would, so the runs it has not tested yet (the long ones, whose
     priors are near 1) are trusted less too, and a failed long draft is seldom followed by
-    another; a run it has tested follows its own tokens. A long copy's break does not count: an edit of code
-    breaks one once, and the copy goes on.
+    another; a run it has tested follows its own tokens. A long copy's break does not count:
+    an edit of code breaks one once, and the copy goes on.
 
     The draft model's drafts cost its decode to make, so they have
     no such check: when its best length is 0 the request still probes now and then
