@@ -471,6 +471,7 @@ _PRIOR_WEIGHT = 4.0  # the priors count as this many tokens
 _RUN_DECAY = 0.995  # weight of the past at each drafted token tested: the odds follow the text
 _BUCKET = [max(i for i, edge in enumerate(_RUN_EDGES) if run >= edge) for run in range(RUN_CAP + 1)]
 _MAX_GAP = 256
+_NEGLIGIBLE = 0.01  # a draft this unlikely to reach a token gains nothing by holding it
 _FIT_PRIOR = 2.0  # the request's fit starts as this many tokens kept of as many foreseen
 _FIT_RUNS = 16  # copies with a shorter run say whether the text copies (a long one breaks at edits)
 _FIT_DECAY = 0.97  # weight of the past fit for each token foreseen since
@@ -511,17 +512,23 @@ class Acceptance:
         self._gap, self._idle = 1, 0  # the draft model's probes' back-off
 
     def rates(self, key: int, limit: int) -> list[float]:
-        """The odds of each of ``limit`` drafted tokens, given the ones before it."""
+        """The odds of each of ``limit`` drafted tokens, given the ones before it; for a copy
+        they stop where the draft is less likely than :data:`_NEGLIGIBLE` to reach the next
+        token (no draft pays past it, and the loop looks up every step of every stream)."""
         if key == MODEL_KEY:
             hits, misses = self._model
             return [hits / (hits + misses)] * limit
         kept, foreseen = self._fit
         fit = min(1.0, kept / foreseen)
-        odds = []
+        odds: list[float] = []
+        reach = 1.0
         for i in range(limit):
             bucket = _BUCKET[min(key + i, RUN_CAP)]
             hits, misses, weight = self._runs[bucket]
             odds.append((hits + fit * _RUN_PRIORS[bucket] * weight) / (hits + misses + weight))
+            reach *= odds[-1]
+            if reach < _NEGLIGIBLE:
+                break
         return odds
 
     def expected(self, key: int, k: int) -> float:
