@@ -497,10 +497,10 @@ class Acceptance:
     another; a run it has tested follows its own tokens. A long copy's break does not count:
     an edit of code breaks one once, and the copy goes on.
 
-    The draft model's drafts cost its decode to make, so they have
-    no such check: when its best length is 0 the request still probes now and then
-    (:func:`cheapest_probe`), and each probe that does not bring drafting back doubles the
-    gap to the next (exponential back-off)."""
+    The draft model's drafts cost its decodes to make, so they have no such check: when its
+    best length is 0 the request still probes now and then (:func:`cheapest_probe`), and
+    each probe that does not bring drafting back doubles the gap to the next (exponential
+    back-off)."""
 
     def __init__(self) -> None:
         # per run bucket: the tokens seen kept and refused, and the weight left to its prior
