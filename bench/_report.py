@@ -30,13 +30,6 @@ def _get(row: dict[str, Any] | None, key: str) -> float | None:
     return None if row is None else row.get(key)
 
 
-def _fa(mode: str | bool) -> str:
-    """``auto``, ``on`` or ``off`` (results before ``auto`` existed kept a bool)."""
-    if isinstance(mode, str):
-        return mode
-    return "on" if mode else "off"
-
-
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     out = [
@@ -132,7 +125,7 @@ def _throughput(results: dict[str, Any]) -> list[str]:
             pl = _find(rows, engine="plain", fa=fa, streams=n)
             po = _find(rows, engine="pollama", fa=fa, streams=n)
             out.append(
-                f"| {_fa(fa)} | {n} "
+                f"| {fa} | {n} "
                 f"| {_f(_get(ls, 'per_stream_tok_s'))} | {_f(_get(ls, 'aggregate_tok_s'))} "
                 f"| {_f(_get(ls, 'wall_tok_s'))} "
                 f"| {_f(_get(pl, 'per_stream_tok_s'))} | {_f(_get(pl, 'aggregate_tok_s'))} "
@@ -172,7 +165,7 @@ def _followup(results: dict[str, Any]) -> list[str]:
     ]
     for row in rows:
         out.append(
-            f"| {row['engine']} | {_fa(row['fa'])} | {row['history_tokens']} "
+            f"| {row['engine']} | {row['fa']} | {row['history_tokens']} "
             f"| {_f(row['ttft_cold'], 3)} | {_f(row['ttft_warm'], 3)} "
             f"| {_ratio(row['ttft_warm'], row['ttft_cold'])} "
             f"| {row['prompt_cold']} → {row['prompt_warm']} |"
@@ -185,7 +178,7 @@ def _followup(results: dict[str, Any]) -> list[str]:
     for fa in sorted(set(ls) & set(po)):
         out.append("")
         out.append(
-            f"FA {_fa(fa)}: pollama / llama-server follow-up TTFT = "
+            f"FA {fa}: pollama / llama-server follow-up TTFT = "
             f"**{_ratio(po[fa]['ttft_warm'], ls[fa]['ttft_warm'])}**, "
             f"cold = {_ratio(po[fa]['ttft_cold'], ls[fa]['ttft_cold'])}"
         )
@@ -216,7 +209,7 @@ def _memory(results: dict[str, Any]) -> list[str]:
             split = "—" if po is None else " + ".join(
                 f"{role} {rss / MiB:.0f}" for role, rss in sorted(po.get("split", {}).items()))
             out.append(
-                f"| {_fa(fa)} | {n} | {budget / MiB:.0f} "
+                f"| {fa} | {n} | {budget / MiB:.0f} "
                 f"| {_f(_get(ls, 'rss') and ls['rss'] / MiB, 0)} | {po_rss} | {split} "
                 f"| {_f(_get(po, 'pss') and po['pss'] / MiB, 0)} | {ok} "
                 f"| {_ratio(_get(po, 'rss'), _get(ls, 'rss'))} |"

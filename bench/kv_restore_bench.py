@@ -41,7 +41,7 @@ from typing import Any
 import _procs
 import httpx
 from _report import publish
-from run_bench import FOLLOW_UPS, ROOT, Pollama, chat_history, git_commit
+from run_bench import FA_MODES, FOLLOW_UPS, ROOT, Pollama, chat_history, git_commit
 from structured_bench import cpu_model
 
 MODES = ("cold", "restored", "warm")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="GGUF (default: pollama's default model)")
     ap.add_argument("--turns", type=int, nargs="+", default=[6, 12],
                     help="user turns of history (6: run_bench.py's follow-up chat)")
-    ap.add_argument("--fa", choices=["auto", "off", "on"], default="auto")
+    ap.add_argument("--fa", choices=FA_MODES, default="auto")
     _procs.add_quiet_options(ap, repeats=5, patience=120.0, llama_server=False)
     args = ap.parse_args(argv)
     if args.model is None:

@@ -56,6 +56,9 @@ PROMPT = (
     "washed up on the shore. Describe the keeper, the island, the weather and the journey."
 )
 ENGINES = ("llama-server", "plain", "pollama")
+FA_MODES = ("auto", "on", "off")
+"""``--fa`` of the benchmarks: every engine's default (llama.cpp's auto, on for the CPU), or
+flash attention forced on or off for all of them."""
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -533,7 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # auto: each engine's default, llama.cpp's "auto", which turns flash attention on
     # wherever the backend has it (the CPU has)
     # CPU has): "on" is every engine's default here
-    ap.add_argument("--fa", choices=["auto", "off", "on"], nargs="+", default=["auto"])
+    ap.add_argument("--fa", choices=FA_MODES, nargs="+", default=["auto"])
     ap.add_argument("--n-predict", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3,
                     help="repeats per point, interleaved; the median is shown")

@@ -48,7 +48,7 @@ from typing import Any
 import _procs
 import httpx
 from _report import publish
-from run_bench import LOGS, ROOT, Pollama, git_commit, llama_server_bin
+from run_bench import FA_MODES, LOGS, ROOT, Pollama, git_commit, llama_server_bin
 from structured_bench import cpu_model
 
 CODE = '''def process(items):
@@ -155,8 +155,8 @@ def _piece(chunk: dict[str, Any], llama: bool) -> str:
 
 
 @contextmanager
-def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = None,
-                 fa: str = "on") -> Iterator[str]:
+def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = None, *,
+                 fa: str) -> Iterator[str]:
     """llama-server on ``model``: plain, with n-gram drafts (``spec``), or with a draft
     model (``-md``, its default draft settings)."""
     port = _procs.free_port()
@@ -305,7 +305,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fa", choices=["auto", "on", "off"], default="auto",
+    ap.add_argument("--fa", choices=FA_MODES, default="auto",
                     help="flash attention, for every engine (default: auto, llama.cpp's own "
                          "choice, which is on for the CPU)")
     ap.add_argument("--rewrite-model", type=Path, help="GGUF (default: Qwen2.5-Coder-0.5B)")

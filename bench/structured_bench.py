@@ -28,7 +28,7 @@ from typing import Any
 import _procs
 import httpx
 from _report import publish
-from run_bench import ROOT, Pollama, git_commit
+from run_bench import FA_MODES, ROOT, Pollama, git_commit
 
 # The prompt and schema of the end-to-end tests (tests/test_e2e_structured.py).
 _CAT_CASE = json.loads((ROOT / "tests" / "golden" / "structured" / "cat.json").read_text())
@@ -118,7 +118,7 @@ def measure_engine_cost(args: argparse.Namespace) -> dict[str, Any]:
 
     sink = llama.LogSink()
     spec = LoadSpec(model_path=str(args.model), num_ctx=4096, num_thread=args.threads,
-                    flash_attention=args.fa == "on")
+                    flash_attention={"auto": None, "on": True, "off": False}[args.fa])
     loaded = worker.Loaded(spec, sink)
     engine = Engine(loaded.model, loaded.ctx, n_ctx=loaded.n_ctx, n_batch=loaded.n_batch,
                     n_parallel=1)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="num_predict per request")
     ap.add_argument("--seeds", type=int, default=4, help="requests per point")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, best kept")
-    ap.add_argument("--fa", choices=["off", "on"], default="off")
+    ap.add_argument("--fa", choices=FA_MODES, default="off")
     ap.add_argument("--max-foreign", type=float, default=0.10)
     ap.add_argument("--patience", type=float, default=300.0)
     ap.add_argument("--out", type=Path)
