@@ -534,8 +534,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     # auto: each engine's default, llama.cpp's "auto", which turns flash attention on
-    # wherever the backend has it (the CPU has)
-    # CPU has): "on" is every engine's default here
+    # wherever the backend has it (the CPU has): "on" is every engine's default here
     ap.add_argument("--fa", choices=FA_MODES, nargs="+", default=["auto"])
     ap.add_argument("--n-predict", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3,

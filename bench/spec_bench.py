@@ -70,6 +70,9 @@ def summarize(orders):
     return "\\n".join(lines)
 '''
 EDIT_SOURCE = (Path(__file__).parent / "spec_edit_source.txt").read_text()
+HTTP = httpx.Client(timeout=600)
+"""One client for every request: a new one costs 20-60 ms (its TLS context) that the timing
+would count as the server's."""
 TASKS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "rewrite": ("Rewrite this code, renaming the variable `total` to `grand_total`. Reply with "
                 f"the code only.\n\n```python\n{CODE}```", 320, {"temperature": 0}),
@@ -118,7 +121,7 @@ class Target:
         text: list[str] = []
         final: dict[str, Any] = {}
         sent = time.perf_counter()
-        with httpx.stream("POST", self.base + path, json=body, timeout=600) as resp:
+        with HTTP.stream("POST", self.base + path, json=body) as resp:
             resp.raise_for_status()
             for line in resp.iter_lines():
                 chunk = _chunk(line, self.llama)
@@ -158,7 +161,9 @@ def _piece(chunk: dict[str, Any], llama: bool) -> str:
 def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = None, *,
                  fa: str) -> Iterator[str]:
     """llama-server on ``model``: plain, with n-gram drafts (``spec``), or with a draft
-    model (``-md``, its default draft settings)."""
+    model (``-md`` with ``--spec-type draft-simple``, its default draft settings: this
+    llama.cpp infers a type only from a draft GGUF with its own heads, so ``-md`` alone
+    loads the draft model and never drafts with it)."""
     port = _procs.free_port()
     cmd = [str(llama_server_bin()), "-m", str(model), "-t", str(threads), "-tb", str(threads),
            "-np", "1", "-c", "4096", "--flash-attn", fa, "--host", "127.0.0.1",
@@ -166,7 +171,8 @@ def llama_server(model: Path, threads: int, spec: bool, draft: Path | None = Non
     if spec:
         cmd += ["--spec-type", "ngram-simple"]
     if draft is not None:
-        cmd += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
+        cmd += ["-md", str(draft), "--spec-type", "draft-simple",
+                "-td", str(threads), "-tbd", str(threads)]
     with _procs.Server("llama-server", cmd, os.environ, LOGS / f"spec-llama-{port}.log",
                        ROOT) as srv:
         base = f"http://127.0.0.1:{port}"
