@@ -139,11 +139,14 @@ def test_a_draft_models_cost_per_token_counts_against_its_draft() -> None:
     cheap = _costs(0.02, 0.002)
     assert best_length([0.9] * 8, 1.0, 1, cheap, per_token=0.002) > 0  # a draft a tenth the size
     assert best_length([0.9] * 8, 1.0, 1, cheap, per_token=0.02) == 0  # as big as the model
-    # a draft model that does not pay is still probed now and then, with back-off
+    # a draft model dearer than the step a kept token saves (its catch-up after the tokens
+    # n-gram drafts brought included) is not even probed: a probe would cost more than it
+    # could gain whatever it taught
     acceptance = Acceptance()
-    probes = [step for step in range(100)
-              if acceptance.length(MODEL_KEY, 8, 1.0, 1, cheap, per_token=0.05)]
-    assert probes[:3] == [0, 2, 6] and len(probes) <= 7
+    assert not any(acceptance.length(MODEL_KEY, 8, 1.0, 1, cheap, per_token=0.05)
+                   for _ in range(100))
+    # once it costs less again, the probe that waited goes at once
+    assert acceptance.length(MODEL_KEY, 8, 1.0, 1, cheap, per_token=0.012) == 1
 
 
 def test_acceptance_follows_the_recent_odds_by_the_run_of_the_copy() -> None:
@@ -205,16 +208,17 @@ def test_copies_that_break_early_make_every_copy_less_trusted() -> None:
 
 
 def test_a_draft_model_is_probed_with_back_off_while_it_does_not_pay() -> None:
-    costs = _costs(0.0, 0.01)  # never pays
+    costs = _costs(0.02, 0.006)  # a kept token would pay; its guesses are never kept
     acceptance = Acceptance()
     probes = []
     for step in range(300):
-        if acceptance.length(MODEL_KEY, 8, 1.0, 1, costs):
-            probes.append(step)
-            acceptance.record(MODEL_KEY, 1, 0)
-    # a probe of one token at the first opportunity, then gaps of 2, 4, 8, ...
-    assert probes[:5] == [0, 2, 6, 14, 30]
-    assert len(probes) <= 9
+        k = acceptance.length(MODEL_KEY, 8, 1.0, 1, costs)
+        if k:
+            probes.append((step, k))
+            acceptance.record(MODEL_KEY, k, 0)
+    # drafts while its prior odds last, then probes of one token with gaps of 4, 8, 16, ...
+    assert [step for step, _ in probes[4:9]] == [5, 9, 17, 33, 65]
+    assert all(k == 1 for _, k in probes[4:]) and len(probes) <= 11
     # a probe that brings the rate back resets the gap
     good = _costs(0.02, 0.002)
     for _ in range(6):
