@@ -17,6 +17,11 @@ import httpx
 
 StreamFn = Callable[[httpx.AsyncClient, int], Awaitable["StreamResult"]]
 
+HTTP = httpx.Client(timeout=600)
+"""The one blocking client of the benchmarks that time requests one by one: a new client
+costs 20-60 ms (its TLS context), which a timing started before it would count as the
+server's (``httpx.stream()`` and ``httpx.post()`` build one a call)."""
+
 
 class Unavailable(Exception):
     """The server answered, but cannot do this (yet): the message says why."""

@@ -39,15 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import _procs
-import httpx
+from _clients import HTTP
 from _report import publish
 from run_bench import FA_MODES, FOLLOW_UPS, ROOT, Pollama, chat_history, git_commit
 from structured_bench import cpu_model
 
 MODES = ("cold", "restored", "warm")
-HTTP = httpx.Client(timeout=600)
-"""One client for every request: a new one costs 20-60 ms (its TLS context), which the
-time to first token would count as the server's."""
 
 
 @dataclass

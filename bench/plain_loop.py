@@ -35,6 +35,11 @@ DEFAULT_PROMPT = (
 )
 GGML_MAX_N_THREADS = 512
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level in ggml.h
+FLASH_ATTN = {
+    "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,  # llama.cpp's default: on where the backend has it
+    "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
 
 
 @dataclass
@@ -150,11 +155,7 @@ class Engine:
         cparams.n_seq_max = streams
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.flash_attn_type = {
-            "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
-            "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[flash_attn]
+        cparams.flash_attn_type = FLASH_ATTN[flash_attn]
         cparams.kv_unified = False
         cparams.no_perf = True
         ctx = lc.llama_init_from_model(self.model, cparams)
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="GGUF file (default: pollama's default model)")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="off")
+    ap.add_argument("--flash-attn", choices=list(FLASH_ATTN), default="off")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-predict", type=int, default=128)
     ap.add_argument("--n-ctx-per-seq", type=int, default=4096)

@@ -38,6 +38,7 @@ from typing import Any
 
 import _procs
 import httpx
+from _clients import HTTP
 from _report import publish
 from run_bench import ROOT, git_commit
 from structured_bench import cpu_model
@@ -63,7 +64,7 @@ def _measure(base: str, model: str, options: dict[str, Any], n: int) -> dict[str
             "options": {"temperature": 0, "seed": 1, "num_predict": 64, "num_ctx": 1024,
                         **options}}  # fmt: skip
     sent, first, data = time.perf_counter(), None, None
-    with httpx.stream("POST", f"{base}/api/generate", json=body, timeout=600) as reply:
+    with HTTP.stream("POST", f"{base}/api/generate", json=body) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             item = json.loads(line) if line else {}

@@ -597,7 +597,6 @@ def main(argv: list[str] | None = None) -> int:
         worked: set[str] = set()
         points = Points()
         for fa in args.fa:
-            mode = fa
             for n in args.streams:
                 for rep in range(args.repeat):
                     # interleave the engines (rotating the order) so that the machine's
@@ -609,13 +608,13 @@ def main(argv: list[str] | None = None) -> int:
                         if name == "plain":
                             measure_plain(args, fa, n, rep, points)
                         else:
-                            guarded(name, f"FA {mode} N={n}", partial(
+                            guarded(name, f"FA {fa} N={n}", partial(
                                 measure_server, engines[name], args, fa, n, rep, points,
                                 budget), results, worked)
             if not args.no_followup:
                 for name in args.only:
                     if name != "plain" and name not in results["skipped"]:
-                        guarded(name, f"FA {mode} follow-up",
+                        guarded(name, f"FA {fa} follow-up",
                                 partial(measure_followup, engines[name], args, fa, results),
                                 results, worked)
         results["throughput"] = points.medians()

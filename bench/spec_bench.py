@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import _procs
-import httpx
+from _clients import HTTP
 from _report import publish
 from run_bench import FA_MODES, LOGS, ROOT, Pollama, git_commit, llama_server_bin
 from structured_bench import cpu_model
@@ -70,9 +70,6 @@ def summarize(orders):
     return "\\n".join(lines)
 '''
 EDIT_SOURCE = (Path(__file__).parent / "spec_edit_source.txt").read_text()
-HTTP = httpx.Client(timeout=600)
-"""One client for every request: a new one costs 20-60 ms (its TLS context) that the timing
-would count as the server's."""
 TASKS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "rewrite": ("Rewrite this code, renaming the variable `total` to `grand_total`. Reply with "
                 f"the code only.\n\n```python\n{CODE}```", 320, {"temperature": 0}),
