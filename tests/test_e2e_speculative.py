@@ -76,13 +76,18 @@ def _drafted(final: dict[str, Any]) -> None:
     assert final["draft_tokens"] > 0 and 0 < final["draft_accepted"] <= final["draft_tokens"]
 
 
-@pytest.fixture(scope="module")
-def smol(model_server: RunningServer) -> Iterator[httpx.Client]:
+def _create_smol(server: RunningServer, name: str, *lines: str) -> None:
+    """Create ``name``: the default model's Modelfile and ``lines`` after it."""
     from pollama.default_model import default_modelfile
 
-    modelfile = model_server.models.parent.parent / "Modelfile.nodraft"
-    modelfile.write_text(default_modelfile() + "\nPARAMETER draft_num_predict 0\n")
-    model_server.cli("create", PLAIN, "-f", str(modelfile), check=True)
+    modelfile = server.models.parent.parent / f"Modelfile.{name}"
+    modelfile.write_text("\n".join([default_modelfile(), *lines, ""]))
+    server.cli("create", name, "-f", str(modelfile), check=True)
+
+
+@pytest.fixture(scope="module")
+def smol(model_server: RunningServer) -> Iterator[httpx.Client]:
+    _create_smol(model_server, PLAIN, "PARAMETER draft_num_predict 0")
     with httpx.Client(base_url=model_server.url, timeout=300) as client:
         yield client
         # the shared server goes on with its one model loaded, as the other modules expect
@@ -157,14 +162,9 @@ def test_a_form_with_a_schema_and_logprobs_is_the_same(
     # steps) the step costs the shared worker measured in the tests before would rightly
     # keep them from being drafted at all. A new worker tries the drafts its hopeful guesses
     # allow, so this test checks drafted rows on every machine.
-    from pollama.default_model import default_modelfile
-
-    home = model_server.models.parent.parent
-    no_drafts = "PARAMETER draft_num_predict 0\n"
-    for name, extra in (("smol-form", ""), ("smol-form-nodraft", no_drafts)):
-        modelfile = home / f"Modelfile.{name}"
-        modelfile.write_text(f"{default_modelfile()}\nPARAMETER num_ctx 2048\n{extra}")
-        model_server.cli("create", name, "-f", str(modelfile), check=True)
+    _create_smol(model_server, "smol-form", "PARAMETER num_ctx 2048")
+    _create_smol(model_server, "smol-form-nodraft", "PARAMETER num_ctx 2048",
+                 "PARAMETER draft_num_predict 0")
     try:
         _form_is_the_same(smol, "smol-form", "smol-form-nodraft")
     finally:
@@ -275,13 +275,11 @@ def renamed_copy(source: Path, target: Path) -> Path:
 def test_a_draft_model_from_the_modelfile_drafts_and_keeps_the_answer(
     model_server: RunningServer, smol: httpx.Client
 ) -> None:
-    from pollama.default_model import default_gguf_path, default_modelfile
+    from pollama.default_model import default_gguf_path
 
     home = model_server.models.parent.parent
     draft = renamed_copy(default_gguf_path(), home / "smol-draft.gguf")
-    modelfile = home / "Modelfile.drafted"
-    modelfile.write_text(default_modelfile() + f"\nDRAFT {draft}\n")
-    model_server.cli("create", "smol-drafted", "-f", str(modelfile), check=True)
+    _create_smol(model_server, "smol-drafted", f"DRAFT {draft}")
     shown = smol.post("/api/show", json={"model": "smol-drafted"}).json()["modelfile"]
     assert "\nDRAFT /" in shown
     try:
