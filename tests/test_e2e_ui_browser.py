@@ -47,7 +47,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 BASE_MODEL = "smollm2:135m"
 SHORT = "ui-short:latest"  # the default model, 40 tokens an answer at most
 OTHER = "ui-other:latest"  # a copy of SHORT under another name
-LONG = "ui-long:latest"  # 400 tokens: long enough to be stopped
+LONG = "ui-long:latest"  # 400 tokens, with a seed that answers COUNT at that length
+COUNT = "Count from 1 to 300, one number a line."
 SEER = "ui-seer:latest"  # the default model with a tiny vision projector: "vision"
 GEN_TIMEOUT_MS = 180_000
 LAST_REPLY = "#messages > article.assistant:last-child"
@@ -77,6 +78,21 @@ def _serve_models(home: Path, extra_env: dict[str, str] | None = None,
     return server
 
 
+def _create_long(http: httpx.Client) -> None:
+    """LONG, with the first seed whose answer to COUNT runs to num_predict.
+
+    Sampled at the default temperature, SmolLM2 ends that answer by itself within
+    40 tokens for many seeds, before the test can press Stop; a seed found on this
+    machine makes the stop test's reply long, whatever the CPU's rounding.
+    """
+    ask = {"model": LONG, "stream": False, "messages": [{"role": "user", "content": COUNT}]}
+    for seed in range(10):
+        _create(http, LONG, num_predict=400, seed=seed)
+        if http.post("/api/chat", json=ask).json()["done_reason"] == "length":
+            return
+    pytest.fail(f"no seed in 0-9 makes {LONG} answer {COUNT!r} at length")
+
+
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The server of this module: the default model, SHORT, OTHER, LONG and SEER."""
@@ -86,7 +102,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         with httpx.Client(base_url=server.url, timeout=300) as http:
             http.post("/api/copy", json={"source": SHORT, "destination": OTHER}
                       ).raise_for_status()  # fmt: skip
-            _create(http, LONG, num_predict=400)
+            _create_long(http)
         projector = write_vision_projector(home / "mmproj.gguf")
         modelfile = home / "seer.Modelfile"
         modelfile.write_text(default_modelfile() + f"\nFROM {projector}\nPARAMETER num_predict 8\n")
@@ -223,7 +239,7 @@ def test_conversations_survive_a_reload(tab: Tab, srv: RunningServer) -> None:
 
 def test_stop_aborts_the_reply(tab: Tab, srv: RunningServer) -> None:
     _open(tab, srv, LONG)
-    tab.page.fill("#prompt", "Count from 1 to 300, one number a line.")
+    tab.page.fill("#prompt", COUNT)
     tab.page.press("#prompt", "Enter")
     content = tab.page.locator(LAST_REPLY).locator(".content")
     tab.page.wait_for_function(
