@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -151,6 +154,7 @@ def kv_cache_types(
     return kind, kind, ""
 
 
+@cache
 def state_format() -> str:
     """The engine and its sequence-state format: a state saved by another may not read
     back the same (part of the prompt cache's key, ``runner/kvstate.py``)."""
@@ -247,6 +251,25 @@ class Model:
         self.n_embd_inp: int = lc.llama_model_n_embd_inp(ptr)  # a projector's row width
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._special_splitter: SpecialSplitter | None = None
+        self._longest_piece: Future[int] | None = None
+
+    def start_max_token_bytes(self) -> None:
+        """Begin :meth:`max_token_bytes` on a thread of its own, so that its walk over the
+        vocabulary (30-50 ms of a load, mostly Python) runs while the context is made
+        (llama.cpp's allocation holds no GIL). :meth:`close` waits for it: the thread reads
+        the vocabulary, which the model frees."""
+        if self._longest_piece is not None:
+            return
+        future: Future[int] = Future()
+        self._longest_piece = future
+
+        def walk() -> None:
+            try:
+                future.set_result(self._measure_max_token_bytes())
+            except BaseException as exc:  # handed to whoever asks for the answer
+                future.set_exception(exc)
+
+        threading.Thread(target=walk, name="max-token-bytes", daemon=True).start()
 
     def head_dims(self) -> tuple[int, int]:
         """The attention head sizes of K and V (GGUF ``key_length``/``value_length``)."""
@@ -346,7 +369,13 @@ class Model:
         tokens as text), four times that for tokenizers that normalize text away
         (WordPiece drops spaces and accents, Unigram rewrites), so that a text of ``n``
         bytes is surely at least ``n // max_token_bytes()`` tokens (``inference/bounds.py``).
-        About 30 ms for a 50k vocabulary, once per load."""
+        About 30-50 ms for a 50k vocabulary, once per load: the answer of
+        :meth:`start_max_token_bytes` when it was started."""
+        if self._longest_piece is not None:
+            return self._longest_piece.result()
+        return self._measure_max_token_bytes()
+
+    def _measure_max_token_bytes(self) -> int:
         buf = ctypes.create_string_buffer(256)
         longest = 1
         for token in range(self.n_vocab):
@@ -356,6 +385,8 @@ class Model:
         return longest if lc.llama_vocab_type(self.vocab) in exact else 4 * longest
 
     def close(self) -> None:
+        if self._longest_piece is not None:
+            wait([self._longest_piece])  # its thread reads the vocabulary freed below
         if self.ptr:
             lc.llama_model_free(self.ptr)
             self.ptr = None
