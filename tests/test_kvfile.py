@@ -315,6 +315,11 @@ def _serve(engine: Any, prompts: list[list[int]]) -> list[CompletionChunk]:
     return finals
 
 
+def _kv_names(tmp_path: Path) -> list[str]:
+    """The sequence files (beside them: the costs file, ``runner/prefill.py``)."""
+    return sorted(path.name for path in (tmp_path / "kvcache").glob("*.kv"))
+
+
 def _cache(tmp_path: Path, log: list[str]) -> Any:
     from pollama.runner.kvstate import PromptCache
 
@@ -333,7 +338,7 @@ def test_a_saved_slot_is_read_back_and_reused_by_prefix(
     _serve(first, [long_a, long_b, short])
     cache = _cache(tmp_path, log)
     assert cache.save(first) == 2  # the short slot is not worth a file
-    assert len(os.listdir(tmp_path / "kvcache")) == 2
+    assert len(_kv_names(tmp_path)) == 2
 
     second = make_engine(n_parallel=3)
     assert _cache(tmp_path, log).restore(second) == 2
@@ -356,20 +361,20 @@ def test_a_slot_another_one_extends_is_not_saved_and_its_old_file_goes(
     first = make_engine(n_parallel=1)
     _serve(first, [prompt])
     _cache(tmp_path, log).save(first)
-    (old,) = os.listdir(tmp_path / "kvcache")
+    (old,) = _kv_names(tmp_path)
 
     second = make_engine(n_parallel=1)
     cache = _cache(tmp_path, log)
     assert cache.restore(second) == 1
     _serve(second, [second.slots[0].tokens + [50, 51, 52]])  # the conversation goes on
     assert cache.save(second) == 1
-    (new,) = os.listdir(tmp_path / "kvcache")
+    (new,) = _kv_names(tmp_path)
     assert new != old  # the longer sequence replaced the one it extends
 
     third = make_engine(n_parallel=1)
     again = _cache(tmp_path, log)
     again.restore(third)
-    assert again.save(third) == 1 and os.listdir(tmp_path / "kvcache") == [new]  # unchanged
+    assert again.save(third) == 1 and _kv_names(tmp_path) == [new]  # unchanged
 
 
 def test_a_bad_or_refused_file_is_discarded_with_a_log_line(
@@ -379,7 +384,7 @@ def test_a_bad_or_refused_file_is_discarded_with_a_log_line(
     first = make_engine(n_parallel=2)
     _serve(first, [list(range(1, 40)), list(range(3, 45))])
     _cache(tmp_path, log).save(first)
-    bad, good = sorted((tmp_path / "kvcache").iterdir())
+    bad, good = sorted((tmp_path / "kvcache").glob("*.kv"))
     data = bytearray(bad.read_bytes())
     data[-1] ^= 0x01
     bad.write_bytes(bytes(data))
@@ -395,6 +400,62 @@ def test_a_bad_or_refused_file_is_discarded_with_a_log_line(
     assert _cache(tmp_path, log).restore(third) == 0
     assert any(f"discarded {good.name}: llama.cpp refused it" in line for line in log)
     assert not good.exists() and all(not slot.tokens for slot in third.slots)
+
+
+def test_what_a_worker_measured_of_short_chunks_goes_to_the_next_one(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    log: list[str] = []
+    first = make_engine(n_parallel=1)
+    _serve(first, [list(range(1, 40))])
+    first.short_chunks.record(25, 900, 0.25)  # 10 ms a row of a short chunk at depth 900
+    first.short_chunks.record(64, 900, 0.12)  # a tile there
+    _cache(tmp_path, log).save(first)
+    (costs,) = (tmp_path / "kvcache").glob("*.costs")
+    assert stat.S_IMODE(costs.stat().st_mode) == 0o600
+
+    second = make_engine(n_parallel=1)
+    assert second.short_chunks.rows_back(25, 900) == 0  # nothing measured yet
+    assert _cache(tmp_path, log).restore(second) == 1
+    assert second.short_chunks.to_json() == first.short_chunks.to_json()
+    assert second.short_chunks.rows_back(25, 900) == 39  # a tile at once
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{", b"[]", b'{"row": {"10": -1}}', b'{"row": {"x": 0.1}}', b'{"other": {}}',
+     b'{"row": {"10": NaN}}', b'{"tile": {"10": true}}', b'{"row": {"99": 0.1}}'],
+)
+def test_a_malformed_costs_file_is_discarded_with_a_log_line(
+    make_engine: Any, tmp_path: Path, content: bytes
+) -> None:
+    log: list[str] = []
+    first = make_engine(n_parallel=1)
+    _serve(first, [list(range(1, 40))])
+    _cache(tmp_path, log).save(first)
+    (costs,) = (tmp_path / "kvcache").glob("*.costs")
+    costs.write_bytes(content)
+    second = make_engine(n_parallel=1)
+    assert _cache(tmp_path, log).restore(second) == 1  # the sequences are still read back
+    assert any("discarded the costs file" in line for line in log)
+    assert not costs.exists() and second.short_chunks.to_json() == {
+        "row": {}, "tile": {}, "scaled": {}}  # fmt: skip
+
+
+def test_a_costs_file_goes_with_the_last_sequence_of_its_key(tmp_path: Path) -> None:
+    cache = KVCacheDir(tmp_path, 1 << 20)
+    cache.ensure()
+    key, other = b"k" * 32, b"o" * 32
+    cache.write_costs(key, b"{}")
+    cache.write_costs(other, b"{}")
+    cache.write(key, [1, 2, 3], b"state", time.monotonic() + 10)
+    cache.evict()
+    assert cache.read_costs(key) == b"{}" and cache.read_costs(other) is None
+    with pytest.raises(ValueError):
+        cache.write_costs(key, b" " * 20000)
+    big = tmp_path / f"{key.hex()[:32]}.costs"
+    big.write_bytes(b" " * 20000)
+    assert cache.read_costs(key) is None and not big.exists()  # too big: discarded
 
 
 def test_the_cache_is_off_at_zero_bytes(tmp_path: Path) -> None:

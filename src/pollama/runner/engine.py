@@ -117,6 +117,7 @@ from pollama.runner.ngram import (
     NgramIndex,
     StepCosts,
 )
+from pollama.runner.prefill import ShortChunks
 from pollama.runner.tokens import common_prefix
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
@@ -492,6 +493,8 @@ class Engine:
         self.can_shift = ctx.can_shift()
         # Decode time by rows, per number of generating slots (``runner/ngram.py``).
         self._costs: dict[int, StepCosts] = {}
+        # Short prompt chunks against full tiles, by depth (``runner/prefill.py``).
+        self._short_chunks = ShortChunks()
         self._spelling = _ModelSpelling(model)  # a learned edit's other spellings
 
     # -- called from any thread --------------------------------------------------------
@@ -766,7 +769,12 @@ class Engine:
                 shared = common_prefix(slot.tokens, job.prompt)
                 scored.append((shared if shared > floor else 0, -slot.last_used, shared, slot))
             _, _, shared, slot = max(scored, key=lambda entry: entry[:2])
-            reuse = _media_boundary(job.media, min(shared, len(job.prompt) - 1))
+            reuse = min(shared, len(job.prompt) - 1)
+            if not job.media:  # a short rest after a long cached prefix: evaluate some cached
+                # tokens again where a full tile costs less than the rest (runner/prefill.py)
+                left, depth = len(job.prompt) - reuse, slot.position(reuse)
+                reuse -= self._short_chunks.rows_back(left, depth)
+            reuse = _media_boundary(job.media, reuse)
             if reuse < len(slot.tokens):
                 if not self.ctx.seq_rm(slot.seq, slot.position(reuse), -1):
                     self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
@@ -823,6 +831,8 @@ class Engine:
             if tuner is not None:
                 tuner.record(rows, (now - start) / 1e9)
             self._costs.setdefault(len(decoding), StepCosts()).record(rows, (now - start) / 1e9)
+        if len(decoding) + len(chunked) == 1 and not sharing:  # one sequence's rows alone
+            self._short_chunks.record(rows, self._depth(decoding or chunked), (now - start) / 1e9)
         self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
         self._record_decoded(decoding, chunked, now)
         for job in decoding + chunked:
@@ -831,6 +841,14 @@ class Engine:
                     self._verify(job)
                 else:
                     self._sample_and_observe(job)
+
+    @staticmethod
+    def _depth(jobs: list[_Job]) -> int:
+        """The KV position the one job's rows of this step start at."""
+        (job,) = jobs
+        slot = job.slot
+        assert slot is not None
+        return (len(slot.tokens) if job.pending >= 0 else job.next) - slot.lag
 
     def _share_cores(self) -> bool:
         """Whether this step yields cores to an encode running on the media thread (then
@@ -1290,6 +1308,16 @@ class Engine:
     # -- the prompt cache on disk (runner/kvstate.py) -----------------------------------
     # Called only while the loop is not running (before :meth:`run`, or after it returned),
     # on the thread that runs it: they read and set what the slots hold.
+
+    @property
+    def short_chunks(self) -> ShortChunks:
+        """What short prompt chunks and tiles cost here (``runner/prefill.py``); the
+        prompt cache keeps it for the next worker and hands it back before :meth:`run`."""
+        return self._short_chunks
+
+    @short_chunks.setter
+    def short_chunks(self, measured: ShortChunks) -> None:
+        self._short_chunks = measured
 
     def resting_slots(self) -> list[tuple[int, list[int]]]:
         """``(seq, tokens)`` of every idle slot a file can hold, most recently used first:

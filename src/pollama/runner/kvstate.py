@@ -24,12 +24,14 @@ What must stay true:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pollama.runner.base import LoadSpec
+from pollama.runner.prefill import ShortChunks
 from pollama.store.kvcache import KVCacheDir, KVFileError, KVRecord, cache_key, file_identity
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class PromptCache:
     def restore(self, engine: Engine) -> int:
         """Read the key's most recently used files into the engine's empty slots, one file
         in memory at a time; returns how many slots now hold one."""
+        self._restore_costs(engine)
         free = engine.empty_slots() if engine.can_shift else []
         start = time.monotonic()
         adopted: list[tuple[int, list[int]]] = []
@@ -123,6 +126,19 @@ class PromptCache:
                 f"in {elapsed:.0f} ms"
             )
         return len(adopted)
+
+    def _restore_costs(self, engine: Engine) -> None:
+        """Hand the engine what earlier workers of this key measured of short prompt chunks
+        (``runner/prefill.py``), so that a restored conversation's next turn is evaluated
+        the cheaper way at once; a malformed file is discarded with a log line."""
+        data = self.dir.read_costs(self.key)
+        if data is None:
+            return
+        try:
+            engine.short_chunks = ShortChunks.from_json(json.loads(data))
+        except ValueError as exc:  # json's errors included
+            self._log(f"prompt cache: discarded the costs file: {exc}")
+            self.dir.discard_costs(self.key)
 
     def _set(self, engine: Engine, seq: int, record: KVRecord) -> bool:
         """Put the record's state into the empty sequence ``seq``; on any failure the
@@ -180,6 +196,12 @@ class PromptCache:
                 kept.append(tokens)
                 paths.append(saved)
                 written += 1
+        if kept:  # what this worker measured, for the next one to read back with them
+            costs = json.dumps(engine.short_chunks.to_json()).encode()
+            try:
+                self.dir.write_costs(self.key, costs)
+            except (OSError, ValueError) as exc:
+                self._log(f"prompt cache: could not keep the costs: {exc}")
         for order, path in enumerate(reversed(paths)):  # the most recently used the newest
             self.dir.touch(path, order)
         for path, restored in self._restored:

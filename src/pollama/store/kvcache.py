@@ -18,6 +18,10 @@ The layout (little-endian)::
     tokens    n_tokens x i32
     state     n_state bytes
 
+Beside them, one small ``<key>.costs`` file per key (at most :data:`MAX_COSTS_BYTES`, JSON
+that ``runner/prefill.py`` checks) keeps what that key's workers measured of short prompt
+chunks; it goes when the last sequence file of its key does.
+
 What must stay true:
 
 * **Atomic.** A file is written under a temporary name in the same directory, synced and
@@ -43,14 +47,22 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["HEADER_SIZE", "KVCacheDir", "KVFileError", "KVRecord", "cache_key", "file_identity"]
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_COSTS_BYTES",
+    "KVCacheDir",
+    "KVFileError",
+    "KVRecord",
+    "cache_key",
+    "file_identity",
+]
 
 MAGIC = b"PLMKVC\r\n"
 VERSION = 1
@@ -61,6 +73,9 @@ _TEMP_PREFIX = ".tmp-"
 _STALE_TEMP_SECONDS = 3600.0  # a temporary file this old was left by a killed writer
 _CHUNK = 8 << 20
 _NAME_RE = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}\.kv")
+_COSTS_SUFFIX = ".costs"
+_COSTS_RE = re.compile(r"([0-9a-f]{32})\.costs")
+MAX_COSTS_BYTES = 16384
 _BLOB_NAME_RE = re.compile(r"sha256-([0-9a-f]{64})")
 
 
@@ -208,26 +223,65 @@ class KVCacheDir:
         view = memoryview(state)
         for at in range(0, len(view), _CHUNK):
             digest.update(view[at : at + _CHUNK])
+
+        def fill(f: BinaryIO) -> None:
+            f.write(prefix + digest.digest() + token_bytes)
+            for at in range(0, len(view), _CHUNK):
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                f.write(view[at : at + _CHUNK])
+
+        try:
+            self._replace(final, fill)
+        except TimeoutError:
+            return None
+        return final
+
+    def write_costs(self, key: bytes, data: bytes) -> None:
+        """Keep ``data`` (at most :data:`MAX_COSTS_BYTES`) as what the workers of ``key``
+        measured (``runner/prefill.py``), atomically (0600), replacing what was there."""
+        if len(data) > MAX_COSTS_BYTES:
+            raise ValueError(f"{len(data)} bytes of costs, over {MAX_COSTS_BYTES}")
+        self._replace(self._costs_path(key), lambda f: f.write(data))
+
+    def read_costs(self, key: bytes) -> bytes | None:
+        """What :meth:`write_costs` kept for ``key``; None when there is nothing (or only
+        something that is not a small regular file, which is discarded)."""
+        path = self._costs_path(key)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_COSTS_BYTES:
+                return f.read(MAX_COSTS_BYTES + 1)
+        path.unlink(missing_ok=True)
+        return None
+
+    def discard_costs(self, key: bytes) -> None:
+        self._costs_path(key).unlink(missing_ok=True)
+
+    def _costs_path(self, key: bytes) -> Path:
+        return self.root / f"{key.hex()[:32]}{_COSTS_SUFFIX}"
+
+    def _replace(self, final: Path, fill: Callable[[BinaryIO], object]) -> None:
+        """Write ``final`` atomically: ``fill`` writes a temporary file (0600) that is
+        synced and renamed into place; on any failure nothing is left."""
         temp = self.root / f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(temp, flags, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(prefix + digest.digest() + token_bytes)
-                for at in range(0, len(view), _CHUNK):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError
-                    f.write(view[at : at + _CHUNK])
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, final)
-        except BaseException as exc:
+        except BaseException:
             temp.unlink(missing_ok=True)
-            if isinstance(exc, TimeoutError):
-                return None
             raise
         self._sync_dir()
-        return final
 
     def _sync_dir(self) -> None:
         try:
@@ -267,6 +321,7 @@ class KVCacheDir:
             entries = list(os.scandir(self.root))
         except OSError:
             return 0
+        costs: dict[str, Path] = {}
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -277,11 +332,17 @@ class KVCacheDir:
                     Path(entry.path).unlink(missing_ok=True)
             elif _NAME_RE.fullmatch(entry.name) and stat.S_ISREG(st.st_mode):
                 files.append((st.st_mtime_ns, st.st_size, Path(entry.path)))
+            elif match := _COSTS_RE.fullmatch(entry.name):
+                costs[match.group(1)] = Path(entry.path)
         total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files, key=lambda item: item[0]):
-            if total <= self.max_bytes:
-                break
+        kept = sorted(files, key=lambda item: item[0])
+        while kept and total > self.max_bytes:
+            _, size, path = kept.pop(0)
             path.unlink(missing_ok=True)
             total -= size
             freed += size
+        keys = {path.name.partition("-")[0] for _, _, path in kept}
+        for key, path in costs.items():  # a key's costs serve only its files' next turns
+            if key not in keys:
+                path.unlink(missing_ok=True)
         return freed

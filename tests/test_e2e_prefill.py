@@ -1,0 +1,111 @@
+"""A short prompt rest padded to a tile, end to end (``runner/prefill.py``).
+
+A real server with one sequence and the real SmolLM2 model, flash attention at its default.
+A conversation of about 600 tokens answers its first turn and is unloaded, which keeps the
+slot and what the worker measured (the ``.costs`` file beside the sequence's). Whether
+padding pays depends on the machine, so the test writes the costs itself: rows dear and
+tiles cheap, then the reverse. With the first, the restored next turn evaluates a whole tile
+(64 rows, cached tokens taken back); with the second, only its new tokens. Both must read
+the conversation alike: the first answer token's top probabilities agree to rounding
+(the texts are not compared: other rows in a decode round the kernels' last bits
+differently and may flip a near tie, ``tests/test_e2e_context_shift.py``). The worker's own
+measurements are then kept for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import MODEL, RunningServer, create_default_model, start_server, stop_server
+from pollama.runner.prefill import TILE
+from test_e2e_kv_persist import FIRST, GREEDY
+
+pytestmark = pytest.mark.slow
+
+PAD = {"row": {"1": 60.0}, "tile": {"1": 0.001}}  # a row dearer than any tile: pad
+KEEP = {"row": {"1": 0.001}, "tile": {"1": 60.0}}  # a tile dearer than any rest: do not
+
+
+class Conversation:
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.cache = Path(server.env["HOME"]) / ".ollama" / "kvcache"
+
+    def chat(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        body = {"model": MODEL, "messages": messages, "stream": False, "options": GREEDY,
+                "logprobs": True, "top_logprobs": 5}  # fmt: skip
+        r = httpx.post(f"{self.server.url}/api/chat", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def unload(self) -> None:
+        body = {"model": MODEL, "prompt": "", "keep_alive": 0}
+        httpx.post(f"{self.server.url}/api/generate", json=body, timeout=120).raise_for_status()
+
+    def costs(self) -> Path:
+        (path,) = self.cache.glob("*.costs")
+        return path
+
+
+@pytest.fixture(scope="module")
+def talk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Conversation]:
+    home = tmp_path_factory.mktemp("prefill-home")
+    server = start_server(home, {"OLLAMA_NUM_PARALLEL": "1"})
+    try:
+        create_default_model(server, home)
+        yield Conversation(server)
+    finally:
+        stop_server(server)
+
+
+def _restored_turn(talk: Conversation, first: dict[str, Any], slot: tuple[Path, bytes],
+                   costs: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The next turn on a fresh worker that restores the first turn's ``slot`` (its file,
+    put back: a turn's unload saves a longer one) and reads ``costs``."""
+    for path in talk.cache.glob("*.kv"):
+        path.unlink()
+    slot[0].write_bytes(slot[1])
+    talk.costs().write_text(json.dumps(costs))
+    question = {"role": "user", "content": "And who did the fox meet?"}
+    answer = talk.chat([*FIRST, first["message"], question])
+    talk.unload()
+    return answer
+
+
+def _first_top(answer: dict[str, Any]) -> dict[str, float]:
+    return {entry["token"]: entry["logprob"] for entry in answer["logprobs"][0]["top_logprobs"]}
+
+
+def test_a_short_rest_is_padded_to_a_tile_where_the_costs_say_so(talk: Conversation) -> None:
+    first = talk.chat(FIRST)
+    talk.unload()
+    (saved,) = talk.cache.glob("*.kv")
+    slot = (saved, saved.read_bytes())
+    padded = _restored_turn(talk, first, slot, PAD)
+    plain = _restored_turn(talk, first, slot, KEEP)
+
+    total = plain["prompt_eval_count"]
+    assert padded["prompt_eval_count"] == total > first["prompt_eval_count"]
+    left = total - plain["prompt_cached_count"]
+    assert 2 <= left < TILE  # a short rest after the restored history
+    assert padded["prompt_cached_count"] == total - TILE
+    assert padded["message"]["content"] and plain["message"]["content"]
+    padded_top, plain_top = _first_top(padded), _first_top(plain)
+    assert max(padded_top, key=padded_top.__getitem__) == max(plain_top, key=plain_top.__getitem__)
+    for token in set(padded_top) & set(plain_top):  # probabilities, alike to rounding
+        assert abs(math.exp(padded_top[token]) - math.exp(plain_top[token])) < 0.02, token
+
+
+def test_the_workers_measurements_are_kept_for_the_next_one(talk: Conversation) -> None:
+    kept = json.loads(talk.costs().read_text())  # the plain turn's worker wrote them
+    assert kept != KEEP and set(kept) == {"row", "tile", "scaled"}
+    measured = [s for table in kept.values() for bucket, s in table.items() if int(bucket) > 1]
+    assert any(int(bucket) > 1 for bucket in kept["row"])  # the rest, measured at its depth
+    assert measured and all(0 < seconds < 10 for seconds in measured)
