@@ -117,7 +117,7 @@ from pollama.runner.ngram import (
     NgramIndex,
     StepCosts,
 )
-from pollama.runner.prefill import ShortChunks
+from pollama.runner.prefill import TILE, ShortChunks
 from pollama.runner.tokens import common_prefix
 
 if TYPE_CHECKING:  # llama_cpp is imported only where the engine really runs (the worker)
@@ -769,18 +769,18 @@ class Engine:
                 shared = common_prefix(slot.tokens, job.prompt)
                 scored.append((shared if shared > floor else 0, -slot.last_used, shared, slot))
             _, _, shared, slot = max(scored, key=lambda entry: entry[:2])
-            reuse = min(shared, len(job.prompt) - 1)
+            reuse = cached = _media_boundary(job.media, min(shared, len(job.prompt) - 1))
             if not job.media:  # a short rest after a long cached prefix: evaluate some cached
                 # tokens again where a full tile costs less than the rest (runner/prefill.py)
                 left, depth = len(job.prompt) - reuse, slot.position(reuse)
                 reuse -= self._short_chunks.rows_back(left, depth)
-            reuse = _media_boundary(job.media, reuse)
             if reuse < len(slot.tokens):
                 if not self.ctx.seq_rm(slot.seq, slot.position(reuse), -1):
                     self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
                     reuse = 0
                 slot.truncate(reuse)
-            job.slot, job.next, job.cached = slot, reuse, reuse
+            # ``cached``: what the cache held, the tokens evaluated again for a tile included
+            job.slot, job.next, job.cached = slot, reuse, cached if reuse else 0
             slot.job = job
             opts = job.options
             job.sampler, history = build_sampler(opts, self.model.n_vocab, self.n_ctx)
@@ -1042,12 +1042,18 @@ class Engine:
     def _add_prompt_chunks(self, prefilling: list[_Job], decoding: int) -> list[_Job]:
         """Add chunks of the prompts being evaluated, sharing what the ``decoding`` rows
         (pending tokens and drafts) left of the batch fairly (and at most the prefill cap);
-        returns the jobs that got a chunk. Only a prompt's last chunk asks for logits."""
+        returns the jobs that got a chunk. Only a prompt's last chunk asks for logits. A
+        chunk that would leave fewer than a tile's rows for the next one leaves a tile
+        (540 tokens: 476 and 64, not 512 and 28): the same rows, but llama.cpp's CPU
+        flash-attention kernel takes 28 rows one by one, each reading the whole cache."""
         budget = min(self.n_batch - decoding, self._prefill_cap)
         shares = fair_share(budget, [j.text_left() for j in prefilling])
         now = time.perf_counter_ns()
         chunked: list[_Job] = []
         for job, n in zip(prefilling, shares, strict=True):
+            rest = job.text_left() - n
+            if 0 < rest < TILE < n:  # leave the next chunk a whole tile (runner/prefill.py)
+                n -= TILE - rest
             if n == 0:
                 continue
             slot = job.slot

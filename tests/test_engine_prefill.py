@@ -1,0 +1,126 @@
+"""How the engine cuts prompts into chunks for llama.cpp's CPU flash-attention kernel
+(``runner/prefill.py``), checked against the fake context of ``test_engine_positions.py``:
+a long prompt's last chunk is never a short one after a full chunk, and a short rest after a
+deep cache is padded to a tile with cached tokens, at their own positions, exactly where the
+measured costs say a tile is cheaper."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pollama.runner.base import CompletionRequest
+from pollama.runner.engine import Engine
+from pollama.runner.prefill import TILE, ShortChunks
+from test_engine_positions import GREEDY, _Batch, _Context, _held, _kv, _Model, _run, _Sampler
+
+DEAR_ROWS = {"row": {"1": 1.0}, "tile": {"1": 0.01}}  # a tile beats two rows at any depth
+
+
+class _Recording(_Context):
+    """The fake context, recording each decode's rows and first position."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=4096)
+        self.decoded: list[tuple[int, int]] = []
+
+    def decode(self, batch: _Batch) -> int:
+        self.decoded.append((batch.n_tokens, int(batch.pos[0])))
+        return super().decode(batch)
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Engine]]:
+    """``engine(costs)``: an engine on a recording context, its loop running, that starts
+    from ``costs`` (``ShortChunks.to_json``'s form), as after a prompt cache's restore."""
+    fake = types.ModuleType("pollama.runner.llama")
+    fake.Batch = _Batch  # type: ignore[attr-defined]
+    fake.SamplerChain = _Sampler  # type: ignore[attr-defined]
+    fake.DEFAULT_SEED = 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
+    made: list[tuple[Engine, threading.Thread]] = []
+
+    def make(costs: dict[str, Any] | None = None) -> Engine:
+        eng = Engine(_Model(), _Recording(), n_ctx=4096, n_batch=512,  # type: ignore[arg-type]
+                     n_parallel=1)  # fmt: skip
+        if costs is not None:
+            eng.short_chunks = ShortChunks.from_json(costs)
+        thread = threading.Thread(target=eng.run, daemon=True)
+        thread.start()
+        made.append((eng, thread))
+        return eng
+
+    yield make
+    for eng, thread in made:
+        eng.stop()
+        thread.join(10)
+
+
+def _prompt(n: int) -> list[int]:
+    return [3 + (i * 7) % 50 for i in range(n)]
+
+
+def _chunks(eng: Engine) -> list[tuple[int, int]]:
+    """The decodes of more than one row: (rows, first position)."""
+    return [d for d in eng.ctx.decoded if d[0] > 1]  # type: ignore[attr-defined]
+
+
+def _sound(eng: Engine) -> None:
+    """The KV holds exactly the slot's tokens, each at its index."""
+    assert [p for p, _ in _kv(eng)] == list(range(len(_kv(eng))))
+    assert [w for _, w in _kv(eng)] == _held(eng)
+
+
+@pytest.mark.parametrize(("n", "chunks"), [
+    (540, [(476, 0), (64, 476)]),  # not 512 and 28
+    (512 + 64, [(512, 0), (64, 512)]),
+    (1050, [(512, 0), (474, 512), (64, 986)]),
+    (500, [(500, 0)]),
+])  # fmt: skip
+def test_a_long_prompts_last_chunk_is_at_least_a_tile(engine: Any, n: int, chunks: Any) -> None:
+    eng = engine()
+    final = _run(eng, CompletionRequest(tokens=_prompt(n), options=GREEDY))
+    assert final.prompt_eval_count == n
+    assert _chunks(eng) == chunks
+    _sound(eng)
+
+
+def test_a_short_rest_after_a_deep_cache_is_padded_where_a_tile_is_cheaper(
+    engine: Any,
+) -> None:
+    eng = engine(DEAR_ROWS)
+    prompt = _prompt(300)
+    _run(eng, CompletionRequest(tokens=prompt, options=GREEDY))
+    held = len(eng.slots[0].tokens)
+    follow = [*eng.slots[0].tokens, 40, 41, 42, 43, 44]
+    final = _run(eng, CompletionRequest(tokens=follow, options=GREEDY))
+    assert final.prompt_cached == held  # what the cache held, the tokens taken back included
+    assert _chunks(eng)[-1] == (TILE, len(follow) - TILE)  # a tile ending at the new tokens
+    _sound(eng)
+
+
+@pytest.mark.parametrize("costs", [None, {"row": {"1": 0.01}, "tile": {"1": 1.0}}])
+def test_without_costs_or_with_cheap_rows_only_the_new_tokens_are_decoded(
+    engine: Any, costs: Any
+) -> None:
+    eng = engine(costs)
+    _run(eng, CompletionRequest(tokens=_prompt(300), options=GREEDY))
+    held = len(eng.slots[0].tokens)
+    follow = [*eng.slots[0].tokens, 40, 41, 42, 43, 44]
+    final = _run(eng, CompletionRequest(tokens=follow, options=GREEDY))
+    assert final.prompt_cached == held
+    assert _chunks(eng)[-1] == (len(follow) - held, held)
+    _sound(eng)
+
+
+def test_a_shallow_cache_is_never_padded(engine: Any) -> None:
+    eng = engine(DEAR_ROWS)
+    _run(eng, CompletionRequest(tokens=_prompt(100), options=GREEDY))
+    held = len(eng.slots[0].tokens)
+    _run(eng, CompletionRequest(tokens=[*eng.slots[0].tokens, 40, 41, 42], options=GREEDY))
+    assert _chunks(eng)[-1] == (3, held)
