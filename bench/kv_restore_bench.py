@@ -192,7 +192,11 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{meta['repeats']} interleaved repeats. **cold**: unloaded, nothing cached (load + "
         "the whole history); **restored**: the first turn ran, then `keep_alive: 0` (which "
         "saves the slot), then the next turn (load + read back + the new tokens); **warm**: "
-        "the first turn ran and the model stayed loaded.",
+        "the first turn ran and the model stayed loaded. Before the repeats each "
+        "conversation's next turn was answered once, as a server that has served "
+        "conversations has, so that the workers measured what a short prompt chunk costs "
+        "against a 64-row tile (`runner/prefill.py`); that measurement is kept beside the "
+        "cached sequences and outlives **cold**'s deleting them.",
         "",
         "| history tokens | next turn | TTFT (s) | of which load (s) | prompt eval (s) | "
         "prompt tokens | cached | TTFT / cold |",
