@@ -30,8 +30,8 @@ from test_e2e_kv_persist import FIRST, GREEDY
 
 pytestmark = pytest.mark.slow
 
-PAD = {"row": {"1": 60.0}, "tile": {"1": 0.001}}  # a row dearer than any tile: pad
-KEEP = {"row": {"1": 0.001}, "tile": {"1": 60.0}}  # a tile dearer than any rest: do not
+PAD = {"one": {"1": 0.001}, "extra": {"1": 60.0}, "tile": {"1": 0.001}}  # rows dear: pad
+KEEP = {"one": {"1": 0.001}, "extra": {"1": 0.001}, "tile": {"1": 60.0}}  # a tile dear: not
 
 
 class Conversation:
@@ -101,8 +101,8 @@ def test_a_short_rest_is_padded_to_a_tile_where_the_costs_say_so(talk: Conversat
     assert 2 <= left < TILE  # a short rest after the restored history
     depth = str((total - TILE).bit_length())  # the tile's depth bucket (runner/prefill.py)
     assert depth in padded_costs["tile"] and depth not in plain_costs["tile"]
-    assert depth in plain_costs["row"]  # the plain turn's rest, measured as rows
-    assert 0 < plain_costs["row"][depth] < 10 and 0 < padded_costs["tile"][depth] < 10
+    assert depth in plain_costs["extra"]  # the plain turn's rest, measured as rows
+    assert 0 < plain_costs["extra"][depth] < 10 and 0 < padded_costs["tile"][depth] < 10
     assert padded["message"]["content"] and plain["message"]["content"]
     padded_top, plain_top = _first_top(padded), _first_top(plain)
     assert max(padded_top, key=padded_top.__getitem__) == max(plain_top, key=plain_top.__getitem__)

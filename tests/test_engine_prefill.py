@@ -19,7 +19,7 @@ from pollama.runner.engine import Engine
 from pollama.runner.prefill import TILE, ShortChunks
 from test_engine_positions import GREEDY, _Batch, _Context, _held, _kv, _Model, _run, _Sampler
 
-DEAR_ROWS = {"row": {"1": 1.0}, "tile": {"1": 0.01}}  # a tile beats two rows at any depth
+DEAR_ROWS = {"one": {"1": 0.01}, "extra": {"1": 1.0}, "tile": {"1": 0.01}}  # tiles are cheaper
 
 
 class _Recording(_Context):
@@ -104,7 +104,9 @@ def test_a_short_rest_after_a_deep_cache_is_padded_where_a_tile_is_cheaper(
     _sound(eng)
 
 
-@pytest.mark.parametrize("costs", [None, {"row": {"1": 0.01}, "tile": {"1": 1.0}}])
+@pytest.mark.parametrize(
+    "costs", [None, {"one": {"1": 0.01}, "extra": {"1": 0.01}, "tile": {"1": 1.0}}]
+)
 def test_without_costs_or_with_cheap_rows_only_the_new_tokens_are_decoded(
     engine: Any, costs: Any
 ) -> None:

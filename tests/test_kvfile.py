@@ -408,7 +408,8 @@ def test_what_a_worker_measured_of_short_chunks_goes_to_the_next_one(
     log: list[str] = []
     first = make_engine(n_parallel=1)
     _serve(first, [list(range(1, 40))])
-    first.short_chunks.record(25, 900, 0.25)  # 10 ms a row of a short chunk at depth 900
+    first.short_chunks.record(1, 900, 0.01)  # a one-row decode at depth 900
+    first.short_chunks.record(25, 900, 0.25)  # 10 ms each further row of a short chunk
     first.short_chunks.record(64, 900, 0.12)  # a tile there
     _cache(tmp_path, log).save(first)
     (costs,) = (tmp_path / "kvcache").glob("*.costs")
@@ -423,8 +424,8 @@ def test_what_a_worker_measured_of_short_chunks_goes_to_the_next_one(
 
 @pytest.mark.parametrize(
     "content",
-    [b"{", b"[]", b'{"row": {"10": -1}}', b'{"row": {"x": 0.1}}', b'{"other": {}}',
-     b'{"row": {"10": NaN}}', b'{"tile": {"10": true}}', b'{"row": {"99": 0.1}}'],
+    [b"{", b"[]", b'{"one": {"10": -1}}', b'{"extra": {"x": 0.1}}', b'{"other": {}}',
+     b'{"one": {"10": NaN}}', b'{"tile": {"10": true}}', b'{"scaled": {"99": 0.1}}'],
 )
 def test_a_malformed_costs_file_is_discarded_with_a_log_line(
     make_engine: Any, tmp_path: Path, content: bytes
@@ -439,7 +440,7 @@ def test_a_malformed_costs_file_is_discarded_with_a_log_line(
     assert _cache(tmp_path, log).restore(second) == 1  # the sequences are still read back
     assert any("discarded the costs file" in line for line in log)
     assert not costs.exists() and second.short_chunks.to_json() == {
-        "row": {}, "tile": {}, "scaled": {}}  # fmt: skip
+        "one": {}, "extra": {}, "tile": {}, "scaled": {}}  # fmt: skip
 
 
 def test_a_costs_file_goes_with_the_last_sequence_of_its_key(tmp_path: Path) -> None:

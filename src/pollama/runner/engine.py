@@ -831,7 +831,9 @@ class Engine:
             if tuner is not None:
                 tuner.record(rows, (now - start) / 1e9)
             self._costs.setdefault(len(decoding), StepCosts()).record(rows, (now - start) / 1e9)
-        if len(decoding) + len(chunked) == 1 and not sharing:  # one sequence's rows alone
+        if len(decoding) + len(chunked) == 1 and (chunked or rows == 1) and not sharing:
+            # One sequence's rows alone: a prompt chunk, or one row decoded (not a draft,
+            # whose rows all ask for logits where a prompt chunk's last alone does).
             self._short_chunks.record(rows, self._depth(decoding or chunked), (now - start) / 1e9)
         self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
         self._record_decoded(decoding, chunked, now)

@@ -8,18 +8,23 @@ next turn, after hundreds of cached ones, can cost more than a tile would. Measu
 2-core Xeon after 1,024 cached tokens: SmolLM2-135M took 176 ms for 16 rows against 116 ms
 for 64, Qwen2.5-Coder-0.5B 555 ms for 32 against 334 ms; but Qwen2.5-Coder-1.5B 184 ms for
 16 against 472 ms, and with flash attention off a row costs little at any depth. Hence a
-measurement, not a rule: :class:`ShortChunks` learns, per model and depth, what a row of a
-short chunk costs and what a tile costs, and the engine evaluates ``TILE - left`` cached
-tokens again in front of a remainder of ``left`` tokens only when the tile is cheaper.
+measurement, not a rule: :class:`ShortChunks` learns, per model and depth, what a decode of
+one row costs, what each further row adds, and what a tile costs; the engine evaluates
+``TILE - left`` cached tokens again in front of a remainder of ``left`` tokens only when
+the tile is clearly (:data:`MARGIN`) the cheaper. A row's cost is what it adds to a one-row
+decode, not a decode's time shared among its rows: with flash attention off, a decode of two
+rows costs little more than one, and shared per row it foretold 100 ms for 25 rows that
+took 50 (and a tile of 100 ms was taken for it).
 
 What must stay true:
 
-* a short chunk is never padded before both costs were measured at its depth or a shallower
+* a short chunk is never padded before its costs were measured at its depth or a shallower
   one (a row's cost grows with depth faster than a tile's, so what paid shallower pays
   deeper); a fresh worker therefore evaluates its first short chunks as they come;
-* only steps that decoded one sequence's rows and nothing else are samples (a prompt
-  chunk, or a pending token and its draft, which the kernel takes alike): other rows in
-  the same decode would be counted as theirs;
+* only steps that decoded one sequence's rows and nothing else are samples: a prompt
+  chunk, or a single row decoded. Not a draft: each of its rows asks for logits, which a
+  prompt chunk's last row alone does (for Qwen2.5-Coder-1.5B's 151,936-token vocabulary
+  that doubled what a row seemed to add, and a short rest was padded where it lost);
 * what a worker measured outlives it beside the prompt cache's files (``runner/kvstate.py``),
   each mean read back worth one sample, so that a restored conversation's next turn is
   padded at once where it pays, and a new machine's measurements soon replace it;
@@ -35,6 +40,8 @@ TILE = 64
 """Query rows of one sequence from which the CPU kernel takes the tiled path."""
 MIN_DEPTH = 128
 """Below this many cached tokens a row is cheap on every model measured: never padded."""
+MARGIN = 1.25
+"""A tile is taken for a short rest when the rest is foretold to cost this much more."""
 _EMA = 0.3  # weight of a new sample once a depth has a few
 _MAX_BUCKET = 64  # depths are positions: 2**63 at most
 
@@ -83,12 +90,13 @@ class _Means:
 
 
 class ShortChunks:
-    """Decode costs of short and tiled prompt chunks by depth, and the padding they advise."""
+    """Decode costs of one sequence's rows by depth, and the padding they advise."""
 
     def __init__(self) -> None:
-        self._row = _Means()  # seconds per row of a chunk of 2 to TILE - 1 rows
-        self._tile = _Means()  # seconds of a chunk of exactly TILE rows
-        self._scaled = _Means()  # seconds of a longer chunk, scaled to TILE rows
+        self._one = _Means()  # seconds of a decode of one row
+        self._extra = _Means()  # seconds each further row adds (2 to TILE - 1 rows)
+        self._tile = _Means()  # seconds of a decode of exactly TILE rows
+        self._scaled = _Means()  # seconds of a longer prompt chunk, scaled to TILE rows
 
     def to_json(self) -> dict[str, dict[str, float]]:
         """What was measured, for the next worker of the same model and load options
@@ -107,17 +115,22 @@ class ShortChunks:
         return chunks
 
     def _tables(self) -> dict[str, _Means]:
-        return {"row": self._row, "tile": self._tile, "scaled": self._scaled}
+        return {"one": self._one, "extra": self._extra, "tile": self._tile,
+                "scaled": self._scaled}  # fmt: skip
 
     def record(self, rows: int, depth: int, seconds: float) -> None:
         """A step that decoded ``rows`` rows of one sequence after ``depth`` cached
-        positions, and nothing else, took ``seconds``: a prompt chunk, or a pending token
-        and its draft (which the kernel takes as it takes a prompt chunk)."""
-        if seconds <= 0 or rows < 2:
+        positions, and nothing else, took ``seconds``: a prompt chunk (logits for its last
+        row), or one row."""
+        if seconds <= 0 or rows < 1:
             return
         bucket = _bucket(depth)
-        if rows < TILE:
-            self._row.add(bucket, seconds / rows)
+        if rows == 1:
+            self._one.add(bucket, seconds)
+        elif rows < TILE:
+            one = self._one.at_or_below(bucket)
+            if one is not None:  # what the rows past the first added
+                self._extra.add(bucket, max(seconds - one, 0.0) / (rows - 1))
         elif rows == TILE:
             self._tile.add(bucket, seconds)
         else:  # mostly matrix products, whose cost goes with the rows
@@ -129,10 +142,10 @@ class ShortChunks:
         if not 2 <= left < TILE or cached < max(MIN_DEPTH, TILE - left):
             return 0
         bucket = _bucket(cached)
-        row = self._row.at_or_below(bucket)
+        one, extra = self._one.at_or_below(bucket), self._extra.at_or_below(bucket)
         tile = self._tile.at_or_below(bucket)
-        if tile is None:  # no padded chunk measured yet: a longer chunk's cost, scaled
+        if tile is None:  # no tile measured yet: a longer chunk's cost, scaled
             tile = self._scaled.at_or_below(bucket)
-        if row is None or tile is None:
+        if one is None or extra is None or tile is None:
             return 0
-        return TILE - left if left * row > tile else 0
+        return TILE - left if one + (left - 1) * extra > MARGIN * tile else 0
