@@ -85,6 +85,9 @@ def test_zero_times_are_not_samples() -> None:
 def test_the_costs_go_through_json_and_back() -> None:
     chunks = _measured(one=0.02, rows=25, seconds=0.28, tile=0.1)
     chunks.record(400, 512, 0.5)
+    chunks.record(1, 3000, 0.05)
+    chunks.record(2, 3000, 0.04)  # a further row measured as adding nothing
+    assert chunks.to_json()["extra"]["12"] == 0.0
     again = ShortChunks.from_json(chunks.to_json())
     assert again.to_json() == chunks.to_json()
     assert again.rows_back(25, 900) == chunks.rows_back(25, 900) == TILE - 25
@@ -93,6 +96,7 @@ def test_the_costs_go_through_json_and_back() -> None:
 @pytest.mark.parametrize(
     "data",
     [None, [], {"one": []}, {"one": {"0": 0.1}}, {"one": {"65": 0.1}}, {"one": {"5": 61}},
+     {"one": {"5": -0.001}}, {"one": {"5": float("nan")}},
      {"one": {"5": float("inf")}}, {"one": {"5": "0.1"}}, {"row": {}},
      {"one": {str(b): 0.1 for b in range(1, 66)}}],
 )

@@ -64,7 +64,8 @@ class _Means:
     def load(self, data: object) -> None:
         """Means kept by an earlier worker, each worth one sample (what this worker
         measures soon outweighs them). ``ValueError`` for anything but ``{"<bucket>":
-        seconds}`` with buckets 1 to :data:`_MAX_BUCKET` and seconds in (0, 60]."""
+        seconds}`` with buckets 1 to :data:`_MAX_BUCKET` and seconds in [0, 60] (what a
+        further row adds may be measured as nothing)."""
         if not isinstance(data, dict) or len(data) > _MAX_BUCKET:
             raise ValueError("a cost table must be an object of at most 64 depths")
         for key, value in data.items():
@@ -72,7 +73,7 @@ class _Means:
                 raise ValueError(f"not a depth bucket: {key!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"not a time: {value!r}")
-            if not 0 < value <= 60:  # NaN fails too
+            if not 0 <= value <= 60:  # NaN fails too
                 raise ValueError(f"a time out of range: {value!r}")
             self._mean[int(key)] = float(value)
             self._count[int(key)] = 1
