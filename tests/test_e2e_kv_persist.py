@@ -80,9 +80,12 @@ class Home:
     def files(self) -> list[Path]:
         return sorted(self.cache.glob("*.kv")) if self.cache.exists() else []
 
-    def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    def chat(self, messages: list[dict[str, Any]], *, top_logprobs: int = 0,
+             **options: Any) -> dict[str, Any]:  # fmt: skip
         body = {"model": MODEL, "messages": messages, "stream": False,
                 "options": {**GREEDY, **options}}
+        if top_logprobs:
+            body.update(logprobs=True, top_logprobs=top_logprobs)
         r = httpx.post(f"{self.server.url}/api/chat", json=body, timeout=300)
         assert r.status_code == 200, r.text
         return dict(r.json())

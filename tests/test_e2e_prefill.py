@@ -21,12 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from conftest import MODEL, RunningServer, create_default_model, start_server, stop_server
+from conftest import create_default_model, stop_server
 from pollama.runner.prefill import TILE
-from test_e2e_kv_persist import FIRST, GREEDY
+from test_e2e_kv_persist import FIRST, Home
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +33,8 @@ PAD = {"one": {"1": 0.001}, "extra": {"1": 60.0}, "tile": {"1": 0.001}}  # rows 
 KEEP = {"one": {"1": 0.001}, "extra": {"1": 0.001}, "tile": {"1": 60.0}}  # a tile dear: not
 
 
-class Conversation:
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.cache = Path(server.env["HOME"]) / ".ollama" / "kvcache"
-
-    def chat(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        body = {"model": MODEL, "messages": messages, "stream": False, "options": GREEDY,
-                "logprobs": True, "top_logprobs": 5}  # fmt: skip
-        r = httpx.post(f"{self.server.url}/api/chat", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
-    def unload(self) -> None:
-        body = {"model": MODEL, "prompt": "", "keep_alive": 0}
-        httpx.post(f"{self.server.url}/api/generate", json=body, timeout=120).raise_for_status()
+class Conversation(Home):
+    """The module's server: ``test_e2e_kv_persist``'s, flash attention at its default."""
 
     def costs(self) -> Path:
         (path,) = self.cache.glob("*.costs")
@@ -58,12 +44,12 @@ class Conversation:
 @pytest.fixture(scope="module")
 def talk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Conversation]:
     home = tmp_path_factory.mktemp("prefill-home")
-    server = start_server(home, {"OLLAMA_NUM_PARALLEL": "1"})
+    running = Conversation(home)
     try:
-        create_default_model(server, home)
-        yield Conversation(server)
+        create_default_model(running.server, home)
+        yield running
     finally:
-        stop_server(server)
+        stop_server(running.server)
 
 
 def _restored_turn(talk: Conversation, first: dict[str, Any], slot: tuple[Path, bytes],
@@ -76,7 +62,7 @@ def _restored_turn(talk: Conversation, first: dict[str, Any], slot: tuple[Path, 
     slot[0].write_bytes(slot[1])
     talk.costs().write_text(json.dumps(costs))
     question = {"role": "user", "content": "And who did the fox meet?"}
-    answer = talk.chat([*FIRST, first["message"], question])
+    answer = talk.chat([*FIRST, first["message"], question], top_logprobs=5)
     talk.unload()
     return answer, json.loads(talk.costs().read_text())
 

@@ -30,6 +30,7 @@ import pytest
 
 from pollama.runner.base import CompletionChunk, CompletionRequest, SamplingOptions
 from pollama.runner.engine import Engine
+from pollama.runner.prefill import ShortChunks
 
 N_VOCAB = 64
 EOG = 2
@@ -187,18 +188,23 @@ class _Projector:
     def release(self, span: _Span) -> None: ...
 
 
-@pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch) -> Any:
+@pytest.fixture(name="engine")
+def engine_fixture(monkeypatch: pytest.MonkeyPatch) -> Any:
     fake = types.ModuleType("pollama.runner.llama")
     fake.Batch = _Batch  # type: ignore[attr-defined]
     fake.SamplerChain = _Sampler  # type: ignore[attr-defined]
     fake.DEFAULT_SEED = 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
 
-    def make(projector: Any = None, shiftable: bool = True, context: Any = None) -> Engine:
+    def make(projector: Any = None, shiftable: bool = True, context: Any = None,
+             n_ctx: int = 128, n_batch: int = 16, costs: Any = None) -> Engine:  # fmt: skip
+        """``costs``: what the engine starts from of short chunks (``runner/prefill.py``),
+        as after a prompt cache's restore, before its loop runs."""
         context = context or _Context(shiftable=shiftable)
-        engine = Engine(_Model(), context, n_ctx=128, n_batch=16,  # type: ignore[arg-type]
+        engine = Engine(_Model(), context, n_ctx=n_ctx, n_batch=n_batch,  # type: ignore[arg-type]
                         n_parallel=1, projector=projector)
+        if costs is not None:
+            engine.short_chunks = ShortChunks.from_json(costs)
         thread = threading.Thread(target=engine.run, daemon=True)
         thread.start()
         made.append((engine, thread))

@@ -6,18 +6,23 @@ measured costs say a tile is cheaper."""
 
 from __future__ import annotations
 
-import sys
-import threading
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from pollama.runner.base import CompletionRequest
 from pollama.runner.engine import Engine
-from pollama.runner.prefill import TILE, ShortChunks
-from test_engine_positions import GREEDY, _Batch, _Context, _held, _kv, _Model, _run, _Sampler
+from pollama.runner.prefill import TILE
+from test_engine_positions import (
+    GREEDY,
+    _Batch,
+    _Context,
+    _held,
+    _kv,
+    _run,
+    engine_fixture,  # noqa: F401  (the ``engine`` fixture)
+)
 
 DEAR_ROWS = {"one": {"1": 0.01}, "extra": {"1": 1.0}, "tile": {"1": 0.01}}  # tiles are cheaper
 
@@ -35,30 +40,11 @@ class _Recording(_Context):
 
 
 @pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Engine]]:
-    """``engine(costs)``: an engine on a recording context, its loop running, that starts
-    from ``costs`` (``ShortChunks.to_json``'s form), as after a prompt cache's restore."""
-    fake = types.ModuleType("pollama.runner.llama")
-    fake.Batch = _Batch  # type: ignore[attr-defined]
-    fake.SamplerChain = _Sampler  # type: ignore[attr-defined]
-    fake.DEFAULT_SEED = 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
-    made: list[tuple[Engine, threading.Thread]] = []
-
-    def make(costs: dict[str, Any] | None = None) -> Engine:
-        eng = Engine(_Model(), _Recording(), n_ctx=4096, n_batch=512,  # type: ignore[arg-type]
-                     n_parallel=1)  # fmt: skip
-        if costs is not None:
-            eng.short_chunks = ShortChunks.from_json(costs)
-        thread = threading.Thread(target=eng.run, daemon=True)
-        thread.start()
-        made.append((eng, thread))
-        return eng
-
-    yield make
-    for eng, thread in made:
-        eng.stop()
-        thread.join(10)
+def make(engine: Callable[..., Engine]) -> Callable[..., Engine]:
+    """``make(costs)``: ``test_engine_positions``' engine, its loop running, on a recording
+    context with room for long prompts, starting from ``costs`` (``ShortChunks.to_json``)."""
+    return lambda costs=None: engine(context=_Recording(), n_ctx=4096, n_batch=512,
+                                     costs=costs)  # fmt: skip
 
 
 def _prompt(n: int) -> list[int]:
@@ -82,8 +68,8 @@ def _sound(eng: Engine) -> None:
     (1050, [(512, 0), (474, 512), (64, 986)]),
     (500, [(500, 0)]),
 ])  # fmt: skip
-def test_a_long_prompts_last_chunk_is_at_least_a_tile(engine: Any, n: int, chunks: Any) -> None:
-    eng = engine()
+def test_a_long_prompts_last_chunk_is_at_least_a_tile(make: Any, n: int, chunks: Any) -> None:
+    eng = make()
     final = _run(eng, CompletionRequest(tokens=_prompt(n), options=GREEDY))
     assert final.prompt_eval_count == n
     assert _chunks(eng) == chunks
@@ -91,9 +77,9 @@ def test_a_long_prompts_last_chunk_is_at_least_a_tile(engine: Any, n: int, chunk
 
 
 def test_a_short_rest_after_a_deep_cache_is_padded_where_a_tile_is_cheaper(
-    engine: Any,
+    make: Any,
 ) -> None:
-    eng = engine(DEAR_ROWS)
+    eng = make(DEAR_ROWS)
     prompt = _prompt(300)
     _run(eng, CompletionRequest(tokens=prompt, options=GREEDY))
     held = len(eng.slots[0].tokens)
@@ -108,9 +94,9 @@ def test_a_short_rest_after_a_deep_cache_is_padded_where_a_tile_is_cheaper(
     "costs", [None, {"one": {"1": 0.01}, "extra": {"1": 0.01}, "tile": {"1": 1.0}}]
 )
 def test_without_costs_or_with_cheap_rows_only_the_new_tokens_are_decoded(
-    engine: Any, costs: Any
+    make: Any, costs: Any
 ) -> None:
-    eng = engine(costs)
+    eng = make(costs)
     _run(eng, CompletionRequest(tokens=_prompt(300), options=GREEDY))
     held = len(eng.slots[0].tokens)
     follow = [*eng.slots[0].tokens, 40, 41, 42, 43, 44]
@@ -120,8 +106,8 @@ def test_without_costs_or_with_cheap_rows_only_the_new_tokens_are_decoded(
     _sound(eng)
 
 
-def test_a_shallow_cache_is_never_padded(engine: Any) -> None:
-    eng = engine(DEAR_ROWS)
+def test_a_shallow_cache_is_never_padded(make: Any) -> None:
+    eng = make(DEAR_ROWS)
     _run(eng, CompletionRequest(tokens=_prompt(100), options=GREEDY))
     held = len(eng.slots[0].tokens)
     _run(eng, CompletionRequest(tokens=[*eng.slots[0].tokens, 40, 41, 42], options=GREEDY))

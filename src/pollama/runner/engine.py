@@ -493,8 +493,9 @@ class Engine:
         self.can_shift = ctx.can_shift()
         # Decode time by rows, per number of generating slots (``runner/ngram.py``).
         self._costs: dict[int, StepCosts] = {}
-        # Short prompt chunks against full tiles, by depth (``runner/prefill.py``).
-        self._short_chunks = ShortChunks()
+        # Short prompt chunks against full tiles, by depth (``runner/prefill.py``): the
+        # prompt cache keeps it for the next worker and sets it back before :meth:`run`.
+        self.short_chunks = ShortChunks()
         self._spelling = _ModelSpelling(model)  # a learned edit's other spellings
 
     # -- called from any thread --------------------------------------------------------
@@ -773,7 +774,7 @@ class Engine:
             if not job.media:  # a short rest after a long cached prefix: evaluate some cached
                 # tokens again where a full tile costs less than the rest (runner/prefill.py)
                 left, depth = len(job.prompt) - reuse, slot.position(reuse)
-                reuse -= self._short_chunks.rows_back(left, depth)
+                reuse -= self.short_chunks.rows_back(left, depth)
             if reuse < len(slot.tokens):
                 if not self.ctx.seq_rm(slot.seq, slot.position(reuse), -1):
                     self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
@@ -834,7 +835,7 @@ class Engine:
         if len(decoding) + len(chunked) == 1 and (chunked or rows == 1) and not sharing:
             # One sequence's rows alone: a prompt chunk, or one row decoded (not a draft,
             # whose rows all ask for logits where a prompt chunk's last alone does).
-            self._short_chunks.record(rows, self._depth(decoding or chunked), (now - start) / 1e9)
+            self.short_chunks.record(rows, self._depth(decoding or chunked), (now - start) / 1e9)
         self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
         self._record_decoded(decoding, chunked, now)
         for job in decoding + chunked:
@@ -1049,11 +1050,11 @@ class Engine:
         (540 tokens: 476 and 64, not 512 and 28): the same rows, but llama.cpp's CPU
         flash-attention kernel takes 28 rows one by one, each reading the whole cache."""
         budget = min(self.n_batch - decoding, self._prefill_cap)
-        shares = fair_share(budget, [j.text_left() for j in prefilling])
+        wants = [j.text_left() for j in prefilling]
         now = time.perf_counter_ns()
         chunked: list[_Job] = []
-        for job, n in zip(prefilling, shares, strict=True):
-            rest = job.text_left() - n
+        for job, want, n in zip(prefilling, wants, fair_share(budget, wants), strict=True):
+            rest = want - n
             if 0 < rest < TILE < n:  # leave the next chunk a whole tile (runner/prefill.py)
                 n -= TILE - rest
             if n == 0:
@@ -1316,16 +1317,6 @@ class Engine:
     # -- the prompt cache on disk (runner/kvstate.py) -----------------------------------
     # Called only while the loop is not running (before :meth:`run`, or after it returned),
     # on the thread that runs it: they read and set what the slots hold.
-
-    @property
-    def short_chunks(self) -> ShortChunks:
-        """What short prompt chunks and tiles cost here (``runner/prefill.py``); the
-        prompt cache keeps it for the next worker and hands it back before :meth:`run`."""
-        return self._short_chunks
-
-    @short_chunks.setter
-    def short_chunks(self, measured: ShortChunks) -> None:
-        self._short_chunks = measured
 
     def resting_slots(self) -> list[tuple[int, list[int]]]:
         """``(seq, tokens)`` of every idle slot a file can hold, most recently used first:

@@ -34,7 +34,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from pollama.runner.shapes import on_the_line
+from pollama.runner.shapes import MovingMeans, on_the_line
 
 __all__ = [
     "SUBS_MAX",
@@ -414,21 +414,13 @@ class StepCosts:
     Only ratios matter to :func:`best_length`."""
 
     def __init__(self) -> None:
-        self._ema: dict[int, float] = {}
-        self._samples: dict[int, int] = {}
+        self._means = MovingMeans(_EMA)
+        self._ema = self._means.means  # by row count
         self._rows: list[int] = []  # the measured counts, sorted
 
     def record(self, rows: int, seconds: float) -> None:
-        if rows < 1 or seconds <= 0:
-            return
-        n = self._samples.get(rows, 0) + 1
-        self._samples[rows] = n
-        ema = self._ema.get(rows)
-        if ema is None:
-            self._ema[rows] = seconds
+        if rows >= 1 and seconds > 0 and self._means.add(rows, seconds):
             bisect.insort(self._rows, rows)
-        else:
-            self._ema[rows] = ema + max(1.0 / n, _EMA) * (seconds - ema)
 
     def time(self, rows: int) -> float:
         """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse

@@ -34,6 +34,8 @@ What must stay true:
 
 from __future__ import annotations
 
+from pollama.runner.shapes import MovingMeans
+
 __all__ = ["TILE", "ShortChunks"]
 
 TILE = 64
@@ -51,15 +53,14 @@ def _bucket(depth: int) -> int:
     return max(depth, 1).bit_length()
 
 
-class _Means:
-    """A moving average per depth bucket; the first samples averaged plainly."""
+class _Means(MovingMeans):
+    """A moving average per depth bucket (``runner/shapes.py``), kept as JSON."""
 
     def __init__(self) -> None:
-        self._mean: dict[int, float] = {}
-        self._count: dict[int, int] = {}
+        super().__init__(_EMA)
 
     def to_json(self) -> dict[str, float]:
-        return {str(bucket): mean for bucket, mean in sorted(self._mean.items())}
+        return {str(bucket): mean for bucket, mean in sorted(self.means.items())}
 
     def load(self, data: object) -> None:
         """Means kept by an earlier worker, each worth one sample (what this worker
@@ -75,19 +76,12 @@ class _Means:
                 raise ValueError(f"not a time: {value!r}")
             if not 0 <= value <= 60:  # NaN fails too
                 raise ValueError(f"a time out of range: {value!r}")
-            self._mean[int(key)] = float(value)
-            self._count[int(key)] = 1
-
-    def add(self, bucket: int, value: float) -> None:
-        n = self._count.get(bucket, 0) + 1
-        self._count[bucket] = n
-        mean = self._mean.get(bucket, value)
-        self._mean[bucket] = mean + max(1.0 / n, _EMA) * (value - mean)
+            self.set(int(key), float(value))
 
     def at_or_below(self, bucket: int) -> float | None:
         """The mean of ``bucket``, else of the deepest bucket below it that has one."""
-        known = [b for b in self._mean if b <= bucket]
-        return self._mean[max(known)] if known else None
+        known = [b for b in self.means if b <= bucket]
+        return self.means[max(known)] if known else None
 
 
 class ShortChunks:

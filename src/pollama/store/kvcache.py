@@ -76,6 +76,8 @@ _NAME_RE = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}\.kv")
 _COSTS_SUFFIX = ".costs"
 _COSTS_RE = re.compile(r"([0-9a-f]{32})\.costs")
 MAX_COSTS_BYTES = 16384
+# A cache file is opened for reading without following a link put in its place.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _BLOB_NAME_RE = re.compile(r"sha256-([0-9a-f]{64})")
 
 
@@ -161,7 +163,7 @@ class KVCacheDir:
     def read(self, path: Path, key: bytes, *, max_tokens: int, n_vocab: int) -> KVRecord:
         """The file's tokens and state, every check of the module docstring passed;
         :class:`KVFileError` says which one failed (``OSError`` if it cannot be read)."""
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, _READ_FLAGS)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
@@ -248,9 +250,8 @@ class KVCacheDir:
         """What :meth:`write_costs` kept for ``key``; None when there is nothing (or only
         something that is not a small regular file, which is discarded)."""
         path = self._costs_path(key)
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, _READ_FLAGS)
         except OSError:
             return None
         with os.fdopen(fd, "rb") as f:
