@@ -115,6 +115,17 @@ def test_several_slots_share_each_decode() -> None:
     assert 3 not in ctx.cache  # a zero-length ask costs nothing
 
 
+def test_only_a_call_that_drafted_prices_a_token() -> None:
+    """A new conversation whose first guess is unsure spent its call catching up on the
+    prompt, which the cache keeps: priced as one token, it made the draft model look too dear
+    to ever be tried again in that worker."""
+    d = drafter(SimContext())
+    (draft,) = d.draft([DraftRequest(0, [*range(1, 40), UNSURE], 4)], lambda: False)
+    assert draft == [] and d.step_seconds == 0.0  # unknown, as before any draft
+    (draft,) = d.draft([DraftRequest(0, [*range(1, 40), UNSURE, 7], 2)], lambda: False)
+    assert draft == [8, 9] and d.step_seconds > 0.0
+
+
 def test_bounds_vocabulary_window_and_failures() -> None:
     ctx = SimContext()
     (draft,) = drafter(ctx, n_vocab=23).draft([DraftRequest(0, [19], 9)], lambda: False)

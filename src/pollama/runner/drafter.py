@@ -87,6 +87,11 @@ class DraftModel:
         self.n_vocab_target = n_vocab_target
         self.held: list[list[int]] = [[] for _ in range(n_seq)]  # tokens each cache holds
         # What a drafted token costs, catching up included (a moving average; 0: unknown).
+        # Only calls that drafted teach it: one that was unsure at once spent its time
+        # catching up (a new conversation: its whole prompt), which its cache keeps for the
+        # next call; priced as one token, it made the draft model look dearer than every
+        # probe could pay for, for the worker's whole life (the engine's odds count the
+        # unsure call as a refused token instead).
         self.step_seconds = 0.0
 
     def forget(self, seq: int) -> None:
@@ -100,8 +105,9 @@ class DraftModel:
         started = time.perf_counter()
         drafts = self._draft(asks, cancelled)
         longest = max((len(d) for d in drafts), default=0)
-        seconds = (time.perf_counter() - started) / max(1, longest)
-        self.step_seconds += _EMA * (seconds - self.step_seconds) if self.step_seconds else seconds
+        if longest:  # a call that drafted nothing prices no token (see ``step_seconds``)
+            seconds, old = (time.perf_counter() - started) / longest, self.step_seconds
+            self.step_seconds = old + _EMA * (seconds - old) if old else seconds
         return drafts
 
     def _draft(
