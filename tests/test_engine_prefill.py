@@ -112,3 +112,34 @@ def test_a_shallow_cache_is_never_padded(make: Any) -> None:
     held = len(eng.slots[0].tokens)
     _run(eng, CompletionRequest(tokens=[*eng.slots[0].tokens, 40, 41, 42], options=GREEDY))
     assert _chunks(eng)[-1] == (3, held)
+
+
+class _Tuner:
+    """A thread tuner whose every step runs on ``running`` of two threads."""
+
+    n_max = 2
+
+    def __init__(self, running: int) -> None:
+        self.running = self.current = running
+
+    def threads_for_step(self, rows: int) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        pass
+
+    def record(self, rows: int, seconds: float) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("running", "measured"), [(2, True), (1, False)])
+def test_short_chunks_are_measured_on_all_threads_only(
+    make: Any, running: int, measured: bool
+) -> None:
+    """A probe's or a busy machine's one thread makes a row look dear, and the costs
+    outlive the worker: those steps are not samples."""
+    eng = make()
+    eng.tuner = _Tuner(running)  # before any request: the loop reads it at every step
+    _run(eng, CompletionRequest(tokens=_prompt(300), options=GREEDY))
+    tables = eng.short_chunks.to_json()
+    assert any(tables.values()) is measured, tables

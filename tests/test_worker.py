@@ -219,6 +219,7 @@ class _Machine:
         for i in range(steps):
             shape = shapes[i % len(shapes)]
             tuner.threads_for_step(shape)
+            assert tuner.running == self.threads  # what the engine's short chunks ask
             seconds = self.speed[self.threads] * (1 + (shape - 1) / 3)  # 4 rows cost 2
             self.threads_used.append(self.threads)
             self.now += seconds

@@ -822,6 +822,9 @@ class Engine:
                 tuner.interrupt()
             else:
                 tuner.threads_for_step(rows)
+        # Short chunks are weighed on all the threads: a probe's or a busy machine's fewer
+        # threads would make one row look dear, and the costs outlive this worker.
+        all_threads = tuner is None or tuner.running == tuner.n_max
         start = time.perf_counter_ns()
         rc = self.ctx.decode(self.batch)
         now = time.perf_counter_ns()
@@ -832,9 +835,10 @@ class Engine:
             if tuner is not None:
                 tuner.record(rows, (now - start) / 1e9)
             self._costs.setdefault(len(decoding), StepCosts()).record(rows, (now - start) / 1e9)
-        if len(decoding) + len(chunked) == 1 and (chunked or rows == 1) and not sharing:
-            # One sequence's rows alone: a prompt chunk, or one row decoded (not a draft,
-            # whose rows all ask for logits where a prompt chunk's last alone does).
+        # One sequence's rows alone: a prompt chunk, or one row decoded (not a draft, whose
+        # rows all ask for logits where a prompt chunk's last alone does).
+        alone = len(decoding) + len(chunked) == 1 and bool(chunked or rows == 1)
+        if alone and not sharing and all_threads:
             self.short_chunks.record(rows, self._depth(decoding or chunked), (now - start) / 1e9)
         self._prefill_cap = min(self.n_batch, self._prefill_cap * 2)
         self._record_decoded(decoding, chunked, now)

@@ -25,6 +25,8 @@ What must stay true:
   chunk, or a single row decoded. Not a draft: each of its rows asks for logits, which a
   prompt chunk's last row alone does (for Qwen2.5-Coder-1.5B's 151,936-token vocabulary
   that doubled what a row seemed to add, and a short rest was padded where it lost);
+* only steps on all the decode threads are samples: the thread tuner's probes and a busy
+  machine's fewer threads (``runner/tuning.py``) would make a row look dear;
 * what a worker measured outlives it beside the prompt cache's files (``runner/kvstate.py``),
   each mean read back worth one sample, so that a restored conversation's next turn is
   padded at once where it pays, and a new machine's measurements soon replace it;

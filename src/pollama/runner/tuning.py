@@ -131,6 +131,11 @@ class ThreadTuner:
         best = self._best.get(key)
         self._best[key] = seconds if best is None else min(best * _FORGET, seconds)
 
+    @property
+    def running(self) -> int:
+        """The thread count the next decode runs on: a probe's, else :attr:`current`."""
+        return self._probe if self._probe is not None else self.current
+
     def interrupt(self) -> None:
         """A step that is not measured (prompt chunks) came between: drop a running probe,
         and wait a little before the next one, so that prompts arriving often cannot keep
