@@ -47,6 +47,7 @@ class SimContext:
         self.decodes = 0
         self.evaluated = 0
         self.fail_at = fail_at
+        self.now = 0.0  # the drafter's clock: a row decoded costs 1 s
 
     def decode(self, batch: SimBatch) -> int:
         assert 0 < batch.n_tokens <= self.n_batch
@@ -59,6 +60,7 @@ class SimContext:
             assert pos == len(held), "positions must continue the sequence"
             held.append(token)
             self.evaluated += 1
+            self.now += 1.0
             if output:
                 logits = np.zeros(VOCAB, dtype=np.float32)
                 if token != UNSURE:
@@ -76,7 +78,8 @@ class SimContext:
 
 
 def drafter(ctx: SimContext, n_ctx: int = 256, n_vocab: int = VOCAB) -> DraftModel:
-    return DraftModel(ctx, SimBatch(), 4, n_vocab_target=n_vocab, n_ctx=n_ctx)
+    return DraftModel(ctx, SimBatch(), 4, n_vocab_target=n_vocab, n_ctx=n_ctx,
+                      clock=lambda: ctx.now)
 
 
 def test_drafts_follow_the_model_and_stop_when_it_is_unsure() -> None:
@@ -115,15 +118,19 @@ def test_several_slots_share_each_decode() -> None:
     assert 3 not in ctx.cache  # a zero-length ask costs nothing
 
 
-def test_only_a_call_that_drafted_prices_a_token() -> None:
-    """A new conversation whose first guess is unsure spent its call catching up on the
-    prompt, which the cache keeps: priced as one token, it made the draft model look too dear
-    to ever be tried again in that worker."""
-    d = drafter(SimContext())
-    (draft,) = d.draft([DraftRequest(0, [*range(1, 40), UNSURE], 4)], lambda: False)
-    assert draft == [] and d.step_seconds == 0.0  # unknown, as before any draft
-    (draft,) = d.draft([DraftRequest(0, [*range(1, 40), UNSURE, 7], 2)], lambda: False)
-    assert draft == [8, 9] and d.step_seconds > 0.0
+def test_a_requests_prompt_is_no_price_of_drafting() -> None:
+    """A draft's price includes catching up on what the target took meanwhile, but not a
+    fresh ask's prompt: priced as one token, a new conversation whose first guess was unsure
+    made the draft model look too dear to ever be tried again in that worker."""
+    history = [*range(1, 40), UNSURE]  # 39 tokens to catch up on, then an unsure guess
+    for fresh, price in ((True, 1.0), (False, 40.0)):  # a row decoded costs 1 s
+        ctx = SimContext()
+        d = drafter(ctx)
+        (draft,) = d.draft([DraftRequest(0, history, 4, fresh=fresh)], lambda: False)
+        assert draft == [] and d.step_seconds == price  # nothing drafted: priced as one
+    (draft,) = d.draft([DraftRequest(0, [*history, 7], 3)], lambda: False)
+    assert draft == [8, 9, 10]  # 3 rows decoded (7, 8, 9), each giving the next
+    assert d.step_seconds == pytest.approx(40.0 + 0.3 * (3 / 3 - 40.0))
 
 
 def test_bounds_vocabulary_window_and_failures() -> None:
@@ -146,6 +153,10 @@ def test_bounds_vocabulary_window_and_failures() -> None:
 
 STORY = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n" \
         "<|im_start|>assistant\n"
+# An answer whose next tokens the model is sure of (over P_MIN) from its first draft on,
+# on every CPU: the story's first word was unsure on some, where no draft was ever tried
+COUNT = "<|im_start|>user\nCount from 1 to 40, separated by commas.<|im_end|>\n" \
+        "<|im_start|>assistant\n1, 2, 3, 4, 5, 6,"
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +172,8 @@ def self_drafting() -> Iterator[WorkerClient]:
 def test_a_model_drafting_for_itself_keeps_its_answer(self_drafting: WorkerClient) -> None:
     assert self_drafting.ready["type"] == "ready", self_drafting.ready
     options: dict[str, Any] = {"temperature": 0, "num_predict": 48}
-    plain, done_plain = self_drafting.complete(STORY, **options, draft_num_predict=0)
-    drafted, done = self_drafting.complete(STORY, **options)
+    plain, done_plain = self_drafting.complete(COUNT, **options, draft_num_predict=0)
+    drafted, done = self_drafting.complete(COUNT, **options)
     assert done["type"] == "done" and done_plain["draft_tokens"] == 0
     # A draft as big as the model never pays: after a probe or two (the model's own guesses,
     # all kept) the measured cost stops it, as it would stop a draft that misses.
@@ -170,6 +181,6 @@ def test_a_model_drafting_for_itself_keeps_its_answer(self_drafting: WorkerClien
     assert drafted == plain
     # beside another stream, sampled: still a whole answer, drafts still kept
     other = self_drafting.start(STORY, temperature=0.8, seed=3, num_predict=48)
-    text, done = self_drafting.complete(STORY, **options)
+    text, done = self_drafting.complete(COUNT, **options)
     assert text == plain
     assert self_drafting.finish(other)[1]["type"] == "done"

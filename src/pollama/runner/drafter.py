@@ -67,6 +67,9 @@ class DraftRequest:
     seq: int
     history: Sequence[int]
     limit: int
+    fresh: bool = False
+    """The request's first ask: what it catches up on is the request's prompt, evaluated
+    once per request (as the target evaluates it) and kept, not a price of drafting."""
 
 
 class DraftModel:
@@ -80,19 +83,23 @@ class DraftModel:
         *,
         n_vocab_target: int,
         n_ctx: int,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.ctx = ctx
+        self._clock = clock
         self.batch = batch
         self.n_ctx = n_ctx  # per sequence
         self.n_vocab_target = n_vocab_target
         self.held: list[list[int]] = [[] for _ in range(n_seq)]  # tokens each cache holds
-        # What a drafted token costs, catching up included (a moving average; 0: unknown).
-        # Only calls that drafted teach it: one that was unsure at once spent its time
-        # catching up (a new conversation: its whole prompt), which its cache keeps for the
-        # next call; priced as one token, it made the draft model look dearer than every
-        # probe could pay for, for the worker's whole life (the engine's odds count the
-        # unsure call as a refused token instead).
+        # What a drafted token costs (a moving average; 0: unknown): the call's decodes over
+        # the tokens it drafted, a call that drafted nothing as one. That includes catching
+        # up on the tokens the target took meanwhile (n-gram drafts kept: each probe's price),
+        # but not on a fresh ask's prompt (a new conversation: all of it), which the target
+        # evaluates once too and the cache keeps. Priced as one token, a first guess that
+        # was unsure made the draft model look too dear for any later probe, for the
+        # worker's whole life.
         self.step_seconds = 0.0
+        self._prompt_seconds = 0.0  # of the last call: catching up on fresh asks' prompts
 
     def forget(self, seq: int) -> None:
         """Drop what a sequence holds (its cache could not be cut: start it over)."""
@@ -102,12 +109,12 @@ class DraftModel:
     def draft(self, asks: Sequence[DraftRequest], cancelled: Callable[[], bool]) -> list[list[int]]:
         """Each ask's draft (possibly empty), in order. ``cancelled`` is asked between
         decodes: the loop has something more urgent (it returns what is drafted so far)."""
-        started = time.perf_counter()
+        started, self._prompt_seconds = self._clock(), 0.0
         drafts = self._draft(asks, cancelled)
         longest = max((len(d) for d in drafts), default=0)
-        if longest:  # a call that drafted nothing prices no token (see ``step_seconds``)
-            seconds, old = (time.perf_counter() - started) / longest, self.step_seconds
-            self.step_seconds = old + _EMA * (seconds - old) if old else seconds
+        spent = self._clock() - started - self._prompt_seconds
+        seconds, old = spent / max(1, longest), self.step_seconds
+        self.step_seconds = old + _EMA * (seconds - old) if old else seconds
         return drafts
 
     def _draft(
@@ -162,6 +169,7 @@ class DraftModel:
                     common = 0
                 del held[common:]
             todo.append((i, common))
+        started = self._clock()
         while any(done < len(asks[i].history) - 1 for i, done in todo):
             self.batch.clear()
             room, later = self.ctx.n_batch, []
@@ -176,6 +184,8 @@ class DraftModel:
             if not self._decoded(asks):
                 return None
             todo = later
+        if any(ask.fresh for ask in asks):
+            self._prompt_seconds = self._clock() - started
         self.batch.clear()
         rows = []
         for ask in asks:

@@ -394,6 +394,7 @@ class _Job:
     draft: list[int] = field(default_factory=list)  # drafted tokens in the batch being decoded
     draft_row: int = -1  # the batch row of the first of them
     draft_key: int = 0  # the run of the copy they came from (MODEL_KEY: the draft model)
+    asked_draft_model: bool = False  # its first ask catches up on its prompt (drafter.py)
     # a copy found but not drafted: (its first token, its run), checked against the next draw
     shadow: tuple[int, int] | None = None
 
@@ -990,7 +991,9 @@ class Engine:
         for job, k in wants:
             slot = job.slot
             assert slot is not None
-            asks.append(DraftRequest(slot.seq, [*slot.tokens, job.pending], k))
+            history = [*slot.tokens, job.pending]
+            asks.append(DraftRequest(slot.seq, history, k, fresh=not job.asked_draft_model))
+            job.asked_draft_model = True
         drafts = self.drafter.draft(asks, lambda: self._stopping)
         for (job, _k), draft in zip(wants, drafts, strict=True):
             draft = draft[: self.n_batch - self.batch.n_tokens]
