@@ -68,8 +68,9 @@ class DraftRequest:
     history: Sequence[int]
     limit: int
     fresh: bool = False
-    """The request's first ask: what it catches up on is the request's prompt, evaluated
-    once per request (as the target evaluates it) and kept, not a price of drafting."""
+    """The request's first ask: what it catches up on is the request's prompt (and what the
+    target took before this ask), once per request, as the target evaluates the prompt once,
+    and kept by the cache: not a price of drafting."""
 
 
 class DraftModel:
