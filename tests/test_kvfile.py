@@ -457,6 +457,13 @@ def test_a_costs_file_goes_with_the_last_sequence_of_its_key(tmp_path: Path) -> 
     big = tmp_path / f"{key.hex()[:32]}.costs"
     big.write_bytes(b" " * 20000)
     assert cache.read_costs(key) is None and not big.exists()  # too big: discarded
+    os.mkfifo(big)  # a pipe in its place: no wait for a writer, discarded
+    assert cache.read_costs(key) is None and not big.exists()
+    big.symlink_to(tmp_path / "elsewhere")  # a link: not followed, discarded
+    (tmp_path / "elsewhere").write_bytes(b"{}")
+    assert cache.read_costs(key) is None and not big.is_symlink()
+    big.mkdir()  # a directory: refused, and no error
+    assert cache.read_costs(key) is None
 
 
 def test_the_cache_is_off_at_zero_bytes(tmp_path: Path) -> None:

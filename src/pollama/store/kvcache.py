@@ -81,6 +81,12 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXE
 _BLOB_NAME_RE = re.compile(r"sha256-([0-9a-f]{64})")
 
 
+def _key_name(key: bytes) -> str:
+    """A key's part of its files' names (a sequence file's first half, a costs file's
+    whole stem)."""
+    return key.hex()[:32]
+
+
 class KVFileError(Exception):
     """A cache file that must not be used: why, in words (for the log line)."""
 
@@ -138,11 +144,11 @@ class KVCacheDir:
         """Where the file of ``tokens`` under ``key`` lives: named by both, so the same
         sequence saved twice is one file."""
         content = hashlib.sha256(_tokens_bytes(tokens)).hexdigest()[:32]
-        return self.root / f"{key.hex()[:32]}-{content}{_SUFFIX}"
+        return self.root / f"{_key_name(key)}-{content}{_SUFFIX}"
 
     def candidates(self, key: bytes) -> list[Path]:
         """The files named for ``key``, most recently used first (unchecked)."""
-        prefix = f"{key.hex()[:32]}-"
+        prefix = f"{_key_name(key)}-"
         found: list[tuple[int, Path]] = []
         try:
             entries = list(os.scandir(self.root))
@@ -247,25 +253,34 @@ class KVCacheDir:
         self._replace(self._costs_path(key), lambda f: f.write(data))
 
     def read_costs(self, key: bytes) -> bytes | None:
-        """What :meth:`write_costs` kept for ``key``; None when there is nothing (or only
-        something that is not a small regular file, which is discarded)."""
+        """What :meth:`write_costs` kept for ``key``; None when there is nothing, or
+        something else than a small regular file (too big, a link, a pipe: discarded; a
+        directory: left, never read)."""
         path = self._costs_path(key)
-        try:
-            fd = os.open(path, _READ_FLAGS)
-        except OSError:
+        try:  # never blocks on a pipe put in its place, nor follows a link
+            fd = os.open(path, _READ_FLAGS | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
             return None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_COSTS_BYTES:
-                return f.read(MAX_COSTS_BYTES + 1)
-        path.unlink(missing_ok=True)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_COSTS_BYTES:
+                    return os.read(fd, MAX_COSTS_BYTES + 1)
+            finally:
+                os.close(fd)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a directory: left, and never read
+            pass
         return None
 
     def discard_costs(self, key: bytes) -> None:
         self._costs_path(key).unlink(missing_ok=True)
 
     def _costs_path(self, key: bytes) -> Path:
-        return self.root / f"{key.hex()[:32]}{_COSTS_SUFFIX}"
+        return self.root / f"{_key_name(key)}{_COSTS_SUFFIX}"
 
     def _replace(self, final: Path, fill: Callable[[BinaryIO], object]) -> None:
         """Write ``final`` atomically: ``fill`` writes a temporary file (0600) that is
