@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
 
 def _get(row: dict[str, Any] | None, key: str) -> float | None:
     return None if row is None else row.get(key)
+
+
+def _paired(row: dict[str, Any] | None, ref: dict[str, Any] | None) -> float | None:
+    """The median over repeats of ``row``'s wall rate over ``ref``'s in the same repeat
+    (measured minutes apart, so a shift of the shared machine's speed between repeats
+    cancels out); None without one wall rate per repeat in both."""
+    a, b = _get(row, "wall_samples"), _get(ref, "wall_samples")
+    if not a or not b or len(a) != len(b) or not all(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def render(results: dict[str, Any]) -> str:
@@ -78,8 +89,10 @@ def render(results: dict[str, Any]) -> str:
         "- Every engine evaluates the same prompt tokens: a story request rendered with the "
         "model's chat template and sent as it is (pollama `raw`, llama-server `/completion`, "
         "the plain loop's tokenizer, special tokens parsed); the prompt tokens of each "
-        "measurement are in the raw results. Each prompt has a unique prefix so no prefix "
-        "cache helps.",
+        "measurement are in the raw results. The prompts of one repeat differ from those of "
+        "every other after the chat template's system turn, and pollama's prompt cache on "
+        "disk (kept across restarts) is emptied before each of its servers starts, so no "
+        "engine finds any of a prompt cached.",
         "- FA *auto* is each engine's default, llama.cpp's auto (on wherever the backend has "
         "the kernel, the CPU included; pollama with `OLLAMA_FLASH_ATTENTION` unset); *on* and "
         "*off* force it for all three.",
@@ -93,7 +106,9 @@ def render(results: dict[str, Any]) -> str:
         "`n_seq_max=N`, batched prefill, one `llama_decode` per step, greedy `llama_sampler` "
         "chain per stream). Every measurement starts a fresh server (or loop process); the "
         "engines are interleaved and their order rotated between repeats, so the machine's "
-        "drift over minutes hits all of them alike; the table shows the median repeat.",
+        "drift over minutes hits all of them alike; the table shows the median repeat. "
+        "*paired*: the median over repeats of pollama's wall rate over the other's in the "
+        "same repeat, which a shift of the machine's speed between repeats does not move.",
         "- Follow-up TTFT: a chat with a multi-turn history; request 1 = history, request 2 = "
         "history + the reply + one new user message. *warm*: request 2 right after request 1 "
         "on the same server (`NUM_PARALLEL=1` / `-np 1`), the median over three chained "
@@ -116,8 +131,9 @@ def _throughput(results: dict[str, Any]) -> list[str]:
         "| plain loop per stream | plain loop aggregate "
         "| pollama per stream | pollama aggregate | pollama wall "
         "| pollama / llama-server (aggregate) | **pollama / llama-server (wall)** "
-        "| pollama / plain (wall) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| pollama / llama-server (wall, paired) | pollama / plain (wall) "
+        "| pollama / plain (wall, paired) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for fa in results["meta"]["fa_modes"]:
         for n in results["meta"]["streams"]:
@@ -133,23 +149,34 @@ def _throughput(results: dict[str, Any]) -> list[str]:
                 f"| {_f(_get(po, 'wall_tok_s'))} "
                 f"| {_ratio(_get(po, 'aggregate_tok_s'), _get(ls, 'aggregate_tok_s'))} "
                 f"| **{_ratio(_get(po, 'wall_tok_s'), _get(ls, 'wall_tok_s'))}** "
-                f"| {_ratio(_get(po, 'wall_tok_s'), _get(pl, 'wall_tok_s'))} |"
+                f"| {_ratio(_paired(po, ls), 1)} "
+                f"| {_ratio(_get(po, 'wall_tok_s'), _get(pl, 'wall_tok_s'))} "
+                f"| {_ratio(_paired(po, pl), 1)} |"
             )
     out.append("")
     for label, reference in (("pollama / llama-server", "llama-server"),
                              ("pollama / plain loop", "plain")):
-        ratios = []
+        ratios, paired = [], []
         for r in rows:
             if r["engine"] != "pollama":
                 continue
             ref = _find(rows, engine=reference, fa=r["fa"], streams=r["streams"])
             if ref and ref.get("wall_tok_s"):
                 ratios.append(r["wall_tok_s"] / ref["wall_tok_s"])
+            pair = _paired(r, ref)
+            if pair is not None:
+                paired.append(pair)
         if ratios:
-            out.append(f"Geometric mean of {label} (client-side wall rate) over the "
-                       f"{len(ratios)} points: **{math.prod(ratios) ** (1 / len(ratios)):.2f}**"
-                       + "  ")
+            line = (f"Geometric mean of {label} (client-side wall rate) over the "
+                    f"{len(ratios)} points: **{_geomean(ratios):.2f}**")
+            if len(paired) == len(ratios):
+                line += f" (paired by repeat: {_geomean(paired):.2f})"
+            out.append(line + "  ")
     return [*out, ""]
+
+
+def _geomean(values: list[float]) -> float:
+    return math.prod(values) ** (1 / len(values))
 
 
 def _followup(results: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -305,6 +306,13 @@ class Pollama:
             raise cl.Unavailable("pollama create failed: "
                                  + (out.stderr or out.stdout).strip()[-400:])
 
+    def empty_prompt_cache(self) -> None:
+        """Delete the prompt cache pollama keeps on disk across restarts (``~/.ollama/
+        kvcache``), so that the next server starts as a fresh llama-server does, with no
+        prefix of an earlier measurement's prompts (the chat template's system turn) to
+        restore. Only ``kv_restore_bench.py`` measures that cache."""
+        shutil.rmtree(self.home / "home" / ".ollama" / "kvcache", ignore_errors=True)
+
     def options(self, n_predict: int) -> dict[str, Any]:
         return {"num_predict": n_predict, "temperature": 0, "seed": 1,
                 "num_thread": self.threads}
@@ -394,6 +402,8 @@ class Points:
 def measure_server(engine: Engine, args: argparse.Namespace, fa: str, n: int, rep: int,
                    points: Points, budget: Callable[[int], int]) -> None:
     """One measurement: a fresh server with N slots, N concurrent streams, its memory."""
+    if isinstance(engine, Pollama):
+        engine.empty_prompt_cache()
     with engine.serve(n, fa) as (srv, base):
         asyncio.run(engine.warm_up(base))
         prompts = story_prompts(args.model, rep, n)
@@ -476,6 +486,8 @@ def measure_followup(engine: Engine, args: argparse.Namespace, fa: str,
             return samples, max(loads)
 
     def cold_once() -> tuple[cl.StreamResult, float]:
+        if isinstance(engine, Pollama):  # else the warm server's conversation is restored
+            engine.empty_prompt_cache()
         with engine.serve(1, fa) as (_srv, base):
             asyncio.run(engine.warm_up(base))
             return bracket(lambda: asyncio.run(one(base, follow, 8)))
