@@ -149,9 +149,9 @@ def _throughput(results: dict[str, Any]) -> list[str]:
                 f"| {_f(_get(po, 'wall_tok_s'))} "
                 f"| {_ratio(_get(po, 'aggregate_tok_s'), _get(ls, 'aggregate_tok_s'))} "
                 f"| **{_ratio(_get(po, 'wall_tok_s'), _get(ls, 'wall_tok_s'))}** "
-                f"| {_ratio(_paired(po, ls), 1)} "
+                f"| {_f(_paired(po, ls), 2)} "
                 f"| {_ratio(_get(po, 'wall_tok_s'), _get(pl, 'wall_tok_s'))} "
-                f"| {_ratio(_paired(po, pl), 1)} |"
+                f"| {_f(_paired(po, pl), 2)} |"
             )
     out.append("")
     for label, reference in (("pollama / llama-server", "llama-server"),

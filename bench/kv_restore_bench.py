@@ -65,7 +65,7 @@ class Session:
     def __init__(self, engine: Pollama, base: str, args: argparse.Namespace, turns: int
                  ) -> None:
         self.engine, self.base, self.args = engine, base, args
-        self.cache = engine.home / "home" / ".ollama" / "kvcache"
+        self.cache = engine.prompt_cache
         self.history = chat_history(turns)
         self.next_turn: list[dict[str, str]] = []
         self.history_tokens = 0

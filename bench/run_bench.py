@@ -214,7 +214,10 @@ class LlamaServer:
         self.model, self.threads = model, threads
 
     @contextmanager
-    def serve(self, parallel: int, fa: str) -> Iterator[tuple[_procs.Server, str]]:
+    def serve(self, parallel: int, fa: str, *, fresh: bool = False
+              ) -> Iterator[tuple[_procs.Server, str]]:
+        """A llama-server with ``parallel`` slots; it keeps nothing across restarts, so
+        every one is ``fresh``."""
         port = _procs.free_port()
         cmd = [str(llama_server_bin()), "-m", str(self.model), "-t", str(self.threads),
                "-tb", str(self.threads), "-np", str(parallel), "-c", str(4096 * parallel),
@@ -244,12 +247,21 @@ class Pollama:
 
     def __init__(self, model: Path, threads: int, home: Path) -> None:
         self.model, self.threads, self.home = model, threads, home
+        self.user_home = home / "home"  # the servers' HOME
         self.created = False
+
+    @property
+    def prompt_cache(self) -> Path:
+        """The prompt cache this engine's servers keep on disk across restarts (pollama's
+        own setting, under the HOME they get)."""
+        from pollama.config.settings import load_settings
+
+        return load_settings({"HOME": str(self.user_home)}).kv_cache_path
 
     def _env(self, port: int, parallel: int, fa: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
         env.update(
-            HOME=str(self.home / "home"),
+            HOME=str(self.user_home),
             OLLAMA_MODELS=str(self.home / "models"),
             OLLAMA_HOST=f"127.0.0.1:{port}",
             OLLAMA_NUM_PARALLEL=str(parallel),
@@ -259,11 +271,18 @@ class Pollama:
         )
         if fa != "auto":  # auto: unset, pollama's default (llama.cpp's auto)
             env["OLLAMA_FLASH_ATTENTION"] = "1" if fa == "on" else "0"
-        (self.home / "home").mkdir(parents=True, exist_ok=True)
+        self.user_home.mkdir(parents=True, exist_ok=True)
         return env
 
     @contextmanager
-    def serve(self, parallel: int, fa: str) -> Iterator[tuple[_procs.Server, str]]:
+    def serve(self, parallel: int, fa: str, *, fresh: bool = False
+              ) -> Iterator[tuple[_procs.Server, str]]:
+        """A pollama server with ``parallel`` slots. ``fresh``: its prompt cache on disk is
+        emptied first, so it starts as a fresh llama-server does, with no prefix of an
+        earlier server's prompts (the chat template's system turn) to restore; only
+        ``kv_restore_bench.py`` measures that cache."""
+        if fresh:
+            shutil.rmtree(self.prompt_cache, ignore_errors=True)
         port = _procs.free_port()
         env = self._env(port, parallel, fa)
         cmd = [sys.executable, "-m", "pollama", "serve"]
@@ -305,13 +324,6 @@ class Pollama:
         if out.returncode != 0:
             raise cl.Unavailable("pollama create failed: "
                                  + (out.stderr or out.stdout).strip()[-400:])
-
-    def empty_prompt_cache(self) -> None:
-        """Delete the prompt cache pollama keeps on disk across restarts (``~/.ollama/
-        kvcache``), so that the next server starts as a fresh llama-server does, with no
-        prefix of an earlier measurement's prompts (the chat template's system turn) to
-        restore. Only ``kv_restore_bench.py`` measures that cache."""
-        shutil.rmtree(self.home / "home" / ".ollama" / "kvcache", ignore_errors=True)
 
     def options(self, n_predict: int) -> dict[str, Any]:
         return {"num_predict": n_predict, "temperature": 0, "seed": 1,
@@ -402,9 +414,7 @@ class Points:
 def measure_server(engine: Engine, args: argparse.Namespace, fa: str, n: int, rep: int,
                    points: Points, budget: Callable[[int], int]) -> None:
     """One measurement: a fresh server with N slots, N concurrent streams, its memory."""
-    if isinstance(engine, Pollama):
-        engine.empty_prompt_cache()
-    with engine.serve(n, fa) as (srv, base):
+    with engine.serve(n, fa, fresh=True) as (srv, base):
         asyncio.run(engine.warm_up(base))
         prompts = story_prompts(args.model, rep, n)
         summary, load = clean(partial(_run_streams, engine, base, prompts, args.n_predict),
@@ -486,9 +496,8 @@ def measure_followup(engine: Engine, args: argparse.Namespace, fa: str,
             return samples, max(loads)
 
     def cold_once() -> tuple[cl.StreamResult, float]:
-        if isinstance(engine, Pollama):  # else the warm server's conversation is restored
-            engine.empty_prompt_cache()
-        with engine.serve(1, fa) as (_srv, base):
+        # fresh: else the warm server's conversation would be restored
+        with engine.serve(1, fa, fresh=True) as (_srv, base):
             asyncio.run(engine.warm_up(base))
             return bracket(lambda: asyncio.run(one(base, follow, 8)))
 

@@ -55,11 +55,17 @@ def test_the_report_shows_paired_ratios_beside_the_medians() -> None:
     assert "over the 1 points: **0.53** (paired by repeat: 1.05)" in text
 
 
-def test_a_pollama_measurement_empties_the_prompt_cache_first(tmp_path: Path) -> None:
+def test_a_fresh_pollama_server_starts_with_no_prompt_cache(tmp_path: Path) -> None:
     engine = run_bench.Pollama(tmp_path / "m.gguf", 2, tmp_path)
-    cache = tmp_path / "home" / ".ollama" / "kvcache"
+    cache = engine.prompt_cache
+    assert cache == tmp_path / "home" / ".ollama" / "kvcache"  # pollama's own setting
     (cache / "abc").mkdir(parents=True)
     (cache / "abc" / "0.state").write_bytes(b"x")
-    engine.empty_prompt_cache()
+    started = False
+    try:  # the model file does not exist: the server never comes up, but the cache is gone
+        with engine.serve(1, "auto", fresh=True):
+            started = True
+    except run_bench.cl.Unavailable:
+        pass
+    assert not started
     assert not cache.exists()
-    engine.empty_prompt_cache()  # nothing there: no error

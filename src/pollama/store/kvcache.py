@@ -39,6 +39,7 @@ What must stay true:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -270,10 +271,8 @@ class KVCacheDir:
                     return os.read(fd, MAX_COSTS_BYTES + 1)
             finally:
                 os.close(fd)
-        try:
+        with contextlib.suppress(OSError):  # a directory: left, and never read
             path.unlink(missing_ok=True)
-        except OSError:  # a directory: left, and never read
-            pass
         return None
 
     def discard_costs(self, key: bytes) -> None:
