@@ -91,7 +91,7 @@ def render(results: dict[str, Any]) -> str:
         "the plain loop's tokenizer, special tokens parsed); the prompt tokens of each "
         "measurement are in the raw results. The prompts of one repeat differ from those of "
         "every other after the chat template's system turn, and pollama's prompt cache on "
-        "disk (kept across restarts) is emptied before each of its servers starts, so no "
+        "disk (kept across restarts) is emptied before each measured server starts, so no "
         "engine finds any of a prompt cached.",
         "- FA *auto* is each engine's default, llama.cpp's auto (on wherever the backend has "
         "the kernel, the CPU included; pollama with `OLLAMA_FLASH_ATTENTION` unset); *on* and "
