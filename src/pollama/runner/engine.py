@@ -932,9 +932,10 @@ class Engine:
         each with logits. A draft ends before the window's end, the job's budget (each row
         yields at most one token) and the batch's end."""
         costs = self._costs.setdefault(len(decoding), StepCosts())
-        expected = float(len(decoding))  # every pending token yields one
+        streams = len(decoding)  # every draft slows them all (ngram.best_length)
         batch = self.batch
         wants: list[tuple[_Job, int]] = []  # jobs the draft model drafts for, and how much
+        wanted = 0  # their rows, not in the batch yet
         for job in decoding:
             job.draft, job.shadow = [], None
             slot, drafting = job.slot, job.drafting
@@ -947,21 +948,20 @@ class Engine:
                 self.n_batch - batch.n_tokens,
             )
             candidate, key = self._lookup(job, room) if room > 0 else ([], 0)
-            k = drafting.length(key, len(candidate), expected, batch.n_tokens, costs) if (
-                candidate) else 0
+            rows = batch.n_tokens + wanted
+            k = drafting.length(key, len(candidate), streams, rows, costs) if candidate else 0
             if k > 0:
                 self._add_draft(job, candidate[:k], key)
-                expected += drafting.expected(key, len(job.draft)) - 1
                 continue
             if candidate:
                 job.shadow = (candidate[0], key)
             if self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
-                k = drafting.length(MODEL_KEY, limit, expected, batch.n_tokens, costs, per_token)
+                k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
                 if k > 0:
                     wants.append((job, k))
-                    expected += drafting.expected(MODEL_KEY, k) - 1
+                    wanted += k
         if wants:
             self._add_model_drafts(wants)
 
