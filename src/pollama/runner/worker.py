@@ -358,15 +358,17 @@ class MediaInbox:
         return tuple(bytes(item) for item in self._media.pop(req_id, ()))
 
 
-FRAME_INTERVAL = 0.025
+FRAME_INTERVAL = 0.1
 """A stream's text goes to the server at most once per this many seconds (the first token at
 once, the held text with the next token after the interval, and all of it before the final
-message). Every message costs the server about 0.4 ms of CPU (read, parse, frame, write to
-the client) and on a machine whose cores all decode, that time is taken from llama.cpp's
-threads, which wait for each other at every graph node (SmolLM2 on 2 cores, one stream of
-300 tokens: its engine rate was higher with 30 ms frames in each of three paired runs). 40
-frames a second is smoother than a screen needs; a chunk with logprobs is never held (its
-entries stay one a token, as Ollama's)."""
+message). Every message costs CPU in the server (read, parse, frame, write) and in the client
+(read, parse), and on a machine whose cores all decode, that time is taken from llama.cpp's
+threads, which wait for each other at every graph node. Measured with SmolLM2 on 2 cores at
+8 streams (45 ms decodes, fresh servers, paired with llama-server in the same round): with
+25 ms frames every token was a message and the worker waited 2.7 ms (median) between two
+decodes; with 100 ms frames 0.8 ms, and the client-side rate went from 0.89 of
+llama-server's to 1.04. Ten frames a second still reads as a stream; a chunk with logprobs is
+never held (its entries stay one a token, as Ollama's)."""
 
 
 class _Emitter:
