@@ -570,9 +570,10 @@ def test_smol_stop_string_split_across_tokens(smol: WorkerClient) -> None:
 @pytest.mark.slow
 def test_smol_four_streams_interleave(smol: WorkerClient) -> None:
     prompts = ["Write a poem.", "Count to twenty.", "Describe the sea.", "List some fruits."]
-    first = smol.start(CHAT.format(prompts[0]), temperature=0, num_predict=60)
-    for _ in range(3):
-        assert smol.next(first)["type"] == "chunk"
+    # the first is generating (its first token is sent at once, later text in frames of
+    # FRAME_INTERVAL) and has far more to go than the others' prompts and 12 tokens
+    first = smol.start(CHAT.format(prompts[0]), temperature=0, num_predict=200)
+    assert smol.next(first)["type"] == "chunk"
     others = [smol.start(CHAT.format(p), temperature=0, num_predict=12) for p in prompts[1:]]
     results = [smol.finish(req) for req in [first, *others]]
     assert all(done["type"] == "done" for _, done in results)
