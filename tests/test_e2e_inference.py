@@ -48,7 +48,9 @@ def test_generate_streaming_and_same_text(client: ollama.Client) -> None:
     whole = client.generate(model=MODEL, prompt="Name three colors.", options=GREEDY)
     chunks = list(client.generate(model=MODEL, prompt="Name three colors.", options=GREEDY,
                                   stream=True))
-    assert len(chunks) > 3
+    # the first token at once, the rest in frames (at most every 100 ms: on a fast machine
+    # all of it in one), then the final chunk
+    assert len(chunks) >= 3
     assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
     assert "".join(c.response for c in chunks) == whole.response
     assert chunks[-1].eval_count == whole.eval_count

@@ -183,10 +183,12 @@ GROWTH = """() => {
 
 
 def test_tokens_arrive_as_they_are_made(tab: Tab, srv: RunningServer) -> None:
-    _open(tab, srv)
+    # LONG's 400 tokens: the worker sends a stream's text at most ten times a second, so
+    # SHORT's 40 can come in three lines on a fast machine
+    _open(tab, srv, LONG)
     tab.page.evaluate(GROWTH)
     with tab.page.expect_response("**/api/chat", timeout=GEN_TIMEOUT_MS) as answered:
-        reply = _send(tab, "Tell me about the sea.")
+        reply = _send(tab, COUNT)
     growth = tab.page.evaluate("() => window.__growth")
     partial = sorted({n for state, n in growth if state == "streaming" and n > 0})
     assert len(partial) >= 3, growth  # the text grew, paint after paint, before the end
@@ -200,7 +202,7 @@ def test_tokens_arrive_as_they_are_made(tab: Tab, srv: RunningServer) -> None:
     assert [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
     assert conversation["messages"][1]["content"] == streamed
     assert "tokens" in reply.locator(".note").inner_text()
-    assert reply.locator(".meta").inner_text() == SHORT
+    assert reply.locator(".meta").inner_text() == LONG
     assert tab.page.is_hidden("#stop") and tab.page.is_visible("#send")
 
 
