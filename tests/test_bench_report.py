@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import _report  # noqa: E402
 import run_bench  # noqa: E402
@@ -61,11 +63,7 @@ def test_a_fresh_pollama_server_starts_with_no_prompt_cache(tmp_path: Path) -> N
     assert cache == tmp_path / "home" / ".ollama" / "kvcache"  # pollama's own setting
     (cache / "abc").mkdir(parents=True)
     (cache / "abc" / "0.state").write_bytes(b"x")
-    started = False
-    try:  # the model file does not exist: the server never comes up, but the cache is gone
-        with engine.serve(1, "auto", fresh=True):
-            started = True
-    except run_bench.cl.Unavailable:
+    # the model file does not exist: the server never comes up, but the cache is gone
+    with pytest.raises(run_bench.cl.Unavailable), engine.serve(1, "auto", fresh=True):
         pass
-    assert not started
     assert not cache.exists()

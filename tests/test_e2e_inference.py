@@ -45,12 +45,11 @@ def test_generate_non_streaming(client: ollama.Client) -> None:
 
 
 def test_generate_streaming_and_same_text(client: ollama.Client) -> None:
-    whole = client.generate(model=MODEL, prompt="Name three colors.", options=GREEDY)
-    chunks = list(client.generate(model=MODEL, prompt="Name three colors.", options=GREEDY,
-                                  stream=True))
-    # the first token at once, the rest in frames (at most every 100 ms: on a fast machine
-    # all of it in one), then the final chunk
-    assert len(chunks) >= 3
+    # long enough to stream in several frames (a stream's text goes at most every 100 ms)
+    options, prompt = {"temperature": 0, "num_predict": 96}, "Write a long story about a cat."
+    whole = client.generate(model=MODEL, prompt=prompt, options=options)
+    chunks = list(client.generate(model=MODEL, prompt=prompt, options=options, stream=True))
+    assert len(chunks) > 3
     assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
     assert "".join(c.response for c in chunks) == whole.response
     assert chunks[-1].eval_count == whole.eval_count

@@ -364,11 +364,11 @@ once, the held text with the next token after the interval, and all of it before
 message). Every message costs CPU in the server (read, parse, frame, write) and in the client
 (read, parse), and on a machine whose cores all decode, that time is taken from llama.cpp's
 threads, which wait for each other at every graph node. Measured with SmolLM2 on 2 cores at
-8 streams (45 ms decodes, fresh servers, paired with llama-server in the same round): with
-25 ms frames every token was a message and the worker waited 2.7 ms (median) between two
-decodes; with 100 ms frames 0.8 ms, and the client-side rate went from 0.89 of
-llama-server's to 1.04. Ten frames a second still reads as a stream; a chunk with logprobs is
-never held (its entries stay one a token, as Ollama's)."""
+8 streams (45 ms decodes, fresh servers): with 25 ms frames every token was a message and
+the worker waited 2.7 ms (median) between two decodes, with 100 ms frames 0.8 ms; in the
+same 5 rounds, paired with llama-server, the client-side rate was 0.84 of its rate with
+25 ms frames and 0.93 with 100 ms. Ten frames a second still reads as a stream; a chunk with
+logprobs is never held (its entries stay one a token, as Ollama's)."""
 
 
 class _Emitter:
