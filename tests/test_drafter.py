@@ -154,9 +154,14 @@ def test_bounds_vocabulary_window_and_failures() -> None:
 STORY = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n" \
         "<|im_start|>assistant\n"
 # An answer whose next tokens the model is sure of (over P_MIN) from its first draft on,
-# on every CPU: the story's first word was unsure on some, where no draft was ever tried
-COUNT = "<|im_start|>user\nCount from 1 to 40, separated by commas.<|im_end|>\n" \
-        "<|im_start|>assistant\n1, 2, 3, 4, 5, 6,"
+# on every CPU (a story's first word was unsure on some, where no draft was ever tried), and
+# in which no n-gram occurs twice (each letter is a token of its own): the first draft the
+# engine weighs is the draft model's, on nothing measured but one-row steps, so it is tried
+# on every machine. A count's digits repeat: an n-gram draft came first and missed, and then
+# the measured cost of its rows decided whether the draft model was ever asked (on a busy
+# machine, once not in 48 tokens).
+ALPHABET = "<|im_start|>user\nWrite the alphabet in capital letters, separated by commas." \
+        "<|im_end|>\n<|im_start|>assistant\nA, B, C,"
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +177,8 @@ def self_drafting() -> Iterator[WorkerClient]:
 def test_a_model_drafting_for_itself_keeps_its_answer(self_drafting: WorkerClient) -> None:
     assert self_drafting.ready["type"] == "ready", self_drafting.ready
     options: dict[str, Any] = {"temperature": 0, "num_predict": 48}
-    plain, done_plain = self_drafting.complete(COUNT, **options, draft_num_predict=0)
-    drafted, done = self_drafting.complete(COUNT, **options)
+    plain, done_plain = self_drafting.complete(ALPHABET, **options, draft_num_predict=0)
+    drafted, done = self_drafting.complete(ALPHABET, **options)
     assert done["type"] == "done" and done_plain["draft_tokens"] == 0
     # A draft as big as the model never pays: after a probe or two (the model's own guesses,
     # all kept) the measured cost stops it, as it would stop a draft that misses.
@@ -181,6 +186,6 @@ def test_a_model_drafting_for_itself_keeps_its_answer(self_drafting: WorkerClien
     assert drafted == plain
     # beside another stream, sampled: still a whole answer, drafts still kept
     other = self_drafting.start(STORY, temperature=0.8, seed=3, num_predict=48)
-    text, done = self_drafting.complete(COUNT, **options)
+    text, done = self_drafting.complete(ALPHABET, **options)
     assert text == plain
     assert self_drafting.finish(other)[1]["type"] == "done"
