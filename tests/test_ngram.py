@@ -227,6 +227,31 @@ def test_copies_that_break_early_make_every_copy_less_trusted() -> None:
     assert story.rates(32, 1)[0] > prior_32 * 0.9
 
 
+def test_a_long_copy_that_holds_brings_the_trust_back_after_an_early_miss() -> None:
+    """A copy with a correction near its start ("Thursdy" written "Thursday"): a 17-token
+    draft misses at its first token, and every copy is trusted less. The copy then holds for
+    long: its kept tokens, observed or drafted, bring the trust back, so the rest of it is
+    drafted; its breaks never count against it (an edit breaks a long copy once)."""
+    costs = _costs(0.005, 0.005)  # a second row costs half a step more, as on 2 CPU cores
+    for hold in ("observed", "drafted"):
+        acceptance = Acceptance()
+        (prior_48,) = acceptance.rates(48, 1)
+        acceptance.record(6, 17, 0)
+        assert acceptance.rates(48, 1)[0] < prior_48 * 0.2
+        assert acceptance.length(48, 16, 1, 1, costs) == 0
+        if hold == "observed":
+            for run in range(16, 32):
+                acceptance.observe(run, True)
+        else:
+            acceptance.record(16, 8, 8)
+            acceptance.record(25, 8, 8)
+        assert acceptance.rates(48, 1)[0] > prior_48 * 0.7, hold
+        assert acceptance.length(48, 16, 1, 1, costs) >= 1
+    broken = Acceptance()  # a long copy's break (an edit of code) teaches the fit nothing
+    broken.record(20, 8, 3)
+    assert broken.rates(48, 1)[0] >= Acceptance().rates(48, 1)[0]
+
+
 def test_a_draft_model_is_probed_with_back_off_while_it_does_not_pay() -> None:
     costs = _costs(0.02, 0.006)  # a kept token would pay; its guesses are never kept
     acceptance = Acceptance()

@@ -501,7 +501,11 @@ class Acceptance:
     keeps far fewer than code would, so the runs it has not tested yet (the long ones, whose
     priors are near 1) are trusted less too, and a failed long draft is seldom followed by
     another; a run it has tested follows its own tokens. A long copy's break does not count:
-    an edit of code breaks one once, and the copy goes on.
+    an edit of code breaks one once, and the copy goes on. Its tokens kept do count, each
+    against its own odds (observed or drafted): a text that copies says so there too, and
+    after an early miss (a 17-token draft that missed at its first token, where a spelling
+    was corrected, took the fit to a sixth) only the long copy that followed could bring the
+    trust back; it was not heard, and the rest of the copy was never drafted.
 
     The draft model's drafts cost its decodes to make, so they have no such check: when its
     best length is 0 the request still probes now and then (:func:`cheapest_probe`), and
@@ -573,6 +577,17 @@ class Acceptance:
         learned without its row."""
         self.record(key, 1, 1 if hit else 0)
 
+    @staticmethod
+    def _priors(key: int, n: int) -> list[float]:
+        """The prior odds of ``n`` tokens drafted from a copy with run ``key``."""
+        return [_RUN_PRIORS[_BUCKET[min(key + i, RUN_CAP)]] for i in range(n)]
+
+    def _fit_to(self, kept: float, foreseen: float) -> None:
+        """Fold ``kept`` tokens, where the priors foresaw ``foreseen``, into the fit (the
+        past weighs less with every token foreseen)."""
+        keep = _FIT_DECAY**foreseen
+        self._fit = [keep * self._fit[0] + kept, keep * self._fit[1] + foreseen]
+
     def record(self, key: int, drafted: int, accepted: int) -> None:
         """A verification of ``drafted`` tokens drafted with ``key`` kept the first
         ``accepted`` of them (the totals :attr:`drafted` and :attr:`accepted` are the
@@ -585,10 +600,9 @@ class Acceptance:
             counts[1] = _MODEL_DECAY * counts[1] + (1 if missed else 0)
             return
         if key < _FIT_RUNS:
-            priors = [_RUN_PRIORS[_BUCKET[min(key + i, RUN_CAP)]] for i in range(drafted)]
-            foreseen = expected_tokens(priors) - 1
-            keep = _FIT_DECAY**foreseen
-            self._fit = [keep * self._fit[0] + accepted, keep * self._fit[1] + foreseen]
+            self._fit_to(accepted, expected_tokens(self._priors(key, drafted)) - 1)
+        elif accepted:  # its tokens kept, each against its own odds; its break is an edit
+            self._fit_to(accepted, sum(self._priors(key, accepted)))
         decay = _RUN_DECAY ** (accepted + missed)
         for counts in self._runs:
             counts[0] *= decay
