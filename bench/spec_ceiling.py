@@ -179,9 +179,11 @@ def replay_pollama(
     while done < len(answer):
         candidate, run = index.draft(min(draft_max, len(answer) - done))
         kept = agreeing(candidate, answer, done)
-        k = acceptance.length(run, len(candidate), 1.0, 1, measured) if candidate else 0
+        k = acceptance.length(run, len(candidate), 1, 1, measured) if candidate else 0
         if k:
             acceptance.record(run, k, min(kept, k))
+        elif candidate:  # the engine checks a copy not drafted against the token drawn
+            acceptance.observe(run, kept > 0)
         seconds += costs[1 + k]
         steps += 1
         index.extend(answer[done : done + min(kept, k) + 1])
