@@ -479,7 +479,7 @@ _BUCKET = [max(i for i, edge in enumerate(_RUN_EDGES) if run >= edge) for run in
 _MAX_GAP = 256
 _NEGLIGIBLE = 0.01  # a draft this unlikely to reach a token gains nothing by holding it
 _FIT_PRIOR = 2.0  # the request's fit starts as this many tokens kept of as many foreseen
-_FIT_RUNS = 16  # copies with a shorter run say whether the text copies (a long one breaks at edits)
+_FIT_RUNS = 16  # a copy with a shorter run counts whole; a longer one by its kept tokens
 _FIT_DECAY = 0.97  # weight of the past fit for each token foreseen since
 
 
@@ -496,16 +496,17 @@ class Acceptance:
     ever sent only to learn.
 
     A run's prior (from code, ``_RUN_PRIORS``) is scaled by the request's *fit*: the tokens
-    its copies of a run under ``_FIT_RUNS`` kept lately, against what their priors foresaw
-    (at most 1). A story that meets a phrase of its own again and then goes its own way
-    keeps far fewer than code would, so the runs it has not tested yet (the long ones, whose
-    priors are near 1) are trusted less too, and a failed long draft is seldom followed by
-    another; a run it has tested follows its own tokens. A long copy's break does not count:
-    an edit of code breaks one once, and the copy goes on. Its tokens kept do count, each
-    against its own odds (observed or drafted): a text that copies says so there too, and
-    after an early miss (a 17-token draft that missed at its first token, where a spelling
-    was corrected, took the fit to a sixth) only the long copy that followed could bring the
-    trust back; it was not heard, and the rest of the copy was never drafted.
+    its copies kept lately, against what their priors foresaw (at most 1). A story that
+    meets a phrase of its own again and then goes its own way keeps far fewer than code
+    would, so the runs it has not tested yet (the long ones, whose priors are near 1) are
+    trusted less too, and a failed long draft is seldom followed by another; a run it has
+    tested follows its own tokens. A copy of a run of ``_FIT_RUNS``
+    or more counts only by its tokens kept, each against its own odds (observed or drafted):
+    its break does not count, since an edit of code breaks one once and the copy goes on,
+    but its tokens kept say that the text copies. After an early miss (a 17-token draft that
+    missed at its first token, where a spelling was corrected, takes the fit to a sixth) the
+    long copy that follows is what brings the trust back; counting only short copies, the
+    rest of such a copy was never drafted.
 
     The draft model's drafts cost its decodes to make, so they have no such check: when its
     best length is 0 the request still probes now and then (:func:`cheapest_probe`), and
