@@ -265,6 +265,10 @@ def test_sampled_drafts_keep_the_distribution(smol: httpx.Client) -> None:
 # -- a draft model (Modelfile DRAFT) ------------------------------------------------------------
 
 STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+# A text the model is sure of from its first token on, in which no n-gram occurs twice (each
+# letter is a token of its own): what is drafted and kept there is the draft model's
+ALPHABET = "<|im_start|>user\nWrite the alphabet in capital letters, separated by commas." \
+           "<|im_end|>\n<|im_start|>assistant\nA, B, C,"
 
 
 def renamed_copy(source: Path, target: Path) -> Path:
@@ -289,14 +293,26 @@ def test_a_draft_model_from_the_modelfile_drafts_and_keeps_the_answer(
     shown = smol.post("/api/show", json={"model": "smol-drafted"}).json()["modelfile"]
     assert "\nDRAFT /" in shown
     try:
+        # First, on the fresh worker: its draft model's first draft is weighed before any
+        # cost of it is measured, so it is tried on every machine. (In the story below its
+        # first guess is unsure on this CPU, and what is kept there comes from the prompt's
+        # n-grams.)
+        letters = {"prompt": ALPHABET, "raw": True,
+                   "options": {"temperature": 0, "num_predict": 24}}
+        drafted = _stream(smol, "/api/generate", {**letters, "model": "smol-drafted"})
+        plain = _stream(smol, "/api/generate", {**letters, "model": PLAIN})
+        text = "".join(line["response"] for line in drafted)
+        assert text == "".join(line["response"] for line in plain) and text.startswith(" D, E, F")
+        final = _final(drafted)
+        assert 1 <= final["draft_accepted"] <= final["draft_tokens"], final
         body = {"messages": STORY, "options": GREEDY}
         plain = _stream(smol, "/api/chat", {**body, "model": PLAIN})
         drafted = _stream(smol, "/api/chat", {**body, "model": "smol-drafted"})
         text = "".join(line["message"]["content"] for line in drafted)
         assert text == "".join(line["message"]["content"] for line in plain)
-        # a draft as big as the model never pays: probed, its guesses kept, then left off
+        # a draft as big as the model never pays: once measured, it is left off
         final = _final(drafted)
-        assert 1 <= final["draft_accepted"] <= final["draft_tokens"] <= 16, final
+        assert final["draft_accepted"] <= final["draft_tokens"] <= 16, final
         (loaded,) = [m for m in smol.get("/api/ps").json()["models"]
                      if m["name"] == "smol-drafted:latest"]
         assert loaded["size"] > 2 * draft.stat().st_size  # the target and its draft
