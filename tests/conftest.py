@@ -215,6 +215,17 @@ def tree_snapshot(root: Path) -> set[str]:
 
 
 MODEL = "smollm2:135m"
+# A raw prompt (the default model's chat format) whose answer the model is sure of from its
+# first token on (over the draft model's P_MIN), and in which no n-gram occurs twice (each
+# letter is a token of its own): no draft from the prompt can come first, so the first draft
+# weighed is a draft model's, before any cost of it is measured, and it is tried on every
+# machine. A count's digits repeat: an n-gram draft came first and missed, and then the
+# measured cost of its rows decided whether the draft model was ever asked (on a busy
+# machine, once not in 48 tokens).
+ALPHABET = (
+    "<|im_start|>user\nWrite the alphabet in capital letters, separated by commas."
+    "<|im_end|>\n<|im_start|>assistant\nA, B, C,"
+)
 
 
 def create_default_model(server: RunningServer, home: Path, name: str = MODEL,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import ALPHABET
 from pollama.runner.drafter import P_MIN, DraftModel, DraftRequest
 from test_worker import WorkerClient, smol_spec
 
@@ -153,15 +154,6 @@ def test_bounds_vocabulary_window_and_failures() -> None:
 
 STORY = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n" \
         "<|im_start|>assistant\n"
-# An answer whose next tokens the model is sure of (over P_MIN) from its first draft on,
-# on every CPU (a story's first word was unsure on some, where no draft was ever tried), and
-# in which no n-gram occurs twice (each letter is a token of its own): the first draft the
-# engine weighs is the draft model's, on nothing measured but one-row steps, so it is tried
-# on every machine. A count's digits repeat: an n-gram draft came first and missed, and then
-# the measured cost of its rows decided whether the draft model was ever asked (on a busy
-# machine, once not in 48 tokens).
-ALPHABET = "<|im_start|>user\nWrite the alphabet in capital letters, separated by commas." \
-        "<|im_end|>\n<|im_start|>assistant\nA, B, C,"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import MODEL, RunningServer, start_server, stop_server
+from conftest import ALPHABET, MODEL, RunningServer, start_server, stop_server
 from models import qwen_coder_fixture  # noqa: F401 - provides the fixture qwen_coder
 
 pytestmark = pytest.mark.slow
@@ -265,10 +265,6 @@ def test_sampled_drafts_keep_the_distribution(smol: httpx.Client) -> None:
 # -- a draft model (Modelfile DRAFT) ------------------------------------------------------------
 
 STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-# A text the model is sure of from its first token on, in which no n-gram occurs twice (each
-# letter is a token of its own): what is drafted and kept there is the draft model's
-ALPHABET = "<|im_start|>user\nWrite the alphabet in capital letters, separated by commas." \
-           "<|im_end|>\n<|im_start|>assistant\nA, B, C,"
 
 
 def renamed_copy(source: Path, target: Path) -> Path:
@@ -293,10 +289,23 @@ def test_a_draft_model_from_the_modelfile_drafts_and_keeps_the_answer(
     shown = smol.post("/api/show", json={"model": "smol-drafted"}).json()["modelfile"]
     assert "\nDRAFT /" in shown
     try:
-        # First, on the fresh worker: its draft model's first draft is weighed before any
-        # cost of it is measured, so it is tried on every machine. (In the story below its
-        # first guess is unsure on this CPU, and what is kept there comes from the prompt's
-        # n-grams.)
+        body = {"messages": STORY, "options": GREEDY}
+        plain = _stream(smol, "/api/chat", {**body, "model": PLAIN})
+        drafted = _stream(smol, "/api/chat", {**body, "model": "smol-drafted"})
+        text = "".join(line["message"]["content"] for line in drafted)
+        assert text == "".join(line["message"]["content"] for line in plain)
+        # A draft as big as the model never pays: its first guess here is unsure (on this
+        # CPU), and once measured it is left off; what is kept comes from the prompt's
+        # n-grams, weighed on a fresh worker's priors.
+        final = _final(drafted)
+        assert 1 <= final["draft_accepted"] <= final["draft_tokens"] <= 16, final
+        (loaded,) = [m for m in smol.get("/api/ps").json()["models"]
+                     if m["name"] == "smol-drafted:latest"]
+        assert loaded["size"] > 2 * draft.stat().st_size  # the target and its draft
+        # The draft model drafts: on a fresh worker (its first draft weighed before any
+        # cost of it is measured), the alphabet, where only the draft model can draft.
+        unload = {"model": "smol-drafted", "keep_alive": 0}
+        smol.post("/api/generate", json=unload).raise_for_status()
         letters = {"prompt": ALPHABET, "raw": True,
                    "options": {"temperature": 0, "num_predict": 24}}
         drafted = _stream(smol, "/api/generate", {**letters, "model": "smol-drafted"})
@@ -305,16 +314,5 @@ def test_a_draft_model_from_the_modelfile_drafts_and_keeps_the_answer(
         assert text == "".join(line["response"] for line in plain) and text.startswith(" D, E, F")
         final = _final(drafted)
         assert 1 <= final["draft_accepted"] <= final["draft_tokens"], final
-        body = {"messages": STORY, "options": GREEDY}
-        plain = _stream(smol, "/api/chat", {**body, "model": PLAIN})
-        drafted = _stream(smol, "/api/chat", {**body, "model": "smol-drafted"})
-        text = "".join(line["message"]["content"] for line in drafted)
-        assert text == "".join(line["message"]["content"] for line in plain)
-        # a draft as big as the model never pays: once measured, it is left off
-        final = _final(drafted)
-        assert final["draft_accepted"] <= final["draft_tokens"] <= 16, final
-        (loaded,) = [m for m in smol.get("/api/ps").json()["models"]
-                     if m["name"] == "smol-drafted:latest"]
-        assert loaded["size"] > 2 * draft.stat().st_size  # the target and its draft
     finally:
         smol.post("/api/generate", json={"model": "smol-drafted", "keep_alive": 0})
