@@ -266,9 +266,12 @@ def test_worker_crash_is_an_error_and_server_recovers(srv: RunningServer,
     pids = _worker_pids(srv)
     assert pids
     lines: list[dict[str, object]] = []
+    # greedy: this story runs the whole 2,000 tokens (about 20 s). Sampled, it once ended
+    # after 20 tokens, which with 100 ms frames is three lines, the last of them the end,
+    # before the worker was killed.
     with httpx.stream("POST", f"{srv.url}/api/generate", json={
             "model": MODEL, "prompt": "Write a very long story.",
-            "options": {"num_predict": 2000}}, timeout=60) as r:
+            "options": {"num_predict": 2000, "temperature": 0}}, timeout=60) as r:
         for i, line in enumerate(r.iter_lines()):
             lines.append(json.loads(line))
             if i == 2:

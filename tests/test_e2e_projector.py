@@ -285,9 +285,11 @@ def test_the_worker_killed_mid_image_request_is_an_error_and_the_next_one_runs(
     pids = _worker_pids(srv)
     assert pids
     lines = []
+    # greedy: this answer runs the whole 2,000 tokens; a sampled one may end within the
+    # first three lines (100 ms frames), before the worker is killed
     with http.stream("POST", "/api/generate", json={
             "model": MODEL, "prompt": "Tell a long story about it.", "images": [NOISE],
-            "options": {"num_predict": 2000}}) as response:
+            "options": {"num_predict": 2000, "temperature": 0}}) as response:
         for i, line in enumerate(response.iter_lines()):
             lines.append(line)
             if i == 2:
