@@ -47,8 +47,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 BASE_MODEL = "smollm2:135m"
 SHORT = "ui-short:latest"  # the default model, 40 tokens an answer at most
 OTHER = "ui-other:latest"  # a copy of SHORT under another name
-LONG = "ui-long:latest"  # 400 tokens, with a seed that answers COUNT at that length
-COUNT = "Count from 1 to 300, one number a line."
+LONG = "ui-long:latest"  # greedy, 400 tokens: its answer to STORY runs that whole length
+STORY = "Write a very long story."
 SEER = "ui-seer:latest"  # the default model with a tiny vision projector: "vision"
 GEN_TIMEOUT_MS = 180_000
 LAST_REPLY = "#messages > article.assistant:last-child"
@@ -79,18 +79,19 @@ def _serve_models(home: Path, extra_env: dict[str, str] | None = None,
 
 
 def _create_long(http: httpx.Client) -> None:
-    """LONG, with the first seed whose answer to COUNT runs to num_predict.
+    """LONG: greedy, so that its answer to STORY is the same every run and long.
 
-    Sampled at the default temperature, SmolLM2 ends that answer by itself within
-    40 tokens for many seeds, before the test can press Stop; a seed found on this
-    machine makes the stop test's reply long, whatever the CPU's rounding.
+    Sampled, SmolLM2 ends an answer by itself within 40 tokens for many seeds, before the
+    test can press Stop. A seed searched for at the start is no cure: one seed answered
+    the same chat with 400 tokens, then 385, on one server (what is cached of the prompt
+    and what is drafted change how rows are batched, and llama.cpp's CPU kernels round a
+    row of a batch a little differently); a fresh clone once found no seed in 0-9.
+    Greedy, this answer runs its 400 tokens; the fixture checks that.
     """
-    ask = {"model": LONG, "stream": False, "messages": [{"role": "user", "content": COUNT}]}
-    for seed in range(10):
-        _create(http, LONG, num_predict=400, seed=seed)
-        if http.post("/api/chat", json=ask).json()["done_reason"] == "length":
-            return
-    pytest.fail(f"no seed in 0-9 makes {LONG} answer {COUNT!r} at length")
+    _create(http, LONG, num_predict=400, temperature=0)
+    ask = {"model": LONG, "stream": False, "messages": [{"role": "user", "content": STORY}]}
+    reply = http.post("/api/chat", json=ask).json()
+    assert reply["done_reason"] == "length", f"{LONG} answered {STORY!r} short: {reply}"
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_tokens_arrive_as_they_are_made(tab: Tab, srv: RunningServer) -> None:
     _open(tab, srv, LONG)
     tab.page.evaluate(GROWTH)
     with tab.page.expect_response("**/api/chat", timeout=GEN_TIMEOUT_MS) as answered:
-        reply = _send(tab, COUNT)
+        reply = _send(tab, STORY)
     growth = tab.page.evaluate("() => window.__growth")
     partial = sorted({n for state, n in growth if state == "streaming" and n > 0})
     assert len(partial) >= 3, growth  # the text grew, paint after paint, before the end
@@ -241,7 +242,7 @@ def test_conversations_survive_a_reload(tab: Tab, srv: RunningServer) -> None:
 
 def test_stop_aborts_the_reply(tab: Tab, srv: RunningServer) -> None:
     _open(tab, srv, LONG)
-    tab.page.fill("#prompt", COUNT)
+    tab.page.fill("#prompt", STORY)
     tab.page.press("#prompt", "Enter")
     content = tab.page.locator(LAST_REPLY).locator(".content")
     tab.page.wait_for_function(
