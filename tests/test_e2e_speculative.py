@@ -119,9 +119,14 @@ def test_a_rewrite_is_drafted_from_its_prompt_and_unchanged(qwen: httpx.Client) 
     assert final["eval_count"] == plain_final["eval_count"]
     assert "draft_tokens" not in plain_final
     _drafted(final)
-    # most of it was copied, the rename too: the drafts learn it at its first place (of
-    # three) and draft it renamed at the next ones (88 of 101 tokens kept here; 76 before)
-    assert final["draft_accepted"] >= final["eval_count"] * 4 // 5
+    # Most of it was copied, the rename too: the drafts learn it at its first place (of
+    # three) and draft it renamed at the next ones. How much is drafted follows the step
+    # costs the worker measures, as it must: replaying this answer through the policy with
+    # costs measured on the 2-core EPYC keeps 87 of 101 tokens; with every row above the
+    # first dearer by half again, 81; twice as dear, 57. A busy machine measures that: a
+    # 3-row step costs 2.0-2.8 one-row steps there idle, 2.2-7 beside a busy process, and a
+    # loaded fresh clone kept 68. Half holds while rows cost up to twice their idle price.
+    assert final["draft_accepted"] >= final["eval_count"] // 2
 
 
 def test_chat_is_the_same_with_and_without_drafts(smol: httpx.Client) -> None:
