@@ -31,8 +31,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import _clients as cl
-import httpx
 import plain_loop
 import run_bench as rb
 
@@ -63,28 +61,17 @@ def _served(stack: ExitStack, engines: list[rb.Engine], n: int
     return servers
 
 
-async def _streams(engine: rb.Engine, base: str, prompts: list[str], n_predict: int
-                   ) -> list[cl.StreamResult]:
-    limits = httpx.Limits(max_connections=len(prompts) + 2,
-                          max_keepalive_connections=len(prompts) + 2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as c:
-        return await asyncio.gather(*(engine.generate(base, p, n_predict)(c, i)
-                                      for i, p in enumerate(prompts)))
-
-
 def _measure(name: str, servers: dict[str, tuple[rb.Engine, str]], plain: plain_loop.Engine,
              prompts: list[str], args: argparse.Namespace) -> tuple[float, float]:
-    """One engine's (client-side wall rate, engine-reported decode rate) on ``prompts``."""
-    n = len(prompts)
+    """One engine's (client-side wall rate, engine-reported decode rate summed over the
+    streams) on ``prompts``, as ``run_bench.py`` measures them."""
     if name == "plain":
-        r = plain.run(n, flash_attn="auto", threads=args.threads, n_predict=args.n_predict,
-                      prompts=prompts)
+        r = plain.run(len(prompts), flash_attn="auto", threads=args.threads,
+                      n_predict=args.n_predict, prompts=prompts)
         return r.wall_tok_s, r.aggregate_tok_s
     engine, base = servers[name]
-    results = asyncio.run(_streams(engine, base, prompts, args.n_predict))
-    sent, done = min(r.t_sent for r in results), max(r.t_done for r in results)
-    decode = statistics.median(r.decode_tok_s for r in results) * n
-    return sum(r.tokens for r in results) / (done - sent), decode
+    summary, _others = rb._run_streams(engine, base, prompts, args.n_predict)
+    return summary.wall_tok_s, summary.aggregate_tok_s
 
 
 def _rounds(args: argparse.Namespace, n: int, engines: list[rb.Engine],
