@@ -25,7 +25,10 @@ It then replays the answer through the n-gram lookup pollama uses (``runner/ngra
   up to 48 tokens: ``--draft-max 48`` replays that).
 
 The speedups are against one row per token, the same answer: the ratio ``spec_bench.py``
-measures end to end, minus everything that is not a decode. Prints a Markdown table.
+measures end to end, minus everything that is not a decode. Prints a Markdown table. The
+replays are ``tests/ngram_replay.py``'s; ``--record`` also writes the answer, the costs and
+the tokenizer's answers as a trace, which ``tests/test_ngram_replay.py`` replays without the
+model.
 
     .venv/bin/python bench/spec_ceiling.py --task rewrite
     .venv/bin/python bench/spec_ceiling.py --task edit --model qwen2.5-coder-1.5b…gguf
@@ -34,6 +37,7 @@ measures end to end, minus everything that is not a decode. Prints a Markdown ta
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import statistics
 import sys
 import time
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
+import run_bench as rb
 from run_bench import chat_prompt
 from spec_bench import TASKS
 
@@ -49,7 +54,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pollama.runner.ngram import Acceptance, NgramIndex, Spelling, StepCosts  # noqa: E402
+from ngram_replay import (  # noqa: E402
+    RecordingSpelling,
+    ReplayedSpelling,
+    Trace,
+    lookups,
+    oracle,
+    replay,
+    replay_policy,
+)
 
 DRAFT_MAX = 63  # draft_num_predict's default (--draft-max changes it)
 
@@ -106,10 +119,6 @@ def step_costs(ctx: Any, prompt: list[int], repeats: int, max_rows: int) -> dict
         lc.llama_batch_free(batch)
 
 
-Lookup = tuple[int, int, int]
-"""At a position of the answer: the draft's length, its copy's run, how much of it holds."""
-
-
 class LlmSpelling:
     """The model's tokenizer, for the other spellings of a learned edit (the worker gives its
     index the same)."""
@@ -124,89 +133,6 @@ class LlmSpelling:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)
 
 
-def agreeing(candidate: Sequence[int], answer: Sequence[int], done: int) -> int:
-    """How many of a draft's first tokens the answer has from position ``done`` on."""
-    kept = 0
-    while kept < len(candidate) and done + kept < len(answer) and (
-            answer[done + kept] == candidate[kept]):
-        kept += 1
-    return kept
-
-
-def lookups(
-    prompt: list[int], answer: list[int], draft_max: int, spelling: Spelling | None = None
-) -> list[Lookup]:
-    """The lookup's draft at each position of ``answer`` (index 0, which the prompt's
-    evaluation samples, has none): a draft depends only on the tokens before its position,
-    so every policy meets the same ones."""
-    index = NgramIndex(prompt + answer[:1], spelling=spelling)
-    found: list[Lookup] = [(0, 0, 0)]
-    for done in range(1, len(answer)):
-        candidate, run = index.draft(draft_max)
-        found.append((len(candidate), run, agreeing(candidate, answer, done)))
-        index.extend(answer[done : done + 1])
-    return found
-
-
-def replay(drafts: list[Lookup], costs: dict[int, float], policy: str) -> tuple[float, int]:
-    """Decode seconds and steps to produce the answer drafting a whole draft at every match
-    (``always``) or none (``none``)."""
-    done, seconds, steps = 1, 0.0, 0
-    while done < len(drafts):
-        length, _run, kept = drafts[done]
-        k = length if policy == "always" else 0
-        seconds += costs[1 + k]
-        steps += 1
-        done += min(kept, k) + 1
-    return seconds, steps
-
-
-def replay_pollama(
-    prompt: list[int],
-    answer: list[int],
-    costs: dict[int, float],
-    draft_max: int,
-    spelling: Spelling | None = None,
-) -> tuple[float, int]:
-    """Decode seconds and steps to produce the answer as the worker drafts it: one lookup
-    per step (the index follows its copy and learns its edits from the tokens it is given,
-    so it runs along the steps, not over :func:`lookups`), ``Acceptance`` choosing."""
-    measured = StepCosts()
-    for rows, seconds in costs.items():
-        measured.record(rows, seconds)
-    index, acceptance = NgramIndex(prompt + answer[:1], spelling=spelling), Acceptance()
-    done, seconds, steps = 1, 0.0, 0
-    while done < len(answer):
-        candidate, run = index.draft(min(draft_max, len(answer) - done))
-        kept = agreeing(candidate, answer, done)
-        k = acceptance.length(run, len(candidate), 1, 1, measured) if candidate else 0
-        if k:
-            acceptance.record(run, k, min(kept, k))
-        elif candidate:  # the engine checks a copy not drafted against the token drawn
-            acceptance.observe(run, kept > 0)
-        seconds += costs[1 + k]
-        steps += 1
-        index.extend(answer[done : done + min(kept, k) + 1])
-        done += min(kept, k) + 1
-    return seconds, steps
-
-
-def oracle(drafts: list[Lookup], costs: dict[int, float]) -> tuple[float, int]:
-    """The fewest decode seconds (and its steps) to produce the answer with these drafts,
-    choosing each step's draft length knowing what will be kept (a dynamic program from
-    the end of the answer)."""
-    end = len(drafts)
-    best: list[tuple[float, int]] = [(0.0, 0)] * (end + 1)
-    for done in range(end - 1, 0, -1):
-        length, _run, kept = drafts[done]
-        options = []
-        for k in range(length + 1):
-            seconds, steps = best[min(end, done + min(kept, k) + 1)]
-            options.append((costs[1 + k] + seconds, steps + 1))
-        best[done] = min(options)
-    return best[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +141,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--draft-max", type=int, default=DRAFT_MAX, help="the longest draft")
+    ap.add_argument("--record", type=Path, help="also write the answer, the step costs and "
+                    "the tokenizer's answers as a trace (tests/ngram_replay.py) to this file")
     args = ap.parse_args()
     if args.model is None:
         from models import qwen_coder_gguf
@@ -225,7 +153,7 @@ def main() -> int:
     prompt = prompt_tokens(llm, text)
     answer = greedy_answer(llm, prompt, limit)
     costs = step_costs(ctx, prompt, args.repeats, args.draft_max + 1)
-    spelling = LlmSpelling(llm)
+    spelling = RecordingSpelling(LlmSpelling(llm))
     drafts = lookups(prompt, answer, args.draft_max, spelling)
     base, _ = replay(drafts, costs, "none")
     print(f"{args.task} on {args.model.name}, {args.threads} threads: prompt {len(prompt)} "
@@ -238,10 +166,17 @@ def main() -> int:
         if policy == "oracle":
             seconds, steps = oracle(drafts, costs)
         elif policy == "pollama":
-            seconds, steps = replay_pollama(prompt, answer, costs, args.draft_max, spelling)
+            replayed = replay_policy(prompt, answer, costs, args.draft_max, spelling)
+            seconds, steps = replayed.seconds, replayed.steps
         else:
             seconds, steps = replay(drafts, costs, policy)
         print(f"| {label} | {steps} | {seconds:.2f} | {base / seconds:.2f} |")
+    if args.record:
+        cpu = rb.cpu_info()[0]
+        about = (f"{args.task} on {args.model.name}, {args.threads} threads, {cpu}, "
+                 f"{dt.date.today()}: bench/spec_ceiling.py --record")
+        replayed_spelling = ReplayedSpelling(spelling.texts, spelling.tokens_of)
+        Trace(about, prompt, answer, costs, args.draft_max, replayed_spelling).save(args.record)
     return 0
 
 

@@ -1,0 +1,209 @@
+"""Replaying an answer through pollama's drafting policy, with step costs given.
+
+The worker drafts from the prompt with ``runner/ngram.py``: ``NgramIndex`` finds the copy
+and its draft, ``Acceptance`` weighs it against the step costs the worker measures
+(``StepCosts``), and each step keeps the drafted tokens up to the first the model does not
+draw. For one stream and a greedy answer that is a pure function of the prompt, the answer
+and the costs, so an answer can be replayed without the model: ``bench/spec_ceiling.py``
+prices it against the oracle, and ``test_ngram_replay.py`` pins what the policy keeps of a
+recorded answer (``--record`` writes one).
+
+What must stay true: :func:`replay_policy` runs one stream as ``Engine._add_drafts`` and
+``Engine._verify`` do (one lookup per step, the index following the output and learning its
+edits through the tokenizer, a copy not drafted told whether its first token was drawn).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pollama.runner.ngram import Acceptance, NgramIndex, Spelling, StepCosts
+
+__all__ = [
+    "RecordingSpelling",
+    "Replay",
+    "ReplayedSpelling",
+    "Trace",
+    "agreeing",
+    "lookups",
+    "oracle",
+    "replay",
+    "replay_policy",
+]
+
+
+def agreeing(candidate: Sequence[int], answer: Sequence[int], done: int) -> int:
+    """How many of a draft's first tokens the answer has from position ``done`` on."""
+    kept = 0
+    while (
+        kept < len(candidate)
+        and done + kept < len(answer)
+        and (answer[done + kept] == candidate[kept])
+    ):
+        kept += 1
+    return kept
+
+
+Lookup = tuple[int, int, int]
+"""At a position of the answer: the draft's length, its copy's run, how much of it holds."""
+
+
+def lookups(
+    prompt: list[int], answer: list[int], draft_max: int, spelling: Spelling | None = None
+) -> list[Lookup]:
+    """The lookup's draft at each position of ``answer`` (index 0, which the prompt's
+    evaluation samples, has none): a draft depends only on the tokens before its position,
+    so every policy meets the same ones."""
+    index = NgramIndex(prompt + answer[:1], spelling=spelling)
+    found: list[Lookup] = [(0, 0, 0)]
+    for done in range(1, len(answer)):
+        candidate, run = index.draft(draft_max)
+        found.append((len(candidate), run, agreeing(candidate, answer, done)))
+        index.extend(answer[done : done + 1])
+    return found
+
+
+def replay(drafts: list[Lookup], costs: dict[int, float], policy: str) -> tuple[float, int]:
+    """Decode seconds and steps to produce the answer drafting a whole draft at every match
+    (``always``) or none (``none``)."""
+    done, seconds, steps = 1, 0.0, 0
+    while done < len(drafts):
+        length, _run, kept = drafts[done]
+        k = length if policy == "always" else 0
+        seconds += costs[1 + k]
+        steps += 1
+        done += min(kept, k) + 1
+    return seconds, steps
+
+
+def oracle(drafts: list[Lookup], costs: dict[int, float]) -> tuple[float, int]:
+    """The fewest decode seconds (and its steps) to produce the answer with these drafts,
+    choosing each step's draft length knowing what will be kept (a dynamic program from
+    the end of the answer)."""
+    end = len(drafts)
+    best: list[tuple[float, int]] = [(0.0, 0)] * (end + 1)
+    for done in range(end - 1, 0, -1):
+        length, _run, kept = drafts[done]
+        options = []
+        for k in range(length + 1):
+            seconds, steps = best[min(end, done + min(kept, k) + 1)]
+            options.append((costs[1 + k] + seconds, steps + 1))
+        best[done] = min(options)
+    return best[1]
+
+
+@dataclass(frozen=True)
+class Replay:
+    seconds: float  # decode seconds, priced with the costs given
+    steps: int  # decodes after the prompt's
+    kept: int  # drafted tokens kept
+
+
+def replay_policy(
+    prompt: list[int],
+    answer: list[int],
+    costs: dict[int, float],
+    draft_max: int,
+    spelling: Spelling | None = None,
+) -> Replay:
+    """The answer's decodes as the worker drafts them for one stream, ``costs`` (seconds of
+    one decode by rows, 1 to ``draft_max + 1``) in place of its running measurements.
+    The answer's first token comes from the prompt's evaluation."""
+    measured = StepCosts()
+    for rows, seconds in costs.items():
+        measured.record(rows, seconds)
+    index, acceptance = NgramIndex(prompt + answer[:1], spelling=spelling), Acceptance()
+    done, seconds, steps, kept_all = 1, 0.0, 0, 0
+    while done < len(answer):
+        candidate, run = index.draft(min(draft_max, len(answer) - done))
+        agree = agreeing(candidate, answer, done)
+        k = acceptance.length(run, len(candidate), 1, 1, measured) if candidate else 0
+        if k:
+            acceptance.record(run, k, min(agree, k))
+        elif candidate:  # the engine checks a copy not drafted against the token drawn
+            acceptance.observe(run, agree > 0)
+        kept = min(agree, k)
+        seconds += costs[1 + k]
+        steps += 1
+        kept_all += kept
+        index.extend(answer[done : done + kept + 1])
+        done += kept + 1
+    return Replay(seconds, steps, kept_all)
+
+
+class RecordingSpelling:
+    """A tokenizer (``Spelling``) that remembers what it was asked, for a :class:`Trace`."""
+
+    def __init__(self, spelling: Spelling) -> None:
+        self.spelling = spelling
+        self.texts: dict[str, str] = {}  # token ids (JSON) -> text
+        self.tokens_of: dict[str, list[int]] = {}  # text -> token ids
+
+    def text(self, tokens: Sequence[int]) -> str:
+        text = self.spelling.text(tokens)
+        self.texts[json.dumps(list(tokens))] = text
+        return text
+
+    def tokens(self, text: str) -> list[int]:
+        tokens = self.spelling.tokens(text)
+        self.tokens_of[text] = tokens
+        return tokens
+
+
+class ReplayedSpelling:
+    """The answers a :class:`RecordingSpelling` gave; a question it was never asked is an
+    error (the policy changed what it asks: record the trace again)."""
+
+    def __init__(self, texts: dict[str, str], tokens_of: dict[str, list[int]]) -> None:
+        self.texts, self.tokens_of = texts, tokens_of
+
+    def text(self, tokens: Sequence[int]) -> str:
+        key = json.dumps(list(tokens))
+        if key not in self.texts:
+            raise KeyError(f"the trace never spelled {key}: record it again (--record)")
+        return self.texts[key]
+
+    def tokens(self, text: str) -> list[int]:
+        if text not in self.tokens_of:
+            raise KeyError(f"the trace never tokenized {text!r}: record it again (--record)")
+        return self.tokens_of[text]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A greedy answer, the step costs measured beside it and the tokenizer's answers."""
+
+    about: str  # model, task, machine, date
+    prompt: list[int]
+    answer: list[int]
+    costs: dict[int, float]
+    draft_max: int
+    spelling: ReplayedSpelling
+
+    def save(self, path: Path) -> None:
+        data: dict[str, Any] = {
+            "about": self.about,
+            "draft_max": self.draft_max,
+            "costs": {str(rows): seconds for rows, seconds in self.costs.items()},
+            "prompt": self.prompt,
+            "answer": self.answer,
+            "texts": self.spelling.texts,
+            "tokens_of": self.spelling.tokens_of,
+        }
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def load(path: Path) -> Trace:
+        data = json.loads(path.read_text())
+        return Trace(
+            about=data["about"],
+            prompt=data["prompt"],
+            answer=data["answer"],
+            costs={int(rows): seconds for rows, seconds in data["costs"].items()},
+            draft_max=data["draft_max"],
+            spelling=ReplayedSpelling(data["texts"], data["tokens_of"]),
+        )
