@@ -122,36 +122,6 @@ def test_one_slow_first_sample_of_a_rare_shape_is_outweighed_by_the_next() -> No
     assert 1.1 < costs.time(64) < 1.3
 
 
-def test_a_shape_measured_while_the_machine_was_slow_is_priced_at_todays_speed() -> None:
-    costs = StepCosts()
-    for _ in range(5):  # a busy neighbour: one row 0.1 s, and a draft of 7 measured then
-        costs.record(1, 0.1)
-    costs.record(8, 0.3)
-    assert costs.time(8) == pytest.approx(0.3)
-    for _ in range(40):  # the neighbour left: one row 0.025 s again, 8 rows never re-measured
-        costs.record(1, 0.025)
-    assert costs.time(1) == pytest.approx(0.025, rel=0.01)
-    # 8 rows cost three one-row steps when measured, and so now: 0.075 s, not 0.3 (which
-    # is twelve of today's steps, and no draft of 7 would ever pay again)
-    assert costs.time(8) == pytest.approx(0.075, rel=0.01)
-    assert costs.time(4) == pytest.approx(0.025 + (0.075 - 0.025) * 3 / 7, rel=0.01)
-    assert best_length([0.95] * 7, 1, 1, costs) == 7
-
-
-def test_a_shape_below_the_reference_becomes_the_reference() -> None:
-    costs = StepCosts()
-    costs.record(4, 0.2)  # the first step measured held a draft
-    costs.record(8, 0.3)
-    costs.record(1, 0.1)  # then one row alone
-    assert [costs.time(r) for r in (1, 4, 8)] == pytest.approx([0.1, 0.2, 0.3])
-    for _ in range(40):
-        costs.record(1, 0.05)  # the machine is twice as fast: every shape follows it
-    assert [costs.time(r) for r in (1, 4, 8)] == pytest.approx([0.05, 0.1, 0.15], rel=0.01)
-    for _ in range(40):
-        costs.record(4, 0.2)  # until a shape is measured again: its own ratio
-    assert costs.time(4) == pytest.approx(0.2, rel=0.01)
-
-
 def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
     cheap = _costs(0.02, 0.002)  # a row is a tenth of a step
     dear = _costs(0.0, 0.01)  # a row costs as much as a step: batching gains nothing

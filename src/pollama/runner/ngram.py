@@ -418,16 +418,6 @@ class StepCosts:
     medium): an average per row count, since the cost is far from a line (llama.cpp's CPU
     kernels take rows sixteen at a time, so 15 rows can cost more than 16).
 
-    A shape is kept relative to the *reference*, the fewest rows measured (for the steps of
-    one stream count: a step that drafts nothing), which nearly every step measures again:
-    a shape's time is what it cost against the reference when it was measured, times what
-    the reference costs now. Drafts that pay are drafted again and re-measured, but one
-    measured while the machine was slow (another process busy) looked dear in seconds for
-    the rest of the worker's life, and since no draft of it paid, it was never measured
-    again: drafting stayed short after the machine was idle again. Relative to the
-    reference, the machine's speed cancels; what a busy spell does to the ratio itself
-    stays until the shape is measured again.
-
     A row count's first samples are averaged plainly and only later moved by a moving
     average (:data:`_EMA`): long drafts are rare, so a long shape is measured a few times
     in a model's life, and one slow first sample (another process busy at that moment)
@@ -435,61 +425,38 @@ class StepCosts:
     the line between the nearest counts measured below and above it: guessed from the one
     below alone (:data:`_PRIOR_ROW_COST`), a shape between two measured ones looked cheaper
     than both, and a request drafted a string of never-measured lengths one after another.
-    Only ratios matter to :func:`best_length` (and a draft model's seconds a token, against
-    the reference's)."""
+    Only ratios matter to :func:`best_length`."""
 
     def __init__(self) -> None:
-        self._means = MovingMeans(_EMA)  # by row count, in units of the reference's mean
-        self._ratio = self._means.means
+        self._means = MovingMeans(_EMA)
+        self._ema = self._means.means  # by row count
         self._rows: list[int] = []  # the measured counts, sorted
-        self._reference = MovingMeans(_EMA)  # the reference's seconds (one key)
-        self._ref_rows = 0  # its row count (0: nothing measured)
 
     def record(self, rows: int, seconds: float) -> None:
-        if rows < 1 or seconds <= 0:
-            return
-        if not self._ref_rows or rows < self._ref_rows:
-            self._rebase(rows, seconds)
-        elif rows == self._ref_rows:
-            self._reference.add(rows, seconds)
-        elif self._means.add(rows, seconds / self._reference.means[self._ref_rows]):
+        if rows >= 1 and seconds > 0 and self._means.add(rows, seconds):
             bisect.insort(self._rows, rows)
-
-    def _rebase(self, rows: int, seconds: float) -> None:
-        """``rows`` (fewer than any measured) is the new reference, first measured at
-        ``seconds``: the shapes measured so far are re-expressed in its unit."""
-        if self._ref_rows:
-            self._means.scale(self._reference.means[self._ref_rows] / seconds)
-        self._reference = MovingMeans(_EMA)
-        self._reference.add(rows, seconds)
-        self._ref_rows = rows
-        self._means.set(rows, 1.0)
-        bisect.insort(self._rows, rows)
 
     def time(self, rows: int) -> float:
         """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse
         clock must not divide by zero in :func:`best_length`)."""
-        unit = self._reference.means[self._ref_rows] if self._ref_rows else 1.0
-        return max(unit * self._guess(rows), 1e-9)
+        return max(self._guess(rows), 1e-9)
 
     def _guess(self, rows: int) -> float:
-        """The time of ``rows`` in units of the reference's (in seconds-like units of the
-        prior with nothing measured)."""
-        known = self._ratio.get(rows)
+        known = self._ema.get(rows)
         if known is not None:
             return known
         measured = self._rows
         if not measured:
             return 1.0 + _PRIOR_ROW_COST * (rows - 1)
-        between = on_the_line(rows, measured, self._ratio)
+        between = on_the_line(rows, measured, self._ema)
         if between is not None:
             return between
         base = measured[0]
-        one = self._ratio[base] / (1.0 + _PRIOR_ROW_COST * (base - 1))  # a row's guessed cost
+        one = self._ema[base] / (1.0 + _PRIOR_ROW_COST * (base - 1))  # a row's guessed cost
         if rows < base:
-            return self._ratio[base] - _PRIOR_ROW_COST * one * (base - rows)
+            return self._ema[base] - _PRIOR_ROW_COST * one * (base - rows)
         top = measured[-1]
-        return self._ratio[top] + _PRIOR_ROW_COST * one * (rows - top)
+        return self._ema[top] + _PRIOR_ROW_COST * one * (rows - top)
 
 
 MODEL_KEY = 0
