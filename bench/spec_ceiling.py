@@ -46,8 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
-import run_bench as rb
-from run_bench import chat_prompt
+from run_bench import chat_prompt, cpu_info
 from spec_bench import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +171,7 @@ def main() -> int:
             seconds, steps = replay(drafts, costs, policy)
         print(f"| {label} | {steps} | {seconds:.2f} | {base / seconds:.2f} |")
     if args.record:
-        cpu = rb.cpu_info()[0]
+        cpu = cpu_info()[0]
         about = (f"{args.task} on {args.model.name}, {args.threads} threads, {cpu}, "
                  f"{dt.date.today()}: bench/spec_ceiling.py --record")
         replayed_spelling = ReplayedSpelling(spelling.texts, spelling.tokens_of)
