@@ -228,6 +228,7 @@ def test_parse_unterminated_quote(text: str) -> None:
         ("use_mmap true", "use_mmap", "true"),
         ("num_thread 1", "num_thread", "1"),
         ("draft_num_predict 8", "draft_num_predict", "8"),
+        ("draft_always true", "draft_always", "true"),
         ("num_keep 1", "num_keep", "1"),
         ("seed 1", "seed", "1"),
         ("num_predict 1", "num_predict", "1"),

@@ -34,6 +34,7 @@ def test_defaults_match_ollama_default_options() -> None:
         "use_mmap": None,
         "num_thread": 0,
         "draft_num_predict": 63,  # Ollama: 4 with a draft model; n-gram drafts (runner/ngram.py)
+        "draft_always": False,  # pollama's: draft every copy, as llama-server does
         "num_keep": 4,
         "seed": -1,
         "num_predict": -1,
@@ -253,6 +254,7 @@ def test_coerce_options_types_json_values() -> None:
         ("temperature", False, 'option "temperature" must be of type float32'),
         ("use_mmap", "true", 'option "use_mmap" must be of type boolean'),
         ("use_mmap", 1, 'option "use_mmap" must be of type boolean'),
+        ("draft_always", "yes", 'option "draft_always" must be of type boolean'),
         ("stop", "</s>", 'option "stop" must be of type array'),
         ("stop", ["a", 1], 'option "stop" must be of an array of strings'),
     ],

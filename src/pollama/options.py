@@ -128,6 +128,10 @@ OPTIONS: Mapping[str, OptionSpec] = MappingProxyType(
             OptionSpec("use_mmap", "bool", None, reload=True),
             _int("num_thread", 0, reload=True, lo=0, hi=4096),  # 0: the CPUs the worker may use
             _int("draft_num_predict", 63, lo=0, hi=1024),
+            # draft_always: every copy found is drafted (up to draft_num_predict), whatever
+            # the measured costs say, as llama-server's n-gram drafts are: the ceiling a
+            # benchmark compares with, and a test's drafts on any machine
+            OptionSpec("draft_always", "bool", False),
             # runtime (api.Options): SamplingOptions' fields
             _int("num_keep", 4, lo=-1),
             _int("seed", -1, lo=INT64_MIN, hi=INT64_MAX),  # -1: random

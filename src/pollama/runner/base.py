@@ -100,6 +100,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = tuple(DEFAULT_OPTIONS["stop"])
     # The most tokens one draft of speculative decoding holds (0: never draft).
     draft_num_predict: int = DEFAULT_OPTIONS["draft_num_predict"]
+    # Draft every copy found, whether or not the measured costs say it pays.
+    draft_always: bool = DEFAULT_OPTIONS["draft_always"]
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SamplingOptions:
