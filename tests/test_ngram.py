@@ -122,6 +122,43 @@ def test_one_slow_first_sample_of_a_rare_shape_is_outweighed_by_the_next() -> No
     assert 1.1 < costs.time(64) < 1.3
 
 
+def test_a_shape_measured_while_the_machine_was_slow_is_priced_at_todays_speed() -> None:
+    costs = StepCosts()  # one stream: the reference is one row
+    for _ in range(5):  # a busy neighbour: one row 0.1 s, and a draft of 7 measured then
+        costs.record(1, 0.1)
+    costs.record(8, 0.3)
+    assert costs.time(8) == pytest.approx(0.3)
+    for _ in range(40):  # the neighbour left: one row 0.025 s again, 8 rows never re-measured
+        costs.record(1, 0.025)
+    assert costs.time(1) == pytest.approx(0.025, rel=0.01)
+    # 8 rows cost three one-row steps when measured, and so now: 0.075 s, not 0.3 (which
+    # is twelve of today's steps, and no draft of 7 would ever pay again)
+    assert costs.time(8) == pytest.approx(0.075, rel=0.01)
+    assert costs.time(4) == pytest.approx(0.025 + (0.075 - 0.025) * 3 / 7, rel=0.01)
+    assert best_length([0.95] * 7, 1, 1, costs) == 7
+    for _ in range(40):
+        costs.record(8, 0.1)  # until the shape is measured again: its own ratio
+    assert costs.time(8) == pytest.approx(0.1, rel=0.01)
+
+
+def test_shapes_turn_relative_only_once_the_reference_has_settled() -> None:
+    """Four streams whose first decode-only step measured held drafts (8 rows, 20 ms), then
+    one fast step without (6 ms), then the usual 13.5 ms. Divided by that one fast sample,
+    8 rows would cost 3.3 steps of 4 for good, where they cost 1.7."""
+    costs = StepCosts(reference=4)
+    costs.record(8, 0.020)
+    costs.record(4, 0.006)
+    assert costs.time(8) == pytest.approx(0.020)  # seconds, until the reference settles
+    for _ in range(4):
+        costs.record(4, 0.0135)
+    assert costs.time(4) == pytest.approx(0.012)  # the plain mean of its five samples
+    assert costs.time(8) == pytest.approx(0.020)
+    for _ in range(40):
+        costs.record(4, 0.006)  # the machine got twice as fast: 8 rows follow it
+    assert costs.time(8) / costs.time(4) == pytest.approx(0.020 / 0.012)
+    assert costs.time(8) == pytest.approx(0.010, rel=0.01)
+
+
 def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
     cheap = _costs(0.02, 0.002)  # a row is a tenth of a step
     dear = _costs(0.0, 0.01)  # a row costs as much as a step: batching gains nothing

@@ -835,7 +835,7 @@ class Engine:
         if not chunked and not sharing:  # decode-only steps: what drafting weighs
             if tuner is not None:
                 tuner.record(rows, (now - start) / 1e9)
-            self._costs.setdefault(len(decoding), StepCosts()).record(rows, (now - start) / 1e9)
+            self._step_costs(len(decoding)).record(rows, (now - start) / 1e9)
         # One sequence's rows alone: a prompt chunk, or one row decoded (not a draft, whose
         # rows all ask for logits where a prompt chunk's last alone does).
         alone = len(decoding) + len(chunked) == 1 and bool(chunked or rows == 1)
@@ -926,12 +926,20 @@ class Engine:
                 self.ctx.seq_rm(slot.seq, -1, -1)
                 slot.reset()
 
+    def _step_costs(self, streams: int) -> StepCosts:
+        """The decode costs of steps with ``streams`` generating slots, whose reference is
+        the step that drafts nothing: one row each."""
+        costs = self._costs.get(streams)
+        if costs is None:
+            costs = self._costs[streams] = StepCosts(reference=streams)
+        return costs
+
     def _add_drafts(self, decoding: list[_Job]) -> None:
         """After the pending tokens, the draft of every generating job that drafts, has one
         and finds it pays in this batch (``runner/ngram.py``), its rows one after another,
         each with logits. A draft ends before the window's end, the job's budget (each row
         yields at most one token) and the batch's end."""
-        costs = self._costs.setdefault(len(decoding), StepCosts())
+        costs = self._step_costs(len(decoding))
         streams = len(decoding)  # every draft slows them all (ngram.best_length)
         batch = self.batch
         wants: list[tuple[_Job, int]] = []  # jobs the draft model drafts for, and how much

@@ -411,12 +411,28 @@ and this fraction of a one-row decode per row more: optimistic on purpose, so th
 draft that would pay if rows were that cheap is tried once, and from then on the measured
 time decides."""
 _EMA = 0.2
+_SETTLED = 5
+"""The reference's samples before the other shapes are kept relative to it: its plain mean
+(:class:`MovingMeans` averages the first ``1 / _EMA`` samples alike) then stands for the
+machine's speed; one sample (a fast or a slow moment) would fix every ratio for good."""
 
 
 class StepCosts:
     """Decode time by number of rows, measured on decode-only steps (no prompt chunk, no
-    medium): an average per row count, since the cost is far from a line (llama.cpp's CPU
-    kernels take rows sixteen at a time, so 15 rows can cost more than 16).
+    medium) of one stream count: an average per row count, since the cost is far from a
+    line (llama.cpp's CPU kernels take rows sixteen at a time, so 15 rows can cost more than
+    16).
+
+    A shape is kept relative to the *reference*, the step that drafts nothing (one row per
+    stream), which nearly every step measures again: its time is what it cost against the
+    reference when it was measured, times what the reference costs now. Kept in seconds, a
+    shape measured while the machine was slow (another process busy) stayed dear for the
+    rest of the worker's life, and since no draft of it then paid, it was never measured
+    again: drafting stayed short after the machine was idle. Relative to the reference the
+    machine's speed cancels. Until the reference has :data:`_SETTLED` samples every shape
+    is kept in seconds; then each is divided by the reference's mean once (not by its first
+    sample: a fast 4-row step after an 8-row one priced 8 rows at twice their cost, and no
+    draft at that stream count paid again).
 
     A row count's first samples are averaged plainly and only later moved by a moving
     average (:data:`_EMA`): long drafts are rare, so a long shape is measured a few times
@@ -425,21 +441,37 @@ class StepCosts:
     the line between the nearest counts measured below and above it: guessed from the one
     below alone (:data:`_PRIOR_ROW_COST`), a shape between two measured ones looked cheaper
     than both, and a request drafted a string of never-measured lengths one after another.
-    Only ratios matter to :func:`best_length`."""
+    Only ratios matter to :func:`best_length` (and a draft model's seconds a token, against
+    the reference's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reference: int = 1) -> None:
         self._means = MovingMeans(_EMA)
-        self._ema = self._means.means  # by row count
+        self._ema = self._means.means  # by row count: seconds, then the reference's units
         self._rows: list[int] = []  # the measured counts, sorted
+        self._reference = reference
+        self._unit = MovingMeans(_EMA)  # the reference's seconds (key 0)
+        self._samples = 0  # the reference's, up to _SETTLED
 
     def record(self, rows: int, seconds: float) -> None:
-        if rows >= 1 and seconds > 0 and self._means.add(rows, seconds):
+        if rows < 1 or seconds <= 0:
+            return
+        settled = self._samples >= _SETTLED
+        if rows == self._reference:
+            self._unit.add(0, seconds)
+            if settled:
+                return
+            self._samples += 1
+        value = seconds / self._unit.means[0] if settled else seconds
+        if self._means.add(rows, value):
             bisect.insort(self._rows, rows)
+        if not settled and self._samples >= _SETTLED:
+            self._means.scale(1.0 / self._unit.means[0])  # the reference's own mean is 1
 
     def time(self, rows: int) -> float:
         """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse
         clock must not divide by zero in :func:`best_length`)."""
-        return max(self._guess(rows), 1e-9)
+        unit = self._unit.means[0] if self._samples >= _SETTLED else 1.0
+        return max(unit * self._guess(rows), 1e-9)
 
     def _guess(self, rows: int) -> float:
         known = self._ema.get(rows)

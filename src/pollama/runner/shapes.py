@@ -50,6 +50,11 @@ class MovingMeans:
         self.means[key] = mean + max(1.0 / n, self.weight) * (value - mean)
         return False
 
+    def scale(self, factor: float) -> None:
+        """Every mean times ``factor`` (their unit changed), each keeping its samples."""
+        for key in self.means:
+            self.means[key] *= factor
+
     def set(self, key: int, value: float) -> None:
         """``value`` as the key's mean, worth one sample."""
         self.means[key] = value
