@@ -109,13 +109,24 @@ def replay_policy(
     costs: dict[int, float],
     draft_max: int,
     spelling: Spelling | None = None,
+    *,
+    worker: StepCosts | None = None,
+    slower: float = 1.0,
 ) -> Replay:
     """The answer's decodes as the worker drafts them for one stream, ``costs`` (seconds of
     one decode by rows, 1 to ``draft_max + 1``) in place of its running measurements.
-    The answer's first token comes from the prompt's evaluation."""
-    measured = StepCosts()
-    for rows, seconds in costs.items():
-        measured.record(rows, seconds)
+    The answer's first token comes from the prompt's evaluation.
+
+    With ``worker``, the costs are not known in advance: each step's time (its cost, times
+    ``slower`` while another process is busy) is recorded into the worker's own
+    ``StepCosts`` as the engine records its decodes, and the next request given the same
+    ``worker`` starts from what this one measured."""
+    if worker is None:
+        measured = StepCosts()
+        for rows, seconds in costs.items():
+            measured.record(rows, seconds)
+    else:
+        measured = worker
     index, acceptance = NgramIndex(prompt + answer[:1], spelling=spelling), Acceptance()
     done, seconds, steps, kept_all = 1, 0.0, 0, 0
     while done < len(answer):
@@ -127,7 +138,10 @@ def replay_policy(
         elif candidate:  # the engine checks a copy not drafted against the token drawn
             acceptance.observe(run, agree > 0)
         kept = min(agree, k)
-        seconds += costs[1 + k]
+        step = costs[1 + k] * slower
+        if worker is not None:
+            worker.record(1 + k, step)
+        seconds += step
         steps += 1
         kept_all += kept
         index.extend(answer[done : done + kept + 1])

@@ -12,7 +12,8 @@ gives, knowing the answer) and against not drafting at all.
 
 Costs are varied as the machine varies them: every row above the first dearer or cheaper by
 a factor (``_scaled``); at the recorded costs a 3-row step costs 2.8 one-row steps and 64 rows
-26 of them.
+26 of them. A worker does not know its costs in advance: ``_requests`` replays several
+requests on one worker that measures them as it drafts, as the engine does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ngram_replay import Trace, lookups, oracle, replay, replay_policy
+from pollama.runner.ngram import StepCosts
 
 TRACE = Path(__file__).parent / "golden" / "drafting" / "rewrite-qwen2.5-coder-0.5b.json"
 
@@ -80,3 +82,30 @@ def test_where_no_draft_pays_the_policy_is_never_slower(trace: Trace, factor: fl
     assert ceiling == pytest.approx(1.0)  # even knowing the answer, no draft pays
     assert speedup >= 0.99
     assert kept == 0
+
+
+def _requests(trace: Trace, slower: list[float]) -> list[float]:
+    """One worker's requests of the trace's prompt, its step costs measured as it goes (no
+    cost known in advance), each request ``slower`` times the recorded costs: each one's
+    speedup over not drafting at the recorded costs."""
+    none, _ = replay(lookups(trace.prompt, trace.answer, trace.draft_max, trace.spelling),
+                     trace.costs, "none")
+    worker = StepCosts()
+    return [
+        none / replay_policy(trace.prompt, trace.answer, trace.costs, trace.draft_max,
+                             trace.spelling, worker=worker, slower=factor).seconds
+        for factor in slower
+    ]
+
+
+def test_a_worker_drafts_again_after_a_busy_spell(trace: Trace) -> None:
+    """The first request runs while another process makes every decode three times as slow,
+    the next ones on an idle machine. Kept in seconds, the shapes measured during the spell
+    stayed dear, no draft of them paid again and the next requests drafted nothing (1.00x);
+    kept relative to the step that drafts nothing, they are priced at the idle speed."""
+    idle = _requests(trace, [1.0] * 4)
+    after_spell = _requests(trace, [3.0, 1.0, 1.0, 1.0])
+    # replayed: idle 1.36, 1.20, 1.27, 1.27; after the spell 1.18, 1.37, 1.27
+    assert min(idle) >= 1.15
+    assert min(after_spell[1:]) >= 1.15
+    assert sum(after_spell[1:]) >= 0.95 * sum(idle[1:])
