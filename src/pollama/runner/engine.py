@@ -957,9 +957,10 @@ class Engine:
             )
             candidate, key = self._lookup(job, room) if room > 0 else ([], 0)
             rows = batch.n_tokens + wanted
-            k = drafting.length(key, len(candidate), streams, rows, costs) if candidate else 0
-            if job.options.draft_always:
+            if job.options.draft_always or not candidate:  # forced, or none (0)
                 k = len(candidate)
+            else:
+                k = drafting.length(key, len(candidate), streams, rows, costs)
             if k > 0:
                 self._add_draft(job, candidate[:k], key)
                 continue

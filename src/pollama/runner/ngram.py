@@ -449,29 +449,28 @@ class StepCosts:
         self._ema = self._means.means  # by row count: seconds, then the reference's units
         self._rows: list[int] = []  # the measured counts, sorted
         self._reference = reference
-        self._unit = MovingMeans(_EMA)  # the reference's seconds (key 0)
-        self._samples = 0  # the reference's, up to _SETTLED
+        self._unit = 1.0  # the reference's seconds once settled (until then all in seconds)
+        self._settled = False
 
     def record(self, rows: int, seconds: float) -> None:
         if rows < 1 or seconds <= 0:
             return
-        settled = self._samples >= _SETTLED
-        if rows == self._reference:
-            self._unit.add(0, seconds)
-            if settled:
+        if self._settled:
+            if rows == self._reference:  # its mean stays 1; the unit moves as a mean past
+                self._unit += _EMA * (seconds - self._unit)  # its first samples does
                 return
-            self._samples += 1
-        value = seconds / self._unit.means[0] if settled else seconds
-        if self._means.add(rows, value):
+            seconds /= self._unit
+        if self._means.add(rows, seconds):
             bisect.insort(self._rows, rows)
-        if not settled and self._samples >= _SETTLED:
-            self._means.scale(1.0 / self._unit.means[0])  # the reference's own mean is 1
+        if rows == self._reference and self._means.samples(rows) == _SETTLED:
+            self._unit = self._ema[rows]
+            self._means.scale(1.0 / self._unit)
+            self._settled = True
 
     def time(self, rows: int) -> float:
         """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse
         clock must not divide by zero in :func:`best_length`)."""
-        unit = self._unit.means[0] if self._samples >= _SETTLED else 1.0
-        return max(unit * self._guess(rows), 1e-9)
+        return max(self._unit * self._guess(rows), 1e-9)
 
     def _guess(self, rows: int) -> float:
         known = self._ema.get(rows)

@@ -50,6 +50,10 @@ class MovingMeans:
         self.means[key] = mean + max(1.0 / n, self.weight) * (value - mean)
         return False
 
+    def samples(self, key: int) -> int:
+        """How many samples of ``key`` were added (0: none)."""
+        return self._counts.get(key, 0)
+
     def scale(self, factor: float) -> None:
         """Every mean times ``factor`` (their unit changed), each keeping its samples."""
         for key in self.means:
