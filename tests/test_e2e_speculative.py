@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,15 +97,21 @@ def smol(model_server: RunningServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def qwen(qwen_coder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def qwen_server(qwen_coder: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("qwen-spec-home")
     running = start_server(home)
     modelfile = home / "Modelfile"
     modelfile.write_text(f"FROM {qwen_coder}\nPARAMETER temperature 0\n")
     running.cli("create", "qwen-coder", "-f", str(modelfile), check=True, timeout=300)
-    with httpx.Client(base_url=running.url, timeout=300) as client:
-        yield client
+    yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=qwen_server.url, timeout=300) as client:
+        yield client
 
 
 def test_a_rewrite_is_drafted_from_its_prompt_and_unchanged(qwen: httpx.Client) -> None:
@@ -128,6 +136,34 @@ def test_a_rewrite_is_drafted_from_its_prompt_and_unchanged(qwen: httpx.Client) 
     # loaded fresh clone kept 68. Half holds while rows cost up to twice their idle price;
     # what the policy keeps at fixed costs is pinned by test_ngram_replay.py.
     assert final["draft_accepted"] >= final["eval_count"] // 2
+
+
+MEASURED = "drafts' shapes measured (one stream): "
+
+
+def test_an_idle_worker_measures_drafts_shapes_and_answers_the_same(
+    qwen: httpx.Client, qwen_server: RunningServer
+) -> None:
+    """After a request that may draft, the idle worker decodes each shape a single
+    stream's draft may take (2, 4, 8, 16... rows, while one is expected to take at most
+    0.5 s) once, after a slot's cells, and cuts them again: its log line names them, and
+    the rewrite asked again (its prompt cached in that slot, with any cell left behind
+    read as part of it) answers the same. ``test_engine_positions.py`` checks the cut."""
+    body = {"model": "qwen-coder", "prompt": REWRITE, "options": {"num_predict": 140}}
+    first = _stream(qwen, "/api/generate", body)
+    deadline = time.monotonic() + 60
+    while MEASURED not in qwen_server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (line,) = [x for x in qwen_server.log.read_text().splitlines() if MEASURED in x]
+    shapes = [int(rows) for rows in re.findall(r"(\d+) rows \d", line.split(MEASURED)[1])]
+    # beside the shapes the request drafted, the doublings: 2 to 8 rows at least (8 rows
+    # cost about 5 one-row steps, 0.15 s on 2 EPYC cores)
+    assert {2, 4, 8} <= set(shapes), line
+    again = _stream(qwen, "/api/generate", body)
+    text = "".join(line["response"] for line in again)
+    assert text == "".join(line["response"] for line in first)
+    assert _final(again)["context"] == _final(first)["context"]
+    _drafted(_final(again))
 
 
 def test_chat_is_the_same_with_and_without_drafts(smol: httpx.Client) -> None:
