@@ -1003,6 +1003,20 @@ class Engine:
                 self.ctx.seq_rm(slot.seq, -1, -1)
                 slot.reset()
 
+    def drafting_costs(self) -> dict[str, object] | None:
+        """What this worker measured of a single stream's drafts' shapes, for the next
+        worker of the same key (``runner/kvstate.py``): the shapes :meth:`_calibrate`
+        measures while idle and the ones drafted (several streams learn theirs as they
+        draft). Only while the loop is not running."""
+        costs = self._costs.get(1)
+        return None if costs is None else costs.to_json()
+
+    def adopt_drafting_costs(self, data: object) -> str:
+        """Start from an earlier worker's :meth:`drafting_costs`, before :meth:`run`, and
+        say what they hold (for a log line); ``ValueError`` when ``data`` is not such."""
+        costs = self._costs[1] = StepCosts.from_json(data, reference=1)
+        return costs.describe()
+
     def _step_costs(self, streams: int) -> StepCosts:
         """The decode costs of steps with ``streams`` generating slots, whose reference is
         the step that drafts nothing: one row each."""
@@ -1046,7 +1060,10 @@ class Engine:
             if self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
-                k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
+                if job.options.draft_always:  # forced: as far as the draft model is sure
+                    k = limit
+                else:
+                    k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
                 if k > 0:
                     wants.append((job, k))
                     wanted += k

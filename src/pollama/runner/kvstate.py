@@ -130,15 +130,27 @@ class PromptCache:
     def _restore_costs(self, engine: Engine) -> None:
         """Hand the engine what earlier workers of this key measured of short prompt chunks
         (``runner/prefill.py``), so that a restored conversation's next turn is evaluated
-        the cheaper way at once; a malformed file is discarded with a log line."""
+        the cheaper way at once, and of drafts' shapes (``"drafts"``, ``runner/ngram.py``'s
+        ``StepCosts``), so that its first drafts are weighed on them; a malformed file is
+        discarded whole with a log line. A file without ``"drafts"`` (written before they
+        were kept) is read as it always was."""
         data = self.dir.read_costs(self.key)
         if data is None:
             return
         try:
-            engine.short_chunks = ShortChunks.from_json(json.loads(data))
+            tables = json.loads(data)
+            if not isinstance(tables, dict):
+                raise ValueError("the costs must be an object")
+            drafts = tables.pop("drafts", None)
+            short_chunks = ShortChunks.from_json(tables)
+            shapes = None if drafts is None else engine.adopt_drafting_costs(drafts)
         except ValueError as exc:  # json's errors included
             self._log(f"prompt cache: discarded the costs file: {exc}")
             self.dir.discard_costs(self.key)
+            return
+        engine.short_chunks = short_chunks
+        if shapes is not None:
+            self._log(f"prompt cache: drafts' shapes read back (one stream): {shapes}")
 
     def _set(self, engine: Engine, seq: int, record: KVRecord) -> bool:
         """Put the record's state into the empty sequence ``seq``; on any failure the
@@ -197,7 +209,11 @@ class PromptCache:
                 paths.append(saved)
                 written += 1
         if kept:  # what this worker measured, for the next one to read back with them
-            costs = json.dumps(engine.short_chunks.to_json()).encode()
+            measured: dict[str, object] = dict(engine.short_chunks.to_json())
+            drafts = engine.drafting_costs()
+            if drafts is not None:
+                measured["drafts"] = drafts
+            costs = json.dumps(measured).encode()
             try:
                 self.dir.write_costs(self.key, costs)
             except (OSError, ValueError) as exc:

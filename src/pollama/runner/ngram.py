@@ -419,6 +419,8 @@ _SETTLED = 5
 machine's speed; one sample (a fast or a slow moment) would fix every ratio for good."""
 
 
+KEPT_SHAPES = 128
+"""The most shapes of one stream count kept for the next worker (:meth:`StepCosts.to_json`)."""
 CALIBRATION_DRAFTS = (1, 3, 7, 15, 31, 63)
 """The draft lengths an idle worker measures for one stream (:meth:`StepCosts.next_to_measure`,
 ``Engine._calibrate``): doublings of the rows, so that each shape is a tile's multiple or
@@ -505,6 +507,45 @@ class StepCosts:
                 return rows if expected <= limit else 0
             below = rows
         return 0
+
+    def to_json(self) -> dict[str, object] | None:
+        """The shapes measured, relative to the reference, and the reference's seconds, for
+        the next worker of the same model and load options (kept beside the prompt cache's
+        files: ``runner/kvstate.py``); None until the reference settles (in seconds, the
+        shapes would carry today's load into another day). At most :data:`KEPT_SHAPES`,
+        the fewest rows first, rounded to four digits: the file is small and bounded."""
+        if not self._settled:
+            return None
+        kept = [rows for rows in self._rows if rows != self._reference][:KEPT_SHAPES]
+        return {"unit": float(f"{self._unit:.4g}"),
+                "shapes": {str(rows): float(f"{self._ema[rows]:.4g}") for rows in kept}}
+
+    @classmethod
+    def from_json(cls, data: object, reference: int = 1) -> StepCosts:
+        """The costs :meth:`to_json` gave, settled, each shape worth one sample (what this
+        worker measures soon outweighs them); ``ValueError`` when ``data`` is not such."""
+        if not isinstance(data, dict) or set(data) != {"unit", "shapes"}:
+            raise ValueError('drafting costs must be an object of "unit" and "shapes"')
+        unit, shapes = data["unit"], data["shapes"]
+        if isinstance(unit, bool) or not isinstance(unit, (int, float)) or not 0 < unit <= 60:
+            raise ValueError(f"not a step's seconds: {unit!r}")
+        if not isinstance(shapes, dict) or len(shapes) > KEPT_SHAPES:
+            raise ValueError(f"drafting costs hold at most {KEPT_SHAPES} shapes")
+        costs = cls(reference)
+        for _ in range(_SETTLED):
+            costs.record(reference, float(unit))
+        for key, value in shapes.items():
+            if not (isinstance(key, str) and key.isdigit() and reference < int(key) <= 4096):
+                raise ValueError(f"not a shape's rows: {key!r}")
+            if int(key) in costs._ema:
+                raise ValueError(f"a shape given twice: {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"not a cost: {value!r}")
+            if not 0 < value <= 4096:  # NaN fails too
+                raise ValueError(f"a cost out of range: {value!r}")
+            costs._means.set(int(key), float(value))
+            bisect.insort(costs._rows, int(key))
+        return costs
 
     def describe(self) -> str:
         """The measured shapes for a log line: each one's time in steps of the reference,
