@@ -475,3 +475,31 @@ def test_a_worker_whose_requests_never_draft_measures_nothing(engine: Any) -> No
     decodes = eng.ctx.decodes
     time.sleep(1.5)  # three times the rest before a measurement
     assert eng.ctx.decodes == decodes and not lines
+
+
+class _FailsAlone(_Timed):
+    """A decode of more than one row that is not a prompt raises once requests are done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    def decode(self, batch: _Batch) -> int:
+        if batch.n_tokens > 1 and int(batch.token[0]) == 0:  # the measuring rows' token
+            self.failed += 1
+            raise RuntimeError("out of memory")
+        return super().decode(batch)
+
+
+def test_a_measuring_decode_that_raises_is_cut_and_not_tried_again(engine: Any) -> None:
+    eng = engine(context=_FailsAlone())
+    request = CompletionRequest(tokens=[20, 23, 30, 21, 20, 23], options=_greedy(20, 8),
+                                return_tokens=True)
+    first = _run(eng, request)
+    deadline = time.monotonic() + 10
+    while not eng.ctx.failed and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    time.sleep(1.5)  # three rests more: no second try
+    assert eng.ctx.failed == 1  # type: ignore[attr-defined]
+    _positions_are_indexes(eng)
+    assert _run(eng, request).tokens == first.tokens

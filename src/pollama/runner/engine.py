@@ -57,7 +57,9 @@ What must stay true:
   tokens but the last one, which was never decoded) so that the next request with the same
   prefix evaluates only the rest. The one exception lasts from a decode to the end of its
   sampling: a draft's cells are in the KV, and its tokens join ``slot.tokens`` one by one as
-  they are kept; the rest are cut before the step ends (:meth:`Engine._verify`).
+  they are kept; the rest are cut before the step ends (:meth:`Engine._verify`). An idle
+  worker's measuring decode is cut right after it, whatever it returned or raised
+  (:meth:`Engine._calibrate`).
 * Every cell a later request may reuse holds what evaluating ``slot.tokens`` afresh would:
   the cells after a shift's kept prefix were computed while the dropped tokens were still
   in the window, so a request that shifted leaves its slot cut back to that prefix
@@ -794,14 +796,19 @@ class Engine:
         for i in range(rows):
             batch.add(0, start + i, slot.seq, True)
         began = time.perf_counter_ns()
-        rc = self.ctx.decode(batch)
-        seconds = (time.perf_counter_ns() - began) / 1e9
-        batch.clear()
-        if running != full:
-            self.ctx.set_threads(running, running)
-        if not self.ctx.seq_rm(slot.seq, start, -1):
-            self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
-            slot.reset()
+        try:
+            rc = self.ctx.decode(batch)
+        except BaseException:
+            self._calibrate_up_to = -1  # not again: the loop reports it once
+            raise
+        finally:  # whatever happened, the slot holds what it held
+            seconds = (time.perf_counter_ns() - began) / 1e9
+            batch.clear()
+            if running != full:
+                self.ctx.set_threads(running, running)
+            if not self.ctx.seq_rm(slot.seq, start, -1):
+                self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
+                slot.reset()
         if rc != 0:
             self._log(f"measuring drafts' shapes stopped: a decode of {rows} rows failed ({rc})")
             self._calibrate_up_to = -1
