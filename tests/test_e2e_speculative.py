@@ -159,9 +159,9 @@ def test_an_idle_worker_measures_drafts_shapes_and_answers_the_same(
         time.sleep(0.2)
     (line,) = [x for x in qwen_server.log.read_text().splitlines() if MEASURED in x]
     shapes = [int(rows) for rows in re.findall(r"(\d+) rows \d", line.split(MEASURED)[1])]
-    # beside the shapes the request drafted, the doublings: 2 to 8 rows at least (8 rows
-    # cost about 5 one-row steps, 0.15 s on 2 EPYC cores)
-    assert {2, 4, 8} <= set(shapes), line
+    # beside the shapes the request drafted, the doublings: 2 to 32 rows on 2 EPYC cores
+    # (a row 20-30 ms there), 2 and 4 while a row takes up to 140 ms
+    assert {2, 4} <= set(shapes), line
     again = _stream(qwen, "/api/generate", body)
     text = "".join(line["response"] for line in again)
     assert text == "".join(line["response"] for line in first)
@@ -172,7 +172,7 @@ def test_an_idle_worker_measures_drafts_shapes_and_answers_the_same(
     reloaded = _stream(qwen, "/api/generate", body)
     assert "".join(line["response"] for line in reloaded) == text
     (read,) = [x for x in qwen_server.log.read_text().splitlines() if READ_BACK in x]
-    assert {2, 4, 8} <= {int(rows) for rows in re.findall(r"(\d+) rows \d", read)}, read
+    assert set(shapes) <= {int(rows) for rows in re.findall(r"(\d+) rows \d", read)}, read
 
 
 def test_chat_is_the_same_with_and_without_drafts(smol: httpx.Client) -> None:
