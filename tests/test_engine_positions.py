@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -198,13 +197,12 @@ def engine_fixture(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
 
     def make(projector: Any = None, shiftable: bool = True, context: Any = None,
-             n_ctx: int = 128, n_batch: int = 16, costs: Any = None,
-             log: Any = None) -> Engine:  # fmt: skip
+             n_ctx: int = 128, n_batch: int = 16, costs: Any = None) -> Engine:  # fmt: skip
         """``costs``: what the engine starts from of short chunks (``runner/prefill.py``),
         as after a prompt cache's restore, before its loop runs."""
         context = context or _Context(shiftable=shiftable)
         engine = Engine(_Model(), context, n_ctx=n_ctx, n_batch=n_batch,  # type: ignore[arg-type]
-                        n_parallel=1, projector=projector, log=log or (lambda _m: None))
+                        n_parallel=1, projector=projector)
         if costs is not None:
             engine.short_chunks = ShortChunks.from_json(costs)
         thread = threading.Thread(target=engine.run, daemon=True)
@@ -435,71 +433,3 @@ def test_media_and_unshiftable_caches_never_draft(engine: Any) -> None:
     assert _run(engine(_Projector()), image).draft_tokens == 0
     text = CompletionRequest(tokens=[20, 23, 30, 20, 23], options=_greedy(30, 8))
     assert _run(engine(context=_Repeating(shiftable=False)), text).draft_tokens == 0
-
-
-class _Timed(_Repeating):
-    """A decode takes a millisecond a row, as rows cost on a CPU."""
-
-    def decode(self, batch: _Batch) -> int:
-        time.sleep(0.001 * batch.n_tokens)
-        return super().decode(batch)
-
-
-def test_an_idle_worker_measures_drafts_shapes_and_keeps_its_cache(engine: Any) -> None:
-    """After a request that may draft 8 tokens, the idle loop decodes drafts' shapes (2, 4
-    and 8 rows, not 16) after the slot's cells, one at a time, and cuts them again: the next
-    request reuses the cache and answers the same."""
-    lines: list[str] = []
-    eng = engine(context=_Timed(), log=lines.append)
-    request = CompletionRequest(tokens=[20, 23, 30, 21, 20, 23], options=_greedy(20, 8),
-                                return_tokens=True)
-    first = _run(eng, request)
-    deadline = time.monotonic() + 20
-    while not lines and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lines, "the idle worker measured nothing"
-    (line,) = lines
-    assert line.startswith("drafts' shapes measured (one stream): 2 rows ")
-    assert "4 rows" in line and "8 rows" in line and "16 rows" not in line
-    _positions_are_indexes(eng)  # the measured rows were cut
-    assert len(_kv(eng)) == len(first.tokens or []) - 1  # the last token is never decoded
-    follow = _run(eng, request)
-    assert follow.tokens == first.tokens
-    assert follow.prompt_cached == len(request.tokens or []) - 1
-
-
-def test_a_worker_whose_requests_never_draft_measures_nothing(engine: Any) -> None:
-    lines: list[str] = []
-    eng = engine(context=_Timed(), log=lines.append)
-    _run(eng, CompletionRequest(tokens=[20, 23, 30, 21, 20, 23], options=_greedy(20, 0)))
-    decodes = eng.ctx.decodes
-    time.sleep(1.5)  # three times the rest before a measurement
-    assert eng.ctx.decodes == decodes and not lines
-
-
-class _FailsAlone(_Timed):
-    """A decode of more than one row that is not a prompt raises once requests are done."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed = 0
-
-    def decode(self, batch: _Batch) -> int:
-        if batch.n_tokens > 1 and int(batch.token[0]) == 0:  # the measuring rows' token
-            self.failed += 1
-            raise RuntimeError("out of memory")
-        return super().decode(batch)
-
-
-def test_a_measuring_decode_that_raises_is_cut_and_not_tried_again(engine: Any) -> None:
-    eng = engine(context=_FailsAlone())
-    request = CompletionRequest(tokens=[20, 23, 30, 21, 20, 23], options=_greedy(20, 8),
-                                return_tokens=True)
-    first = _run(eng, request)
-    deadline = time.monotonic() + 10
-    while not eng.ctx.failed and time.monotonic() < deadline:  # type: ignore[attr-defined]
-        time.sleep(0.05)
-    time.sleep(1.5)  # three rests more: no second try
-    assert eng.ctx.failed == 1  # type: ignore[attr-defined]
-    _positions_are_indexes(eng)
-    assert _run(eng, request).tokens == first.tokens

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 
 from pollama.runner.base import CompletionChunk, CompletionRequest, SamplingOptions
-from pollama.runner.ngram import StepCosts
 from pollama.store.kvcache import (
     HEADER_SIZE,
     KVCacheDir,
@@ -423,51 +422,10 @@ def test_what_a_worker_measured_of_short_chunks_goes_to_the_next_one(
     assert second.short_chunks.rows_back(25, 900) == 39  # a tile at once
 
 
-def test_what_a_worker_measured_of_drafts_shapes_goes_to_the_next_one(
-    make_engine: Any, tmp_path: Path
-) -> None:
-    log: list[str] = []
-    first = make_engine(n_parallel=1)
-    _serve(first, [list(range(1, 40))])
-    costs = first._costs[1] = StepCosts()  # what its one stream's steps measured
-    for _ in range(5):
-        costs.record(1, 0.02)
-    costs.record(2, 0.035)
-    costs.record(16, 0.154)  # 7.7 steps, where the line from 2 rows to 64 says more
-    costs.record(64, 0.52)
-    _cache(tmp_path, log).save(first)
-    (path,) = (tmp_path / "kvcache").glob("*.costs")
-    kept = json.loads(path.read_bytes())["drafts"]
-    assert kept["shapes"]["16"] == pytest.approx(7.7, rel=1e-3)
-
-    second = make_engine(n_parallel=1)
-    assert second.drafting_costs() is None  # a fresh worker knows nothing
-    assert _cache(tmp_path, log).restore(second) == 1
-    restored = second._step_costs(1)
-    for rows in (2, 8, 16, 32, 64):
-        assert restored.time(rows) == pytest.approx(costs.time(rows), rel=1e-3)
-    # what the first one measured is not measured again while idle: only what it did not
-    assert restored.next_to_measure(63, 1.0) == 4
-    assert second.drafting_costs() == kept
-    assert "prompt cache: drafts' shapes read back (one stream): 2 rows 1.75, 16 rows 7.70, " \
-           "64 rows 26.00 (steps of 1 rows, 20.0 ms)" in log
-
-
-DRAFTS = b'"one": {}, "drafts": '
-
-
 @pytest.mark.parametrize(
     "content",
     [b"{", b"[]", b'{"one": {"10": -1}}', b'{"extra": {"x": 0.1}}', b'{"other": {}}',
-     b'{"one": {"10": NaN}}', b'{"tile": {"10": true}}', b'{"scaled": {"99": 0.1}}',
-     b"{" + DRAFTS + b"[]}", b"{" + DRAFTS + b'{"unit": 0.02}}',
-     b"{" + DRAFTS + b'{"unit": 0, "shapes": {}}}',
-     b"{" + DRAFTS + b'{"unit": 0.02, "shapes": {"1": 2.0}}}',
-     b"{" + DRAFTS + b'{"unit": 0.02, "shapes": {"8": NaN}}}',
-     b"{" + DRAFTS + b'{"unit": 0.02, "shapes": {"8": 3, "08": 3}}}',
-     b"{" + DRAFTS + b'{"unit": 0.02, "shapes": {"8": "3"}}}',
-     b"{" + DRAFTS + b'{"unit": 0.02, "shapes": {'
-     + b", ".join(b'"%d": 2' % rows for rows in range(2, 131)) + b"}}}"],
+     b'{"one": {"10": NaN}}', b'{"tile": {"10": true}}', b'{"scaled": {"99": 0.1}}'],
 )
 def test_a_malformed_costs_file_is_discarded_with_a_log_line(
     make_engine: Any, tmp_path: Path, content: bytes
@@ -483,7 +441,6 @@ def test_a_malformed_costs_file_is_discarded_with_a_log_line(
     assert any("discarded the costs file" in line for line in log)
     assert not costs.exists() and second.short_chunks.to_json() == {
         "one": {}, "extra": {}, "tile": {}, "scaled": {}}  # fmt: skip
-    assert second.drafting_costs() is None
 
 
 def test_a_costs_file_goes_with_the_last_sequence_of_its_key(tmp_path: Path) -> None:

@@ -159,42 +159,6 @@ def test_shapes_turn_relative_only_once_the_reference_has_settled() -> None:
     assert costs.time(8) == pytest.approx(0.010, rel=0.01)
 
 
-def _measure(costs: StepCosts, longest: int, limit: float, seconds: dict[int, float]) -> list[int]:
-    """What an idle worker measures, one shape after another, each taking ``seconds``."""
-    measured = []
-    while rows := costs.next_to_measure(longest, limit):
-        costs.record(rows, seconds[rows])
-        measured.append(rows)
-    return measured
-
-
-def test_an_idle_worker_measures_the_reference_then_doubling_drafts() -> None:
-    step = {rows: 0.01 * (1 + 0.45 * (rows - 1)) for rows in range(1, 65)}
-    costs = StepCosts()
-    costs.record(1, 0.01)
-    costs.record(16, step[16])  # drafted once already: not measured again
-    measured = _measure(costs, 63, 1.0, step)
-    assert measured == [1, 1, 1, 1, 2, 4, 8, 32, 64]  # the reference settles first
-    assert costs.time(32) == pytest.approx(step[32])
-    assert "32 rows 14.95" in costs.describe() and "(steps of 1 rows, 10.0 ms)" in costs.describe()
-    # nothing left: a request's drafts and the worker's idle time measure nothing again
-    assert costs.next_to_measure(63, 1.0) == 0
-
-
-def test_measuring_stops_at_the_longest_draft_and_at_a_dear_decode() -> None:
-    step = {rows: 0.02 * rows for rows in range(1, 65)}  # a row costs as much as a step
-    short = StepCosts()
-    # drafts of at most 10 tokens: the 16-row shape is never drafted, so never measured
-    assert _measure(short, 10, 1.0, step) == [1] * 5 + [2, 4, 8]
-    # a decode may not keep a request waiting more than 0.2 s: 8 rows take 0.16 s, and 16
-    # are expected to take at least twice that (the shape below, scaled by its rows)
-    dear = StepCosts()
-    assert _measure(dear, 63, 0.2, step) == [1] * 5 + [2, 4, 8]
-    assert StepCosts().next_to_measure(0, 1.0) == 1  # the reference is measured whatever
-    four = StepCosts(reference=4)  # several streams: drafts beside them, by the same rule
-    assert _measure(four, 63, 0.2, step) == [4] * 5 + [5, 7]
-
-
 def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
     cheap = _costs(0.02, 0.002)  # a row is a tenth of a step
     dear = _costs(0.0, 0.01)  # a row costs as much as a step: batching gains nothing

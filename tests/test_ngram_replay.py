@@ -84,25 +84,18 @@ def test_where_no_draft_pays_the_policy_is_never_slower(trace: Trace, factor: fl
     assert kept == 0
 
 
-def _requests(trace: Trace, slower: list[float], *, factor: float = 1.0,
-              idle_limit: float = 0.0) -> list[float]:
+def _requests(trace: Trace, slower: list[float]) -> list[float]:
     """One worker's requests of the trace's prompt, its step costs measured as it goes (no
-    cost known in advance), each request ``slower`` times the costs (the recorded ones,
-    every row past the first ``factor`` times what it added): each one's speedup over not
-    drafting at those costs. With ``idle_limit``, the worker measures while idle after
-    each request what ``StepCosts.next_to_measure`` asks (``Engine._calibrate``)."""
-    costs = _scaled(trace.costs, factor)
+    cost known in advance), each request ``slower`` times the recorded costs: each one's
+    speedup over not drafting at the recorded costs."""
     none, _ = replay(lookups(trace.prompt, trace.answer, trace.draft_max, trace.spelling),
-                     costs, "none")
+                     trace.costs, "none")
     worker = StepCosts()
-    speedups = []
-    for busy in slower:
-        speedups.append(none / replay_policy(trace.prompt, trace.answer, costs,
-                                             trace.draft_max, trace.spelling, worker=worker,
-                                             slower=busy).seconds)
-        while idle_limit and (rows := worker.next_to_measure(trace.draft_max, idle_limit)):
-            worker.record(rows, costs[rows])
-    return speedups
+    return [
+        none / replay_policy(trace.prompt, trace.answer, trace.costs, trace.draft_max,
+                             trace.spelling, worker=worker, slower=factor).seconds
+        for factor in slower
+    ]
 
 
 def test_a_worker_drafts_again_after_a_busy_spell(trace: Trace) -> None:
@@ -116,21 +109,3 @@ def test_a_worker_drafts_again_after_a_busy_spell(trace: Trace) -> None:
     assert min(idle) >= 1.15
     assert min(after_spell[1:]) >= 1.15
     assert sum(after_spell[1:]) >= 0.95 * sum(idle[1:])
-
-
-def test_an_idle_worker_measures_the_shapes_its_drafts_skip(trace: Trace) -> None:
-    """Learning only from its drafts, a worker never measures a 16-row decode here (the
-    shape llama.cpp's CPU kernels make cheapest for its rows) and prices it on the line
-    between the shapes it drafted; measured while idle (2, 8, 16 and 32 rows: 64 would
-    take more than 0.5 s), the next requests draft as with every cost known (1.64x)."""
-    learned = _requests(trace, [1.0] * 3)
-    measured = _requests(trace, [1.0] * 3, idle_limit=0.5)
-    # replayed: learned 1.36, 1.20, 1.27; measured while idle 1.36, 1.73, 1.64
-    assert measured[0] == learned[0]  # the first request meets a fresh worker alike
-    assert min(measured[1:]) >= 1.5 > max(learned[1:])
-    # rows twice as dear: a learning worker drafts at a loss (0.62, 0.69, 0.90); measured
-    # while idle (2, 4, 8, 16 rows) the third drafts as with every cost known (1.06)
-    learned = _requests(trace, [1.0] * 3, factor=2.0)
-    measured = _requests(trace, [1.0] * 3, factor=2.0, idle_limit=0.5)
-    assert measured[2] >= 1.0 > learned[2]
-    assert sum(measured) > sum(learned)

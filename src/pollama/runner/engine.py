@@ -57,9 +57,7 @@ What must stay true:
   tokens but the last one, which was never decoded) so that the next request with the same
   prefix evaluates only the rest. The one exception lasts from a decode to the end of its
   sampling: a draft's cells are in the KV, and its tokens join ``slot.tokens`` one by one as
-  they are kept; the rest are cut before the step ends (:meth:`Engine._verify`). An idle
-  worker's measuring decode is cut right after it, whatever it returned or raised
-  (:meth:`Engine._calibrate`).
+  they are kept; the rest are cut before the step ends (:meth:`Engine._verify`).
 * Every cell a later request may reuse holds what evaluating ``slot.tokens`` afresh would:
   the cells after a shift's kept prefix were computed while the dropped tokens were still
   in the window, so a request that shifted leaves its slot cut back to that prefix
@@ -150,11 +148,6 @@ class RequestFailed:
 
 
 _SLOT_SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
-# An idle worker measures the shapes a single stream's drafts may take (:meth:`Engine._calibrate`)
-# one decode at a time, each after this long with nothing to do, and none expected to take
-# longer than _CALIBRATION_SECONDS: a request that arrives meanwhile waits for that decode.
-_CALIBRATION_REST = 0.5
-_CALIBRATION_SECONDS = 0.5
 # Image (or audio) rows decoded per step while other sequences generate: a medium's 256+
 # rows in one decode would stall their streams for as long as a 256-token prompt does.
 _MEDIA_ROWS = 32
@@ -505,10 +498,6 @@ class Engine:
         # prompt cache keeps it for the next worker and sets it back before :meth:`run`.
         self.short_chunks = ShortChunks()
         self._spelling = _ModelSpelling(model)  # a learned edit's other spellings
-        # The longest draft (rows: tokens + 1) a single stream's request may make, once one
-        # that drafts was admitted: what an idle worker measures up to (:meth:`_calibrate`);
-        # -1 once measuring failed, for good.
-        self._calibrate_up_to = 0
 
     # -- called from any thread --------------------------------------------------------
 
@@ -689,15 +678,9 @@ class Engine:
         ``encoded`` command wakes the loop.
         """
         while True:
-            calibrate = 0
             with self._wake:
                 while not self._commands and not self._stopping and not self._has_work():
-                    rows = self._calibration_rows()
-                    if not rows:
-                        self._wake.wait()
-                    elif not self._wake.wait(_CALIBRATION_REST):  # that long with nothing
-                        calibrate = rows
-                        break
+                    self._wake.wait()
                 if self._stopping:
                     break
                 commands = list(self._commands)
@@ -708,8 +691,6 @@ class Engine:
                 self._admit()
                 if self._busy():
                     self._step()
-                elif calibrate:
-                    self._calibrate(calibrate)
             except Exception as exc:  # a bug must cost the requests in flight, not the worker
                 self._fail_all(f"{type(exc).__name__}: {exc}")
         with self._wake:  # no command can be queued after this
@@ -762,62 +743,6 @@ class Engine:
     def _busy(self) -> bool:
         return any(slot.job is not None for slot in self.slots)
 
-    # -- measuring drafts' shapes while idle ---------------------------------------------
-
-    def _calibration_rows(self) -> int:
-        """The rows of the single stream's next shape to measure while idle (0: none, or
-        not now: media are being prepared or encoded on the media thread). Called with
-        ``_wake`` held."""
-        if self._calibrate_up_to < 2 or self._preparing or self._encoding.is_set():
-            return 0
-        costs = self._step_costs(1)
-        return costs.next_to_measure(self._calibrate_up_to - 1, _CALIBRATION_SECONDS)
-
-    def _calibrate(self, rows: int) -> None:
-        """Time one decode of ``rows`` rows, each with logits as a draft's, in the idle
-        slot that holds the fewest cells, after what it holds, into the single stream's
-        step costs; the rows are cut again at once, so the slot holds what it held. Run
-        on all the threads (a thread tuner's probe is dropped), as the reference mostly is.
-        A decode that fails, or a slot too full for the rows, ends the measuring for good."""
-        slot = min(self.slots, key=lambda s: len(s.tokens))
-        start = len(slot.tokens) - slot.lag
-        if len(slot.tokens) + rows > self.n_ctx:
-            self._calibrate_up_to = -1
-            return
-        full = self.n_threads if self.tuner is None else self.tuner.n_max
-        running = self._decode_threads()
-        if self.tuner is not None:
-            self.tuner.interrupt()  # a probe's thread count is not the one measured
-            running = self._decode_threads()
-        if running != full:
-            self.ctx.set_threads(full, full)
-        batch = self.batch
-        batch.clear()
-        for i in range(rows):
-            batch.add(0, start + i, slot.seq, True)
-        began = time.perf_counter_ns()
-        try:
-            rc = self.ctx.decode(batch)
-        except BaseException:
-            self._calibrate_up_to = -1  # not again: the loop reports it once
-            raise
-        finally:  # whatever happened, the slot holds what it held
-            seconds = (time.perf_counter_ns() - began) / 1e9
-            batch.clear()
-            if running != full:
-                self.ctx.set_threads(running, running)
-            if not self.ctx.seq_rm(slot.seq, start, -1):
-                self.ctx.seq_rm(slot.seq, -1, -1)  # cannot cut this cache: start over
-                slot.reset()
-        if rc != 0:
-            self._log(f"measuring drafts' shapes stopped: a decode of {rows} rows failed ({rc})")
-            self._calibrate_up_to = -1
-            return
-        costs = self._step_costs(1)
-        costs.record(rows, seconds)
-        if not costs.next_to_measure(self._calibrate_up_to - 1, _CALIBRATION_SECONDS):
-            self._log(f"drafts' shapes measured (one stream): {costs.describe()}")
-
     def _cancel(self, req_id: object) -> None:
         with self._wake:
             if req_id in self._preparing:
@@ -865,9 +790,6 @@ class Engine:
                 if token >= 0:  # media rows are no token
                     job.sampler.accept(token)
             job.fast_greedy = opts.temperature <= 0 and history == 0
-            if job.drafting is not None and self._calibrate_up_to >= 0:
-                longest = min(job.draft_max + 1, self.n_batch, self.n_ctx - 1)
-                self._calibrate_up_to = max(self._calibrate_up_to, longest)
             job.penalized = history > 0
             self._queue_encodes(job)
 
@@ -935,12 +857,6 @@ class Engine:
         slot = job.slot
         assert slot is not None
         return (len(slot.tokens) if job.pending >= 0 else job.next) - slot.lag
-
-    def _decode_threads(self) -> int:
-        """The threads the context decodes on now: half while yielding to the media
-        thread (:meth:`_share_cores`), else the tuner's (a probe's) or all of them."""
-        n = self.n_threads if self.tuner is None else self.tuner.running
-        return max(1, self.n_threads // 2) if self._yielding else n
 
     def _share_cores(self) -> bool:
         """Whether this step yields cores to an encode running on the media thread (then
@@ -1010,20 +926,6 @@ class Engine:
                 self.ctx.seq_rm(slot.seq, -1, -1)
                 slot.reset()
 
-    def drafting_costs(self) -> dict[str, object] | None:
-        """What this worker measured of a single stream's drafts' shapes, for the next
-        worker of the same key (``runner/kvstate.py``): the shapes :meth:`_calibrate`
-        measures while idle and the ones drafted (several streams learn theirs as they
-        draft). Only while the loop is not running."""
-        costs = self._costs.get(1)
-        return None if costs is None else costs.to_json()
-
-    def adopt_drafting_costs(self, data: object) -> str:
-        """Start from an earlier worker's :meth:`drafting_costs`, before :meth:`run`, and
-        say what they hold (for a log line); ``ValueError`` when ``data`` is not such."""
-        costs = self._costs[1] = StepCosts.from_json(data, reference=1)
-        return costs.describe()
-
     def _step_costs(self, streams: int) -> StepCosts:
         """The decode costs of steps with ``streams`` generating slots, whose reference is
         the step that drafts nothing: one row each."""
@@ -1067,10 +969,7 @@ class Engine:
             if self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
-                if job.options.draft_always:  # forced: as far as the draft model is sure
-                    k = limit
-                else:
-                    k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
+                k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
                 if k > 0:
                     wants.append((job, k))
                     wanted += k

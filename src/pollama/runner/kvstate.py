@@ -130,27 +130,15 @@ class PromptCache:
     def _restore_costs(self, engine: Engine) -> None:
         """Hand the engine what earlier workers of this key measured of short prompt chunks
         (``runner/prefill.py``), so that a restored conversation's next turn is evaluated
-        the cheaper way at once, and of drafts' shapes (``"drafts"``, ``runner/ngram.py``'s
-        ``StepCosts``), so that its first drafts are weighed on them; a malformed file is
-        discarded whole with a log line. A file without ``"drafts"`` (written before they
-        were kept) is read as it always was."""
+        the cheaper way at once; a malformed file is discarded with a log line."""
         data = self.dir.read_costs(self.key)
         if data is None:
             return
         try:
-            tables = json.loads(data)
-            if not isinstance(tables, dict):
-                raise ValueError("the costs must be an object")
-            drafts = tables.pop("drafts", None)
-            short_chunks = ShortChunks.from_json(tables)
-            shapes = None if drafts is None else engine.adopt_drafting_costs(drafts)
+            engine.short_chunks = ShortChunks.from_json(json.loads(data))
         except ValueError as exc:  # json's errors included
             self._log(f"prompt cache: discarded the costs file: {exc}")
             self.dir.discard_costs(self.key)
-            return
-        engine.short_chunks = short_chunks
-        if shapes is not None:
-            self._log(f"prompt cache: drafts' shapes read back (one stream): {shapes}")
 
     def _set(self, engine: Engine, seq: int, record: KVRecord) -> bool:
         """Put the record's state into the empty sequence ``seq``; on any failure the
@@ -209,11 +197,7 @@ class PromptCache:
                 paths.append(saved)
                 written += 1
         if kept:  # what this worker measured, for the next one to read back with them
-            measured: dict[str, object] = dict(engine.short_chunks.to_json())
-            drafts = engine.drafting_costs()
-            if drafts is not None:
-                measured["drafts"] = drafts
-            costs = json.dumps(measured).encode()
+            costs = json.dumps(engine.short_chunks.to_json()).encode()
             try:
                 self.dir.write_costs(self.key, costs)
             except (OSError, ValueError) as exc:

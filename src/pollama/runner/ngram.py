@@ -12,8 +12,7 @@ ngram-simple``). This module holds the pure parts, with no llama.cpp in them:
   finds is followed while the output agrees with it, and the edits the output makes to it
   (a renamed variable) are learned and drafted at their next occurrences;
 * :class:`StepCosts`, what a decode costs by its number of rows, measured on the loop's own
-  decode-only steps (a row count never measured is guessed optimistically, then tried) and,
-  for one stream, on an idle worker's own measurements (:meth:`StepCosts.next_to_measure`);
+  decode-only steps (a row count never measured is guessed optimistically, then tried);
 * :class:`Acceptance`, per request: how often drafted tokens were accepted lately, by how
   long their copy had agreed, and the draft length that makes the most tokens per second
   of decoding (:func:`best_length`); the odds also learn from the copies not drafted,
@@ -40,7 +39,6 @@ from typing import NamedTuple, Protocol
 from pollama.runner.shapes import MovingMeans, on_the_line
 
 __all__ = [
-    "CALIBRATION_DRAFTS",
     "SUBS_MAX",
     "Spelling",
     "MODEL_KEY",
@@ -419,14 +417,6 @@ _SETTLED = 5
 machine's speed; one sample (a fast or a slow moment) would fix every ratio for good."""
 
 
-KEPT_SHAPES = 128
-"""The most shapes of one stream count kept for the next worker (:meth:`StepCosts.to_json`)."""
-CALIBRATION_DRAFTS = (1, 3, 7, 15, 31, 63)
-"""The draft lengths an idle worker measures for one stream (:meth:`StepCosts.next_to_measure`,
-``Engine._calibrate``): doublings of the rows, so that each shape is a tile's multiple or
-near one (sixteen rows on a CPU) and the line between two measured shapes is never far."""
-
-
 class StepCosts:
     """Decode time by number of rows, measured on decode-only steps (no prompt chunk, no
     medium) of one stream count: an average per row count, since the cost is far from a
@@ -476,84 +466,6 @@ class StepCosts:
             self._unit = self._ema[rows]
             self._means.scale(1.0 / self._unit)
             self._settled = True
-
-    def next_to_measure(self, longest: int, limit: float) -> int:
-        """The row count an idle worker measures next (0: none): the reference until it
-        settles, then each draft of :data:`CALIBRATION_DRAFTS` up to ``longest`` tokens
-        beside it that was never measured, while that decode is not expected to take more
-        than ``limit`` seconds (a request that arrives meanwhile waits for it).
-
-        Drafting measures what it drafts, so a shape no draft chose is only guessed, on the
-        line between its measured neighbours: on the rewrite trace the 16-row decode
-        (llama.cpp's CPU kernels take rows sixteen at a time: 7.7 one-row steps against
-        9.1 for 17) was never drafted and priced too dear, and a worker that only learns
-        replays 1.36x, 1.20x and 1.27x over not drafting, against 1.64x with every cost
-        known. Measuring 2, 8, 16 and 32 rows while idle after the first request (64 would
-        take more than 0.5 s), the next two replay 1.73x and 1.64x; where rows cost twice
-        as much, the third 1.06x (the known costs' figure) against 0.90x
-        (``tests/test_ngram_replay.py``). The expected time is the larger of the guess and
-        the last shape measured scaled by its rows, the guess being optimistic on purpose
-        above the longest shape measured."""
-        reference = self._reference
-        if not self._settled:
-            return reference
-        below = reference
-        for draft in CALIBRATION_DRAFTS:
-            rows = reference + draft
-            if draft > longest:
-                break
-            if self._means.samples(rows) == 0:
-                expected = max(self.time(rows), self.time(below) * rows / below)
-                return rows if expected <= limit else 0
-            below = rows
-        return 0
-
-    def to_json(self) -> dict[str, object] | None:
-        """The shapes measured, relative to the reference, and the reference's seconds, for
-        the next worker of the same model and load options (kept beside the prompt cache's
-        files: ``runner/kvstate.py``); None until the reference settles (in seconds, the
-        shapes would carry today's load into another day). At most :data:`KEPT_SHAPES`,
-        the fewest rows first, rounded to four digits: the file is small and bounded."""
-        if not self._settled:
-            return None
-        kept = [rows for rows in self._rows if rows != self._reference][:KEPT_SHAPES]
-        return {"unit": float(f"{self._unit:.4g}"),
-                "shapes": {str(rows): float(f"{self._ema[rows]:.4g}") for rows in kept}}
-
-    @classmethod
-    def from_json(cls, data: object, reference: int = 1) -> StepCosts:
-        """The costs :meth:`to_json` gave, settled, each shape worth one sample (what this
-        worker measures soon outweighs them); ``ValueError`` when ``data`` is not such."""
-        if not isinstance(data, dict) or set(data) != {"unit", "shapes"}:
-            raise ValueError('drafting costs must be an object of "unit" and "shapes"')
-        unit, shapes = data["unit"], data["shapes"]
-        if isinstance(unit, bool) or not isinstance(unit, (int, float)) or not 0 < unit <= 60:
-            raise ValueError(f"not a step's seconds: {unit!r}")
-        if not isinstance(shapes, dict) or len(shapes) > KEPT_SHAPES:
-            raise ValueError(f"drafting costs hold at most {KEPT_SHAPES} shapes")
-        costs = cls(reference)
-        for _ in range(_SETTLED):
-            costs.record(reference, float(unit))
-        for key, value in shapes.items():
-            if not (isinstance(key, str) and key.isdigit() and reference < int(key) <= 4096):
-                raise ValueError(f"not a shape's rows: {key!r}")
-            if int(key) in costs._ema:
-                raise ValueError(f"a shape given twice: {key!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"not a cost: {value!r}")
-            if not 0 < value <= 4096:  # NaN fails too
-                raise ValueError(f"a cost out of range: {value!r}")
-            costs._means.set(int(key), float(value))
-            bisect.insort(costs._rows, int(key))
-        return costs
-
-    def describe(self) -> str:
-        """The measured shapes for a log line: each one's time in steps of the reference,
-        and the reference's in milliseconds."""
-        unit = self.time(self._reference)
-        shapes = ", ".join(f"{rows} rows {self.time(rows) / unit:.2f}" for rows in self._rows
-                           if rows != self._reference)  # fmt: skip
-        return f"{shapes or 'none'} (steps of {self._reference} rows, {unit * 1000:.1f} ms)"
 
     def time(self, rows: int) -> float:
         """A step's expected time with ``rows`` rows, never 0 (a step timed at 0 on a coarse
