@@ -969,7 +969,10 @@ class Engine:
             if self.drafter is not None and room > 0:
                 limit = min(room, DRAFT_MODEL_MAX)
                 per_token = self.drafter.step_seconds
-                k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
+                if job.options.draft_always:  # forced: as far as the draft model is sure
+                    k = limit
+                else:
+                    k = drafting.length(MODEL_KEY, limit, streams, rows, costs, per_token)
                 if k > 0:
                     wants.append((job, k))
                     wanted += k
