@@ -3,6 +3,8 @@ expected yield of a draft, the measured cost of rows and what each request learn
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -157,6 +159,52 @@ def test_shapes_turn_relative_only_once_the_reference_has_settled() -> None:
         costs.record(4, 0.006)  # the machine got twice as fast: 8 rows follow it
     assert costs.time(8) / costs.time(4) == pytest.approx(0.020 / 0.012)
     assert costs.time(8) == pytest.approx(0.010, rel=0.01)
+
+
+def _best_length_by_every_length(rates: Sequence[float], streams: int, rows: int,
+                                 costs: StepCosts) -> int:
+    """best_length as it was first written: every length weighed, each time asked anew."""
+    base, weight = costs.time(rows), max(1, streams)
+    best_k, best = 0, math.log(1.03)
+    tokens, term = 1.0, 1.0
+    for k, rate in enumerate(rates, 1):
+        term *= rate
+        tokens += term
+        value = math.log(tokens) - weight * math.log(costs.time(rows + k) / base)
+        if value > best:
+            best_k, best = k, value
+    return best_k
+
+
+def test_the_weights_kept_between_steps_and_the_early_stop_change_no_length() -> None:
+    """best_length keeps each step's slowdowns until a shape's guess changes and stops
+    where no longer draft can do better; Acceptance.length skips the odds where no draft
+    of the limit can pay. Neither may change a length, over many costs, odds, streams and
+    rows, with steps of the reference (which keep the slowdowns) and of shapes (which do
+    not) between the questions."""
+    rng = random.Random(7)
+    for _ in range(300):
+        streams = rng.choice([1, 1, 2, 4, 8, 16])
+        costs = StepCosts(reference=streams)
+        row_cost = rng.choice([0.02, 0.1, 0.3, 0.6, 1.0])
+        shapes = rng.sample(range(streams + 1, streams + 65), rng.randrange(0, 8))
+        for rows in [streams] * rng.randrange(0, 8) + shapes:
+            extra = rows - streams
+            costs.record(rows, 0.01 * (1 + row_cost * extra) * rng.uniform(0.8, 1.25))
+        acceptance = Acceptance()
+        for _ in range(10):
+            rows = streams + rng.choice([0, 0, 0, 3, 10])
+            rates = [rng.choice([0.3, 0.7, 0.9, 0.98, 1.0]) for _ in range(rng.randrange(0, 64))]
+            expected = _best_length_by_every_length(rates, streams, rows, costs)
+            assert best_length(rates, streams, rows, costs) == expected
+            key, limit = rng.choice([2, 7, 30]), rng.choice([0, 1, 5, 63])
+            expected = _best_length_by_every_length(acceptance.rates(key, limit), streams, rows,
+                                                    costs)
+            assert acceptance.length(key, limit, streams, rows, costs) == expected
+            if rng.random() < 0.5:
+                costs.record(streams, 0.01 * rng.uniform(0.5, 2.0))  # the machine's speed
+            else:
+                costs.record(rng.randrange(streams + 1, streams + 65), 0.01 * rng.uniform(1, 9))
 
 
 def test_a_draft_pays_only_when_it_is_likely_and_rows_are_cheap() -> None:
