@@ -162,7 +162,7 @@ def test_shapes_turn_relative_only_once_the_reference_has_settled() -> None:
 
 
 def _best_length_by_every_length(rates: Sequence[float], streams: int, rows: int,
-                                 costs: StepCosts) -> int:
+                                 costs: StepCosts, per_token: float = 0.0) -> int:
     """best_length as it was first written: every length weighed, each time asked anew."""
     base, weight = costs.time(rows), max(1, streams)
     best_k, best = 0, math.log(1.03)
@@ -170,7 +170,8 @@ def _best_length_by_every_length(rates: Sequence[float], streams: int, rows: int
     for k, rate in enumerate(rates, 1):
         term *= rate
         tokens += term
-        value = math.log(tokens) - weight * math.log(costs.time(rows + k) / base)
+        slower = (costs.time(rows + k) + k * per_token) / base
+        value = math.log(tokens) - weight * math.log(slower)
         if value > best:
             best_k, best = k, value
     return best_k
@@ -197,6 +198,9 @@ def test_the_weights_kept_between_steps_and_the_early_stop_change_no_length() ->
             rates = [rng.choice([0.3, 0.7, 0.9, 0.98, 1.0]) for _ in range(rng.randrange(0, 64))]
             expected = _best_length_by_every_length(rates, streams, rows, costs)
             assert best_length(rates, streams, rows, costs) == expected
+            per_token = rng.choice([0.001, 0.004])  # a draft model's seconds a token
+            expected = _best_length_by_every_length(rates, streams, rows, costs, per_token)
+            assert best_length(rates, streams, rows, costs, per_token) == expected
             key, limit = rng.choice([2, 7, 30]), rng.choice([0, 1, 5, 63])
             expected = _best_length_by_every_length(acceptance.rates(key, limit), streams, rows,
                                                     costs)

@@ -380,29 +380,24 @@ def best_length(
     made the whole batch finish 11 % later, those streams having finished early and left a
     tail of 13 rows that cost as much as 16. Where rows are nearly free (a GPU, a small
     batch) a draft still pays for all."""
+    if not rates:
+        return 0
     weight = max(1, streams)
     best_k, best = 0, math.log(_PAYS)
     tokens, term = 1.0, 1.0  # expected_tokens(rates[:k]), kept as k grows
-    if per_token > 0:  # a draft model's: its decodes add to each length's time
-        base = costs.time(rows)
-        for k, rate in enumerate(rates, 1):
-            term *= rate
-            tokens += term
-            slower = (costs.time(rows + k) + k * per_token) / base
-            value = math.log(tokens) - weight * math.log(slower)
-            if value > best:
-                best_k, best = k, value
-        return best_k
-    if not rates:
-        return 0
     logs, least = costs.log_slowdowns(rows, len(rates))
     ceiling = math.log(expected_tokens(rates))  # what the whole draft yields, the most
+    base = costs.time(rows)
     for k, rate in enumerate(rates, 1):
+        # A draft model's decodes only add to a length's time, so ``least`` bounds it too.
         if ceiling - weight * least[k - 1] <= best:
             break  # no length from k on can do better: the common case at many streams
         term *= rate
         tokens += term
-        value = math.log(tokens) - weight * logs[k - 1]
+        slower = logs[k - 1]
+        if per_token:
+            slower = math.log((costs.time(rows + k) + k * per_token) / base)
+        value = math.log(tokens) - weight * slower
         if value > best:
             best_k, best = k, value
     return best_k
