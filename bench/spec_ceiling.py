@@ -8,7 +8,8 @@ product), for one task of ``spec_bench.py``:
 * the **step costs**: ``llama_decode`` of 1 to ``--draft-max`` + 1 rows at the end of the
   task's prompt (flash attention on, one sequence, every row with logits), the median of
   ``--repeats`` tries;
-* the **answer**: the model's greedy answer, one row at a time, as its tokens.
+* the **answer**: the model's answer (greedy; for ``chat`` sampled with a seed), one row at
+  a time, as its tokens.
 
 It then replays the answer through the n-gram lookup pollama uses (``runner/ngram.py``
 ``NgramIndex``) and prices each step with the measured costs:
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
+import numpy as np
 from run_bench import chat_prompt, cpu_info
 from spec_bench import TASKS
 
@@ -54,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ngram_replay import (  # noqa: E402
+    Chances,
     RecordingSpelling,
     ReplayedSpelling,
     Trace,
@@ -68,7 +71,7 @@ DRAFT_MAX = 63  # draft_num_predict's default (--draft-max changes it)
 
 def load(path: Path, threads: int) -> tuple[Any, lc.Llama]:
     """A context of the engine's own (for timing), and the high-level wrapper around it
-    (for the chat template and greedy generation)."""
+    (for the chat template and the answer)."""
     llm = lc.Llama(str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
                    flash_attn=True, verbose=False)
     return llm._ctx.ctx, llm
@@ -79,13 +82,52 @@ def prompt_tokens(llm: lc.Llama, text: str) -> list[int]:
     return llm.tokenize(prompt.encode(), add_bos=False, special=True)
 
 
-def greedy_answer(llm: lc.Llama, prompt: list[int], limit: int) -> list[int]:
+def answer_tokens(
+    llm: lc.Llama, prompt: list[int], limit: int, sampling: dict[str, Any]
+) -> list[int]:
+    """The model's answer: greedy, or sampled as pollama samples by default (top_k 40,
+    top_p 0.9, no repeat penalty) at the task's temperature and seed. With a seed, a
+    sampled answer is nearly as fixed as a greedy one: the worker draws one random number
+    a row, drafted or not, so drafts change it only by the small differences in logits a
+    batch's shape makes, and the replay keeps a drafted token when it is the answer's."""
+    temperature = sampling.get("temperature", 0.0)
+    if temperature > 0:
+        llm.set_seed(sampling.get("seed", 1))
+        tokens = llm.generate(prompt, temp=temperature, top_k=40, top_p=0.9, min_p=0.0,
+                              repeat_penalty=1.0)
+    else:
+        tokens = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0)
     out: list[int] = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+    for token in tokens:
         if lc.llama_vocab_is_eog(llm._model.vocab, token) or len(out) >= limit:
             break
         out.append(token)
     return out
+
+
+def chances(
+    path: Path, prompt: list[int], answer: list[int], sampling: dict[str, Any], threads: int
+) -> Chances:
+    """At each position of a sampled answer, the probability pollama's default sampler chain
+    (top_k 40, top_p 0.9, then the temperature) gives every token it keeps there: what a
+    draft's token tested there teaches the worker (``SamplerChain.sample_weighing``; its
+    test checks this arithmetic against the chain)."""
+    scorer = lc.Llama(str(path), n_ctx=4096, n_threads=threads, logits_all=True, verbose=False)
+    scorer.eval(prompt + answer)
+    rows = np.asarray(scorer.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1],
+                      dtype=np.float64)
+    nuclei: dict[str, dict[str, float]] = {}
+    for position, logits in enumerate(rows):
+        top = np.argsort(-logits, kind="stable")[:40]
+        p = np.exp(logits[top] - logits[top].max())
+        p /= p.sum()
+        nucleus = top[: int(np.searchsorted(np.cumsum(p), 0.9)) + 1]
+        q = np.exp((logits[nucleus] - logits[nucleus].max()) / sampling["temperature"])
+        q /= q.sum()
+        chance = zip(nucleus, q, strict=True)
+        nuclei[str(position)] = {str(token): round(float(c), 5) for token, c in chance}
+    scorer.close()
+    return Chances(nuclei)
 
 
 def step_costs(ctx: Any, prompt: list[int], repeats: int, max_rows: int) -> dict[int, float]:
@@ -135,24 +177,42 @@ class LlmSpelling:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=["rewrite", "edit"], default="rewrite")
-    ap.add_argument("--model", type=Path, help="GGUF (default: Qwen2.5-Coder-0.5B)")
+    ap.add_argument("--task", choices=["rewrite", "edit", "chat"], default="rewrite")
+    ap.add_argument("--model", type=Path,
+                    help="GGUF (default: Qwen2.5-Coder-0.5B; for chat, pollama's default model)")
+    ap.add_argument("--seed", type=int, help="the sampled answer's seed (chat; default: the "
+                    "task's)")
+    ap.add_argument("--prompt", help="the user's turn (default: the task's)")
+    ap.add_argument("--answer-text", type=Path, help="replay this answer (say, a server's, "
+                    "sampled with the task's settings), tokenized here, instead of the model's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--draft-max", type=int, default=DRAFT_MAX, help="the longest draft")
     ap.add_argument("--record", type=Path, help="also write the answer, the step costs and "
                     "the tokenizer's answers as a trace (tests/ngram_replay.py) to this file")
     args = ap.parse_args()
-    if args.model is None:
+    if args.model is None and args.task == "chat":
+        from pollama.default_model import default_gguf_path
+
+        args.model = default_gguf_path()
+    elif args.model is None:
         from models import qwen_coder_gguf
 
         args.model = qwen_coder_gguf()
     ctx, llm = load(args.model, args.threads)
-    text, limit, _sampling = TASKS[args.task]
-    prompt = prompt_tokens(llm, text)
-    answer = greedy_answer(llm, prompt, limit)
+    text, limit, sampling = TASKS[args.task]
+    if args.seed is not None:
+        sampling = {**sampling, "seed": args.seed}
+    prompt = prompt_tokens(llm, args.prompt or text)
+    if args.answer_text:
+        answer = llm.tokenize(args.answer_text.read_bytes(), add_bos=False, special=False)
+    else:
+        answer = answer_tokens(llm, prompt, limit, sampling)
     costs = step_costs(ctx, prompt, args.repeats, args.draft_max + 1)
     spelling = RecordingSpelling(LlmSpelling(llm))
+    weigh = None
+    if sampling.get("temperature", 0) > 0:
+        weigh = chances(args.model, prompt, answer, sampling, args.threads)
     drafts = lookups(prompt, answer, args.draft_max, spelling)
     base, _ = replay(drafts, costs, "none")
     print(f"{args.task} on {args.model.name}, {args.threads} threads: prompt {len(prompt)} "
@@ -165,7 +225,8 @@ def main() -> int:
         if policy == "oracle":
             seconds, steps = oracle(drafts, costs)
         elif policy == "pollama":
-            replayed = replay_policy(prompt, answer, costs, args.draft_max, spelling)
+            replayed = replay_policy(prompt, answer, costs, args.draft_max, spelling,
+                                     weigh=weigh)
             seconds, steps = replayed.seconds, replayed.steps
         else:
             seconds, steps = replay(drafts, costs, policy)
@@ -175,7 +236,13 @@ def main() -> int:
         about = (f"{args.task} on {args.model.name}, {args.threads} threads, {cpu}, "
                  f"{dt.date.today()}: bench/spec_ceiling.py --record")
         replayed_spelling = ReplayedSpelling(spelling.texts, spelling.tokens_of)
-        Trace(about, prompt, answer, costs, args.draft_max, replayed_spelling).save(args.record)
+        if weigh is not None:
+            about += f" (temperature {sampling['temperature']}, seed {sampling['seed']})"
+        if args.prompt or args.answer_text:
+            about += f", prompt {args.prompt or text!r}"
+            about += f", answer from {args.answer_text.name}" if args.answer_text else ""
+        Trace(about, prompt, answer, costs, args.draft_max, replayed_spelling,
+              weigh).save(args.record)
     return 0
 
 

@@ -16,18 +16,20 @@ edits through the tokenizer, a copy not drafted told whether its first token was
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pollama.runner.ngram import Acceptance, NgramIndex, Spelling, StepCosts
+from pollama.runner.ngram import WEIGHED_RUN, Acceptance, NgramIndex, Spelling, StepCosts
 
 __all__ = [
+    "Chances",
     "RecordingSpelling",
     "Replay",
     "ReplayedSpelling",
     "Trace",
+    "Weigh",
     "agreeing",
     "lookups",
     "oracle",
@@ -47,6 +49,10 @@ def agreeing(candidate: Sequence[int], answer: Sequence[int], done: int) -> int:
         kept += 1
     return kept
 
+
+Weigh = Callable[[int, int], float]
+"""The chance a token had of being drawn at a position of the answer (``(position,
+token)``): the sampler chain's probability of it there."""
 
 Lookup = tuple[int, int, int]
 """At a position of the answer: the draft's length, its copy's run, how much of it holds."""
@@ -112,6 +118,7 @@ def replay_policy(
     *,
     worker: StepCosts | None = None,
     slower: float = 1.0,
+    weigh: Weigh | None = None,
 ) -> Replay:
     """The answer's decodes as the worker drafts them for one stream, ``costs`` (seconds of
     one decode by rows, 1 to ``draft_max + 1``) in place of its running measurements.
@@ -120,7 +127,11 @@ def replay_policy(
     With ``worker``, the costs are not known in advance: each step's time (its cost, times
     ``slower`` while another process is busy) is recorded into the worker's own
     ``StepCosts`` as the engine records its decodes, and the next request given the same
-    ``worker`` starts from what this one measured."""
+    ``worker`` starts from what this one measured.
+
+    With ``weigh`` (a sampled answer's :class:`Chances`), each token tested teaches
+    the chance it had of being kept, as the engine's sampler chain tells it; without, it
+    counts as kept or not (a greedy answer's chances)."""
     if worker is None:
         measured = StepCosts()
         for rows, seconds in costs.items():
@@ -133,11 +144,19 @@ def replay_policy(
         candidate, run = index.draft(min(draft_max, len(answer) - done))
         agree = agreeing(candidate, answer, done)
         k = acceptance.length(run, len(candidate), 1, 1, measured) if candidate else 0
-        if k:
-            acceptance.record(run, k, min(agree, k))
-        elif candidate:  # the engine checks a copy not drafted against the token drawn
-            acceptance.observe(run, agree > 0)
         kept = min(agree, k)
+        tested = candidate[: kept + 1 if kept < k else k] if k else candidate[:1]
+        if k == 0 and run < WEIGHED_RUN:
+            weigh_now = None  # the engine weighs a short copy it does not draft as drawn
+        else:
+            weigh_now = weigh
+        weights = None if weigh_now is None else [
+            weigh_now(done + i, t) for i, t in enumerate(tested)
+        ]
+        if k:
+            acceptance.record(run, k, kept, weights)
+        elif candidate:  # the engine checks a copy not drafted against the token drawn
+            acceptance.observe(run, agree > 0, None if weights is None else weights[0])
         step = costs[1 + k] * slower
         if worker is not None:
             worker.record(1 + k, step)
@@ -147,6 +166,21 @@ def replay_policy(
         index.extend(answer[done : done + kept + 1])
         done += kept + 1
     return Replay(seconds, steps, kept_all)
+
+
+class Chances:
+    """A sampled answer's chances (a :data:`Weigh`): at each position of the answer, the
+    sampler chain's probability of every token it keeps there (its nucleus; any other
+    token's is 0), as ``bench/spec_ceiling.py --record`` works them out from the model."""
+
+    def __init__(self, nuclei: dict[str, dict[str, float]]) -> None:
+        self.nuclei = nuclei  # position -> token -> probability, as JSON keys
+
+    def __call__(self, position: int, token: int) -> float:
+        nucleus = self.nuclei.get(str(position))
+        if nucleus is None:
+            raise KeyError(f"the trace has no chances at position {position}")
+        return nucleus.get(str(token), 0.0)
 
 
 class RecordingSpelling:
@@ -189,7 +223,8 @@ class ReplayedSpelling:
 
 @dataclass(frozen=True)
 class Trace:
-    """A greedy answer, the step costs measured beside it and the tokenizer's answers."""
+    """An answer, the step costs measured beside it and the tokenizer's answers; for a
+    sampled answer, the chances the tokens tested had (None: greedy)."""
 
     about: str  # model, task, machine, date
     prompt: list[int]
@@ -197,6 +232,7 @@ class Trace:
     costs: dict[int, float]
     draft_max: int
     spelling: ReplayedSpelling
+    chances: Chances | None = None
 
     def save(self, path: Path) -> None:
         data: dict[str, Any] = {
@@ -208,6 +244,8 @@ class Trace:
             "texts": self.spelling.texts,
             "tokens_of": self.spelling.tokens_of,
         }
+        if self.chances is not None:
+            data["chances"] = self.chances.nuclei
         path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
     @staticmethod
@@ -220,4 +258,5 @@ class Trace:
             costs={int(rows): seconds for rows, seconds in data["costs"].items()},
             draft_max=data["draft_max"],
             spelling=ReplayedSpelling(data["texts"], data["tokens_of"]),
+            chances=Chances(data["chances"]) if "chances" in data else None,
         )

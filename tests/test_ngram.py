@@ -294,6 +294,33 @@ def test_copies_not_drafted_teach_their_odds_and_are_never_probed() -> None:
     assert Acceptance().length(4, 8, 1, 1, cheap) >= 1
 
 
+def test_tokens_tested_teach_their_chances_not_only_whether_they_were_kept() -> None:
+    """A sampled answer that keeps a copy's tokens it drew at 0.6 each: counted as kept,
+    the run's odds go to code's (and its long runs' with them, through the fit); weighed,
+    they stay near 0.6 and no long draft pays. Weights of 1 and 0 are the counts."""
+    counted, weighed, ones = Acceptance(), Acceptance(), Acceptance()
+    for _ in range(6):
+        counted.record(8, 3, 3)
+        weighed.record(8, 3, 3, [0.6, 0.6, 0.6])
+        ones.record(8, 3, 3, [1.0, 1.0, 1.0, 0.0])  # the row after a draft kept whole
+        counted.observe(5, True)
+        weighed.observe(5, True, 0.6)
+        ones.observe(5, True, 1.0)
+    assert ones.rates(8, 40) == counted.rates(8, 40) and ones._fit == counted._fit
+    assert counted.rates(8, 1)[0] > 0.95
+    assert weighed.rates(8, 1)[0] == pytest.approx(0.6, abs=0.1)
+    assert weighed.rates(5, 1)[0] < counted.rates(5, 1)[0] - 0.2
+    assert weighed.rates(40, 1)[0] < counted.rates(40, 1)[0] - 0.1  # untested: the fit
+    cheap = _costs(0.02, 0.004)
+    assert counted.length(8, 32, 1, 1, cheap) > 8
+    assert weighed.length(8, 32, 1, 1, cheap) <= 2
+    # a miss weighed by its chance: a refused token that had 0.3 counts 0.3 kept
+    missed = Acceptance()
+    for _ in range(6):
+        missed.record(8, 3, 0, [0.3])
+    assert missed.rates(8, 1)[0] == pytest.approx(0.3, abs=0.1)
+
+
 def test_copies_that_break_early_make_every_copy_less_trusted() -> None:
     """A story meets a phrase of its own again, drafts a long copy of it and keeps two
     tokens: the odds of runs it never drafted (their priors come from code) fall too, so

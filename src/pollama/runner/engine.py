@@ -113,6 +113,7 @@ from pollama.runner.logprobs import HeldLogprobs, Vector, log_softmax, token_ent
 from pollama.runner.ngram import (
     INDEX_LIMIT,
     MODEL_KEY,
+    WEIGHED_RUN,
     Acceptance,
     NgramIndex,
     StepCosts,
@@ -1031,11 +1032,18 @@ class Engine:
 
     def _sample_and_observe(self, job: _Job) -> None:
         """Sample the job's row; where a copy was found but not drafted, tell the job's
-        odds whether its first token is the one drawn (``Acceptance.observe``)."""
+        odds how likely its first token was to be drawn, and whether it was
+        (``Acceptance.observe``)."""
         n, shadow = len(job.generated), job.shadow
-        self._sample(job)
-        if shadow is not None and job.drafting is not None and len(job.generated) > n:
-            job.drafting.observe(shadow[1], job.generated[n] == shadow[0])
+        if shadow is None or job.drafting is None:
+            self._sample(job)
+            return
+        token, key = shadow
+        weighed = key >= WEIGHED_RUN
+        weight = self._sample(job, token if weighed else -1)
+        if len(job.generated) > n:
+            hit = job.generated[n] == token
+            job.drafting.observe(key, hit, weight if weighed else None)
 
     def _verify(self, job: _Job) -> None:
         """Sample the pending token's row, then each drafted row while the token drawn is
@@ -1047,14 +1055,14 @@ class Engine:
         job.draft = []
         kept = 0
         drafting.drafted += len(draft)  # counted first: a sample may end the request
-        self._sample(job)
+        weights = [self._sample(job, draft[0])]  # each tested token's chance of being kept
         while slot.job is job and kept < len(draft) and job.pending == draft[kept]:
             slot.tokens.append(draft[kept])
             job.row = job.draft_row + kept
             kept += 1
             drafting.accepted += 1
-            self._sample(job)
-        drafting.record(job.draft_key, len(draft), kept)
+            weights.append(self._sample(job, draft[kept] if kept < len(draft) else -1))
+        drafting.record(job.draft_key, len(draft), kept, weights)
         if kept == len(draft) and slot.job is job:
             return
         if not self.ctx.seq_rm(slot.seq, len(slot.tokens) - slot.lag, -1):
@@ -1169,10 +1177,15 @@ class Engine:
                     self._finish(job, "length")
                     job.row = -1
 
-    def _sample(self, job: _Job) -> None:
+    def _sample(self, job: _Job, expected: int = -1) -> float:
+        """Draw the job's next token from its row and pass it on (or end the request).
+        Returns the chance that the token drawn was ``expected`` (a drafted token, or a
+        copy's): the sampler chain's probability of it where the request samples, else 1
+        or 0 as it was drawn or not (greedy, a grammar); 0 where none is expected."""
         # Measured first: a grammar may set refused logits to -inf in place while sampling.
         measured = log_softmax(self.ctx.logits(job.row)) if job.held is not None else None
         grammar = job.grammar
+        weight = -1.0  # not weighed: as drawn
         if grammar is not None:
             token = self._sample_constrained(job, grammar)
             if token < 0:
@@ -1181,12 +1194,23 @@ class Engine:
                 problem = brief(grammar.error) or "the grammar allows no next token"
                 failure = f"the JSON schema in format is too complex to follow: {problem}"
                 self._finish(job, "", failure=failure, kind="invalid")
-                return
+                return 0.0
         elif job.fast_greedy:
             token = int(self.ctx.logits(job.row).argmax())
+        elif expected >= 0:
+            assert job.sampler is not None
+            token, weight = job.sampler.sample_weighing(self.ctx, job.row, expected)
         else:
             assert job.sampler is not None
             token = job.sampler.sample(self.ctx, job.row)
+        if weight < 0:
+            weight = 1.0 if token == expected else 0.0
+        self._pass_on(job, token, measured)
+        return weight
+
+    def _pass_on(self, job: _Job, token: int, measured: Vector | None) -> None:
+        """The token drawn: into the output (its text, logprobs, stops), or the end."""
+        grammar = job.grammar
         job.generated.append(token)
         eog = self.model.is_eog(token)
         decoded = "" if eog else job.utf8.push(self.model.token_to_piece(token))

@@ -685,6 +685,13 @@ class _EmbeddingBatch(_BatchArrays):
         return self.struct
 
 
+_MARGIN = 8.0  # e**-8 of the best token's odds
+_STRIDE = 64
+"""``SamplerChain._candidates`` looks for the k-th best logit among every this many tokens."""
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+"""``llama_token_data``, as numpy lays it out (12 bytes, no padding)."""
+
+
 class SamplerChain:
     """A ``llama_sampler`` chain; samplers run in the order they are added."""
 
@@ -692,9 +699,12 @@ class SamplerChain:
         params = lc.llama_sampler_chain_default_params()
         params.no_perf = True
         self.ptr: ctypes.c_void_p | None = lc.llama_sampler_chain_init(params)
+        self._samplers = 0
+        self._leading_top_k: int | None = None  # the k of a top-k that comes first
 
     def _add(self, sampler: ctypes.c_void_p) -> None:
         lc.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it from now on
+        self._samplers += 1
 
     def add_penalties(
         self, n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float
@@ -702,6 +712,8 @@ class SamplerChain:
         self._add(lc.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence))
 
     def add_top_k(self, k: int) -> None:
+        if self._samplers == 0 and k > 0:
+            self._leading_top_k = k
         self._add(lc.llama_sampler_init_top_k(k))
 
     def add_typical(self, p: float) -> None:
@@ -725,6 +737,63 @@ class SamplerChain:
     def sample(self, ctx: Context, row: int) -> int:
         """Sample from batch row ``row``'s logits and accept the token into the chain."""
         return int(lc.llama_sampler_sample(self.ptr, ctx.ptr, row))
+
+    def sample_weighing(self, ctx: Context, row: int, token: int) -> tuple[int, float]:
+        """:meth:`sample`, and the probability the chain gave ``token`` at that row (0 where
+        its filters dropped it): the chance that a drafted ``token`` is kept there, which a
+        draft's verification would otherwise learn only as kept or not.
+
+        What ``llama_sampler_sample`` does on the CPU: the candidates into an array, the
+        chain applied (it filters, sorts, draws one random number and selects), the
+        selected token accepted. Where the chain begins with a top-k, the array holds only
+        the tokens within a margin of the best logit, as many as make sure the k best are
+        among them (:meth:`_candidates`), in the vocabulary's order: the top-k keeps the
+        same k, so the tokens drawn and the random numbers are :meth:`sample`'s
+        (``test_sampler_weighing.py`` checks it), but for the order of exactly equal logits,
+        and filling a few hundred candidates costs less than the vocabulary's."""
+        logits = ctx.logits(row)
+        ids = self._candidates(logits)
+        work = np.empty(len(ids), dtype=_TOKEN_DATA)
+        work["id"] = ids
+        work["logit"] = logits[ids]
+        work["p"] = 0.0
+        data = work.ctypes.data_as(lc.llama_token_data_p)
+        candidates = lc.llama_token_data_array(data, len(work), -1, False)
+        lc.llama_sampler_apply(self.ptr, ctypes.byref(candidates))
+        size, selected = int(candidates.size), int(candidates.selected)
+        if not 0 <= selected < size:
+            raise InternalError("the sampler chain selected no token")
+        if ctypes.cast(candidates.data, ctypes.c_void_p).value == work.ctypes.data:
+            kept = work[:size]
+        else:  # a sampler moved the candidates into an array of its own
+            raw = ctypes.cast(candidates.data, ctypes.POINTER(ctypes.c_uint8))
+            kept = np.ctypeslib.as_array(raw, shape=(size * _TOKEN_DATA.itemsize,))
+            kept = kept.view(_TOKEN_DATA)
+        drawn = int(kept["id"][selected])
+        lc.llama_sampler_accept(self.ptr, drawn)
+        at = np.flatnonzero(kept["id"] == token)
+        return drawn, float(kept["p"][at[0]]) if len(at) else 0.0
+
+    def _candidates(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+        """The token ids :meth:`sample_weighing` gives the chain, in order: where it begins
+        with a top-k, the tokens within :data:`_MARGIN` of the best logit if they are k or
+        more (a story's row, mostly: tens to hundreds), else every token whose logit
+        reaches the k-th best of every :data:`_STRIDE`-th token's (at least the k best:
+        those k are tokens too; about k * ``_STRIDE`` in all); else, or if too few reach it
+        (NaN), all of them. The margin alone, widened until k tokens reached it, took 8
+        passes over a 152k vocabulary where the model was sure of its token (a copy in
+        code)."""
+        k, n = self._leading_top_k, len(logits)
+        if k is not None and k * _STRIDE < n:
+            near = np.flatnonzero(logits >= logits.max() - _MARGIN)
+            if len(near) >= k:
+                return near
+            sample = logits[::_STRIDE]
+            floor = np.partition(sample, len(sample) - k)[len(sample) - k]
+            ids = np.flatnonzero(logits >= floor)
+            if len(ids) >= k:
+                return ids
+        return np.arange(n)
 
     def accept(self, token: int) -> None:
         lc.llama_sampler_accept(self.ptr, token)
