@@ -6,11 +6,14 @@ and its draft, ``Acceptance`` weighs it against the step costs the worker measur
 draw. For one stream and a greedy answer that is a pure function of the prompt, the answer
 and the costs, so an answer can be replayed without the model: ``bench/spec_ceiling.py``
 prices it against the oracle, and ``test_ngram_replay.py`` pins what the policy keeps of a
-recorded answer (``--record`` writes one).
+recorded answer (``--record`` writes one). A sampled answer with a seed is nearly as fixed
+(one random number a row, drafted or not); what the policy learns from it also takes the
+sampler chain's chance of each token tested, which its trace records (:class:`Chances`).
 
 What must stay true: :func:`replay_policy` runs one stream as ``Engine._add_drafts`` and
 ``Engine._verify`` do (one lookup per step, the index following the output and learning its
-edits through the tokenizer, a copy not drafted told whether its first token was drawn).
+edits through the tokenizer, a copy not drafted told whether its first token was drawn, and
+with what chance from a run of ``WEIGHED_RUN``).
 """
 
 from __future__ import annotations
