@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pollama.runner.ngram import WEIGHED_RUN, Acceptance, NgramIndex, Spelling, StepCosts
+from pollama.runner.ngram import (
+    WEIGHED_ROWS,
+    WEIGHED_RUN,
+    Acceptance,
+    NgramIndex,
+    Spelling,
+    StepCosts,
+)
 
 __all__ = [
     "Chances",
@@ -154,7 +161,7 @@ def replay_policy(
         else:
             weigh_now = weigh
         weights = None if weigh_now is None else [
-            weigh_now(done + i, t) for i, t in enumerate(tested)
+            weigh_now(done + i, t) for i, t in enumerate(tested[:WEIGHED_ROWS])
         ]
         if k:
             acceptance.record(run, k, kept, weights)

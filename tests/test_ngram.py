@@ -314,6 +314,12 @@ def test_tokens_tested_teach_their_chances_not_only_whether_they_were_kept() -> 
     cheap = _costs(0.02, 0.004)
     assert counted.length(8, 32, 1, 1, cheap) > 8
     assert weighed.length(8, 32, 1, 1, cheap) <= 2
+    # weights for the first tokens tested only (the engine weighs WEIGHED_ROWS of a draft):
+    # the rest count as drawn
+    short, whole = Acceptance(), Acceptance()
+    short.record(8, 12, 10, [0.5, 0.7])
+    whole.record(8, 12, 10, [0.5, 0.7] + [1.0] * 8 + [0.0])
+    assert short.rates(8, 20) == whole.rates(8, 20) and short._fit == whole._fit
     # a miss weighed by its chance: a refused token that had 0.3 counts 0.3 kept
     missed = Acceptance()
     for _ in range(6):

@@ -113,6 +113,7 @@ from pollama.runner.logprobs import HeldLogprobs, Vector, log_softmax, token_ent
 from pollama.runner.ngram import (
     INDEX_LIMIT,
     MODEL_KEY,
+    WEIGHED_ROWS,
     WEIGHED_RUN,
     Acceptance,
     NgramIndex,
@@ -1056,12 +1057,16 @@ class Engine:
         kept = 0
         drafting.drafted += len(draft)  # counted first: a sample may end the request
         weights = [self._sample(job, draft[0])]  # each tested token's chance of being kept
+        weighed = min(len(draft), WEIGHED_ROWS)
         while slot.job is job and kept < len(draft) and job.pending == draft[kept]:
             slot.tokens.append(draft[kept])
             job.row = job.draft_row + kept
             kept += 1
             drafting.accepted += 1
-            weights.append(self._sample(job, draft[kept] if kept < len(draft) else -1))
+            if kept < weighed:
+                weights.append(self._sample(job, draft[kept]))
+            else:
+                self._sample(job)
         drafting.record(job.draft_key, len(draft), kept, weights)
         if kept == len(draft) and slot.job is job:
             return

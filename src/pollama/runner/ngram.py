@@ -547,6 +547,11 @@ row on 2 EPYC cores right after a decode (a story checks a copy at about 40 % of
 steps, half of them at runs of 2 and 3), and the odds of the short runs, whose priors are
 low, seldom let a draft pay: replayed, the stories keep what weighing every copy gives."""
 
+WEIGHED_ROWS = 8
+"""A draft's tokens tested past this many count as drawn or not, unweighed: deep in a copy
+that holds, its chances are about 1, and a long draft of code (17 to 63 tokens on a 0.5B
+model) weighed whole spent a sampler pass a row, up to a tenth of its step's time."""
+
 MODEL_KEY = 0
 """The key of drafts from a draft model (``runner/drafter.py``); an n-gram draft's key is
 the run of its copy (:meth:`NgramIndex.draft`), at least 2."""
@@ -692,15 +697,16 @@ class Acceptance:
         self, key: int, drafted: int, accepted: int, weights: Sequence[float] | None = None
     ) -> None:
         """A verification of ``drafted`` tokens drafted with ``key`` kept the first
-        ``accepted`` of them; ``weights`` are the chances the tokens it tested (those kept
-        and the one refused) had of being kept (None: 1 for each kept, 0 for the refused).
-        Each counts as that much kept and the rest refused. (The totals :attr:`drafted`
+        ``accepted`` of them; ``weights`` are the chances the first tokens it tested (those
+        kept and the one refused) had of being kept; any tested past them count as drawn
+        (1 for each kept, 0 for the refused; all of them where None). Each counts as that
+        much kept and the rest refused. (The totals :attr:`drafted`
         and :attr:`accepted` are the engine's to count, as it goes: the request may end in
         the middle, and its final chunk must say so far.)"""
         tested = accepted + (1 if accepted < drafted else 0)
-        if weights is None:
-            weights = [1.0] * accepted + [0.0] * (tested - accepted)
-        weights = weights[:tested]
+        drawn = [1.0] * accepted + [0.0] * (tested - accepted)
+        weights = [*(weights or ())][:tested]
+        weights += drawn[len(weights) :]
         if key == MODEL_KEY:
             counts = self._model
             counts[0] = _MODEL_DECAY * counts[0] + sum(weights)
