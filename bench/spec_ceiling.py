@@ -60,6 +60,7 @@ from ngram_replay import (  # noqa: E402
     RecordingSpelling,
     ReplayedSpelling,
     Trace,
+    default_chain,
     lookups,
     oracle,
     replay,
@@ -116,16 +117,11 @@ def chances(
     scorer.eval(prompt + answer)
     rows = np.asarray(scorer.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1],
                       dtype=np.float64)
-    nuclei: dict[str, dict[str, float]] = {}
-    for position, logits in enumerate(rows):
-        top = np.argsort(-logits, kind="stable")[:40]
-        p = np.exp(logits[top] - logits[top].max())
-        p /= p.sum()
-        nucleus = top[: int(np.searchsorted(np.cumsum(p), 0.9)) + 1]
-        q = np.exp((logits[nucleus] - logits[nucleus].max()) / sampling["temperature"])
-        q /= q.sum()
-        chance = zip(nucleus, q, strict=True)
-        nuclei[str(position)] = {str(token): round(float(c), 5) for token, c in chance}
+    nuclei = {
+        str(position): {str(token): round(chance, 5)
+                        for token, chance in default_chain(logits, sampling["temperature"]).items()}
+        for position, logits in enumerate(rows)
+    }
     scorer.close()
     return Chances(nuclei)
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from pollama.runner.ngram import (
     WEIGHED_ROWS,
     WEIGHED_RUN,
@@ -41,6 +44,7 @@ __all__ = [
     "Trace",
     "Weigh",
     "agreeing",
+    "default_chain",
     "lookups",
     "oracle",
     "replay",
@@ -156,13 +160,9 @@ def replay_policy(
         k = acceptance.length(run, len(candidate), 1, 1, measured) if candidate else 0
         kept = min(agree, k)
         tested = candidate[: kept + 1 if kept < k else k] if k else candidate[:1]
-        if k == 0 and run < WEIGHED_RUN:
-            weigh_now = None  # the engine weighs a short copy it does not draft as drawn
-        else:
-            weigh_now = weigh
-        weights = None if weigh_now is None else [
-            weigh_now(done + i, t) for i, t in enumerate(tested[:WEIGHED_ROWS])
-        ]
+        weights = None  # as drawn: greedy, or a short copy not drafted (as the engine)
+        if weigh is not None and (k or run >= WEIGHED_RUN):
+            weights = [weigh(done + i, t) for i, t in enumerate(tested[:WEIGHED_ROWS])]
         if k:
             acceptance.record(run, k, kept, weights)
         elif candidate:  # the engine checks a copy not drafted against the token drawn
@@ -176,6 +176,19 @@ def replay_policy(
         index.extend(answer[done : done + kept + 1])
         done += kept + 1
     return Replay(seconds, steps, kept_all)
+
+
+def default_chain(logits: npt.NDArray[np.float64], temperature: float) -> dict[int, float]:
+    """The tokens pollama's default sampler chain keeps from a row's ``logits`` (top_k 40,
+    top_p 0.9, then the temperature) and the probability it gives each, worked out with
+    numpy (``test_sampler_weighing.py`` checks it against the chain itself)."""
+    top = np.argsort(-logits, kind="stable")[:40]
+    p = np.exp(logits[top] - logits[top].max())
+    p /= p.sum()
+    nucleus = top[: int(np.searchsorted(np.cumsum(p), 0.9)) + 1]
+    q = np.exp((logits[nucleus] - logits[nucleus].max()) / temperature)
+    q /= q.sum()
+    return {int(token): float(chance) for token, chance in zip(nucleus, q, strict=True)}
 
 
 class Chances:

@@ -763,12 +763,10 @@ class SamplerChain:
         size, selected = int(candidates.size), int(candidates.selected)
         if not 0 <= selected < size:
             raise InternalError("the sampler chain selected no token")
-        if ctypes.cast(candidates.data, ctypes.c_void_p).value == work.ctypes.data:
-            kept = work[:size]
-        else:  # a sampler moved the candidates into an array of its own
-            raw = ctypes.cast(candidates.data, ctypes.POINTER(ctypes.c_uint8))
-            kept = np.ctypeslib.as_array(raw, shape=(size * _TOKEN_DATA.itemsize,))
-            kept = kept.view(_TOKEN_DATA)
+        if ctypes.cast(candidates.data, ctypes.c_void_p).value != work.ctypes.data:
+            # llama.cpp allows it; none of its samplers does it (a newer one might)
+            raise InternalError("a sampler moved the candidates out of their array")
+        kept = work[:size]
         drawn = int(kept["id"][selected])
         lc.llama_sampler_accept(self.ptr, drawn)
         at = np.flatnonzero(kept["id"] == token)

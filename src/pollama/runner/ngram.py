@@ -542,10 +542,11 @@ class StepCosts:
 WEIGHED_RUN = 4
 """A copy not drafted, whose first token a sampled request checks against the token drawn
 (:meth:`Acceptance.observe`), is weighed by its chance from this run on; a shorter one
-counts as drawn or not. Weighing takes a sampler pass of the engine's own, 100-150 us a
-row on 2 EPYC cores right after a decode (a story checks a copy at about 40 % of its
-steps, half of them at runs of 2 and 3), and the odds of the short runs, whose priors are
-low, seldom let a draft pay: replayed, the stories keep what weighing every copy gives."""
+counts as drawn or not. Weighing takes a sampler pass of the engine's own (SmolLM2 on 2
+EPYC cores: about 230 us a row in the worker right after a decode, 40-80 us in a
+microbenchmark; a story checks a copy at about 40 % of its steps, half of them at runs of
+2 and 3), and the odds of the short runs, whose priors are low, seldom let a draft pay:
+replayed, the stories keep what weighing every copy gives."""
 
 WEIGHED_ROWS = 8
 """A draft's tokens tested past this many count as drawn or not, unweighed: deep in a copy
