@@ -155,7 +155,11 @@ def replay_policy(
     index, acceptance = NgramIndex(prompt + answer[:1], spelling=spelling), Acceptance()
     done, seconds, steps, kept_all = 1, 0.0, 0, 0
     while done < len(answer):
-        candidate, run = index.draft(min(draft_max, len(answer) - done))
+        limit = min(draft_max, len(answer) - done)
+        if measured.longest_that_may_pay(limit, 1, 1):
+            candidate, run = index.draft(limit)
+        else:  # no draft could pay: the engine looks nothing up (Engine._beyond_pay)
+            candidate, run = [], 0
         agree = agreeing(candidate, answer, done)
         k = acceptance.length(run, len(candidate), 1, 1, measured) if candidate else 0
         kept = min(agree, k)

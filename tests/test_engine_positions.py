@@ -197,12 +197,13 @@ def engine_fixture(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setitem(sys.modules, "pollama.runner.llama", fake)
 
     def make(projector: Any = None, shiftable: bool = True, context: Any = None,
-             n_ctx: int = 128, n_batch: int = 16, costs: Any = None) -> Engine:  # fmt: skip
+             n_ctx: int = 128, n_batch: int = 16, costs: Any = None,
+             n_parallel: int = 1) -> Engine:  # fmt: skip
         """``costs``: what the engine starts from of short chunks (``runner/prefill.py``),
         as after a prompt cache's restore, before its loop runs."""
         context = context or _Context(shiftable=shiftable)
         engine = Engine(_Model(), context, n_ctx=n_ctx, n_batch=n_batch,  # type: ignore[arg-type]
-                        n_parallel=1, projector=projector)
+                        n_parallel=n_parallel, projector=projector)
         if costs is not None:
             engine.short_chunks = ShortChunks.from_json(costs)
         thread = threading.Thread(target=engine.run, daemon=True)
@@ -397,6 +398,77 @@ def test_a_draft_never_reaches_past_the_window_without_a_shift(engine: Any) -> N
     assert done.done_reason == "length" and done.eval_count == 128 + 1 - len(prompt)
     assert done.draft_accepted > 0
     _positions_are_indexes(eng)
+
+
+def test_no_copy_is_looked_up_where_no_draft_could_pay(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row costs a whole step: even a draft kept whole yields its tokens in as many
+    steps' time, so none can pay (``StepCosts.longest_that_may_pay`` is 0), and the engine
+    neither looks a copy up nor learns from one (at many streams on a CPU: a weighing pass
+    a row for nothing). The output is the same."""
+    from pollama.runner import ngram
+
+    monkeypatch.setattr(ngram.StepCosts, "time", lambda self, rows: float(rows))
+    lookups: list[int] = []
+    real_lookup = Engine._lookup
+    monkeypatch.setattr(Engine, "_lookup", lambda self, job, limit: (
+        lookups.append(limit), real_lookup(self, job, limit))[1])
+    prompt = [20, 23, 30, 21, 20, 23]
+    outputs = []
+    for draft in (0, 8):
+        done = _run(engine(context=_Repeating()),
+                    CompletionRequest(tokens=prompt, options=_greedy(60, draft),
+                                      return_tokens=True))
+        outputs.append(done.tokens)
+        assert done.draft_tokens == 0
+    assert lookups == [] and outputs[0] == outputs[1]
+
+
+def test_the_index_catches_up_when_drafts_pay_again(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are dear while two streams decode and cheap for one (as on a CPU at many
+    streams, then alone): the long request looks nothing up beside the short one, then
+    drafts from its whole output, and its tokens are those it makes without drafting."""
+    from pollama.runner import ngram
+
+    monkeypatch.setattr(ngram.StepCosts, "time", lambda self, rows: (
+        float(rows) if self._reference > 1 else 1.0 + 0.01 * rows))
+    prompt = [20, 23, 30, 21, 20, 23]
+    outputs = []
+    for draft in (0, 8):
+        eng = engine(context=_Repeating(), n_parallel=2)
+        short = CompletionRequest(tokens=[25, 26], options=_greedy(20, draft))
+        long = CompletionRequest(tokens=prompt, options=_greedy(80, draft), return_tokens=True)
+        finals = _run_together(eng, [short, long])
+        assert finals[0].eval_count == 20 and finals[1].eval_count == 80
+        outputs.append(finals[1])
+    plain, drafted = outputs
+    assert drafted.tokens == plain.tokens
+    assert plain.draft_tokens == 0 and drafted.draft_accepted > 20
+
+
+def _run_together(engine: Engine, requests: list[CompletionRequest]) -> list[CompletionChunk]:
+    """Submit ``requests`` at once; their final chunks, in order."""
+    finals: dict[int, Any] = {}
+    done = threading.Event()
+
+    def emitter(i: int) -> Any:
+        def emit(event: Any) -> bool:
+            if not isinstance(event, CompletionChunk) or event.done:
+                finals[i] = event
+                if len(finals) == len(requests):
+                    done.set()
+            return True
+
+        return emit
+
+    for i, request in enumerate(requests):
+        engine.submit(i, request, emitter(i))
+    assert done.wait(10)
+    assert all(isinstance(finals[i], CompletionChunk) for i in finals), finals
+    return [finals[i] for i in range(len(requests))]
 
 
 class _Copying(_Context):
