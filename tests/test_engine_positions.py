@@ -219,19 +219,7 @@ def engine_fixture(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def _run(engine: Engine, request: CompletionRequest) -> CompletionChunk:
-    done = threading.Event()
-    final: list[Any] = []
-
-    def emit(event: Any) -> bool:
-        if not isinstance(event, CompletionChunk) or event.done:
-            final.append(event)
-            done.set()
-        return True
-
-    engine.submit(len(final), request, emit)
-    assert done.wait(10)
-    assert isinstance(final[0], CompletionChunk), final[0]
-    return final[0]
+    return _run_together(engine, [request])[0]
 
 
 def _kv(engine: Engine) -> list[tuple[int, Any]]:
